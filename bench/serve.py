@@ -1,0 +1,90 @@
+"""Serve one benchmark app: ``python bench/serve.py KIND --port P --settings FILE``.
+
+KIND: bare, floor, cg, cg-redispy, cg-stub, naive, gateway, gateway-lean, pg-peer,
+pg-peer-async, aiohttp-proxy (see bench/apps.py, bench/pg_peer.py, bench/aiohttp_proxy.py).
+Diagnostics: ``cg-stub`` is the metered app with Redis replaced by canned replies (what the
+middleware's own Python costs); ``gateway-lean`` is GatewayApp with the prototype upstream
+client of bench/lean_upstream.py instead of aiohttp's. Everything but aiohttp-proxy runs
+under uvicorn: 1 worker (this process), uvloop, httptools, no access log. bench/run_all.py
+starts these pinned to a core and stops them with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.apps import (
+    Settings,
+    StubRunner,
+    bare_app,
+    cg_app,
+    floor_app,
+    gate_of,
+    gateway_app,
+    naive_app,
+)
+
+KINDS = ("bare", "floor", "cg", "cg-redispy", "cg-stub", "naive", "gateway", "gateway-lean",
+         "pg-peer", "pg-peer-async", "aiohttp-proxy")
+
+
+def build(kind: str, settings: Settings, upstream: str | None) -> Any:
+    """The ASGI app of ``kind``."""
+    if kind == "bare":
+        return bare_app()
+    if kind == "floor":
+        return floor_app(settings)
+    if kind in ("cg", "cg-redispy", "cg-stub"):
+        app = cg_app(settings, fast=kind != "cg-redispy")
+        if kind == "cg-stub":
+            gate_of(app).redis.runner = StubRunner()
+        return app
+    if kind == "naive":
+        return naive_app(settings)
+    if kind in ("gateway", "gateway-lean"):
+        assert upstream, "gateway needs --upstream"
+        gateway = gateway_app(settings, upstream)
+        if kind == "gateway-lean":  # the prototype client of bench/lean_upstream.py
+            from bench.lean_upstream import LeanBackend
+
+            gateway.proxy._client_cls = LeanBackend
+        return gateway
+    if kind in ("pg-peer", "pg-peer-async"):
+        from bench.pg_peer import pg_peer_app
+
+        return pg_peer_app(settings, synchronous_commit=kind == "pg-peer")
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--upstream")
+    args = parser.parse_args()
+    settings = Settings.load(args.settings)
+    if args.kind == "aiohttp-proxy":
+        import uvloop
+        from aiohttp import web
+
+        from bench.aiohttp_proxy import aiohttp_proxy_app
+
+        assert args.upstream, "aiohttp-proxy needs --upstream"
+        web.run_app(aiohttp_proxy_app(settings, args.upstream), host="127.0.0.1",
+                    port=args.port, access_log=None, print=None, loop=uvloop.new_event_loop())
+        return
+    import uvicorn
+
+    uvicorn.run(build(args.kind, settings, args.upstream), host="127.0.0.1", port=args.port,
+                loop="uvloop", http="httptools", log_level="warning", access_log=False,
+                lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

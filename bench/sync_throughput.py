@@ -1,0 +1,423 @@
+"""Sync job throughput and lag, against the real Redis and Postgres.
+
+    .venv/bin/python bench/sync_throughput.py [--events 500000] [--shards 16] [--orgs 5000]
+        [--batch-size 20000] [--concurrency 4] [--processes 2] [--lag-rate 2000]
+        [--lag-seconds 20]
+
+1. Throughput: pre-fill the shard streams with ``--events`` events, then time one worker
+   from start until every event is a committed ledger row and acked (rows/s). The worker
+   runs in this process with the settings ``creditgate sync`` uses (``tune_gc``). Then the
+   same with ``--processes`` worker processes at once (0 to skip), on a fresh ledger.
+2. The floors, in the same run and on the same rows (already decoded, so no Redis and no
+   Python decoding), each at concurrency 1 and at the worker's concurrency: (a) per
+   batch, binary COPY into a temp table + ``INSERT ... ON CONFLICT (event_id) DO
+   NOTHING`` into a fresh copy of ai_token_usage_log (same indexes); (b) a plain COPY into
+   another fresh copy. The best of each is the ratio's denominator.
+3. Lag: a producer process XADDs at ``--lag-rate`` events/s for ``--lag-seconds`` while the
+   worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max.
+
+Uses a throwaway database (``creditgate_bench_<hex>``, dropped after) on the server of
+``$CREDITGATE_BENCH_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) and a
+unique key prefix on ``$CREDITGATE_BENCH_REDIS`` (default redis://127.0.0.1:6379/0), whose
+keys are deleted after. The machine should be otherwise idle: the numbers are CPU-bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.events import decode
+from gateway.keys import KeySpace
+from gateway.migrate import migrate
+from gateway.redisconn import connect_redis
+from sync.records import LOG_COLUMNS, TS
+from sync.worker import DEFAULT_BATCH_SIZE, SyncWorker, tune_gc
+
+ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("CREDITGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+FEATURES = [
+    ("lead_generation", 5),
+    ("goal_generation", 3),
+    ("strategy_analysis", 2),
+    ("revenue_forecast", 4),
+    ("general_insights", 1),
+]
+LOG_TYPES = (
+    "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
+    "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
+)  # fmt: skip
+
+
+def dsn_for(database: str) -> str:
+    return ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
+
+
+class Producer:
+    """Builds realistic charge events: per org a running seq and balance per bucket."""
+
+    def __init__(self, orgs: int, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.orgs = [f"org{i:05d}" for i in range(orgs)]
+        self.seq = dict.fromkeys(self.orgs, 0)
+        self.bal: dict[tuple[str, str], int] = {}
+
+    def event(self, ts_ms: int) -> dict[str, str]:
+        org = self.rng.choice(self.orgs)
+        bucket, cost = self.rng.choice(FEATURES)
+        self.seq[org] += 1
+        bal = self.bal.get((org, bucket), 1_000_000) - cost
+        self.bal[(org, bucket)] = bal
+        rid = uuid.uuid4().hex
+        return {
+            "id": rid,
+            "k": "charge",
+            "o": org,
+            "u": f"user{self.rng.randrange(20)}",
+            "f": bucket,
+            "b": bucket,
+            "t": str(cost),
+            "bal": str(bal),
+            "x": "0",
+            "a": "1000000",
+            "used": str(1_000_000 - bal),
+            "per": "2026-11",
+            "s": str(self.seq[org]),
+            "ts": str(ts_ms),
+            "rq": rid,
+            "st": "200",
+            "lat": "42",
+            "m": "POST",
+            "r": f"/api/v1/{bucket}",
+            "p": "enterprise",
+            "ref": "",
+        }
+
+
+def log_record(fields: dict[str, str]) -> tuple[Any, ...]:
+    """The ledger row of an event, as Python values (what a binary COPY sends)."""
+    ev = decode(fields)
+    return (
+        ev.event_id, ev.org, ev.user, ev.feature, ev.bucket, ev.tokens, ev.kind,
+        ev.request_id, ev.method, ev.route, ev.upstream_status, ev.latency_ms,
+        ev.balance_after, ev.extra_after, ev.seq or 0, ev.plan, ev.reference, ev.created_at,
+    )  # fmt: skip
+
+
+async def prefill(redis: Any, ks: KeySpace, n: int, orgs: int) -> list[dict[str, str]]:
+    """XADD ``n`` events; their timestamps spread as if produced at 100k events/s."""
+    producer = Producer(orgs)
+    start = int(time.time() * 1000) - n // 100
+    events = [producer.event(start + i // 100) for i in range(n)]
+    for first in range(0, n, 10_000):
+        pipe = redis.pipeline(transaction=False)
+        for e in events[first : first + 10_000]:
+            pipe.xadd(ks.shard(e["o"]).events, e)
+        await pipe.execute()
+    return events
+
+
+async def drain(worker: SyncWorker) -> int:
+    """Passes until one reads nothing; returns the entries acked."""
+    done = 0
+    while True:
+        result = await worker.run_once()
+        done += result.acked
+        if result.read == 0:
+            return done
+
+
+async def run_throughput(
+    redis: Any, pool: asyncpg.Pool, ks: KeySpace, n: int, args: argparse.Namespace
+) -> tuple[float, SyncWorker]:
+    worker = SyncWorker(
+        redis=redis,
+        pool=pool,
+        keyspace=ks,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+        max_batches_per_pass=1000,
+    )
+    started = time.perf_counter()
+    await drain(worker)
+    elapsed = time.perf_counter() - started
+    await worker.close()
+    async with pool.acquire() as c:
+        rows = await c.fetchval("SELECT count(*) FROM ai_token_usage_log")
+    assert rows == n, f"{rows} rows for {n} events"
+    return elapsed, worker
+
+
+def _process_worker(dsn: str, prefix: str, shards: int, args: Any, ready: Any, go: Any) -> None:
+    async def main() -> None:
+        tune_gc()
+        handles = connect_redis(REDIS_URL, timeout=30)
+        pool = await asyncpg.create_pool(dsn, min_size=args.concurrency, max_size=args.concurrency)
+        worker = SyncWorker(
+            redis=handles.client,
+            pool=pool,
+            keyspace=KeySpace(prefix, shards),
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            max_batches_per_pass=1000,
+        )
+        for shard in worker._shards:  # connect and create groups before the clock starts
+            await worker._ensure_group(shard)
+        ready.set()
+        await asyncio.to_thread(go.wait)
+        await drain(worker)
+        await worker.close()
+        await pool.close()
+        await handles.close()
+
+    asyncio.run(main())
+
+
+async def run_processes(dsn: str, ks: KeySpace, n: int, args: argparse.Namespace) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    go = ctx.Event()
+    readies = [ctx.Event() for _ in range(args.processes)]
+    procs = [
+        ctx.Process(target=_process_worker, args=(dsn, ks.prefix, ks.shards, args, r, go))
+        for r in readies
+    ]
+    for p in procs:
+        p.start()
+    for r in readies:
+        await asyncio.to_thread(r.wait)
+    started = time.perf_counter()
+    go.set()
+    for p in procs:
+        await asyncio.to_thread(p.join)
+    return time.perf_counter() - started
+
+
+async def floor(
+    pool: asyncpg.Pool, records: list[tuple[Any, ...]], batch: int, concurrency: int, mode: str
+) -> float:
+    """Seconds to write ``records`` into a fresh copy of the log, the bare way."""
+    table = f"floor_{mode}_{concurrency}"
+    async with pool.acquire() as c:
+        await c.execute(f"DROP TABLE IF EXISTS {table}")
+        await c.execute(f"CREATE TABLE {table} (LIKE ai_token_usage_log INCLUDING ALL)")
+    batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+    cols = ", ".join(LOG_COLUMNS)
+    shape = ", ".join(f"{c} {t}" for c, t in zip(LOG_COLUMNS, LOG_TYPES, strict=True))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(batches)):
+        queue.put_nowait(i)
+
+    async def one() -> None:
+        async with pool.acquire() as c:
+            while not queue.empty():
+                i = queue.get_nowait()
+                if mode == "copy":
+                    await c.copy_records_to_table(table, records=batches[i], columns=LOG_COLUMNS)
+                    continue
+                async with c.transaction():
+                    await c.execute(f"CREATE TEMP TABLE floor_in ({shape}) ON COMMIT DROP")
+                    await c.copy_records_to_table(
+                        "floor_in", records=batches[i], columns=LOG_COLUMNS
+                    )
+                    await c.execute(
+                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM floor_in"
+                        " ON CONFLICT (event_id) DO NOTHING"
+                    )
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    async with pool.acquire() as c:
+        count = await c.fetchval(f"SELECT count(*) FROM {table}")
+        await c.execute(f"DROP TABLE {table}")
+    assert count == len(records)
+    return elapsed
+
+
+def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs: int) -> None:
+    import redis as sync_redis
+
+    ks = KeySpace(prefix, shards)
+    client = sync_redis.Redis.from_url(url)
+    producer = Producer(orgs, seed=2)
+    tick = 0.005
+    per_tick = rate * tick
+    owed = 0.0
+    start = time.perf_counter()
+    next_at = start
+    while time.perf_counter() - start < seconds:
+        owed += per_tick
+        pipe = client.pipeline(transaction=False)
+        while owed >= 1:
+            owed -= 1
+            e = producer.event(int(time.time() * 1000))
+            pipe.xadd(ks.shard(e["o"]).events, e)
+        pipe.execute()
+        next_at += tick
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    client.close()
+
+
+async def run_lag(
+    redis: Any, pool: asyncpg.Pool, ks: KeySpace, args: argparse.Namespace
+) -> list[float]:
+    worker = SyncWorker(
+        redis=redis,
+        pool=pool,
+        keyspace=ks,
+        batch_size=args.batch_size,
+        concurrency=args.concurrency,
+    )
+    lags: list[float] = []
+    real_write = worker._writer.write
+
+    async def timed_write(rows: Any, **kw: Any) -> Any:
+        result = await real_write(rows, **kw)
+        now = time.time()
+        lags.extend(now - int(f[TS]) / 1000 for f in rows.flats)
+        return result
+
+    worker._writer.write = timed_write  # type: ignore[method-assign]
+    task = asyncio.create_task(worker.run())
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(
+        target=_produce,
+        args=(REDIS_URL, ks.prefix, ks.shards, args.lag_rate, args.lag_seconds, args.orgs),
+    )
+    proc.start()
+    await asyncio.to_thread(proc.join)
+    await asyncio.sleep(1.0)
+    worker.stop()
+    await task
+    return lags
+
+
+async def cleanup_redis(redis: Any, prefix: str) -> None:
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+        await redis.delete(key)
+
+
+def table(rows: list[tuple[str, float]], insert_floor: float, copy_floor: float) -> str:
+    """A Markdown table: rows/s and the ratio to each floor."""
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"| {'measured in this run':<{width}} |    rows/s | vs COPY+INSERT floor | vs plain COPY |",
+        f"|{'-' * (width + 2)}|----------:|---------------------:|--------------:|",
+    ]
+    for name, rate in rows:
+        lines.append(
+            f"| {name:<{width}} | {rate:>9,.0f} | {rate / insert_floor:>19.2f}x"
+            f" | {rate / copy_floor:>12.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+async def main(args: argparse.Namespace) -> None:
+    database = f"creditgate_bench_{uuid.uuid4().hex[:10]}"
+    dsn = dsn_for(database)
+    handles = connect_redis(REDIS_URL, timeout=30)
+    redis = handles.client
+    ks = KeySpace(f"cgbench{uuid.uuid4().hex[:8]}", args.shards)
+    multi_ks = KeySpace(ks.prefix + "mp", args.shards)
+    lag_ks = KeySpace(ks.prefix + "lag", args.shards)
+    admin = await asyncpg.connect(ADMIN_DSN)
+    pool: asyncpg.Pool | None = None
+    try:
+        await migrate(dsn)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=args.concurrency + 1)
+        print(
+            f"{args.events:,} events, {args.shards} shards, {args.orgs} orgs, batch"
+            f" {args.batch_size}, concurrency {args.concurrency};"
+            f" load average {os.getloadavg()[0]:.2f}"
+        )
+        t = time.perf_counter()
+        events = await prefill(redis, ks, args.events, args.orgs)
+        # The garbage collector as `creditgate sync` sets it (this also keeps it from
+        # rescanning the pre-filled events, kept in memory for the floors).
+        tune_gc()
+        print(f"  XADD: {args.events / (time.perf_counter() - t):,.0f} events/s")
+
+        cpu0 = time.process_time()
+        elapsed, worker = await run_throughput(redis, pool, ks, args.events, args)
+        cpu = time.process_time() - cpu0
+        e2e = args.events / elapsed
+        print(
+            f"  1 process: {elapsed:.2f} s; worker CPU {cpu:.2f} s ({cpu / elapsed:.0%} of a core,"
+            f" {cpu / args.events * 1e6:.1f} us/event); fast-path fallbacks:"
+            f" {worker._writer.fallbacks}"
+        )
+        multi = None
+        if args.processes > 0:
+            async with pool.acquire() as c:
+                await c.execute(
+                    "TRUNCATE ai_token_usage_log, usage_daily, ai_tokens, organizations CASCADE"
+                )
+            await prefill(redis, multi_ks, args.events, args.orgs)
+            secs = await run_processes(dsn, multi_ks, args.events, args)
+            async with pool.acquire() as c:
+                count = await c.fetchval("SELECT count(*) FROM ai_token_usage_log")
+            assert count == args.events, f"{count} rows for {args.events} events"
+            multi = args.events / secs
+            print(f"  {args.processes} processes: {secs:.2f} s")
+
+        records = [log_record(e) for e in events]
+        del events
+        floors: dict[tuple[str, int], float] = {}
+        for mode in ("insert", "copy"):
+            for conc in sorted({1, args.concurrency}):
+                secs = await floor(pool, records, args.batch_size, conc, mode)
+                floors[(mode, conc)] = len(records) / secs
+        best_insert = max(v for (m, _), v in floors.items() if m == "insert")
+        best_copy = max(v for (m, _), v in floors.items() if m == "copy")
+        rows = [("end-to-end sync, 1 worker process (headline)", e2e)]
+        if multi is not None:
+            rows.append((f"end-to-end sync, {args.processes} worker processes", multi))
+        for (mode, conc), rate in sorted(floors.items()):
+            what = "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
+            rows.append((f"{what}, concurrency {conc}", rate))
+        print()
+        print(table(rows, best_insert, best_copy))
+
+        if args.lag_seconds > 0:
+            lags = await run_lag(redis, pool, lag_ks, args)
+            lags_ms = sorted(x * 1000 for x in lags)
+            p = statistics.quantiles(lags_ms, n=100)
+            print(
+                f"\nlag at {args.lag_rate} events/s for {args.lag_seconds} s "
+                f"({len(lags_ms)} events): p50 {p[49]:.1f} ms, p99 {p[98]:.1f} ms, "
+                f"max {lags_ms[-1]:.1f} ms"
+            )
+    finally:
+        if pool is not None:
+            await pool.close()
+        for prefix in (ks.prefix, multi_ks.prefix, lag_ks.prefix):
+            await cleanup_redis(redis, prefix)
+        await handles.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--orgs", type=int, default=5000)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--lag-rate", type=int, default=2000)
+    parser.add_argument("--lag-seconds", type=float, default=20)
+    asyncio.run(main(parser.parse_args()))

@@ -1,0 +1,117 @@
+"""The audit event format written by the Lua scripts to each shard's stream.
+
+Every stream entry is one ledger row to be (``sync/``). Fields, all strings:
+
+==========  =================================================================
+``id``      event id, unique: the request id for request events (charge,
+            refund, expired_hold); ``<kind>:<op id>:<bucket>`` otherwise
+``k``       kind: charge | refund | expired_hold | grant | grant_expired |
+            plan_change | reset | repair
+``o``       organization id
+``u``       user id ("" when none)
+``f``       feature ("" when the event is not a request's)
+``b``       bucket (token_type)
+``t``       tokens_deducted: net tokens taken from the balance by this event,
+            negative when tokens were added (grant, reset up, plan upgrade)
+``bal``     plan tokens left in the bucket after the event ("" = unchanged)
+``x``       purchased (extra) tokens left after the event ("" = unchanged)
+``a``       the bucket's allocation this period ("" = unchanged)
+``used``    net tokens used this period after the event ("" = unchanged)
+``per``     the bucket's period id (e.g. ``2026-11``) after the event
+``s``       the org's sequence number after the event ("" for events that do
+            not change the org's hash: expired_hold); snapshots only move
+            forward in ``s``
+``ts``      event time, milliseconds since the epoch
+``rq``      request id ("" when none)
+``st``      upstream status code ("" when none; "0" = connection error)
+``lat``     upstream latency in milliseconds ("" when none)
+``m``       HTTP method; ``r`` the route template that matched
+``p``       the org's plan when the event happened
+``ref``     grant reference / operation reference ("" when none)
+==========  =================================================================
+
+Invariant (per org and bucket): the plan balance plus extra at sequence ``s1`` equals the
+same at ``s0`` minus the sum of ``t`` over events with ``s0 < s <= s1``, minus the tokens of
+holds still open at ``s1`` (those are taken at admission and written at settle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+KINDS = frozenset(
+    {"charge", "refund", "expired_hold", "grant", "grant_expired", "plan_change", "reset", "repair"}
+)
+
+
+def _int_or_none(value: str) -> int | None:
+    return int(value) if value != "" else None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One decoded stream entry."""
+
+    event_id: str
+    kind: str
+    org: str
+    user: str | None
+    feature: str | None
+    bucket: str
+    tokens: int
+    balance_after: int | None
+    extra_after: int | None
+    allocated: int | None
+    used: int | None
+    period: str | None
+    seq: int | None
+    created_at: datetime
+    request_id: str | None
+    upstream_status: int | None
+    latency_ms: int | None
+    method: str | None
+    route: str | None
+    plan: str | None
+    reference: str | None
+
+
+def _s(fields: dict[bytes, bytes] | dict[str, str], name: str) -> str:
+    raw = fields.get(name) if name in fields else fields.get(name.encode())  # type: ignore[call-overload]
+    if raw is None:
+        return ""
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def decode(fields: dict[bytes, bytes] | dict[str, str]) -> Event:
+    """Decode one stream entry's fields; raises ValueError on a malformed entry."""
+    kind = _s(fields, "k")
+    if kind not in KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    event_id = _s(fields, "id")
+    org = _s(fields, "o")
+    if not event_id or not org:
+        raise ValueError("event without id or org")
+    return Event(
+        event_id=event_id,
+        kind=kind,
+        org=org,
+        user=_s(fields, "u") or None,
+        feature=_s(fields, "f") or None,
+        bucket=_s(fields, "b"),
+        tokens=int(_s(fields, "t") or "0"),
+        balance_after=_int_or_none(_s(fields, "bal")),
+        extra_after=_int_or_none(_s(fields, "x")),
+        allocated=_int_or_none(_s(fields, "a")),
+        used=_int_or_none(_s(fields, "used")),
+        period=_s(fields, "per") or None,
+        seq=_int_or_none(_s(fields, "s")),
+        created_at=datetime.fromtimestamp(int(_s(fields, "ts") or "0") / 1000, tz=UTC),
+        request_id=_s(fields, "rq") or None,
+        upstream_status=_int_or_none(_s(fields, "st")),
+        latency_ms=_int_or_none(_s(fields, "lat")),
+        method=_s(fields, "m") or None,
+        route=_s(fields, "r") or None,
+        plan=_s(fields, "p") or None,
+        reference=_s(fields, "ref") or None,
+    )

@@ -1,0 +1,27 @@
+-- repair.lua: set one bucket's balances to the ledger's values (creditgate reconcile
+-- --repair) and record the correction as an event, so the ledger explains every change.
+--
+-- KEYS[1]  org state hash    KEYS[2]  org's shard events stream
+-- ARGV[1]  now (ms)    ARGV[2]  org    ARGV[3]  bucket    ARGV[4]  plan balance
+-- ARGV[5]  extra       ARGV[6]  operation id
+-- ARGV[7]  purchased lots JSON ([[reference, expires_ms, remaining], ...], summing to extra)
+--
+-- Returns {"missing"} or {"ok", tokens_deducted} (old total - new total).
+
+local org_key, stream_key = KEYS[1], KEYS[2]
+local now, org, b = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local bal, extra, op, lots = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
+if redis.call('EXISTS', org_key) == 0 then
+  return {'missing'}
+end
+local st = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' .. b, 'p:' .. b,
+  'plan')
+local delta = (tonumber(st[1] or '0') + tonumber(st[2] or '0')) - (bal + extra)
+local seq = redis.call('HINCRBY', org_key, 'seq', 1)
+redis.call('HSET', org_key, 'b:' .. b, bal, 'x:' .. b, extra, 'l:' .. b, lots)
+redis.call('XADD', stream_key, '*',
+  'id', 'repair:' .. op .. ':' .. b, 'k', 'repair', 'o', org, 'u', '', 'f', '', 'b', b,
+  't', delta, 'bal', bal, 'x', extra, 'a', st[3] or '0', 'used', st[4] or '0',
+  'per', st[5] or '', 's', seq, 'ts', now, 'rq', '', 'st', '', 'lat', '', 'm', '', 'r', '',
+  'p', st[6] or '', 'ref', op)
+return {'ok', delta}

@@ -1,0 +1,25 @@
+-- seed.lua: create an org's state from the ledger when Redis has none (first use, or
+-- Redis lost its data). Set-if-absent for the whole hash: when many processes see the
+-- miss at once, exactly one seeds and the others' calls change nothing.
+--
+-- KEYS[1]  org state hash
+-- ARGV[1]  plan    ARGV[2]  seq (the ledger's last sequence number for the org)
+-- ARGV[3]  number of buckets N, then per bucket 7 values: bucket, balance, allocated,
+--          used, period id, extra, lots JSON ([[reference, expires_ms, remaining], ...])
+--
+-- Returns 1 when seeded, 0 when the org already had state (nothing written).
+
+local org_key = KEYS[1]
+if redis.call('EXISTS', org_key) == 1 then
+  return 0
+end
+redis.call('HSET', org_key, 'plan', ARGV[1], 'seq', tonumber(ARGV[2]))
+local n = tonumber(ARGV[3])
+for j = 0, n - 1 do
+  local a = 4 + 7 * j
+  local b = ARGV[a]
+  redis.call('HSET', org_key, 'b:' .. b, tonumber(ARGV[a + 1]), 'a:' .. b, tonumber(ARGV[a + 2]),
+    'u:' .. b, tonumber(ARGV[a + 3]), 'p:' .. b, ARGV[a + 4], 'x:' .. b, tonumber(ARGV[a + 5]),
+    'l:' .. b, ARGV[a + 6])
+end
+return 1

@@ -1,0 +1,28 @@
+-- sweep_holds.lua: turn holds left by a crashed or stuck gateway into charges, so tokens
+-- never leak: the tokens stay taken and the request's one audit row says expired_hold
+-- (outcome unknown). Run by the sync job, per shard.
+--
+-- KEYS[1]  shard holds hash    KEYS[2]  shard hold-expiry zset    KEYS[3]  shard events stream
+-- ARGV[1]  now (ms)            ARGV[2]  at most this many holds
+--
+-- Returns the number of holds swept. The event carries no snapshot fields (s = ""):
+-- an expired hold does not change the org's balance, it only writes the row.
+
+local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
+local now = tonumber(ARGV[1])
+local ids = redis.call('ZRANGEBYSCORE', holdexp_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local swept = 0
+for _, request_id in ipairs(ids) do
+  redis.call('ZREM', holdexp_key, request_id)
+  local raw = redis.call('HGET', holds_key, request_id)
+  if raw then
+    redis.call('HDEL', holds_key, request_id)
+    local h = cjson.decode(raw)
+    redis.call('XADD', stream_key, '*',
+      'id', request_id, 'k', 'expired_hold', 'o', h.o, 'u', h.u, 'f', h.f, 'b', h.b,
+      't', h.c, 'bal', '', 'x', '', 'a', '', 'used', '', 'per', h.per, 's', '', 'ts', now,
+      'rq', request_id, 'st', '', 'lat', now - h.t0, 'm', h.m, 'r', h.r, 'p', h.p, 'ref', '')
+    swept = swept + 1
+  end
+end
+return swept

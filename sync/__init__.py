@@ -1,0 +1,1 @@
+"""The sync job: moves audit events from the Redis shard streams into the Postgres ledger."""

@@ -1,0 +1,58 @@
+"""``python -m sync``: run one sync worker, from a config file or from explicit settings.
+
+    python -m sync --config creditgate.yaml
+    python -m sync --redis-url redis://... --database-url postgresql://... [--prefix cg]
+                   [--shards 16] [--consumer NAME] [--batch-size N] [--claim-idle-ms MS]
+
+SIGTERM/SIGINT stop it after the batch in flight; it then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from gateway.keys import KeySpace
+from sync.worker import DEFAULT_BATCH_SIZE, run_sync, run_worker
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and run the worker until it is signalled."""
+    p = argparse.ArgumentParser(prog="python -m sync", description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="creditgate.yaml (other options are then ignored)")
+    p.add_argument("--redis-url")
+    p.add_argument("--database-url")
+    p.add_argument("--prefix", default="cg")
+    p.add_argument("--shards", type=int, default=16)
+    p.add_argument("--consumer")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--claim-idle-ms", type=int, default=30000)
+    p.add_argument("--block-ms", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.config:
+        asyncio.run(run_sync(args.config))
+        return
+    if not args.redis_url or not args.database_url:
+        p.error("give --config, or both --redis-url and --database-url")
+    asyncio.run(
+        run_worker(
+            redis_url=args.redis_url,
+            database_url=args.database_url,
+            keyspace=KeySpace(args.prefix, args.shards),
+            consumer=args.consumer,
+            batch_size=args.batch_size,
+            claim_idle_ms=args.claim_idle_ms,
+            block_ms=args.block_ms,
+            concurrency=args.concurrency,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""One batch of stream entries, decoded: what the writer needs and what the worker acks.
+
+``decode_entries`` turns the entries of one read (a shard's XREADGROUP or XAUTOCLAIM)
+into ``Rows`` (the well-formed ones: canonical entries, ``COPY`` lines and UTC days) and the
+malformed ones with their error. The worker acks every entry of the read once the rows
+are committed and the malformed ones dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.events import KINDS
+from sync.records import (
+    BUCKET,
+    FIELD_LIST,
+    ID,
+    MAX_DIGITS,
+    Fields,
+    Flat,
+    Times,
+    canonical,
+    reference_flat,
+)
+
+# (entry id, fields); fields is empty when the entry was deleted while pending.
+Entry = tuple[str, Fields]
+
+
+@dataclass(slots=True)
+class Rows:
+    """Well-formed entries of a batch, in stream order (parallel lists)."""
+
+    entry_ids: list[str] = field(default_factory=list)
+    fields: list[Fields] = field(default_factory=list)  # as read, for the dead-letter copy
+    flats: list[Flat] = field(default_factory=list)  # canonical (sync/records.py)
+    lines: list[str] = field(default_factory=list)  # fast COPY rendering
+    days: list[str] = field(default_factory=list)  # UTC day of each event, ISO
+    empty_bucket: bool = False  # some entry has b = "" (the fast rendering cannot say it)
+
+    def __len__(self) -> int:
+        return len(self.flats)
+
+    def slice(self, start: int, stop: int) -> Rows:
+        """Entries ``start:stop`` (the worker bisects a batch Postgres rejects)."""
+        part = Rows(
+            self.entry_ids[start:stop],
+            self.fields[start:stop],
+            self.flats[start:stop],
+            self.lines[start:stop],
+            self.days[start:stop],
+        )
+        part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
+        return part
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A read, decoded."""
+
+    rows: Rows
+    bad: list[tuple[str, Fields, str]]  # malformed: entry id, fields, error
+    vanished: int  # pending entries whose content was already trimmed
+
+
+def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
+    """Decode a read; a malformed entry is reported in ``bad``, never raised."""
+    rows = Rows()
+    bad: list[tuple[str, Fields, str]] = []
+    vanished = 0
+    # The loop runs once per event: locals and bound methods, and canonical()'s check
+    # inlined for the usual entry (sync/records.py says what it checks and why).
+    add_id, add_fields, add_flat, add_line, add_day = (
+        rows.entry_ids.append, rows.fields.append, rows.flats.append, rows.lines.append,
+        rows.days.append,
+    )  # fmt: skip
+    cached, names, kinds, join, cat = times.cache.get, FIELD_LIST, KINDS, "\t".join, "".join
+    empty_bucket = False
+    for entry_id, fields in entries:
+        if not fields:
+            vanished += 1
+            continue
+        try:
+            f: Flat
+            if type(fields) is list and fields[::2] == names:
+                f = fields
+                digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
+                if not (
+                    f[3] in kinds
+                    and f[1]
+                    and f[5]
+                    and digits.isdigit()
+                    and digits.isascii()
+                    and len(digits) <= MAX_DIGITS
+                ):
+                    f = reference_flat(fields)
+            else:
+                f = canonical(fields)
+            hit = cached(f[27]) or times[f[27]]
+        except Exception as exc:  # any decode failure is the entry's, not ours
+            bad.append((entry_id, fields, f"decode: {type(exc).__name__}: {exc}"))
+            continue
+        if not f[11]:
+            empty_bucket = True
+        add_id(entry_id)
+        add_fields(fields)
+        add_flat(f)
+        # copy_line(f, hit[0]), inlined.
+        add_line(
+            join((f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31],
+                  f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0]))
+        )  # fmt: skip
+        add_day(hit[1])
+    rows.empty_bucket = empty_bucket
+    return Decoded(rows, bad, vanished)
+
+
+def first_of_each(rows: Rows, event_ids: set[str]) -> tuple[list[Flat], list[str]]:
+    """The entries and days of the rows whose event id is in ``event_ids`` (the ones the
+    ledger inserted), each id once: its first entry, as ``INSERT ... ON CONFLICT`` keeps."""
+    wanted = set(event_ids)
+    flats: list[Flat] = []
+    days: list[str] = []
+    for f, day in zip(rows.flats, rows.days, strict=True):
+        if f[ID] in wanted:
+            wanted.discard(f[ID])
+            flats.append(f)
+            days.append(day)
+    return flats, days
+
+
+def text(value: Any) -> str:
+    """A reply value as str (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,202 @@
+"""Stream entry -> ledger row: the sync job's decoder and its ``COPY`` text lines.
+
+An entry's fields (gateway/events.py) become a ``Flat``: the flat ``[name, value, ...]``
+list Redis returns, with the names in ``FIELDS`` order and the values validated the way
+``gateway.events.decode`` validates them (an entry ``decode`` rejects is rejected here,
+with the same exception). Values are read at fixed positions (``ORG`` ... below). From it,
+``copy_line`` renders the entry's row of ``ai_token_usage_log`` in Postgres' text ``COPY``
+format, and sync/aggregate.py derives the rollups and snapshots. Keeping the list Redis
+returned, rather than building a dict or a tuple per entry, saves both the copying and
+the garbage collector's work.
+
+Why text ``COPY`` built from the strings Redis returned: the Lua scripts write every field
+in one order with canonical decimal integers, so for almost every entry a row is one
+``"\\t".join`` of strings already in hand. No ``int()`` per column, no ``datetime`` per
+event (a timestamp is rendered once per distinct millisecond), and no per-value binary
+encoding in asyncpg: at 100k events/s that is most of the worker's CPU. Anything unusual
+(other field order, missing fields, non-canonical integers, bytes) takes the reference
+path, ``decode`` itself, and is rendered from the ``Event`` it returns.
+
+Two renderings exist. The fast one writes NULL as the empty string (``COPY ... NULL ''``)
+and escapes nothing; it is valid for a batch only when no value holds a tab, newline,
+carriage return or backslash and no entry has an empty bucket (the one text column where
+``''`` is a value, not NULL): ``fast_payload`` checks that over the whole batch at C speed
+and returns None otherwise. The careful one escapes every value and writes ``\\N``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from typing import Any, cast
+
+from gateway.events import KINDS, decode
+
+FIELDS = (
+    "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used",
+    "per", "s", "ts", "rq", "st", "lat", "m", "r", "p", "ref",
+)  # fmt: skip
+FIELD_LIST = list(FIELDS)
+# Positions of the values in a ``Flat``.
+ID, KIND, ORG, USER, FEATURE, BUCKET, TOKENS, BAL, EXTRA, ALLOC, USED = range(1, 22, 2)
+PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(23, 42, 2)
+
+# The ledger columns a line fills, in line order.
+LOG_COLUMNS = (
+    "event_id", "organization_id", "user_id", "feature_used", "token_type",
+    "tokens_deducted", "kind", "request_id", "method", "route", "upstream_status",
+    "latency_ms", "balance_after", "extra_after", "seq", "plan", "reference", "created_at",
+)  # fmt: skip
+_TABS_PER_LINE = len(LOG_COLUMNS) - 1
+
+# A canonical entry: [name, value, ...] with the names of FIELDS, in order.
+Flat = list[str]
+# An entry's fields as a client returns them: a flat [name, value, ...] list (the raw
+# reply of FastRedis) or a mapping (redis-py, str or bytes).
+Fields = Sequence[Any] | Mapping[Any, Any]
+
+_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+_DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
+_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
+# Integer fields, all digits: bounded so that int() of them can never fail (Python refuses
+# int() of over 4300 digits); longer ones take the reference path, which raises as
+# decode does or yields a value Postgres then rejects as out of range.
+MAX_DIGITS = 200
+
+
+@lru_cache(maxsize=4096)
+def refresh_of(period: str) -> datetime | None:
+    """When the period named ``period`` ends (gateway/periods.py ids): ``2026-11``
+    (monthly), ``2026-W48`` (ISO week) or ``2026-11-23`` (daily); None otherwise."""
+    try:
+        if m := _MONTH.match(period):
+            year, month = int(m[1]), int(m[2])
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+            return datetime(year, month, 1, tzinfo=UTC)
+        if m := _DAY.match(period):
+            day = date(int(m[1]), int(m[2]), int(m[3])) + timedelta(days=1)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        if m := _WEEK.match(period):
+            monday = date.fromisocalendar(int(m[1]), int(m[2]), 1) + timedelta(days=7)
+            return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
+    except ValueError:
+        return None
+    return None
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def _opt(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def reference_flat(fields: Fields) -> Flat:
+    """The canonical entry through ``gateway.events.decode`` (raises exactly as it does)."""
+    if not isinstance(fields, Mapping):
+        # A flat list: later duplicates win, as in the dict redis-py would build.
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
+    ev = decode(cast("dict[str, str]", fields))
+    raw_ts = fields.get("ts") if "ts" in fields else fields.get(b"ts")
+    ts = int(_text(raw_ts) or "0") if raw_ts is not None else 0
+    values = (
+        ev.event_id, ev.kind, ev.org, ev.user or "", ev.feature or "", ev.bucket,
+        str(ev.tokens), _opt(ev.balance_after), _opt(ev.extra_after), _opt(ev.allocated),
+        _opt(ev.used), ev.period or "", _opt(ev.seq), str(ts), ev.request_id or "",
+        _opt(ev.upstream_status), _opt(ev.latency_ms), ev.method or "", ev.route or "",
+        ev.plan or "", ev.reference or "",
+    )  # fmt: skip
+    return [x for pair in zip(FIELDS, values, strict=True) for x in pair]
+
+
+def canonical(fields: Fields) -> Flat:
+    """The entry as a validated ``Flat``; raises (ValueError ...) when ``decode`` would."""
+    if type(fields) is list:
+        if fields[::2] != FIELD_LIST:
+            return reference_flat(fields)
+        f: Flat = fields
+    elif isinstance(fields, Mapping) and list(fields) == FIELD_LIST:
+        f = [x for pair in fields.items() for x in pair]
+    else:
+        return reference_flat(fields)
+    digits = "".join((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
+    if (
+        f[3] in KINDS
+        and f[1]
+        and f[5]
+        and digits.isdigit()
+        and digits.isascii()
+        and len(digits) <= MAX_DIGITS
+    ):
+        return f
+    return reference_flat(fields)
+
+
+class Times:
+    """``ts`` (ms since the epoch, as a string) -> (created_at as COPY text, UTC day, ISO).
+
+    Events of one batch share few distinct milliseconds, so each is converted once. The
+    conversion is ``decode``'s: ``datetime.fromtimestamp(ms / 1000, UTC)``.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.cache: dict[str, tuple[str, str]] = {}
+        self._max = max_entries
+
+    def __getitem__(self, ts: str) -> tuple[str, str]:
+        hit = self.cache.get(ts)
+        if hit is not None:
+            return hit
+        created = datetime.fromtimestamp(int(ts or "0") / 1000, tz=UTC)
+        if len(self.cache) >= self._max:
+            self.cache.clear()
+        hit = self.cache[ts] = (created.isoformat(sep=" "), created.date().isoformat())
+        return hit
+
+
+def copy_line(f: Flat, created: str) -> str:
+    """The row, fast rendering: NULL is ``''``, nothing escaped (see the module docstring)."""
+    return "\t".join(
+        (f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31], f[33],
+         f[15], f[17], f[25] or "0", f[39], f[41], created)
+    )  # fmt: skip
+
+
+def fast_payload(lines: Sequence[str], empty_bucket: bool) -> bytes | None:
+    """The batch's ``COPY ... NULL ''`` data, or None when the fast rendering is not exact."""
+    if empty_bucket or not lines:
+        return None
+    text = "\n".join(lines)
+    if (
+        text.count("\t") != _TABS_PER_LINE * len(lines)
+        or text.count("\n") != len(lines) - 1
+        or "\\" in text
+        or "\r" in text
+    ):
+        return None
+    text += "\n"
+    return text.encode("utf-8")
+
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _esc(value: str) -> str:
+    return value.translate(_ESCAPES) if value else "\\N"
+
+
+def careful_line(f: Flat, created: str) -> str:
+    """The row with every value escaped and NULL as ``\\N`` (default text COPY)."""
+    return "\t".join(
+        (_esc(f[1]), _esc(f[5]), _esc(f[7]), _esc(f[9]), f[11].translate(_ESCAPES),
+         f[13] or "0", _esc(f[3]), _esc(f[29]), _esc(f[35]), _esc(f[37]), _esc(f[31]),
+         _esc(f[33]), _esc(f[15]), _esc(f[17]), f[25] or "0", _esc(f[39]), _esc(f[41]), created)
+    )  # fmt: skip
+
+
+def careful_payload(entries: Sequence[Flat], times: Times) -> bytes:
+    """The batch's default-format ``COPY`` data (always exact)."""
+    return "".join(careful_line(f, times[f[TS]][0]) + "\n" for f in entries).encode("utf-8")

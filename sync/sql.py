@@ -1,0 +1,141 @@
+"""The sync job's SQL, and how a batch's rollups and snapshots become its parameters.
+
+Rollups and snapshots reach Postgres as one text parameter per column: the column's values
+joined by ``SEP`` (plus a trailing ``SEP``), split again by ``string_to_array``;
+``trim_array`` drops the trailing element, which makes a column of one empty value one
+element, not zero. Array parameters would cost asyncpg an ``isinstance`` check per element
+(it looks for nested arrays), which was the largest share of the worker's time; joining
+strings costs next to nothing. In the nullable columns an empty string means NULL. If a
+value holds ``SEP`` itself, that statement's columns are sent as typed arrays instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import date, datetime
+from typing import Any
+
+from sync.aggregate import Columns
+from sync.records import LOG_COLUMNS
+
+SEP = "\x1f"
+LOG = "ai_token_usage_log"
+TEMP = "cg_sync_in"
+_LOG_TYPES = (
+    "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
+    "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
+)  # fmt: skip
+CREATE_TEMP = (
+    f"CREATE TEMP TABLE {TEMP} ("
+    + ", ".join(f"{n} {t}" for n, t in zip(LOG_COLUMNS, _LOG_TYPES, strict=True))
+    + ") ON COMMIT DROP"
+)
+_COLS = ", ".join(LOG_COLUMNS)
+# The safe path: rows whose event id is in the ledger already are skipped.
+INSERT_FROM_TEMP = (
+    f"INSERT INTO {LOG} ({_COLS}) SELECT {_COLS} FROM {TEMP}"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+
+# Taken first by every batch transaction: writers of one shard take turns.
+LOCK = "SELECT pg_advisory_xact_lock($1, $2)"
+
+# Orgs first (ai_tokens references them; the FK check runs at the end of the statement
+# and sees the CTE's rows), then seq-0 placeholders for buckets the ledger lacks. The
+# NOT EXISTS filters are cheaper than letting ON CONFLICT reject rows that exist; ON
+# CONFLICT still settles races with other writers (the org may come from the API).
+INSERT_ORGS_AND_PLACEHOLDERS = """
+WITH orgs AS (
+    INSERT INTO organizations (id, plan)
+    SELECT o.id, coalesce(o.plan, $3) FROM unnest($1::text[], $2::text[]) AS o(id, plan)
+    WHERE NOT EXISTS (SELECT 1 FROM organizations x WHERE x.id = o.id)
+    ON CONFLICT (id) DO NOTHING
+)
+INSERT INTO ai_tokens (organization_id, token_type, seq)
+SELECT s.org, s.bucket, 0 FROM unnest($4::text[], $5::text[]) AS s(org, bucket)
+WHERE NOT EXISTS (
+    SELECT 1 FROM ai_tokens t WHERE t.organization_id = s.org AND t.token_type = s.bucket)
+ON CONFLICT (organization_id, token_type) DO NOTHING
+"""
+
+_ROLLUP = """
+INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type, requests,
+    tokens)
+SELECT * FROM {rows}
+ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
+    SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
+"""
+_ROLLUP_TYPES = ("text", "date", "text", "text", "text", "bigint", "bigint")
+_ROLLUP_NULLABLE = (False,) * 7
+
+# Each column takes the batch's newest non-empty value only if that value's seq is newer
+# than the row's (NULL > x is not true, so a column the batch never set stays).
+_UPDATE_SNAPSHOTS = """
+UPDATE ai_tokens AS t SET
+    balance = CASE WHEN s.bal_seq > t.seq THEN s.bal ELSE t.balance END,
+    extra = CASE WHEN s.x_seq > t.seq THEN s.x ELSE t.extra END,
+    total_allocated = CASE WHEN s.a_seq > t.seq THEN s.a ELSE t.total_allocated END,
+    used = CASE WHEN s.used_seq > t.seq THEN s.used ELSE t.used END,
+    period = CASE WHEN s.per_seq > t.seq THEN s.per ELSE t.period END,
+    refresh_date = CASE WHEN s.per_seq > t.seq THEN s.refresh ELSE t.refresh_date END,
+    seq = s.seq,
+    updated_at = now()
+FROM {rows}
+    AS s(org, bucket, seq, bal, bal_seq, x, x_seq, a, a_seq, used, used_seq, per, per_seq,
+         refresh)
+WHERE t.organization_id = s.org AND t.token_type = s.bucket AND s.seq > t.seq
+"""
+_SNAP_TYPES = (
+    "text", "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint",
+    "bigint", "bigint", "text", "bigint", "timestamptz",
+)  # fmt: skip
+_SNAP_NULLABLE = (False, False, *(True,) * 12)
+
+_KINDS = {
+    "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE),
+    "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE),
+}
+
+
+def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool) -> str:
+    cols = []
+    for i, (typ, null) in enumerate(zip(types, nullable, strict=True), start=1):
+        if packed:
+            null_arg = ", ''" if null else ""
+            cols.append(f"trim_array(string_to_array(${i}, E'\\x1f'{null_arg}), 1)::{typ}[]")
+        else:
+            cols.append(f"${i}::{typ}[]")
+    return "unnest(" + ", ".join(cols) + ")"
+
+
+_STATEMENTS = {
+    (kind, packed): sql.format(rows=_unnest(types, nullable, packed))
+    for kind, (sql, types, nullable) in _KINDS.items()
+    for packed in (True, False)
+}
+
+
+def _typed(value: str, typ: str, nullable: bool) -> Any:
+    if nullable and value == "":
+        return None
+    if typ == "bigint":
+        return int(value)
+    if typ == "date":
+        return date.fromisoformat(value)
+    if typ == "timestamptz":
+        return datetime.fromisoformat(value)
+    return value
+
+
+def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
+    """The ``"rollup"`` or ``"snapshots"`` statement and its parameters for ``columns``."""
+    n = len(columns[0])
+    packed = [SEP.join(col) + SEP for col in columns]
+    if all(p.count(SEP) == n for p in packed):
+        return _STATEMENTS[(kind, True)], packed
+    _, types, nullable = _KINDS[kind]
+    arrays = [
+        [_typed(v, typ, null) for v in col]
+        for col, typ, null in zip(columns, types, nullable, strict=True)
+    ]
+    return _STATEMENTS[(kind, False)], arrays

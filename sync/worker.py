@@ -1,0 +1,513 @@
+"""The sync worker: a poll loop moving every shard's events into the Postgres ledger.
+
+Per shard and pass (DESIGN B4): claim entries left idle by crashed workers, re-read our
+own un-acked entries, read new ones, decode, write the batch in one transaction, ack,
+trim. Entries are acked only after their batch committed, so a crash anywhere redelivers
+them, and the ledger's unique event id makes the redelivery write nothing twice.
+
+New entries take the writer's fast path (COPY straight into the ledger); re-read and
+claimed entries, which may be in the ledger already, take its safe path (sync/writer.py).
+
+Malformed entries (undecodable, or rejected by Postgres as data) are copied to the
+shard's dead-letter stream ``P:{sN}:events:dead`` and acked, so they cannot wedge the
+stream. Failures of Redis or Postgres themselves fail the pass; ``run`` backs off
+(0.1 s doubling to 5 s) and tries again, and nothing is acked meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from gateway.keys import KeySpace
+from gateway.scripts import load as load_script
+from sync.batch import Entry, Rows, decode_entries
+from sync.records import Fields, Times
+from sync.results import SyncPassResult, SyncStats
+from sync.streams import (
+    Backlog,
+    FastClient,
+    RedisClient,
+    ShardStream,
+    fast_client_for,
+    is_nogroup,
+    streams_in,
+)
+from sync.writer import DATA_ERRORS, BatchWriter
+
+log = logging.getLogger("creditgate.sync")
+
+DEFAULT_BATCH_SIZE = 20_000
+_WAKE_COUNT = 1000
+_MAX_BACKOFF_S = 5.0
+_MIN_BACKOFF_S = 0.1
+_SWEEP_MAX = 1000
+_TRIM_EVERY_S = 1.0
+
+
+@dataclass(slots=True)
+class _Shard:
+    stream: ShardStream
+    group_ready: bool = False
+    own_pending: bool = True  # we may hold un-acked entries: re-read from id 0 first
+    last_claim: float = float("-inf")
+    untrimmed: int = 0  # entries acked since the stream was last trimmed
+    last_trim: float = float("-inf")
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def tune_gc() -> None:
+    """Garbage-collector settings for a process that runs only the sync job.
+
+    A batch of 20,000 events is ~100,000 lists alive until its commit; with the default
+    thresholds (700, 10, 10) the collector rescans them over and over, a quarter of the
+    worker's CPU. What startup allocated is frozen out of the collector's sight, and
+    collections run every 200,000 net allocations. (The reference cycles the worker
+    makes are few; they are still collected, just later.)
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(200_000, 100, 100)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def default_consumer_name() -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class SyncWorker:
+    """Moves events from the shard streams to the ledger; several may run at once.
+
+    ``fast_redis``: True (default) derives a pipelined client (gateway/fastredis.py) from
+    ``redis`` for the bulk stream commands when ``redis`` is a plain TCP client, False
+    keeps everything on ``redis``, or pass a client to use (it is not closed here).
+    ``now_ms`` is the clock holds expire by (the gate's clock; default: wall time).
+    ``run`` and ``run_once`` close the connection the worker opened when they return.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis: RedisClient,
+        pool: asyncpg.Pool,
+        keyspace: KeySpace,
+        consumer: str | None = None,
+        group: str = "creditgate-sync",
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        block_ms: int = 200,
+        claim_idle_ms: int = 30000,
+        sweep_every_s: float = 1.0,
+        concurrency: int = 4,
+        max_batches_per_pass: int = 8,
+        default_plan: str = "starter",
+        fast_redis: FastClient | bool = True,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keyspace = keyspace
+        self.consumer = consumer or default_consumer_name()
+        self.group = group
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.sweep_every_s = sweep_every_s
+        self.max_batches_per_pass = max_batches_per_pass
+        self._now_ms = now_ms or _wall_ms
+        self._own_fast: FastClient | None = None
+        fast: FastClient | None = None
+        if fast_redis is True:
+            fast = self._own_fast = fast_client_for(redis)
+        elif fast_redis is not False:
+            fast = fast_redis
+        self._times = Times()
+        self._writer = BatchWriter(
+            pool, times=self._times, prefix=keyspace.prefix, default_plan=default_plan
+        )
+        self._shards = [
+            _Shard(ShardStream(redis, keys, group, self.consumer, fast))
+            for keys in keyspace.all_shards()
+        ]
+        self._by_stream = {s.stream.key: s for s in self._shards}
+        self._first = secrets.randbelow(len(self._shards)) if self._shards else 0
+        self._sem = asyncio.Semaphore(max(1, concurrency))
+        self._stop = asyncio.Event()
+        self._sweep_script = redis.register_script(load_script("sweep_holds").source)
+        self._next_sweep = float("-inf")
+        # Claim checks need not run every pass: an entry must be idle claim_idle_ms anyway.
+        self._claim_every_s = min(claim_idle_ms / 2000, 5.0)
+        self.totals = SyncPassResult()
+        self._last_success_at: float | None = None
+        self._last_error: str | None = None
+        self._last_error_at: float | None = None
+
+    # -- control --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run`` to return; the batch in flight is committed and acked first."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop`` was called."""
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        """Poll until ``stop``: passes back to back, blocking briefly when all is synced."""
+        backoff = _MIN_BACKOFF_S
+        idle = False
+        while not self.stopping:
+            try:
+                result = await self._pass(block=idle)
+            except Exception as exc:  # Redis or Postgres unavailable: retry, ack nothing
+                self._record_error(exc)
+                log.warning(
+                    "sync pass failed (%s: %s); retrying in %.1f s",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                idle = False
+                continue
+            if backoff > _MIN_BACKOFF_S:
+                log.info("sync resumed")
+            backoff = _MIN_BACKOFF_S
+            idle = result.read == 0
+        await self._leave_group()
+        await self.close()
+        log.info("sync worker %s stopped", self.consumer)
+
+    async def close(self) -> None:
+        """Close the pipelined Redis client the worker derived (a later pass reopens it)."""
+        if self._own_fast is not None:
+            await self._own_fast.close()
+
+    async def run_once(self) -> SyncPassResult:
+        """One pass over every shard (sweep included when due); raises if it fails.
+
+        The connection the worker opened for it is closed again (the next call reopens
+        it), so callers need not ``close`` the worker.
+        """
+        try:
+            return await self._pass(block=False, eager_trim=True)
+        except Exception as exc:
+            self._record_error(exc)
+            raise
+        finally:
+            await self.close()
+
+    async def stats(self) -> SyncStats:
+        """Backlog per shard and the age of the oldest unsynced event (queries Redis)."""
+        backlogs: list[Backlog] = await asyncio.gather(*(s.stream.backlog() for s in self._shards))
+        now_ms = int(time.time() * 1000)
+        oldest = [b.oldest_ms for b in backlogs if b.oldest_ms is not None]
+        return SyncStats(
+            backlog_per_shard={b.shard: b.pending + b.undelivered for b in backlogs},
+            oldest_unsynced_age_ms=max(0, now_ms - min(oldest)) if oldest else None,
+            last_success_at=self._last_success_at,
+            last_error=self._last_error,
+            last_error_at=self._last_error_at,
+            totals=self.totals,
+        )
+
+    # -- one pass -------------------------------------------------------------------
+
+    async def _pass(self, *, block: bool, eager_trim: bool = False) -> SyncPassResult:
+        result = SyncPassResult()
+        if time.monotonic() >= self._next_sweep:
+            result.swept = await self._sweep()
+            # A full sweep means more holds are due: sweep again next pass.
+            full = result.swept >= _SWEEP_MAX
+            self._next_sweep = time.monotonic() + (0 if full else self.sweep_every_s)
+        try:
+            await asyncio.gather(*(self._ensure_group(s) for s in self._shards))
+            if block and not result.swept:
+                await self._wait_for_entries(result)
+        except Exception as exc:
+            self._check_nogroup(exc)
+            self.totals.add(result)
+            raise
+        # Each worker starts its passes at its own shard, so that several workers at once
+        # mostly write different shards (a shard's writers take turns, see sync/writer.py).
+        shards = self._shards[self._first :] + self._shards[: self._first]
+        parts = await self._sync_shards(shards, eager_trim)
+        lost = [i for i, p in enumerate(parts) if isinstance(p, BaseException) and is_nogroup(p)]
+        if lost:
+            # The streams of these shards vanished with their groups (Redis lost its data
+            # since the last pass): create the groups again and read what is there now.
+            again = [shards[i] for i in lost]
+            for shard in again:
+                shard.group_ready = False
+            await asyncio.gather(*(self._ensure_group(shard) for shard in again))
+            for i, part in zip(lost, await self._sync_shards(again, eager_trim), strict=True):
+                parts[i] = part
+        errors = [p for p in parts if isinstance(p, BaseException)]
+        for part in parts:
+            if isinstance(part, SyncPassResult):
+                result.add(part)
+        self.totals.add(result)
+        for error in errors:
+            self._check_nogroup(error)
+        if errors:
+            raise errors[0]
+        self._last_success_at = time.time()
+        self._last_error = None
+        return result
+
+    async def _sync_shards(
+        self, shards: list[_Shard], eager_trim: bool
+    ) -> list[SyncPassResult | BaseException]:
+        return await asyncio.gather(
+            *(self._sync_shard(s, eager_trim) for s in shards), return_exceptions=True
+        )
+
+    def _check_nogroup(self, exc: BaseException) -> None:
+        if is_nogroup(exc):
+            # A stream (and its group) vanished, e.g. Redis lost its data: create the
+            # groups again before the next read.
+            for shard in self._shards:
+                shard.group_ready = False
+
+    async def _ensure_group(self, shard: _Shard) -> None:
+        if not shard.group_ready:
+            await shard.stream.ensure_group()
+            shard.group_ready = True
+
+    async def _sweep(self) -> int:
+        now_ms = self._now_ms()
+        replies = await asyncio.gather(
+            *(
+                self._sweep_script(
+                    keys=[s.stream.keys.holds, s.stream.keys.holdexp, s.stream.keys.events],
+                    args=[now_ms, _SWEEP_MAX],
+                )
+                for s in self._shards
+            ),
+            return_exceptions=True,
+        )
+        swept = 0
+        for shard, reply in zip(self._shards, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                # A script error (say, a hold that is not JSON) must not stop the sync.
+                log.error("shard %d: sweep_holds failed: %s", shard.stream.keys.shard, reply)
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                swept += int(reply)
+        if swept:
+            log.info("swept %d expired holds", swept)
+        return swept
+
+    async def _wait_for_entries(self, result: SyncPassResult) -> None:
+        """Block up to block_ms for new entries on any shard, and handle what arrives."""
+        if isinstance(self.redis, RedisCluster):
+            # Streams of different shards live in different slots: no multi-key block.
+            await self._sleep(self.block_ms / 1000)
+            return
+        # This read only wakes the worker up (through redis-py, which parses slowly): the
+        # passes after it read any backlog in full-size batches.
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            {s.stream.key: ">" for s in self._shards},
+            count=min(self.batch_size, _WAKE_COUNT),
+            block=self.block_ms,
+        )
+        for name, entries in streams_in(reply):
+            shard = self._by_stream[name]
+            async with shard.lock:
+                shard.own_pending = True
+                await self._handle(shard, entries, result)
+                shard.own_pending = False
+
+    async def _sync_shard(self, shard: _Shard, eager_trim: bool) -> SyncPassResult:
+        result = SyncPassResult()
+        async with self._sem, shard.lock:
+            try:
+                await self._drain(shard, result)
+                now = time.monotonic()
+                # Trimming costs three commands: at low rates, once a second is enough.
+                if shard.untrimmed and (
+                    eager_trim
+                    or shard.untrimmed >= self.batch_size
+                    or now - shard.last_trim >= _TRIM_EVERY_S
+                ):
+                    result.trimmed = await shard.stream.trim()
+                    shard.untrimmed, shard.last_trim = 0, now
+            except Exception:
+                shard.own_pending = True
+                raise
+        return result
+
+    async def _drain(self, shard: _Shard, result: SyncPassResult) -> None:
+        stream, n = shard.stream, self.batch_size
+        now = time.monotonic()
+        if now - shard.last_claim >= self._claim_every_s:
+            shard.last_claim = now
+            claimed = await stream.claim(self.claim_idle_ms, n)
+            if claimed:
+                log.info("shard %d: claimed %d idle entries", stream.keys.shard, len(claimed))
+                result.claimed += len(claimed)
+                shard.own_pending = True
+                await self._handle(shard, claimed, result, direct=False)
+        while shard.own_pending and not self.stopping:
+            entries = await stream.read("0", n)
+            if entries:
+                await self._handle(shard, entries, result, direct=False)
+            if len(entries) < n:
+                shard.own_pending = False
+        for _ in range(self.max_batches_per_pass):
+            if self.stopping:
+                break
+            entries = await stream.read(">", n)
+            if not entries:
+                break
+            shard.own_pending = True
+            await self._handle(shard, entries, result)
+            shard.own_pending = False
+            if len(entries) < n:
+                break
+
+    # -- one batch ------------------------------------------------------------------
+
+    async def _handle(
+        self, shard: _Shard, entries: list[Entry], result: SyncPassResult, *, direct: bool = True
+    ) -> None:
+        """Decode, write, dead-letter what is malformed, then ack every entry.
+
+        ``direct=False`` for entries read before (re-read or claimed): likely in the
+        ledger already, so they skip the fast path that would fail on them.
+        """
+        result.read += len(entries)
+        decoded = decode_entries(entries, self._times)
+        result.vanished += decoded.vanished
+        rows = decoded.rows
+        bad = decoded.bad
+        inserted, rejected = await self._write_isolating(shard, rows, direct, result)
+        bad.extend(rejected)
+        result.inserted += inserted
+        result.duplicates += len(rows) - len(rejected) - inserted
+        if bad:
+            for entry_id, _, error in bad:
+                n = shard.stream.keys.shard
+                log.error("shard %d: dead-lettering entry %s: %s", n, entry_id, error)
+            await shard.stream.dead_letter(bad)
+            result.dead_lettered += len(bad)
+        await shard.stream.ack([entry_id for entry_id, _ in entries])
+        result.acked += len(entries)
+        shard.untrimmed += len(entries)
+
+    async def _write_isolating(
+        self, shard: _Shard, rows: Rows, direct: bool, result: SyncPassResult
+    ) -> tuple[int, list[tuple[str, Fields, str]]]:
+        """Write ``rows``; if Postgres rejects their content, bisect to find the culprits.
+
+        Returns (rows inserted, rejected entries with their error). Writes are
+        idempotent, so halves that succeed before a culprit is found stay written.
+        """
+        if not len(rows):
+            return 0, []
+        try:
+            res = await self._writer.write(rows, shard=shard.stream.keys.shard, direct=direct)
+        except DATA_ERRORS as exc:
+            if len(rows) == 1:
+                error = f"ledger: {type(exc).__name__}: {exc}"
+                return 0, [(rows.entry_ids[0], rows.fields[0], error)]
+            mid = len(rows) // 2
+            left = await self._write_isolating(shard, rows.slice(0, mid), direct, result)
+            right = await self._write_isolating(shard, rows.slice(mid, len(rows)), direct, result)
+            return left[0] + right[0], left[1] + right[1]
+        result.fallbacks += res.fallback
+        return res.inserted, []
+
+    # -- helpers ----------------------------------------------------------------------
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on ``stop``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    def _record_error(self, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._last_error_at = time.time()
+
+    async def _leave_group(self) -> None:
+        """On a clean stop, drop our consumer from each group if it holds nothing."""
+        for shard in self._shards:
+            try:
+                if shard.group_ready:
+                    await shard.stream.delete_consumer_if_idle()
+            except Exception as exc:  # best effort: a leftover empty consumer is harmless
+                log.debug("could not remove consumer %s: %s", self.consumer, exc)
+                return
+
+
+async def run_worker(
+    *,
+    redis_url: str,
+    database_url: str,
+    keyspace: KeySpace,
+    redis_timeout_s: float = 2.0,
+    **worker_options: Any,
+) -> None:
+    """Connect, run a ``SyncWorker`` until SIGTERM/SIGINT (which only set its stop flag).
+
+    Meant for a process of its own (``creditgate sync``): it tunes the garbage collector
+    (``tune_gc``).
+    """
+    from gateway.redisconn import connect_redis
+
+    handles = connect_redis(redis_url, timeout=redis_timeout_s, fast=False)
+    concurrency = int(worker_options.get("concurrency", 4))
+    # min_size=0: the worker starts (and backs off) even while Postgres is down.
+    pool = await asyncpg.create_pool(database_url, min_size=0, max_size=concurrency + 1)
+    worker = SyncWorker(redis=handles.client, pool=pool, keyspace=keyspace, **worker_options)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info(
+        "sync worker %s: %d shards under %r", worker.consumer, keyspace.shards, keyspace.prefix
+    )
+    tune_gc()
+    try:
+        await worker.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await pool.close()
+        await handles.close()
+
+
+async def run_sync(config_path: str) -> None:
+    """``creditgate sync --config F``: load the config and run a worker until signalled."""
+    from gateway.config import load_config
+
+    config = load_config(config_path)
+    if not config.database_url:
+        raise SystemExit(f"{config_path}: database_url is required to run the sync job")
+    await run_worker(
+        redis_url=config.redis_url,
+        database_url=config.database_url,
+        keyspace=KeySpace(config.key_prefix, config.shards),
+        redis_timeout_s=config.redis_timeout_seconds,
+        default_plan=config.default_plan,
+    )

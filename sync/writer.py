@@ -1,0 +1,233 @@
+"""The Postgres side of the sync job: write one batch of events in one transaction.
+
+Fast path (new entries): ``COPY`` the batch straight into ``ai_token_usage_log``. A
+duplicate event id (a redelivery after a crash between commit and ack) makes the ``COPY``
+fail with a unique violation; the transaction rolls back and the batch is written again
+on the safe path. Safe path (re-read and claimed entries, which are likely redeliveries,
+and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON CONFLICT
+(event_id) DO NOTHING RETURNING event_id``. The unique event id turns at-least-once
+delivery into exactly-once rows either way.
+
+In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
+in Python): ``usage_daily`` gets one upsert per (org, day, feature, user); missing
+``organizations`` rows (an event's org, with its newest event's plan) and seq-0
+``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
+snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
+re-checks its condition against the newest committed row version, which keeps this right
+when two workers touch the same bucket.
+
+Every transaction first takes a transaction-level advisory lock on its shard. An org's
+events all live in one shard, so writers of different shards never touch the same rollup,
+snapshot or event rows, and writers of the same shard (two workers, a claim racing a slow
+worker) take turns: no deadlocks, without sorting every batch's keys.
+
+Test hook: the environment variable ``CREDITGATE_SYNC_CRASH`` (``before_commit`` or
+``after_commit``, optionally ``:N`` to fire on the N-th batch written by this process)
+makes the process SIGKILL itself at that point. It exists for tests/test_sync_crash.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from asyncpg.exceptions import _base as asyncpg_base
+
+from sync import sql
+from sync.aggregate import plans, rollups, snapshots
+from sync.batch import Rows, first_of_each
+from sync.records import LOG_COLUMNS, Times, careful_payload, fast_payload
+
+log = logging.getLogger("creditgate.sync")
+
+# Errors caused by the batch's content rather than by the database being unavailable:
+# they would fail the same batch forever, so the worker isolates the offending events.
+DATA_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg_base.DataError,
+    ValueError,
+    OverflowError,
+    UnicodeError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one committed batch did."""
+
+    events: int  # events in the batch
+    inserted: int  # new ledger rows (the rest were already there: redeliveries)
+    rollups: int  # usage_daily rows inserted or incremented
+    snapshots: int  # ai_tokens rows moved forward
+    direct: bool  # written by the fast path (COPY straight into the ledger)
+    fallback: bool = False  # the fast path met a duplicate; written by the safe path
+
+
+class _CrashHook:
+    """``CREDITGATE_SYNC_CRASH`` (test hook, see the module docstring)."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.point, self.on_batch = "", 0
+        if spec:
+            point, _, nth = spec.partition(":")
+            self.point, self.on_batch = point, int(nth or "1")
+        self.batches = 0
+
+    def check(self, point: str) -> None:
+        if point == self.point and self.batches >= self.on_batch:
+            log.warning("CREDITGATE_SYNC_CRASH=%s: killing the process (test hook)", point)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _call(stmt: tuple[str, list[Any]]) -> list[Any]:
+    return [stmt[0], *stmt[1]]
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    # COPY data for asyncpg: one chunk (asyncpg would take bytes as a file name).
+    yield data
+
+
+def lock_space(prefix: str) -> int:
+    """The advisory-lock class of a key prefix (an int4: crc32, signed)."""
+    value = zlib.crc32(prefix.encode("utf-8"))
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class BatchWriter:
+    """Writes batches of rows to the ledger, one transaction per batch.
+
+    It remembers which orgs and ai_tokens rows it has seen committed, and skips the
+    statement that creates missing ones when a batch holds nothing new. The memory is
+    dropped every ``known_ttl_s`` seconds, and at once if the ledger proves it wrong (a
+    foreign-key violation: the org row is gone).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        times: Times,
+        prefix: str = "cg",
+        default_plan: str = "starter",
+        known_ttl_s: float = 300.0,
+        known_max: int = 1_000_000,
+    ) -> None:
+        self._pool = pool
+        self._times = times
+        self._lock_space = lock_space(prefix)
+        self._default_plan = default_plan
+        self._crash = _CrashHook(os.environ.get("CREDITGATE_SYNC_CRASH"))
+        self._known_orgs: set[str] = set()
+        self._known_rows: set[tuple[str, str]] = set()
+        self._known_ttl_s = known_ttl_s
+        self._known_max = known_max
+        self._known_since = time.monotonic()
+        self.fallbacks = 0  # fast-path batches that met a duplicate and were redone
+
+    def _forget(self) -> None:
+        self._known_orgs.clear()
+        self._known_rows.clear()
+        self._known_since = time.monotonic()
+
+    async def write(self, rows: Rows, *, shard: int, direct: bool = True) -> WriteResult:
+        """Write ``rows`` (of ``shard``'s stream) in one transaction; on return, committed.
+
+        ``direct=False`` skips the fast path (for entries likely written before). Raises
+        one of ``DATA_ERRORS`` when the batch's content is rejected (nothing is written),
+        or a connection/database error when Postgres is unavailable.
+        """
+        if not len(rows):
+            return WriteResult(0, 0, 0, 0, direct)
+        self._crash.batches += 1
+        if (
+            time.monotonic() - self._known_since > self._known_ttl_s
+            or len(self._known_rows) > self._known_max
+        ):
+            self._forget()
+        fallback = False
+        for attempt in range(6):
+            try:
+                if direct:
+                    try:
+                        return await self._write_once(rows, shard, direct=True)
+                    except asyncpg.UniqueViolationError:
+                        # Some event is in the ledger already: redo it the safe way.
+                        self.fallbacks += 1
+                        direct, fallback = False, True
+                return await self._write_once(rows, shard, direct=False, fallback=fallback)
+            except asyncpg.DeadlockDetectedError:
+                # Only when an org's events sit in two shards' streams (the shard count
+                # changed) and both are written at once; the batch is idempotent.
+                if attempt == 5:
+                    raise
+                log.info("deadlock writing a batch (attempt %d); retrying", attempt + 1)
+            except asyncpg.ForeignKeyViolationError:
+                if not self._known_orgs or attempt == 5:
+                    raise
+                self._forget()  # an org we remembered is gone: create what is missing
+        raise AssertionError("unreachable")
+
+    async def _write_once(
+        self, rows: Rows, shard: int, *, direct: bool, fallback: bool = False
+    ) -> WriteResult:
+        payload = fast_payload(rows.lines, rows.empty_bucket)
+        null: str | None = ""
+        if payload is None:
+            payload, null = careful_payload(rows.flats, self._times), None
+        snaps = snapshots(rows.flats)
+        org_plans = plans(rows.flats)
+        new_orgs = [o for o in org_plans if o not in self._known_orgs]
+        new_rows = [k for k in zip(snaps[0], snaps[1], strict=True) if k not in self._known_rows]
+        # On the fast path every row is new, so the rollups can be reduced before the
+        # transaction starts; the safe path knows which rows are new only inside it.
+        roll = rollups(rows.flats, rows.days) if direct else ()
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(sql.LOCK, self._lock_space, shard)
+            if direct:
+                await conn.copy_to_table(
+                    sql.LOG, source=_once(payload), columns=LOG_COLUMNS, null=null
+                )
+                inserted = len(rows)
+            else:
+                await conn.execute(sql.CREATE_TEMP)
+                await conn.copy_to_table(
+                    sql.TEMP, source=_once(payload), columns=LOG_COLUMNS, null=null
+                )
+                ids = {r[0] for r in await conn.fetch(sql.INSERT_FROM_TEMP)}
+                inserted = len(ids)
+                roll = rollups(*first_of_each(rows, ids))
+            if roll[0]:
+                await conn.execute(*_call(sql.statement("rollup", roll)))
+            if new_orgs or new_rows:
+                await conn.execute(
+                    sql.INSERT_ORGS_AND_PLACEHOLDERS,
+                    new_orgs,
+                    [org_plans[o] for o in new_orgs],
+                    self._default_plan,
+                    [k[0] for k in new_rows],
+                    [k[1] for k in new_rows],
+                )
+            status = "UPDATE 0"
+            if snaps[0]:
+                status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
+            self._crash.check("before_commit")
+        self._known_orgs.update(new_orgs)
+        self._known_rows.update(new_rows)
+        self._crash.check("after_commit")
+        return WriteResult(
+            events=len(rows),
+            inserted=inserted,
+            rollups=len(roll[0]),
+            snapshots=int(status.rsplit(" ", 1)[-1]),
+            direct=direct,
+            fallback=fallback,
+        )
