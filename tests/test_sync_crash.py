@@ -133,6 +133,25 @@ async def wait_synced(
     raise AssertionError(f"only {await row_count(pool)} of {n} rows after {within} s")
 
 
+async def wait_progress(
+    proc: subprocess.Popen[bytes],
+    pool: asyncpg.Pool,
+    redis: Any,
+    ks: KeySpace,
+    within: float = 30,
+) -> None:
+    """Wait until a worker process has moved the ledger forward: new rows committed, or
+    pending entries acknowledged. A process that only re-delivers rows an earlier process
+    committed but never acked adds no rows, so row count alone can wait forever. Bounded:
+    killing a worker at any point is a valid crash, so the deadline only ends the wait."""
+    rows, pending = await row_count(pool), await pending_count(redis, ks)
+    deadline = time.monotonic() + within
+    while proc.poll() is None and time.monotonic() < deadline:
+        if await row_count(pool) > rows or await pending_count(redis, ks) < pending:
+            return
+        await asyncio.sleep(0.005)
+
+
 async def assert_exact(pool: asyncpg.Pool, events: list[dict[str, str]]) -> None:
     got = await ledger(pool)
     assert len(got["rows"]) == len(events)
@@ -177,11 +196,7 @@ async def test_random_sigkills_during_big_batches(
     killed_mid_work = 0
     for _ in range(3):
         proc = spawn(url, pg_dsn, keyspace, batch_size=4000)
-        before = await row_count(pool)
-        while proc.poll() is None:  # until it has committed something
-            if await row_count(pool) > before:
-                break
-            await asyncio.sleep(0.005)
+        await wait_progress(proc, pool, redis, keyspace)
         await asyncio.sleep(rng.uniform(0, 0.5))
         proc.kill()
         await wait_exit(proc)
