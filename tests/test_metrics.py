@@ -27,7 +27,7 @@ from gateway.metrics import (
 )
 from sync.worker import SyncWorker
 from tests.conftest import reference_config
-from tests.pg import postgres_available, temp_database
+from tests.pg import requires_postgres, temp_database
 
 DOWN_PG = "postgresql://postgres@127.0.0.1:1/nowhere"
 
@@ -151,7 +151,7 @@ async def test_readyz_ready_and_postgres_down_is_degraded(memgate_nodb: CreditGa
     assert strict.status_code == 503
 
 
-@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
+@requires_postgres
 async def test_sync_lag_in_metrics_and_readyz() -> None:
 
     async with temp_database(migrated=True) as dsn:

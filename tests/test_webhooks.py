@@ -23,7 +23,7 @@ from starlette.routing import Route
 from gateway.gate import CreditGate
 from gateway.webhooks import StripeWebhook
 from tests.conftest import reference_config
-from tests.pg import postgres_available, temp_database
+from tests.pg import postgres_missing, requires_postgres, temp_database
 
 SECRET = "whsec_test_0123456789"
 BILLING = {
@@ -134,7 +134,7 @@ async def hook(request: pytest.FixtureRequest) -> AsyncIterator[Hook]:
         await h.client.aclose()
         await gate.close()
         return
-    if not postgres_available():
+    if postgres_missing():
         pytest.skip("no PostgreSQL")
     async with temp_database(migrated=True) as dsn:
         gate = CreditGate(reference_config(redis_url=redis_url, billing=BILLING, database_url=dsn))
@@ -312,7 +312,7 @@ async def test_ledger_down_is_503_so_stripe_retries() -> None:
         await gate.close()
 
 
-@pytest.mark.skipif(not postgres_available(), reason="no PostgreSQL")
+@requires_postgres
 async def test_ignored_event_applies_when_resent_after_config_fix() -> None:
     redis_url = f"memory://{uuid.uuid4().hex}"
     async with temp_database(migrated=True) as dsn:
