@@ -125,6 +125,7 @@ async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) ->
         gate.redis.runner = StubRunner(sync=sync)
         if not identity:
             gate.identifier.identify = fixed_identity
+            gate.identifier.identify_nowait = lambda scope: ident
         if not meter:
             gate.meter.admit = fixed_admit
             gate.meter.settle_nowait = lambda *a, **k: None

@@ -39,6 +39,7 @@ __all__ = [
     "RedisReplyError",
     "RedisUnavailable",
     "ScriptArg",
+    "encode_args",
     "pack_command",
     "reply_error",
 ]
@@ -48,6 +49,15 @@ ScriptArg = str | int | bytes
 _ReplyError = hiredis.ReplyError
 # hiredis' bundled stub types the argument as a 1-tuple; any tuple of args is accepted.
 pack_command = cast("Callable[[tuple[ScriptArg, ...]], bytes]", hiredis.pack_command)
+
+
+def encode_args(args: Sequence[ScriptArg]) -> bytes:
+    """``args`` as RESP bulk strings without the array header: a run of command arguments
+    encoded once and reused by ``FastRedis.run_encoded`` (hiredis spends ~65 ns per
+    argument packing a command, most of a charge's client CPU when done per call)."""
+    packed = pack_command(tuple(args))
+    return packed[packed.index(b"\r\n") + 2 :]
+
 
 # Error replies meaning "Redis cannot serve this now, nothing ran": they become
 # RedisUnavailable (HTTP 503) rather than RedisReplyError (a bug or a script error).
@@ -423,6 +433,8 @@ class FastRedis:
         self.settings = settings or ConnectionSettings()
         self.links = [Link(host, port, self.settings) for _ in range(connections)]
         self._next = 0
+        # (script sha, argument count) -> the command's encoded head up to its arguments.
+        self._heads: dict[tuple[str, int], bytes] = {}
 
     def _link(self) -> Link:
         links = self.links
@@ -440,6 +452,28 @@ class FastRedis:
         link = self._link()
         command = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
         reply = await link.request(command)
+        if reply.__class__ is _ReplyError:
+            return await _after_error(link, script, command, reply)
+        return reply
+
+    async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
+        """``run`` with the arguments already encoded: ``encoded`` is ``encode_args`` of
+        ``(len(keys), *keys, *args)`` (or several such runs concatenated), ``count`` the
+        number of arguments in it. Same replies, errors and NOSCRIPT recovery as ``run``."""
+        head = self._heads.get((script.sha, count))
+        if head is None:
+            head = pack_command(("EVALSHA", script.sha))
+            head = b"*%d%b" % (count + 2, head[head.index(b"\r\n") :])
+            self._heads[(script.sha, count)] = head
+        links = self.links
+        link = links[0] if len(links) == 1 else self._link()
+        command = head + encoded
+        # Link.request inlined (the hot path): a live socket on this loop takes it at once.
+        proto = link._proto
+        if proto is not None and not proto.closed and proto.loop is asyncio.get_running_loop():
+            reply = await proto.send(command)
+        else:
+            reply = await link._request_slow(command)
         if reply.__class__ is _ReplyError:
             return await _after_error(link, script, command, reply)
         return reply

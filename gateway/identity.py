@@ -109,6 +109,23 @@ class Identifier:
 
         Raises IdentityUnavailable when the answer depends on a store that is down.
         """
+        decided = self._decide(scope)
+        if not isinstance(decided, tuple):
+            return decided
+        api_key, raw = decided
+        if api_key:
+            return await self._by_api_key(raw, scope)
+        return await self._by_jwt(raw, scope)
+
+    def identify_nowait(self, scope: Scope) -> Identity | IdentityFailure | None:
+        """``identify`` when it needs no I/O (a cached key or token, the scope, headers,
+        or a refusal), else None: then await ``identify``. Saves the hot path a coroutine."""
+        decided = self._decide(scope)
+        return None if isinstance(decided, tuple) else decided
+
+    def _decide(self, scope: Scope) -> Identity | IdentityFailure | tuple[bool, bytes]:
+        # Everything identify() can answer without I/O; else (is an API key, credential)
+        # to look up. Nothing is recorded on that last path, so it may run twice.
         state = scope.get("state")
         if state and isinstance(state, dict):
             org = state.get("creditgate_org")
@@ -138,18 +155,33 @@ class Identifier:
         if authorization is not None:
             if len(authorization) > MAX_AUTHORIZATION_BYTES:
                 return self._bad(scope, "Authorization header is too long")
-            parts = authorization.split(None, 1)
-            if parts and parts[0].lower() == b"bearer":
-                bearer = parts[1].strip() if len(parts) == 2 else b""
+            if authorization.startswith(b"Bearer "):
+                bearer = authorization[7:].strip()  # the usual spelling, split cheaply
+            else:
+                parts = authorization.split(None, 1)
+                if parts and parts[0].lower() == b"bearer":
+                    bearer = parts[1].strip() if len(parts) == 2 else b""
 
         config = self.config
         if config.api_keys:
-            if bearer is not None and bearer.startswith(b"cg_"):
-                return await self._by_api_key(bearer, scope)
-            if api_key is not None:
-                return await self._by_api_key(api_key.strip(), scope)
+            raw = bearer if bearer is not None and bearer.startswith(b"cg_") else None
+            if raw is None and api_key is not None:
+                raw = api_key.strip()
+            if raw is not None:
+                # A key known good in this process, without another coroutine: the cache
+                # holds digests of well-formed keys only, and an ASCII key's digest is that
+                # of its bytes, so anything else misses and is checked in _by_api_key.
+                hit = self.keys.cached(hashlib.sha256(raw).digest(), self._clock())
+                if hit is not None:
+                    self.stats.key_cache_hits += 1
+                    return hit
+                return (True, raw)
         if bearer is not None and self._jwt is not None:
-            return await self._by_jwt(bearer, scope)
+            hit = self._tokens.get(hashlib.sha256(bearer).digest(), self._clock())
+            if hit is not None:
+                self.stats.jwt_cache_hits += 1
+                return hit
+            return (False, bearer)
         if config.trusted_headers and (org_header is not None or user_header is not None):
             return self._by_headers(org_header, user_header, scope)
         return IdentityFailure(401, self._missing_detail(authorization, bearer))

@@ -6,12 +6,14 @@ org, or one shard) runs unchanged on a single Redis or a cluster. ``shards`` is 
 deploy time: changing it moves orgs to other shards (see README, "Scaling out").
 
 Keys (P = key_prefix, default ``cg``):
-- ``P:{sN}:org:<org>``            hash: plan, seq, and per bucket b:/a:/u:/p:/x:/l: fields
+- ``P:{sN}:org:<org>``            hash: plan, seq, per bucket b:/a:/u:/p:/x:/l: fields, and
+                                  ``rl:o:<count>/<period ms>``: a per-org GCRA limiter's
+                                  theoretical arrival time (lua/charge.lua)
 - ``P:{sN}:holds``                hash: request id -> JSON hold of an in-flight request
 - ``P:{sN}:holdexp``              zset: request id scored by the hold's expiry (ms)
 - ``P:{sN}:events``               stream: the shard's audit events (gateway/events.py)
 - ``P:{sN}:idem:<org>:<sha256>``  string: an Idempotency-Key's state
-- ``P:{sN}:rl:<org>:<limiter>``   string: a GCRA limiter's theoretical arrival time
+- ``P:{sN}:rl:<org>:<limiter>``   string: a per-user GCRA limiter's theoretical arrival time
 - ``P:keys:<sha256 hex>``         string: cached API-key lookup (not per org)
 """
 

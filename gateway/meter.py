@@ -23,6 +23,7 @@ from time import perf_counter
 from typing import Any
 
 from gateway.config import Config
+from gateway.fastredis import encode_args
 from gateway.keys import KeySpace, ShardKeys
 from gateway.metrics import METRICS
 from gateway.periods import period_bounds, period_id
@@ -42,6 +43,9 @@ _SETTLE_RETRIES = 5
 # Per-(org, user, feature) script keys kept for reuse; the cache is emptied when full
 # (a rebuild costs under a microsecond, so nothing smarter is worth its own overhead).
 _KEY_CACHE_SIZE = 20_000
+# charge.lua's ARGV values that change with every request (ARGV[1..8]).
+_PER_REQUEST_ARGS = 8
+_NO_IDEM_TTL_ARG = encode_args(("0",))
 
 
 class _RequestIds:
@@ -69,13 +73,17 @@ class _RequestIds:
         self._counter = iter(range(1 << 48))
 
     def __call__(self) -> str:
+        return self.next_id()
+
+    def next_id(self) -> str:
+        """A new request id (``new_request_id`` is this bound method: cheaper to call)."""
         for n in self._counter:
             return f"{self._prefix}{n:012x}"
         self.reseed()  # 2**48 ids from one prefix: take a new one
-        return self()
+        return self.next_id()
 
 
-new_request_id = _RequestIds()
+new_request_id = _RequestIds().next_id
 """Return a new request id (32 lowercase hex characters, like ``uuid4().hex``)."""
 
 
@@ -135,6 +143,10 @@ def _feature_args(config: Config, feature: str) -> _FeatureArgs:
             ]
             tail += [plan, -1 if alloc is None else alloc, len(limits)]
             for rl in limits:
+                if rl.per == "org":
+                    # KEYS index 0: charge.lua keeps per-org limiters in the org's hash.
+                    tail += [0, rl.count, rl.period_ms]
+                    continue
                 if rl.id not in limiter_ids:
                     limiter_ids.append(rl.id)
                 # KEYS index: 5 fixed keys come first (Lua is 1-based).
@@ -177,12 +189,18 @@ class Meter:
         self._hold_ms = config.hold_ttl_seconds * 1000
         self._idem_ms = config.idempotency_ttl_seconds * 1000
         self._idem_ms_s = str(self._idem_ms)
+        self._idem_ttl_arg = encode_args((self._idem_ms_s,))
         self._period: tuple[str, int, int] = ("", 0, -1)  # id, start, end (ms)
+        self._period_args = b""  # charge.lua's ARGV[2..3] (period id, end), encoded
         self._shards = self.keys.all_shards()
         # org -> (its shard, its state key, its no-idempotency placeholder key), and
         # (org, user, feature) -> charge.lua's KEYS for a request without Idempotency-Key.
         self._org_cache: dict[str, tuple[ShardKeys, str, str]] = {}
         self._key_cache: dict[tuple[str, str | None, str], tuple[str, ...]] = {}
+        # (org, user, feature, method, route) -> charge.lua's encoded static arguments.
+        self._encoded: dict[
+            tuple[str, str | None, str, str, str], tuple[int, bytes, bytes, bytes]
+        ] = {}
         self._pending: dict[int, list[_Settle]] = {}
         self.settle_window_s = SETTLE_WINDOW_S
         # The scheduled flush of _pending (None: none), its loop, and whether it waits for
@@ -202,6 +220,7 @@ class Meter:
             start, end = period_bounds(self.config.period, now)
             current = (period_id(self.config.period, now), start, end)
             self._period = current
+            self._period_args = encode_args((current[0], str(end)))
         return current
 
     # -- admission ---------------------------------------------------------------------
@@ -227,35 +246,73 @@ class Meter:
         fa = self._features[feature]
         total = (fa.cost if cost is None else cost) * quantity
         rid = request_id or new_request_id()
-        keys: Sequence[str] | None = self._key_cache.get((org, user, feature))
-        if keys is None:
-            keys = self._script_keys(org, user, feature, fa)
-        if idempotency_key:
-            keys = list(keys)
-            keys[4] = self.keys.idempotency(org, idempotency_key)
-            idem_ttl = self._idem_ms_s
-        else:
-            idem_ttl = "0"
         now = self._now_ms()
         current = self._period
         if not current[1] <= now < current[2]:
             current = self.period(now)
         end = current[2]
-        args: tuple[str | int, ...] = (
-            now, current[0], end, fa.bucket, total, rid, now + self._hold_ms, idem_ttl,
-            org, user or "", feature, method, route,
-        )  # fmt: skip
-        args += fa.tail_user if user else fa.tail_anon
-        run = self.redis.runner.run
-        started = perf_counter()
-        reply = await run(self._charge, keys, args)
+        runner = self.redis.runner
+        run_encoded = getattr(runner, "run_encoded", None)
+        if run_encoded is not None:
+            # The pipelined client takes arguments pre-encoded: everything but the request's
+            # own values (time, id, cost, idempotency) is encoded once per org, user and route.
+            static = self._encoded.get((org, user, feature, method, route))
+            if static is None:
+                static = self._encode_static(org, user, feature, method, route, fa)
+            count, head, bucket, tail = static
+            if idempotency_key:
+                keys = list(
+                    self._key_cache.get((org, user, feature))
+                    or self._script_keys(org, user, feature, fa)
+                )
+                keys[4] = self.keys.idempotency(org, idempotency_key)
+                head = encode_args((len(keys), *keys))
+                idem_arg = self._idem_ttl_arg
+            else:
+                idem_arg = _NO_IDEM_TTL_ARG
+            # The per-request values by hand: digits, and a request id that is hex unless a
+            # caller chose its own (then hiredis encodes it).
+            now_s, total_s, hold_s = str(now), str(total), str(now + self._hold_ms)
+            if rid.isascii():
+                rid_arg = f"${len(rid)}\r\n{rid}\r\n"
+            else:
+                rid_arg = encode_args((rid,)).decode("utf-8", "surrogateescape")
+            varying = (
+                f"${len(total_s)}\r\n{total_s}\r\n{rid_arg}${len(hold_s)}\r\n{hold_s}\r\n"
+            ).encode("utf-8", "surrogateescape")
+            encoded = b"".join((
+                head, b"$%d\r\n%b\r\n" % (len(now_s), now_s.encode()), self._period_args,
+                bucket, varying, idem_arg, tail,
+            ))  # fmt: skip
+            started = perf_counter()
+            reply = await run_encoded(self._charge, count, encoded)
+        else:
+            keys_: Sequence[str] = self._key_cache.get((org, user, feature)) or self._script_keys(
+                org, user, feature, fa
+            )
+            if idempotency_key:
+                keys_ = list(keys_)
+                keys_[4] = self.keys.idempotency(org, idempotency_key)
+                idem_ttl = self._idem_ms_s
+            else:
+                idem_ttl = "0"
+            args: tuple[str | int, ...] = (
+                now, current[0], end, fa.bucket, total, rid, now + self._hold_ms, idem_ttl,
+                org, user or "", feature, method, route,
+            )  # fmt: skip
+            args += fa.tail_user if user else fa.tail_anon
+            started = perf_counter()
+            reply = await runner.run(self._charge, keys_, args)
         METRICS.observe_admit(perf_counter() - started)
         status = reply[0]
         if status.__class__ is not str:
             status = _s(status)
         if status == "missing":
             await self.seed(org)
-            reply = await run(self._charge, keys, args)
+            if run_encoded is not None:
+                reply = await run_encoded(self._charge, count, encoded)
+            else:
+                reply = await runner.run(self._charge, keys_, args)
             status = _s(reply[0])
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
@@ -276,6 +333,27 @@ class Meter:
         elif status == "replay":
             adm.replay_status = _s(reply[1])
         return adm
+
+    def _encode_static(
+        self, org: str, user: str | None, feature: str, method: str, route: str, fa: _FeatureArgs
+    ) -> tuple[int, bytes, bytes, bytes]:
+        """charge.lua's arguments that only depend on the org, user and route, encoded for
+        ``run_encoded`` (and cached): (argument count, KEYS with their count, the bucket
+        (ARGV[4]), ARGV[9..])."""
+        keys = self._key_cache.get((org, user, feature))
+        if keys is None:
+            keys = self._script_keys(org, user, feature, fa)
+        tail = (org, user or "", feature, method, route, *(fa.tail_user if user else fa.tail_anon))
+        static = (
+            1 + len(keys) + _PER_REQUEST_ARGS + len(tail),
+            encode_args((len(keys), *keys)),
+            encode_args((fa.bucket,)),
+            encode_args(tail),
+        )
+        if len(self._encoded) >= _KEY_CACHE_SIZE:
+            self._encoded.clear()
+        self._encoded[(org, user, feature, method, route)] = static
+        return static
 
     def _org_keys(self, org: str) -> tuple[ShardKeys, str, str]:
         """(shard, state key, no-idempotency placeholder) of ``org``, cached."""

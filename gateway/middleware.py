@@ -29,7 +29,7 @@ from gateway.metrics import METRICS
 from gateway.problem import send_problem
 from gateway.redisconn import RedisUnavailable
 from gateway.refusals import describe_refusal, seconds
-from gateway.routes import BadPath, RouteMatch, encode_path, normalize_path
+from gateway.routes import BadPath, RouteMatch, normalize_path
 
 log = logging.getLogger("creditgate.middleware")
 
@@ -71,6 +71,7 @@ class CreditGateMiddleware:
             name: (b"x-creditgate-feature", name.encode()) for name in gate.config.features
         }
         self._cost_header: dict[int, tuple[bytes, bytes]] = {}
+        self._limit_header: dict[int, tuple[bytes, bytes]] = {}  # a limiter's count: few
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +83,7 @@ class CreditGateMiddleware:
 
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         try:
-            path = normalize_path(raw_path)
+            match, path, encoded_path = self.router.resolve(scope["method"], raw_path)
         except BadPath as exc:
             if self._could_be_metered(scope["method"], raw_path):
                 await send_problem(
@@ -91,7 +92,6 @@ class CreditGateMiddleware:
                 return
             await self.app(scope, receive, send)  # unmetered: passes through untouched
             return
-        match = self.router.match(scope["method"], path)
         if match is None:
             await self.app(scope, receive, send)
             return
@@ -99,7 +99,9 @@ class CreditGateMiddleware:
         # The metered path, inlined here rather than split into helpers: every coroutine
         # layer costs a frame on each await and each resume of the request's task.
         try:
-            ident = await self.identifier.identify(scope)
+            ident = self.identifier.identify_nowait(scope)
+            if ident is None:
+                ident = await self.identifier.identify(scope)
         except _UNAVAILABLE as exc:
             METRICS.count(match.feature, "refused_unavailable")
             await self._identity_unavailable(send, exc)
@@ -113,16 +115,31 @@ class CreditGateMiddleware:
             return
         org = ident.org
         user = ident.user
-        # Spoofed identity headers are dropped; the client's Idempotency-Key is read.
-        headers: list[tuple[bytes, bytes]] = []
+        # Spoofed identity headers are dropped; the client's Idempotency-Key is read. Most
+        # requests have no header name starting with "x" or "i", so neither: one cheap
+        # pass and a copy then, instead of the filtering loop (~0.3 µs less).
+        headers: list[tuple[bytes, bytes]]
         idem_key: str | None = None
-        for header in scope["headers"]:
-            name = header[0]
-            if name.startswith(_STRIPPED_PREFIX):
-                continue
-            if name == _IDEMPOTENCY and header[1]:
-                idem_key = header[1].decode("latin-1")
-            headers.append(header)
+        plain = True
+        try:
+            for name, _ in scope["headers"]:
+                first = name[0]
+                if first == 120 or first == 105:  # b"x", b"i"
+                    plain = False
+                    break
+        except IndexError:  # an empty name: let the loop below handle it
+            plain = False
+        if plain:
+            headers = list(scope["headers"])
+        else:
+            headers = []
+            for header in scope["headers"]:
+                name = header[0]
+                if name.startswith(_STRIPPED_PREFIX):
+                    continue
+                if name == _IDEMPOTENCY and header[1]:
+                    idem_key = header[1].decode("latin-1")
+                headers.append(header)
         request_id = new_request_id()
         REQUEST_ID.set(request_id)  # every log line of this request carries it
         rid = (b"x-creditgate-request-id", request_id.encode())
@@ -135,7 +152,7 @@ class CreditGateMiddleware:
         # The app sees the normalised path: the same one that was matched and metered.
         inner = dict(scope)
         inner["path"] = path
-        inner["raw_path"] = encode_path(path)
+        inner["raw_path"] = encoded_path
         inner["headers"] = headers
         state: MutableMapping[str, Any] = scope.setdefault("state", {})
         inner["state"] = state
@@ -154,13 +171,21 @@ class CreditGateMiddleware:
         cost_header = self._cost_header.get(adm.cost)
         if cost_header is None:
             cost_header = self._cost_header[adm.cost] = (b"x-tokens-cost", str(adm.cost).encode())
-        extra = [cost_header, (b"x-tokens-remaining", str(adm.remaining).encode()), rid]
-        if adm.limit is not None:
-            extra += (
-                (b"ratelimit-limit", str(adm.limit).encode()),
+        remaining = (b"x-tokens-remaining", str(adm.remaining).encode())
+        limit = adm.limit
+        if limit is not None:
+            limit_header = self._limit_header.get(limit)
+            if limit_header is None:
+                limit_header = (b"ratelimit-limit", str(limit).encode())
+                if len(self._limit_header) < 1000:
+                    self._limit_header[limit] = limit_header
+            extra = [
+                cost_header, remaining, rid, limit_header,
                 (b"ratelimit-remaining", str(adm.limit_remaining).encode()),
                 (b"ratelimit-reset", str(seconds(adm.limit_reset_ms)).encode()),
-            )
+            ]  # fmt: skip
+        else:
+            extra = [cost_header, remaining, rid]
         status = 0
         started = time.perf_counter()
 

@@ -249,6 +249,13 @@ class RouteMatch:
 
 
 _Combined = tuple[re.Pattern[str] | None, tuple["RouteMatch | None", ...]]
+# What Router.resolve answers: the route (or None), the normalised path, its encoding.
+Resolved = tuple["RouteMatch | None", str, bytes]
+# Router.resolve remembers this many raw paths per method (then starts again), each at
+# most this long: enough for every literal route and the busy templated ones, bounded
+# however many distinct paths clients send.
+_RESOLVED_CACHE_SIZE = 4096
+_RESOLVED_MAX_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +304,7 @@ class Router:
             per_method.setdefault(method, []).append((template, match))
             ordered.append(match)
         self._tables = {m: self._compile(rs) for m, rs in per_method.items()}
+        self._resolved: dict[str, dict[bytes, Resolved]] = {}
         #: Every route, in config order.
         self.routes: tuple[RouteMatch, ...] = tuple(ordered)
 
@@ -330,6 +338,31 @@ class Router:
                     break
             exact[key] = winner
         return _MethodTable(exact, by_slashes, deeper)
+
+    def resolve(self, method: str, raw_path: bytes) -> Resolved:
+        """``(match(method, p), p, encode_path(p))`` for ``p = normalize_path(raw_path)``.
+
+        Raises :class:`BadPath` as ``normalize_path`` does. A pure function of its
+        arguments, so answers are cached (per method, bounded): a request on a known path
+        costs two dict lookups instead of a regex scan, a match and an encoding.
+        """
+        cache = self._resolved.get(method)
+        if cache is None:
+            if method not in HTTP_METHODS:  # any token is a method to some servers: no cache
+                path = normalize_path(raw_path)
+                return (self.match(method, path), path, encode_path(path))
+            cache = self._resolved.setdefault(method, {})
+        hit = cache.get(raw_path)
+        if hit is not None:
+            return hit
+        path = normalize_path(raw_path)
+        resolved = (self.match(method, path), path, encode_path(path))
+        if len(raw_path) <= _RESOLVED_MAX_PATH:
+            if len(cache) >= _RESOLVED_CACHE_SIZE:
+                cache.clear()
+            # bytes(): a bytes subclass must not stand in for the key later.
+            cache[bytes(raw_path)] = resolved
+        return resolved
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The route for ``method`` and a path from :func:`normalize_path`, or None.

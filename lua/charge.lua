@@ -6,7 +6,7 @@
 -- KEYS[3]   shard hold-expiry zset  P:{sN}:holdexp
 -- KEYS[4]   shard events stream     P:{sN}:events   (reset and grant_expired events)
 -- KEYS[5]   idempotency key         P:{sN}:idem:<org>:<sha256>, or a never-written placeholder
--- KEYS[6..] rate-limiter keys, referenced by index from the limiter specs in ARGV
+-- KEYS[6..] per-user rate-limiter keys, referenced by index from the limiter specs in ARGV
 --
 -- ARGV[1]  now (ms)             ARGV[2]  period id          ARGV[3]  refresh_at (ms)
 -- ARGV[4]  bucket               ARGV[5]  cost (tokens)      ARGV[6]  request id
@@ -15,7 +15,9 @@
 -- ARGV[12] method               ARGV[13] route template
 -- ARGV[14] number of plans P, then P groups of:
 --            plan name, allocation of this bucket (-1 = not in the plan), limiter count L,
---            then L triples: KEYS index, count, period (ms)
+--            then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
+--            limiter, kept in the org hash as field rl:o:<count>/<period> (no key of its
+--            own: one HMGET and one HSET serve the org's state and its limiters).
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
@@ -27,13 +29,18 @@
 --   {"replay", status}          the Idempotency-Key already completed ("unknown" if swept)
 --
 -- Purchased lots live in the org hash as l:<bucket> = JSON [[reference, expires_ms (0 =
--- never), remaining], ...], soonest expiry first, never-expiring last; x:<bucket> is their sum.
+-- never), remaining], ...], soonest expiry first, never-expiring last (every writer keeps
+-- that order: this script decodes the JSON only when the first lot may have expired or the
+-- plan tokens do not cover the cost); x:<bucket> is their sum.
 --
 -- The hold (HSET holds <request id> <json>) records where the tokens came from so that
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}.
 
+local tonumber, redis_call = tonumber, redis.call
+local cjson_encode, cjson_decode = cjson.encode, cjson.decode
+local unpack = unpack or table.unpack
 local org_key, holds_key, holdexp_key, stream_key, idem_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now = tonumber(ARGV[1])
@@ -42,18 +49,17 @@ local refresh_at = ARGV[3]
 local bucket = ARGV[4]
 local cost = tonumber(ARGV[5])
 local request_id = ARGV[6]
-local hold_expiry = tonumber(ARGV[7])
 local idem_ttl = tonumber(ARGV[8])
 local org, user, feature, method, route = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local nplans = tonumber(ARGV[14])
 
 -- Idempotency first: a replay must consume neither rate nor tokens.
 if idem_ttl > 0 then
-  local state = redis.call('GET', idem_key)
+  local state = redis_call('GET', idem_key)
   if state then
     if string.sub(state, 1, 2) == 'h:' then
       -- A hold swept by the sync job leaves its key behind: it is no longer in flight.
-      if redis.call('HEXISTS', holds_key, string.sub(state, 3)) == 1 then
+      if redis_call('HEXISTS', holds_key, string.sub(state, 3)) == 1 then
         return {'in_flight'}
       end
       return {'replay', 'unknown'}
@@ -62,7 +68,26 @@ if idem_ttl > 0 then
   end
 end
 
-local plan = redis.call('HGET', org_key, 'plan')
+-- The org's state and its per-org limiters (KEYS index 0, fields of the org hash) in one
+-- read: the org's plan is not known yet, so every plan's per-org limiter fields are read.
+local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
+  'b:' .. bucket, 'a:' .. bucket, 'u:' .. bucket, 'p:' .. bucket, 'x:' .. bucket, 'l:' .. bucket
+local fields = {'plan', f_bal, f_per, f_extra, f_lots, f_used, 'seq'}
+local field_of = {}  -- ARGV index of a per-org limiter spec -> {field, index in the reply}
+local i = 15
+for _ = 1, nplans do
+  local n = tonumber(ARGV[i + 2])
+  for j = i + 3, i + 3 * n, 3 do
+    if ARGV[j] == '0' then
+      local f = 'rl:o:' .. ARGV[j + 1] .. '/' .. ARGV[j + 2]
+      fields[#fields + 1] = f
+      field_of[j] = {f, #fields}
+    end
+  end
+  i = i + 3 + 3 * n
+end
+local st = redis_call('HMGET', org_key, unpack(fields))
+local plan = st[1]
 if not plan then
   return {'missing'}
 end
@@ -70,7 +95,7 @@ end
 -- The caller passes every plan's allocation and limiters; pick the org's own, so a plan
 -- change applies at once without an extra round trip.
 local alloc, lim_at, nlim = nil, 0, 0
-local i = 15
+i = 15
 for _ = 1, nplans do
   local n = tonumber(ARGV[i + 2])
   if ARGV[i] == plan then
@@ -82,67 +107,89 @@ if alloc == nil or alloc < 0 then
   return {'not_in_plan', plan}
 end
 
--- Rate limits: GCRA, one key per limiter holding its theoretical arrival time (ms).
--- A burst of `count` is allowed; nothing is written unless every limiter passes.
+-- Rate limits: GCRA, one theoretical arrival time (ms) per limiter: a field of the org
+-- hash (per org) or a key (per user). A burst of `count` is allowed; nothing is written
+-- unless every limiter passes.
 local limit, limit_remaining, limit_reset = -1, -1, 0
-local tats = {}
+local tats = {}      -- per-user limiters to SET: {key, new_tat}
+local org_tats = {}  -- per-org limiters: field, value, ... (HSET with the org state)
 for j = 0, nlim - 1 do
-  local at = lim_at + 3 * j
-  local key = KEYS[tonumber(ARGV[at])]
-  local count = tonumber(ARGV[at + 1])
-  local per = tonumber(ARGV[at + 2])
+  local a = lim_at + 3 * j
+  local idx = ARGV[a]
+  local count = tonumber(ARGV[a + 1])
+  local per = tonumber(ARGV[a + 2])
   local interval = per / count
-  local tat = tonumber(redis.call('GET', key) or '0')
+  local key, tat
+  if idx == '0' then
+    local f = field_of[a]
+    key = f[1]
+    tat = tonumber(st[f[2]] or '0')
+  else
+    key = KEYS[tonumber(idx)]
+    tat = tonumber(redis_call('GET', key) or '0')
+  end
   if tat < now then tat = now end
   local new_tat = tat + interval
   local over = new_tat - now - per
   if over > 0 then
     return {'rate_limited', math.ceil(over), count, math.ceil(tat - now)}
   end
-  tats[#tats + 1] = {key, new_tat}
+  if idx == '0' then
+    org_tats[#org_tats + 1] = key
+    org_tats[#org_tats + 1] = string.format('%.3f', new_tat)
+  else
+    tats[#tats + 1] = {key, new_tat}
+  end
   local remaining = math.floor((per - (new_tat - now)) / interval + 1e-9)
   if limit_remaining < 0 or remaining < limit_remaining then
     limit, limit_remaining, limit_reset = count, remaining, math.ceil(new_tat - now)
   end
 end
 for _, t in ipairs(tats) do
-  redis.call('SET', t[1], string.format('%.3f', t[2]), 'PX', math.ceil(t[2] - now) + 1000)
+  redis_call('SET', t[1], string.format('%.3f', t[2]), 'PX', math.ceil(t[2] - now) + 1000)
 end
 
-local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
-  'b:' .. bucket, 'a:' .. bucket, 'u:' .. bucket, 'p:' .. bucket, 'x:' .. bucket, 'l:' .. bucket
-local st = redis.call('HMGET', org_key, f_bal, f_per, f_extra, f_lots, f_used, 'seq')
-local bal = tonumber(st[1] or '0')
-local extra = tonumber(st[3] or '0')
-local used = tonumber(st[5] or '0')
+local bal = tonumber(st[2] or '0')
+local extra = tonumber(st[4] or '0')
+local used = tonumber(st[6] or '0')
 -- The org's sequence number when the hold is taken (s0 in the hold): snapshots written by
 -- events with seq < s0 already include this hold's deduction, later ones do not.
-local seq_now = tonumber(st[6] or '0')
+local seq_now = tonumber(st[7] or '0')
 
 local function emit(kind, tokens, seq, ref)
-  redis.call('XADD', stream_key, '*',
+  redis_call('XADD', stream_key, '*',
     'id', kind .. ':' .. request_id .. ':' .. bucket .. (ref ~= '' and (':' .. ref) or ''),
     'k', kind, 'o', org, 'u', '', 'f', '', 'b', bucket, 't', tokens,
-    'bal', bal, 'x', extra, 'a', redis.call('HGET', org_key, f_alloc) or '0', 'used', used,
+    'bal', bal, 'x', extra, 'a', redis_call('HGET', org_key, f_alloc) or '0', 'used', used,
     'per', period, 's', seq, 'ts', now, 'rq', request_id, 'st', '', 'lat', '',
     'm', '', 'r', '', 'p', plan, 'ref', ref)
 end
 
 -- Lazy period reset: unused plan tokens do not roll over; purchased tokens are untouched.
-if st[2] ~= period then
+if st[3] ~= period then
   local before = bal
   bal, used = alloc, 0
-  local seq = redis.call('HINCRBY', org_key, 'seq', 1)
+  local seq = redis_call('HINCRBY', org_key, 'seq', 1)
   seq_now = seq
-  redis.call('HSET', org_key, f_bal, bal, f_alloc, alloc, f_used, 0, f_per, period,
+  redis_call('HSET', org_key, f_bal, bal, f_alloc, alloc, f_used, 0, f_per, period,
     'rf:' .. bucket, refresh_at)
   emit('reset', before - bal, seq, '')
 end
 
 -- Purchased lots, soonest expiry first (never-expiring last); drop the expired ones.
-local lots = {}
+-- Decoding the lots JSON is skipped while nothing in it can have expired: lots are kept
+-- soonest expiry first, so the first lot's expiry (read by a pattern that only matches a
+-- reference free of quotes and escapes) is the earliest; anything else is decoded.
+local lots_raw = st[5] or '[]'
+local lots = nil
 if extra > 0 then
-  lots = cjson.decode(st[4] or '[]')
+  local first = string.match(lots_raw, '^%[%[%s*"[^"\\]*"%s*,%s*(%d+)%s*,')
+  first = first and tonumber(first)
+  if first == nil or (first > 0 and first <= now) then
+    lots = cjson_decode(lots_raw)
+  end
+end
+if lots then
   local kept, expired = {}, 0
   for _, lot in ipairs(lots) do
     if lot[2] > 0 and lot[2] <= now then
@@ -154,14 +201,18 @@ if extra > 0 then
   if expired > 0 then
     lots = kept
     extra = extra - expired
-    local seq = redis.call('HINCRBY', org_key, 'seq', 1)
+    local seq = redis_call('HINCRBY', org_key, 'seq', 1)
     seq_now = seq
-    redis.call('HSET', org_key, f_extra, extra, f_lots, #lots > 0 and cjson.encode(lots) or '[]')
+    redis_call('HSET', org_key, f_extra, extra, f_lots, #lots > 0 and cjson_encode(lots) or '[]')
     emit('grant_expired', expired, seq, '')
   end
 end
 
 if bal + extra < cost then
+  -- A refused request still counts against the rate limits.
+  if #org_tats > 0 then
+    redis_call('HSET', org_key, unpack(org_tats))
+  end
   return {'insufficient', bal + extra, plan}
 end
 
@@ -170,6 +221,7 @@ local from_plan = math.min(bal, cost)
 local rest = cost - from_plan
 local taken = {}
 if rest > 0 then
+  if lots == nil then lots = cjson_decode(lots_raw) end
   local kept = {}
   for _, lot in ipairs(lots) do
     local n = math.min(lot[3], rest)
@@ -186,22 +238,27 @@ local from_extra = cost - from_plan
 bal = bal - from_plan
 extra = extra - from_extra
 used = used + cost
+org_tats[#org_tats + 1] = f_bal
+org_tats[#org_tats + 1] = bal
+org_tats[#org_tats + 1] = f_used
+org_tats[#org_tats + 1] = used
 if from_extra > 0 then
-  redis.call('HSET', org_key, f_bal, bal, f_extra, extra, f_used, used,
-    f_lots, #lots > 0 and cjson.encode(lots) or '[]')
-else
-  redis.call('HSET', org_key, f_bal, bal, f_used, used)
+  org_tats[#org_tats + 1] = f_extra
+  org_tats[#org_tats + 1] = extra
+  org_tats[#org_tats + 1] = f_lots
+  org_tats[#org_tats + 1] = #lots > 0 and cjson_encode(lots) or '[]'
 end
+redis_call('HSET', org_key, unpack(org_tats))
 
 local ik = ''
 if idem_ttl > 0 then
   ik = idem_key
-  redis.call('SET', idem_key, 'h:' .. request_id, 'PX', idem_ttl)
+  redis_call('SET', idem_key, 'h:' .. request_id, 'PX', idem_ttl)
 end
-redis.call('HSET', holds_key, request_id, cjson.encode({
+redis_call('HSET', holds_key, request_id, cjson_encode({
   o = org, u = user, f = feature, b = bucket, c = cost, pp = from_plan, lt = taken,
   per = period, rq = request_id, t0 = now, m = method, r = route, ik = ik, p = plan,
   s0 = seq_now}))
-redis.call('ZADD', holdexp_key, hold_expiry, request_id)
+redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
 return {'ok', bal + extra, limit, limit_remaining, limit_reset}

@@ -1,0 +1,308 @@
+"""Redis CPU per metered request: charge.lua and settle.lua, measured on the Redis side.
+
+    .venv/bin/python bench/lua_cpu.py [--url redis://127.0.0.1:6379/0] [--reps 5]
+                                      [--requests 20000] [--orgs 1000]
+                                      [--baseline DIR] [--fast | --redis-py]
+
+Requests go through the gateway's own ``Meter`` (so KEYS/ARGV are built exactly as in
+production): each round admits a burst of requests concurrently (``admit``), then settles
+them all (``settle``, which batches one shard's settles per call, up to 64). Two workloads,
+both shaped like bench/run_all.py's: one org (one user), and ``--orgs`` orgs (one user each,
+each request picks an org at random). Every org has a plan of 10^9 tokens, a 10^9 purchased
+lot and rate limits of 10^9/second per org and per user, so nothing is refused and every
+limiter runs.
+
+What is measured is the Redis server's CPU, not this process's: ``INFO commandstats``
+(the ``evalsha`` usec, i.e. time inside the scripts, read between the admit and the settle
+phase of every round) and ``INFO cpu`` (used_cpu_user + used_cpu_sys: the whole server,
+networking and parsing included). Figures are µs per request: per charge, and per request
+for settle (one settle call serves a batch).
+
+By default a private redis-server is started (no other client pollutes its counters); with
+``--url`` the given Redis is used under a unique key prefix, which is deleted afterwards,
+and the figures include whatever else that server runs meanwhile.
+
+``--baseline DIR`` A/B-tests: DIR holds another charge.lua and settle.lua with the same
+KEYS/ARGV interface (e.g. a copy of the previous version); the two variants alternate
+within every repetition, and each is reported as a range over the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gateway.config import Config, parse_config
+from gateway.meter import Meter
+from gateway.redisconn import RedisHandles, connect_redis
+from gateway.scripts import LuaScript, load
+
+FEATURE = "lead_generation"
+TOKENS = 10**9
+CONFIG = """\
+redis_url: {url}
+key_prefix: {prefix}
+identity: {{api_keys: true, trusted_headers: false}}
+features: {{lead_generation: {{cost: 1}}}}
+plans:
+  bench:
+    allocations: {{lead_generation: {tokens}}}
+    rate_limits: [{{per: org, limit: 1000000000/second}}, {{per: user, limit: 1000000000/second}}]
+default_plan: bench
+routes:
+  - {{method: POST, path: /api/v1/leads/generate, feature: lead_generation}}
+"""
+
+
+@dataclass
+class Figures:
+    """µs per request of one variant and workload, one value per repetition."""
+
+    charge: list[float] = field(default_factory=list)
+    settle: list[float] = field(default_factory=list)
+    server: list[float] = field(default_factory=list)  # used_cpu (user+sys), per request
+    batch: list[float] = field(default_factory=list)  # settle requests per settle call
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free port (no persistence); yields its URL."""
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="cg-luacpu-")
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir,
+         "--logfile", os.path.join(workdir, "log")],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _counters(handles: RedisHandles) -> tuple[int, int, float]:
+    """(evalsha calls, evalsha usec, server CPU seconds) right now."""
+    stats: dict[str, Any] = await handles.client.info("commandstats")
+    ev = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+    cpu: dict[str, Any] = await handles.client.info("cpu")
+    return int(ev["calls"]), int(ev["usec"]), float(cpu["used_cpu_user"]) + float(
+        cpu["used_cpu_sys"]
+    )
+
+
+async def setup_orgs(meter: Meter, orgs: list[str]) -> None:
+    """Seed every org on the bench plan and grant it one large purchased lot."""
+    grant = load("grant")
+    now = int(time.time() * 1000)
+    for org in orgs:
+        await meter.seed_state(org, "bench", 0, [])
+        shard = meter.keys.shard(org)
+        await meter.redis.runner.run(
+            grant, [meter.keys.org(org), shard.events],
+            [now, org, FEATURE, TOKENS, 0, "bench-grant"],
+        )  # fmt: skip
+
+
+async def run_rounds(
+    meter: Meter, orgs: list[str], requests: int, burst: int, rng: random.Random
+) -> tuple[float, float, float, float]:
+    """Admit+settle ``requests`` requests in bursts; return µs/request (charge, settle,
+    server CPU) and the mean settle batch."""
+    charge_us = settle_us = cpu_s = 0.0
+    settle_calls = 0
+    done = 0
+    handles = meter.redis
+    while done < requests:
+        n = min(burst, requests - done)
+        picks = [orgs[0]] * n if len(orgs) == 1 else [rng.choice(orgs) for _ in range(n)]
+        c0, u0, cpu0 = await _counters(handles)
+        adms = await asyncio.gather(*(meter.admit(o, FEATURE, user="u1") for o in picks))
+        c1, u1, cpu1 = await _counters(handles)
+        bad = [a.status for a in adms if a.status != "ok"]
+        if bad:
+            raise SystemExit(f"admission refused: {bad[:3]}")
+        futs = [meter.settle(a, ok=True, status=200, latency_ms=3) for a in adms]
+        charged = await asyncio.gather(*futs)
+        c2, u2, cpu2 = await _counters(handles)
+        if any(c != 1 for c in charged):
+            raise SystemExit(f"settle returned {[c for c in charged if c != 1][:3]}")
+        if c1 - c0 != n:
+            raise SystemExit(f"expected {n} charge calls, Redis counted {c1 - c0}")
+        charge_us += u1 - u0
+        settle_us += u2 - u1
+        settle_calls += c2 - c1
+        cpu_s += (cpu1 - cpu0) + (cpu2 - cpu1)
+        done += n
+    return (
+        charge_us / requests,
+        settle_us / requests,
+        cpu_s * 1e6 / requests,
+        requests / max(settle_calls, 1),
+    )
+
+
+def _legacy_features(meter: Meter) -> dict[str, Any]:
+    """The meter's charge.lua arguments for a charge.lua from before per-org limiters moved
+    into the org hash (KEYS index 0 in the limiter triples): each such limiter becomes a
+    key of its own again (``P:{sN}:rl:<org>:o:<count>/<period>``)."""
+    out: dict[str, Any] = {}
+    for name, fa in meter._features.items():
+        parts: dict[str, Any] = {}
+        for with_user in (True, False):
+            tail = list(fa.tail_user if with_user else fa.tail_anon)
+            lids = list(fa.limiters_user if with_user else fa.limiters_anon)
+            i = 1
+            for _ in range(int(tail[0])):
+                n = int(tail[i + 2])
+                for j in range(i + 3, i + 3 + 3 * n, 3):
+                    if tail[j] == "0":
+                        lid = f"o:{tail[j + 1]}/{tail[j + 2]}"
+                        if lid not in lids:
+                            lids.append(lid)
+                        tail[j] = str(6 + lids.index(lid))
+                i += 3 + 3 * n
+            suffix = "user" if with_user else "anon"
+            parts[f"tail_{suffix}"], parts[f"limiters_{suffix}"] = tuple(tail), tuple(lids)
+        out[name] = dataclasses.replace(fa, **parts)
+    return out
+
+
+def _range(values: list[float]) -> str:
+    if not values:
+        return "-"
+    s = sorted(values)
+    return f"{s[0]:6.2f} .. {s[-1]:6.2f} (median {s[len(s) // 2]:6.2f})"
+
+
+async def main(args: argparse.Namespace) -> None:
+    """Run the workloads against ``args.url`` and print the table."""
+    prefix = "cgluacpu" + uuid.uuid4().hex[:8]
+    config: Config = parse_config(
+        CONFIG.format(url=args.url, prefix=prefix, tokens=TOKENS), "<bench>"
+    )
+    handles = connect_redis(args.url, fast=args.fast)
+    meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
+    variants: dict[str, tuple[LuaScript, LuaScript, dict[str, Any]]] = {
+        "current": (meter._charge, meter._settle, meter._features)
+    }
+    if args.baseline:
+        base = Path(args.baseline)
+        charge_src = (base / "charge.lua").read_text()
+        variants = {
+            "baseline": (
+                LuaScript.from_source("charge", charge_src),
+                LuaScript.from_source("settle", (base / "settle.lua").read_text()),
+                meter._features if "rl:o:" in charge_src else _legacy_features(meter),
+            ),
+            **variants,
+        }
+    many = [f"bench-org-{n:04d}" for n in range(args.orgs)]
+    workloads = {"1 org": many[:1], f"{args.orgs} orgs": many}
+    rng = random.Random(1)
+    results: dict[tuple[str, str], Figures] = {}
+    try:
+        await setup_orgs(meter, many)
+        for charge_script, settle_script, _ in variants.values():
+            # Loaded up front: a NOSCRIPT reply would count as a call.
+            for script in (charge_script, settle_script):
+                await handles.client.script_load(script.source)
+        for rep in range(args.reps):
+            order = list(variants.items())
+            if rep % 2:
+                order.reverse()  # alternate which variant runs first
+            for wname, orgs in workloads.items():
+                burst = args.burst if len(orgs) == 1 else args.burst * 16
+                for vname, (charge, settle, features) in order:
+                    meter._charge, meter._settle, meter._features = charge, settle, features
+                    meter._key_cache.clear()
+                    # Warm up: scripts loaded, connections open, branch caches.
+                    await run_rounds(meter, orgs, burst, burst, rng)
+                    c, s, cpu, batch = await run_rounds(meter, orgs, args.requests, burst, rng)
+                    fig = results.setdefault((wname, vname), Figures())
+                    fig.charge.append(c)
+                    fig.settle.append(s)
+                    fig.server.append(cpu)
+                    fig.batch.append(batch)
+            print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    finally:
+        await meter.drain()
+        if args.private is False:
+            async for key in handles.client.scan_iter(match=f"{prefix}:*", count=1000):
+                await handles.client.delete(key)
+        await handles.close()
+    print(f"Redis CPU, µs per request ({args.reps} repetitions x {args.requests} requests;"
+          f" {'pipelined' if args.fast else 'redis-py'} runner)")  # fmt: skip
+    print(f"{'workload':<12} {'variant':<9} {'charge (evalsha)':<30} "
+          f"{'settle/request (evalsha)':<30} {'server CPU/request':<30} batch")  # fmt: skip
+    for (wname, vname), fig in results.items():
+        print(f"{wname:<12} {vname:<9} {_range(fig.charge):<30} {_range(fig.settle):<30} "
+              f"{_range(fig.server):<30} {sum(fig.batch) / len(fig.batch):.1f}")  # fmt: skip
+
+
+def cli() -> None:
+    """Parse arguments, start a private Redis unless --url, run."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="use this Redis (default: start a private one)")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=20000, help="per workload and rep")
+    parser.add_argument("--orgs", type=int, default=1000)
+    parser.add_argument("--burst", type=int, default=64,
+                        help="requests admitted at once (x16 for the many-org workload)")
+    parser.add_argument("--baseline", help="directory with another charge.lua/settle.lua")
+    parser.add_argument("--redis-py", dest="fast", action="store_false",
+                        help="run scripts through redis-py instead of the pipelined client")
+    args = parser.parse_args()
+    if args.url:
+        args.private = False
+        asyncio.run(main(args))
+    else:
+        args.private = True
+        with private_redis() as url:
+            args.url = url
+            asyncio.run(main(args))
+
+
+if __name__ == "__main__":
+    cli()
