@@ -205,11 +205,14 @@ def floor_app(settings: Settings) -> Any:
     return app
 
 
-def gateway_app(settings: Settings, upstream: str) -> Any:
-    """creditgate's proxy server (GatewayApp) in front of ``upstream``; no sync job."""
+def gateway_app(settings: Settings, upstream: str, client: str = "lean") -> Any:
+    """creditgate's proxy server (GatewayApp) in front of ``upstream`` with the given
+    upstream HTTP client (``upstream_client``); no sync job."""
     from gateway.config import load_config
     from gateway.gate import CreditGate
     from gateway.server import GatewayApp
 
-    config = load_config(Path(settings.config)).model_copy(update={"upstream": upstream})
+    config = load_config(Path(settings.config)).model_copy(
+        update={"upstream": upstream, "upstream_client": client}
+    )
     return GatewayApp(CreditGate(config), sync=False)

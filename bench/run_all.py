@@ -250,8 +250,8 @@ def run_sections(bench: Bench, sections: list[str]) -> list[str]:
         gw = Target("creditgate proxy (GatewayApp) -> bare app", "gateway", upstream="bare")
         aio = Target("aiohttp streaming proxy + redis-py EVALSHA -> bare app", "aiohttp-proxy",
                      upstream="bare")
-        lean = Target("creditgate proxy with the prototype lean upstream client (diagnostic)",
-                      "gateway-lean", upstream="bare")
+        lean = Target("creditgate proxy with aiohttp's client (upstream_client: aiohttp)",
+                      "gateway-aiohttp", upstream="bare")
         res = bench.compare([bare, gw, aio, lean], (hi, lo))
         out += ["### 2. Proxy (baseline: the bare app hit directly, same run)", "", HEADER]
         for c in (hi, lo):

@@ -1,10 +1,10 @@
 """Serve one benchmark app: ``python bench/serve.py KIND --port P --settings FILE``.
 
-KIND: bare, floor, cg, cg-redispy, cg-stub, naive, gateway, gateway-lean, pg-peer,
+KIND: bare, floor, cg, cg-redispy, cg-stub, naive, gateway, gateway-aiohttp, pg-peer,
 pg-peer-async, aiohttp-proxy (see bench/apps.py, bench/pg_peer.py, bench/aiohttp_proxy.py).
 Diagnostics: ``cg-stub`` is the metered app with Redis replaced by canned replies (what the
-middleware's own Python costs); ``gateway-lean`` is GatewayApp with the prototype upstream
-client of bench/lean_upstream.py instead of aiohttp's. Everything but aiohttp-proxy runs
+middleware's own Python costs); ``gateway-aiohttp`` is GatewayApp with aiohttp's client
+(``upstream_client: aiohttp``) instead of the default lean one. Everything but aiohttp-proxy runs
 under uvicorn: 1 worker (this process), uvloop, httptools, no access log. bench/run_all.py
 starts these pinned to a core and stops them with SIGTERM.
 """
@@ -29,7 +29,7 @@ from bench.apps import (
     naive_app,
 )
 
-KINDS = ("bare", "floor", "cg", "cg-redispy", "cg-stub", "naive", "gateway", "gateway-lean",
+KINDS = ("bare", "floor", "cg", "cg-redispy", "cg-stub", "naive", "gateway", "gateway-aiohttp",
          "pg-peer", "pg-peer-async", "aiohttp-proxy")
 
 
@@ -46,14 +46,9 @@ def build(kind: str, settings: Settings, upstream: str | None) -> Any:
         return app
     if kind == "naive":
         return naive_app(settings)
-    if kind in ("gateway", "gateway-lean"):
+    if kind in ("gateway", "gateway-aiohttp"):
         assert upstream, "gateway needs --upstream"
-        gateway = gateway_app(settings, upstream)
-        if kind == "gateway-lean":  # the prototype client of bench/lean_upstream.py
-            from bench.lean_upstream import LeanBackend
-
-            gateway.proxy._client_cls = LeanBackend
-        return gateway
+        return gateway_app(settings, upstream, "aiohttp" if kind == "gateway-aiohttp" else "lean")
     if kind in ("pg-peer", "pg-peer-async"):
         from bench.pg_peer import pg_peer_app
 

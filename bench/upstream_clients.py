@@ -1,4 +1,4 @@
-"""Benchmark: aiohttp vs httpx as UpstreamProxy's upstream HTTP client.
+"""Benchmark: lean vs aiohttp vs httpx as UpstreamProxy's upstream HTTP client.
 
 Runs a minimal raw-ASGI echo upstream under uvicorn (httptools + uvloop) pinned to core 1
 (``taskset -c 1``) and drives ``UpstreamProxy(client=...)`` in this process, pinned to
@@ -8,10 +8,13 @@ POST bodies of 100 B and 64 KiB echoed back; "buffered" (request with Content-Le
 response with Content-Length: the proxy's read-whole path) and "streamed" (request in two
 pieces without a length, response chunked: the proxy's generator and relay paths).
 
-Prints req/s and client CPU µs per request for each client, and each as a ratio of the
-cell's winner (1.00 = best; req/s higher is better, CPU lower is better).
+Clients run alternately within each cell (A/B/A/B...), so a noisy neighbour hits them
+alike. Prints req/s and client CPU µs per request for each client, the best run and the
+range over the repeats, and the best as a ratio of the cell's winner (1.00 = best; req/s
+higher is better, CPU lower is better).
 
-    .venv/bin/python bench/upstream_clients.py [--seconds 2] [--repeats 2]
+    .venv/bin/python bench/upstream_clients.py [--seconds 2] [--repeats 3]
+        [--clients lean,aiohttp,httpx]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 
 from gateway.proxy import UpstreamProxy
 
-CLIENTS = ("aiohttp", "httpx")
+CLIENTS = ("lean", "aiohttp", "httpx")
 CONCURRENCY = (1, 8, 64)
 SIZES = (100, 64 * 1024)
 MODES = ("buffered", "streamed")
@@ -145,31 +148,36 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError("benchmark upstream did not start")
 
 
-async def bench(upstream: str, seconds: float, repeats: int) -> None:
-    print(f"{'cell':<30} {'client':<8} {'req/s':>9} {'ratio':>6} {'CPU µs/req':>11} {'ratio':>6}")
+async def bench(upstream: str, seconds: float, repeats: int, clients: list[str]) -> None:
+    print(f"{'cell':<26} {'client':<8} {'req/s':>7} {'ratio':>6} {'CPU µs/req':>11} "
+          f"{'range':>13} {'ratio':>6}")
     for size in SIZES:
         for mode in MODES:
             for concurrency in CONCURRENCY:
-                best: dict[str, tuple[float, float]] = {}
-                for _ in range(repeats):  # interleaved, best of N, to damp noisy neighbours
-                    for client in CLIENTS:
-                        rps, cpu = await run_cell(upstream, client, concurrency, size,
-                                                  mode == "streamed", seconds)
-                        old = best.get(client, (0.0, float("inf")))
-                        best[client] = (max(old[0], rps), min(old[1], cpu))
+                runs: dict[str, list[tuple[float, float]]] = {c: [] for c in clients}
+                for rep in range(repeats):  # interleaved, best of N, to damp noisy neighbours
+                    order = clients if rep % 2 == 0 else clients[::-1]  # A/B, then B/A
+                    for client in order:
+                        runs[client].append(await run_cell(
+                            upstream, client, concurrency, size, mode == "streamed", seconds))
+                best = {c: (max(r for r, _ in v), min(u for _, u in v)) for c, v in runs.items()}
                 top_rps = max(r for r, _ in best.values())
                 low_cpu = min(c for _, c in best.values())
                 cell = f"{size} B {mode} c={concurrency}"
-                for client in CLIENTS:
+                for client in clients:
                     rps, cpu = best[client]
-                    print(f"{cell:<30} {client:<8} {rps:>9.0f} {rps / top_rps:>6.2f} "
-                          f"{cpu:>11.1f} {low_cpu / cpu:>6.2f}", flush=True)
+                    worst = max(u for _, u in runs[client])
+                    print(f"{cell:<26} {client:<8} {rps:>7.0f} {rps / top_rps:>6.2f} "
+                          f"{cpu:>11.1f} {f'{cpu:.0f}-{worst:.0f}':>13} {low_cpu / cpu:>6.2f}",
+                          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per cell")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per cell (best kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best kept)")
+    parser.add_argument("--clients", default=",".join(CLIENTS),
+                        help="comma-separated clients to compare (default: all)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: upstream
     args = parser.parse_args()
     if args.serve:
@@ -184,7 +192,8 @@ def main() -> None:
         wait_listening(port)
         import uvloop
 
-        uvloop.run(bench(f"http://127.0.0.1:{port}", args.seconds, args.repeats))
+        uvloop.run(bench(f"http://127.0.0.1:{port}", args.seconds, args.repeats,
+                         [c.strip() for c in args.clients.split(",") if c.strip()]))
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)

@@ -196,6 +196,9 @@ class Config(_Strict):
     hold_ttl_seconds: Int = 900
     upstream_timeout_seconds: float = 60.0
     upstream_connect_timeout_seconds: float = 5.0
+    # The proxy's HTTP client: lean (gateway/upstream_lean.py, least CPU), aiohttp, or
+    # httpx (needs the httpx package, a test dependency).
+    upstream_client: Literal["lean", "aiohttp", "httpx"] = "lean"
     redis_timeout_seconds: float = 2.0
     retry_after_unavailable_seconds: Int = 5
     # Match route templates ignoring case, for upstreams that route that way (Express's

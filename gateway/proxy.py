@@ -15,6 +15,7 @@ and time to headers go to ``creditgate.upstream_status`` / ``creditgate.upstream
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -25,6 +26,7 @@ import aiohttp
 from yarl import URL
 
 from gateway.problem import send_problem
+from gateway.upstream_lean import LeanBackend, LeanResponse
 
 if TYPE_CHECKING:
     import httpx
@@ -192,8 +194,10 @@ class _HttpxResp:
         await self._r.aclose()
 
 
-_Backend = _AiohttpBackend | _HttpxBackend
-_Resp = _AiohttpResp | _HttpxResp
+_Backend = _AiohttpBackend | _HttpxBackend | LeanBackend
+_Resp = _AiohttpResp | _HttpxResp | LeanResponse
+Client = Literal["lean", "aiohttp", "httpx"]
+CLIENTS: tuple[Client, ...] = ("lean", "aiohttp", "httpx")
 
 
 class UpstreamProxy:
@@ -202,6 +206,10 @@ class UpstreamProxy:
     ``timeout`` bounds the wait for the response headers and each gap between body chunks;
     ``connect_timeout`` the TCP connect. One client session per event loop is created on
     first use and closed on ASGI lifespan shutdown or :meth:`aclose`.
+
+    ``client`` picks the HTTP client: ``lean`` (gateway/upstream_lean.py, the default and
+    the cheapest in CPU), ``aiohttp`` or ``httpx``. An upstream URL with credentials in it
+    (``http://user:pass@host``) is served by aiohttp, which the lean client leaves out.
     """
 
     def __init__(
@@ -211,7 +219,7 @@ class UpstreamProxy:
         timeout: float = 60.0,
         connect_timeout: float = 5.0,
         max_buffered_body: int = 65536,
-        client: Literal["aiohttp", "httpx"] = "aiohttp",
+        client: Client = "lean",
         max_connections: int = 1000,
     ) -> None:
         parts = urlsplit(upstream)
@@ -219,12 +227,19 @@ class UpstreamProxy:
             raise ValueError(f"upstream must be an http(s) URL, got {upstream!r}")
         if parts.query or parts.fragment:
             raise ValueError(f"upstream may not have a query or fragment: {upstream!r}")
-        if client not in ("aiohttp", "httpx"):
-            raise ValueError(f"client must be 'aiohttp' or 'httpx', got {client!r}")
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
+        if client == "lean" and "@" in parts.netloc:
+            client = "aiohttp"
+        if client == "httpx" and importlib.util.find_spec("httpx") is None:
+            raise ValueError("client 'httpx' needs the httpx package (pip install httpx)")
         self.upstream = upstream
         self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._max_buffered = max_buffered_body
-        self._client_cls = _AiohttpBackend if client == "aiohttp" else _HttpxBackend
+        self.client: Client = client
+        self._client_cls: type[_Backend] = {
+            "lean": LeanBackend, "aiohttp": _AiohttpBackend, "httpx": _HttpxBackend,
+        }[client]
         self._client_args = (timeout, connect_timeout, max_connections)
         self._backends: dict[asyncio.AbstractEventLoop, _Backend] = {}
 

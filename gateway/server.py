@@ -50,6 +50,7 @@ class GatewayApp:
                 config.upstream,
                 timeout=config.upstream_timeout_seconds,
                 connect_timeout=config.upstream_connect_timeout_seconds,
+                client=config.upstream_client,
             )
             upstream = self.proxy
         self.metered = CreditGateMiddleware(upstream, gate=gate)

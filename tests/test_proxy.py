@@ -40,7 +40,7 @@ def upstream() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["aiohttp", "httpx"])
+@pytest.fixture(params=["lean", "aiohttp", "httpx"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -438,10 +438,26 @@ async def test_client_disconnect_stops_the_stream(proxy: UpstreamProxy) -> None:
     assert not progress(gate).get("finished")
 
 
-async def test_lifespan_shutdown_closes_the_session(upstream: str) -> None:
-    app = UpstreamProxy(upstream)
+def _is_closed(backend: Any) -> bool:
+    if hasattr(backend, "pool"):  # lean
+        return bool(backend.pool.closed)
+    if hasattr(backend, "_session"):  # aiohttp
+        return bool(backend._session.closed)
+    return bool(backend._client.is_closed)  # httpx
+
+
+def test_lean_is_the_default_client(upstream: str) -> None:
+    assert UpstreamProxy(upstream).client == "lean"
+    # The lean client takes no credentials in the URL: aiohttp serves such an upstream.
+    assert UpstreamProxy("http://u:p@127.0.0.1:1").client == "aiohttp"
+    with pytest.raises(ValueError, match="client must be one of"):
+        UpstreamProxy(upstream, client="curl")  # type: ignore[arg-type]
+
+
+async def test_lifespan_shutdown_closes_the_session(upstream: str, kind: str) -> None:
+    app = UpstreamProxy(upstream, client=kind)  # type: ignore[arg-type]
     await call(app, "GET", "/echo/x")
-    session = app._backends[asyncio.get_running_loop()]._session  # type: ignore[union-attr]
+    session = app._backends[asyncio.get_running_loop()]
     inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     outbox: list[Message] = []
 
@@ -454,7 +470,7 @@ async def test_lifespan_shutdown_closes_the_session(upstream: str) -> None:
     await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert [m["type"] for m in outbox] == ["lifespan.startup.complete",
                                             "lifespan.shutdown.complete"]
-    assert session.closed and not app._backends
+    assert _is_closed(session) and not app._backends
 
 
 def test_bad_upstream_url_is_rejected() -> None:
