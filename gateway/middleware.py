@@ -29,7 +29,13 @@ from gateway.metrics import METRICS
 from gateway.problem import send_problem
 from gateway.redisconn import RedisUnavailable
 from gateway.refusals import describe_refusal, seconds
-from gateway.routes import BadPath, RouteMatch, normalize_path
+from gateway.routes import (
+    AmbiguousPath,
+    BadPath,
+    RouteMatch,
+    normalize_path,
+    strip_path_params,
+)
 
 log = logging.getLogger("creditgate.middleware")
 
@@ -85,7 +91,7 @@ class CreditGateMiddleware:
         try:
             match, path, encoded_path = self.router.resolve(scope["method"], raw_path)
         except BadPath as exc:
-            if self._could_be_metered(scope["method"], raw_path):
+            if isinstance(exc, AmbiguousPath) or self._could_be_metered(scope["method"], raw_path):
                 await send_problem(
                     send, 400, "bad_path", "Malformed path", f"The request path is refused: {exc}"
                 )
@@ -220,9 +226,13 @@ class CreditGateMiddleware:
         lenient = unquote_to_bytes(raw_path).replace(b"\\", b"/")
         lenient = bytes(c for c in lenient if c >= 0x20 and c != 0x7F)
         try:
-            return self.router.match(method, normalize_path(lenient.decode("latin-1"))) is not None
+            path = normalize_path(lenient.decode("latin-1"))
         except BadPath:
             return True
+        return (
+            self.router.match(method, path) is not None
+            or self.router.match(method, strip_path_params(path)) is not None
+        )
 
     async def _identity_unavailable(self, send: Send, exc: Exception) -> None:
         await send_problem(

@@ -17,7 +17,7 @@ the templated routes of each method are one combined regular expression.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote_to_bytes
@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 
 class BadPath(ValueError):
     """A request path that creditgate refuses to interpret (answered with 400)."""
+
+
+class AmbiguousPath(BadPath):
+    """A path that matches no route as written but a metered one once its ``;`` path
+    parameters are dropped, as Java servlet containers (Tomcat, Jetty, Spring) do before
+    routing: forwarding it would let such an upstream serve a metered route uncharged
+    (``/api/v1/leads/generate;x``, ``/public/..;/api/v1/leads/generate``). Always refused."""
 
 
 # What sends a path down the slow path: escapes, backslashes, dot segments (and anything
@@ -82,8 +89,14 @@ def normalize_path(raw: bytes | str) -> str:
         raise BadPath("path is not valid UTF-8") from None
     if not text.isascii() and _C1.search(text) is not None:
         raise BadPath("control character in path")
+    return _join_segments(text.split("/"))
+
+
+def _join_segments(segments: Iterable[str]) -> str:
+    """Join decoded segments into a path: empty and ``.`` segments dropped, ``..`` removing
+    the one before it (never climbing above the root), no trailing slash."""
     out: list[str] = []
-    for segment in text.split("/"):
+    for segment in segments:
         if segment == "" or segment == ".":
             continue
         if segment == "..":
@@ -92,6 +105,12 @@ def normalize_path(raw: bytes | str) -> str:
             continue
         out.append(segment)
     return "/" + "/".join(out)
+
+
+def strip_path_params(path: str) -> str:
+    """A normalised path as a servlet container routes it: each segment cut at its first
+    ``;`` (``/a;x=1/b`` -> ``/a/b``; ``/a/..;/b`` -> ``/b``)."""
+    return _join_segments(segment.split(";", 1)[0] for segment in path.split("/"))
 
 
 # RFC 3986 pchar minus '%' (unreserved and alphanumerics are always kept by quote()).
@@ -349,20 +368,25 @@ class Router:
         cache = self._resolved.get(method)
         if cache is None:
             if method not in HTTP_METHODS:  # any token is a method to some servers: no cache
-                path = normalize_path(raw_path)
-                return (self.match(method, path), path, encode_path(path))
+                return self._resolve(method, raw_path)
             cache = self._resolved.setdefault(method, {})
         hit = cache.get(raw_path)
         if hit is not None:
             return hit
-        path = normalize_path(raw_path)
-        resolved = (self.match(method, path), path, encode_path(path))
+        resolved = self._resolve(method, raw_path)
         if len(raw_path) <= _RESOLVED_MAX_PATH:
             if len(cache) >= _RESOLVED_CACHE_SIZE:
                 cache.clear()
             # bytes(): a bytes subclass must not stand in for the key later.
             cache[bytes(raw_path)] = resolved
         return resolved
+
+    def _resolve(self, method: str, raw_path: bytes) -> Resolved:
+        path = normalize_path(raw_path)
+        match = self.match(method, path)
+        if match is None and ";" in path and self.match(method, strip_path_params(path)):
+            raise AmbiguousPath("';' path parameters on a metered route")
+        return (match, path, encode_path(path))
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The route for ``method`` and a path from :func:`normalize_path`, or None.

@@ -174,6 +174,31 @@ async def test_encoded_slash_in_a_metered_path_is_refused(
         await gate.close()
 
 
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/goals/g1/quests;jsessionid=1", "/x/..;/api/v1/goals/g1/quests"],
+)
+async def test_path_parameters_on_a_metered_route_never_reach_the_upstream(
+    prefix: str, path: str
+) -> None:
+    """A Java upstream would route these to the metered handler: refused, nothing forwarded."""
+    clock = FixedClock(MID_NOVEMBER_MS)
+    with serve_in_thread(echo_upstream) as upstream:
+        config = reference_config(redis_url=REDIS, key_prefix=prefix, upstream=upstream)
+        with gateway(config, clock) as (url, gate):
+            await gate.set_plan("acme", "pro")
+            async with httpx.AsyncClient(base_url=url) as http:
+                r = await http.request("POST", httpx.URL(url + path), headers=org_headers("acme"))
+                assert r.status_code == 400, r.text
+                assert r.json()["code"] == "bad_path"
+                assert "path parameters" in r.json()["detail"]
+                # An unmetered path with parameters is forwarded as before.
+                r = await http.get(httpx.URL(url + "/echo/app.js;v=3"))
+                assert r.status_code == 200 and r.json()["path"] == "/echo/app.js;v=3"
+            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
+            await gate.close()
+
+
 async def test_spoofed_identity_headers_are_replaced(prefix: str) -> None:
     clock = FixedClock(MID_NOVEMBER_MS)
     with serve_in_thread(echo_upstream) as upstream:

@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from starlette.routing import compile_path
 
 from gateway.config import Config, parse_config
-from gateway.routes import BadPath, Router, encode_path, normalize_path, parse_template
+from gateway.routes import (
+    AmbiguousPath,
+    BadPath,
+    Router,
+    encode_path,
+    normalize_path,
+    parse_template,
+    strip_path_params,
+)
 
 A2 = """
 features:
@@ -103,6 +111,35 @@ def test_hostile_spellings_of_goals_are_metered(raw: str) -> None:
 def test_hostile_spellings_of_insights_are_metered(raw: str, method: str) -> None:
     # HEAD runs the GET handler in Starlette: it must not be a free call.
     assert feature_of(method, raw.encode("ascii")) == "general_insights"
+
+
+# Servlet containers (Tomcat, Jetty, Spring) drop ";" path parameters before routing, and
+# take "..;" as "..": each of these would reach such an upstream's metered handler.
+PATH_PARAM_SPELLINGS = [
+    "/api/v1/leads/generate;jsessionid=abc",
+    "/api/v1/leads/generate;",
+    "/api;x=1/v1/leads/generate",
+    "/api/v1;/leads;/generate;",
+    "/public/..;/api/v1/leads/generate",
+    "/api/v1/leads/x/..;/generate",
+    "/api/v1/leads/generate%3Bx",
+]
+
+
+@pytest.mark.parametrize("raw", PATH_PARAM_SPELLINGS)
+def test_path_parameters_on_a_metered_route_are_refused(raw: str) -> None:
+    with pytest.raises(AmbiguousPath):
+        ROUTER.resolve("POST", raw.encode("ascii"))
+    with pytest.raises(AmbiguousPath):  # every time, not only before the answer is cached
+        ROUTER.resolve("POST", raw.encode("ascii"))
+
+
+def test_path_parameters_elsewhere_pass() -> None:
+    assert ROUTER.resolve("GET", b"/static/app.js;v=3")[0] is None  # matches nothing either way
+    assert ROUTER.resolve("GET", b"/api/v1/leads/generate;x")[0] is None  # no GET route there
+    assert strip_path_params("/a;x=1/b;/c") == "/a/b/c"
+    assert strip_path_params("/a/b/..;/c") == "/a/c"
+    assert strip_path_params("/;/..;/x") == "/x"
 
 
 def test_case_insensitive_router_meters_every_case() -> None:
