@@ -204,6 +204,11 @@ class Config(_Strict):
     # Match route templates ignoring case, for upstreams that route that way (Express's
     # default): otherwise /API/v1/leads/generate would reach such an upstream unmetered.
     routes_ignore_case: bool = False
+    # Forward a request's trailing slash (matching ignores it either way), for upstreams
+    # whose routes end in "/" (Django's APPEND_SLASH would otherwise redirect in a loop).
+    # Off by default: a Starlette upstream answers "/x/" with a redirect to "/x", and a
+    # client following it would be charged twice.
+    forward_trailing_slash: bool = False
 
     @field_validator("database_url")
     @classmethod

@@ -306,6 +306,7 @@ class Router:
         if case_insensitive is None:
             case_insensitive = config.routes_ignore_case
         self.case_insensitive = case_insensitive
+        self.forward_trailing_slash = config.forward_trailing_slash
         per_method: dict[str, list[tuple[Template, RouteMatch]]] = {}
         ordered: list[RouteMatch] = []
         for route in config.routes:
@@ -359,7 +360,9 @@ class Router:
         return _MethodTable(exact, by_slashes, deeper)
 
     def resolve(self, method: str, raw_path: bytes) -> Resolved:
-        """``(match(method, p), p, encode_path(p))`` for ``p = normalize_path(raw_path)``.
+        """``(match(method, p), p, encode_path(p))`` for ``p = normalize_path(raw_path)``
+        (with the request's trailing slash put back on ``p`` when the config's
+        ``forward_trailing_slash`` is on: the path to forward).
 
         Raises :class:`BadPath` as ``normalize_path`` does. A pure function of its
         arguments, so answers are cached (per method, bounded): a request on a known path
@@ -386,6 +389,8 @@ class Router:
         match = self.match(method, path)
         if match is None and ";" in path and self.match(method, strip_path_params(path)):
             raise AmbiguousPath("';' path parameters on a metered route")
+        if self.forward_trailing_slash and path != "/" and raw_path.endswith(b"/"):
+            path += "/"  # matched without it: "/x/" and "/x" are the same route, both charged
         return (match, path, encode_path(path))
 
     def match(self, method: str, path: str) -> RouteMatch | None:

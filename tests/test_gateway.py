@@ -199,6 +199,26 @@ async def test_path_parameters_on_a_metered_route_never_reach_the_upstream(
             await gate.close()
 
 
+@pytest.mark.parametrize("keep", [True, False])
+async def test_trailing_slash_forwarding(prefix: str, keep: bool) -> None:
+    clock = FixedClock(MID_NOVEMBER_MS)
+    with serve_in_thread(echo_upstream) as upstream:
+        config = reference_config(
+            redis_url=REDIS, key_prefix=prefix, upstream=upstream,
+            forward_trailing_slash=keep,
+            routes=[{"method": "POST", "path": "/echo/{p:path}", "feature": "goal_generation"}],
+        )  # fmt: skip
+        with gateway(config, clock) as (url, gate):
+            await gate.set_plan("acme", "pro")
+            async with httpx.AsyncClient(base_url=url) as http:
+                r = await http.post(httpx.URL(url + "/echo/a/b/"), headers=org_headers("acme"))
+            assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
+            assert r.json()["path"] == ("/echo/a/b/" if keep else "/echo/a/b")
+            await gate.meter.drain()
+            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 17
+            await gate.close()
+
+
 async def test_spoofed_identity_headers_are_replaced(prefix: str) -> None:
     clock = FixedClock(MID_NOVEMBER_MS)
     with serve_in_thread(echo_upstream) as upstream:

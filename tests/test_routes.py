@@ -142,6 +142,20 @@ def test_path_parameters_elsewhere_pass() -> None:
     assert strip_path_params("/;/..;/x") == "/x"
 
 
+def test_trailing_slash_is_forwarded_only_when_configured() -> None:
+    keep = Router(CONFIG.model_copy(update={"forward_trailing_slash": True}))
+    for raw in (b"/api/v1/leads/generate/", b"//api/v1/./leads/generate//"):
+        match, path, encoded = keep.resolve("POST", raw)
+        assert match is not None and match.feature == "lead_generation"  # still metered
+        assert (path, encoded) == (LEADS + "/", LEADS.encode() + b"/")
+        match, path, _ = ROUTER.resolve("POST", raw)  # the default strips it
+        assert match is not None and path == LEADS
+    assert keep.resolve("POST", LEADS.encode())[1] == LEADS
+    assert keep.resolve("GET", b"/")[1] == "/"
+    assert keep.resolve("GET", b"//")[1] == "/"
+    assert keep.resolve("POST", b"/api/v1/leads/generate/.")[1] == LEADS
+
+
 def test_case_insensitive_router_meters_every_case() -> None:
     router = Router(CONFIG, case_insensitive=True)
     for raw in ["/API/V1/LEADS/GENERATE", "/Api/v1/Leads/Generate/", "/api/%56%31/leads/GENERATE"]:
