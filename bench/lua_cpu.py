@@ -48,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.run_all import CONFIG  # the benchmarks' config: one feature, 10^9 tokens, 2 limiters
 from gateway.config import Config, parse_config
 from gateway.meter import Meter
 from gateway.redisconn import RedisHandles, connect_redis
@@ -55,19 +56,6 @@ from gateway.scripts import LuaScript, load
 
 FEATURE = "lead_generation"
 TOKENS = 10**9
-CONFIG = """\
-redis_url: {url}
-key_prefix: {prefix}
-identity: {{api_keys: true, trusted_headers: false}}
-features: {{lead_generation: {{cost: 1}}}}
-plans:
-  bench:
-    allocations: {{lead_generation: {tokens}}}
-    rate_limits: [{{per: org, limit: 1000000000/second}}, {{per: user, limit: 1000000000/second}}]
-default_plan: bench
-routes:
-  - {{method: POST, path: /api/v1/leads/generate, feature: lead_generation}}
-"""
 
 
 @dataclass
@@ -220,7 +208,7 @@ async def main(args: argparse.Namespace) -> None:
     """Run the workloads against ``args.url`` and print the table."""
     prefix = "cgluacpu" + uuid.uuid4().hex[:8]
     config: Config = parse_config(
-        CONFIG.format(url=args.url, prefix=prefix, tokens=TOKENS), "<bench>"
+        CONFIG.format(redis_url=args.url, dsn="", prefix=prefix, tokens=TOKENS), "<bench>"
     )
     handles = connect_redis(args.url, fast=args.fast)
     meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
