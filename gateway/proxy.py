@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -66,6 +67,8 @@ STATE_LATENCY = "creditgate.upstream_latency_ms"
 STATE_ERROR = "creditgate.upstream_error"
 STATE_CLIENT_GONE = "creditgate.client_disconnected"
 _CLIENT = "client disconnected"
+
+log = logging.getLogger("creditgate.proxy")
 
 
 def _connection_tokens(headers: RawHeaders) -> set[bytes]:
@@ -420,14 +423,15 @@ class UpstreamProxy:
             state[STATE_CLIENT_GONE] = True
             return
         if error is not None:
+            # The status line is gone, so the failure can only be told by not ending the
+            # body: the app returns with the response incomplete and the server closes the
+            # connection (uvicorn does; nginx does the same on a premature upstream close).
+            # A final chunk here would make a cut-off answer look complete to the client.
+            # The tokens are refunded all the same (the middleware reads STATE_ERROR).
             state[STATE_ERROR] = error
-        try:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except RuntimeError:
-            # uvicorn will not end a Content-Length body short; it closes the connection
-            # instead, which is how the client learns the body is truncated.
-            if error is None:
-                raise
+            log.warning("upstream response cut short after the headers: %s", error)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
     async def _relay(resp: _Resp, backend: _Backend, send: Send) -> str | None:

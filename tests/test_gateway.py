@@ -219,6 +219,42 @@ async def test_trailing_slash_forwarding(prefix: str, keep: bool) -> None:
             await gate.close()
 
 
+@pytest.mark.parametrize("mode", ["chunked", "big"])
+async def test_upstream_cut_off_mid_body_reaches_the_client_cut_off_and_refunded(
+    prefix: str, mode: str
+) -> None:
+    """An upstream that dies after its headers: the client must not get a clean end (an
+    LLM answer cut in half would look complete), and the call is refunded."""
+    clock = FixedClock(MID_NOVEMBER_MS)
+    with serve_in_thread(echo_upstream) as upstream:
+        config = reference_config(
+            redis_url=REDIS, key_prefix=prefix, upstream=upstream,
+            routes=[{"method": "GET", "path": "/abort", "feature": "goal_generation"}],
+        )  # fmt: skip
+        with gateway(config, clock) as (url, gate):
+            await gate.set_plan("acme", "pro")
+            async with httpx.AsyncClient(base_url=url) as http:
+                with pytest.raises(httpx.RemoteProtocolError):
+                    await http.get(f"/abort?mode={mode}", headers=org_headers("acme"))
+                # The gateway itself is fine: the next call works.
+                r = await http.get("/echo/after")
+                assert r.status_code == 200
+            stream = gate.keys.shard("acme").events
+            kinds: list[str] = []
+            for _ in range(100):  # the served gate settles in its own loop
+                kinds = [
+                    e.kind
+                    for e in (decode(f) for _, f in await gate.redis.client.xrange(stream))
+                    if e.org == "acme" and e.kind in ("charge", "refund")
+                ]
+                if kinds:
+                    break
+                await asyncio.sleep(0.05)
+            assert kinds == ["refund"]
+            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
+            await gate.close()
+
+
 async def test_spoofed_identity_headers_are_replaced(prefix: str) -> None:
     clock = FixedClock(MID_NOVEMBER_MS)
     with serve_in_thread(echo_upstream) as upstream:
