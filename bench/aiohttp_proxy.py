@@ -28,8 +28,19 @@ from bench.apps import (
     naive_events_key,
 )
 
-_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-                  "trailer", "transfer-encoding", "upgrade", "host"})
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
 
 
 def aiohttp_proxy_app(settings: Settings, upstream: str) -> web.Application:
@@ -40,8 +51,10 @@ def aiohttp_proxy_app(settings: Settings, upstream: str) -> web.Application:
 
     async def startup(app: web.Application) -> None:
         state["session"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1000), auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar())
+            connector=aiohttp.TCPConnector(limit=1000),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         state["redis"] = redis.asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
         state["script"] = state["redis"].register_script(NAIVE_LUA)
 
@@ -64,11 +77,16 @@ def aiohttp_proxy_app(settings: Settings, upstream: str) -> web.Application:
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         body = request.content if request.body_exists else None
         async with state["session"].request(
-            request.method, upstream + request.rel_url.raw_path_qs, headers=headers,
-            data=body, allow_redirects=False,
+            request.method,
+            upstream + request.rel_url.raw_path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
         ) as up:
-            response = web.StreamResponse(status=up.status, headers=[
-                (k, v) for k, v in up.headers.items() if k.lower() not in _HOP])
+            response = web.StreamResponse(
+                status=up.status,
+                headers=[(k, v) for k, v in up.headers.items() if k.lower() not in _HOP],
+            )
             await response.prepare(request)
             async for chunk in up.content.iter_any():
                 await response.write(chunk)

@@ -147,8 +147,12 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
         )
         log("VACUUM ANALYZE")
         await conn.execute("VACUUM ANALYZE")
-        for table in ("ai_token_usage_log", "usage_daily", "usage_daily_user",
-                      "usage_daily_feature"):
+        for table in (
+            "ai_token_usage_log",
+            "usage_daily",
+            "usage_daily_user",
+            "usage_daily_feature",
+        ):
             n = await conn.fetchval(f"SELECT count(*) FROM {table}")
             size = await conn.fetchval(f"SELECT pg_size_pretty(pg_total_relation_size('{table}'))")
             log(f"  {table}: {n:,} rows, {size}")

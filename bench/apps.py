@@ -140,8 +140,9 @@ def gate_of(app: Starlette) -> Any:
     return next(m.kwargs["gate"] for m in app.user_middleware if "gate" in m.kwargs)
 
 
-def bearer_identity(header: str | None,
-                    digests: dict[bytes, tuple[str, str]]) -> tuple[str, str] | None:
+def bearer_identity(
+    header: str | None, digests: dict[bytes, tuple[str, str]]
+) -> tuple[str, str] | None:
     """(org, user) for ``Authorization: Bearer <key>``, by the key's SHA-256, or None."""
     if not header or not header.startswith("Bearer "):
         return None

@@ -115,8 +115,10 @@ async def _counters(handles: RedisHandles) -> tuple[int, int, float]:
     stats: dict[str, Any] = await handles.client.info("commandstats")
     ev = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
     cpu: dict[str, Any] = await handles.client.info("cpu")
-    return int(ev["calls"]), int(ev["usec"]), float(cpu["used_cpu_user"]) + float(
-        cpu["used_cpu_sys"]
+    return (
+        int(ev["calls"]),
+        int(ev["usec"]),
+        float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
     )
 
 
@@ -276,11 +278,19 @@ def cli() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--requests", type=int, default=20000, help="per workload and rep")
     parser.add_argument("--orgs", type=int, default=1000)
-    parser.add_argument("--burst", type=int, default=64,
-                        help="requests admitted at once (x16 for the many-org workload)")
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=64,
+        help="requests admitted at once (x16 for the many-org workload)",
+    )
     parser.add_argument("--baseline", help="directory with another charge.lua/settle.lua")
-    parser.add_argument("--redis-py", dest="fast", action="store_false",
-                        help="run scripts through redis-py instead of the pipelined client")
+    parser.add_argument(
+        "--redis-py",
+        dest="fast",
+        action="store_false",
+        help="run scripts through redis-py instead of the pipelined client",
+    )
     args = parser.parse_args()
     if args.url:
         args.private = False

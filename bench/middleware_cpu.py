@@ -43,14 +43,24 @@ def make_request(key: str) -> tuple[dict[str, Any], Any]:
     """A fresh scope (servers build one per request) and a receive callable."""
     body = b'{"prompt":"hi"}'
     scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5555),
-        "scheme": "http", "method": "POST", "root_path": "", "path": PATH,
-        "raw_path": PATH.encode(), "query_string": b"",
-        "headers": [(b"host", b"127.0.0.1:8000"), (b"user-agent", b"wrk"),
-                    (b"content-type", b"application/json"),
-                    (b"authorization", b"Bearer " + key.encode()),
-                    (b"content-length", str(len(body)).encode())],
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5555),
+        "scheme": "http",
+        "method": "POST",
+        "root_path": "",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"wrk"),
+            (b"content-type", b"application/json"),
+            (b"authorization", b"Bearer " + key.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ],
         "state": {},
     }
     sent = False
@@ -66,8 +76,9 @@ def make_request(key: str) -> tuple[dict[str, Any], Any]:
     return scope, receive
 
 
-async def drive(app: Any, keys: list[str], requests: int, concurrency: int,
-                redis: Service | None = None) -> tuple[float, float]:
+async def drive(
+    app: Any, keys: list[str], requests: int, concurrency: int, redis: Service | None = None
+) -> tuple[float, float]:
     """Run ``requests`` requests from ``concurrency`` tasks; return (our CPU µs per request,
     Redis CPU µs per request)."""
     status: list[int] = []
@@ -163,26 +174,36 @@ async def redis_costs(settings: Any, redis: Service, requests: int) -> None:
         admitted = []
         cpu = redis.cpu()
         for _ in range(requests // batch):
-            admitted += await asyncio.gather(*(
-                meter.admit(org, "lead_generation", user="u1", method="POST", route=PATH)
-                for _ in range(batch)))
+            admitted += await asyncio.gather(
+                *(
+                    meter.admit(org, "lead_generation", user="u1", method="POST", route=PATH)
+                    for _ in range(batch)
+                )
+            )
         charge = redis.cpu() - cpu
         cpu = redis.cpu()
         for start in range(0, len(admitted), batch):
-            await asyncio.gather(*(meter.settle(a, ok=True, status=200, latency_ms=1)
-                                   for a in admitted[start:start + batch]))
+            await asyncio.gather(
+                *(
+                    meter.settle(a, ok=True, status=200, latency_ms=1)
+                    for a in admitted[start : start + batch]
+                )
+            )
         settle = redis.cpu() - cpu
     noop = LuaScript.from_source("noop", "return 1")
     cpu = redis.cpu()
     for _ in range(requests // batch):
-        await asyncio.gather(*(gate.redis.runner.run(noop, [f"{settings.prefix}:noop"], ())
-                               for _ in range(batch)))
+        await asyncio.gather(
+            *(gate.redis.runner.run(noop, [f"{settings.prefix}:noop"], ()) for _ in range(batch))
+        )
     nothing = redis.cpu() - cpu
     await gate.close()
     n = requests // batch * batch
-    print(f"\nRedis CPU µs per request: charge.lua {charge / n * 1e6:.1f}, settle.lua "
-          f"{settle / n * 1e6:.1f} (batches of {batch}); an EVALSHA of 'return 1': "
-          f"{nothing / n * 1e6:.1f}")
+    print(
+        f"\nRedis CPU µs per request: charge.lua {charge / n * 1e6:.1f}, settle.lua "
+        f"{settle / n * 1e6:.1f} (batches of {batch}); an EVALSHA of 'return 1': "
+        f"{nothing / n * 1e6:.1f}"
+    )
 
 
 async def main(args: argparse.Namespace, redis: Service, admin_dsn: str) -> None:
@@ -211,12 +232,13 @@ async def main(args: argparse.Namespace, redis: Service, admin_dsn: str) -> None
                 metered, rcpu = await drive(app, keys, args.requests, args.concurrency, redis)
             if label == "1 org":
                 metered_one = metered
-            print(f"metered, {label:<10}        {metered:6.1f} CPU µs/req (metering adds "
-                  f"{metered - base:.1f} µs; ratio {base / metered:.2f}); Redis {rcpu:.1f} µs/req")
+            print(
+                f"metered, {label:<10}        {metered:6.1f} CPU µs/req (metering adds "
+                f"{metered - base:.1f} µs; ratio {base / metered:.2f}); Redis {rcpu:.1f} µs/req"
+            )
             await gate_of(app).close()
         await breakdown(settings, one, args)
-        print(f"  {'+ the real Redis client and socket I/O (1 org, above)':<52} "
-              f"{metered_one:6.1f}")
+        print(f"  {'+ the real Redis client and socket I/O (1 org, above)':<52} {metered_one:6.1f}")
         await redis_costs(settings, redis, args.requests // 2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -43,12 +43,16 @@ CREATE TABLE IF NOT EXISTS peer_usage_log (
 CREATE INDEX IF NOT EXISTS peer_usage_log_org ON peer_usage_log (organization_id, created_at);
 """
 
-_LOCK = ("SELECT balance FROM peer_balances "
-         "WHERE organization_id = $1 AND token_type = $2 FOR UPDATE")
-_TAKE = ("UPDATE peer_balances SET balance = balance - $3 "
-         "WHERE organization_id = $1 AND token_type = $2")
-_LOG = ("INSERT INTO peer_usage_log (organization_id, user_id, feature_used, token_type, "
-        "tokens_deducted) VALUES ($1, $2, $3, $4, $5)")
+_LOCK = (
+    "SELECT balance FROM peer_balances WHERE organization_id = $1 AND token_type = $2 FOR UPDATE"
+)
+_TAKE = (
+    "UPDATE peer_balances SET balance = balance - $3 WHERE organization_id = $1 AND token_type = $2"
+)
+_LOG = (
+    "INSERT INTO peer_usage_log (organization_id, user_id, feature_used, token_type, "
+    "tokens_deducted) VALUES ($1, $2, $3, $4, $5)"
+)
 
 
 async def create_schema(dsn: str, orgs: list[str], balance: int) -> None:
@@ -64,8 +68,9 @@ async def create_schema(dsn: str, orgs: list[str], balance: int) -> None:
         await conn.close()
 
 
-def pg_peer_app(settings: Settings, *, pool_size: int = 10,
-                synchronous_commit: bool = True) -> Starlette:
+def pg_peer_app(
+    settings: Settings, *, pool_size: int = 10, synchronous_commit: bool = True
+) -> Starlette:
     """The peer app; ``synchronous_commit=False`` trades durability of the last commits for
     speed (the fairest setting for the peer: no fsync wait per request)."""
     digests = settings.key_digests()
@@ -75,8 +80,9 @@ def pg_peer_app(settings: Settings, *, pool_size: int = 10,
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         nonlocal pool
         server_settings = {} if synchronous_commit else {"synchronous_commit": "off"}
-        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=pool_size,
-                                         max_size=pool_size, server_settings=server_settings)
+        pool = await asyncpg.create_pool(
+            settings.pg_dsn, min_size=pool_size, max_size=pool_size, server_settings=server_settings
+        )
         try:
             yield
         finally:

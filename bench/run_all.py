@@ -82,8 +82,9 @@ async def prepare(workdir: Path, redis_url: str, admin_dsn: str, orgs: int) -> S
     await migrate(dsn)  # creates the database first
     prefix = "cgb" + uuid.uuid4().hex[:8]
     config_path = workdir / "creditgate.yaml"
-    config_path.write_text(CONFIG.format(redis_url=redis_url, dsn=dsn, prefix=prefix,
-                                         tokens=PLAN_TOKENS))
+    config_path.write_text(
+        CONFIG.format(redis_url=redis_url, dsn=dsn, prefix=prefix, tokens=PLAN_TOKENS)
+    )
     gate = CreditGate(load_config(config_path))
     names = [f"bench-org-{n:04d}" for n in range(orgs + 1)]
     keys: dict[str, tuple[str, str]] = {}
@@ -149,8 +150,16 @@ class Measured:
 class Bench:
     """Starts servers, runs wrk in interleaved slices, keeps the results."""
 
-    def __init__(self, settings_path: Path, scripts: dict[str, Path], redis: Service | None,
-                 slices: int, slice_seconds: float, warmup: float, key: str) -> None:
+    def __init__(
+        self,
+        settings_path: Path,
+        scripts: dict[str, Path],
+        redis: Service | None,
+        slices: int,
+        slice_seconds: float,
+        warmup: float,
+        key: str,
+    ) -> None:
         self.settings_path = settings_path
         self.key = key  # the one-org script's API key, for the response check
         self.scripts = scripts
@@ -159,8 +168,9 @@ class Bench:
         self.slice_seconds = slice_seconds
         self.warmup = warmup
 
-    def compare(self, targets: list[Target], conns: tuple[int, ...]
-                ) -> dict[str, dict[int, Measured]]:
+    def compare(
+        self, targets: list[Target], conns: tuple[int, ...]
+    ) -> dict[str, dict[int, Measured]]:
         """Serve every target at once (core 0; upstreams on core 1), then run wrk against
         them in turn, ``slices`` times per concurrency, so a change in the machine's other
         load hits every target alike. Keeps the best slice of each (see Measured)."""
@@ -179,15 +189,28 @@ class Bench:
                 servers.append((t, server, url))
                 check_response(url, self.key, BODY)  # a proxy must pass the body through
                 if self.warmup > 0:  # connections, key cache, first seeds, branch caches
-                    run_wrk(url, self.scripts[t.script], core=AUX_CORE, connections=64,
-                            seconds=self.warmup)
+                    run_wrk(
+                        url,
+                        self.scripts[t.script],
+                        core=AUX_CORE,
+                        connections=64,
+                        seconds=self.warmup,
+                    )
             for c in conns:
                 for n in range(self.slices):
                     # Rotate the order so no target always follows the same neighbour.
-                    for t, server, url in servers[n % len(servers):] + servers[:n % len(servers)]:
-                        runs.setdefault((t.name, c), []).append(run_wrk(
-                            url, self.scripts[t.script], core=AUX_CORE, connections=c,
-                            seconds=self.slice_seconds, server=server, redis=self.redis))
+                    for t, server, url in servers[n % len(servers) :] + servers[: n % len(servers)]:
+                        runs.setdefault((t.name, c), []).append(
+                            run_wrk(
+                                url,
+                                self.scripts[t.script],
+                                core=AUX_CORE,
+                                connections=c,
+                                seconds=self.slice_seconds,
+                                server=server,
+                                redis=self.redis,
+                            )
+                        )
         out: dict[str, dict[int, Measured]] = {}
         for (name, c), results in runs.items():
             best = max(results, key=lambda r: r.rps)
@@ -196,16 +219,20 @@ class Bench:
             for c in conns:
                 m = out[t.name][c]
                 r = m.best
-                print(f"  {t.name:<44} c={c:<3} {r.rps:>9.0f} req/s ({m.spread})  "
-                      f"p50 {r.p50_ms:.3f} ms  server {r.server_cpu_us:.0f} µs/req  "
-                      f"redis {r.redis_cpu_us:.0f} µs/req, {r.scripts_per_request:.2f} EVALSHA/req",
-                      flush=True)
+                print(
+                    f"  {t.name:<44} c={c:<3} {r.rps:>9.0f} req/s ({m.spread})  "
+                    f"p50 {r.p50_ms:.3f} ms  server {r.server_cpu_us:.0f} µs/req  "
+                    f"redis {r.redis_cpu_us:.0f} µs/req, {r.scripts_per_request:.2f} EVALSHA/req",
+                    flush=True,
+                )
         return out
 
 
-HEADER = ("| configuration | req/s ratio | req/s (best; all slices) | p50 ms | added p50 "
-          "| server CPU µs/req | CPU ratio | Redis CPU µs/req | EVALSHA/req | target |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| configuration | req/s ratio | req/s (best; all slices) | p50 ms | added p50 "
+    "| server CPU µs/req | CPU ratio | Redis CPU µs/req | EVALSHA/req | target |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def fmt_row(what: str, m: Measured, base: Measured, target: str = "") -> str:
@@ -213,9 +240,11 @@ def fmt_row(what: str, m: Measured, base: Measured, target: str = "") -> str:
     r, b = m.best, base.best
     added = "" if m is base else f"{(r.p50_ms - b.p50_ms) * 1000:+.0f} µs"
     cpu_ratio = b.server_cpu_us / r.server_cpu_us if r.server_cpu_us else 0.0
-    return (f"| {what} | **{r.rps / b.rps:.2f}x** | {r.rps:,.0f} ({m.spread}) | "
-            f"{r.p50_ms:.3f} | {added} | {r.server_cpu_us:.0f} | {cpu_ratio:.2f}x | "
-            f"{r.redis_cpu_us:.0f} | {r.scripts_per_request:.2f} | {target} |")
+    return (
+        f"| {what} | **{r.rps / b.rps:.2f}x** | {r.rps:,.0f} ({m.spread}) | "
+        f"{r.p50_ms:.3f} | {added} | {r.server_cpu_us:.0f} | {cpu_ratio:.2f}x | "
+        f"{r.redis_cpu_us:.0f} | {r.scripts_per_request:.2f} | {target} |"
+    )
 
 
 def run_sections(bench: Bench, sections: list[str]) -> list[str]:
@@ -235,9 +264,12 @@ def run_sections(bench: Bench, sections: list[str]) -> list[str]:
         ]
         res = bench.compare(targets, (hi, lo))
         out += ["### 1. Middleware (baseline: the bare Starlette app, same run)", "", HEADER]
-        goals = {"CreditGateMiddleware, 1 org": ">= 0.6x", "CreditGateMiddleware, many orgs":
-                 ">= 0.6x", "BaseHTTPMiddleware + redis-py EVALSHA": "naive design",
-                 "CreditGateMiddleware, redis-py runner": "comparison"}
+        goals = {
+            "CreditGateMiddleware, 1 org": ">= 0.6x",
+            "CreditGateMiddleware, many orgs": ">= 0.6x",
+            "BaseHTTPMiddleware + redis-py EVALSHA": "naive design",
+            "CreditGateMiddleware, redis-py runner": "comparison",
+        }
         for c in (hi, lo):
             for t in targets:
                 goal = goals.get(t.name, "")
@@ -248,23 +280,29 @@ def run_sections(bench: Bench, sections: list[str]) -> list[str]:
     if "proxy" in sections:
         print("[proxy]", flush=True)
         gw = Target("creditgate proxy (GatewayApp) -> bare app", "gateway", upstream="bare")
-        aio = Target("aiohttp streaming proxy + redis-py EVALSHA -> bare app", "aiohttp-proxy",
-                     upstream="bare")
-        lean = Target("creditgate proxy with aiohttp's client (upstream_client: aiohttp)",
-                      "gateway-aiohttp", upstream="bare")
+        aio = Target(
+            "aiohttp streaming proxy + redis-py EVALSHA -> bare app",
+            "aiohttp-proxy",
+            upstream="bare",
+        )
+        lean = Target(
+            "creditgate proxy with aiohttp's client (upstream_client: aiohttp)",
+            "gateway-aiohttp",
+            upstream="bare",
+        )
         res = bench.compare([bare, gw, aio, lean], (hi, lo))
         out += ["### 2. Proxy (baseline: the bare app hit directly, same run)", "", HEADER]
         for c in (hi, lo):
             out.append(fmt_row(f"bare app direct, c={c}", res[bare.name][c], res[bare.name][c]))
-            out.append(fmt_row(f"{gw.name}, c={c}", res[gw.name][c], res[bare.name][c],
-                               ">= 0.25x"))
-            out.append(fmt_row(f"{aio.name}, c={c}", res[aio.name][c], res[bare.name][c],
-                               "peer"))
+            out.append(fmt_row(f"{gw.name}, c={c}", res[gw.name][c], res[bare.name][c], ">= 0.25x"))
+            out.append(fmt_row(f"{aio.name}, c={c}", res[aio.name][c], res[bare.name][c], "peer"))
             out.append(fmt_row(f"{lean.name}, c={c}", res[lean.name][c], res[bare.name][c]))
             for t in (gw, lean):
                 g, a = res[t.name][c].best, res[aio.name][c].best
-                out.append(f"| **{t.name} / aiohttp proxy, c={c}** | **{g.rps / a.rps:.2f}x**"
-                           f" | | | | | {a.server_cpu_us / g.server_cpu_us:.2f}x | | | >= 2x |")
+                out.append(
+                    f"| **{t.name} / aiohttp proxy, c={c}** | **{g.rps / a.rps:.2f}x**"
+                    f" | | | | | {a.server_cpu_us / g.server_cpu_us:.2f}x | | | >= 2x |"
+                )
         out.append("")
     if "postgres" in sections:
         print("[postgres]", flush=True)
@@ -272,14 +310,20 @@ def run_sections(bench: Bench, sections: list[str]) -> list[str]:
         pga = Target("Postgres txn per request, synchronous_commit=off", "pg-peer-async")
         cg = Target("CreditGateMiddleware, 1 org", "cg")
         res = bench.compare([pg, pga, cg], (hi,))
-        out += ["### 3. The design it replaces (baseline: a Postgres transaction per request, "
-                "all on one org)", "", HEADER]
+        out += [
+            "### 3. The design it replaces (baseline: a Postgres transaction per request, "
+            "all on one org)",
+            "",
+            HEADER,
+        ]
         out.append(fmt_row(f"{pg.name}, c={hi}", res[pg.name][hi], res[pg.name][hi]))
         out.append(fmt_row(f"{pga.name}, c={hi}", res[pga.name][hi], res[pg.name][hi]))
         out.append(fmt_row(f"{cg.name}, c={hi}", res[cg.name][hi], res[pg.name][hi], ">= 10x"))
         ours, peer = res[cg.name][hi].best, res[pga.name][hi].best
-        out.append(f"| **creditgate / Postgres peer with synchronous_commit=off** | "
-                   f"**{ours.rps / peer.rps:.1f}x** | | | | | | | | |")
+        out.append(
+            f"| **creditgate / Postgres peer with synchronous_commit=off** | "
+            f"**{ours.rps / peer.rps:.1f}x** | | | | | | | | |"
+        )
         out.append("")
     return out
 
@@ -289,19 +333,36 @@ def machine_info() -> list[str]:
     import importlib.metadata
     import platform
 
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
 
     def version(cmd: list[str]) -> str:
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=10
-                                  ).stdout.strip().splitlines()[0]
+            return (
+                subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+                .stdout.strip()
+                .splitlines()[0]
+            )
         except (OSError, IndexError, subprocess.SubprocessError):
             return "not found"
 
-    packages = ["uvicorn", "starlette", "redis", "hiredis", "aiohttp", "httpx", "uvloop",
-                "httptools", "asyncpg"]
+    packages = [
+        "uvicorn",
+        "starlette",
+        "redis",
+        "hiredis",
+        "aiohttp",
+        "httpx",
+        "uvloop",
+        "httptools",
+        "asyncpg",
+    ]
     pkgs = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages)
     return [
         f"- CPUs: {os.cpu_count()} (`nproc`), {cpu}; Linux {platform.release()}",
@@ -315,26 +376,47 @@ def machine_info() -> list[str]:
 def run_upstream_clients(seconds: float, repeats: int) -> str:
     """Run bench/upstream_clients.py and return its table."""
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "upstream_clients.py"), "--seconds", str(seconds),
-         "--repeats", str(repeats)], cwd=ROOT, check=True, capture_output=True, text=True,
-        timeout=1800, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            str(ROOT / "bench" / "upstream_clients.py"),
+            "--seconds",
+            str(seconds),
+            "--repeats",
+            str(repeats),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     return done.stdout
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this section (repeatable)")
-    parser.add_argument("--slices", type=int, default=3,
-                        help="wrk runs per target and concurrency, interleaved")
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only this section (repeatable)"
+    )
+    parser.add_argument(
+        "--slices", type=int, default=3, help="wrk runs per target and concurrency, interleaved"
+    )
     parser.add_argument("--slice-seconds", type=float, default=4.0, help="per wrk run")
     parser.add_argument("--warmup", type=float, default=2.0, help="per server start")
-    parser.add_argument("--nice", type=int, default=0,
-                        help="run everything at this niceness (e.g. -10 on a busy machine)")
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run everything at this niceness (e.g. -10 on a busy machine)",
+    )
     parser.add_argument("--orgs", type=int, default=256, help="orgs in the many-orgs runs")
     parser.add_argument("--redis-url", help="use this Redis instead of a private one")
-    parser.add_argument("--pg-dsn", help="admin DSN of a Postgres to use instead of a "
-                        "private one (a throwaway database is created and dropped)")
+    parser.add_argument(
+        "--pg-dsn",
+        help="admin DSN of a Postgres to use instead of a "
+        "private one (a throwaway database is created and dropped)",
+    )
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args()
     sections = args.only or list(SECTIONS)
@@ -347,8 +429,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         http = [s for s in sections if s != "upstream-clients"]
         if http:
-            redis = (Service(args.redis_url, None) if args.redis_url
-                     else stack.enter_context(own_redis(AUX_CORE)))
+            redis = (
+                Service(args.redis_url, None)
+                if args.redis_url
+                else stack.enter_context(own_redis(AUX_CORE))
+            )
             redis_url = redis.url
             admin_dsn = args.pg_dsn or stack.enter_context(own_postgres(AUX_CORE)).url
             workdir = Path(tempfile.mkdtemp(prefix="cg-bench-"))
@@ -360,20 +445,30 @@ def main() -> None:
             settings.save(settings_path)
             keys = list(settings.keys)
             first = next(k for k, (org, _) in settings.keys.items() if org == "bench-org-0000")
-            scripts = {"one": wrk_script(workdir / "one.lua", [first]),
-                       "many": wrk_script(workdir / "many.lua",
-                                          [k for k in keys if k != first])}
-            bench = Bench(settings_path, scripts, redis, args.slices, args.slice_seconds,
-                          args.warmup, first)
+            scripts = {
+                "one": wrk_script(workdir / "one.lua", [first]),
+                "many": wrk_script(workdir / "many.lua", [k for k in keys if k != first]),
+            }
+            bench = Bench(
+                settings_path, scripts, redis, args.slices, args.slice_seconds, args.warmup, first
+            )
             report += run_sections(bench, http)
         if "upstream-clients" in sections:
             print("[upstream-clients]", flush=True)
             table = run_upstream_clients(2.0, 2)
             print(table, flush=True)
-            report += ["### 4. Upstream HTTP client inside UpstreamProxy "
-                       "(bench/upstream_clients.py)", "", "```", table.rstrip(), "```", ""]
-    report.append(f"(run took {time.monotonic() - started:.0f} s; 1-minute load average "
-                  f"before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f})")
+            report += [
+                "### 4. Upstream HTTP client inside UpstreamProxy (bench/upstream_clients.py)",
+                "",
+                "```",
+                table.rstrip(),
+                "```",
+                "",
+            ]
+    report.append(
+        f"(run took {time.monotonic() - started:.0f} s; 1-minute load average "
+        f"before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f})"
+    )
     text = "\n".join(report)
     print("\n" + text)
     if args.out:

@@ -29,8 +29,19 @@ from bench.apps import (
     naive_app,
 )
 
-KINDS = ("bare", "floor", "cg", "cg-redispy", "cg-stub", "naive", "gateway", "gateway-aiohttp",
-         "pg-peer", "pg-peer-async", "aiohttp-proxy")
+KINDS = (
+    "bare",
+    "floor",
+    "cg",
+    "cg-redispy",
+    "cg-stub",
+    "naive",
+    "gateway",
+    "gateway-aiohttp",
+    "pg-peer",
+    "pg-peer-async",
+    "aiohttp-proxy",
+)
 
 
 def build(kind: str, settings: Settings, upstream: str | None) -> Any:
@@ -71,14 +82,27 @@ def main() -> None:
         from bench.aiohttp_proxy import aiohttp_proxy_app
 
         assert args.upstream, "aiohttp-proxy needs --upstream"
-        web.run_app(aiohttp_proxy_app(settings, args.upstream), host="127.0.0.1",
-                    port=args.port, access_log=None, print=None, loop=uvloop.new_event_loop())
+        web.run_app(
+            aiohttp_proxy_app(settings, args.upstream),
+            host="127.0.0.1",
+            port=args.port,
+            access_log=None,
+            print=None,
+            loop=uvloop.new_event_loop(),
+        )
         return
     import uvicorn
 
-    uvicorn.run(build(args.kind, settings, args.upstream), host="127.0.0.1", port=args.port,
-                loop="uvloop", http="httptools", log_level="warning", access_log=False,
-                lifespan="on")
+    uvicorn.run(
+        build(args.kind, settings, args.upstream),
+        host="127.0.0.1",
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+    )
 
 
 if __name__ == "__main__":

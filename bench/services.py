@@ -33,8 +33,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None,
-                   timeout: float = 20.0) -> None:
+def wait_listening(
+    port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0
+) -> None:
     """Wait until 127.0.0.1:``port`` accepts connections (or ``proc`` died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,9 +100,24 @@ def own_redis(core: int) -> Iterator[Service]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="cg-bench-redis-")
     proc = subprocess.Popen(
-        ["taskset", "-c", str(core), shutil.which("redis-server") or "redis-server",
-         "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir, "--logfile", os.path.join(workdir, "log")],
+        [
+            "taskset",
+            "-c",
+            str(core),
+            shutil.which("redis-server") or "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+            "--logfile",
+            os.path.join(workdir, "log"),
+        ],
         start_new_session=True,
     )
     try:
@@ -122,15 +138,32 @@ def own_postgres(core: int) -> Iterator[Service]:
     data = workdir / "data"
 
     def pg(*args: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
 
     try:
         pg(str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(data))
         options = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1"
         # The postmaster inherits the affinity, and every backend inherits it from there.
-        pg("taskset", "-c", str(core), str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", options,
-           "-l", str(workdir / "log"), "-w", "start")
+        pg(
+            "taskset",
+            "-c",
+            str(core),
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(workdir / "log"),
+            "-w",
+            "start",
+        )
         pid = int((data / "postmaster.pid").read_text().split()[0])
         yield Service(f"postgresql://postgres@127.0.0.1:{port}/postgres", pid)
     finally:
@@ -147,8 +180,19 @@ class Server:
         self.kind = kind
         self.core = core
         self.port = free_port()
-        cmd = ["taskset", "-c", str(core), sys.executable, str(ROOT / "bench" / "serve.py"),
-               kind, "--port", str(self.port), "--settings", str(settings), *extra]
+        cmd = [
+            "taskset",
+            "-c",
+            str(core),
+            sys.executable,
+            str(ROOT / "bench" / "serve.py"),
+            kind,
+            "--port",
+            str(self.port),
+            "--settings",
+            str(settings),
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
         try:
             wait_listening(self.port, self.proc)
@@ -198,28 +242,51 @@ def _ms(text: str) -> float:
 def parse_wrk(output: str) -> tuple[float, dict[str, float], int, int]:
     """(req/s, latency percentiles in ms, requests, errors) from wrk --latency output."""
     rps = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
-    pct = {m.group(1): _ms(m.group(2))
-           for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)", output, re.MULTILINE)}
+    pct = {
+        m.group(1): _ms(m.group(2))
+        for m in re.finditer(r"^\s+(50|75|90|99)%\s+(\S+)", output, re.MULTILINE)
+    }
     requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = 0
     if found := re.search(r"Non-2xx or 3xx responses: (\d+)", output):
         errors += int(found.group(1))
-    if found := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                          output):
+    if found := re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    ):
         errors += sum(int(g) for g in found.groups())
     return rps, pct, requests, errors
 
 
-def run_wrk(url: str, script: Path, *, core: int, connections: int, seconds: float,
-            server: Server | None = None, redis: Service | None = None) -> WrkResult:
+def run_wrk(
+    url: str,
+    script: Path,
+    *,
+    core: int,
+    connections: int,
+    seconds: float,
+    server: Server | None = None,
+    redis: Service | None = None,
+) -> WrkResult:
     """One wrk run (1 thread, pinned to ``core``); raises if any request failed."""
-    cmd = ["taskset", "-c", str(core), WRK, "-t1", f"-c{connections}",
-           f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "5s", "-s", str(script), url]
+    cmd = [
+        "taskset",
+        "-c",
+        str(core),
+        WRK,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+        "-s",
+        str(script),
+        url,
+    ]
     cpu0 = server.cpu() if server is not None else 0.0
     rcpu0 = redis.cpu() if redis is not None else 0.0
     calls0 = redis.script_calls() if redis is not None else 0
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                          timeout=seconds + 30)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=seconds + 30)
     cpu = server.cpu() - cpu0 if server is not None else 0.0
     rcpu = redis.cpu() - rcpu0 if redis is not None else 0.0
     calls = redis.script_calls() - calls0 if redis is not None else 0
@@ -227,8 +294,17 @@ def run_wrk(url: str, script: Path, *, core: int, connections: int, seconds: flo
     if errors:
         raise RuntimeError(f"{errors} failed requests against {url}:\n{done.stdout}")
     per = 1e6 / requests if requests else 0.0
-    return WrkResult(rps, pct["50"], pct["90"], pct["99"], requests, errors, cpu * per,
-                     rcpu * per, calls / requests if requests else 0.0)
+    return WrkResult(
+        rps,
+        pct["50"],
+        pct["90"],
+        pct["99"],
+        requests,
+        errors,
+        cpu * per,
+        rcpu * per,
+        calls / requests if requests else 0.0,
+    )
 
 
 def check_response(url: str, key: str, body: bytes) -> None:
@@ -236,8 +312,11 @@ def check_response(url: str, key: str, body: bytes) -> None:
     import urllib.request
 
     request = urllib.request.Request(
-        url, data=b'{"prompt":"hi"}', method="POST",
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        url,
+        data=b'{"prompt":"hi"}',
+        method="POST",
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         got = response.read()
         if response.status != 200 or got != body:
@@ -248,17 +327,21 @@ def wrk_script(path: Path, keys: Sequence[str], body: str = '{"prompt":"hi"}') -
     """Write a wrk Lua script POSTing ``body`` with one API key, or cycling through many."""
     lua_keys = ", ".join(f'"{k}"' for k in keys)
     if len(keys) == 1:
-        text = (f'wrk.method = "POST"\nwrk.body = \'{body}\'\n'
-                'wrk.headers["Content-Type"] = "application/json"\n'
-                f'wrk.headers["Authorization"] = "Bearer {keys[0]}"\n')
+        text = (
+            f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {keys[0]}"\n'
+        )
     else:
         # Requests are formatted once in init(); request() only picks the next one.
-        text = (f"local keys = {{{lua_keys}}}\nlocal reqs = {{}}\nlocal i = 0\n"
-                "init = function(args)\n"
-                "  for n, k in ipairs(keys) do\n"
-                '    reqs[n] = wrk.format("POST", nil, {["Content-Type"] = "application/json",'
-                f' ["Authorization"] = "Bearer " .. k}}, \'{body}\')\n'
-                "  end\nend\n"
-                "request = function()\n  i = i % #reqs + 1\n  return reqs[i]\nend\n")
+        text = (
+            f"local keys = {{{lua_keys}}}\nlocal reqs = {{}}\nlocal i = 0\n"
+            "init = function(args)\n"
+            "  for n, k in ipairs(keys) do\n"
+            '    reqs[n] = wrk.format("POST", nil, {["Content-Type"] = "application/json",'
+            f' ["Authorization"] = "Bearer " .. k}}, \'{body}\')\n'
+            "  end\nend\n"
+            "request = function()\n  i = i % #reqs + 1\n  return reqs[i]\nend\n"
+        )
     path.write_text(text)
     return path

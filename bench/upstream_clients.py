@@ -47,38 +47,73 @@ async def echo_upstream(scope: Any, receive: Any, send: Any) -> None:
         if not message.get("more_body"):
             break
     if scope["query_string"] == b"stream=1":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
         for offset in range(0, len(body), 16384):
-            await send({"type": "http.response.body", "body": bytes(body[offset:offset + 16384]),
-                        "more_body": True})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": bytes(body[offset : offset + 16384]),
+                    "more_body": True,
+                }
+            )
         await send({"type": "http.response.body", "body": b""})
     else:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/octet-stream"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": bytes(body)})
 
 
 def serve(port: int) -> None:
     import uvicorn
 
-    uvicorn.run(echo_upstream, host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False, lifespan="off")
+    uvicorn.run(
+        echo_upstream,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+    )
 
 
 async def one_request(app: UpstreamProxy, body: bytes, streamed: bool) -> int:
     """Send one POST through the proxy; return the response body length."""
     if streamed:
-        pieces = [body[: len(body) // 2], body[len(body) // 2:]]
+        pieces = [body[: len(body) // 2], body[len(body) // 2 :]]
         headers = [(b"host", b"bench"), (b"transfer-encoding", b"chunked")]
     else:
         pieces = [body]
         headers = [(b"host", b"bench"), (b"content-length", str(len(body)).encode())]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/echo", "raw_path": b"/echo",
-             "query_string": b"stream=1" if streamed else b"", "root_path": "",
-             "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "query_string": b"stream=1" if streamed else b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     received = 0
     status = 0
@@ -103,11 +138,15 @@ async def one_request(app: UpstreamProxy, body: bytes, streamed: bool) -> int:
     return received
 
 
-async def run_cell(upstream: str, client: str, concurrency: int, size: int, streamed: bool,
-                   seconds: float) -> tuple[float, float]:
+async def run_cell(
+    upstream: str, client: str, concurrency: int, size: int, streamed: bool, seconds: float
+) -> tuple[float, float]:
     """Return (requests per second, client CPU µs per request) for one cell."""
-    app = UpstreamProxy(upstream, client=client,  # type: ignore[arg-type]
-                        max_connections=concurrency)
+    app = UpstreamProxy(
+        upstream,
+        client=client,  # type: ignore[arg-type]
+        max_connections=concurrency,
+    )
     body = os.urandom(size)
     count = 0
     stop = 0.0
@@ -149,8 +188,10 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
 
 
 async def bench(upstream: str, seconds: float, repeats: int, clients: list[str]) -> None:
-    print(f"{'cell':<26} {'client':<8} {'req/s':>7} {'ratio':>6} {'CPU µs/req':>11} "
-          f"{'range':>13} {'ratio':>6}")
+    print(
+        f"{'cell':<26} {'client':<8} {'req/s':>7} {'ratio':>6} {'CPU µs/req':>11} "
+        f"{'range':>13} {'ratio':>6}"
+    )
     for size in SIZES:
         for mode in MODES:
             for concurrency in CONCURRENCY:
@@ -158,8 +199,11 @@ async def bench(upstream: str, seconds: float, repeats: int, clients: list[str])
                 for rep in range(repeats):  # interleaved, best of N, to damp noisy neighbours
                     order = clients if rep % 2 == 0 else clients[::-1]  # A/B, then B/A
                     for client in order:
-                        runs[client].append(await run_cell(
-                            upstream, client, concurrency, size, mode == "streamed", seconds))
+                        runs[client].append(
+                            await run_cell(
+                                upstream, client, concurrency, size, mode == "streamed", seconds
+                            )
+                        )
                 best = {c: (max(r for r, _ in v), min(u for _, u in v)) for c, v in runs.items()}
                 top_rps = max(r for r, _ in best.values())
                 low_cpu = min(c for _, c in best.values())
@@ -167,17 +211,22 @@ async def bench(upstream: str, seconds: float, repeats: int, clients: list[str])
                 for client in clients:
                     rps, cpu = best[client]
                     worst = max(u for _, u in runs[client])
-                    print(f"{cell:<26} {client:<8} {rps:>7.0f} {rps / top_rps:>6.2f} "
-                          f"{cpu:>11.1f} {f'{cpu:.0f}-{worst:.0f}':>13} {low_cpu / cpu:>6.2f}",
-                          flush=True)
+                    print(
+                        f"{cell:<26} {client:<8} {rps:>7.0f} {rps / top_rps:>6.2f} "
+                        f"{cpu:>11.1f} {f'{cpu:.0f}-{worst:.0f}':>13} {low_cpu / cpu:>6.2f}",
+                        flush=True,
+                    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="measured time per cell")
     parser.add_argument("--repeats", type=int, default=3, help="runs per cell (best kept)")
-    parser.add_argument("--clients", default=",".join(CLIENTS),
-                        help="comma-separated clients to compare (default: all)")
+    parser.add_argument(
+        "--clients",
+        default=",".join(CLIENTS),
+        help="comma-separated clients to compare (default: all)",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: upstream
     args = parser.parse_args()
     if args.serve:
@@ -192,8 +241,14 @@ def main() -> None:
         wait_listening(port)
         import uvloop
 
-        uvloop.run(bench(f"http://127.0.0.1:{port}", args.seconds, args.repeats,
-                         [c.strip() for c in args.clients.split(",") if c.strip()]))
+        uvloop.run(
+            bench(
+                f"http://127.0.0.1:{port}",
+                args.seconds,
+                args.repeats,
+                [c.strip() for c in args.clients.split(",") if c.strip()],
+            )
+        )
     finally:
         upstream.terminate()
         upstream.wait(timeout=10)

@@ -78,6 +78,7 @@ def refusal(adm: Admission) -> ApiError:
     r = describe_refusal(adm)
     return ApiError(r.status, r.code, r.title, r.detail, headers=dict(r.headers), **r.facts)
 
+
 async def authenticate(gate: CreditGate, request: Request) -> Identity:
     """The caller's identity, or an ApiError (401, 429); outages propagate (503)."""
     ident = await gate.identifier.identify(request.scope)

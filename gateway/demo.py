@@ -191,7 +191,7 @@ def _instructions(base: str, key: str | None, admin_token: str, where: str) -> s
         "Try it:",
         f"  curl -i -X POST {base}/api/v1/goals/g1/quests {auth}",
         f"  curl -s {base}/api/v1/tokens/balance {auth}",
-        f"  curl -s {base}/admin/orgs/{DEMO_ORG} -H \"Authorization: Bearer {admin_token}\"",
+        f'  curl -s {base}/admin/orgs/{DEMO_ORG} -H "Authorization: Bearer {admin_token}"',
         f"  dashboard:   {base}/api/v1/tokens/dashboard  (paste the API key)",
         f"  metrics:     {base}/metrics",
         "",

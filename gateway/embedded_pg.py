@@ -309,8 +309,7 @@ class EmbeddedPostgres:
             except (OSError, asyncpg.CannotConnectNowError, asyncpg.PostgresError, TimeoutError):
                 if loop.time() > deadline:
                     raise EmbeddedPostgresError(
-                        f"PostgreSQL did not start in {_START_TIMEOUT_S:.0f} s:\n"
-                        f"{self._log_tail()}"
+                        f"PostgreSQL did not start in {_START_TIMEOUT_S:.0f} s:\n{self._log_tail()}"
                     ) from None
                 await asyncio.sleep(0.1)
                 continue

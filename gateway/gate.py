@@ -324,7 +324,12 @@ class CreditGate:
         keys = [self.keys.org(org), self.keys.shard(org).events]
         pid, _, _ = self.meter.period(self.clock.now_ms())
         args: list[str | int] = [
-            self.clock.now_ms(), pid, plan, uuid.uuid4().hex, org, json.dumps(allocations)
+            self.clock.now_ms(),
+            pid,
+            plan,
+            uuid.uuid4().hex,
+            org,
+            json.dumps(allocations),
         ]
         reply = await self.redis.runner.run(load("set_plan"), keys, args)
         if (reply[0].decode() if isinstance(reply[0], bytes) else reply[0]) == "missing":

@@ -138,9 +138,7 @@ def _feature_args(config: Config, feature: str) -> _FeatureArgs:
         tail: list[str | int] = [len(config.plans)]
         for plan in config.plans:
             alloc = config.allocation(plan, bucket)
-            limits = [
-                rl for rl in config.rate_limits_of(plan) if with_user or rl.per != "user"
-            ]
+            limits = [rl for rl in config.rate_limits_of(plan) if with_user or rl.per != "user"]
             tail += [plan, -1 if alloc is None else alloc, len(limits)]
             for rl in limits:
                 if rl.per == "org":

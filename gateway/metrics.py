@@ -233,7 +233,7 @@ class _Collector(Collector):
             if charged:
                 by_feature[feature] = by_feature.get(feature, 0) + charged
             if outcome.startswith("refused_"):
-                reason = outcome[len("refused_"):]
+                reason = outcome[len("refused_") :]
                 by_reason[reason] = by_reason.get(reason, 0) + n
             elif outcome == "fail_open":
                 passed += n
@@ -325,9 +325,7 @@ def metrics_endpoint(gate: CreditGate) -> Any:
 # -- readiness --------------------------------------------------------------------------
 
 
-def readiness_endpoint(
-    gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_THRESHOLD_S
-) -> Any:
+def readiness_endpoint(gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_THRESHOLD_S) -> Any:
     """The Starlette endpoint of ``GET /readyz`` for ``gate``.
 
     Ready (200) when Redis answers: that is all a gateway needs to serve metered requests

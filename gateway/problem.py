@@ -51,9 +51,9 @@ except ImportError:  # orjson is an optional speed-up; the output is the same JS
     import json
 
     def _dumps(doc: dict[str, object]) -> bytes:
-        return json.dumps(
-            doc, default=_default, ensure_ascii=False, separators=(",", ":")
-        ).encode("utf-8")
+        return json.dumps(doc, default=_default, ensure_ascii=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
 
 
 def problem_body(status: int, code: str, title: str, detail: str, **facts: object) -> bytes:

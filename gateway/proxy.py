@@ -42,21 +42,43 @@ RawHeaders = list[tuple[bytes, bytes]]
 Errors = tuple[type[BaseException], ...]
 
 # RFC 9110 7.6.1, plus the non-standard Proxy-Connection some clients still send.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"proxy-connection",
-})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
 # Headers some frameworks honour to change the method or path: forwarding them would let a
 # client reach a metered route under an unmetered spelling.
-REWRITE_HEADERS = frozenset({
-    b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url",
-    b"x-rewrite-url",
-})
+REWRITE_HEADERS = frozenset(
+    {
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
 # Host becomes the upstream's; our server already answered Expect; the X-Forwarded-* trio
 # is rebuilt from the connection instead of trusted from the client.
-_REQUEST_DROP = HOP_BY_HOP | REWRITE_HEADERS | {
-    b"host", b"expect", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
-}
+_REQUEST_DROP = (
+    HOP_BY_HOP
+    | REWRITE_HEADERS
+    | {
+        b"host",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
 # The middleware's identity headers: a client naming them in Connection must not drop them.
 _OURS = b"x-creditgate-"
 # Below the keep-alive of common upstream servers (uvicorn: 5 s), so the pool does not reuse
@@ -75,18 +97,29 @@ def _connection_tokens(headers: RawHeaders) -> set[bytes]:
     """Header names listed in Connection: hop-by-hop for this message only."""
     return {
         token.strip().lower()
-        for name, value in headers if name.lower() == b"connection"
+        for name, value in headers
+        if name.lower() == b"connection"
         for token in value.split(b",")
     }
 
 
 async def _bad_gateway(send: Send, *, timed_out: bool) -> None:
     if timed_out:
-        await send_problem(send, 504, "upstream_timeout", "Gateway Timeout",
-                           "The upstream service did not answer in time.")
+        await send_problem(
+            send,
+            504,
+            "upstream_timeout",
+            "Gateway Timeout",
+            "The upstream service did not answer in time.",
+        )
     else:
-        await send_problem(send, 502, "bad_gateway", "Bad Gateway",
-                           "The upstream service is unavailable or broke off its answer.")
+        await send_problem(
+            send,
+            502,
+            "bad_gateway",
+            "Bad Gateway",
+            "The upstream service is unavailable or broke off its answer.",
+        )
 
 
 class _Upload:
@@ -107,12 +140,20 @@ class _AiohttpBackend:
 
     def __init__(self, timeout: float, connect_timeout: float, max_connections: int) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0,
-                                           keepalive_timeout=_KEEPALIVE_S, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(
+                limit=max_connections,
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_S,
+                ttl_dns_cache=60,
+            ),
             # sock_read bounds the wait for headers and each gap between chunks, never the
             # whole exchange: a total timeout would cut long SSE streams.
-            timeout=aiohttp.ClientTimeout(total=None, connect=max(timeout, connect_timeout),
-                                          sock_connect=connect_timeout, sock_read=timeout),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=max(timeout, connect_timeout),
+                sock_connect=connect_timeout,
+                sock_read=timeout,
+            ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
@@ -121,10 +162,16 @@ class _AiohttpBackend:
 
     async def open(self, method: str, url: str, headers: Headers, body: Body) -> _AiohttpResp:
         # encoded=True: the path goes out byte for byte as the middleware normalised it.
-        return _AiohttpResp(await self._session.request(
-            method, URL(url, encoded=True), headers=headers, data=body,
-            allow_redirects=False, auto_decompress=False,
-        ))
+        return _AiohttpResp(
+            await self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
+        )
 
     async def aclose(self) -> None:
         await self._session.close()
@@ -157,9 +204,11 @@ class _HttpxBackend:
         self.FAILURE: Errors = (httpx.TransportError, OSError)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections,
-                                keepalive_expiry=_KEEPALIVE_S),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=_KEEPALIVE_S,
+            ),
             follow_redirects=False,
             trust_env=False,
             # Refuse every cookie: one shared client must not carry a caller's cookies
@@ -241,7 +290,9 @@ class UpstreamProxy:
         self._max_buffered = max_buffered_body
         self.client: Client = client
         self._client_cls: type[_Backend] = {
-            "lean": LeanBackend, "aiohttp": _AiohttpBackend, "httpx": _HttpxBackend,
+            "lean": LeanBackend,
+            "aiohttp": _AiohttpBackend,
+            "httpx": _HttpxBackend,
         }[client]
         self._client_args = (timeout, connect_timeout, max_connections)
         self._backends: dict[asyncio.AbstractEventLoop, _Backend] = {}
@@ -275,8 +326,9 @@ class UpstreamProxy:
 
     def _url(self, scope: Scope) -> str:
         raw_path: bytes | None = scope.get("raw_path")
-        path = (raw_path.decode("latin-1") if raw_path
-                else quote(scope["path"], safe="/:@!$&'()*+,;=~"))
+        path = (
+            raw_path.decode("latin-1") if raw_path else quote(scope["path"], safe="/:@!$&'()*+,;=~")
+        )
         query: bytes = scope.get("query_string", b"")
         return f"{self._base}{path}?{query.decode('latin-1')}" if query else self._base + path
 
@@ -364,8 +416,7 @@ class UpstreamProxy:
             await resp.aclose()
 
     @staticmethod
-    async def _stream_body(first: bytes, receive: Receive, upload: _Upload
-                           ) -> AsyncIterator[bytes]:
+    async def _stream_body(first: bytes, receive: Receive, upload: _Upload) -> AsyncIterator[bytes]:
         if first:
             yield first
         while True:
@@ -379,12 +430,22 @@ class UpstreamProxy:
                 upload.done = True
                 return
 
-    async def _respond(self, scope: Scope, resp: _Resp, backend: _Backend,
-                       receive: Receive, send: Send, upload: _Upload) -> None:
+    async def _respond(
+        self,
+        scope: Scope,
+        resp: _Resp,
+        backend: _Backend,
+        receive: Receive,
+        send: Send,
+        upload: _Upload,
+    ) -> None:
         state = scope["state"]
         named = _connection_tokens(resp.raw_headers)
-        headers = [(lname, value) for name, value in resp.raw_headers
-                   if (lname := name.lower()) not in HOP_BY_HOP and lname not in named]
+        headers = [
+            (lname, value)
+            for name, value in resp.raw_headers
+            if (lname := name.lower()) not in HOP_BY_HOP and lname not in named
+        ]
         start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         if scope["method"] == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             await send(start)

@@ -32,8 +32,9 @@ class UpstreamClosed(UpstreamError):
 class Connection(asyncio.Protocol):
     """One upstream connection; it carries one exchange at a time."""
 
-    def __init__(self, pool: Pool[Connection], origin: Origin,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, pool: Pool[Connection], origin: Origin, loop: asyncio.AbstractEventLoop
+    ) -> None:
         self.pool = pool
         self.loop = loop
         self.origin = origin
@@ -66,8 +67,11 @@ class Connection(asyncio.Protocol):
             self.abort(UpstreamError("upstream switched protocols, which was not asked for"))
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            self.abort(cause if isinstance(cause, UpstreamError)
-                       else UpstreamError(f"malformed upstream response: {exc}"))
+            self.abort(
+                cause
+                if isinstance(cause, UpstreamError)
+                else UpstreamError(f"malformed upstream response: {exc}")
+            )
 
     def eof_received(self) -> bool | None:
         resp = self.resp
@@ -165,7 +169,7 @@ class Connection(asyncio.Protocol):
             # The parser cannot be told this answers a HEAD: it would wait for the body the
             # headers announce. The response ends here; a fresh parser takes the next one.
             resp.complete = True
-            resp.keep_alive = (self.parser.get_http_version() == "1.1" and not conn_close)
+            resp.keep_alive = self.parser.get_http_version() == "1.1" and not conn_close
             self.dirty = True
         if status >= 300 or not resp.keep_alive:
             self._wake_writer(None)  # an upload waiting on a server that will not read: stop
@@ -197,10 +201,29 @@ class LeanResponse:
     """An upstream response: ``status``, ``raw_headers``, and the body via ``read()`` or
     ``chunks()``. ``aclose()`` must follow: it pools or closes the connection."""
 
-    __slots__ = ("_conn", "_error", "_loop", "_timeout", "_timer", "_wait_since", "_waiter",
-                 "buffered", "complete", "content_length", "head_bytes", "head_only",
-                 "headers_done", "keep_alive", "pieces", "raw_headers", "reading_paused",
-                 "received", "status", "until_eof", "uploader")
+    __slots__ = (
+        "_conn",
+        "_error",
+        "_loop",
+        "_timeout",
+        "_timer",
+        "_wait_since",
+        "_waiter",
+        "buffered",
+        "complete",
+        "content_length",
+        "head_bytes",
+        "head_only",
+        "headers_done",
+        "keep_alive",
+        "pieces",
+        "raw_headers",
+        "reading_paused",
+        "received",
+        "status",
+        "until_eof",
+        "uploader",
+    )
 
     def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
         self._loop = conn.loop
@@ -312,8 +335,13 @@ class LeanResponse:
         if uploading:
             assert self.uploader is not None
             self.uploader.cancel()
-        if (self.complete and self.keep_alive and self._error is None and not conn.closed
-                and not uploading):
+        if (
+            self.complete
+            and self.keep_alive
+            and self._error is None
+            and not conn.closed
+            and not uploading
+        ):
             conn.resp = None
             if conn.dirty:
                 conn.parser = httptools.HttpResponseParser(conn)

@@ -62,8 +62,15 @@ class LeanBackend:
     TIMEOUT: tuple[type[BaseException], ...] = (TimeoutError,)
     FAILURE: tuple[type[BaseException], ...] = (OSError,)  # UpstreamError, refused, reset, TLS
 
-    def __init__(self, timeout: float, connect_timeout: float, max_connections: int, *,
-                 keepalive: float = 4.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        timeout: float,
+        connect_timeout: float,
+        max_connections: int,
+        *,
+        keepalive: float = 4.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.loop = asyncio.get_running_loop()
@@ -95,15 +102,24 @@ class LeanBackend:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await self.loop.create_connection(
-                    lambda: Connection(self.pool, origin, self.loop), origin.host, origin.port,
-                    ssl=context, server_hostname=origin.host if context else None,
+                    lambda: Connection(self.pool, origin, self.loop),
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context else None,
                 )
         except TimeoutError:
             raise TimeoutError(f"connecting to {origin.host}:{origin.port} timed out") from None
         return conn
 
-    def _head(self, method: str, target: str, origin: Origin, headers: list[tuple[str, str]],
-              body: bytes | AsyncIterator[bytes] | None) -> tuple[bytes, int | None]:
+    def _head(
+        self,
+        method: str,
+        target: str,
+        origin: Origin,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> tuple[bytes, int | None]:
         """The request head, and the body length it declares (None for chunked)."""
         lines = [f"{method} {target} HTTP/1.1\r\n"]
         host = length = None
@@ -134,8 +150,13 @@ class LeanBackend:
             raise ValueError("CR or LF in a request header name, value, method or target")
         return text.encode("latin-1"), length
 
-    async def open(self, method: str, url: str, headers: list[tuple[str, str]],
-                   body: bytes | AsyncIterator[bytes] | None) -> LeanResponse:
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> LeanResponse:
         """Send the request; return once the final response's headers are in."""
         match = _URL.fullmatch(url)
         if match is None:
@@ -159,16 +180,21 @@ class LeanBackend:
             try:
                 if streamed:
                     writer = _BodyWriter(conn, resp, length, self.timeout)
-                    resp.uploader = self.loop.create_task(
-                        writer.run(head, body))  # type: ignore[arg-type]
+                    resp.uploader = self.loop.create_task(writer.run(head, body))  # type: ignore[arg-type]
                 else:
                     transport.write(head)
                 while not resp.headers_done:
                     await resp.wait()
             except BaseException as exc:
                 resp.close()
-                if (attempt == 0 and reused and isinstance(exc, UpstreamClosed)
-                        and not resp.received and not streamed and method in _IDEMPOTENT):
+                if (
+                    attempt == 0
+                    and reused
+                    and isinstance(exc, UpstreamClosed)
+                    and not resp.received
+                    and not streamed
+                    and method in _IDEMPOTENT
+                ):
                     continue  # the keep-alive race: see the module docstring
                 raise
             return resp
@@ -190,8 +216,9 @@ class _BodyWriter:
 
     __slots__ = ("buf", "buffered", "conn", "flush_at", "length", "resp", "sent", "timeout")
 
-    def __init__(self, conn: Connection, resp: LeanResponse, length: int | None,
-                 timeout: float) -> None:
+    def __init__(
+        self, conn: Connection, resp: LeanResponse, length: int | None, timeout: float
+    ) -> None:
         self.conn, self.resp, self.length, self.timeout = conn, resp, length, timeout
         self.sent = self.buffered = 0
         self.buf: list[bytes] = []
@@ -219,8 +246,9 @@ class _BodyWriter:
             await _close_body(body)
             raise
         except Exception as exc:
-            conn.abort(exc if isinstance(exc, OSError)
-                       else UpstreamError(f"request body failed: {exc!r}"))
+            conn.abort(
+                exc if isinstance(exc, OSError) else UpstreamError(f"request body failed: {exc!r}")
+            )
         finally:
             self.flush()
         await _close_body(body)

@@ -193,9 +193,7 @@ class _RedisSession:
     ) -> None:
         if outcome not in _FINAL:
             return  # an ignored event is re-evaluated when delivered again
-        await self.client.set(
-            f"{self.prefix}:stripe:evt:{ev.id}", outcome, ex=REDIS_RECORD_TTL_S
-        )
+        await self.client.set(f"{self.prefix}:stripe:evt:{ev.id}", outcome, ex=REDIS_RECORD_TTL_S)
         if outcome == "applied" and org and ev.type.startswith("customer.subscription."):
             await self.client.set(f"{self.prefix}:stripe:sub:{org}", f"{ev.created}:{object_id}")
 

@@ -89,20 +89,34 @@ class Exchange:
         return last["type"] == "http.response.body" and not last.get("more_body", False)
 
 
-def make_scope(method: str, path: str, query: bytes = b"",
-               headers: Sequence[tuple[bytes, bytes]] = ()) -> dict[str, Any]:
+def make_scope(
+    method: str, path: str, query: bytes = b"", headers: Sequence[tuple[bytes, bytes]] = ()
+) -> dict[str, Any]:
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-        "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-        "query_string": query, "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "root_path": "",
         "headers": [(b"host", b"public.example"), *headers],
-        "client": ("10.0.0.9", 50000), "server": ("127.0.0.1", 8000),
+        "client": ("10.0.0.9", 50000),
+        "server": ("127.0.0.1", 8000),
     }
 
 
-async def call(app: UpstreamProxy, method: str, path: str, *, query: bytes = b"",
-               headers: Sequence[tuple[bytes, bytes]] = (), body: Sequence[bytes] = (b"",),
-               ) -> Exchange:
+async def call(
+    app: UpstreamProxy,
+    method: str,
+    path: str,
+    *,
+    query: bytes = b"",
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    body: Sequence[bytes] = (b"",),
+) -> Exchange:
     """Run one request whose client sends ``body`` in those pieces and never disconnects."""
     exchange = Exchange(make_scope(method, path, query, headers))
     chunks = list(body)
@@ -141,15 +155,26 @@ async def test_get_echo_forwards_path_query_and_cleans_headers(
 ) -> None:
     sent = [
         (b"connection", b"keep-alive, x-dropped-by-connection, x-creditgate-org"),
-        (b"x-dropped-by-connection", b"1"), (b"keep-alive", b"timeout=5"),
-        (b"te", b"trailers"), (b"upgrade", b"h2c"), (b"proxy-authorization", b"Basic eA=="),
-        (b"trailer", b"x-t"), (b"proxy-connection", b"keep-alive"),
-        (b"x-http-method-override", b"DELETE"), (b"x-http-method", b"DELETE"),
-        (b"x-method-override", b"DELETE"), (b"x-original-url", b"/admin"),
-        (b"x-rewrite-url", b"/admin"), (b"x-forwarded-for", b"1.2.3.4"),
-        (b"x-forwarded-proto", b"https"), (b"x-forwarded-host", b"evil.example"),
-        (b"x-creditgate-org", b"org_1"), (b"authorization", b"Bearer cg_x"),
-        (b"x-custom", b"a"), (b"x-custom", b"b"), (b"accept-encoding", b"identity"),
+        (b"x-dropped-by-connection", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"te", b"trailers"),
+        (b"upgrade", b"h2c"),
+        (b"proxy-authorization", b"Basic eA=="),
+        (b"trailer", b"x-t"),
+        (b"proxy-connection", b"keep-alive"),
+        (b"x-http-method-override", b"DELETE"),
+        (b"x-http-method", b"DELETE"),
+        (b"x-method-override", b"DELETE"),
+        (b"x-original-url", b"/admin"),
+        (b"x-rewrite-url", b"/admin"),
+        (b"x-forwarded-for", b"1.2.3.4"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-forwarded-host", b"evil.example"),
+        (b"x-creditgate-org", b"org_1"),
+        (b"authorization", b"Bearer cg_x"),
+        (b"x-custom", b"a"),
+        (b"x-custom", b"b"),
+        (b"accept-encoding", b"identity"),
     ]
     ex = await call(proxy, "GET", "/echo/a/b", query=b"x=1&y=%20z", headers=sent)
     assert ex.status == 200 and ex.ended()
@@ -158,10 +183,25 @@ async def test_get_echo_forwards_path_query_and_cleans_headers(
     assert echo["raw_path"] == "/echo/a/b" and echo["query_string"] == "x=1&y=%20z"
     got = [(k, v) for k, v in echo["headers"]]
     names = {k for k, _ in got}
-    dropped = {"connection", "keep-alive", "te", "upgrade", "proxy-authorization", "trailer",
-               "proxy-connection", "x-dropped-by-connection", "x-http-method-override",
-               "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url",
-               "transfer-encoding", "content-length", "user-agent", "accept"}
+    dropped = {
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+        "trailer",
+        "proxy-connection",
+        "x-dropped-by-connection",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "transfer-encoding",
+        "content-length",
+        "user-agent",
+        "accept",
+    }
     assert not names & dropped
     assert dict(got)["host"] == upstream.removeprefix("http://")
     assert dict(got)["x-forwarded-for"] == "1.2.3.4, 10.0.0.9"
@@ -179,8 +219,13 @@ async def test_get_echo_forwards_path_query_and_cleans_headers(
 
 async def test_post_small_body_in_pieces(proxy: UpstreamProxy) -> None:
     body = [b"hello ", b"wor", b"ld"]
-    ex = await call(proxy, "POST", "/echo/p", body=body,
-                    headers=[(b"content-length", b"11"), (b"content-type", b"text/plain")])
+    ex = await call(
+        proxy,
+        "POST",
+        "/echo/p",
+        body=body,
+        headers=[(b"content-length", b"11"), (b"content-type", b"text/plain")],
+    )
     echo = json.loads(ex.body)
     assert echo["method"] == "POST" and echo["body"] == "hello world"
     assert dict(echo["headers"])["content-length"] == "11"
@@ -269,9 +314,10 @@ async def test_sse_end_to_end_through_uvicorn(upstream: str, kind: str) -> None:
     gate = uuid.uuid4().hex
     app = UpstreamProxy(upstream, client=kind)  # type: ignore[arg-type]
     with serve_in_thread(app) as proxy_url:
-        async with httpx.AsyncClient(timeout=5) as client, client.stream(
-            "GET", f"{proxy_url}/sse?n=3&gate={gate}"
-        ) as response:
+        async with (
+            httpx.AsyncClient(timeout=5) as client,
+            client.stream("GET", f"{proxy_url}/sse?n=3&gate={gate}") as response,
+        ):
             assert response.status_code == 200
             chunks = response.aiter_raw()
             first = await asyncio.wait_for(anext(chunks), 5)
@@ -287,11 +333,15 @@ async def test_large_request_body_streams(proxy: UpstreamProxy, declared: bool) 
     upload_id = uuid.uuid4().hex
     pieces = [os.urandom(64 * 1024) for _ in range(32)]  # 2 MiB
     total = sum(map(len, pieces))
-    exchange = Exchange(make_scope(
-        "POST", f"/upload/{upload_id}",
-        headers=[(b"content-length", str(total).encode())] if declared
-        else [(b"transfer-encoding", b"chunked")],
-    ))
+    exchange = Exchange(
+        make_scope(
+            "POST",
+            f"/upload/{upload_id}",
+            headers=[(b"content-length", str(total).encode())]
+            if declared
+            else [(b"transfer-encoding", b"chunked")],
+        )
+    )
     sent = 0
     upstream_had_bytes_midway: list[bool] = []
 
@@ -305,8 +355,11 @@ async def test_large_request_body_streams(proxy: UpstreamProxy, declared: bool) 
             )
         if sent < len(pieces):
             sent += 1
-            return {"type": "http.request", "body": pieces[sent - 1],
-                    "more_body": sent < len(pieces)}
+            return {
+                "type": "http.request",
+                "body": pieces[sent - 1],
+                "more_body": sent < len(pieces),
+            }
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
@@ -323,8 +376,9 @@ async def test_large_request_body_streams(proxy: UpstreamProxy, declared: bool) 
 
 async def test_client_disconnect_during_upload_is_a_5xx(proxy: UpstreamProxy) -> None:
     upload_id = uuid.uuid4().hex
-    exchange = Exchange(make_scope("POST", f"/upload/{upload_id}",
-                                   headers=[(b"transfer-encoding", b"chunked")]))
+    exchange = Exchange(
+        make_scope("POST", f"/upload/{upload_id}", headers=[(b"transfer-encoding", b"chunked")])
+    )
     pieces = [b"x" * 65536] * 4
 
     async def receive() -> Message:
@@ -342,8 +396,13 @@ async def test_client_disconnect_during_upload_is_a_5xx(proxy: UpstreamProxy) ->
 async def test_content_length_with_chunked_is_not_forwarded(proxy: UpstreamProxy) -> None:
     # Both framings: the body we relay was framed by chunking, so Content-Length must go.
     upload_id = uuid.uuid4().hex
-    ex = await call(proxy, "POST", f"/upload/{upload_id}", body=[b"x" * 70000, b"y" * 30],
-                    headers=[(b"content-length", b"5"), (b"transfer-encoding", b"chunked")])
+    ex = await call(
+        proxy,
+        "POST",
+        f"/upload/{upload_id}",
+        body=[b"x" * 70000, b"y" * 30],
+        headers=[(b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
+    )
     result = json.loads(ex.body)
     assert result["len"] == 70030 and result["content_length"] is None
 
@@ -367,8 +426,9 @@ def _dead_port() -> int:
 async def test_upstream_down_is_502_problem(kind: str) -> None:
     app = UpstreamProxy(f"http://127.0.0.1:{_dead_port()}", client=kind)  # type: ignore[arg-type]
     try:
-        ex = await call(app, "POST", "/api/v1/leads/generate", body=[b"{}"],
-                        headers=[(b"content-length", b"2")])
+        ex = await call(
+            app, "POST", "/api/v1/leads/generate", body=[b"{}"], headers=[(b"content-length", b"2")]
+        )
     finally:
         await app.aclose()
     assert ex.status == 502 and ex.header(b"content-type") == b"application/problem+json"
@@ -473,8 +533,10 @@ async def test_lifespan_shutdown_closes_the_session(upstream: str, kind: str) ->
         outbox.append(dict(message))
 
     await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-    assert [m["type"] for m in outbox] == ["lifespan.startup.complete",
-                                            "lifespan.shutdown.complete"]
+    assert [m["type"] for m in outbox] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
     assert _is_closed(session) and not app._backends
 
 
@@ -490,16 +552,30 @@ async def test_send_problem_writes_rfc9457_with_facts() -> None:
     async def send(message: Message) -> None:
         sent.append(dict(message))
 
-    await send_problem(send, 429, "rate_limited", "Too Many Requests",
-                       "Slow down.", headers=[(b"ratelimit-limit", b"60")],
-                       feature="lead_generation", retry_after=2.2, balance=None)
+    await send_problem(
+        send,
+        429,
+        "rate_limited",
+        "Too Many Requests",
+        "Slow down.",
+        headers=[(b"ratelimit-limit", b"60")],
+        feature="lead_generation",
+        retry_after=2.2,
+        balance=None,
+    )
     headers = dict(sent[0]["headers"])
     assert sent[0]["status"] == 429 and headers[b"content-type"] == b"application/problem+json"
     assert headers[b"retry-after"] == b"3" and headers[b"ratelimit-limit"] == b"60"
     assert int(headers[b"content-length"]) == len(sent[1]["body"])
     doc = json.loads(sent[1]["body"])
-    assert doc == {"type": "https://creditgate.dev/problems/rate_limited",
-                   "title": "Too Many Requests", "status": 429, "detail": "Slow down.",
-                   "code": "rate_limited", "feature": "lead_generation", "retry_after": 2.2}
+    assert doc == {
+        "type": "https://creditgate.dev/problems/rate_limited",
+        "title": "Too Many Requests",
+        "status": 429,
+        "detail": "Slow down.",
+        "code": "rate_limited",
+        "feature": "lead_generation",
+        "retry_after": 2.2,
+    }
     with pytest.raises(ValueError):
         problem_body(402, "insufficient_tokens", "t", "d", type="x")

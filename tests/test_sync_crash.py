@@ -46,6 +46,20 @@ GROUP = "creditgate-sync"
 
 # -- helpers ----------------------------------------------------------------------------
 
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_workers() -> Iterator[None]:
+    """Kill every worker process a test started and left running (a failed assertion
+    must not leave a sync worker polling the shared Redis after the test)."""
+    yield
+    while _SPAWNED:
+        proc = _SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
 
 async def fill(redis: Any, ks: KeySpace, events: list[dict[str, str]]) -> None:
     for start in range(0, len(events), 2000):
@@ -94,7 +108,9 @@ def spawn(
     ]
     # stderr goes to a file: a pipe nobody reads could fill up and stall the worker.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the process object
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    _SPAWNED.append(proc)
+    return proc
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], within: float = 30) -> int:

@@ -62,12 +62,12 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str
 
 
 def response(body: bytes, status: int = 200, extra: str = "") -> bytes:
-    return (f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
-            .encode() + body)
+    return f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-async def echo_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       cid: int) -> None:
+async def echo_forever(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+) -> None:
     """Keep-alive echo: answers ``cid:method:target:body length`` until the client leaves."""
     while True:
         try:
@@ -134,8 +134,13 @@ async def backend() -> AsyncIterator[LeanBackend]:
     await client.aclose()
 
 
-async def get(client: LeanBackend, url: str, method: str = "GET",
-              headers: list[tuple[str, str]] | None = None, body: Any = None) -> tuple[int, bytes]:
+async def get(
+    client: LeanBackend,
+    url: str,
+    method: str = "GET",
+    headers: list[tuple[str, str]] | None = None,
+    body: Any = None,
+) -> tuple[int, bytes]:
     resp = await client.open(method, url, headers or [], body)
     try:
         return resp.status, await resp.read()
@@ -152,6 +157,7 @@ async def until(predicate: Callable[[], object], seconds: float = 2.0) -> bool:
 
 
 # -- pool -----------------------------------------------------------------------------------
+
 
 async def test_keepalive_reuses_one_connection(backend: LeanBackend) -> None:
     async with RawServer() as server:
@@ -236,10 +242,8 @@ async def test_idle_connection_closed_after_keepalive() -> None:
 
 
 @pytest.mark.parametrize("how", ["eof_when_idle", "connection_close", "http10"])
-async def test_connection_the_server_closes_is_not_reused(backend: LeanBackend,
-                                                          how: str) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      cid: int) -> None:
+async def test_connection_the_server_closes_is_not_reused(backend: LeanBackend, how: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await read_request(reader)
         if how == "connection_close":
             writer.write(response(b"bye", extra="connection: close\r\n"))
@@ -263,12 +267,12 @@ async def test_connection_the_server_closes_is_not_reused(backend: LeanBackend,
 
 # -- keep-alive race retry ------------------------------------------------------------------
 
+
 def race_server() -> tuple[Handler, list[str]]:
     """Answers a connection's first request; closes it on the second without answering."""
     seen: list[str] = []
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      cid: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         method, _, _, _ = await read_request(reader)
         seen.append(method)
         writer.write(response(f"{cid}".encode()))
@@ -314,8 +318,9 @@ async def test_streamed_body_is_never_replayed(backend: LeanBackend) -> None:
 
 
 async def test_fresh_connection_failure_is_not_retried(backend: LeanBackend) -> None:
-    async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            cid: int) -> None:
+    async def close_at_once(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
         await read_request(reader)
 
     async with RawServer(close_at_once) as server:
@@ -325,6 +330,7 @@ async def test_fresh_connection_failure_is_not_retried(backend: LeanBackend) -> 
 
 
 # -- request --------------------------------------------------------------------------------
+
 
 async def test_head_and_small_body_in_one_write(backend: LeanBackend) -> None:
     async with RawServer() as server:
@@ -339,8 +345,9 @@ async def test_head_and_small_body_in_one_write(backend: LeanBackend) -> None:
             real(data)
 
         conn.transport.write = counting  # type: ignore[method-assign]
-        status, body = await get(backend, f"{server.url}/p", "POST",
-                                 [("content-type", "text/plain")], b"hello")
+        status, body = await get(
+            backend, f"{server.url}/p", "POST", [("content-type", "text/plain")], b"hello"
+        )
         assert (status, body) == (200, b"1:POST:/p:5")
         assert len(writes) == 1 and writes[0].endswith(b"\r\n\r\nhello")
         assert b"content-length: 5\r\n" in writes[0] and b"content-type: text/plain" in writes[0]
@@ -349,8 +356,7 @@ async def test_head_and_small_body_in_one_write(backend: LeanBackend) -> None:
 async def test_request_head_framing(backend: LeanBackend) -> None:
     heads: list[dict[str, str]] = []
 
-    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def record(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         while True:
             _, _, headers, body = await read_request(reader)
             heads.append(headers)
@@ -365,8 +371,9 @@ async def test_request_head_framing(backend: LeanBackend) -> None:
         await get(backend, f"{server.url}/x?q=1")  # GET without body: no framing headers
         await get(backend, f"{server.url}/x", "POST")  # POST without body: length 0
         assert await get(backend, f"{server.url}/x", "POST", body=stream()) == (200, b"abcd")
-        assert await get(backend, f"{server.url}/x", "PUT", [("Content-Length", "4")],
-                         stream()) == (200, b"abcd")
+        assert await get(
+            backend, f"{server.url}/x", "PUT", [("Content-Length", "4")], stream()
+        ) == (200, b"abcd")
         await get(backend, f"{server.url}/x", headers=[("host", "virtual.example")])
     assert "content-length" not in heads[0] and "transfer-encoding" not in heads[0]
     assert heads[0]["host"] == f"127.0.0.1:{server.port}"
@@ -383,8 +390,9 @@ async def test_streamed_body_must_match_its_length(backend: LeanBackend) -> None
     async with RawServer() as server:
         for data in (b"toolong", b"ab"):
             with pytest.raises(UpstreamError, match=r"Content-Length|ended at"):
-                await get(backend, f"{server.url}/", "POST", [("content-length", "4")],
-                          stream(data))
+                await get(
+                    backend, f"{server.url}/", "POST", [("content-length", "4")], stream(data)
+                )
         assert backend.pool.size == 0  # a connection out of step is never pooled
 
 
@@ -401,8 +409,9 @@ async def test_upload_waits_for_the_socket_to_drain(backend: LeanBackend) -> Non
     total = 1024 * len(piece)  # 64 MiB offered; far more than socket buffers hold
     produced = 0
 
-    async def late_reader(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          cid: int) -> None:
+    async def late_reader(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
         await reader.readuntil(b"\r\n\r\n")
         await reading.wait()
         got = 0
@@ -417,8 +426,9 @@ async def test_upload_waits_for_the_socket_to_drain(backend: LeanBackend) -> Non
             yield piece
 
     async with RawServer(late_reader) as server:
-        task = asyncio.create_task(get(backend, f"{server.url}/up", "PUT",
-                                       [("content-length", str(total))], body()))
+        task = asyncio.create_task(
+            get(backend, f"{server.url}/up", "PUT", [("content-length", str(total))], body())
+        )
         await asyncio.sleep(0.3)
         held = produced
         assert held < total // 4  # paused: the producer is not drained into memory
@@ -427,8 +437,7 @@ async def test_upload_waits_for_the_socket_to_drain(backend: LeanBackend) -> Non
 
 
 async def test_early_answer_stops_the_upload(backend: LeanBackend) -> None:
-    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(response(b"too big", 413))
         await writer.drain()
@@ -455,12 +464,12 @@ async def test_early_answer_stops_the_upload(backend: LeanBackend) -> None:
 
 
 async def test_full_duplex_upload_goes_on_after_a_2xx(backend: LeanBackend) -> None:
-    async def duplex(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def duplex(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         while True:
             await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                         b"6\r\nstart;\r\n")  # answers before reading the body
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n6\r\nstart;\r\n"
+            )  # answers before reading the body
             await writer.drain()
             size = 0
             while chunk := int((await reader.readuntil(b"\r\n")).strip(), 16):
@@ -490,14 +499,16 @@ async def test_full_duplex_upload_goes_on_after_a_2xx(backend: LeanBackend) -> N
 
 # -- response -------------------------------------------------------------------------------
 
+
 async def test_body_framings(backend: LeanBackend) -> None:
-    async def framed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def framed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         while True:
             _, target, _, _ = await read_request(reader)
             if target == "/chunked":
-                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                             b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                    b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+                )
             elif target == "/length":
                 writer.write(response(b"12345"))
             elif target == "/gzip-te":  # a coding without chunked: the body ends with the close
@@ -528,10 +539,12 @@ async def test_body_framings(backend: LeanBackend) -> None:
 
 
 @pytest.mark.parametrize("status", [204, 304])
-async def test_bodiless_statuses_and_head_keep_the_connection(backend: LeanBackend,
-                                                              status: int) -> None:
-    async def bodiless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       cid: int) -> None:
+async def test_bodiless_statuses_and_head_keep_the_connection(
+    backend: LeanBackend, status: int
+) -> None:
+    async def bodiless(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
         while True:
             method, _, _, _ = await read_request(reader)
             if method == "HEAD":  # announces a body it does not send
@@ -555,8 +568,9 @@ async def test_bodiless_statuses_and_head_keep_the_connection(backend: LeanBacke
 
 
 async def test_informational_responses_are_skipped(backend: LeanBackend) -> None:
-    async def continue_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                             cid: int) -> None:
+    async def continue_first(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -577,8 +591,9 @@ async def test_informational_responses_are_skipped(backend: LeanBackend) -> None
         yield b"12345"
 
     async with RawServer(continue_first) as server:
-        resp = await asyncio.wait_for(backend.open(
-            "POST", f"{server.url}/", [("expect", "100-continue")], body()), 2)
+        resp = await asyncio.wait_for(
+            backend.open("POST", f"{server.url}/", [("expect", "100-continue")], body()), 2
+        )
         assert resp.status == 200 and resp.raw_headers[-1] == (b"x-final", b"1")
         assert not any(n == b"link" for n, _ in resp.raw_headers)
         assert await resp.read() == b"5:True"
@@ -613,8 +628,7 @@ async def test_reading_pauses_when_the_consumer_is_behind(backend: LeanBackend) 
     size = 8 * 1024 * 1024
     data = bytes(range(256)) * (size // 256)
 
-    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    cid: int) -> None:
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await read_request(reader)
         writer.write(response(data))
         await writer.drain()
@@ -631,11 +645,15 @@ async def test_reading_pauses_when_the_consumer_is_behind(backend: LeanBackend) 
         assert backend.pool.idle_count() == 1
 
 
-@pytest.mark.parametrize("garbage", [b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
-                                     b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
-                                     b"not http\r\n\r\n",
-                                     b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n"
-                                     b"transfer-encoding: chunked\r\n\r\n"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n",
+        b"not http\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n",
+    ],
+)
 async def test_malformed_response_is_an_error(backend: LeanBackend, garbage: bytes) -> None:
     async def bad(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await read_request(reader)
@@ -651,9 +669,9 @@ async def test_malformed_response_is_an_error(backend: LeanBackend, garbage: byt
 
 # -- timeouts and errors --------------------------------------------------------------------
 
+
 async def test_read_timeout_on_headers_and_between_chunks() -> None:
-    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    cid: int) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         _, target, _, _ = await read_request(reader)
         if target == "/mid":
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nab\r\n")
@@ -679,8 +697,7 @@ async def test_read_timeout_on_headers_and_between_chunks() -> None:
 
 
 async def test_connect_timeout_and_refused_map_to_the_proxy_errors(tmp_path: Path) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await asyncio.sleep(2)  # accepts TCP, never answers the TLS handshake
 
     client = LeanBackend(timeout=2.0, connect_timeout=0.2, max_connections=4)
@@ -701,8 +718,7 @@ async def test_connect_timeout_and_refused_map_to_the_proxy_errors(tmp_path: Pat
 
 
 async def test_proxy_maps_connect_timeout_to_504() -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     cid: int) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await asyncio.sleep(2)
 
     async with RawServer(silent) as server:
@@ -717,27 +733,41 @@ async def test_proxy_maps_connect_timeout_to_504() -> None:
 
 # -- TLS ------------------------------------------------------------------------------------
 
+
 def tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """A self-signed certificate for 127.0.0.1/localhost: (server context, client context)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "creditgate test")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-        ]), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
+            ),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert_file, key_file)
     return server, ssl.create_default_context(cafile=str(cert_file))
@@ -745,8 +775,9 @@ def tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 async def test_https_upstream(tmp_path: Path) -> None:
     server_ctx, client_ctx = tls_contexts(tmp_path)
-    client = LeanBackend(timeout=2.0, connect_timeout=2.0, max_connections=4,
-                         ssl_context=client_ctx)
+    client = LeanBackend(
+        timeout=2.0, connect_timeout=2.0, max_connections=4, ssl_context=client_ctx
+    )
     untrusting = LeanBackend(timeout=2.0, connect_timeout=2.0, max_connections=4)
     try:
         async with RawServer(tls=server_ctx) as server:
@@ -764,8 +795,7 @@ async def test_https_upstream(tmp_path: Path) -> None:
         await untrusting.aclose()
 
 
-async def test_proxy_to_https_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                       ) -> None:
+async def test_proxy_to_https_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server_ctx, client_ctx = tls_contexts(tmp_path)
     monkeypatch.setattr(upstream_lean, "default_ssl_context", lambda: client_ctx)
     async with RawServer(tls=server_ctx) as server:
@@ -779,11 +809,11 @@ async def test_proxy_to_https_upstream(tmp_path: Path, monkeypatch: pytest.Monke
 
 # -- lifecycle ------------------------------------------------------------------------------
 
+
 async def test_aclose_closes_idle_and_busy_connections() -> None:
     client = LeanBackend(timeout=5.0, connect_timeout=1.0, max_connections=4)
 
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      cid: int) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         while True:
             _, target, _, _ = await read_request(reader)
             if target == "/hold":
@@ -806,8 +836,9 @@ async def test_aclose_closes_idle_and_busy_connections() -> None:
 
 
 async def test_cancelled_exchange_is_never_pooled(backend: LeanBackend) -> None:
-    async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                          cid: int) -> None:
+    async def slow_stream(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
         while True:
             await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
@@ -816,6 +847,7 @@ async def test_cancelled_exchange_is_never_pooled(backend: LeanBackend) -> None:
             return
 
     async with RawServer(slow_stream) as server:
+
         async def consume() -> None:
             resp = await backend.open("GET", f"{server.url}/", [], None)
             try:
@@ -832,8 +864,9 @@ async def test_cancelled_exchange_is_never_pooled(backend: LeanBackend) -> None:
         assert backend.pool.size == 0
 
         # Cancelled while waiting for the headers: the connection is dropped too.
-        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         cid: int) -> None:
+        async def silent(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+        ) -> None:
             await reader.readuntil(b"\r\n\r\n")
             await reader.read()
 
@@ -861,8 +894,7 @@ def test_one_proxy_serves_several_event_loops() -> None:
         assert shared.client == "lean"
         asyncio.run(calls(shared))
         asyncio.run(calls(shared))  # the first loop is closed: its backend is replaced
-        threads = [threading.Thread(target=asyncio.run, args=(calls(shared),))
-                   for _ in range(3)]
+        threads = [threading.Thread(target=asyncio.run, args=(calls(shared),)) for _ in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -870,14 +902,23 @@ def test_one_proxy_serves_several_event_loops() -> None:
     assert results == [200] * 15
 
 
-async def proxy_call(app: UpstreamProxy, method: str, path: str
-                     ) -> tuple[int, bytes, dict[str, Any]]:
+async def proxy_call(
+    app: UpstreamProxy, method: str, path: str
+) -> tuple[int, bytes, dict[str, Any]]:
     """Call the proxy as an ASGI app with an empty request body."""
     scope: dict[str, Any] = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-        "root_path": "", "headers": [(b"host", b"public.example")],
-        "client": ("10.0.0.9", 1), "server": ("127.0.0.1", 2),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"public.example")],
+        "client": ("10.0.0.9", 1),
+        "server": ("127.0.0.1", 2),
     }
     sent: list[dict[str, Any]] = []
     first = True
@@ -907,4 +948,5 @@ def test_config_knob_picks_the_client() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(base + "upstream_client: curl\n", "c.yaml")
     assert caught.value.errors == [
-        "c.yaml: upstream_client: must be 'lean', 'aiohttp' or 'httpx', got 'curl'"]
+        "c.yaml: upstream_client: must be 'lean', 'aiohttp' or 'httpx', got 'curl'"
+    ]

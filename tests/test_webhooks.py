@@ -78,9 +78,7 @@ def checkout(
         "metadata": {} if price is None else {"price_id": price},
     }  # fmt: skip
     if line_items is not None:
-        obj["line_items"] = {
-            "data": [{"price": {"id": p}, "quantity": q} for p, q in line_items]
-        }
+        obj["line_items"] = {"data": [{"price": {"id": p}, "quantity": q} for p, q in line_items]}
     return event(etype, obj)
 
 

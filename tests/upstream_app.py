@@ -60,16 +60,20 @@ def _gate(name: str) -> asyncio.Event:
 
 async def echo(request: Request) -> JSONResponse:
     body = await request.body()
-    return JSONResponse({
-        "method": request.method,
-        "path": request.url.path,
-        "raw_path": request.scope["raw_path"].decode("latin-1"),
-        "query_string": request.scope["query_string"].decode("latin-1"),
-        "headers": [[k.decode("latin-1"), v.decode("latin-1")]
-                    for k, v in request.scope["headers"]],
-        "body": body.decode("latin-1"),
-        "body_len": len(body),
-    }, headers={"x-upstream": "echo"})
+    return JSONResponse(
+        {
+            "method": request.method,
+            "path": request.url.path,
+            "raw_path": request.scope["raw_path"].decode("latin-1"),
+            "query_string": request.scope["query_string"].decode("latin-1"),
+            "headers": [
+                [k.decode("latin-1"), v.decode("latin-1")] for k, v in request.scope["headers"]
+            ],
+            "body": body.decode("latin-1"),
+            "body_len": len(body),
+        },
+        headers={"x-upstream": "echo"},
+    )
 
 
 async def sse(request: Request) -> StreamingResponse:
@@ -91,8 +95,9 @@ async def sse(request: Request) -> StreamingResponse:
             record["cancelled"] = True
             raise
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+    )
 
 
 async def big(request: Request) -> StreamingResponse:
@@ -102,7 +107,7 @@ async def big(request: Request) -> StreamingResponse:
 
     async def body() -> AsyncIterator[bytes]:
         for offset in range(0, size, chunk):
-            yield data[offset:offset + chunk]
+            yield data[offset : offset + chunk]
             await asyncio.sleep(0)
 
     return StreamingResponse(body(), media_type="application/octet-stream")
@@ -117,10 +122,15 @@ async def upload(request: Request) -> JSONResponse:
         record["received"] += len(chunk)
         record["chunks"] += 1 if chunk else 0
     record["finished"] = True
-    return JSONResponse({"len": record["received"], "sha256": digest.hexdigest(),
-                         "chunks": record["chunks"],
-                         "transfer_encoding": request.headers.get("transfer-encoding"),
-                         "content_length": request.headers.get("content-length")})
+    return JSONResponse(
+        {
+            "len": record["received"],
+            "sha256": digest.hexdigest(),
+            "chunks": record["chunks"],
+            "transfer_encoding": request.headers.get("transfer-encoding"),
+            "content_length": request.headers.get("content-length"),
+        }
+    )
 
 
 async def status(request: Request) -> Response:
@@ -168,8 +178,11 @@ async def redirect(request: Request) -> Response:
 
 
 async def gzipped(request: Request) -> Response:
-    return Response(gzip.compress(b"hello " * 100), media_type="text/plain",
-                    headers={"content-encoding": "gzip"})
+    return Response(
+        gzip.compress(b"hello " * 100),
+        media_type="text/plain",
+        headers={"content-encoding": "gzip"},
+    )
 
 
 async def headers(request: Request) -> Response:
@@ -193,22 +206,24 @@ async def progress(request: Request) -> JSONResponse:
 
 
 ANY = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-app = Starlette(routes=[
-    Route("/echo/{path:path}", echo, methods=ANY),
-    Route("/echo", echo, methods=ANY),
-    Route("/sse", sse),
-    Route("/big", big),
-    Route("/upload/{id}", upload, methods=["POST", "PUT"]),
-    Route("/status/{code:int}", status, methods=ANY),
-    Route("/slow", slow, methods=ANY),
-    Route("/stall", stall),
-    Route("/abort", Abort()),
-    Route("/redirect", redirect),
-    Route("/gzip", gzipped),
-    Route("/headers", headers),
-    Route("/control/release/{name}", release, methods=["POST"]),
-    Route("/control/progress/{name}", progress),
-])
+app = Starlette(
+    routes=[
+        Route("/echo/{path:path}", echo, methods=ANY),
+        Route("/echo", echo, methods=ANY),
+        Route("/sse", sse),
+        Route("/big", big),
+        Route("/upload/{id}", upload, methods=["POST", "PUT"]),
+        Route("/status/{code:int}", status, methods=ANY),
+        Route("/slow", slow, methods=ANY),
+        Route("/stall", stall),
+        Route("/abort", Abort()),
+        Route("/redirect", redirect),
+        Route("/gzip", gzipped),
+        Route("/headers", headers),
+        Route("/control/release/{name}", release, methods=["POST"]),
+        Route("/control/progress/{name}", progress),
+    ]
+)
 
 
 @contextlib.contextmanager
@@ -218,8 +233,13 @@ def serve_in_thread(asgi_app: Any, *, log_level: str = "warning") -> Iterator[st
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # binding here (not by port number) avoids a port race
     port = sock.getsockname()[1]
-    config = uvicorn.Config(asgi_app, log_level=log_level, lifespan="auto",
-                            timeout_graceful_shutdown=1, access_log=False)
+    config = uvicorn.Config(
+        asgi_app,
+        log_level=log_level,
+        lifespan="auto",
+        timeout_graceful_shutdown=1,
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
