@@ -24,12 +24,12 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import hiredis
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from gateway.fastredis import (
     ASKING,
     ConnectionSettings,
+    ErrorReply,
     Link,
     RedisReplyError,
     RedisUnavailable,
@@ -45,7 +45,7 @@ __all__ = ["FastRedisCluster", "slot_of"]
 log = logging.getLogger(__name__)
 
 _pack = pack_command
-_ReplyError = hiredis.ReplyError
+_ReplyError = ErrorReply  # what the pipelined reader builds for error replies
 
 _CLUSTER_SLOTS = _pack(("CLUSTER", "SLOTS"))
 # Pauses before each TRYAGAIN retry: a slot migration moves a batch of keys in milliseconds.
@@ -165,7 +165,7 @@ class FastRedisCluster:
                 elif code == "NOSCRIPT" and link.name not in loaded:
                     self.stats["noscript"] += 1
                     loaded.add(link.name)
-                    reply = await load_and_retry(link, script, command, asking)
+                    reply = await load_and_retry(link, script, command, asking, failed=reply)
                 else:
                     if code == "CLUSTERDOWN":
                         self.refresh_soon()
