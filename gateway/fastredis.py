@@ -4,10 +4,10 @@ Commands issued during one event-loop tick are buffered and written together (th
 scheduled with ``loop.call_soon`` by the first command of the tick). A burst writes early:
 after 2 buffered commands, then 4, 8 and every 16, so Redis starts on the first charges
 while the server is still parsing the rest of the burst instead of idling until the tick
-ends (measured in BENCHMARKS.md: the metered app's req/s at 64 connections rose ~12 % and
-its median latency at 8 connections fell ~70 µs). Replies are parsed with
-``hiredis.Reader`` and matched FIFO to futures. This costs a fraction of the CPU of
-redis-py's asyncio client per call, while keeping what matters:
+ends (BENCHMARKS.md, "Tuning done": the metered app's req/s at 64 connections rose
+~10-12 %, and its added median latency at 8 connections fell from ~540 to ~390 µs).
+Replies are parsed with ``hiredis.Reader`` and matched FIFO to futures. This costs a
+fraction of the CPU of redis-py's asyncio client per call, while keeping what matters:
 
 - NOSCRIPT recovery: ``SCRIPT LOAD`` and the ``EVALSHA`` again, pipelined (one load per
   socket however many calls hit NOSCRIPT together); NOSCRIPT means nothing ran, so the
