@@ -60,7 +60,11 @@ async def test_api_key_end_to_end_and_revocation(pg_dsn: str, prefix: str) -> No
                 assert r.status_code == 200
                 r = await http.post("/api/v1/leads/generate", headers={"X-Org-Id": "acme"})
                 assert r.status_code == 401  # trusted headers are off
-                r = await http.post("/api/v1/leads/generate", headers={"X-API-Key": key[:-1] + "A"})
+                # The key's last character carries 4 bits, so it is one of 16 ("A" included):
+                # "B" is never one of them, so this spelling always differs from the key.
+                wrong = key[:-1] + "B"
+                assert wrong != key
+                r = await http.post("/api/v1/leads/generate", headers={"X-API-Key": wrong})
                 assert r.status_code == 401
                 assert await admin.revoke_key(row.id)
                 await asyncio.sleep(0.5)  # > key_cache_seconds

@@ -31,6 +31,7 @@ from gateway.proxy import STATE_ERROR, UpstreamProxy
 from gateway.upstream_conn import _HIGH_WATER
 from gateway.upstream_lean import LeanBackend, UpstreamClosed, UpstreamError
 from tests import upstream_app
+from tests.test_proxy import make_scope
 from tests.upstream_app import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)  # a deadlock fails fast instead of after 300 s
@@ -906,20 +907,7 @@ async def proxy_call(
     app: UpstreamProxy, method: str, path: str
 ) -> tuple[int, bytes, dict[str, Any]]:
     """Call the proxy as an ASGI app with an empty request body."""
-    scope: dict[str, Any] = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"public.example")],
-        "client": ("10.0.0.9", 1),
-        "server": ("127.0.0.1", 2),
-    }
+    scope = make_scope(method, path)
     sent: list[dict[str, Any]] = []
     first = True
 
