@@ -160,8 +160,9 @@ class RouteConfig(_Strict):
 class ParsedRateLimit:
     """A plan's rate limiter: ``count`` requests per ``period_ms``, per org or per user.
 
-    ``id`` (e.g. ``o:60/60000``) names the limiter's Redis key; it depends only on the
-    limit, so two plans with the same limit share a limiter and a plan change keeps it.
+    ``id`` (e.g. ``u:60/60000``) names the limiter's state (a per-user key; per-org state is
+    the org hash's field ``rl:o:<count>/<period>``, see lua/charge.lua); it depends only on
+    the limit, so two plans with the same limit share a limiter and a plan change keeps it.
     """
 
     per: Literal["org", "user"]

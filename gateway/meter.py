@@ -119,9 +119,8 @@ class _FeatureArgs:
     bucket: str
     cost: int
     tail_user: tuple[str | int, ...]
-    limiters_user: tuple[str, ...]
+    limiters_user: tuple[str, ...]  # per-user limiter ids: the only limiters with keys
     tail_anon: tuple[str | int, ...]
-    limiters_anon: tuple[str, ...]
 
 
 # One queued settle: org key, idempotency key, request id, outcome ("c" charge | "r"
@@ -152,10 +151,10 @@ def _feature_args(config: Config, feature: str) -> _FeatureArgs:
         return tuple(tail), tuple(limiter_ids)
 
     tail_user, lim_user = build(True)
-    tail_anon, lim_anon = build(False)
+    tail_anon, _ = build(False)  # without a user, only per-org limiters: no keys
     # As strings: the client encodes str arguments faster than int ones.
     return _FeatureArgs(
-        bucket, cost, tuple(map(str, tail_user)), lim_user, tuple(map(str, tail_anon)), lim_anon
+        bucket, cost, tuple(map(str, tail_user)), lim_user, tuple(map(str, tail_anon))
     )
 
 
@@ -371,12 +370,11 @@ class Meter:
         shard, org_key, no_idem = self._org_keys(org)
         tag = shard.tag
         keys = [org_key, shard.holds, shard.holdexp, shard.events, no_idem]
-        for lid in fa.limiters_user if user else fa.limiters_anon:
-            # Per-user limiters are keyed by the user inside the org.
-            if lid.startswith("u:"):
+        # Only per-user limiters have keys (per-org ones are fields of the org hash), keyed
+        # by the user inside the org; without a user there are none.
+        if user:
+            for lid in fa.limiters_user:
                 keys.append(f"{tag}:rl:{org}:u:{user}:{lid[2:]}")
-            else:
-                keys.append(f"{tag}:rl:{org}:{lid}")
         if len(self._key_cache) >= _KEY_CACHE_SIZE:
             self._key_cache.clear()
         result = self._key_cache[(org, user, feature)] = tuple(keys)

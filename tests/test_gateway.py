@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -174,6 +174,23 @@ async def test_encoded_slash_in_a_metered_path_is_refused(
         await gate.close()
 
 
+@asynccontextmanager
+async def echo_gateway(
+    prefix: str, routes: list[dict[str, str]] | None = None, **overrides: Any
+) -> AsyncIterator[tuple[str, CreditGate]]:
+    """GatewayApp in front of the echo upstream (tests/upstream_app.py) with the reference
+    config (``routes`` and other fields overridden), org acme on plan pro."""
+    if routes is not None:
+        overrides["routes"] = routes
+    with serve_in_thread(echo_upstream) as upstream:
+        config = reference_config(
+            redis_url=REDIS, key_prefix=prefix, upstream=upstream, **overrides
+        )
+        with gateway(config, FixedClock(MID_NOVEMBER_MS)) as (url, gate):
+            await gate.set_plan("acme", "pro")
+            yield url, gate
+
+
 @pytest.mark.parametrize(
     "path",
     ["/api/v1/goals/g1/quests;jsessionid=1", "/x/..;/api/v1/goals/g1/quests"],
@@ -182,41 +199,30 @@ async def test_path_parameters_on_a_metered_route_never_reach_the_upstream(
     prefix: str, path: str
 ) -> None:
     """A Java upstream would route these to the metered handler: refused, nothing forwarded."""
-    clock = FixedClock(MID_NOVEMBER_MS)
-    with serve_in_thread(echo_upstream) as upstream:
-        config = reference_config(redis_url=REDIS, key_prefix=prefix, upstream=upstream)
-        with gateway(config, clock) as (url, gate):
-            await gate.set_plan("acme", "pro")
-            async with httpx.AsyncClient(base_url=url) as http:
-                r = await http.request("POST", httpx.URL(url + path), headers=org_headers("acme"))
-                assert r.status_code == 400, r.text
-                assert r.json()["code"] == "bad_path"
-                assert "path parameters" in r.json()["detail"]
-                # An unmetered path with parameters is forwarded as before.
-                r = await http.get(httpx.URL(url + "/echo/app.js;v=3"))
-                assert r.status_code == 200 and r.json()["path"] == "/echo/app.js;v=3"
-            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
-            await gate.close()
+    async with echo_gateway(prefix) as (url, gate):
+        async with httpx.AsyncClient(base_url=url) as http:
+            r = await http.request("POST", httpx.URL(url + path), headers=org_headers("acme"))
+            assert r.status_code == 400, r.text
+            assert r.json()["code"] == "bad_path"
+            assert "path parameters" in r.json()["detail"]
+            # An unmetered path with parameters is forwarded as before.
+            r = await http.get(httpx.URL(url + "/echo/app.js;v=3"))
+            assert r.status_code == 200 and r.json()["path"] == "/echo/app.js;v=3"
+        assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
+        await gate.close()
 
 
 @pytest.mark.parametrize("keep", [True, False])
 async def test_trailing_slash_forwarding(prefix: str, keep: bool) -> None:
-    clock = FixedClock(MID_NOVEMBER_MS)
-    with serve_in_thread(echo_upstream) as upstream:
-        config = reference_config(
-            redis_url=REDIS, key_prefix=prefix, upstream=upstream,
-            forward_trailing_slash=keep,
-            routes=[{"method": "POST", "path": "/echo/{p:path}", "feature": "goal_generation"}],
-        )  # fmt: skip
-        with gateway(config, clock) as (url, gate):
-            await gate.set_plan("acme", "pro")
-            async with httpx.AsyncClient(base_url=url) as http:
-                r = await http.post(httpx.URL(url + "/echo/a/b/"), headers=org_headers("acme"))
-            assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
-            assert r.json()["path"] == ("/echo/a/b/" if keep else "/echo/a/b")
-            await gate.meter.drain()
-            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 17
-            await gate.close()
+    routes = [{"method": "POST", "path": "/echo/{p:path}", "feature": "goal_generation"}]
+    async with echo_gateway(prefix, routes, forward_trailing_slash=keep) as (url, gate):
+        async with httpx.AsyncClient(base_url=url) as http:
+            r = await http.post(httpx.URL(url + "/echo/a/b/"), headers=org_headers("acme"))
+        assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
+        assert r.json()["path"] == ("/echo/a/b/" if keep else "/echo/a/b")
+        await gate.meter.drain()
+        assert (await gate.balance("acme")).buckets["goal_generation"].balance == 17
+        await gate.close()
 
 
 @pytest.mark.parametrize("mode", ["chunked", "big"])
@@ -225,34 +231,28 @@ async def test_upstream_cut_off_mid_body_reaches_the_client_cut_off_and_refunded
 ) -> None:
     """An upstream that dies after its headers: the client must not get a clean end (an
     LLM answer cut in half would look complete), and the call is refunded."""
-    clock = FixedClock(MID_NOVEMBER_MS)
-    with serve_in_thread(echo_upstream) as upstream:
-        config = reference_config(
-            redis_url=REDIS, key_prefix=prefix, upstream=upstream,
-            routes=[{"method": "GET", "path": "/abort", "feature": "goal_generation"}],
-        )  # fmt: skip
-        with gateway(config, clock) as (url, gate):
-            await gate.set_plan("acme", "pro")
-            async with httpx.AsyncClient(base_url=url) as http:
-                with pytest.raises(httpx.RemoteProtocolError):
-                    await http.get(f"/abort?mode={mode}", headers=org_headers("acme"))
-                # The gateway itself is fine: the next call works.
-                r = await http.get("/echo/after")
-                assert r.status_code == 200
-            stream = gate.keys.shard("acme").events
-            kinds: list[str] = []
-            for _ in range(100):  # the served gate settles in its own loop
-                kinds = [
-                    e.kind
-                    for e in (decode(f) for _, f in await gate.redis.client.xrange(stream))
-                    if e.org == "acme" and e.kind in ("charge", "refund")
-                ]
-                if kinds:
-                    break
-                await asyncio.sleep(0.05)
-            assert kinds == ["refund"]
-            assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
-            await gate.close()
+    routes = [{"method": "GET", "path": "/abort", "feature": "goal_generation"}]
+    async with echo_gateway(prefix, routes) as (url, gate):
+        async with httpx.AsyncClient(base_url=url) as http:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.get(f"/abort?mode={mode}", headers=org_headers("acme"))
+            # The gateway itself is fine: the next call works.
+            r = await http.get("/echo/after")
+            assert r.status_code == 200
+        stream = gate.keys.shard("acme").events
+        kinds: list[str] = []
+        for _ in range(100):  # the served gate settles in its own loop
+            kinds = [
+                e.kind
+                for e in (decode(f) for _, f in await gate.redis.client.xrange(stream))
+                if e.org == "acme" and e.kind in ("charge", "refund")
+            ]
+            if kinds:
+                break
+            await asyncio.sleep(0.05)
+        assert kinds == ["refund"]
+        assert (await gate.balance("acme")).buckets["goal_generation"].balance == 20
+        await gate.close()
 
 
 async def test_spoofed_identity_headers_are_replaced(prefix: str) -> None:
