@@ -9,7 +9,7 @@
    with ``--heavy-share`` of the rows and ``--heavy-users`` users, the rest spread over
    ``--orgs`` orgs with 2 users each, over the last ``--days`` days; then the matching
    ``usage_daily`` rollups (what the sync job would have written) and VACUUM ANALYZE.
-2. The gateway runs in its own process (``uvicorn gateway.server:create_app --factory``,
+2. The gateway runs in its own process (``uvicorn gateway.commands.server:create_app --factory``,
    sync off) on Redis under a unique key prefix (deleted after).
 3. For the heavy org, each endpoint gets a warm-up, then ``--requests`` requests at each
    ``--concurrency`` (keep-alive connections, httpx); client-observed p50/p90/p99/max in ms.
@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import load_config  # noqa: E402
-from gateway.gate import CreditGate  # noqa: E402
-from gateway.migrate import migrate  # noqa: E402
-from gateway.redisconn import connect_redis  # noqa: E402
-from gateway.stats import BURN_DAYS, TOP_USERS  # noqa: E402
+from gateway.ledger.migrate import migrate  # noqa: E402
+from gateway.ledger.usage import BURN_DAYS, TOP_USERS  # noqa: E402
+from gateway.metering.gate import CreditGate  # noqa: E402
+from gateway.redisio.connect import connect_redis  # noqa: E402
 
 ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CREDITGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
@@ -167,7 +167,7 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
 
 async def explain(dsn: str) -> None:
     """Plans and timings of the stats query and the admin top-spenders query."""
-    from gateway.stats import _ORG_USAGE, _SPEND
+    from gateway.ledger.usage import _ORG_USAGE, _SPEND
 
     conn = await asyncpg.connect(dsn)
     try:
@@ -196,7 +196,7 @@ def free_port() -> int:
 def start_server(config_path: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "CREDITGATE_CONFIG": str(config_path), "CREDITGATE_NO_SYNC": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "gateway.server:create_app", "--factory",
+        [sys.executable, "-m", "uvicorn", "gateway.commands.server:create_app", "--factory",
          "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"],
         cwd=ROOT, env=env,
     )  # fmt: skip

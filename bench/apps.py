@@ -4,7 +4,7 @@
   baseline, and the upstream of the proxy benchmark.
 - ``cg`` / ``cg-redispy``: the same app with ``CreditGateMiddleware`` (added the documented
   way, ``app.add_middleware``) charging every request; with the pipelined script runner
-  (gateway/fastredis.py) or redis-py's (``connect_redis(url, fast=False)``).
+  (gateway/redisio/pipelined.py) or redis-py's (``connect_redis(url, fast=False)``).
 - ``naive``: the same app with a Starlette ``BaseHTTPMiddleware`` that does one redis-py
   EVALSHA per request (check the balance, DECRBY, XADD a usage event): the obvious design.
 - ``gateway``: ``GatewayApp`` (creditgate's proxy server) in front of ``--upstream``.
@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from gateway.scripts import LuaScript
+from gateway.redisio.lua_scripts import LuaScript
 
 PATH = "/api/v1/leads/generate"
 FEATURE = "lead_generation"
@@ -103,9 +103,9 @@ def bare_app() -> Starlette:
 def cg_app(settings: Settings, *, fast: bool) -> Starlette:
     """The bare app metered by CreditGateMiddleware (pipelined or redis-py runner)."""
     from gateway.config import load_config
-    from gateway.gate import CreditGate
-    from gateway.middleware import CreditGateMiddleware
-    from gateway.redisconn import connect_redis
+    from gateway.metering.gate import CreditGate
+    from gateway.metering.middleware import CreditGateMiddleware
+    from gateway.redisio.connect import connect_redis
 
     config = load_config(Path(settings.config))
     handles = connect_redis(config.redis_url, timeout=config.redis_timeout_seconds, fast=fast)
@@ -190,8 +190,8 @@ def floor_app(settings: Settings) -> Any:
     """The bare app behind the least a metering middleware can do: one pipelined EVALSHA of
     a script that only returns 1, nothing else (the cost floor of "one round trip per
     request" on this server stack)."""
-    from gateway.redisconn import connect_redis
-    from gateway.scripts import LuaScript
+    from gateway.redisio.connect import connect_redis
+    from gateway.redisio.lua_scripts import LuaScript
 
     runner = connect_redis(settings.redis_url).runner
     script = LuaScript.from_source("floor", "return 1")
@@ -209,9 +209,9 @@ def floor_app(settings: Settings) -> Any:
 def gateway_app(settings: Settings, upstream: str, client: str = "lean") -> Any:
     """creditgate's proxy server (GatewayApp) in front of ``upstream`` with the given
     upstream HTTP client (``upstream_client``); no sync job."""
+    from gateway.commands.server import GatewayApp
     from gateway.config import load_config
-    from gateway.gate import CreditGate
-    from gateway.server import GatewayApp
+    from gateway.metering.gate import CreditGate
 
     config = load_config(Path(settings.config)).model_copy(
         update={"upstream": upstream, "upstream_client": client}

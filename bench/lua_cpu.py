@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.run_all import CONFIG  # the benchmarks' config: one feature, 10^9 tokens, 2 limiters
 from gateway.config import Config, parse_config
-from gateway.meter import Meter
-from gateway.redisconn import RedisHandles, connect_redis
-from gateway.scripts import LuaScript, load
+from gateway.metering.meter import Meter
+from gateway.redisio.connect import RedisHandles, connect_redis
+from gateway.redisio.lua_scripts import LuaScript, load
 
 FEATURE = "lead_generation"
 TOKENS = 10**9

@@ -17,7 +17,8 @@ process's CPU µs per request, and the private Redis's:
 - Redis's CPU per request for charge.lua and settle.lua separately.
 
 Far less noisy than an HTTP benchmark on a busy machine: the tool for tuning
-gateway/middleware.py and gateway/meter.py. ``--profile`` writes cProfile stats of the
+gateway/metering/middleware.py and gateway/metering/meter.py. ``--profile`` writes
+cProfile stats of the
 1-org metered loop against the real Redis.
 """
 
@@ -116,8 +117,8 @@ def _gate_or_none(app: Any) -> Any:
 
 async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) -> None:
     """Take the metered request apart (Redis replaced by canned replies)."""
-    from gateway.meter import Admission
-    from gateway.principal import Identity
+    from gateway.identity.principal import Identity
+    from gateway.metering.meter import Admission
 
     org, user = settings.keys[keys[0]]
     ident = Identity(org, user, "api_key")
@@ -164,8 +165,8 @@ async def redis_costs(settings: Any, redis: Service, requests: int) -> None:
     """Redis CPU per request of charge.lua and of settle.lua (batches of 64), and of an
     EVALSHA that does nothing, for scale."""
     from gateway.config import load_config
-    from gateway.gate import CreditGate
-    from gateway.scripts import LuaScript
+    from gateway.metering.gate import CreditGate
+    from gateway.redisio.lua_scripts import LuaScript
 
     gate = CreditGate(load_config(Path(settings.config)))
     meter, org, batch = gate.meter, "bench-org-0000", 64

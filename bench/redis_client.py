@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.redisconn import ScriptRunner, connect_redis
-from gateway.scripts import LuaScript
+from gateway.redisio.connect import ScriptRunner, connect_redis
+from gateway.redisio.lua_scripts import LuaScript
 
 SCRIPT = LuaScript.from_source("bench", "return redis.call('INCR', KEYS[1])")
 CLIENTS = {"redis-py": False, "fastredis": True}

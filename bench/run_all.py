@@ -75,8 +75,8 @@ async def prepare(workdir: Path, redis_url: str, admin_dsn: str, orgs: int) -> S
     """Create the database, config, orgs (plan, grant, API key) and the peers' state."""
     from bench.pg_peer import create_schema
     from gateway.config import load_config
-    from gateway.gate import CreditGate
-    from gateway.migrate import migrate
+    from gateway.ledger.migrate import migrate
+    from gateway.metering.gate import CreditGate
 
     dsn = admin_dsn.rsplit("/", 1)[0] + "/creditgate_bench_" + uuid.uuid4().hex[:8]
     await migrate(dsn)  # creates the database first
@@ -110,7 +110,7 @@ async def cleanup_shared(settings: Settings, admin_dsn: str) -> None:
     """Delete this run's keys and database from shared servers (--redis-url / --pg-dsn)."""
     import asyncpg
 
-    from gateway.redisconn import connect_redis
+    from gateway.redisio.connect import connect_redis
 
     client = connect_redis(settings.redis_url).client
     async for key in client.scan_iter(match=f"{settings.prefix}:*", count=1000):

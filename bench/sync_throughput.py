@@ -40,10 +40,10 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.events import decode
-from gateway.keys import KeySpace
-from gateway.migrate import migrate
-from gateway.redisconn import connect_redis
+from gateway.core.events import decode
+from gateway.core.redis_keys import KeySpace
+from gateway.ledger.migrate import migrate
+from gateway.redisio.connect import connect_redis
 from sync.records import LOG_COLUMNS, TS
 from sync.worker import DEFAULT_BATCH_SIZE, SyncWorker, tune_gc
 

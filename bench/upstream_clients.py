@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from gateway.proxy import UpstreamProxy
+from gateway.proxy.app import UpstreamProxy
 
 CLIENTS = ("lean", "aiohttp", "httpx")
 CONCURRENCY = (1, 8, 64)

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import logging
 
-from gateway.keys import KeySpace
+from gateway.core.redis_keys import KeySpace
 from sync.worker import DEFAULT_BATCH_SIZE, run_sync, run_worker
 
 

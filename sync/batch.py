@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.events import KINDS
+from gateway.core.events import KINDS
 from sync.records import (
     BUCKET,
     FIELD_LIST,

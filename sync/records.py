@@ -1,8 +1,8 @@
 """Stream entry -> ledger row: the sync job's decoder and its ``COPY`` text lines.
 
-An entry's fields (gateway/events.py) become a ``Flat``: the flat ``[name, value, ...]``
+An entry's fields (gateway/core/events.py) become a ``Flat``: the flat ``[name, value, ...]``
 list Redis returns, with the names in ``FIELDS`` order and the values validated the way
-``gateway.events.decode`` validates them (an entry ``decode`` rejects is rejected here,
+``gateway.core.events.decode`` validates them (an entry ``decode`` rejects is rejected here,
 with the same exception). Values are read at fixed positions (``ORG`` ... below). From it,
 ``copy_line`` renders the entry's row of ``ai_token_usage_log`` in Postgres' text ``COPY``
 format, and sync/aggregate.py derives the rollups and snapshots. Keeping the list Redis
@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any, cast
 
-from gateway.events import KINDS, decode
+from gateway.core.events import KINDS, decode
 
 FIELDS = (
     "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used",
@@ -68,7 +68,7 @@ MAX_DIGITS = 200
 
 @lru_cache(maxsize=4096)
 def refresh_of(period: str) -> datetime | None:
-    """When the period named ``period`` ends (gateway/periods.py ids): ``2026-11``
+    """When the period named ``period`` ends (gateway/core/periods.py ids): ``2026-11``
     (monthly), ``2026-W48`` (ISO week) or ``2026-11-23`` (daily); None otherwise."""
     try:
         if m := _MONTH.match(period):
@@ -95,7 +95,7 @@ def _opt(value: int | None) -> str:
 
 
 def reference_flat(fields: Fields) -> Flat:
-    """The canonical entry through ``gateway.events.decode`` (raises exactly as it does)."""
+    """The canonical entry through ``gateway.core.events.decode`` (raises exactly as it does)."""
     if not isinstance(fields, Mapping):
         # A flat list: later duplicates win, as in the dict redis-py would build.
         fields = dict(zip(fields[::2], fields[1::2], strict=False))

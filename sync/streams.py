@@ -6,7 +6,7 @@ and is acked only then. The stream is trimmed only below its oldest pending entr
 entry leaves Redis only after it is in Postgres.
 
 The bulk commands (read, claim, ack) go through a ``FastClient`` when there is one: the
-hiredis-parsed replies of gateway/fastredis.py, with each entry's fields left as the flat
+hiredis-parsed replies of gateway/redisio/pipelined.py, with each entry's fields left as the flat
 ``[name, value, ...]`` list Redis sent, cost a fraction of redis-py's parsing (which builds
 a dict per entry). Everything else, and everything when there is no fast client
 (``memory://``, TLS, unix sockets), uses the redis-py client.
@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import ResponseError
 
-from gateway.fastredis import ConnectionSettings, FastRedis, RedisReplyError
-from gateway.fastredis_cluster import FastRedisCluster
-from gateway.keys import ShardKeys
+from gateway.core.redis_keys import ShardKeys
+from gateway.redisio.pipelined import ConnectionSettings, FastRedis, RedisReplyError
+from gateway.redisio.pipelined_cluster import FastRedisCluster
 from sync.batch import Entry, text
 from sync.records import Fields
 

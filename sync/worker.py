@@ -33,8 +33,8 @@ import asyncpg
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from gateway.keys import KeySpace
-from gateway.scripts import load as load_script
+from gateway.core.redis_keys import KeySpace
+from gateway.redisio.lua_scripts import load as load_script
 from sync.batch import Entry, Rows, decode_entries
 from sync.records import Fields, Times
 from sync.results import SyncPassResult, SyncStats
@@ -96,7 +96,7 @@ def default_consumer_name() -> str:
 class SyncWorker:
     """Moves events from the shard streams to the ledger; several may run at once.
 
-    ``fast_redis``: True (default) derives a pipelined client (gateway/fastredis.py) from
+    ``fast_redis``: True (default) derives a pipelined client (gateway/redisio/pipelined.py) from
     ``redis`` for the bulk stream commands when ``redis`` is a plain TCP client, False
     keeps everything on ``redis``, or pass a client to use (it is not closed here).
     ``now_ms`` is the clock holds expire by (the gate's clock; default: wall time).
@@ -474,7 +474,7 @@ async def run_worker(
     Meant for a process of its own (``creditgate sync``): it tunes the garbage collector
     (``tune_gc``).
     """
-    from gateway.redisconn import connect_redis
+    from gateway.redisio.connect import connect_redis
 
     handles = connect_redis(redis_url, timeout=redis_timeout_s, fast=False)
     concurrency = int(worker_options.get("concurrency", 4))

@@ -23,7 +23,7 @@ worker) take turns: no deadlocks, without sorting every batch's keys.
 
 Test hook: the environment variable ``CREDITGATE_SYNC_CRASH`` (``before_commit`` or
 ``after_commit``, optionally ``:N`` to fire on the N-th batch written by this process)
-makes the process SIGKILL itself at that point. It exists for tests/test_sync_crash.py.
+makes the process SIGKILL itself at that point. It exists for tests/e2e/test_sync_crash.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,361 @@
+"""The ``creditgate`` command line (DESIGN A1).
+
+Every command takes ``--config`` (default ``$CREDITGATE_CONFIG`` or ``./creditgate.yaml``).
+Errors a user can cause (bad config, unreachable services, unknown ids) print one clear
+message and exit non-zero; a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from gateway.__about__ import __version__
+from gateway.config import Config, ConfigError, check_config, load_config, resolve_config_path
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Config file (default: $CREDITGATE_CONFIG or ./creditgate.yaml).",
+)
+
+
+def _load(config_path: Path | None) -> Config:
+    path = resolve_config_path(str(config_path) if config_path else None)
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for err in exc.errors:
+            click.echo(err, err=True)
+        raise SystemExit(1) from None
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine, turning service outages into one-line errors (exit 2)."""
+    from gateway.core.errors import (
+        DatabaseUnavailable,
+        LedgerUnavailable,
+        NoDatabase,
+        RedisUnavailable,
+    )
+
+    try:
+        return asyncio.run(coro)
+    except (RedisUnavailable, LedgerUnavailable, DatabaseUnavailable, NoDatabase, OSError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except (ValueError, LookupError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+def _with_gate(
+    fn: Callable[..., Awaitable[T]],
+) -> Callable[..., T]:
+    """Decorate an async command body taking (gate, ...) so it runs with a connected gate."""
+
+    @functools.wraps(fn)
+    def wrapper(config_path: Path | None, *args: Any, **kwargs: Any) -> T:
+        from gateway.metering.gate import CreditGate
+
+        config = _load(config_path)
+
+        async def main() -> T:
+            gate = CreditGate(config)
+            try:
+                return await fn(gate, *args, **kwargs)
+            finally:
+                await gate.close()
+
+        return _run(main())
+
+    return wrapper
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="creditgate")
+def main() -> None:
+    """creditgate: token budgets for AI features, enforced atomically in Redis."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--no-sync", is_flag=True, help="Do not run the sync job inside the server.")
+@click.option("--log-level", default="info", show_default=True)
+def serve(
+    config_path: Path | None, host: str, port: int, workers: int, no_sync: bool, log_level: str
+) -> None:
+    """Run the reverse proxy in front of `upstream`, metering the configured routes."""
+    import uvicorn
+
+    from gateway.core.logs import uvicorn_log_config
+
+    config = _load(config_path)
+    if not config.upstream:
+        click.echo("error: serve needs `upstream` in the config (proxy mode)", err=True)
+        raise SystemExit(1)
+    # Workers are separate processes: they find the config and options in the environment.
+    os.environ["CREDITGATE_CONFIG"] = str(
+        resolve_config_path(str(config_path) if config_path else None)
+    )
+    if no_sync:
+        os.environ["CREDITGATE_NO_SYNC"] = "1"
+    uvicorn.run(
+        "gateway.commands.server:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        access_log=False,
+        proxy_headers=False,
+        log_config=uvicorn_log_config(log_level),
+        # The upstream's own Server and Date headers pass through: do not add a second pair.
+        server_header=False,
+        date_header=False,
+    )
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def check_config_cmd(file: Path) -> None:
+    """Validate FILE: exit 0, or 1 with every error naming the file and key."""
+    errors = check_config(file)
+    for err in errors:
+        click.echo(err, err=True)
+    if errors:
+        raise SystemExit(1)
+    click.echo(f"{file}: ok")
+
+
+@main.command()
+@config_option
+def migrate(config_path: Path | None) -> None:
+    """Create or upgrade the Postgres schema (safe to run from several processes)."""
+    from gateway.ledger.migrate import migrate as run_migrate
+
+    config = _load(config_path)
+    if not config.database_url:
+        click.echo("error: no database_url in the config", err=True)
+        raise SystemExit(1)
+    applied = _run(run_migrate(config.database_url))
+    click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+@main.command()
+@config_option
+def sync(config_path: Path | None) -> None:
+    """Run the standalone sync worker (Redis streams -> Postgres); several may run at once."""
+    from sync.worker import run_sync
+
+    _load(config_path)  # report config errors before connecting anywhere
+    _run(run_sync(str(resolve_config_path(str(config_path) if config_path else None))))
+
+
+@main.group()
+def orgs() -> None:
+    """Organizations and their plans."""
+
+
+@orgs.command("set-plan")
+@config_option
+@click.argument("org")
+@click.argument("plan")
+@_with_gate
+async def orgs_set_plan(gate: Any, org: str, plan: str) -> None:
+    """Put ORG on PLAN (creates the org if new); the balance moves at once."""
+    old = await gate.set_plan(org, plan)
+    click.echo(f"{org}: {old or '(new)'} -> {plan}")
+
+
+@orgs.command("show")
+@config_option
+@click.argument("org")
+@_with_gate
+async def orgs_show(gate: Any, org: str) -> None:
+    """Show ORG's plan, period and balances."""
+    bal = await gate.balance(org)
+    _echo_json(
+        {
+            "org": bal.org,
+            "plan": bal.plan,
+            "period": bal.period,
+            "refresh_at": datetime.fromtimestamp(bal.period_end_ms / 1000, UTC).isoformat(),
+            "buckets": {
+                name: {
+                    "allocated": b.allocated, "balance": b.balance, "extra": b.extra,
+                    "used": b.used, "in_plan": b.in_plan,
+                }
+                for name, b in bal.buckets.items()
+            },
+        }
+    )  # fmt: skip
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--org", required=True)
+@click.option("--user", default=None)
+@click.option("--name", default="")
+@_with_gate
+async def keys_create(gate: Any, org: str, user: str | None, name: str) -> None:
+    """Create an API key; the key is printed once and only its hash is stored."""
+    row, key = await gate.create_key(org, user=user, name=name)
+    click.echo(f"id:  {row.id}", err=True)
+    click.echo(key)
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+@_with_gate
+async def keys_revoke(gate: Any, key_id: str) -> None:
+    """Revoke a key by id; every process stops accepting it within seconds."""
+    if not await gate.revoke_key(key_id):
+        click.echo(f"error: no active key {key_id}", err=True)
+        raise SystemExit(1)
+    click.echo(f"revoked {key_id}")
+
+
+@keys.command("list")
+@config_option
+@click.option("--org", required=True)
+@_with_gate
+async def keys_list(gate: Any, org: str) -> None:
+    """List an org's keys (ids and prefixes, never the keys)."""
+    store = await gate.require_store()
+    for row in await store.list_api_keys(org):
+        state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
+        click.echo(f"{row.id}  {row.prefix}…  user={row.user or '-'}  {row.name!r}  {state}")
+
+
+@main.command()
+@config_option
+@click.option("--repair", is_flag=True, help="Set drifted Redis balances to the ledger's.")
+@_with_gate
+async def reconcile(gate: Any, repair: bool) -> None:
+    """Compare every org's Redis balances with the ledger (snapshot + unsynced events).
+
+    Exits 0 when everything agrees (or was repaired), 3 when drift remains.
+    """
+    from gateway.commands.reconcile import reconcile as run_reconcile
+
+    report = await run_reconcile(gate, repair=repair)
+    for d in report.drifts:
+        action = "repaired" if d.repaired else "drift"
+        click.echo(
+            f"{action}: {d.org} {d.bucket}: redis {d.redis_balance}+{d.redis_extra}"
+            f" (+{d.held_balance}+{d.held_extra} held) vs ledger"
+            f" {d.ledger_balance}+{d.ledger_extra} at seq {d.ledger_seq} ({d.tokens:+d} tokens)"
+        )
+    for org, n in report.missing_events.items():
+        click.echo(f"missing events: {org}: Redis is {n} sequence numbers ahead of the ledger")
+    for org in report.unstable:
+        click.echo(f"unstable: {org} kept changing during the pass; run again")
+    click.echo(
+        f"checked {report.orgs_checked} orgs, {report.buckets_checked} buckets:"
+        f" {len(report.drifts)} drifted"
+        + (f", {sum(d.repaired for d in report.drifts)} repaired" if repair else "")
+    )
+    unresolved = [d for d in report.drifts if not d.repaired]
+    if unresolved or report.missing_events or report.unstable:
+        raise SystemExit(3)
+
+
+def _parse_date(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO date (e.g. 2026-12-31)") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@main.command()
+@config_option
+@click.argument("org")
+@click.option("--bucket", required=True)
+@click.option("--amount", required=True, type=click.IntRange(min=1))
+@click.option("--expires", default=None, help="Expiry date (ISO 8601); default never.")
+@click.option("--reference", default=None, help="Idempotency reference (default: random).")
+def grant(
+    config_path: Path | None,
+    org: str,
+    bucket: str,
+    amount: int,
+    expires: str | None,
+    reference: str | None,
+) -> None:
+    """Add purchased tokens to ORG's BUCKET (idempotent by --reference)."""
+    import uuid
+
+    expires_at = _parse_date(expires)
+    ref = reference or f"cli-{uuid.uuid4().hex}"
+
+    @_with_gate
+    async def body(gate: Any) -> None:
+        _, created = await gate.grant(org, bucket, amount, reference=ref, expires_at=expires_at)
+        click.echo(
+            f"granted {amount} {bucket} to {org} (reference {ref})"
+            if created
+            else f"reference {ref} was already applied; nothing changed"
+        )
+
+    body(config_path)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the embedded Postgres keeps its data (default ~/.creditgate/demo).",
+)
+@click.option("--database-url", default=None, help="Use this Postgres instead of the embedded one.")
+@click.option("--no-postgres", is_flag=True, help="No ledger: balances in memory only.")
+def demo(
+    host: str, port: int, data_dir: Path | None, database_url: str | None, no_postgres: bool
+) -> None:
+    """Run everything embedded: in-process Redis, embedded Postgres, a sample app (A7)."""
+    from gateway.commands.demo import DemoOptions, run_demo
+    from gateway.core.logs import configure_logging
+
+    configure_logging("warning")
+    options = DemoOptions(
+        host=host, port=port, data_dir=data_dir, database_url=database_url,
+        postgres=not no_postgres,
+    )  # fmt: skip
+    raise SystemExit(_run(run_demo(options)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

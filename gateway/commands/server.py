@@ -1,0 +1,134 @@
+"""The proxy server: ``creditgate serve`` runs the app built here under uvicorn.
+
+Requests under the gateway's own prefixes (the token API, ``/admin``, ``/webhooks``, and
+the ops endpoints) are served by creditgate itself; every other request goes through
+``CreditGateMiddleware`` to ``UpstreamProxy``: metered when its route is in the config,
+passed through untouched otherwise. The sync job runs in the server's event loop unless
+disabled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import Config, load_config, resolve_config_path
+from gateway.http.metrics import track_sync_worker
+from gateway.metering.gate import CreditGate
+from gateway.metering.middleware import CreditGateMiddleware
+from gateway.proxy.app import UpstreamProxy
+
+if TYPE_CHECKING:
+    from sync.worker import SyncWorker
+
+log = logging.getLogger("creditgate.server")
+
+
+class GatewayApp:
+    """Dispatch between creditgate's own endpoints and the metered upstream."""
+
+    def __init__(
+        self,
+        gate: CreditGate,
+        *,
+        upstream: ASGIApp | None = None,
+        own: ASGIApp | None = None,
+        sync: bool = True,
+    ) -> None:
+        config = gate.config
+        self.gate = gate
+        self.proxy: UpstreamProxy | None = None
+        if upstream is None:
+            if not config.upstream:
+                raise ValueError("proxy mode needs `upstream` in the config")
+            self.proxy = UpstreamProxy(
+                config.upstream,
+                timeout=config.upstream_timeout_seconds,
+                connect_timeout=config.upstream_connect_timeout_seconds,
+                client=config.upstream_client,
+            )
+            upstream = self.proxy
+        self.metered = CreditGateMiddleware(upstream, gate=gate)
+        if own is None:
+            from gateway.http.app import build_ops_app
+
+            own = build_ops_app(gate)
+        self.own = own
+        self.own_prefixes: tuple[str, ...] = (
+            config.api_prefix.rstrip("/") + "/", "/admin/", "/webhooks/",
+        )  # fmt: skip
+        self.own_paths = frozenset(
+            {"/healthz", "/readyz", "/metrics", config.api_prefix.rstrip("/"), "/admin"}
+        )
+        self.sync_enabled = sync
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sync_worker: SyncWorker | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if path in self.own_paths or path.startswith(self.own_prefixes):
+            await self.own(scope, receive, send)
+            return
+        await self.metered(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # report to the server instead of crashing it
+                    log.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Start the sync job in this loop (unless disabled)."""
+        if self.sync_enabled and self.gate.config.database_url:
+            from sync.worker import SyncWorker
+
+            store = await self.gate.require_store()
+            # Inside the server the sync job shares the event loop with requests: keep its
+            # Postgres concurrency modest (a standalone `creditgate sync` can use more).
+            worker = SyncWorker(
+                redis=self.gate.redis.client,
+                pool=store.pool,
+                keyspace=self.gate.keys,
+                default_plan=self.gate.config.default_plan,
+                concurrency=2,
+                batch_size=5000,  # bounds the server's memory while catching up a backlog
+            )
+            self._sync_worker = worker
+            track_sync_worker(self.gate, worker)
+            self._sync_task = asyncio.create_task(worker.run(), name="creditgate-sync")
+
+    async def shutdown(self) -> None:
+        """Stop the sync job after its batch in flight, settle what is queued, close."""
+        if self._sync_task is not None and self._sync_worker is not None:
+            self._sync_worker.stop()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(self._sync_task, timeout=10)
+            track_sync_worker(self.gate, None)
+        if self.proxy is not None:
+            await self.proxy.aclose()
+        await self.gate.close()
+
+
+def create_app() -> GatewayApp:
+    """uvicorn factory: config from $CREDITGATE_CONFIG, sync unless $CREDITGATE_NO_SYNC."""
+    config: Config = load_config(resolve_config_path(None))
+    sync = os.environ.get("CREDITGATE_NO_SYNC", "") not in ("1", "true", "yes")
+    return GatewayApp(CreditGate(config), sync=sync)

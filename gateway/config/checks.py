@@ -1,0 +1,279 @@
+"""Step 3 of loading a config (gateway/config.py): pydantic errors turned into
+``file: key.path: message`` lines, and the meaning checks (references between features,
+plans, buckets and routes; rate strings; templates; URLs), collecting every error."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel
+
+from gateway.config.schema import Config, parse_rate
+from gateway.config.source import fmt_loc, show_value
+from gateway.routing.paths import BadPath, normalize_path
+from gateway.routing.templates import route_table_errors
+
+
+def _unwrap(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) in (Union, UnionType) and len(args) == 1:
+        return args[0]
+    if get_origin(tp) is Annotated:
+        return args[0]
+    return tp
+
+
+def _known_keys(loc: Sequence[str | int]) -> list[str]:
+    """The keys the schema allows at ``loc`` (for "did you mean" hints)."""
+    tp: Any = Config
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return []
+            tp = field.annotation
+        elif get_origin(tp) in (dict, list):
+            tp = get_args(tp)[-1]
+        else:
+            return []
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+_TYPE_WORDS = {
+    "int": "an integer",
+    "bool": "true or false",
+    "float": "a number",
+    "string": "a string",
+    "dict": "a mapping",
+    "model": "a mapping",
+    "model_attributes": "a mapping",
+    "list": "a list",
+}
+
+
+def describe(error: Any) -> str:
+    """One pydantic error in the config's words: ``plans.pro.alocations: unknown key``."""
+    loc, kind, given = tuple(error["loc"]), error["type"], error.get("input")
+    if loc and loc[-1] == "[key]":
+        return f"{fmt_loc((*loc[:-2], str(loc[-2])))}: keys must be strings (quote it)"
+    path = fmt_loc(loc)
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
+        return f"{path}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "missing":
+        return f"{path}: required key missing"
+    if kind == "literal_error":
+        return f"{path}: must be {error['ctx']['expected']}, got {show_value(given)}"
+    base = kind.split("_")[0] if kind.endswith(("_type", "_parsing")) else kind
+    base = "model_attributes" if kind == "model_attributes_type" else base
+    if base in _TYPE_WORDS:
+        hint = " (quote it)" if base == "string" and isinstance(given, int | float) else ""
+        return f"{path}: expected {_TYPE_WORDS[base]}, got {show_value(given)}{hint}"
+    if kind == "int_from_float":
+        return f"{path}: expected an integer, got {show_value(given)}"
+    if kind == "value_error":
+        return f"{path}: {error['msg'].removeprefix('Value error, ')}"
+    return f"{path}: {error['msg']} (got {show_value(given)})"
+
+
+# ---------------------------------------------------------------------------------------
+# Meaning checks
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+_JWT_ALGORITHMS = frozenset(
+    {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
+    | {"ES256", "ES384", "ES512", "EdDSA"}
+)
+_REDIS_SCHEMES = ("redis", "rediss", "redis-cluster", "rediss-cluster", "memory")
+_MAX_TOKENS = 2**53  # Lua numbers are doubles: integers are exact up to here
+
+
+class Checker:
+    """Checks what pydantic cannot: cross-references, formats, ranges. Collects every error."""
+
+    def __init__(self, config: Config, unset: dict[str, list[str]]) -> None:
+        self.c, self.unset = config, unset
+        self.errors: list[str] = []
+
+    def err(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def filled(self, path: str, value: str | None) -> bool:
+        """False (and an error naming any unset variable) when a given value is empty."""
+        if value is None or value.strip():
+            return True
+        names = self.unset.get(path)
+        why = f" (environment variable {', '.join(names)} is not set)" if names else ""
+        self.err(path, f"empty{why}")
+        return False
+
+    def name(self, path: str, value: str, what: str) -> None:
+        if _NAME.fullmatch(value) is None:
+            self.err(path, f"invalid {what} name {value!r} (letters, digits, _ . -; at most 64)")
+
+    def number(self, path: str, value: float, low: float, high: float | None = None) -> None:
+        if not value >= low:  # also catches NaN
+            want = {0: "must not be negative", 1: "must be positive"}.get(int(low))
+            self.err(path, f"{want or f'must be at least {low}'}, got {value}")
+        elif high is not None and value > high:
+            self.err(path, f"must be at most {high}, got {value}")
+
+    def url(self, path: str, value: str | None, schemes: tuple[str, ...], host: bool) -> None:
+        if not self.filled(path, value) or value is None:
+            return
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as exc:
+            self.err(path, f"invalid URL {value!r}: {exc}")
+            return
+        if parts.scheme not in schemes:
+            self.err(path, f"URL scheme must be one of {', '.join(schemes)}, got {value!r}")
+        elif host and not parts.hostname:
+            self.err(path, f"URL has no host: {value!r}")
+
+    def known(self, path: str, value: str, kind: str, known: Iterable[str]) -> bool:
+        if value in known:
+            return True
+        names = ", ".join(sorted(known)) or "none"
+        self.err(path, f"unknown {kind} {value!r} (known: {names})")
+        return False
+
+    def run(self) -> list[str]:
+        c = self.c
+        self.url("redis_url", c.redis_url, _REDIS_SCHEMES, host=False)
+        self.url("database_url", c.database_url, ("postgresql", "postgres"), host=False)
+        if c.upstream is not None:
+            self.url("upstream", c.upstream, ("http", "https"), host=True)
+        self.filled("admin_token", c.admin_token)
+        self.identity()
+        self.features()
+        self.plans()
+        self.billing()
+        self.routes()
+        if self.filled("key_prefix", c.key_prefix) and re.search(r"[{}\s]", c.key_prefix):
+            self.err("key_prefix", f"must not contain braces or spaces, got {c.key_prefix!r}")
+        self.number("shards", c.shards, 1, 16384)
+        if not c.api_prefix.startswith("/") or c.api_prefix == "/":
+            self.err("api_prefix", f"must start with '/' and not be '/', got {c.api_prefix!r}")
+        elif _normal_or_none(c.api_prefix) != c.api_prefix:
+            self.err("api_prefix", f"must be a normalised path, got {c.api_prefix!r}")
+        for key in (
+            "idempotency_ttl_seconds",
+            "hold_ttl_seconds",
+            "retry_after_unavailable_seconds",
+        ):
+            self.number(key, getattr(c, key), 1)
+        for key in (
+            "upstream_timeout_seconds",
+            "upstream_connect_timeout_seconds",
+            "redis_timeout_seconds",
+        ):
+            if not getattr(c, key) > 0:
+                self.err(key, f"must be positive, got {getattr(c, key)}")
+        return self.errors
+
+    def identity(self) -> None:
+        ident = self.c.identity
+        self.number("identity.bad_credentials_per_minute", ident.bad_credentials_per_minute, 0)
+        self.number("identity.key_cache_seconds", ident.key_cache_seconds, 0)
+        jwt = ident.jwt
+        if jwt is None:
+            return
+        if jwt.secret is not None:
+            self.filled("identity.jwt.secret", jwt.secret)
+        if jwt.jwks_url is not None:
+            self.url("identity.jwt.jwks_url", jwt.jwks_url, ("http", "https"), host=True)
+        has_secret, has_jwks = jwt.secret is not None, jwt.jwks_url is not None
+        if has_secret and has_jwks:
+            self.err("identity.jwt", "set only one of secret or jwks_url")
+            has_secret = has_jwks = False  # which algorithms fit is unknowable: skip that check
+        elif not has_secret and not has_jwks:
+            self.err("identity.jwt", "needs one of secret or jwks_url")
+        if not jwt.algorithms:
+            self.err("identity.jwt.algorithms", "must not be empty")
+        for i, alg in enumerate(jwt.algorithms):
+            path = f"identity.jwt.algorithms[{i}]"
+            if self.known(path, alg, "algorithm", _JWT_ALGORITHMS):
+                # A shared-secret algorithm with a key set (or the reverse) is the classic
+                # algorithm-confusion hole: refuse the mix.
+                if alg.startswith("HS") and has_jwks:
+                    self.err(path, f"{alg} needs a secret, not a jwks_url")
+                elif not alg.startswith("HS") and has_secret:
+                    self.err(path, f"{alg} needs a jwks_url, not a secret")
+        self.filled("identity.jwt.org_claim", jwt.org_claim)
+        self.filled("identity.jwt.user_claim", jwt.user_claim)
+        self.number("identity.jwt.leeway_seconds", jwt.leeway_seconds, 0)
+
+    def features(self) -> None:
+        for name, feature in self.c.features.items():
+            path = fmt_loc(("features", name))
+            self.name(path, name, "feature")
+            if feature.bucket is not None:
+                self.name(f"{path}.bucket", feature.bucket, "bucket")
+            self.number(f"{path}.cost", feature.cost, 1, _MAX_TOKENS)
+
+    def plans(self) -> None:
+        buckets = self.c.buckets
+        for name, plan in self.c.plans.items():
+            path = fmt_loc(("plans", name))
+            self.name(path, name, "plan")
+            for bucket, amount in plan.allocations.items():
+                apath = fmt_loc(("plans", name, "allocations", bucket))
+                if bucket not in buckets:
+                    names = ", ".join(buckets) or "none"
+                    self.err(
+                        apath,
+                        f"unknown bucket {bucket!r}: no feature draws from it (buckets: {names})",
+                    )
+                self.number(apath, amount, 0, _MAX_TOKENS)
+            seen: dict[str, int] = {}
+            for i, rl in enumerate(plan.rate_limits):
+                try:
+                    count, period_ms = parse_rate(rl.limit)
+                except ValueError as exc:
+                    self.err(f"{path}.rate_limits[{i}].limit", str(exc))
+                    continue
+                rid = f"{rl.per}:{count}/{period_ms}"
+                if rid in seen:
+                    self.err(
+                        f"{path}.rate_limits[{i}]", f"duplicate of {path}.rate_limits[{seen[rid]}]"
+                    )
+                seen.setdefault(rid, i)
+        self.known("default_plan", self.c.default_plan, "plan", self.c.plans)
+
+    def billing(self) -> None:
+        stripe = self.c.billing.stripe
+        if stripe is None:
+            return
+        self.filled("billing.stripe.webhook_secret", stripe.webhook_secret)
+        self.number("billing.stripe.tolerance_seconds", stripe.tolerance_seconds, 1)
+        for price, plan in stripe.plans.items():
+            self.known(fmt_loc(("billing", "stripe", "plans", price)), plan, "plan", self.c.plans)
+        for price, topup in stripe.topups.items():
+            path = fmt_loc(("billing", "stripe", "topups", price))
+            self.known(f"{path}.bucket", topup.bucket, "bucket", self.c.buckets)
+            self.number(f"{path}.amount", topup.amount, 1, _MAX_TOKENS)
+            if topup.expires_in_days is not None:
+                self.number(f"{path}.expires_in_days", topup.expires_in_days, 1)
+
+    def routes(self) -> None:
+        for i, route in enumerate(self.c.routes):
+            self.known(f"routes[{i}].feature", route.feature, "feature", self.c.features)
+            if route.cost is not None:
+                self.number(f"routes[{i}].cost", route.cost, 1, _MAX_TOKENS)
+        self.errors.extend(route_table_errors(self.c.routes, self.c.routes_ignore_case))
+
+
+def _normal_or_none(path: str) -> str | None:
+    try:
+        return normalize_path(path)
+    except BadPath:
+        return None

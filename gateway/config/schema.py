@@ -1,0 +1,268 @@
+"""The creditgate configuration schema: pydantic models with unknown keys rejected.
+
+Loading happens in three steps, in the manner of envoy's ratelimit config:
+1. YAML is parsed and every string value gets ``${VAR}`` / ``${VAR:-default}`` expansion;
+2. the structure is validated by pydantic with unknown keys rejected everywhere;
+3. meaning is checked (features, plans and buckets referenced anywhere exist, rate strings
+   parse, routes are unique and their templates compile), collecting every error.
+
+Every error names the file and the key path (``routes[3].feature``). ``ConfigError``
+carries all of them; ``creditgate check-config`` prints them and exits 1.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+)
+
+from gateway.config.source import ConfigError
+
+__all__ = ["Config", "ConfigError", "parse_rate"]
+
+_RATE = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]*)\s*(second|minute|hour|day)s?\s*", re.IGNORECASE)
+_UNIT_MS = {"second": 1000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
+
+
+def parse_rate(text: str) -> tuple[int, int]:
+    """Parse ``N/unit`` or ``N/Munits`` (unit: second, minute, hour, day) into (N, period ms)."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            f"malformed rate {text!r} (expected N/second, N/minute, N/hour or N/day,"
+            " optionally with a multiplier: 100/5minutes)"
+        )
+    count, multiplier, unit = int(match.group(1)), match.group(2), match.group(3).lower()
+    if count <= 0:
+        raise ValueError(f"malformed rate {text!r}: the count must be positive")
+    if multiplier and int(multiplier) <= 0:
+        raise ValueError(f"malformed rate {text!r}: the multiplier must be positive")
+    return count, int(multiplier or 1) * _UNIT_MS[unit]
+
+
+def _no_bool(value: Any) -> Any:
+    # YAML's `true` would otherwise pass as the integer 1.
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {str(value).lower()}")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
+class _Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, models are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JwtConfig(_Strict):
+    """Verify bearer JWTs (e.g. Supabase access tokens) locally."""
+
+    secret: str | None = None
+    jwks_url: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
+    org_claim: str = "org_id"
+    user_claim: str = "sub"
+    audience: str | None = None
+    issuer: str | None = None
+    leeway_seconds: Int = 0
+
+
+class IdentityConfig(_Strict):
+    """How a request names its organization and user."""
+
+    api_keys: bool = True
+    jwt: JwtConfig | None = None
+    trusted_headers: bool = False
+    # Bad credentials from one client address beyond this many per minute get 429.
+    bad_credentials_per_minute: Int = 30
+    # Seconds a resolved API key is trusted in process before it is looked up again;
+    # this bounds how long a revoked key keeps working.
+    key_cache_seconds: float = 5.0
+
+
+class FeatureConfig(_Strict):
+    """A metered feature: its cost per call and the bucket it draws from."""
+
+    cost: Int
+    bucket: str | None = None  # defaults to the feature's own name
+
+
+class RateLimitConfig(_Strict):
+    """One rate limiter of a plan: ``limit`` is ``N/second|minute|hour|day``."""
+
+    per: Literal["org", "user"]
+    limit: str
+
+
+class PlanConfig(_Strict):
+    """A plan: tokens per bucket per period, and its rate limits."""
+
+    allocations: dict[str, Int] = Field(default_factory=dict)
+    rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+
+
+class TopUpConfig(_Strict):
+    """A Stripe checkout price that buys tokens."""
+
+    bucket: str
+    amount: Int
+    expires_in_days: Int | None = None
+
+
+class StripeConfig(_Strict):
+    """Stripe webhook verification and price-id mappings."""
+
+    webhook_secret: str
+    plans: dict[str, str] = Field(default_factory=dict)
+    topups: dict[str, TopUpConfig] = Field(default_factory=dict)
+    tolerance_seconds: Int = 300
+
+
+class BillingConfig(_Strict):
+    """Billing integrations (optional)."""
+
+    stripe: StripeConfig | None = None
+
+
+class RouteConfig(_Strict):
+    """A metered route: first match wins; ``cost`` overrides the feature's cost."""
+
+    method: str
+    path: str
+    feature: str
+    cost: Int | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.strip().upper()
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRateLimit:
+    """A plan's rate limiter: ``count`` requests per ``period_ms``, per org or per user.
+
+    ``id`` (e.g. ``u:60/60000``) names the limiter's state (a per-user key; per-org state is
+    the org hash's field ``rl:o:<count>/<period>``, see lua/charge.lua); it depends only on
+    the limit, so two plans with the same limit share a limiter and a plan change keeps it.
+    """
+
+    per: Literal["org", "user"]
+    count: int
+    period_ms: int
+    id: str
+
+
+class Config(_Strict):
+    """The whole creditgate.yaml."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str | None = "postgresql://postgres@127.0.0.1:5432/creditgate"
+    upstream: str | None = None
+    admin_token: str | None = None
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    features: dict[str, FeatureConfig] = Field(default_factory=dict)
+    plans: dict[str, PlanConfig] = Field(default_factory=dict)
+    default_plan: str = "starter"
+    period: Literal["monthly", "weekly", "daily"] = "monthly"
+    billing: BillingConfig = Field(default_factory=BillingConfig)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    # Operational settings (extensions of DESIGN A2; all optional).
+    fail_open: bool = False
+    key_prefix: str = "cg"
+    shards: Int = 16
+    api_prefix: str = "/api/v1/tokens"
+    idempotency_ttl_seconds: Int = 86400
+    # How long a hold may stay open before the sync job's sweep turns it into a charge
+    # marked unknown. Must exceed the longest upstream response (SSE streams included).
+    hold_ttl_seconds: Int = 900
+    upstream_timeout_seconds: float = 60.0
+    upstream_connect_timeout_seconds: float = 5.0
+    # The proxy's HTTP client: lean (gateway/proxy/lean_client.py, least CPU), aiohttp, or
+    # httpx (needs the httpx package, a test dependency).
+    upstream_client: Literal["lean", "aiohttp", "httpx"] = "lean"
+    redis_timeout_seconds: float = 2.0
+    retry_after_unavailable_seconds: Int = 5
+    # Match route templates ignoring case, for upstreams that route that way (Express's
+    # default): otherwise /API/v1/leads/generate would reach such an upstream unmetered.
+    routes_ignore_case: bool = False
+    # Forward a request's trailing slash (matching ignores it either way), for upstreams
+    # whose routes end in "/" (Django's APPEND_SLASH would otherwise redirect in a loop).
+    # Off by default: a Starlette upstream answers "/x/" with a redirect to "/x", and a
+    # client following it would be charged twice.
+    forward_trailing_slash: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_database(cls, value: str | None) -> str | None:
+        # `${CREDITGATE_DATABASE_URL}` left unset means "run without Postgres".
+        return value or None
+
+    # Derived lookups, computed once on first use (the model is frozen). cached_property
+    # keeps them in the instance __dict__, which model_copy() copies: drop them there, or
+    # a copy with updated features or plans would answer from the original's lookups.
+    _DERIVED: ClassVar[tuple[str, ...]] = ("_bucket_map", "buckets", "_rate_limits")
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (see pydantic); derived lookups are recomputed for it on first use."""
+        copied = super().model_copy(update=update, deep=deep)
+        for name in self._DERIVED:
+            copied.__dict__.pop(name, None)
+        return copied
+
+    @cached_property
+    def _bucket_map(self) -> dict[str, str]:
+        return {name: f.bucket or name for name, f in self.features.items()}
+
+    @cached_property
+    def buckets(self) -> tuple[str, ...]:
+        """Every bucket some feature draws from, sorted."""
+        return tuple(sorted(set(self._bucket_map.values())))
+
+    @cached_property
+    def _rate_limits(self) -> dict[str, tuple[ParsedRateLimit, ...]]:
+        result = {}
+        for name, plan in self.plans.items():
+            parsed = []
+            for rl in plan.rate_limits:
+                count, period_ms = parse_rate(rl.limit)
+                rid = f"{rl.per[0]}:{count}/{period_ms}"
+                parsed.append(ParsedRateLimit(rl.per, count, period_ms, rid))
+            result[name] = tuple(parsed)
+        return result
+
+    def bucket_of(self, feature: str) -> str:
+        """The bucket ``feature`` draws from; ``KeyError`` for an unknown feature."""
+        return self._bucket_map[feature]
+
+    def cost_of(self, feature: str) -> int:
+        """The feature's cost per call; ``KeyError`` for an unknown feature."""
+        return self.features[feature].cost
+
+    def rate_limits_of(self, plan: str) -> tuple[ParsedRateLimit, ...]:
+        """The plan's rate limiters (empty for a plan without limits or an unknown plan)."""
+        return self._rate_limits.get(plan, ())
+
+    def allocation(self, plan: str, bucket: str) -> int | None:
+        """Tokens per period of ``bucket`` in ``plan``; None when not in the plan (or no plan)."""
+        p = self.plans.get(plan)
+        return None if p is None else p.allocations.get(bucket)
+
+    def plan_allocations(self, bucket: str) -> dict[str, int]:
+        """``{plan: allocation}`` for every plan that includes ``bucket``."""
+        return {
+            name: p.allocations[bucket] for name, p in self.plans.items() if bucket in p.allocations
+        }

@@ -1,0 +1,322 @@
+"""Prometheus metrics (``GET /metrics``) and the readiness report (``GET /readyz``).
+
+The hot path only bumps plain integers in :data:`METRICS` (a :class:`HotMetrics`); a
+custom collector turns them into Prometheus metrics when ``/metrics`` is scraped. Measured
+on this project's machine (CPython 3.11, best of 5): ``METRICS.count(feature, outcome,
+tokens)`` ~95 ns and ``METRICS.observe_admit(s)`` ~100 ns, against ~560 ns for the same
+two counters as pre-bound ``prometheus_client`` children and ~525 ns for its histogram
+``observe()`` (each takes a lock). Everything runs on the server's event loop, so the
+counters need no lock.
+
+Metrics (all prefixed ``creditgate_``):
+- ``requests_total{feature, outcome}``: outcome is ``charged``, ``refunded``,
+  ``fail_open`` or ``refused_<reason>`` (``refused_insufficient``, ``refused_not_in_plan``,
+  ``refused_rate_limited``, ``refused_in_flight``, ``refused_replay``,
+  ``refused_unauthenticated``, ``refused_unavailable``, ...);
+- ``tokens_charged_total{feature}``; ``denials_total{reason}``; ``fail_open_total``;
+- ``admit_seconds`` (histogram of the admission round trip to Redis);
+- ``sync_backlog_events{shard}``, ``sync_oldest_unsynced_seconds``; when a sync worker runs
+  in this process, ``sync_last_success_timestamp_seconds`` and
+  ``sync_events_total{result}``; ``redis_up``.
+
+Several worker processes (``serve --workers N``): every process has its own counters and
+answers ``/metrics`` with them, so a scrape sees whichever worker took the connection.
+Run one worker per container (scale with replicas) where the counters matter; the sync
+and Redis gauges are the same from every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from gateway.core.counters import ADMIT_BUCKETS, METRICS, HotMetrics
+
+if TYPE_CHECKING:
+    from gateway.metering.gate import CreditGate
+    from sync.worker import SyncWorker
+
+__all__ = [
+    "SyncLag",
+    "metrics_endpoint",
+    "readiness_endpoint",
+    "sync_lag",
+    "track_sync_worker",
+]
+
+# The sync consumer group (sync.worker.SyncWorker's default).
+SYNC_GROUP = "creditgate-sync"
+# /readyz reports the sync as lagging when the oldest unsynced event is older than this.
+SYNC_LAG_THRESHOLD_S = 60.0
+
+
+# -- sync lag ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncLag:
+    """How far the ledger is behind Redis, read from the shard streams."""
+
+    backlog_per_shard: dict[int, int]
+    oldest_unsynced_age_s: float | None
+    measured_at: float  # time.monotonic()
+    # Known only when the sync worker runs in this process (see track_sync_worker).
+    last_success_at: float | None = None
+    last_error: str | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Unsynced events over all shards."""
+        return sum(self.backlog_per_shard.values())
+
+
+_workers: weakref.WeakKeyDictionary[CreditGate, SyncWorker] = weakref.WeakKeyDictionary()
+_lag_cache: weakref.WeakKeyDictionary[CreditGate, SyncLag] = weakref.WeakKeyDictionary()
+_LAG_CACHE_S = 1.0
+
+
+def track_sync_worker(gate: CreditGate, worker: SyncWorker | None) -> None:
+    """Tell /metrics and /readyz about the sync worker running in this process (or None)."""
+    if worker is None:
+        _workers.pop(gate, None)
+    else:
+        _workers[gate] = worker
+
+
+async def sync_lag(gate: CreditGate, *, max_age_s: float = _LAG_CACHE_S) -> SyncLag:
+    """Backlog and oldest unsynced event age of every shard (cached for ``max_age_s``).
+
+    Works whether the sync job runs in this process or elsewhere: it reads the consumer
+    group's state from Redis (a few commands per shard, sent concurrently).
+    """
+    cached = _lag_cache.get(gate)
+    now = time.monotonic()
+    if cached is not None and now - cached.measured_at < max_age_s:
+        return cached
+    worker = _workers.get(gate)
+    if worker is not None:
+        stats = await worker.stats()
+        age_ms = stats.oldest_unsynced_age_ms
+        lag = SyncLag(
+            backlog_per_shard=dict(stats.backlog_per_shard),
+            oldest_unsynced_age_s=None if age_ms is None else age_ms / 1000,
+            measured_at=now,
+            last_success_at=stats.last_success_at,
+            last_error=stats.last_error,
+        )
+    else:
+        from sync.streams import ShardStream
+
+        streams = [
+            ShardStream(gate.redis.client, keys, SYNC_GROUP, "metrics")
+            for keys in gate.keys.all_shards()
+        ]
+        backlogs = await asyncio.gather(*(s.backlog() for s in streams))
+        wall_ms = time.time() * 1000
+        oldest = [b.oldest_ms for b in backlogs if b.oldest_ms is not None]
+        lag = SyncLag(
+            backlog_per_shard={b.shard: b.pending + b.undelivered for b in backlogs},
+            oldest_unsynced_age_s=max(0.0, (wall_ms - min(oldest)) / 1000) if oldest else None,
+            measured_at=now,
+        )
+    _lag_cache[gate] = lag
+    return lag
+
+
+# -- the collector ----------------------------------------------------------------------
+
+
+class _Collector(Collector):
+    """Turns HotMetrics and the last measured gauges into Prometheus metric families."""
+
+    def __init__(self, hot: HotMetrics, gate: CreditGate) -> None:
+        self.hot = hot
+        self.gate = weakref.ref(gate)
+        self.lag: SyncLag | None = None
+        self.redis_up: bool | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "creditgate_requests", "Metered requests by feature and outcome.",
+            labels=["feature", "outcome"],
+        )  # fmt: skip
+        tokens = CounterMetricFamily(
+            "creditgate_tokens_charged", "Tokens charged, by feature.", labels=["feature"]
+        )
+        denials = CounterMetricFamily(
+            "creditgate_denials", "Refused metered requests, by reason.", labels=["reason"]
+        )
+        fail_open = CounterMetricFamily(
+            "creditgate_fail_open", "Metered requests let through uncharged (fail_open)."
+        )
+        by_feature: dict[str, int] = {}
+        by_reason: dict[str, int] = {}
+        passed = 0
+        for (feature, outcome), (n, charged) in sorted(self.hot.requests().items()):
+            requests.add_metric([feature, outcome], n)
+            if charged:
+                by_feature[feature] = by_feature.get(feature, 0) + charged
+            if outcome.startswith("refused_"):
+                reason = outcome[len("refused_") :]
+                by_reason[reason] = by_reason.get(reason, 0) + n
+            elif outcome == "fail_open":
+                passed += n
+        for feature, charged in sorted(by_feature.items()):
+            tokens.add_metric([feature], charged)
+        for reason, n in sorted(by_reason.items()):
+            denials.add_metric([reason], n)
+        fail_open.add_metric([], passed)
+        yield from (requests, tokens, denials, fail_open)
+
+        counts, total, n = self.hot.admit_histogram()
+        cumulative, running = [], 0
+        for bound, count in zip((*map(str, ADMIT_BUCKETS), "+Inf"), counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        yield HistogramMetricFamily(
+            "creditgate_admit_seconds",
+            "Latency of the admission round trip to Redis (charge.lua).",
+            buckets=cumulative, sum_value=total,
+        )  # fmt: skip
+        yield from self._gauges()
+
+    def _gauges(self) -> Iterable[Metric]:
+        if self.redis_up is not None:
+            yield GaugeMetricFamily(
+                "creditgate_redis_up", "1 when Redis answered the last scrape.",
+                value=int(self.redis_up),
+            )  # fmt: skip
+        lag = self.lag
+        if lag is not None:
+            backlog = GaugeMetricFamily(
+                "creditgate_sync_backlog_events",
+                "Events in Redis not yet committed to the ledger, per shard.",
+                labels=["shard"],
+            )
+            for shard, count in sorted(lag.backlog_per_shard.items()):
+                backlog.add_metric([str(shard)], count)
+            yield backlog
+            yield GaugeMetricFamily(
+                "creditgate_sync_oldest_unsynced_seconds",
+                "Age of the oldest event not yet in the ledger (0 when all are synced).",
+                value=lag.oldest_unsynced_age_s or 0.0,
+            )
+        gate = self.gate()
+        worker = _workers.get(gate) if gate is not None else None
+        if worker is None:
+            return
+        totals = worker.totals
+        events = CounterMetricFamily(
+            "creditgate_sync_events",
+            "What this process's sync worker did with events.",
+            labels=["result"],
+        )
+        for name in ("inserted", "duplicates", "dead_lettered", "swept", "acked"):
+            events.add_metric([name], getattr(totals, name))
+        yield events
+        if lag is not None and lag.last_success_at is not None:
+            yield GaugeMetricFamily(
+                "creditgate_sync_last_success_timestamp_seconds",
+                "Wall time of the sync worker's last successful pass.",
+                value=lag.last_success_at,
+            )
+
+
+def metrics_endpoint(gate: CreditGate) -> Any:
+    """The Starlette endpoint of ``GET /metrics`` for ``gate``."""
+    from prometheus_client import PlatformCollector, ProcessCollector
+
+    collector = _Collector(METRICS, gate)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    registry.register(ProcessCollector(registry=None))
+    registry.register(PlatformCollector(registry=None))
+
+    async def metrics(request: Request) -> Response:
+        try:
+            collector.lag = await asyncio.wait_for(sync_lag(gate), timeout=2)
+            collector.redis_up = True
+        except Exception:  # Redis down or slow: the counters are still worth serving
+            collector.lag = None
+            collector.redis_up = False
+        return Response(
+            generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return metrics
+
+
+# -- readiness --------------------------------------------------------------------------
+
+
+def readiness_endpoint(gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_THRESHOLD_S) -> Any:
+    """The Starlette endpoint of ``GET /readyz`` for ``gate``.
+
+    Ready (200) when Redis answers: that is all a gateway needs to serve metered requests
+    of orgs it has seen. Postgres being down or the sync lagging makes the status
+    ``degraded`` but keeps 200: taking every gateway out of rotation for a ledger outage
+    would turn a delayed ledger into a full outage. ``?strict=1`` answers 503 for
+    ``degraded`` too. With ``fail_open: true`` a Redis outage is ``degraded`` as well,
+    since requests are still served (uncharged).
+    """
+
+    async def readyz(request: Request) -> Response:
+        checks: dict[str, Any] = {}
+        redis_ok = True
+        degraded = False
+        try:
+            await asyncio.wait_for(gate.redis.client.ping(), timeout=2)
+            checks["redis"] = "ok"
+        except Exception as exc:
+            checks["redis"] = f"error: {exc}"
+            redis_ok = False
+        if gate.config.database_url:
+            try:
+                store = await gate.require_store()
+                await asyncio.wait_for(store.pool.fetchval("SELECT 1"), timeout=2)
+                checks["postgres"] = "ok"
+            except Exception as exc:
+                checks["postgres"] = f"error: {exc}"
+                degraded = True
+        if redis_ok and gate.config.database_url:
+            try:
+                lag = await asyncio.wait_for(sync_lag(gate), timeout=2)
+                age = lag.oldest_unsynced_age_s
+                lagging = age is not None and age > lag_threshold_s
+                checks["sync"] = {
+                    "status": "lagging" if lagging else "ok",
+                    "backlog": lag.backlog,
+                    "oldest_unsynced_seconds": None if age is None else round(age, 3),
+                    "threshold_seconds": lag_threshold_s,
+                }
+                if lag.last_error:
+                    checks["sync"]["last_error"] = lag.last_error
+                degraded = degraded or lagging
+            except Exception as exc:
+                checks["sync"] = {"status": f"error: {exc}"}
+                degraded = True
+        if not redis_ok and not gate.config.fail_open:
+            status, code = "not ready", 503
+        elif not redis_ok or degraded:
+            status = "degraded"
+            code = 503 if request.query_params.get("strict") in ("1", "true") else 200
+        else:
+            status, code = "ready", 200
+        return JSONResponse({"status": status, "checks": checks}, status_code=code)
+
+    return readyz

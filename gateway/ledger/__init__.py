@@ -1,0 +1,1 @@
+"""The Postgres ledger: migrations, the store (orgs, keys, grants) and usage queries."""

@@ -1,0 +1,353 @@
+"""Usage statistics and the audit trail, read from Postgres for the token and admin APIs.
+
+Aggregates come from the daily rollups, never from scanning ``ai_token_usage_log``: the
+sync job maintains ``usage_daily`` (org, day, feature, user), and migration 0002 derives
+``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user) from
+it in the same transaction. A window of one org is then an index-only scan of at most
+days x features plus days x users rows, whatever its request volume or its number of
+features x users. The log itself is only read a page at a time, newest first, by keyset
+over ``(created_at, id)`` (the ``usage_log_org_created`` index).
+
+Reads acting for one org run in a read-only transaction that sets ``creditgate.org_id``
+(row-level security applies when the gateway connects as a restricted role) and every
+query also filters by organization, so isolation never depends on the role alone.
+
+"Today" is the gate's clock (UTC), so stats agree with the balances' periods in tests and
+simulations too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from gateway.core.balances import Balance
+from gateway.core.timefmt import iso, iso_ms, utc_date
+
+if TYPE_CHECKING:
+    # A connection taken from the store's pool (generic only in the stubs).
+    Conn = PoolConnectionProxy[asyncpg.Record]
+
+BURN_DAYS = 7  # the "recent" in the forecast's recent burn rate
+TOP_USERS = 50
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+
+@asynccontextmanager
+async def org_reader(pool: asyncpg.Pool, org: str) -> AsyncIterator[Conn]:
+    """A read-only transaction scoped to ``org`` (``SET LOCAL creditgate.org_id``)."""
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        await conn.execute("SELECT set_config('creditgate.org_id', $1, true)", org)
+        yield conn
+
+
+# -- one org's usage -------------------------------------------------------------------
+
+# One round trip: the org's (day, feature) rows, from which by_day, by_feature and the
+# burn are summed in Python (at most days x features rows), then its top users.
+_ORG_USAGE = """
+(SELECT false AS by_user, day, feature, token_type, NULL::text AS user_id, requests, tokens
+ FROM usage_daily_feature
+ WHERE organization_id = $1 AND day >= least($2::date, $4::date) AND day <= $3)
+UNION ALL
+(SELECT true, NULL, NULL, NULL, user_id, sum(requests), sum(tokens)
+ FROM usage_daily_user
+ WHERE organization_id = $1 AND day >= $2 AND day <= $3
+ GROUP BY user_id HAVING sum(requests) > 0
+ ORDER BY 7 DESC, 6 DESC, 5 LIMIT $5)
+"""
+
+
+def _usage_item(key: str, value: Any, requests: int, tokens: int) -> dict[str, Any]:
+    return {key: value, "requests": int(requests), "tokens": int(tokens)}
+
+
+async def org_usage(
+    conn: Conn, org: str, start: date, end: date, burn_start: date
+) -> dict[str, Any]:
+    """The org's usage over [start, end] by feature, user and day, and tokens per bucket
+    since ``burn_start`` (for the forecast), in one pass over its rollups."""
+    rows = await conn.fetch(_ORG_USAGE, org, start, end, burn_start, TOP_USERS)
+    features: dict[str, list[int]] = {}
+    days: dict[date, list[int]] = {}
+    burn: dict[str, int] = {}
+    by_user: list[dict[str, Any]] = []
+    for r in rows:
+        if r["by_user"]:
+            by_user.append(_usage_item("user_id", r["user_id"] or None, r["requests"], r["tokens"]))
+            continue
+        day, requests, tokens = r["day"], int(r["requests"]), int(r["tokens"])
+        if day >= burn_start:
+            burn[r["token_type"]] = burn.get(r["token_type"], 0) + tokens
+        if day >= start:
+            for acc in (features.setdefault(r["feature"], [0, 0]), days.setdefault(day, [0, 0])):
+                acc[0] += requests
+                acc[1] += tokens
+    by_feature = [_usage_item("feature", f, n, t) for f, (n, t) in features.items() if n]
+    by_feature.sort(key=lambda i: (-i["tokens"], -i["requests"], i["feature"]))
+    by_day = []
+    for n in range((end - start).days + 1):
+        day = start + timedelta(days=n)
+        requests, tokens = days.get(day, (0, 0))
+        by_day.append(_usage_item("day", day.isoformat(), requests, tokens))
+    return {
+        "by_feature": by_feature,
+        "by_user": by_user,
+        "by_day": by_day,
+        "burn": burn,
+    }
+
+
+def forecast(
+    balance: Balance, burn: dict[str, int], now_ms: int, today: date
+) -> dict[str, dict[str, Any]]:
+    """Per bucket: daily burn (last BURN_DAYS days), days until empty, and whether that
+    comes before the period's refresh. ``days_left`` is null when nothing is burning."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, b in balance.buckets.items():
+        rate = max(0, burn.get(name, 0)) / BURN_DAYS
+        days_left = None if rate <= 0 else round(b.available / rate, 1)
+        empty_on = None
+        before_refresh = False
+        if days_left is not None:
+            empty_on = (today + timedelta(days=int(days_left))).isoformat()
+            before_refresh = now_ms + days_left * 86_400_000 < balance.period_end_ms
+        out[name] = {
+            "available": b.available,
+            "burn_per_day": round(rate, 2),
+            "days_left": days_left,
+            "empty_on": empty_on,
+            "empties_before_refresh": before_refresh,
+        }
+    return out
+
+
+async def org_stats(
+    pool: asyncpg.Pool, org: str, balance_of: Awaitable[Balance], now_ms: int, days: int = 30
+) -> dict[str, Any]:
+    """``GET /stats``: usage over the last ``days`` days (today included) and the forecast
+    (the library's ``stats``; the seed's getTokenStats). ``balance_of`` reads the org's
+    balance (from Redis) while the ledger is queried; ``now_ms`` is the caller's clock."""
+    today = utc_date(now_ms)
+    start = today - timedelta(days=days - 1)
+    burn_start = today - timedelta(days=BURN_DAYS - 1)
+
+    async def read_usage() -> dict[str, Any]:
+        async with org_reader(pool, org) as conn:
+            return await org_usage(conn, org, start, today, burn_start)
+
+    # Redis and Postgres at the same time: neither waits for the other.
+    balance, usage = await asyncio.gather(balance_of, read_usage())
+    burn = usage.pop("burn")
+    return {
+        "org": org,
+        "days": days,
+        "from": start.isoformat(),
+        "to": today.isoformat(),
+        "period": balance.period,
+        "refresh_at": iso_ms(balance.period_end_ms),
+        **usage,
+        "forecast": forecast(balance, burn, now_ms, today),
+    }
+
+
+# -- the audit trail -------------------------------------------------------------------
+
+_LOG_COLUMNS = (
+    "id, event_id, created_at, kind, feature_used, token_type, user_id, tokens_deducted,"
+    " balance_after, extra_after, request_id, method, route, upstream_status, latency_ms,"
+    " plan, reference"
+)
+
+
+def encode_cursor(created_at: datetime, row_id: int) -> str:
+    """An opaque cursor for the row after which the next page starts."""
+    micros = (created_at - _EPOCH) // _US
+    raw = f"{micros}.{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """The (created_at, id) of a cursor; ValueError when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        micros_s, _, id_s = raw.partition(".")
+        if not micros_s.lstrip("-").isdigit() or not id_s.isdigit():
+            raise ValueError(cursor)
+        when = _EPOCH + int(micros_s) * _US
+        row_id = int(id_s)
+    except (binascii.Error, UnicodeDecodeError, OverflowError) as exc:
+        raise ValueError(cursor) from exc
+    if row_id > 2**63 - 1:
+        raise ValueError(cursor)
+    return when, row_id
+
+
+def _log_item(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "id": r["id"],
+        "event_id": r["event_id"],
+        "created_at": iso(r["created_at"]),
+        "kind": r["kind"],
+        "feature": r["feature_used"],
+        "bucket": r["token_type"],
+        "user_id": r["user_id"],
+        "tokens": r["tokens_deducted"],
+        "balance_after": r["balance_after"],
+        "extra_after": r["extra_after"],
+        "request_id": r["request_id"],
+        "method": r["method"] or None,
+        "route": r["route"] or None,
+        "upstream_status": r["upstream_status"],
+        "latency_ms": r["latency_ms"],
+        "plan": r["plan"] or None,
+        "reference": r["reference"] or None,
+    }
+
+
+async def usage_page(
+    pool: asyncpg.Pool, org: str, cursor: str | None, limit: int
+) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of the org's audit rows, newest first, and the cursor of the next page
+    (None on the last). ValueError for a cursor that is not one of ours."""
+    after = decode_cursor(cursor) if cursor else None
+    async with org_reader(pool, org) as conn:
+        if after is None:
+            rows = await conn.fetch(
+                f"SELECT {_LOG_COLUMNS} FROM ai_token_usage_log WHERE organization_id = $1"
+                " ORDER BY created_at DESC, id DESC LIMIT $2",
+                org, limit + 1,
+            )  # fmt: skip
+        else:
+            rows = await conn.fetch(
+                f"SELECT {_LOG_COLUMNS} FROM ai_token_usage_log WHERE organization_id = $1"
+                " AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4",
+                org, after[0], after[1], limit + 1,
+            )  # fmt: skip
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return [_log_item(r) for r in rows], next_cursor
+
+
+# -- every org (admin) -----------------------------------------------------------------
+
+_SPEND = """
+WITH spend AS (
+    SELECT organization_id, sum(tokens) AS tokens, sum(requests) AS requests
+    FROM usage_daily_feature WHERE day >= $1 AND day <= $2 GROUP BY organization_id
+    ORDER BY tokens DESC, organization_id LIMIT $3
+)
+SELECT s.organization_id AS org, o.plan, s.tokens, s.requests
+FROM spend s LEFT JOIN organizations o ON o.id = s.organization_id
+ORDER BY s.tokens DESC, s.organization_id
+"""
+
+_ORGS_BY_ID = """
+WITH page AS (
+    SELECT id, plan FROM organizations WHERE id > $1 ORDER BY id LIMIT $2
+)
+SELECT p.id AS org, p.plan,
+       coalesce(sum(d.tokens), 0) AS tokens, coalesce(sum(d.requests), 0) AS requests
+FROM page p LEFT JOIN usage_daily_feature d
+    ON d.organization_id = p.id AND d.day >= $3 AND d.day <= $4
+GROUP BY p.id, p.plan ORDER BY p.id
+"""
+
+
+def _org_item(r: asyncpg.Record) -> dict[str, Any]:
+    return {
+        "org": r["org"], "plan": r["plan"],
+        "tokens": int(r["tokens"]), "requests": int(r["requests"]),
+    }  # fmt: skip
+
+
+async def top_spenders(
+    pool: asyncpg.Pool, start: date, end: date, limit: int
+) -> list[dict[str, Any]]:
+    """The orgs that used the most tokens over [start, end], most first."""
+    return [_org_item(r) for r in await pool.fetch(_SPEND, start, end, limit)]
+
+
+async def orgs_by_id(
+    pool: asyncpg.Pool, after: str, limit: int, start: date, end: date
+) -> list[dict[str, Any]]:
+    """Orgs in id order after ``after``, with their usage over [start, end]."""
+    return [_org_item(r) for r in await pool.fetch(_ORGS_BY_ID, after, limit, start, end)]
+
+
+async def window_usage(pool: asyncpg.Pool, start: date, end: date, limit: int) -> dict[str, Any]:
+    """Usage of every org over [start, end]: by feature, by day, the top orgs and the top
+    users (each user's share of their org's tokens: the per-user contribution)."""
+    window = "FROM usage_daily_feature WHERE day >= $1 AND day <= $2"
+    user_window = "FROM usage_daily_user WHERE day >= $1 AND day <= $2"
+    async with pool.acquire() as conn, conn.transaction(readonly=True):
+        features = await conn.fetch(
+            f"SELECT feature, sum(requests) AS requests, sum(tokens) AS tokens {window}"
+            " GROUP BY feature ORDER BY tokens DESC, feature", start, end,
+        )  # fmt: skip
+        days = await conn.fetch(
+            f"SELECT day, sum(requests) AS requests, sum(tokens) AS tokens {window}"
+            " GROUP BY day", start, end,
+        )  # fmt: skip
+        orgs = await conn.fetch(
+            f"SELECT organization_id, sum(requests) AS requests, sum(tokens) AS tokens {window}"
+            " GROUP BY organization_id ORDER BY tokens DESC, organization_id LIMIT $3",
+            start, end, limit,
+        )  # fmt: skip
+        users = await conn.fetch(
+            "WITH u AS (SELECT organization_id, user_id, sum(requests) AS requests,"
+            f" sum(tokens) AS tokens {user_window} GROUP BY organization_id, user_id)"
+            " SELECT *, sum(tokens) OVER (PARTITION BY organization_id) AS org_tokens FROM u"
+            " ORDER BY tokens DESC, organization_id, user_id LIMIT $3",
+            start, end, limit,
+        )  # fmt: skip
+        active = await conn.fetchval(f"SELECT count(DISTINCT organization_id) {window}", start, end)
+    by_day = {r["day"]: r for r in days}
+    day_items = []
+    for n in range((end - start).days + 1):
+        day = start + timedelta(days=n)
+        r = by_day.get(day)
+        day_items.append({
+            "day": day.isoformat(),
+            "requests": int(r["requests"]) if r else 0,
+            "tokens": int(r["tokens"]) if r else 0,
+        })  # fmt: skip
+    return {
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "totals": {
+            "requests": sum(d["requests"] for d in day_items),
+            "tokens": sum(d["tokens"] for d in day_items),
+            "orgs": int(active or 0),
+        },
+        "by_feature": [
+            _usage_item("feature", r["feature"], r["requests"], r["tokens"]) for r in features
+        ],
+        "by_day": day_items,
+        "by_org": [
+            _usage_item("org", r["organization_id"], r["requests"], r["tokens"]) for r in orgs
+        ],
+        "by_user": [
+            {
+                "org": r["organization_id"],
+                "user_id": r["user_id"] or None,
+                "requests": int(r["requests"]),
+                "tokens": int(r["tokens"]),
+                "share": round(int(r["tokens"]) / int(r["org_tokens"]), 4)
+                if int(r["org_tokens"]) > 0
+                else 0.0,
+            }
+            for r in users
+        ],
+    }

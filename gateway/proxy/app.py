@@ -1,0 +1,519 @@
+"""Reverse proxy core: a pure ASGI app that forwards each request to the upstream.
+
+Bodies stream both ways. A request body goes to the HTTP client as an async generator over
+the ASGI ``http.request`` messages, so the upstream starts receiving before the client has
+finished sending; a small response (Content-Length <= ``max_buffered_body``) is read whole
+and sent as one message, anything else is relayed chunk by chunk as it arrives.
+
+Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
+504 (``upstream_timeout``), which the metering middleware treats as a refund. A failure after
+the response has started cannot change the status: it is recorded in
+``scope["state"]["creditgate.upstream_error"]`` and the body is ended. The upstream's status
+and time to headers go to ``creditgate.upstream_status`` / ``creditgate.upstream_latency_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from yarl import URL
+
+from gateway.core.problem import send_problem
+from gateway.proxy.lean_client import LeanBackend, LeanResponse
+
+if TYPE_CHECKING:
+    import httpx
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Body = bytes | AsyncIterator[bytes] | None
+Headers = list[tuple[str, str]]
+RawHeaders = list[tuple[bytes, bytes]]
+Errors = tuple[type[BaseException], ...]
+
+# RFC 9110 7.6.1, plus the non-standard Proxy-Connection some clients still send.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+    }
+)
+# Headers some frameworks honour to change the method or path: forwarding them would let a
+# client reach a metered route under an unmetered spelling.
+REWRITE_HEADERS = frozenset(
+    {
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
+# Host becomes the upstream's; our server already answered Expect; the X-Forwarded-* trio
+# is rebuilt from the connection instead of trusted from the client.
+_REQUEST_DROP = (
+    HOP_BY_HOP
+    | REWRITE_HEADERS
+    | {
+        b"host",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+# The middleware's identity headers: a client naming them in Connection must not drop them.
+_OURS = b"x-creditgate-"
+# Below the keep-alive of common upstream servers (uvicorn: 5 s), so the pool does not reuse
+# a connection the upstream is closing (a spurious 502 on a POST otherwise).
+_KEEPALIVE_S = 4.0
+STATE_STATUS = "creditgate.upstream_status"
+STATE_LATENCY = "creditgate.upstream_latency_ms"
+STATE_ERROR = "creditgate.upstream_error"
+STATE_CLIENT_GONE = "creditgate.client_disconnected"
+_CLIENT = "client disconnected"
+
+log = logging.getLogger("creditgate.proxy")
+
+
+def _connection_tokens(headers: RawHeaders) -> set[bytes]:
+    """Header names listed in Connection: hop-by-hop for this message only."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+
+
+async def _bad_gateway(send: Send, *, timed_out: bool) -> None:
+    if timed_out:
+        await send_problem(
+            send,
+            504,
+            "upstream_timeout",
+            "Gateway Timeout",
+            "The upstream service did not answer in time.",
+        )
+    else:
+        await send_problem(
+            send,
+            502,
+            "bad_gateway",
+            "Bad Gateway",
+            "The upstream service is unavailable or broke off its answer.",
+        )
+
+
+class _Upload:
+    """What the request-body generator tells the handler."""
+
+    __slots__ = ("disconnected", "done")
+
+    def __init__(self, done: bool) -> None:
+        self.done = done
+        self.disconnected = False
+
+
+class _AiohttpBackend:
+    """One aiohttp ClientSession (and its connection pool) for one event loop."""
+
+    TIMEOUT: Errors = (TimeoutError,)  # aiohttp's timeouts subclass it
+    FAILURE: Errors = (aiohttp.ClientError, OSError)
+
+    def __init__(self, timeout: float, connect_timeout: float, max_connections: int) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=max_connections,
+                limit_per_host=0,
+                keepalive_timeout=_KEEPALIVE_S,
+                ttl_dns_cache=60,
+            ),
+            # sock_read bounds the wait for headers and each gap between chunks, never the
+            # whole exchange: a total timeout would cut long SSE streams.
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=max(timeout, connect_timeout),
+                sock_connect=connect_timeout,
+                sock_read=timeout,
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def open(self, method: str, url: str, headers: Headers, body: Body) -> _AiohttpResp:
+        # encoded=True: the path goes out byte for byte as the middleware normalised it.
+        return _AiohttpResp(
+            await self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                auto_decompress=False,
+            )
+        )
+
+    async def aclose(self) -> None:
+        await self._session.close()
+
+
+class _AiohttpResp:
+    __slots__ = ("_r", "content_length", "raw_headers", "status")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._r, self.status, self.content_length = resp, resp.status, resp.content_length
+        self.raw_headers: RawHeaders = list(resp.raw_headers)
+
+    async def read(self) -> bytes:
+        return await self._r.read()
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._r.content.iter_any()  # whatever has arrived: no line or size buffering
+
+    async def aclose(self) -> None:
+        self._r.release()  # pools a fully read connection, closes a half-read one
+
+
+class _HttpxBackend:
+    """One httpx AsyncClient for one event loop (slower: see bench/upstream_clients.py)."""
+
+    def __init__(self, timeout: float, connect_timeout: float, max_connections: int) -> None:
+        import httpx  # only a test dependency of creditgate
+
+        self.TIMEOUT: Errors = (httpx.TimeoutException,)
+        self.FAILURE: Errors = (httpx.TransportError, OSError)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=_KEEPALIVE_S,
+            ),
+            follow_redirects=False,
+            trust_env=False,
+            # Refuse every cookie: one shared client must not carry a caller's cookies
+            # into another caller's requests.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        )
+
+    async def open(self, method: str, url: str, headers: Headers, body: Body) -> _HttpxResp:
+        import httpx
+
+        # A bare Request has none of the client's default headers (User-Agent, Accept...).
+        request = httpx.Request(method, url, headers=headers, content=body)
+        return _HttpxResp(await self._client.send(request, stream=True))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _HttpxResp:
+    __slots__ = ("_r", "content_length", "raw_headers", "status")
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._r, self.status = resp, resp.status_code
+        self.raw_headers: RawHeaders = list(resp.headers.raw)
+        length = resp.headers.get("content-length", "")
+        self.content_length = int(length) if length.isdigit() else None
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self._r.aiter_raw()])  # not decompressed
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._r.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._r.aclose()
+
+
+_Backend = _AiohttpBackend | _HttpxBackend | LeanBackend
+_Resp = _AiohttpResp | _HttpxResp | LeanResponse
+Client = Literal["lean", "aiohttp", "httpx"]
+CLIENTS: tuple[Client, ...] = ("lean", "aiohttp", "httpx")
+
+
+class UpstreamProxy:
+    """ASGI app forwarding every HTTP request to ``upstream`` (which may carry a base path).
+
+    ``timeout`` bounds the wait for the response headers and each gap between body chunks;
+    ``connect_timeout`` the TCP connect. One client session per event loop is created on
+    first use and closed on ASGI lifespan shutdown or :meth:`aclose`.
+
+    ``client`` picks the HTTP client: ``lean`` (gateway/proxy/lean_client.py, the default and
+    the cheapest in CPU), ``aiohttp`` or ``httpx``. An upstream URL with credentials in it
+    (``http://user:pass@host``) is served by aiohttp, which the lean client leaves out.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        max_buffered_body: int = 65536,
+        client: Client = "lean",
+        max_connections: int = 1000,
+    ) -> None:
+        parts = urlsplit(upstream)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"upstream must be an http(s) URL, got {upstream!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"upstream may not have a query or fragment: {upstream!r}")
+        if client not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {client!r}")
+        if client == "lean" and "@" in parts.netloc:
+            client = "aiohttp"
+        if client == "httpx" and importlib.util.find_spec("httpx") is None:
+            raise ValueError("client 'httpx' needs the httpx package (pip install httpx)")
+        self.upstream = upstream
+        self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+        self._max_buffered = max_buffered_body
+        self.client: Client = client
+        self._client_cls: type[_Backend] = {
+            "lean": LeanBackend,
+            "aiohttp": _AiohttpBackend,
+            "httpx": _HttpxBackend,
+        }[client]
+        self._client_args = (timeout, connect_timeout, max_connections)
+        self._backends: dict[asyncio.AbstractEventLoop, _Backend] = {}
+
+    def _backend(self) -> _Backend:
+        loop = asyncio.get_running_loop()
+        backend = self._backends.get(loop)
+        if backend is None:
+            for old in [lp for lp in self._backends if lp.is_closed()]:
+                del self._backends[old]  # its loop is gone; nothing left to close
+            backend = self._backends[loop] = self._client_cls(*self._client_args)
+        return backend
+
+    async def aclose(self) -> None:
+        """Close this event loop's client session (a later request opens a new one)."""
+        backend = self._backends.pop(asyncio.get_running_loop(), None)
+        if backend is not None:
+            await backend.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await self.aclose()
+            await send({"type": "lifespan.shutdown.complete"})
+        else:  # websockets are not proxied; closing before accept answers 403
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
+
+    def _url(self, scope: Scope) -> str:
+        raw_path: bytes | None = scope.get("raw_path")
+        path = (
+            raw_path.decode("latin-1") if raw_path else quote(scope["path"], safe="/:@!$&'()*+,;=~")
+        )
+        query: bytes = scope.get("query_string", b"")
+        return f"{self._base}{path}?{query.decode('latin-1')}" if query else self._base + path
+
+    @staticmethod
+    def _request_headers(scope: Scope) -> tuple[Headers, int | None]:
+        """Headers for the upstream, and the declared Content-Length (None if unknown)."""
+        raw: RawHeaders = scope["headers"]
+        named = _connection_tokens(raw)
+        out: Headers = []
+        forwarded_for: list[str] = []
+        host = length = None
+        chunked = False
+        for name, value in raw:
+            lname = name.lower()
+            if lname in _REQUEST_DROP or (lname in named and not lname.startswith(_OURS)):
+                if lname == b"x-forwarded-for":
+                    forwarded_for.append(value.decode("latin-1"))
+                elif lname == b"host":
+                    host = value.decode("latin-1")
+                chunked = chunked or lname == b"transfer-encoding"
+                continue
+            if lname == b"content-length":
+                length = value
+            out.append((lname.decode("latin-1"), value.decode("latin-1")))
+        declared = int(length) if length is not None and length.isdigit() else None
+        if chunked and length is not None:
+            # Both framings at once is a smuggling attempt: the body we relay was framed by
+            # chunking, so a forwarded Content-Length would desynchronise the upstream.
+            out = [(n, v) for n, v in out if n != "content-length"]
+            declared = None
+        if client := scope.get("client"):
+            forwarded_for.append(str(client[0]))
+        if forwarded_for:
+            out.append(("x-forwarded-for", ", ".join(forwarded_for)))
+        out.append(("x-forwarded-proto", str(scope.get("scheme", "http"))))
+        if host is not None:
+            out.append(("x-forwarded-host", host))
+        return out, declared
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.setdefault("state", {})
+        headers, declared = self._request_headers(scope)
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            state[STATE_CLIENT_GONE] = True
+            return
+        chunk: bytes = first.get("body", b"")
+        body: Body = chunk or None
+        upload = _Upload(done=not first.get("more_body", False))
+        if not upload.done and declared is not None and declared <= self._max_buffered:
+            buffer = bytearray(chunk)  # small and of known size: one write upstream is cheaper
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state[STATE_CLIENT_GONE] = True
+                    return
+                buffer += message.get("body", b"")
+                if not message.get("more_body", False):
+                    break
+            body, upload.done = bytes(buffer), True
+        elif not upload.done:
+            body = self._stream_body(chunk, receive, upload)
+
+        backend = self._backend()
+        started = time.perf_counter()
+        try:
+            resp = await backend.open(scope["method"], self._url(scope), headers, body)
+        except backend.TIMEOUT:
+            state[STATE_ERROR] = "timeout waiting for the upstream's response headers"
+            await _bad_gateway(send, timed_out=True)
+            return
+        except backend.FAILURE as exc:
+            if upload.disconnected:  # nobody to answer, but a 5xx tells the meter: refund
+                state[STATE_CLIENT_GONE] = True
+                state[STATE_ERROR] = "client disconnected during the request body"
+            else:
+                state[STATE_ERROR] = f"upstream unavailable: {type(exc).__name__}: {exc}"
+            await _bad_gateway(send, timed_out=False)
+            return
+        state[STATE_STATUS] = resp.status
+        state[STATE_LATENCY] = (time.perf_counter() - started) * 1000.0
+        try:
+            await self._respond(scope, resp, backend, receive, send, upload)
+        finally:
+            await resp.aclose()
+
+    @staticmethod
+    async def _stream_body(first: bytes, receive: Receive, upload: _Upload) -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                upload.disconnected = True
+                raise ConnectionResetError("client disconnected during the request body")
+            if chunk := message.get("body", b""):
+                yield chunk
+            if not message.get("more_body", False):
+                upload.done = True
+                return
+
+    async def _respond(
+        self,
+        scope: Scope,
+        resp: _Resp,
+        backend: _Backend,
+        receive: Receive,
+        send: Send,
+        upload: _Upload,
+    ) -> None:
+        state = scope["state"]
+        named = _connection_tokens(resp.raw_headers)
+        headers = [
+            (lname, value)
+            for name, value in resp.raw_headers
+            if (lname := name.lower()) not in HOP_BY_HOP and lname not in named
+        ]
+        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
+        if scope["method"] == "HEAD" or resp.status in (204, 304) or resp.status < 200:
+            await send(start)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if resp.content_length is not None and resp.content_length <= self._max_buffered:
+            try:  # read before answering: a failure here can still become a 502/504
+                data = await resp.read()
+            except backend.TIMEOUT:
+                state[STATE_ERROR] = "timeout reading the upstream's response body"
+                await _bad_gateway(send, timed_out=True)
+                return
+            except backend.FAILURE as exc:
+                state[STATE_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
+                await _bad_gateway(send, timed_out=False)
+                return
+            await send(start)
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+            return
+
+        await send(start)
+        relay = asyncio.create_task(self._relay(resp, backend, send))
+        # Once the request body is in, receive() can only return http.disconnect: watch for
+        # it so an idle stream (an SSE pause) is dropped at once, not at its next chunk.
+        watch = asyncio.create_task(_wait_disconnect(receive)) if upload.done else None
+        tasks = [relay] if watch is None else [relay, watch]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        # A cancelled relay means the watcher saw http.disconnect.
+        error = _CLIENT if relay.cancelled() else relay.result()
+        if error is _CLIENT:
+            state[STATE_CLIENT_GONE] = True
+            return
+        if error is not None:
+            # The status line is gone, so the failure can only be told by not ending the
+            # body: the app returns with the response incomplete and the server closes the
+            # connection (uvicorn does; nginx does the same on a premature upstream close).
+            # A final chunk here would make a cut-off answer look complete to the client.
+            # The tokens are refunded all the same (the middleware reads STATE_ERROR).
+            state[STATE_ERROR] = error
+            log.warning("upstream response cut short after the headers: %s", error)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _relay(resp: _Resp, backend: _Backend, send: Send) -> str | None:
+        """Copy body chunks as they arrive; return None, an error description or _CLIENT."""
+        chunks = resp.chunks()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return None
+            except backend.TIMEOUT:
+                return "timeout between chunks of the upstream's response body"
+            except backend.FAILURE as exc:
+                return f"upstream body failed: {type(exc).__name__}: {exc}"
+            if chunk:
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:  # servers that raise for a gone client rather than drop
+                    return _CLIENT
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,376 @@
+"""Connection protocol and response of the lean upstream client (gateway/proxy/lean_client.py).
+
+A :class:`Connection` is an asyncio Protocol feeding the httptools response parser; it
+carries one exchange at a time, whose state lives in a :class:`LeanResponse`. Response
+body pieces are queued on the response as they arrive; past ``_HIGH_WATER`` unread bytes
+the transport stops reading until the consumer takes the queue. A response
+on a connection that closes before its end fails with :class:`UpstreamClosed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator
+
+import httptools
+
+from gateway.proxy.lean_pool import Origin, Pool
+
+_HIGH_WATER = 256 * 1024  # unread response bytes before reading pauses
+_MAX_HEAD = 256 * 1024  # response header bytes accepted
+
+
+class UpstreamError(ConnectionError):
+    """The upstream broke the exchange: closed early, sent garbage, or was unreachable."""
+
+
+class UpstreamClosed(UpstreamError):
+    """The connection closed (EOF or reset) before the exchange was complete."""
+
+
+class Connection(asyncio.Protocol):
+    """One upstream connection; it carries one exchange at a time."""
+
+    def __init__(
+        self, pool: Pool[Connection], origin: Origin, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.origin = origin
+        self.idle_since = 0.0
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.resp: LeanResponse | None = None
+        self.closed = False
+        self.dirty = False  # the parser is mid-message (HEAD) or the stream is out of step
+        self.drain: asyncio.Future[None] | None = None  # set while writing is paused
+
+    @property
+    def reusable(self) -> bool:
+        """Open, between exchanges, and in step with the server."""
+        return not self.closed and self.resp is None and not self.dirty
+
+    # -- transport callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        resp = self.resp
+        if resp is None:  # bytes nobody asked for: the stream is out of step
+            self.abort(UpstreamError("upstream sent data between responses"))
+            return
+        resp.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.abort(UpstreamError("upstream switched protocols, which was not asked for"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            self.abort(
+                cause
+                if isinstance(cause, UpstreamError)
+                else UpstreamError(f"malformed upstream response: {exc}")
+            )
+
+    def eof_received(self) -> bool | None:
+        resp = self.resp
+        if resp is not None and resp.until_eof and not resp.complete:
+            resp.complete = True  # a body without length or chunking ends with the connection
+            resp.keep_alive = False
+            resp.wake()
+        self.closed = True
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})")
+        resp = self.resp
+        if resp is not None and not resp.complete:
+            if resp.until_eof and resp.headers_done and exc is None:
+                resp.complete = True
+                resp.wake()
+            else:
+                resp.fail(error)
+        self._wake_writer(error)
+        self.pool.lost(self)
+
+    def pause_writing(self) -> None:
+        if self.drain is None:
+            self.drain = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        self._wake_writer(None)
+
+    def _wake_writer(self, exc: BaseException | None) -> None:
+        drain, self.drain = self.drain, None
+        if drain is not None and not drain.done():
+            if exc is None:
+                drain.set_result(None)
+            else:
+                drain.set_exception(exc)
+                drain.exception()  # nobody may be waiting: do not log "never retrieved"
+
+    def abort(self, exc: BaseException) -> None:
+        """Fail the exchange in progress, if any, and drop the connection."""
+        self.closed = True
+        resp = self.resp
+        if resp is not None and not resp.complete:
+            resp.fail(exc)
+        self._wake_writer(exc)
+        if self.transport is not None:
+            self.transport.abort()
+        self.pool.lost(self)  # free the slot now, not when the transport reports back
+
+    # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        resp = self.resp
+        if resp is None or resp.complete:
+            raise UpstreamError("upstream sent more than one response")
+        resp.raw_headers = []
+        resp.head_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        resp = self.resp
+        assert resp is not None
+        resp.head_bytes += len(name) + len(value)
+        if resp.head_bytes > _MAX_HEAD:
+            raise UpstreamError("upstream response headers too large")
+        resp.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        resp = self.resp
+        assert resp is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # informational (100 Continue, 103 Early Hints): the real answer follows
+        if status == 101:
+            raise UpstreamError("upstream switched protocols, which was not asked for")
+        resp.status = status
+        resp.keep_alive = self.parser.should_keep_alive()
+        length = None
+        te = chunked = conn_close = False
+        for name, value in resp.raw_headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                length = int(value) if value.strip().isdigit() else None
+            elif lname == b"transfer-encoding":  # chunked only if it is the final coding
+                te = True
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+            elif lname == b"connection":
+                conn_close = conn_close or b"close" in value.lower()
+        if te:
+            length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+        resp.content_length = length
+        no_body = resp.head_only or status in (204, 304)
+        resp.until_eof = not no_body and not chunked and length is None
+        resp.headers_done = True
+        if resp.head_only:
+            # The parser cannot be told this answers a HEAD: it would wait for the body the
+            # headers announce. The response ends here; a fresh parser takes the next one.
+            resp.complete = True
+            resp.keep_alive = self.parser.get_http_version() == "1.1" and not conn_close
+            self.dirty = True
+        if status >= 300 or not resp.keep_alive:
+            self._wake_writer(None)  # an upload waiting on a server that will not read: stop
+        resp.wake()
+
+    def on_body(self, body: bytes) -> None:
+        resp = self.resp
+        assert resp is not None
+        if resp.complete:
+            raise UpstreamError("upstream sent a body after a bodiless response")
+        resp.pieces.append(body)
+        resp.buffered += len(body)
+        if resp.buffered > _HIGH_WATER and not resp.reading_paused:
+            resp.reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        resp.wake()
+
+    def on_message_complete(self) -> None:
+        resp = self.resp
+        assert resp is not None
+        if not resp.headers_done:
+            return  # the end of a 1xx response
+        resp.complete = True
+        resp.wake()
+
+
+class LeanResponse:
+    """An upstream response: ``status``, ``raw_headers``, and the body via ``read()`` or
+    ``chunks()``. ``aclose()`` must follow: it pools or closes the connection."""
+
+    __slots__ = (
+        "_conn",
+        "_error",
+        "_loop",
+        "_timeout",
+        "_timer",
+        "_wait_since",
+        "_waiter",
+        "buffered",
+        "complete",
+        "content_length",
+        "head_bytes",
+        "head_only",
+        "headers_done",
+        "keep_alive",
+        "pieces",
+        "raw_headers",
+        "reading_paused",
+        "received",
+        "status",
+        "until_eof",
+        "uploader",
+    )
+
+    def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
+        self._loop = conn.loop
+        self._timeout = timeout
+        self._conn: Connection | None = conn
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait_since = 0.0
+        self._error: BaseException | None = None
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
+        self.pieces: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.head_bytes = 0
+        self.head_only = head_only
+        self.headers_done = self.complete = self.keep_alive = self.until_eof = False
+        self.reading_paused = self.received = False
+        self.uploader: asyncio.Task[None] | None = None  # the rest of a full-duplex upload
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def wait(self) -> None:
+        """Until something happens (headers, a body piece, the end); at most the timeout."""
+        if self._error is not None:
+            raise self._error
+        loop = self._loop
+        waiter = self._waiter = loop.create_future()
+        self._wait_since = now = loop.time()
+        if self._timer is None:  # one timer per exchange, re-armed only when it fires
+            self._timer = loop.call_at(now + self._timeout, self._check_timeout)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting now: the next wait re-arms
+        loop = self._loop
+        due = self._wait_since + self._timeout
+        if loop.time() < due:
+            self._timer = loop.call_at(due, self._check_timeout)
+            return
+        error = TimeoutError(f"upstream sent nothing for {self._timeout:g} s")
+        waiter.set_exception(error)
+        self._error = error
+        if self._conn is not None:
+            self._conn.abort(error)
+
+    def _take(self) -> bytes:
+        """Every unread body byte so far, resuming reading if it was paused."""
+        pieces = self.pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self.buffered = 0
+        if self.reading_paused:
+            self._resume()
+        return data
+
+    def _resume(self) -> None:
+        self.reading_paused = False
+        conn = self._conn
+        if conn is not None and not conn.closed and conn.transport is not None:
+            conn.transport.resume_reading()
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        if self.complete:
+            return self._take() if self.pieces else b""
+        parts = []
+        while not self.complete:
+            if self.pieces:
+                parts.append(self._take())
+            await self.wait()
+        if self.pieces:
+            parts.append(self._take())
+        return b"".join(parts)
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body pieces as they arrive (whatever is buffered, joined)."""
+        return _Chunks(self)
+
+    async def aclose(self) -> None:
+        """Pool the connection if the response was read to its end cleanly, else close it."""
+        self.close()
+
+    def close(self) -> None:
+        """Synchronous :meth:`aclose`."""
+        conn, self._conn = self._conn, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if conn is None:
+            return
+        uploading = self.uploader is not None and not self.uploader.done()
+        if uploading:
+            assert self.uploader is not None
+            self.uploader.cancel()
+        if (
+            self.complete
+            and self.keep_alive
+            and self._error is None
+            and not conn.closed
+            and not uploading
+        ):
+            conn.resp = None
+            if conn.dirty:
+                conn.parser = httptools.HttpResponseParser(conn)
+                conn.dirty = False
+            if self.reading_paused:
+                self.reading_paused = False
+                assert conn.transport is not None
+                conn.transport.resume_reading()
+            conn.pool.release(conn)
+        else:
+            conn.abort(UpstreamError("response closed before its end"))
+            conn.resp = None
+
+
+class _Chunks:
+    """Async iterator over a response body (cheaper than an async generator)."""
+
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: LeanResponse) -> None:
+        self._resp = resp
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        resp = self._resp
+        while not resp.pieces:
+            if resp.complete:
+                raise StopAsyncIteration
+            await resp.wait()
+        return resp._take()

@@ -1,0 +1,1 @@
+"""Routing: path normalisation (security-critical), route templates and the router."""

@@ -1,0 +1,90 @@
+"""Migration 0002: usage_daily_user / usage_daily_feature stay equal to sums of usage_daily,
+through the sync job's upserts (insert and update paths), deletes and truncation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from tests.support.api_support import Env, make_env
+from tests.support.pg import requires_postgres
+
+pytestmark = requires_postgres
+
+
+@pytest.fixture
+async def env() -> AsyncIterator[Env]:
+    async for e in make_env():
+        yield e
+
+
+async def _consistent(pool: asyncpg.Pool) -> tuple[int, int]:
+    """Assert both derived tables equal usage_daily's sums; return their row counts."""
+    users = await pool.fetch(
+        "SELECT organization_id, day, user_id, requests, tokens FROM usage_daily_user"
+        " WHERE requests <> 0 OR tokens <> 0 ORDER BY 1, 2, 3"
+    )
+    expected_users = await pool.fetch(
+        "SELECT organization_id, day, user_id, sum(requests) AS requests, sum(tokens) AS tokens"
+        " FROM usage_daily GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
+    assert [tuple(r) for r in users] == [tuple(r) for r in expected_users]
+    features = await pool.fetch(
+        "SELECT organization_id, day, feature, token_type, requests, tokens"
+        " FROM usage_daily_feature WHERE requests <> 0 OR tokens <> 0 ORDER BY 1, 2, 3"
+    )
+    expected_features = await pool.fetch(
+        "SELECT organization_id, day, feature, min(token_type), sum(requests), sum(tokens)"
+        " FROM usage_daily GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+    )
+    assert [tuple(r) for r in features] == [tuple(r) for r in expected_features]
+    return len(users), len(features)
+
+
+async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
+    gate = env.gate
+    for org in ("acme", "globex"):
+        await gate.set_plan(org, "enterprise")
+    pool = (await gate.require_store()).pool
+
+    async def charge(org: str, feature: str, user: str | None, day: int, n: int = 1) -> None:
+        env.clock.set(int(datetime(2026, 11, day, 10, tzinfo=UTC).timestamp() * 1000))
+        for _ in range(n):
+            assert (await gate.charge(org, feature, user=user)).ok
+
+    await charge("acme", "lead_generation", "alice", 14, 2)
+    await charge("acme", "goal_generation", "alice", 14)
+    await charge("acme", "goal_generation", None, 14)
+    await charge("globex", "lead_generation", "gus", 14, 3)
+    await env.sync()
+    assert await _consistent(pool) == (3, 3)
+    # Second pass over the same keys: the sync job's upsert takes its UPDATE path.
+    await charge("acme", "lead_generation", "alice", 14, 3)
+    await charge("acme", "lead_generation", "bob", 14)
+    env.clock.set(int(datetime(2026, 11, 15, 10, tzinfo=UTC).timestamp() * 1000))
+    adm = await gate.meter.admit("acme", "general_insights", user="alice")
+    gate.meter.settle(adm, ok=False, status=502, latency_ms=5)  # a refund: 1 request, 0 tokens
+    await env.sync()
+    assert await _consistent(pool) == (5, 4)
+    alice = await pool.fetchrow(
+        "SELECT requests, tokens FROM usage_daily_user WHERE organization_id = 'acme'"
+        " AND day = '2026-11-14' AND user_id = 'alice'"
+    )
+    assert tuple(alice) == (6, 28)  # 5 lead (25 tokens) + 1 goal (3); the refund is on the 15th
+    # A redelivered batch inserts nothing into the log, so nothing is added twice.
+    await pool.execute(
+        "INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type, requests,"
+        " tokens) SELECT organization_id, day, feature, user_id, token_type, 0, 0 FROM usage_daily"
+        " ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE"
+        " SET requests = usage_daily.requests + 0"
+    )
+    assert await _consistent(pool) == (5, 4)
+    # Deletes subtract; truncation empties both.
+    await pool.execute("DELETE FROM usage_daily WHERE organization_id = 'globex'")
+    assert await _consistent(pool) == (4, 3)
+    await pool.execute("TRUNCATE usage_daily")
+    assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 0
+    assert await pool.fetchval("SELECT count(*) FROM usage_daily_feature") == 0

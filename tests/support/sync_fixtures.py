@@ -1,0 +1,45 @@
+"""Fixtures shared by the sync job's test modules: the real Redis (unique key prefix,
+cleaned after), a migrated throwaway Postgres and a pool on it.
+
+Registered for the whole suite by ``pytest_plugins`` in tests/conftest.py; a module that
+defines a fixture of the same name keeps its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from gateway.core.redis_keys import KeySpace
+from gateway.redisio.connect import connect_redis
+from tests.support.pg import migrated_database
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+pg_dsn = pytest.fixture(migrated_database)
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    client = connect_redis(REDIS_URL).client
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def keyspace(redis: Any) -> AsyncIterator[KeySpace]:
+    ks = KeySpace(f"cgt{uuid.uuid4().hex[:10]}", 4)
+    yield ks
+    async for key in redis.scan_iter(match=f"{ks.prefix}:*", count=1000):
+        await redis.delete(key)
+
+
+@pytest.fixture
+async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=6)
+    yield p
+    await p.close()
