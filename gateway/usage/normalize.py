@@ -1,0 +1,140 @@
+"""Each provider's usage object turned into a :class:`~gateway.usage.model.Usage`.
+
+The providers overlap their counts differently, which is what these functions undo:
+
+- OpenAI Chat Completions: ``prompt_tokens`` *includes* ``prompt_tokens_details.cached_tokens``
+  and ``completion_tokens`` *includes* ``completion_tokens_details.reasoning_tokens``.
+- OpenAI Responses: ``input_tokens`` includes ``input_tokens_details.cached_tokens`` and
+  ``output_tokens`` includes ``output_tokens_details.reasoning_tokens``, the same way.
+- Anthropic Messages: ``input_tokens`` *excludes* both ``cache_read_input_tokens`` and
+  ``cache_creation_input_tokens``; cache writes bill here as ordinary input, cache reads as
+  cached input. Extended thinking is inside ``output_tokens`` (no separate count exists).
+- Gemini ``usageMetadata``: ``promptTokenCount`` includes ``cachedContentTokenCount``;
+  ``candidatesTokenCount`` excludes ``thoughtsTokenCount``; ``toolUsePromptTokenCount`` is
+  extra input (the documented total is prompt + candidates + tool-use prompt + thoughts).
+
+Every function returns ``None`` when the object carries no token count at all (``null``, or
+Vertex's ``{"trafficType": "ON_DEMAND"}`` on intermediate stream chunks) and raises
+:class:`~gateway.usage.model.InvalidUsageError` when a count is present but not believable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.usage.model import (
+    InvalidUsageError,
+    Provider,
+    Usage,
+    clean_model,
+    is_count,
+)
+
+_EMPTY: Mapping[str, object] = {}
+
+
+def _object(value: object, where: str) -> Mapping[str, object] | None:
+    """A JSON object, ``None`` for absent/``null``; anything else is a lie."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value
+    raise InvalidUsageError(f"{where}: not an object")
+
+
+def _count(obj: Mapping[str, object], key: str) -> int | None:
+    """The count under ``key``; ``None`` when absent or ``null``."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not is_count(value):
+        raise InvalidUsageError(f"{key}: {value!r} is not a token count")
+    return value
+
+
+def _make(
+    provider: Provider, model: object, input_: int, cached: int, output: int, reasoning: int
+) -> Usage:
+    if cached < 0 or output < 0 or input_ < 0:
+        # A part larger than the whole it is said to be part of.
+        raise InvalidUsageError("a detail count exceeds the count that includes it")
+    try:
+        return Usage(provider, clean_model(model), input_, cached, output, reasoning)
+    except ValueError as exc:  # e.g. a sum of believable parts above MAX_TOKENS
+        raise InvalidUsageError(str(exc)) from exc
+
+
+def from_openai(usage: object, model: object = None) -> Usage | None:
+    """An OpenAI ``usage`` object, Chat Completions or Responses shape (told by its keys)."""
+    obj = _object(usage, "usage")
+    if obj is None:
+        return None
+    prompt = _count(obj, "prompt_tokens")
+    completion = _count(obj, "completion_tokens")
+    if prompt is not None or completion is not None:
+        in_details = _object(obj.get("prompt_tokens_details"), "prompt_tokens_details")
+        out_details = _object(obj.get("completion_tokens_details"), "completion_tokens_details")
+    else:
+        prompt = _count(obj, "input_tokens")
+        completion = _count(obj, "output_tokens")
+        if prompt is None and completion is None:
+            return None
+        in_details = _object(obj.get("input_tokens_details"), "input_tokens_details")
+        out_details = _object(obj.get("output_tokens_details"), "output_tokens_details")
+    cached = _count(in_details or _EMPTY, "cached_tokens") or 0
+    reasoning = _count(out_details or _EMPTY, "reasoning_tokens") or 0
+    prompt = prompt or 0
+    completion = completion or 0
+    return _make("openai", model, prompt - cached, cached, completion - reasoning, reasoning)
+
+
+def from_anthropic(usage: object, model: object = None) -> Usage | None:
+    """An Anthropic Messages ``usage`` object (a whole message's, or a stream's merged one)."""
+    obj = _object(usage, "usage")
+    if obj is None:
+        return None
+    counts = [
+        _count(obj, key)
+        for key in (
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+            "output_tokens",
+        )
+    ]
+    if all(c is None for c in counts):
+        return None
+    uncached, written, read, output = (c or 0 for c in counts)
+    return _make("anthropic", model, uncached + written, read, output, 0)
+
+
+def from_gemini(usage: object, model: object = None) -> Usage | None:
+    """A Gemini ``usageMetadata`` object."""
+    obj = _object(usage, "usageMetadata")
+    if obj is None:
+        return None
+    counts = [
+        _count(obj, key)
+        for key in (
+            "promptTokenCount",
+            "cachedContentTokenCount",
+            "toolUsePromptTokenCount",
+            "candidatesTokenCount",
+            "thoughtsTokenCount",
+        )
+    ]
+    if all(c is None for c in counts):
+        return None
+    prompt, cached, tool, candidates, thoughts = (c or 0 for c in counts)
+    if cached > prompt:
+        raise InvalidUsageError("cachedContentTokenCount exceeds promptTokenCount")
+    return _make("gemini", model, prompt - cached + tool, cached, candidates, thoughts)
+
+
+def normalize(provider: Provider, usage: object, model: object = None) -> Usage | None:
+    """The provider's usage object as a :class:`Usage` (see the module docstring)."""
+    if provider == "openai":
+        return from_openai(usage, model)
+    if provider == "anthropic":
+        return from_anthropic(usage, model)
+    return from_gemini(usage, model)

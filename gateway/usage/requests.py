@@ -1,0 +1,169 @@
+"""What a request body says before the call: its model, its output cap, its reserve.
+
+Also :func:`ensure_stream_usage`, which asks OpenAI Chat Completions to report usage at the
+end of a stream (it does not unless told to).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from gateway.usage.model import clean_model, is_count, provider_mode
+from gateway.usage.prices import PriceTable, charge
+
+DEFAULT_OUTPUT_TOKENS: Final = 4096
+"""The output allowance reserved for a request that names no output cap."""
+
+BYTES_PER_TOKEN: Final = 4
+"""The prompt's size in bytes over this is its token estimate (JSON framing included, which
+errs on the side of reserving a little more)."""
+
+_MAX_CHOICES: Final = 128
+_OUTPUT_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "openai": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
+    "anthropic": ("max_tokens",),
+    "gemini": (),
+    "auto": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
+}
+# Keys an Anthropic Messages body has and a Chat Completions body never does: their presence
+# means the caller routed an Anthropic request here, and OpenAI-only fields must not be added.
+_NOT_CHAT_KEYS: Final = ("system", "anthropic_version", "stop_sequences", "top_k", "thinking")
+_INCLUDE_USAGE: Final = b'"stream_options":{"include_usage":true},'
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a request body says about its call (all ``None``/``False`` if it is not JSON)."""
+
+    model: str | None
+    """The ``model`` field (Gemini names the model in the URL, not the body)."""
+    max_output_tokens: int | None
+    """The output cap, times ``n``/``candidateCount`` choices; ``None`` if none is named."""
+    choices: int
+    """How many completions are asked for (``n``, ``candidateCount``; 1 if unnamed)."""
+    stream: bool
+    """``"stream": true`` (Gemini streams by URL instead)."""
+    size: int
+    """The body's length in bytes."""
+
+
+def _decode(body: bytes) -> dict[str, object] | None:
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _positive(value: object) -> int | None:
+    return value if is_count(value) and value > 0 else None
+
+
+def _choices(value: object) -> int:
+    """A choice count (``n``, ``candidateCount``) if sane, else 1."""
+    return value if is_count(value) and 1 <= value <= _MAX_CHOICES else 1
+
+
+def inspect_request(body: bytes, provider: str = "auto") -> RequestInfo:
+    """Read ``body`` as a request to ``provider`` (``auto``: any API's field names)."""
+    mode = provider_mode(provider)
+    doc = _decode(body)
+    if doc is None:
+        return RequestInfo(None, None, 1, False, len(body))
+    caps = [v for v in (_positive(doc.get(key)) for key in _OUTPUT_KEYS[mode]) if v is not None]
+    choices = _choices(doc.get("n")) if mode in ("openai", "auto") else 1
+    if mode in ("gemini", "auto"):
+        # The REST API accepts the proto's snake_case names as well as camelCase.
+        config = doc.get("generationConfig", doc.get("generation_config"))
+        if isinstance(config, Mapping):
+            cap = _positive(config.get("maxOutputTokens", config.get("max_output_tokens")))
+            if cap is not None:
+                caps.append(cap)
+            count = config.get("candidateCount", config.get("candidate_count"))
+            choices = max(choices, _choices(count))
+    return RequestInfo(
+        model=clean_model(doc.get("model")),
+        max_output_tokens=max(caps) * choices if caps else None,
+        choices=choices,
+        stream=doc.get("stream") is True,
+        size=len(body),
+    )
+
+
+def request_model(body: bytes) -> str | None:
+    """The model a request body names, if any."""
+    doc = _decode(body)
+    return None if doc is None else clean_model(doc.get("model"))
+
+
+def estimate_reserve(
+    body: bytes,
+    provider: str,
+    prices: PriceTable,
+    *,
+    model: str | None = None,
+    default_output: int = DEFAULT_OUTPUT_TOKENS,
+    cap: int | None = None,
+) -> int:
+    """The creditgate tokens to hold before the call (DESIGN A8 ``reserve: auto``).
+
+    ceil((size / 4 x input price + max output x output price) / 1000) at the price of
+    ``model`` (default: the body's ``model``), where max output is the request's cap
+    (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens`` or
+    ``generationConfig.maxOutputTokens``) or ``default_output``, times its choices. The result
+    is at least 1 and at most ``cap`` (``None``: uncapped); ``cap`` must be at least 1.
+    """
+    if cap is not None and (type(cap) is not int or cap < 1):
+        raise ValueError("cap: must be a positive integer or None")
+    if not is_count(default_output):
+        raise ValueError("default_output: must be a non-negative integer")
+    info = inspect_request(body, provider)
+    output = info.max_output_tokens
+    if output is None:
+        output = default_output * info.choices
+    prompt = math.ceil(info.size / BYTES_PER_TOKEN)
+    price = prices.price_for(model if model is not None else info.model)
+    return max(1, charge(price, prompt, 0, output, cap))
+
+
+def ensure_stream_usage(body: bytes) -> bytes | None:
+    """The body with ``stream_options.include_usage = true`` added, or ``None`` if unchanged.
+
+    Only for OpenAI Chat Completions requests (the caller knows the route; a body with
+    Anthropic-only keys is left alone): ``"stream": true`` and a ``messages`` list, without
+    ``include_usage`` already true. ``None`` also for a body that is not a JSON object.
+
+    When ``stream_options`` is absent, the new key is spliced in after the opening brace and
+    every other byte is kept; otherwise the body is re-encoded (same values, compact form).
+    The caller must fix ``Content-Length``.
+
+    What the client then sees: every chunk gains ``"usage": null``, and one extra chunk with
+    ``"choices": []`` and the ``usage`` arrives just before ``data: [DONE]``. A client that
+    reads ``chunk.choices[0]`` without checking may stumble on that chunk; one that asked for
+    usage itself sees no difference.
+    """
+    doc = _decode(body)
+    if doc is None or doc.get("stream") is not True or not isinstance(doc.get("messages"), list):
+        return None
+    if any(key in doc for key in _NOT_CHAT_KEYS):
+        return None
+    options: dict[str, object] = {}
+    if "stream_options" not in doc:
+        start = len(body) - len(body.lstrip(b" \t\r\n"))
+        if body[start : start + 1] == b"{":
+            return body[: start + 1] + _INCLUDE_USAGE + body[start + 1 :]
+    else:
+        given = doc["stream_options"]
+        if isinstance(given, dict):
+            if given.get("include_usage") is True:
+                return None
+            options = given
+        elif given is not None:
+            return None  # malformed: the upstream's own error is the better answer
+    doc["stream_options"] = {**options, "include_usage": True}
+    # ensure_ascii: a lone surrogate escape in the input must stay an escape, not break UTF-8.
+    return json.dumps(doc, separators=(",", ":")).encode("ascii")

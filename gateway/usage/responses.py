@@ -1,0 +1,102 @@
+"""Usage from a whole (buffered) JSON response body.
+
+``auto`` tells the API by the body's shape, in this order:
+
+1. a JSON array: Gemini's ``streamGenerateContent`` without ``alt=sse`` (the last element
+   with token counts wins);
+2. ``usageMetadata`` present: Gemini;
+3. ``"type": "message"``: Anthropic Messages;
+4. ``"object"`` is ``chat.completion``, ``text_completion`` or ``response``: OpenAI;
+5. otherwise by the keys of ``usage``: ``prompt_tokens``/``completion_tokens`` or a
+   ``*_tokens_details``/``total_tokens`` key is OpenAI, a ``cache_*_input_tokens`` key is
+   Anthropic. A bare ``{input_tokens, output_tokens}`` gives the same counts under either
+   reading (there is no cached or reasoning part to separate), so only the label is
+   guessed: OpenAI when the id starts with ``resp_``, else Anthropic.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+from gateway.usage.model import InvalidUsageError, Provider, Usage, provider_mode
+from gateway.usage.normalize import from_anthropic, from_gemini, from_openai
+
+_OPENAI_OBJECTS: Final = frozenset({"chat.completion", "text_completion", "response"})
+_OPENAI_KEYS: Final = (
+    "prompt_tokens",
+    "completion_tokens",
+    "input_tokens_details",
+    "output_tokens_details",
+    "total_tokens",
+)
+_ANTHROPIC_KEYS: Final = ("cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def usage_from_json(body: bytes, provider: str) -> Usage | None:
+    """The usage in a JSON response ``body``; ``None`` when there is none to believe.
+
+    ``provider`` is ``auto``, ``openai``, ``anthropic`` or ``gemini`` (anything else raises
+    :class:`ValueError`). ``None`` means *missing*: no usage, a body that is not JSON, or
+    counts that cannot be believed. An explicit zero usage is a :class:`Usage` of zeros.
+    """
+    mode = provider_mode(provider)
+    # Cheap refusal: every shape we read has a "usage" or "usageMetadata" key.
+    if b"usage" not in body:
+        return None
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
+        return None
+    try:
+        return usage_from_document(doc, mode)
+    except InvalidUsageError:
+        return None
+
+
+def usage_from_document(doc: object, provider: str) -> Usage | None:
+    """The usage in an already decoded response document (see :func:`usage_from_json`).
+
+    Raises :class:`~gateway.usage.model.InvalidUsageError` for unbelievable counts.
+    """
+    mode = provider_mode(provider)
+    if isinstance(doc, list):
+        if mode not in ("auto", "gemini"):
+            return None
+        found: Usage | None = None
+        for item in doc:
+            if isinstance(item, dict):
+                found = from_gemini(item.get("usageMetadata"), item.get("modelVersion")) or found
+        return found
+    if not isinstance(doc, dict):
+        return None
+    kind = detect_provider(doc) if mode == "auto" else mode
+    if kind == "gemini":
+        return from_gemini(doc.get("usageMetadata"), doc.get("modelVersion"))
+    if kind == "openai":
+        return from_openai(doc.get("usage"), doc.get("model"))
+    if kind == "anthropic":
+        return from_anthropic(doc.get("usage"), doc.get("model"))
+    return None
+
+
+def detect_provider(doc: dict[str, object]) -> Provider | None:
+    """Which API a decoded response body came from, by its shape (see the module docstring)."""
+    if "usageMetadata" in doc:
+        return "gemini"
+    if doc.get("type") == "message":
+        return "anthropic"
+    obj = doc.get("object")
+    if isinstance(obj, str) and obj in _OPENAI_OBJECTS:
+        return "openai"
+    usage = doc.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    if any(key in usage for key in _OPENAI_KEYS):
+        return "openai"
+    if any(key in usage for key in _ANTHROPIC_KEYS):
+        return "anthropic"
+    if "input_tokens" in usage or "output_tokens" in usage:
+        ident = doc.get("id")
+        return "openai" if isinstance(ident, str) and ident.startswith("resp_") else "anthropic"
+    return None
