@@ -53,8 +53,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.config import StripeConfig
-from gateway.core.problem import PROBLEM_CONTENT_TYPE, problem_body
-from gateway.identity.principal import valid_id
+from gateway.core.ids import valid_id
+from gateway.core.problem import problem_response
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -239,26 +239,30 @@ class StripeWebhook:
         from gateway.core.errors import LedgerUnavailable, NoDatabase, RedisUnavailable
 
         if self.stripe_config is None:
-            return _problem(404, "not_configured", "Not configured", "billing.stripe is not set")
+            return problem_response(
+                404, "not_configured", "Not configured", "billing.stripe is not set"
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                return _problem(413, "bad_request", "Body too large", "webhook body over 1 MiB")
+                return problem_response(
+                    413, "bad_request", "Body too large", "webhook body over 1 MiB"
+                )
         try:
             event = self.verify(bytes(body), request.headers.get("stripe-signature"))
         except SignatureError as exc:
             log.warning("stripe webhook refused: %s", exc)
-            return _problem(400, "invalid_signature", "Invalid signature", str(exc))
+            return problem_response(400, "invalid_signature", "Invalid signature", str(exc))
         except ValueError as exc:
-            return _problem(400, "bad_request", "Unreadable event", str(exc))
+            return problem_response(400, "bad_request", "Unreadable event", str(exc))
         try:
             result = await self.handle(event)
         except (RedisUnavailable, LedgerUnavailable, NoDatabase, OSError, TimeoutError,
                 asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                 asyncpg.UndefinedTableError) as exc:  # fmt: skip
             log.error("stripe event %s not applied, Stripe will retry: %s", event.get("id"), exc)
-            return _problem(
+            return problem_response(
                 503, "unavailable", "Service unavailable",
                 f"the event could not be applied now: {exc}", retry_after=30,
             )  # fmt: skip
@@ -433,13 +437,3 @@ def _quantity(value: Any) -> int:
     except (TypeError, ValueError):
         return 0
     return qty if 0 < qty <= 1_000_000 else 0
-
-
-def _problem(status: int, code: str, title: str, detail: str, **facts: Any) -> Response:
-    headers = {"retry-after": str(facts["retry_after"])} if "retry_after" in facts else None
-    return Response(
-        problem_body(status, code, title, detail, **facts),
-        status_code=status,
-        media_type=PROBLEM_CONTENT_TYPE.decode(),
-        headers=headers,
-    )

@@ -4,17 +4,26 @@ One shape for all errors: ``type``, ``title``, ``status``, ``detail`` and ``code
 machine-readable name clients switch on), plus whatever facts the client needs to act
 (``feature``, ``cost``, ``balance``, ``refresh_at``, ``retry_after``...). Facts whose value is
 ``None`` are left out, so callers can pass what they have without branching.
+
+This module is the only place that builds a problem document. Two thin adapters answer it:
+:func:`send_problem` on a raw ASGI ``send`` (the middleware and the proxy, which never build a
+Starlette response on the hot path) and :func:`problem_response`, a Starlette ``Response``
+(the token and admin APIs, the dashboards, the Stripe webhook). Both add the same headers: a
+``retry_after`` fact also sets ``Retry-After`` (whole seconds, rounded up) unless the caller
+set one.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
 from typing import Any
 from uuid import UUID
+
+from starlette.responses import Response
 
 PROBLEM_CONTENT_TYPE = b"application/problem+json"
 PROBLEM_TYPE_BASE = "https://creditgate.dev/problems/"
@@ -79,6 +88,20 @@ def problem_body(status: int, code: str, title: str, detail: str, **facts: objec
     return _dumps(doc)
 
 
+def retry_after_header(facts: Mapping[str, object], names: Iterable[str]) -> str | None:
+    """The ``Retry-After`` value a problem with these facts needs, or None.
+
+    None when there is no numeric ``retry_after`` fact or ``names`` (the header names the
+    caller already sets, any case) include ``Retry-After``.
+    """
+    value = facts.get("retry_after")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if any(name.lower() == "retry-after" for name in names):
+        return None
+    return str(max(0, math.ceil(value)))
+
+
 async def send_problem(
     send: Send,
     status: int,
@@ -91,9 +114,8 @@ async def send_problem(
 ) -> None:
     """Answer an ASGI HTTP request with a complete problem+json response.
 
-    ``headers`` are added after content-type and content-length. When a ``retry_after``
-    fact is given (seconds) and ``headers`` has no ``Retry-After``, the header is added too
-    (rounded up to whole seconds), as 429 and 503 answers need it.
+    ``headers`` are added after content-type and content-length; ``Retry-After`` as
+    described in the module docstring.
     """
     body = problem_body(status, code, title, detail, **facts)
     out = [
@@ -101,10 +123,30 @@ async def send_problem(
         (b"content-length", str(len(body)).encode("ascii")),
     ]
     out.extend(headers)
-    retry_after = facts.get("retry_after")
-    if isinstance(retry_after, int | float) and not any(
-        name.lower() == b"retry-after" for name, _ in headers
-    ):
-        out.append((b"retry-after", str(max(0, math.ceil(retry_after))).encode("ascii")))
+    retry = retry_after_header(facts, (name.decode("latin-1") for name, _ in headers))
+    if retry is not None:
+        out.append((b"retry-after", retry.encode("ascii")))
     await send({"type": "http.response.start", "status": status, "headers": out})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **facts: object,
+) -> Response:
+    """The same answer as a Starlette ``Response`` (for endpoints that return one)."""
+    out = dict(headers or {})
+    retry = retry_after_header(facts, out)
+    if retry is not None:
+        out["Retry-After"] = retry
+    return Response(
+        problem_body(status, code, title, detail, **facts),
+        status_code=status,
+        headers=out,
+        media_type=PROBLEM_CONTENT_TYPE.decode("ascii"),
+    )

@@ -32,7 +32,7 @@ from gateway.core.errors import (
     NoDatabase,
     RedisUnavailable,
 )
-from gateway.core.problem import PROBLEM_CONTENT_TYPE, problem_body
+from gateway.core.problem import problem_response
 from gateway.identity.principal import valid_id
 
 log = logging.getLogger("creditgate.api")
@@ -73,28 +73,6 @@ class ApiError(Exception):
         self.status, self.code, self.title, self.detail = status, code, title, detail
         self.headers = headers or {}
         self.facts = facts
-
-
-def problem_response(
-    status: int,
-    code: str,
-    title: str,
-    detail: str,
-    *,
-    headers: dict[str, str] | None = None,
-    **facts: Any,
-) -> Response:
-    """A complete problem+json response (``retry_after`` also sets ``Retry-After``)."""
-    out = dict(headers or {})
-    retry = facts.get("retry_after")
-    if isinstance(retry, int) and "retry-after" not in {k.lower() for k in out}:
-        out["Retry-After"] = str(retry)
-    return Response(
-        problem_body(status, code, title, detail, **facts),
-        status_code=status,
-        headers=out,
-        media_type=PROBLEM_CONTENT_TYPE.decode(),
-    )
 
 
 def error_response(exc: ApiError) -> Response:

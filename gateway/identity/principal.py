@@ -1,11 +1,22 @@
-"""The result types of request identification (gateway.identity.identifier) and what ids
-may contain."""
+"""The result types of request identification (gateway.identity.identifier).
+
+What an id may contain is one rule for every entry point: :mod:`gateway.core.ids`
+(re-exported here for the identity modules that check ids).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_ID_LENGTH = 200
+from gateway.core.ids import MAX_ID_LENGTH, valid_id
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "Identity",
+    "IdentityFailure",
+    "IdentityStats",
+    "valid_id",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,17 +49,3 @@ class IdentityStats:
     jwt_verifications: int = 0
     bad_credentials: int = 0
     throttled: int = 0
-
-
-def valid_id(value: object) -> bool:
-    """An org or user id: 1..200 printable ASCII characters, no whitespace.
-
-    Ids end up in Redis keys and HTTP headers, so anything else is refused.
-    """
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= MAX_ID_LENGTH
-        and value.isascii()
-        and value.isprintable()
-        and " " not in value
-    )
