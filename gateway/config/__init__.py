@@ -4,7 +4,15 @@
 The names most code needs are re-exported here: ``from gateway.config import Config``.
 """
 
-from gateway.config.loader import check_config, load_config, parse_config, resolve_config_path
+from gateway.config.loader import (
+    ConfigLocation,
+    Mode,
+    check_config,
+    load_config,
+    locate_config,
+    parse_config,
+    resolve_config_path,
+)
 from gateway.config.schema import (
     BillingConfig,
     Config,
@@ -22,8 +30,8 @@ from gateway.config.schema import (
 from gateway.config.source import ConfigError
 
 __all__ = [
-    "BillingConfig", "Config", "ConfigError", "FeatureConfig", "IdentityConfig", "JwtConfig",
-    "ParsedRateLimit", "PlanConfig", "RateLimitConfig", "RouteConfig", "StripeConfig",
-    "TopUpConfig", "check_config", "load_config", "parse_config", "parse_rate",
-    "resolve_config_path",
+    "BillingConfig", "Config", "ConfigError", "ConfigLocation", "FeatureConfig",
+    "IdentityConfig", "JwtConfig", "Mode", "ParsedRateLimit", "PlanConfig", "RateLimitConfig",
+    "RouteConfig", "StripeConfig", "TopUpConfig", "check_config", "load_config",
+    "locate_config", "parse_config", "parse_rate", "resolve_config_path",
 ]  # fmt: skip

@@ -1,90 +1,18 @@
-"""Step 3 of loading a config (gateway/config.py): pydantic errors turned into
-``file: key.path: message`` lines, and the meaning checks (references between features,
-plans, buckets and routes; rate strings; templates; URLs), collecting every error."""
+"""Step 3 of loading a config (:mod:`.loader`): the meaning checks (references between
+features, plans, buckets and routes; rate strings; templates; URLs), collecting every
+error as ``key.path: message``. Structure errors are :mod:`.structure`'s."""
 
 from __future__ import annotations
 
-import difflib
 import re
-from collections.abc import Iterable, Sequence
-from types import UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from collections.abc import Container, Iterable, Mapping
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel
-
 from gateway.config.schema import Config, parse_rate
-from gateway.config.source import fmt_loc, show_value
+from gateway.config.source import fmt_loc
 from gateway.routing.paths import BadPath, normalize_path
 from gateway.routing.templates import route_table_errors
-
-
-def _unwrap(tp: Any) -> Any:
-    args = [a for a in get_args(tp) if a is not type(None)]
-    if get_origin(tp) in (Union, UnionType) and len(args) == 1:
-        return args[0]
-    if get_origin(tp) is Annotated:
-        return args[0]
-    return tp
-
-
-def _known_keys(loc: Sequence[str | int]) -> list[str]:
-    """The keys the schema allows at ``loc`` (for "did you mean" hints)."""
-    tp: Any = Config
-    for part in loc:
-        tp = _unwrap(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(part) if isinstance(part, str) else None
-            if field is None:
-                return []
-            tp = field.annotation
-        elif get_origin(tp) in (dict, list):
-            tp = get_args(tp)[-1]
-        else:
-            return []
-    tp = _unwrap(tp)
-    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
-
-
-_TYPE_WORDS = {
-    "int": "an integer",
-    "bool": "true or false",
-    "float": "a number",
-    "string": "a string",
-    "dict": "a mapping",
-    "model": "a mapping",
-    "model_attributes": "a mapping",
-    "list": "a list",
-}
-
-
-def describe(error: Any) -> str:
-    """One pydantic error in the config's words: ``plans.pro.alocations: unknown key``."""
-    loc, kind, given = tuple(error["loc"]), error["type"], error.get("input")
-    if loc and loc[-1] == "[key]":
-        return f"{fmt_loc((*loc[:-2], str(loc[-2])))}: keys must be strings (quote it)"
-    path = fmt_loc(loc)
-    if kind == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc[:-1]), n=1)
-        return f"{path}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
-    if kind == "missing":
-        return f"{path}: required key missing"
-    if kind == "literal_error":
-        return f"{path}: must be {error['ctx']['expected']}, got {show_value(given)}"
-    base = kind.split("_")[0] if kind.endswith(("_type", "_parsing")) else kind
-    base = "model_attributes" if kind == "model_attributes_type" else base
-    if base in _TYPE_WORDS:
-        hint = " (quote it)" if base == "string" and isinstance(given, int | float) else ""
-        return f"{path}: expected {_TYPE_WORDS[base]}, got {show_value(given)}{hint}"
-    if kind == "int_from_float":
-        return f"{path}: expected an integer, got {show_value(given)}"
-    if kind == "value_error":
-        return f"{path}: {error['msg'].removeprefix('Value error, ')}"
-    return f"{path}: {error['msg']} (got {show_value(given)})"
-
-
-# ---------------------------------------------------------------------------------------
-# Meaning checks
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
 _JWT_ALGORITHMS = frozenset(
@@ -94,12 +22,30 @@ _JWT_ALGORITHMS = frozenset(
 _REDIS_SCHEMES = ("redis", "rediss", "redis-cluster", "rediss-cluster", "memory")
 _MAX_TOKENS = 2**53  # Lua numbers are doubles: integers are exact up to here
 
+Mode = Literal["proxy", "middleware"]
+"""How the config will be used: ``proxy`` (``creditgate serve``) also needs ``upstream``."""
+
+PROXY_NEEDS_UPSTREAM = (
+    "required to run the proxy (creditgate serve): the URL of the app to forward requests"
+    " to, e.g. upstream: http://127.0.0.1:9000 (for a config used only as middleware or"
+    " library, check it with --mode middleware)"
+)
+
 
 class Checker:
     """Checks what pydantic cannot: cross-references, formats, ranges. Collects every error."""
 
-    def __init__(self, config: Config, unset: dict[str, list[str]]) -> None:
-        self.c, self.unset = config, unset
+    def __init__(
+        self,
+        config: Config,
+        unset: dict[str, list[str]],
+        unchecked: Mapping[str, Container[str]] | None = None,
+        mode: Mode | None = None,
+    ) -> None:
+        self.c, self.unset, self.mode = config, unset, mode
+        # Names (of kind feature, bucket, plan) that entries with structure errors define:
+        # a reference to one is neither right nor wrong (see gateway.config.structure).
+        self.unchecked: Mapping[str, Container[str]] = unchecked or {}
         self.errors: list[str] = []
 
     def err(self, path: str, message: str) -> None:
@@ -142,6 +88,8 @@ class Checker:
     def known(self, path: str, value: str, kind: str, known: Iterable[str]) -> bool:
         if value in known:
             return True
+        if value in self.unchecked.get(kind, ()):
+            return False
         names = ", ".join(sorted(known)) or "none"
         self.err(path, f"unknown {kind} {value!r} (known: {names})")
         return False
@@ -152,6 +100,8 @@ class Checker:
         self.url("database_url", c.database_url, ("postgresql", "postgres"), host=False)
         if c.upstream is not None:
             self.url("upstream", c.upstream, ("http", "https"), host=True)
+        elif self.mode == "proxy":
+            self.err("upstream", PROXY_NEEDS_UPSTREAM)
         self.filled("admin_token", c.admin_token)
         self.identity()
         self.features()
@@ -227,7 +177,7 @@ class Checker:
             self.name(path, name, "plan")
             for bucket, amount in plan.allocations.items():
                 apath = fmt_loc(("plans", name, "allocations", bucket))
-                if bucket not in buckets:
+                if bucket not in buckets and bucket not in self.unchecked.get("bucket", ()):
                     names = ", ".join(buckets) or "none"
                     self.err(
                         apath,

@@ -1,6 +1,6 @@
 """Reading a creditgate config file: YAML with duplicate-key detection and size limits,
-then ``${VAR}`` / ``${VAR:-default}`` expansion of every string value (steps 1 and 2 of
-gateway/config.py's loading). Knows nothing of the schema."""
+syntax errors in words (:mod:`.yaml_errors`), then ``${VAR}`` / ``${VAR:-default}``
+expansion of every string value (step 1 of :mod:`.loader`). Knows nothing of the schema."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
+
+from gateway.config.yaml_errors import explain
 
 
 class ConfigError(Exception):
@@ -24,44 +26,43 @@ class _Loader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.duplicates: list[str] = []
+        self.duplicates: list[tuple[int, int, str]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
+        seen: dict[str, yaml.Mark] = {}
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                if key_node.value in seen:
-                    mark = key_node.start_mark
+                mark = key_node.start_mark
+                first = seen.setdefault(key_node.value, mark)
+                if first is not mark:
                     self.duplicates.append(
-                        f"line {mark.line + 1}, column {mark.column + 1}:"
-                        f" duplicate key {key_node.value!r}"
+                        (
+                            mark.line + 1,
+                            mark.column + 1,
+                            f"duplicate key {key_node.value!r} (first defined on line"
+                            f" {first.line + 1})",
+                        )
                     )
-                seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 
 
-def _mark(mark: yaml.Mark | None) -> str:
-    return f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """The mapping of settings in ``text``; syntax errors say what is wrong in words, as
+    ``source:line:column: message`` (the form editors and terminals link to the place)."""
     loader: _Loader | None = None
     try:
         loader = _Loader(text)  # the reader checks the characters here already
         tree = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
-        where = _mark(exc.problem_mark) or _mark(exc.context_mark)
-        context = f" ({exc.context} at {_mark(exc.context_mark)})" if exc.context_mark else ""
-        what = f"{exc.problem or exc.context}{context}"
-        raise ConfigError([f"{source}: {where}: YAML syntax error: {what}"]) from None
+        problem = explain(exc, text)
+        raise ConfigError(
+            [f"{source}:{problem.line}:{problem.column}: {problem.message}"]
+        ) from None
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - text.rfind("\n", 0, exc.position)
         raise ConfigError(
-            [
-                f"{source}: line {line}, column {column}: character #x{exc.character:04x}"
-                " is not allowed in YAML"
-            ]
+            [f"{source}:{line}:{column}: character #x{exc.character:04x} is not allowed in YAML"]
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source}: YAML error: {exc}"]) from None
@@ -71,7 +72,9 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
         if loader is not None:
             loader.dispose()
     if loader.duplicates:
-        raise ConfigError([f"{source}: {d}" for d in loader.duplicates])
+        raise ConfigError(
+            [f"{source}:{line}:{col}: {what}" for line, col, what in loader.duplicates]
+        )
     if tree is None:
         raise ConfigError([f"{source}: the file is empty (expected a mapping of settings)"])
     if not isinstance(tree, dict):

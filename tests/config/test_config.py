@@ -2,7 +2,9 @@
 
 Each file in tests/configs/bad/ breaks one rule (named by the file) and lists the errors it
 must produce in ``# expect:`` comment lines; every expected error must appear, prefixed by
-the file name, and nothing else may.
+the file name, and nothing else may. An expectation that starts with ``:`` is a YAML syntax
+error at ``:line:column:`` (``file.yaml:7:3: ...``, the form editors and terminals link);
+any other names a key path (``file.yaml: routes[3].feature: ...``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from hypothesis import strategies as st
 from gateway.config import (
     Config,
     ConfigError,
+    ConfigLocation,
     FeatureConfig,
     ParsedRateLimit,
     PlanConfig,
     RateLimitConfig,
     check_config,
     load_config,
+    locate_config,
     parse_config,
     parse_rate,
     resolve_config_path,
@@ -74,7 +78,7 @@ def test_bad_config(path: Path) -> None:
     expected = _expectations(path)
     errors = check_config(path)
     for want in expected:
-        prefix = f"{path}: {want}"
+        prefix = f"{path}{want}" if want.startswith(":") else f"{path}: {want}"
         assert any(e.startswith(prefix) for e in errors), f"missing {prefix!r} in {errors}"
     assert len(errors) == len(expected), errors
     with pytest.raises(ConfigError) as info:
@@ -227,6 +231,55 @@ def test_resolve_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_config_path("x.yaml") == Path("x.yaml")
 
 
+def test_locate_config_says_where_the_path_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDITGATE_CONFIG", raising=False)
+    assert locate_config(None) == ConfigLocation(Path("creditgate.yaml"), "default")
+    monkeypatch.setenv("CREDITGATE_CONFIG", "")  # empty counts as unset
+    assert locate_config(None) == ConfigLocation(Path("creditgate.yaml"), "default")
+    monkeypatch.setenv("CREDITGATE_CONFIG", "/etc/cg.yaml")
+    assert locate_config(None) == ConfigLocation(Path("/etc/cg.yaml"), "environment")
+    assert locate_config("x.yaml") == ConfigLocation(Path("x.yaml"), "option")
+
+
+def test_proxy_mode_needs_upstream_and_says_so_with_the_other_errors() -> None:
+    expected = (
+        "c.yaml: upstream: required to run the proxy (creditgate serve): the URL of the app"
+        " to forward requests to, e.g. upstream: http://127.0.0.1:9000"
+        " (for a config used only as middleware or library, check it with --mode middleware)"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL + "shards: 0\n", "c.yaml", mode="proxy")
+    assert info.value.errors == [expected, "c.yaml: shards: must be positive, got 0"]
+    assert check_config(CONFIGS / "good" / "minimal.yaml", mode="proxy") == [
+        expected.replace("c.yaml", str(CONFIGS / "good" / "minimal.yaml"))
+    ]
+    # Middleware and library use need no upstream; neither does loading without a mode.
+    assert check_config(CONFIGS / "good" / "minimal.yaml", mode="middleware") == []
+    assert check_config(CONFIGS / "good" / "minimal.yaml") == []
+    assert parse_config(MINIMAL + "upstream: http://app:9000\n", "c.yaml", mode="proxy").upstream
+
+
+def test_structure_errors_leave_the_rest_checked() -> None:
+    """The loader reports pydantic's errors and the meaning errors of what they leave intact,
+    in one run: structure errors first (in the schema's order), then meaning errors."""
+    text = (
+        "admin_token: ${CGTEST_NOPE}\n"
+        "shards: many\n"
+        "features:\n  a: {cost: 1.5}\n  b: {cost: -3}\n"
+        "plans:\n  starter: {}\n"
+        "default_plan: gold\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml")
+    assert info.value.errors == [
+        "c.yaml: features.a.cost: expected an integer, got float 1.5",
+        "c.yaml: shards: expected an integer, got 'many'",
+        "c.yaml: admin_token: empty (environment variable CGTEST_NOPE is not set)",
+        "c.yaml: features.b.cost: must be positive, got -3",
+        "c.yaml: default_plan: unknown plan 'gold' (known: starter)",
+    ]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -276,7 +329,7 @@ def test_mangled_config_never_crashes(start: int, length: int, insert: str) -> N
         parse_config(text, "fuzz.yaml")
     except ConfigError as exc:
         assert exc.errors
-        assert all(e.startswith("fuzz.yaml: ") for e in exc.errors)
+        assert all(e.startswith("fuzz.yaml:") for e in exc.errors)
 
 
 def test_model_copy_recomputes_derived_lookups() -> None:
@@ -342,4 +395,4 @@ def test_any_value_anywhere_never_crashes(path: tuple[Any, ...], value: Any) -> 
         parse_config(yaml.safe_dump(tree), "fuzz.yaml")
     except ConfigError as exc:
         assert exc.errors
-        assert all(e.startswith("fuzz.yaml: ") for e in exc.errors)
+        assert all(e.startswith("fuzz.yaml:") for e in exc.errors)
