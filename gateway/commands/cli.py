@@ -21,6 +21,7 @@ import click
 
 from gateway.__about__ import __version__
 from gateway.config import Config, ConfigError, check_config, load_config, resolve_config_path
+from gateway.core.ids import ID_RULE, valid_id
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -32,6 +33,20 @@ config_option = click.option(
     default=None,
     help="Config file (default: $CREDITGATE_CONFIG or ./creditgate.yaml).",
 )
+
+
+class _Id(click.ParamType):  # type: ignore[type-arg, unused-ignore]  # generic from click 8.2
+    """An org or user id (gateway.core.ids): a bad one is a usage error (exit 2)."""
+
+    name = "id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not valid_id(value):
+            self.fail(f"{value!r} is not an id: it must be {ID_RULE}", param, ctx)
+        return str(value)
+
+
+ID = _Id()
 
 
 def _load(config_path: Path | None) -> Config:
@@ -180,7 +195,7 @@ def orgs() -> None:
 
 @orgs.command("set-plan")
 @config_option
-@click.argument("org")
+@click.argument("org", type=ID)
 @click.argument("plan")
 @_with_gate
 async def orgs_set_plan(gate: Any, org: str, plan: str) -> None:
@@ -191,7 +206,7 @@ async def orgs_set_plan(gate: Any, org: str, plan: str) -> None:
 
 @orgs.command("show")
 @config_option
-@click.argument("org")
+@click.argument("org", type=ID)
 @_with_gate
 async def orgs_show(gate: Any, org: str) -> None:
     """Show ORG's plan, period and balances."""
@@ -220,8 +235,8 @@ def keys() -> None:
 
 @keys.command("create")
 @config_option
-@click.option("--org", required=True)
-@click.option("--user", default=None)
+@click.option("--org", required=True, type=ID)
+@click.option("--user", default=None, type=ID)
 @click.option("--name", default="")
 @_with_gate
 async def keys_create(gate: Any, org: str, user: str | None, name: str) -> None:
@@ -245,7 +260,7 @@ async def keys_revoke(gate: Any, key_id: str) -> None:
 
 @keys.command("list")
 @config_option
-@click.option("--org", required=True)
+@click.option("--org", required=True, type=ID)
 @_with_gate
 async def keys_list(gate: Any, org: str) -> None:
     """List an org's keys (ids and prefixes, never the keys)."""
@@ -300,7 +315,7 @@ def _parse_date(value: str | None) -> datetime | None:
 
 @main.command()
 @config_option
-@click.argument("org")
+@click.argument("org", type=ID)
 @click.option("--bucket", required=True)
 @click.option("--amount", required=True, type=click.IntRange(min=1))
 @click.option("--expires", default=None, help="Expiry date (ISO 8601); default never.")

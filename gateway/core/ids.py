@@ -2,10 +2,10 @@
 
 An id is 1 to 200 printable ASCII characters without spaces (``!`` to ``~``). Ids travel
 in HTTP headers (``X-Creditgate-Org``), Redis keys and log lines, so control characters,
-whitespace and non-ASCII text are refused; the ledger (``organizations.id``, see
-migrations/0001_core.sql and 0005_org_configured.sql) states the same rule as a CHECK, so
-an id accepted here is never refused by the sync job (which would dead-letter the event
-and leave a charge without its ledger row).
+whitespace and non-ASCII text are refused. The ledger states the same rule for org ids as
+a CHECK on ``organizations.id`` (migrations/0005_org_ids_and_creation.sql); its user id
+columns take any text without NUL, a superset. So an id accepted here is never refused by
+the sync job, which would dead-letter the event and leave a charge without its ledger row.
 
 Where it is checked: the library (``CreditGate.check/charge/balance/stats/set_plan/grant/
 create_key``: :class:`InvalidId`, a ``ValueError``), the token and admin APIs (422

@@ -33,13 +33,14 @@ from starlette.types import Scope
 
 from gateway.config import IdentityConfig
 from gateway.core.errors import IdentityUnavailable, JwksUnavailable
+from gateway.core.ids import valid_id
 from gateway.core.redis_keys import KeySpace
 from gateway.core.ttlcache import TtlCache
 from gateway.identity.api_key_resolver import ApiKeyResolver, KeyLookup, KeyRow
 from gateway.identity.api_keys import hash_api_key, looks_like_api_key
 from gateway.identity.bad_credentials import BadCredentialLimiter, client_address
 from gateway.identity.jwt import JwtError, JwtVerifier, claim
-from gateway.identity.principal import Identity, IdentityFailure, IdentityStats, valid_id
+from gateway.identity.principal import Identity, IdentityFailure, IdentityStats
 
 __all__ = [
     "Identifier",

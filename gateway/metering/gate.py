@@ -23,6 +23,7 @@ import asyncpg
 from gateway.config import Config, load_config
 from gateway.core.balances import Balance, BucketBalance
 from gateway.core.errors import DatabaseUnavailable, LedgerUnavailable, NoDatabase, RedisUnavailable
+from gateway.core.ids import check_id
 from gateway.core.periods import Clock, SystemClock
 from gateway.core.redis_keys import KeySpace
 from gateway.identity.identifier import Identifier
@@ -187,6 +188,7 @@ class CreditGate:
 
     async def balance(self, org: str) -> Balance:
         """The org's plan, period and every bucket's balance (getTokenBalance)."""
+        check_id(org)
         state = await self._ensure_state(org)
         now = self.clock.now_ms()
         pid, start, end = self.meter.period(now)
@@ -214,6 +216,7 @@ class CreditGate:
 
     async def check(self, org: str, feature: str, *, quantity: int = 1) -> CheckResult:
         """Would ``feature`` be allowed for ``org`` now (hasEnoughTokens)? Reads only."""
+        check_id(org)
         if feature not in self.config.features:
             raise KeyError(f"unknown feature {feature!r}")
         bal = await self.balance(org)
@@ -244,7 +247,11 @@ class CreditGate:
 
         Returns the Admission; ``.ok`` tells whether the tokens were taken, ``.status``
         why not. A replayed ``idempotency_key`` charges nothing and reports ``replay``.
+        An org or user id that breaks the id rule (gateway.core.ids) raises InvalidId.
         """
+        check_id(org)
+        if user is not None:
+            check_id(user, "user")
         if feature not in self.config.features:
             raise KeyError(f"unknown feature {feature!r}")
         if quantity < 1:
@@ -264,6 +271,7 @@ class CreditGate:
 
         Read from the ledger's daily rollups, so it includes what the sync job has written.
         """
+        check_id(org)
         store = await self.require_store()
         return await org_stats(store.pool, org, self.balance(org), self.clock.now_ms(), days=days)
 
@@ -279,6 +287,7 @@ class CreditGate:
         Redis first (the balance moves by the allocation difference and the ledger gets a
         plan_change row), then the organizations table.
         """
+        check_id(org)
         self._check_plan(plan)
         allocations = {
             b: {p: a for p in self.config.plans if (a := self.config.allocation(p, b)) is not None}
@@ -315,6 +324,7 @@ class CreditGate:
         expires_at: datetime | None = None,
     ) -> tuple[GrantRow | None, bool]:
         """Add purchased tokens to a bucket, once per ``reference``; returns (row, created)."""
+        check_id(org)
         if bucket not in self.config.buckets:
             raise ValueError(f"unknown bucket {bucket!r} (known: {', '.join(self.config.buckets)})")
         if amount <= 0:
@@ -341,6 +351,9 @@ class CreditGate:
         self, org: str, *, user: str | None = None, name: str = ""
     ) -> tuple[ApiKeyRow, str]:
         """Create an API key for ``org`` (creating the org on the default plan if new)."""
+        check_id(org)
+        if user is not None:
+            check_id(user, "user")
         store = await self.require_store()
         if await store.get_org(org) is None:
             await self.set_plan(org, self.config.default_plan)
