@@ -214,18 +214,21 @@ class Store:
     async def set_plan(self, org: str, plan: str) -> str | None:
         """Create the org with ``plan`` or change its plan; return the previous plan.
 
-        None means the org was created. Concurrent calls are serialised on the org's row,
+        None means the org was created: it had no row, or only the row the sync job
+        inserts for an org it meets in events (``configured_at`` NULL, see
+        migrations/0005_org_ids_and_creation.sql), which it may have written from this
+        very call's plan_change event. Concurrent calls are serialised on the org's row,
         so each sees the plan the one before it set.
         """
         async with self.pool.acquire() as conn, conn.transaction():
             while True:
-                previous: str | None = await conn.fetchval(
-                    "SELECT plan FROM organizations WHERE id = $1 FOR UPDATE", org
+                row = await conn.fetchrow(
+                    "SELECT plan, configured_at FROM organizations WHERE id = $1 FOR UPDATE", org
                 )
-                if previous is not None:
+                if row is not None:
                     break
                 created = await conn.fetchval(
-                    "INSERT INTO organizations (id, plan) VALUES ($1, $2)"
+                    "INSERT INTO organizations (id, plan, configured_at) VALUES ($1, $2, now())"
                     " ON CONFLICT (id) DO NOTHING RETURNING true",
                     org,
                     plan,
@@ -234,10 +237,12 @@ class Store:
                     return None
                 # Lost a race with another creator: lock its row and read its plan.
             await conn.execute(
-                "UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1",
+                "UPDATE organizations SET plan = $2, updated_at = now(),"
+                " configured_at = coalesce(configured_at, now()) WHERE id = $1",
                 org,
                 plan,
             )
+            previous: str | None = row["plan"] if row["configured_at"] is not None else None
             return previous
 
     async def list_orgs(self) -> list[OrgRow]:
