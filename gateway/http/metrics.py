@@ -46,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.core.counters import ADMIT_BUCKETS, METRICS, HotMetrics
+from gateway.http.admin_auth import AdminAuth
 
 if TYPE_CHECKING:
     from gateway.metering.gate import CreditGate
@@ -264,7 +265,12 @@ def metrics_endpoint(gate: CreditGate) -> Any:
 # -- readiness --------------------------------------------------------------------------
 
 
-def readiness_endpoint(gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_THRESHOLD_S) -> Any:
+def readiness_endpoint(
+    gate: CreditGate,
+    *,
+    lag_threshold_s: float = SYNC_LAG_THRESHOLD_S,
+    admin: AdminAuth | None = None,
+) -> Any:
     """The Starlette endpoint of ``GET /readyz`` for ``gate``.
 
     Ready (200) when Redis answers: that is all a gateway needs to serve metered requests
@@ -273,7 +279,12 @@ def readiness_endpoint(gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_TH
     would turn a delayed ledger into a full outage. ``?strict=1`` answers 503 for
     ``degraded`` too. With ``fail_open: true`` a Redis outage is ``degraded`` as well,
     since requests are still served (uncharged).
+
+    The status and each check's verdict are public (load balancers call this without
+    credentials); error texts (hostnames, ports, driver messages) and the sync job's last
+    error only go to requests with the admin token (``admin``, default: the config's).
     """
+    auth = admin if admin is not None else AdminAuth.of(gate.config)
 
     async def readyz(request: Request) -> Response:
         checks: dict[str, Any] = {}
@@ -317,6 +328,22 @@ def readiness_endpoint(gate: CreditGate, *, lag_threshold_s: float = SYNC_LAG_TH
             code = 503 if request.query_params.get("strict") in ("1", "true") else 200
         else:
             status, code = "ready", 200
+        if not auth.allows(request):
+            checks = _without_error_texts(checks)
         return JSONResponse({"status": status, "checks": checks}, status_code=code)
 
     return readyz
+
+
+def _without_error_texts(checks: dict[str, Any]) -> dict[str, Any]:
+    """The checks as anyone may see them: ``error`` instead of ``error: <text>``."""
+    public: dict[str, Any] = {}
+    for name, verdict in checks.items():
+        if isinstance(verdict, dict):
+            verdict = {k: _verdict(v) for k, v in verdict.items() if k != "last_error"}
+        public[name] = _verdict(verdict)
+    return public
+
+
+def _verdict(value: Any) -> Any:
+    return "error" if isinstance(value, str) and value.startswith("error") else value
