@@ -15,8 +15,7 @@ import yaml
 from gateway.redisio.connect import connect_redis
 from tests.support.pg import temp_database
 from tests.support.reference import REFERENCE_YAML
-
-REDIS = "redis://127.0.0.1:6379/0"
+from tests.support.services import redis_url
 
 
 def cli(
@@ -36,11 +35,11 @@ async def config_file(tmp_path: Path) -> AsyncIterator[Path]:
     prefix = f"cgt{uuid.uuid4().hex[:10]}"
     async with temp_database(create=False) as dsn:
         data = yaml.safe_load(REFERENCE_YAML)
-        data.update(redis_url=REDIS, key_prefix=prefix, database_url=dsn)
+        data.update(redis_url=redis_url(), key_prefix=prefix, database_url=dsn)
         path = tmp_path / "creditgate.yaml"
         path.write_text(yaml.safe_dump(data))
         yield path
-    client = connect_redis(REDIS).client
+    client = connect_redis(redis_url()).client
     async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         await client.delete(key)
     await client.aclose()

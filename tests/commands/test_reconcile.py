@@ -16,8 +16,9 @@ from gateway.redisio.connect import connect_redis
 from sync.worker import SyncWorker
 from tests.support.pg import temp_database
 from tests.support.reference import reference_config
+from tests.support.services import redis_url
 
-REDIS = "redis://127.0.0.1:6379/0"
+REDIS = redis_url()  # the tests' Redis; the module is skipped without one
 
 
 @pytest.fixture

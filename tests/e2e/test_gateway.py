@@ -27,11 +27,12 @@ from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import connect_redis
 from tests.support.reference import MID_NOVEMBER_MS, reference_config
+from tests.support.services import redis_url
 from tests.support.upstream_app import app as echo_upstream
 from tests.support.upstream_app import serve_in_thread
 
 DAY_MS = 86_400_000
-REDIS = "redis://127.0.0.1:6379/0"
+REDIS = redis_url()  # the tests' Redis; the module is skipped without one
 
 
 @contextmanager

@@ -17,9 +17,10 @@ from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import connect_redis
 from tests.support.pg import temp_database
 from tests.support.reference import MID_NOVEMBER_MS, reference_config
+from tests.support.services import redis_url
 from tests.support.upstream_app import serve_in_thread
 
-REDIS = "redis://127.0.0.1:6379/0"
+REDIS = redis_url()  # the tests' Redis; the module is skipped without one
 
 
 @pytest.fixture

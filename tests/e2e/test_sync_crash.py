@@ -1,6 +1,7 @@
 """The sync job under failure: kill -9 at chosen and random points, SIGTERM, Postgres and
 Redis going away, and a Redis Cluster. Each destructive test owns its servers: a
-``redis-server`` on ports 7300-7349 and a second PostgreSQL on 55433-55440.
+``redis-server`` on ports 7300-7349 and a second PostgreSQL on a free port
+(tests.support.pg_server).
 
 The worker runs as a subprocess (``python -m sync``) where a real kill is needed. The crash
 points come from the writer's test hook ``CREDITGATE_SYNC_CRASH`` (see sync/writer.py).
@@ -21,7 +22,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +32,17 @@ from gateway.core.redis_keys import KeySpace
 from gateway.ledger.migrate import migrate
 from gateway.redisio.connect import connect_redis
 from sync.worker import SyncWorker
+from tests.support.needs import redis_server_binary
 from tests.support.pg import requires_postgres
+from tests.support.pg_server import own_postgres
 from tests.support.redis_servers import free_ports, start_cluster
+from tests.support.services import redis_url
 from tests.sync.test_sync import expected_daily, expected_snapshots, ledger, pending_count, scenario
 
 pytestmark = requires_postgres
 
 
 REPO = Path(__file__).resolve().parents[2]
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 GROUP = "creditgate-sync"
 
 
@@ -185,7 +187,7 @@ async def test_kill_at_commit_then_restart_writes_each_row_once(
 ) -> None:
     events = scenario([f"org{i}" for i in range(8)], 400)
     await fill(redis, keyspace, events)
-    url = "redis://127.0.0.1:6379/0"
+    url = redis_url()
     crashed = spawn(url, pg_dsn, keyspace, crash=point)
     assert await wait_exit(crashed) == -signal.SIGKILL
     committed = await row_count(pool)
@@ -208,7 +210,7 @@ async def test_random_sigkills_during_big_batches(
     rng = random.Random()
     events = scenario([f"org{i}" for i in range(20)], 3000)
     await fill(redis, keyspace, events)
-    url = "redis://127.0.0.1:6379/0"
+    url = redis_url()
     killed_mid_work = 0
     for _ in range(3):
         proc = spawn(url, pg_dsn, keyspace, batch_size=4000)
@@ -233,7 +235,7 @@ async def test_sigterm_finishes_the_batch_in_flight_and_exits_0(
 ) -> None:
     events = scenario([f"org{i}" for i in range(20)], 1500)
     await fill(redis, keyspace, events)
-    proc = spawn("redis://127.0.0.1:6379/0", pg_dsn, keyspace, batch_size=3000)
+    proc = spawn(redis_url(), pg_dsn, keyspace, batch_size=3000)
     while await row_count(pool) == 0:
         assert proc.poll() is None
         await asyncio.sleep(0.01)
@@ -253,70 +255,12 @@ async def test_sigterm_finishes_the_batch_in_flight_and_exits_0(
 # -- Postgres down ------------------------------------------------------------------------
 
 
-class OwnPostgres:
-    """A PostgreSQL 15 server in a temporary directory (run as the postgres user)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.dir = Path(tempfile.mkdtemp(prefix=f"cg-sync-pg-{port}-"))
-        shutil.chown(self.dir, "postgres", "postgres")
-        self.data = self.dir / "data"
-        self.dsn = f"postgresql://postgres@127.0.0.1:{port}/creditgate"
-
-    def _pg(self, *args: str) -> None:
-        subprocess.run(
-            ["runuser", "-u", "postgres", "--", *args],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=60,
-        )
-
-    def init(self) -> None:
-        self._pg(str(PG_BIN / "initdb"), "-A", "trust", "-U", "postgres", "-D", str(self.data))
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._pg(
-            str(PG_BIN / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-o",
-            options,
-            "-l",
-            str(self.dir / "log"),
-            "-w",
-            "start",
-        )
-
-    def stop(self, mode: str = "fast") -> None:
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
-
-    def close(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            with suppress(subprocess.CalledProcessError):
-                self.stop("immediate")
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@contextmanager
-def own_postgres() -> Iterator[OwnPostgres]:
-    port = free_ports(1, 55433, 55440)[0]
-    server = OwnPostgres(port)
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.close()
-
-
 async def test_postgres_down_fails_the_pass_loses_nothing_and_resumes(
     redis: Any, keyspace: KeySpace, caplog: pytest.LogCaptureFixture
 ) -> None:
     with own_postgres() as pg:
-        await migrate(pg.dsn)
-        pool = await asyncpg.create_pool(pg.dsn, min_size=0, max_size=3)
+        await migrate(pg.dsn("creditgate"))
+        pool = await asyncpg.create_pool(pg.dsn("creditgate"), min_size=0, max_size=3)
         try:
             events = scenario(["acme", "globex", "initech"], 200)
             worker = SyncWorker(redis=redis, pool=pool, keyspace=keyspace, batch_size=100)
@@ -362,7 +306,7 @@ class AofRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [
-                "redis-server",
+                redis_server_binary(),  # skips (fails under CI) without redis-server
                 "--bind",
                 "127.0.0.1",
                 "--port",

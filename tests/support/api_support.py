@@ -1,4 +1,4 @@
-"""Shared setup for the token/admin API tests: a gate on the real Redis (unique prefix) and
+"""Shared setup for the token/admin API tests: a gate on the tests' Redis (unique prefix) and
 a throwaway migrated Postgres, its ops app over httpx's ASGI transport, and a sync pass."""
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ from gateway.redisio.connect import connect_redis
 from sync.worker import SyncWorker
 from tests.support.pg import temp_database
 from tests.support.reference import MID_NOVEMBER_MS, reference_config
+from tests.support.services import redis_url
 
-REDIS = "redis://127.0.0.1:6379/0"
+# The tests' Redis, resolved when the module is imported: a module that imports it is
+# skipped as a whole when there is no Redis (see tests/support/services.py).
+REDIS = redis_url()
 ADMIN_TOKEN = "admin-secret-0123456789"
 PREFIX = "/api/v1/tokens"
 

@@ -1,10 +1,11 @@
-"""Throwaway Postgres databases for tests (the shared server at 127.0.0.1:5432).
+"""Throwaway Postgres databases for tests, on the session's server.
 
-The server is shared with other test sessions running at the same time, so every test
-gets its own uniquely named database (``creditgate_t_<hex>``) and drops it afterwards,
-even when the test fails. Set ``CREDITGATE_TEST_PG`` to a DSN of a superuser connection to
-the maintenance database to use another server (default
-``postgresql://postgres@127.0.0.1:5432/postgres``).
+The server is the one ``tests.support.services.database_url()`` finds or starts:
+``CREDITGATE_TEST_DATABASE_URL`` (a superuser DSN on the maintenance database), else the
+machine's PostgreSQL on 127.0.0.1:5432, else a private server for the session. It may be
+shared with other test sessions running at the same time, so every test gets its own
+uniquely named database (``creditgate_t_<hex>``) and drops it afterwards, even when the
+test fails.
 
 Usage::
 
@@ -18,13 +19,12 @@ Usage::
     pg_dsn = pytest.fixture(migrated_database)   # or empty_database
     async def test_x(pg_dsn: str) -> None: ...
 
-    pytestmark = requires_postgres                # skip the module when no server
+    pytestmark = requires_postgres                # skip the module's tests when there is
+                                                  # no server and none can be started
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
@@ -33,7 +33,9 @@ from contextlib import asynccontextmanager
 import asyncpg
 import pytest
 
-ADMIN_DSN = os.environ.get("CREDITGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+from tests.support.needs import under_ci
+from tests.support.services import database_url, postgres_service
+
 DB_PREFIX = "creditgate_t_"
 
 
@@ -42,9 +44,14 @@ def unique_name(prefix: str = DB_PREFIX) -> str:
     return prefix + uuid.uuid4().hex[:12]
 
 
+def admin_dsn() -> str:
+    """The superuser DSN on the maintenance database (skips the test when there is none)."""
+    return database_url()
+
+
 def dsn_for(database: str, *, user: str | None = None) -> str:
-    """ADMIN_DSN pointed at ``database`` (and, when given, logging in as ``user``)."""
-    parts = urllib.parse.urlsplit(ADMIN_DSN)
+    """admin_dsn() pointed at ``database`` (and, when given, logging in as ``user``)."""
+    parts = urllib.parse.urlsplit(admin_dsn())
     netloc = parts.netloc
     if user is not None:
         netloc = urllib.parse.quote(user, safe="") + "@" + netloc.rpartition("@")[2]
@@ -53,23 +60,21 @@ def dsn_for(database: str, *, user: str | None = None) -> str:
 
 
 def postgres_available() -> bool:
-    """Whether something accepts TCP connections at ADMIN_DSN's host and port."""
-    parts = urllib.parse.urlsplit(ADMIN_DSN)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 2):
-            return True
-    except OSError:
-        return False
+    """Whether the session has a PostgreSQL (found or started now)."""
+    return postgres_service().url is not None
 
 
 def postgres_missing() -> bool:
     """True when integration tests should skip for want of PostgreSQL. Never under CI
-    (``CI`` set): `.ci/run` starts the server, so a missing one must fail loudly there
+    (``CI`` set): `.ci/run` provides the server, so a missing one must fail loudly there
     instead of turning the ledger tests into silent skips."""
-    return not os.environ.get("CI") and not postgres_available()
+    return not under_ci() and not postgres_available()
 
 
-requires_postgres = pytest.mark.skipif(postgres_missing(), reason=f"no PostgreSQL at {ADMIN_DSN}")
+# Checked when each marked test is set up (tests/conftest.py), not at import: the private
+# server is only started when a test needs it, and a missing one skips with what to
+# install (fails under CI).
+requires_postgres = pytest.mark.requires_postgres
 
 
 def _ident(name: str) -> str:
@@ -78,7 +83,7 @@ def _ident(name: str) -> str:
 
 async def admin_execute(sql: str) -> None:
     """Run one statement on the maintenance database as the admin user."""
-    conn = await asyncpg.connect(ADMIN_DSN)
+    conn = await asyncpg.connect(admin_dsn())
     try:
         await conn.execute(sql)
     finally:

@@ -27,6 +27,9 @@ Module-scoped pytest fixture::
 
 ``start_redis(port, password=..., args=[...], tls=make_tls_files(dir))`` covers AUTH, extra
 ``redis-server`` options (e.g. ``["--appendonly", "yes"]``) and TLS-only servers.
+
+``redis-server`` comes from the PATH. Without it, starting a server skips the test with a
+line that says what to install (fails under CI; see ``tests.support.needs``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,8 +53,13 @@ from typing import Any, Self
 
 import redis
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+from tests.support.needs import REDIS_SERVER_HINT, redis_server_binary
+
 HASH_SLOTS = 16384
+CLUSTER_HINT = (
+    "a Redis Cluster needs redis-server: apt-get install redis-server (or set "
+    "CREDITGATE_TEST_REDIS_URL for the other tests)"
+)
 
 _live: set[RedisServer] = set()
 
@@ -147,10 +157,15 @@ class RedisServer:
         password: str | None = None,
         args: Sequence[str] = (),
         tls: TLSFiles | None = None,
+        die_with_parent: bool = False,
+        missing_hint: str = REDIS_SERVER_HINT,
     ) -> None:
         self.port = port
         self.password = password
         self.tls = tls
+        # The session's server: stopped by the kernel if pytest itself is killed.
+        self.die_with_parent = die_with_parent
+        self.missing_hint = missing_hint
         self.dir = Path(tempfile.mkdtemp(prefix=f"cg-redis-{port}-"))
         self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
@@ -168,7 +183,8 @@ class RedisServer:
         return self.process is not None and self.process.poll() is None
 
     def _command(self) -> list[str]:
-        command = [REDIS_SERVER, "--bind", self.host, "--save", "", "--appendonly", "no"]
+        command = [redis_server_binary(self.missing_hint), "--bind", self.host]
+        command += ["--save", "", "--appendonly", "no"]
         command += ["--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
         command += ["--daemonize", "no", "--protected-mode", "no"]
         if self.password:
@@ -188,7 +204,10 @@ class RedisServer:
         if not port_is_free(self.port):
             raise RuntimeError(f"port {self.port} is already in use")
         self.process = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            self._command(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_kill_with_parent() if self.die_with_parent else None,
         )
         _live.add(self)
         deadline = time.monotonic() + timeout
@@ -257,15 +276,35 @@ class RedisServer:
         self.close()
 
 
+def _kill_with_parent() -> Any:
+    """A preexec_fn giving the child SIGKILL when the thread that started it dies (Linux,
+    main thread only: a worker thread's end would kill it too early)."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_pdeathsig() -> None:  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return set_pdeathsig
+
+
 def start_redis(
     port: int,
     *,
     password: str | None = None,
     args: Sequence[str] = (),
     tls: TLSFiles | None = None,
+    die_with_parent: bool = False,
+    missing_hint: str = REDIS_SERVER_HINT,
 ) -> RedisServer:
     """Start a ``redis-server`` on 127.0.0.1:``port`` (see the module docstring)."""
-    server = RedisServer(port, password=password, args=args, tls=tls)
+    server = RedisServer(
+        port, password=password, args=args, tls=tls, die_with_parent=die_with_parent,
+        missing_hint=missing_hint,
+    )  # fmt: skip
     try:
         server.start()
     except BaseException:
@@ -402,7 +441,7 @@ def start_cluster(ports: Sequence[int], *, args: Sequence[str] = ()) -> Cluster:
     cluster = Cluster(servers)
     try:
         for port in ports:
-            servers.append(start_redis(port, args=cluster_args))
+            servers.append(start_redis(port, args=cluster_args, missing_hint=CLUSTER_HINT))
         share = HASH_SLOTS // len(servers)
         for index, server in enumerate(servers):
             first = index * share

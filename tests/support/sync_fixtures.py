@@ -1,5 +1,6 @@
-"""Fixtures shared by the sync job's test modules: the real Redis (unique key prefix,
-cleaned after), a migrated throwaway Postgres and a pool on it.
+"""Fixtures shared by the sync job's test modules: the tests' Redis (unique key prefix,
+cleaned after), a migrated throwaway Postgres and a pool on it (servers from
+tests/support/services.py).
 
 Registered for the whole suite by ``pytest_plugins`` in tests/conftest.py; a module that
 defines a fixture of the same name keeps its own.
@@ -17,15 +18,14 @@ import pytest
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.connect import connect_redis
 from tests.support.pg import migrated_database
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from tests.support.services import redis_url
 
 pg_dsn = pytest.fixture(migrated_database)
 
 
 @pytest.fixture
 async def redis() -> AsyncIterator[Any]:
-    client = connect_redis(REDIS_URL).client
+    client = connect_redis(redis_url()).client
     yield client
     await client.aclose()
 

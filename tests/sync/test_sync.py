@@ -21,11 +21,11 @@ from gateway.core.redis_keys import KeySpace
 from gateway.redisio.connect import connect_redis
 from sync.worker import SyncWorker
 from tests.support.pg import requires_postgres
+from tests.support.services import redis_url
 
 pytestmark = requires_postgres
 
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 NOV_15 = int(datetime(2026, 11, 15, 23, 0, tzinfo=UTC).timestamp() * 1000)
 FEATURES = {"lead_generation": 5, "goal_generation": 3, "general_insights": 1}
 
@@ -209,7 +209,7 @@ async def pending_count(redis: Any, ks: KeySpace, group: str = "creditgate-sync"
 async def test_events_become_rows_snapshots_and_rollups_exactly_once(
     redis: Any, keyspace: KeySpace, pool: asyncpg.Pool, decode_responses: bool
 ) -> None:
-    client = redis if decode_responses else Redis(host="127.0.0.1", port=6379)
+    client = redis if decode_responses else Redis.from_url(redis_url())
     events = scenario(["acme", "globex", "initech"], 120)
     n = await xadd_all(redis, keyspace, events)
     w = worker(client, pool, keyspace)
