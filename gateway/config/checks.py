@@ -9,6 +9,7 @@ from collections.abc import Container, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
+from gateway.config.refunds import parse_refund_entry
 from gateway.config.schema import Config, parse_rate
 from gateway.config.source import fmt_loc
 from gateway.routing.paths import BadPath, normalize_path
@@ -169,6 +170,11 @@ class Checker:
             if feature.bucket is not None:
                 self.name(f"{path}.bucket", feature.bucket, "bucket")
             self.number(f"{path}.cost", feature.cost, 1, _MAX_TOKENS)
+            for i, entry in enumerate(feature.refund_on):
+                try:
+                    parse_refund_entry(entry)
+                except ValueError as exc:
+                    self.err(f"{path}.refund_on[{i}]", str(exc))
 
     def plans(self) -> None:
         buckets = self.c.buckets

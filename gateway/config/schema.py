@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from gateway.config.refunds import DEFAULT_REFUND_ON
 from gateway.config.source import ConfigError
 
 __all__ = ["Config", "ConfigError", "parse_rate"]
@@ -97,6 +98,9 @@ class FeatureConfig(_Strict):
 
     cost: Int
     bucket: str | None = None  # defaults to the feature's own name
+    # Response statuses that refund the call: codes (429) or classes ("4xx"); see
+    # gateway/config/refunds.py. Any other status is charged.
+    refund_on: list[Int | str] = Field(default_factory=lambda: list(DEFAULT_REFUND_ON))
 
 
 class RateLimitConfig(_Strict):
@@ -204,6 +208,12 @@ class Config(_Strict):
     # Off by default: a Starlette upstream answers "/x/" with a redirect to "/x", and a
     # client following it would be charged twice.
     forward_trailing_slash: bool = False
+    # Forward the caller's creditgate API key (Authorization: Bearer cg_..., X-API-Key:
+    # cg_...) to the app; off, it authenticates to creditgate only (gateway/core/headers.py).
+    forward_credentials: bool = False
+    # One JSON line per metered request on the creditgate.access logger (also turned on by
+    # CREDITGATE_ACCESS_LOG=1).
+    access_log: bool = False
 
     @field_validator("database_url")
     @classmethod

@@ -10,6 +10,10 @@ members too.
 ``configure_logging()`` sets up the root logger for CLI commands; ``uvicorn_log_config()``
 returns the dict ``uvicorn.run(log_config=...)`` takes, so uvicorn's own loggers and
 creditgate's share one format.
+
+The access log (``access_log: true`` in the config, or ``CREDITGATE_ACCESS_LOG=1``) is one
+record per metered request on the ``creditgate.access`` logger (:func:`log_access`), always
+rendered as JSON by the setups above whatever the format of the other logs.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "ACCESS_LOGGER",
     "REQUEST_ID",
     "JsonFormatter",
     "TextFormatter",
+    "access_log_enabled",
     "configure_logging",
+    "log_access",
     "log_format",
     "uvicorn_log_config",
 ]
@@ -35,6 +42,10 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("creditgate_request_id", default
 """The id of the request the current task serves (set by the middleware)."""
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+ACCESS_LOGGER = "creditgate.access"
+_access = logging.getLogger(ACCESS_LOGGER)
+_TRUE = frozenset({"1", "true", "yes", "on"})
 
 # Attributes every LogRecord has; anything else on a record came from `extra=`.
 _STANDARD = frozenset(
@@ -86,6 +97,45 @@ class TextFormatter(logging.Formatter):
         return f"{line} [{request_id}]" if request_id else line
 
 
+def access_log_enabled(configured: bool) -> bool:
+    """Is the access log on: ``configured`` (the config's ``access_log``) or
+    ``$CREDITGATE_ACCESS_LOG`` set to 1, true, yes or on."""
+    return configured or os.environ.get("CREDITGATE_ACCESS_LOG", "").strip().lower() in _TRUE
+
+
+def log_access(
+    *,
+    request_id: str | None,
+    method: str,
+    route: str,
+    org: str | None,
+    user: str | None,
+    feature: str,
+    status: int,
+    cost: int,
+    refunded: bool,
+    latency_ms: float | None = None,
+    upstream_status: int | None = None,
+    code: str | None = None,
+) -> None:
+    """Write one access record: ``METHOD route status`` as the message, every argument as a
+    member of the JSON line. ``cost`` is what was charged (0 when refunded or refused);
+    ``code`` the problem+json code of a request creditgate answered itself (401, 402...),
+    for which ``latency_ms`` is None; ``org`` is None when the caller is unknown."""
+    _access.info(
+        "%s %s %s",
+        method,
+        route,
+        status,
+        extra={
+            "request_id": request_id, "method": method, "route": route, "org": org,
+            "user": user, "feature": feature, "status": status, "cost": cost,
+            "refunded": refunded, "latency_ms": latency_ms, "upstream_status": upstream_status,
+            "code": code,
+        },
+    )  # fmt: skip
+
+
 def _formatter_path(fmt: str | None) -> str:
     name = "JsonFormatter" if log_format(fmt) == "json" else "TextFormatter"
     return f"{__name__}.{name}"
@@ -97,18 +147,28 @@ def uvicorn_log_config(level: str = "info", fmt: str | None = None) -> dict[str,
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"creditgate": {"()": _formatter_path(fmt)}},
+        "formatters": {
+            "creditgate": {"()": _formatter_path(fmt)},
+            "creditgate_json": {"()": f"{__name__}.JsonFormatter"},
+        },
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "creditgate",
                 "stream": "ext://sys.stderr",
-            }
+            },
+            "access": {
+                "class": "logging.StreamHandler",
+                "formatter": "creditgate_json",
+                "stream": "ext://sys.stderr",
+            },
         },
         "loggers": {
             "uvicorn": {"handlers": ["stderr"], "level": lvl, "propagate": False},
             "uvicorn.error": {"level": lvl},
             "uvicorn.access": {"handlers": ["stderr"], "level": lvl, "propagate": False},
+            # Written only when enabled (access_log), so never filtered by the level.
+            ACCESS_LOGGER: {"handlers": ["access"], "level": "INFO", "propagate": False},
         },
         "root": {"handlers": ["stderr"], "level": lvl},
     }

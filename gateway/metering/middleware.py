@@ -5,9 +5,12 @@ config, all per-request state lives in locals, ``send`` is wrapped to add header
 see the status, and bodies are never buffered. The reverse proxy is this middleware in
 front of ``UpstreamProxy``.
 
-Per metered request: normalise the path and match a route (in process), identify the
-caller (in process on a cache hit), one EVALSHA to admit, call the app, then queue the
-settle (charge, or refund on a 5xx / upstream failure) without waiting for it.
+Every request, metered or not, loses what the header policy (gateway/core/headers.py)
+says a client may not send. Per metered request: normalise the path and match a route (in
+process), identify the caller (in process on a cache hit), one EVALSHA to admit, call the
+app, then queue the settle (charge, or refund when the status is in the feature's
+``refund_on`` or the upstream failed) without waiting for it. The data path is described
+step by step in docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ import os
 import time
 from collections.abc import MutableMapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import Config
+from gateway.config.refunds import refund_statuses
 from gateway.core.counters import METRICS
 from gateway.core.errors import IdentityUnavailable, LedgerUnavailable, RedisUnavailable
-from gateway.core.logs import REQUEST_ID
+from gateway.core.headers import HeaderPolicy
+from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
-from gateway.identity.identifier import IdentityFailure
+from gateway.core.scope_keys import UPSTREAM_ERROR, UPSTREAM_LATENCY_MS, UPSTREAM_STATUS
+from gateway.identity.identifier import Identity, IdentityFailure
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
 from gateway.metering.refusals import describe_refusal, seconds
@@ -34,9 +41,9 @@ from gateway.routing.router import RouteMatch
 
 log = logging.getLogger("creditgate.middleware")
 
-_STRIPPED_PREFIX = b"x-creditgate-"
-_IDEMPOTENCY = b"idempotency-key"
+Header = tuple[bytes, bytes]
 _UNAVAILABLE = (IdentityUnavailable, RedisUnavailable, LedgerUnavailable)
+_REFUNDED_COST = (b"x-tokens-cost", b"0")
 
 
 class CreditGateMiddleware:
@@ -59,27 +66,37 @@ class CreditGateMiddleware:
             if config is None:
                 raise TypeError("CreditGateMiddleware needs config= or gate=")
             gate = CreditGate.from_config(config)
+        config = gate.config
         self.app = app
         self.gate = gate
         self.router = gate.router
         self.meter = gate.meter
         self.identifier = gate.identifier
-        self.fail_open = gate.config.fail_open
-        self.retry_unavailable = gate.config.retry_after_unavailable_seconds
+        trusted = config.identity.trusted_headers
+        self.headers = HeaderPolicy(
+            trusted_headers=trusted, forward_credentials=config.forward_credentials
+        )
+        # creditgate's own token API, when the app mounts it behind this middleware,
+        # authenticates with the caller's key: requests under api_prefix keep it.
+        self._api_prefix = config.api_prefix.rstrip("/")
+        self._api_headers = HeaderPolicy(trusted_headers=trusted, forward_credentials=True)
+        self.fail_open = config.fail_open
+        self.retry_unavailable = config.retry_after_unavailable_seconds
+        self.access_log = access_log_enabled(config.access_log)
         self.fail_open_count = 0
+        self._refund_on = {
+            name: refund_statuses(feature.refund_on) for name, feature in config.features.items()
+        }
         # Header values that only depend on the route, encoded once.
         self._feature_header = {
-            name: (b"x-creditgate-feature", name.encode()) for name in gate.config.features
+            name: (b"x-creditgate-feature", name.encode()) for name in config.features
         }
-        self._cost_header: dict[int, tuple[bytes, bytes]] = {}
-        self._limit_header: dict[int, tuple[bytes, bytes]] = {}  # a limiter's count: few
+        self._cost_header: dict[int, Header] = {}
+        self._limit_header: dict[int, Header] = {}  # a limiter's count: few
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan":
-                await self.app(scope, self._lifespan_receive(receive), send)
-                return
-            await self.app(scope, receive, send)
+            await self._not_http(scope, receive, send)
             return
 
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
@@ -91,102 +108,56 @@ class CreditGateMiddleware:
                     send, 400, "bad_path", "Malformed path", f"The request path is refused: {exc}"
                 )
                 return
-            await self.app(scope, receive, send)  # unmetered: passes through untouched
+            await self.app(self._cleaned(scope, None), receive, send)  # unmetered
             return
-        if match is None:
-            await self.app(scope, receive, send)
+        if match is None:  # unmetered: passes through uncharged, its headers cleaned
+            await self.app(self._cleaned(scope, path), receive, send)
             return
 
-        # The metered path, inlined here rather than split into helpers: every coroutine
-        # layer costs a frame on each await and each resume of the request's task.
+        # The metered path stays in this one coroutine (helpers are plain functions): every
+        # coroutine layer costs a frame on each await and each resume of the request's task.
         try:
             ident = self.identifier.identify_nowait(scope)
             if ident is None:
                 ident = await self.identifier.identify(scope)
         except _UNAVAILABLE as exc:
             METRICS.count(match.feature, "refused_unavailable")
-            await self._identity_unavailable(send, exc)
+            await self._identity_unavailable(scope, send, match, exc)
             return
         if isinstance(ident, IdentityFailure):
             METRICS.count(
                 match.feature,
                 "refused_unauthenticated" if ident.status == 401 else "refused_bad_credentials",
             )
-            await self._unauthenticated(send, match, ident)
+            await self._unauthenticated(scope, send, match, ident)
             return
-        org = ident.org
-        user = ident.user
-        # Spoofed identity headers are dropped; the client's Idempotency-Key is read. Most
-        # requests have no header name starting with "x" or "i", so neither: one cheap
-        # pass and a copy then, instead of the filtering loop (~0.3 µs less).
-        headers: list[tuple[bytes, bytes]]
-        idem_key: str | None = None
-        plain = True
-        try:
-            for name, _ in scope["headers"]:
-                first = name[0]
-                if first == 120 or first == 105:  # b"x", b"i"
-                    plain = False
-                    break
-        except IndexError:  # an empty name: let the loop below handle it
-            plain = False
-        if plain:
-            headers = list(scope["headers"])
-        else:
-            headers = []
-            for header in scope["headers"]:
-                name = header[0]
-                if name.startswith(_STRIPPED_PREFIX):
-                    continue
-                if name == _IDEMPOTENCY and header[1]:
-                    idem_key = header[1].decode("latin-1")
-                headers.append(header)
+        headers, idem_key, duplicate_key = self.headers.clean(scope["headers"])
+        if duplicate_key:
+            METRICS.count(match.feature, "refused_bad_request")
+            await self._duplicate_idempotency_key(scope, send, match, ident)
+            return
+
         request_id = new_request_id()
         REQUEST_ID.set(request_id)  # every log line of this request carries it
         rid = (b"x-creditgate-request-id", request_id.encode())
-        headers += (
-            (b"x-creditgate-org", org.encode()),
-            (b"x-creditgate-user", user.encode() if user else b""),
-            self._feature_header[match.feature],
-            rid,
-        )
-        # The app sees the normalised path: the same one that was matched and metered.
-        inner = dict(scope)
-        inner["path"] = path
-        inner["raw_path"] = encoded_path
-        inner["headers"] = headers
-        state: MutableMapping[str, Any] = scope.setdefault("state", {})
-        inner["state"] = state
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         try:
             adm = await self.meter.admit(
-                org, match.feature, user=user, cost=match.cost, idempotency_key=idem_key,
-                request_id=request_id, method=scope["method"], route=match.template,
+                ident.org, match.feature, user=ident.user, cost=match.cost,
+                idempotency_key=idem_key, request_id=request_id, method=scope["method"],
+                route=match.template,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
-            await self._unavailable(inner, receive, send, match, str(exc))
+            await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
         if adm.status != "ok":
             METRICS.count(match.feature, "refused_" + adm.status)
-            await self._refuse(send, adm)
+            await self._refuse(scope, send, match, ident, adm)
             return
-        cost_header = self._cost_header.get(adm.cost)
-        if cost_header is None:
-            cost_header = self._cost_header[adm.cost] = (b"x-tokens-cost", str(adm.cost).encode())
-        remaining = (b"x-tokens-remaining", str(adm.remaining).encode())
-        limit = adm.limit
-        if limit is not None:
-            limit_header = self._limit_header.get(limit)
-            if limit_header is None:
-                limit_header = (b"ratelimit-limit", str(limit).encode())
-                if len(self._limit_header) < 1000:
-                    self._limit_header[limit] = limit_header
-            extra = [
-                cost_header, remaining, rid, limit_header,
-                (b"ratelimit-remaining", str(adm.limit_remaining).encode()),
-                (b"ratelimit-reset", str(seconds(adm.limit_reset_ms)).encode()),
-            ]  # fmt: skip
-        else:
-            extra = [cost_header, remaining, rid]
+
+        charged = self._charged_headers(adm, rid)
+        refund_on = self._refund_on[match.feature]
+        state = inner["state"]
         status = 0
         started = time.perf_counter()
 
@@ -194,30 +165,145 @@ class CreditGateMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                # A status that refunds is known here: the headers say nothing was charged.
+                if status in refund_on or UPSTREAM_ERROR in state:
+                    extra = self._refunded_headers(charged, adm)
+                else:
+                    extra = charged
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
         ok = False
         try:
             await self.app(inner, receive, send_wrapper)
-            # Charged only for success: a 5xx (the proxy's 502/504 included) or an upstream
-            # that failed mid-body refunds.
-            ok = 0 < status < 500 and "creditgate.upstream_error" not in state
+            # Charged unless the status is in the feature's refund_on, or the upstream
+            # failed (mid-body, after its status went out): no answer at all refunds too.
+            ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
         finally:
-            upstream_status = state.get("creditgate.upstream_status", status or None)
-            latency = state.get("creditgate.upstream_latency_ms")
-            if latency is None:
-                latency = (time.perf_counter() - started) * 1000
-            self.meter.settle_nowait(
-                adm, ok=ok, status=upstream_status, latency_ms=round(latency),
-                idempotency_key=idem_key,
-            )  # fmt: skip
-            METRICS.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
+            self._settle(adm, ok, status, state, started, idem_key)
+            if self.access_log:
+                self._log_access(scope, match, ident, adm, ok, status, started)
+
+    async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._lifespan_receive(receive), send)
+        elif scope["type"] == "websocket":
+            await self.app(self._cleaned(scope, None), receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    def _cleaned(self, scope: Scope, path: str | None) -> Scope:
+        """``scope``, or a copy without the headers the policy removes (``path``: the
+        normalised path, None when the router refused it)."""
+        headers = self.headers.clean(scope["headers"])[0]
+        if headers is None:
+            return scope
+        api = self._api_prefix
+        if path is not None and (path == api or path.startswith(api + "/")):
+            headers = self._api_headers.clean(scope["headers"])[0]
+            if headers is None:
+                return scope
+        cleaned = dict(scope)
+        cleaned["headers"] = headers
+        return cleaned
+
+    def _inner_scope(
+        self,
+        scope: Scope,
+        headers: list[Header] | None,
+        path: str,
+        encoded_path: bytes,
+        ident: Identity,
+        match: RouteMatch,
+        rid: Header,
+    ) -> Scope:
+        """The scope the app sees: the normalised path (the one matched and metered), the
+        cleaned headers plus the caller's identity, and the outer scope's state."""
+        headers = list(scope["headers"]) if headers is None else headers
+        user = ident.user
+        headers += (
+            (b"x-creditgate-org", ident.org.encode()),
+            (b"x-creditgate-user", user.encode() if user else b""),
+            self._feature_header[match.feature],
+            rid,
+        )
+        inner = dict(scope)
+        inner["path"] = path
+        inner["raw_path"] = encoded_path
+        inner["headers"] = headers
+        state: MutableMapping[str, Any] = scope.setdefault("state", {})
+        inner["state"] = state
+        return inner
+
+    def _charged_headers(self, adm: Admission, rid: Header) -> list[Header]:
+        """The response headers of an admitted request: cost, remaining, id, rate limit."""
+        cost_header = self._cost_header.get(adm.cost)
+        if cost_header is None:
+            cost_header = self._cost_header[adm.cost] = (b"x-tokens-cost", str(adm.cost).encode())
+        remaining = (b"x-tokens-remaining", str(adm.remaining).encode())
+        limit = adm.limit
+        if limit is None:
+            return [cost_header, remaining, rid]
+        limit_header = self._limit_header.get(limit)
+        if limit_header is None:
+            limit_header = (b"ratelimit-limit", str(limit).encode())
+            if len(self._limit_header) < 1000:
+                self._limit_header[limit] = limit_header
+        return [
+            cost_header, remaining, rid, limit_header,
+            (b"ratelimit-remaining", str(adm.limit_remaining).encode()),
+            (b"ratelimit-reset", str(seconds(adm.limit_reset_ms)).encode()),
+        ]  # fmt: skip
+
+    @staticmethod
+    def _refunded_headers(charged: list[Header], adm: Admission) -> list[Header]:
+        """``charged`` as a refund tells it: nothing charged, the held tokens back."""
+        if adm.remaining is None:
+            return [_REFUNDED_COST, *charged[1:]]
+        restored = (b"x-tokens-remaining", str(adm.remaining + adm.cost).encode())
+        return [_REFUNDED_COST, restored, *charged[2:]]
+
+    def _settle(
+        self,
+        adm: Admission,
+        ok: bool,
+        status: int,
+        state: MutableMapping[str, Any],
+        started: float,
+        idem_key: str | None,
+    ) -> None:
+        """Queue the charge or refund (never awaited) and count it."""
+        upstream_status = state.get(UPSTREAM_STATUS, status or None)
+        latency = state.get(UPSTREAM_LATENCY_MS)
+        if latency is None:
+            latency = (time.perf_counter() - started) * 1000
+        self.meter.settle_nowait(
+            adm, ok=ok, status=upstream_status, latency_ms=round(latency),
+            idempotency_key=idem_key,
+        )  # fmt: skip
+        METRICS.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
+
+    @staticmethod
+    def _log_access(
+        scope: Scope,
+        match: RouteMatch,
+        ident: Identity,
+        adm: Admission,
+        ok: bool,
+        status: int,
+        started: float,
+    ) -> None:
+        """The access line of an admitted request, written once it is settled."""
+        log_access(
+            request_id=adm.request_id, method=scope["method"], route=match.template,
+            org=ident.org, user=ident.user, feature=match.feature, status=status,
+            cost=adm.cost if ok else 0, refunded=not ok,
+            latency_ms=round((time.perf_counter() - started) * 1000, 1),
+            upstream_status=scope["state"].get(UPSTREAM_STATUS),
+        )  # fmt: skip
 
     def _could_be_metered(self, method: str, raw_path: bytes) -> bool:
         """Would a lenient reading of a refused path hit a metered route?"""
-        from urllib.parse import unquote_to_bytes
-
         lenient = unquote_to_bytes(raw_path).replace(b"\\", b"/")
         lenient = bytes(c for c in lenient if c >= 0x20 and c != 0x7F)
         try:
@@ -229,16 +315,23 @@ class CreditGateMiddleware:
             or self.router.match(method, strip_path_params(path)) is not None
         )
 
-    async def _identity_unavailable(self, send: Send, exc: Exception) -> None:
+    # --- answers without the app ----------------------------------------------------------
+
+    async def _identity_unavailable(
+        self, scope: Scope, send: Send, match: RouteMatch, exc: Exception
+    ) -> None:
         await send_problem(
             send, 503, "unavailable", "Service unavailable",
             f"Credentials cannot be checked right now: {exc}",
             headers=[(b"retry-after", str(self.retry_unavailable).encode())],
             retry_after=self.retry_unavailable,
         )  # fmt: skip
+        self._log_refused(scope, match, None, 503, "unavailable")
 
-    async def _unauthenticated(self, send: Send, match: RouteMatch, ident: IdentityFailure) -> None:
-        hdrs: list[tuple[bytes, bytes]] = [(b"www-authenticate", b'Bearer realm="creditgate"')]
+    async def _unauthenticated(
+        self, scope: Scope, send: Send, match: RouteMatch, ident: IdentityFailure
+    ) -> None:
+        hdrs: list[Header] = [(b"www-authenticate", b'Bearer realm="creditgate"')]
         if ident.retry_after is not None:
             hdrs.append((b"retry-after", str(ident.retry_after).encode()))
         title = "Too many bad credentials" if ident.status == 429 else "Unauthenticated"
@@ -247,14 +340,36 @@ class CreditGateMiddleware:
             send, ident.status, code, title, ident.detail, headers=hdrs,
             feature=match.feature, retry_after=ident.retry_after,
         )  # fmt: skip
+        self._log_refused(scope, match, None, ident.status, code)
 
-    async def _refuse(self, send: Send, adm: Admission) -> None:
+    async def _duplicate_idempotency_key(
+        self, scope: Scope, send: Send, match: RouteMatch, ident: Identity
+    ) -> None:
+        # The gateway would dedupe on one key and the app on the other: refuse the request
+        # before anything is charged instead of guessing which one the client meant.
+        await send_problem(
+            send, 400, "bad_request", "Bad request",
+            "More than one Idempotency-Key header: send at most one",
+            feature=match.feature,
+        )  # fmt: skip
+        self._log_refused(scope, match, ident, 400, "bad_request")
+
+    async def _refuse(
+        self, scope: Scope, send: Send, match: RouteMatch, ident: Identity, adm: Admission
+    ) -> None:
         r = describe_refusal(adm)
         headers = [(k.lower().encode(), v.encode()) for k, v in r.headers]
         await send_problem(send, r.status, r.code, r.title, r.detail, headers=headers, **r.facts)
+        self._log_refused(scope, match, ident, r.status, r.code)
 
     async def _unavailable(
-        self, scope: Scope, receive: Receive, send: Send, match: RouteMatch, reason: str
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        match: RouteMatch,
+        ident: Identity,
+        reason: str,
     ) -> None:
         if self.fail_open:
             # Let the request through uncharged and count it, as configured.
@@ -275,6 +390,18 @@ class CreditGateMiddleware:
             headers=[(b"retry-after", str(self.retry_unavailable).encode())],
             feature=match.feature, retry_after=self.retry_unavailable,
         )  # fmt: skip
+        self._log_refused(scope, match, ident, 503, "unavailable")
+
+    def _log_refused(
+        self, scope: Scope, match: RouteMatch, ident: Identity | None, status: int, code: str
+    ) -> None:
+        """The access line of a metered request answered by creditgate (nothing charged)."""
+        if self.access_log:
+            log_access(
+                request_id=REQUEST_ID.get(), method=scope["method"], route=match.template,
+                org=ident.org if ident else None, user=ident.user if ident else None,
+                feature=match.feature, status=status, cost=0, refunded=False, code=code,
+            )  # fmt: skip
 
     def _lifespan_receive(self, receive: Receive) -> Receive:
         gate = self.gate

@@ -8,8 +8,12 @@ and sent as one message, anything else is relayed chunk by chunk as it arrives.
 Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
 504 (``upstream_timeout``), which the metering middleware treats as a refund. A failure after
 the response has started cannot change the status: it is recorded in
-``scope["state"]["creditgate.upstream_error"]`` and the body is ended. The upstream's status
-and time to headers go to ``creditgate.upstream_status`` / ``creditgate.upstream_latency_ms``.
+``scope["state"][UPSTREAM_ERROR]`` and the body is ended. The upstream's status and time to
+headers go to ``UPSTREAM_STATUS`` / ``UPSTREAM_LATENCY_MS`` (gateway/core/scope_keys.py).
+
+Request headers: hop-by-hop ones are dropped here, and so are the method/path override
+headers of the one header policy (gateway/core/headers.py), which the middleware in front
+applies in full; every name is compared ignoring case and ``_``/``-``.
 """
 
 from __future__ import annotations
@@ -18,24 +22,28 @@ import asyncio
 import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from starlette.types import Receive, Scope, Send
 from yarl import URL
 
+from gateway.core.headers import OURS_PREFIX, OVERRIDE_HEADERS
 from gateway.core.problem import send_problem
+from gateway.core.scope_keys import (
+    CLIENT_DISCONNECTED,
+    UPSTREAM_ERROR,
+    UPSTREAM_LATENCY_MS,
+    UPSTREAM_STATUS,
+)
 from gateway.proxy.lean_client import LeanBackend, LeanResponse
 
 if TYPE_CHECKING:
     import httpx
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Body = bytes | AsyncIterator[bytes] | None
 Headers = list[tuple[str, str]]
 RawHeaders = list[tuple[bytes, bytes]]
@@ -55,22 +63,11 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
     }
 )
-# Headers some frameworks honour to change the method or path: forwarding them would let a
-# client reach a metered route under an unmetered spelling.
-REWRITE_HEADERS = frozenset(
-    {
-        b"x-http-method-override",
-        b"x-http-method",
-        b"x-method-override",
-        b"x-original-url",
-        b"x-rewrite-url",
-    }
-)
 # Host becomes the upstream's; our server already answered Expect; the X-Forwarded-* trio
 # is rebuilt from the connection instead of trusted from the client.
 _REQUEST_DROP = (
     HOP_BY_HOP
-    | REWRITE_HEADERS
+    | OVERRIDE_HEADERS  # would let a client reach a metered route under another spelling
     | {
         b"host",
         b"expect",
@@ -79,15 +76,9 @@ _REQUEST_DROP = (
         b"x-forwarded-host",
     }
 )
-# The middleware's identity headers: a client naming them in Connection must not drop them.
-_OURS = b"x-creditgate-"
 # Below the keep-alive of common upstream servers (uvicorn: 5 s), so the pool does not reuse
 # a connection the upstream is closing (a spurious 502 on a POST otherwise).
 _KEEPALIVE_S = 4.0
-STATE_STATUS = "creditgate.upstream_status"
-STATE_LATENCY = "creditgate.upstream_latency_ms"
-STATE_ERROR = "creditgate.upstream_error"
-STATE_CLIENT_GONE = "creditgate.client_disconnected"
 _CLIENT = "client disconnected"
 
 log = logging.getLogger("creditgate.proxy")
@@ -343,7 +334,11 @@ class UpstreamProxy:
         chunked = False
         for name, value in raw:
             lname = name.lower()
-            if lname in _REQUEST_DROP or (lname in named and not lname.startswith(_OURS)):
+            # Some servers merge X_HTTP_Method_Override with the dash spelling: drop both.
+            key = lname.replace(b"_", b"-") if b"_" in lname else lname
+            # The middleware's identity headers stay even when a client names them in
+            # Connection.
+            if key in _REQUEST_DROP or (lname in named and not lname.startswith(OURS_PREFIX)):
                 if lname == b"x-forwarded-for":
                     forwarded_for.append(value.decode("latin-1"))
                 elif lname == b"host":
@@ -373,7 +368,7 @@ class UpstreamProxy:
         headers, declared = self._request_headers(scope)
         first = await receive()
         if first["type"] == "http.disconnect":
-            state[STATE_CLIENT_GONE] = True
+            state[CLIENT_DISCONNECTED] = True
             return
         chunk: bytes = first.get("body", b"")
         body: Body = chunk or None
@@ -383,7 +378,7 @@ class UpstreamProxy:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    state[STATE_CLIENT_GONE] = True
+                    state[CLIENT_DISCONNECTED] = True
                     return
                 buffer += message.get("body", b"")
                 if not message.get("more_body", False):
@@ -397,19 +392,19 @@ class UpstreamProxy:
         try:
             resp = await backend.open(scope["method"], self._url(scope), headers, body)
         except backend.TIMEOUT:
-            state[STATE_ERROR] = "timeout waiting for the upstream's response headers"
+            state[UPSTREAM_ERROR] = "timeout waiting for the upstream's response headers"
             await _bad_gateway(send, timed_out=True)
             return
         except backend.FAILURE as exc:
             if upload.disconnected:  # nobody to answer, but a 5xx tells the meter: refund
-                state[STATE_CLIENT_GONE] = True
-                state[STATE_ERROR] = "client disconnected during the request body"
+                state[CLIENT_DISCONNECTED] = True
+                state[UPSTREAM_ERROR] = "client disconnected during the request body"
             else:
-                state[STATE_ERROR] = f"upstream unavailable: {type(exc).__name__}: {exc}"
+                state[UPSTREAM_ERROR] = f"upstream unavailable: {type(exc).__name__}: {exc}"
             await _bad_gateway(send, timed_out=False)
             return
-        state[STATE_STATUS] = resp.status
-        state[STATE_LATENCY] = (time.perf_counter() - started) * 1000.0
+        state[UPSTREAM_STATUS] = resp.status
+        state[UPSTREAM_LATENCY_MS] = (time.perf_counter() - started) * 1000.0
         try:
             await self._respond(scope, resp, backend, receive, send, upload)
         finally:
@@ -455,11 +450,11 @@ class UpstreamProxy:
             try:  # read before answering: a failure here can still become a 502/504
                 data = await resp.read()
             except backend.TIMEOUT:
-                state[STATE_ERROR] = "timeout reading the upstream's response body"
+                state[UPSTREAM_ERROR] = "timeout reading the upstream's response body"
                 await _bad_gateway(send, timed_out=True)
                 return
             except backend.FAILURE as exc:
-                state[STATE_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
+                state[UPSTREAM_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
                 await _bad_gateway(send, timed_out=False)
                 return
             await send(start)
@@ -481,15 +476,15 @@ class UpstreamProxy:
         # A cancelled relay means the watcher saw http.disconnect.
         error = _CLIENT if relay.cancelled() else relay.result()
         if error is _CLIENT:
-            state[STATE_CLIENT_GONE] = True
+            state[CLIENT_DISCONNECTED] = True
             return
         if error is not None:
             # The status line is gone, so the failure can only be told by not ending the
             # body: the app returns with the response incomplete and the server closes the
             # connection (uvicorn does; nginx does the same on a premature upstream close).
             # A final chunk here would make a cut-off answer look complete to the client.
-            # The tokens are refunded all the same (the middleware reads STATE_ERROR).
-            state[STATE_ERROR] = error
+            # The tokens are refunded all the same (the middleware reads UPSTREAM_ERROR).
+            state[UPSTREAM_ERROR] = error
             log.warning("upstream response cut short after the headers: %s", error)
             return
         await send({"type": "http.response.body", "body": b"", "more_body": False})

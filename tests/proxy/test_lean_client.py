@@ -26,12 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.config import ConfigError, parse_config
+from gateway.core.scope_keys import UPSTREAM_ERROR
 from gateway.proxy import lean_client as upstream_lean
-from gateway.proxy.app import STATE_ERROR, UpstreamProxy
+from gateway.proxy.app import UpstreamProxy
 from gateway.proxy.lean_client import LeanBackend, UpstreamClosed, UpstreamError
 from gateway.proxy.lean_connection import _HIGH_WATER
-from tests.support import upstream_app
 from tests.proxy.test_proxy_app import make_scope
+from tests.support import upstream_app
 from tests.support.upstream_app import serve_in_thread
 
 pytestmark = pytest.mark.timeout(60)  # a deadlock fails fast instead of after 300 s
@@ -729,7 +730,7 @@ async def test_proxy_maps_connect_timeout_to_504() -> None:
         finally:
             await app.aclose()
     assert status == 504 and json.loads(body)["code"] == "upstream_timeout"
-    assert "timeout" in state[STATE_ERROR]
+    assert "timeout" in state[UPSTREAM_ERROR]
 
 
 # -- TLS ------------------------------------------------------------------------------------

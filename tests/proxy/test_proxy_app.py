@@ -21,13 +21,13 @@ import httpx
 import pytest
 
 from gateway.core.problem import problem_body, send_problem
-from gateway.proxy.app import (
-    STATE_CLIENT_GONE,
-    STATE_ERROR,
-    STATE_LATENCY,
-    STATE_STATUS,
-    UpstreamProxy,
+from gateway.core.scope_keys import (
+    CLIENT_DISCONNECTED,
+    UPSTREAM_ERROR,
+    UPSTREAM_LATENCY_MS,
+    UPSTREAM_STATUS,
 )
+from gateway.proxy.app import UpstreamProxy
 from tests.support import upstream_app
 from tests.support.upstream_app import pattern_bytes, serve_in_thread
 
@@ -213,8 +213,22 @@ async def test_get_echo_forwards_path_query_and_cleans_headers(
     assert [v for k, v in got if k == "x-custom"] == ["a", "b"]
     assert ex.header(b"x-upstream") == b"echo"
     assert ex.header(b"content-type") == b"application/json"
-    assert ex.state[STATE_STATUS] == 200 and ex.state[STATE_LATENCY] > 0
-    assert STATE_ERROR not in ex.state
+    assert ex.state[UPSTREAM_STATUS] == 200 and ex.state[UPSTREAM_LATENCY_MS] > 0
+    assert UPSTREAM_ERROR not in ex.state
+
+
+async def test_underscore_spellings_of_dropped_headers_are_dropped(proxy: UpstreamProxy) -> None:
+    """Servers that merge X_HTTP_Method_Override with the dash spelling would honour it."""
+    sent = [
+        (b"x_http_method_override", b"DELETE"),
+        (b"X_Original_URL", b"/admin"),
+        (b"x_forwarded_host", b"evil.example"),
+        (b"my_header", b"kept"),
+    ]
+    ex = await call(proxy, "GET", "/echo/a", headers=sent)
+    got = dict(json.loads(ex.body)["headers"])
+    assert not {"x_http_method_override", "x_original_url", "x_forwarded_host"} & got.keys()
+    assert got["my_header"] == "kept"  # forwarded under its own name
 
 
 async def test_post_small_body_in_pieces(proxy: UpstreamProxy) -> None:
@@ -271,7 +285,7 @@ async def test_response_headers_redirects_and_encoding_pass_through(
 async def test_status_codes_pass_through(proxy: UpstreamProxy, code: int) -> None:
     ex = await call(proxy, "POST", f"/status/{code}")
     assert ex.status == code and ex.ended()
-    assert ex.state[STATE_STATUS] == code
+    assert ex.state[UPSTREAM_STATUS] == code
     assert ex.body == (b"" if code == 204 else b'{"status":%d}' % code)
 
 
@@ -389,7 +403,7 @@ async def test_client_disconnect_during_upload_is_a_5xx(proxy: UpstreamProxy) ->
     await asyncio.wait_for(proxy(exchange.scope, receive, exchange.send), 5)
     # Nobody is left to read it, but the 5xx is what tells the meter to refund.
     assert exchange.status == 502
-    assert exchange.state[STATE_CLIENT_GONE] is True and STATE_ERROR in exchange.state
+    assert exchange.state[CLIENT_DISCONNECTED] is True and UPSTREAM_ERROR in exchange.state
     assert not progress(upload_id).get("finished")
 
 
@@ -435,7 +449,7 @@ async def test_upstream_down_is_502_problem(kind: str) -> None:
     problem = json.loads(ex.body)
     assert problem["code"] == "bad_gateway" and problem["status"] == 502
     assert problem["type"] == "https://creditgate.dev/problems/bad_gateway"
-    assert "unavailable" in ex.state[STATE_ERROR] and STATE_STATUS not in ex.state
+    assert "unavailable" in ex.state[UPSTREAM_ERROR] and UPSTREAM_STATUS not in ex.state
 
 
 async def test_slow_upstream_is_504_after_timeout(upstream: str, kind: str) -> None:
@@ -447,7 +461,7 @@ async def test_slow_upstream_is_504_after_timeout(upstream: str, kind: str) -> N
         await app.aclose()
     assert 0.25 < time.monotonic() - started < 2.0
     assert ex.status == 504 and json.loads(ex.body)["code"] == "upstream_timeout"
-    assert "timeout" in ex.state[STATE_ERROR]
+    assert "timeout" in ex.state[UPSTREAM_ERROR]
 
 
 async def test_stall_mid_body_leaves_response_unfinished_and_records_error(
@@ -460,7 +474,7 @@ async def test_stall_mid_body_leaves_response_unfinished_and_records_error(
         await app.aclose()
     # Not ended: the server closes the connection, so the client sees a cut-off body.
     assert ex.status == 200 and ex.body == b"first;" and not ex.ended()
-    assert "timeout" in ex.state[STATE_ERROR] and ex.state[STATE_STATUS] == 200
+    assert "timeout" in ex.state[UPSTREAM_ERROR] and ex.state[UPSTREAM_STATUS] == 200
 
 
 @pytest.mark.parametrize("mode", ["chunked", "big"])
@@ -470,13 +484,13 @@ async def test_abrupt_close_mid_body_leaves_response_unfinished(
     ex = await call(proxy, "GET", "/abort", query=f"mode={mode}".encode())
     assert ex.status == 200 and not ex.ended()
     assert ex.body == b"partial" * 10
-    assert "upstream body failed" in ex.state[STATE_ERROR]
+    assert "upstream body failed" in ex.state[UPSTREAM_ERROR]
 
 
 async def test_abrupt_close_of_small_body_is_502(proxy: UpstreamProxy) -> None:
     ex = await call(proxy, "GET", "/abort", query=b"mode=small")
     assert ex.status == 502 and json.loads(ex.body)["code"] == "bad_gateway"
-    assert ex.state[STATE_STATUS] == 200 and "upstream body failed" in ex.state[STATE_ERROR]
+    assert ex.state[UPSTREAM_STATUS] == 200 and "upstream body failed" in ex.state[UPSTREAM_ERROR]
 
 
 async def test_client_disconnect_stops_the_stream(proxy: UpstreamProxy) -> None:
@@ -497,7 +511,7 @@ async def test_client_disconnect_stops_the_stream(proxy: UpstreamProxy) -> None:
     await asyncio.wait_for(exchange.first_body.wait(), 5)  # the upstream is now parked
     gone.set()
     await asyncio.wait_for(task, 2)  # well before any read timeout (5 s)
-    assert exchange.state[STATE_CLIENT_GONE] is True and not exchange.ended()
+    assert exchange.state[CLIENT_DISCONNECTED] is True and not exchange.ended()
     # The upstream connection was dropped, so the upstream's generator was cancelled.
     assert await eventually(lambda: progress(gate).get("cancelled"), 3)
     assert not progress(gate).get("finished")

@@ -1,0 +1,127 @@
+"""The one header policy (gateway.core.headers), as a pure function of the request headers."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.core.headers import OVERRIDE_HEADERS, HeaderPolicy, canonical
+
+H = list[tuple[bytes, bytes]]
+KEY = b"cg_" + b"k" * 43
+
+
+def names(headers: H | None) -> list[bytes]:
+    assert headers is not None
+    return [name for name, _ in headers]
+
+
+def test_plain_requests_take_the_fast_path() -> None:
+    """Nothing to remove: no copy is made (the caller uses the scope's list as it is)."""
+    raw = [(b"host", b"h"), (b"content-type", b"application/json"), (b"user-agent", b"t")]
+    cleaned, idem, duplicate = HeaderPolicy().clean(raw)
+    assert (cleaned, idem, duplicate) == (None, None, False)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x-creditgate-org", b"X-Creditgate-Org", b"X-CREDITGATE-FEATURE", b"x_creditgate_org",
+        b"X_Creditgate_User", b"x-creditgate_request-id", b"x-creditgate-anything",
+    ],
+)  # fmt: skip
+def test_creditgate_headers_are_stripped_in_any_spelling(name: bytes) -> None:
+    cleaned, _, _ = HeaderPolicy(trusted_headers=True).clean([(b"host", b"h"), (name, b"victim")])
+    assert names(cleaned) == [b"host"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x-http-method-override", b"X-HTTP-Method-Override", b"x_http_method_override",
+        b"x-method-override", b"x-http-method", b"x-original-url", b"X-Rewrite-URL",
+        b"x_original_url",
+    ],
+)  # fmt: skip
+def test_method_and_path_override_headers_are_stripped(name: bytes) -> None:
+    cleaned, _, _ = HeaderPolicy().clean([(name, b"POST"), (b"accept", b"*/*")])
+    assert names(cleaned) == [b"accept"]
+
+
+def test_override_list_covers_what_the_proxy_dropped() -> None:
+    assert {
+        b"x-http-method-override", b"x-http-method", b"x-method-override", b"x-original-url",
+        b"x-rewrite-url",
+    } <= OVERRIDE_HEADERS  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [b"x-org-id", b"X-User-Id", b"x_org_id", b"X_USER_ID"])
+def test_identity_headers_stripped_unless_trusted(name: bytes) -> None:
+    raw = [(name, b"victim"), (b"accept", b"*/*")]
+    assert names(HeaderPolicy(trusted_headers=False).clean(raw)[0]) == [b"accept"]
+    kept = HeaderPolicy(trusted_headers=True).clean(raw)[0]
+    assert kept is None or names(kept) == [name, b"accept"]
+
+
+@pytest.mark.parametrize(
+    ("header", "dropped"),
+    [
+        ((b"authorization", b"Bearer " + KEY), True),
+        ((b"Authorization", b"bearer  " + KEY + b" "), True),
+        ((b"authorization", b"BEARER " + KEY), True),
+        ((b"x-api-key", KEY), True),
+        ((b"X-Api-Key", b" " + KEY), True),
+        ((b"x_api_key", KEY), True),
+        ((b"authorization", b"Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig"), False),  # the app's JWT
+        ((b"authorization", b"Basic dXNlcjpwYXNz"), False),
+        ((b"x-api-key", b"sk_live_app_key"), False),  # the app's own key
+    ],
+)
+def test_creditgate_credentials_stripped_by_default(
+    header: tuple[bytes, bytes], dropped: bool
+) -> None:
+    raw = [header, (b"accept", b"*/*")]
+    assert names(HeaderPolicy().clean(raw)[0]) == (
+        [b"accept"] if dropped else [header[0], b"accept"]
+    )
+    kept = HeaderPolicy(forward_credentials=True).clean(raw)[0]
+    assert kept is None or names(kept) == [header[0], b"accept"]
+
+
+def test_idempotency_key_is_read_and_kept() -> None:
+    raw = [(b"idempotency-key", b"order-42"), (b"accept", b"*/*")]
+    cleaned, idem, duplicate = HeaderPolicy().clean(raw)
+    assert (names(cleaned), idem, duplicate) == ([b"idempotency-key", b"accept"], "order-42", False)
+    assert HeaderPolicy().clean([(b"idempotency-key", b"")])[1] is None  # empty: no key
+
+
+@pytest.mark.parametrize(
+    "second", [(b"idempotency-key", b"b"), (b"Idempotency-Key", b"b"), (b"idempotency-key", b"")]
+)
+def test_two_idempotency_keys_are_reported(second: tuple[bytes, bytes]) -> None:
+    _, _, duplicate = HeaderPolicy().clean([(b"idempotency-key", b"a"), second])
+    assert duplicate
+
+
+def test_underscore_idempotency_key_never_reaches_the_app() -> None:
+    """The gateway reads only the dash spelling; a server merging spellings must not see
+    another key than the one charged."""
+    cleaned, idem, duplicate = HeaderPolicy().clean([(b"idempotency_key", b"x"), (b"a", b"1")])
+    assert (names(cleaned), idem, duplicate) == ([b"a"], None, False)
+
+
+def test_order_and_other_headers_are_preserved() -> None:
+    raw = [
+        (b"accept", b"1"), (b"x-trace", b"2"), (b"x-creditgate-org", b"v"), (b"if-match", b"3"),
+        (b"authorization", b"Bearer jwt.x.y"), (b"cookie", b"4"), (b"x-forwarded-for", b"5"),
+    ]  # fmt: skip
+    cleaned, _, _ = HeaderPolicy().clean(raw)
+    assert cleaned == [h for h in raw if h[0] != b"x-creditgate-org"]
+
+
+def test_an_empty_header_name_does_not_break_the_scan() -> None:
+    cleaned, _, _ = HeaderPolicy().clean([(b"", b"x"), (b"x-creditgate-org", b"v")])
+    assert cleaned == [(b"", b"x")]
+
+
+def test_canonical() -> None:
+    assert canonical(b"X_Creditgate-Org") == b"x-creditgate-org"
