@@ -230,7 +230,7 @@ async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = _say) -
     """Run the demo until SIGINT/SIGTERM; returns the exit status."""
     from gateway.commands.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
     from gateway.commands.sample_app import app as sample_app
-    from gateway.commands.server import GatewayApp
+    from gateway.commands.server import GatewayApp, server_options
     from gateway.ledger.migrate import migrate
     from gateway.metering.gate import CreditGate
 
@@ -283,7 +283,7 @@ async def run_demo(options: DemoOptions, *, say: Callable[[str], None] = _say) -
         server = _Server(
             uvicorn.Config(
                 app, lifespan="on", log_level="warning", access_log=False,
-                log_config=uvicorn_log_config("warning"),
+                log_config=uvicorn_log_config("warning"), **server_options(config),
             )
         )  # fmt: skip
         stop.server = server

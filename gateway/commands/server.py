@@ -5,18 +5,24 @@ the ops endpoints) are served by creditgate itself; every other request goes thr
 ``CreditGateMiddleware`` to ``UpstreamProxy``: metered when its route is in the config,
 passed through untouched otherwise. The sync job runs in the server's event loop unless
 disabled.
+
+``server_options(config)`` gives the uvicorn options that apply the config's connection
+limits (``server:``: header size and count, header-read and keep-alive timeouts; see
+gateway.commands.limited_protocol); ``serve`` and ``demo`` pass them to uvicorn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.commands.limited_protocol import LimitedHttpToolsProtocol
 from gateway.config import Config, load_config, resolve_config_path
 from gateway.http.metrics import track_sync_worker
 from gateway.metering.gate import CreditGate
@@ -125,6 +131,16 @@ class GatewayApp:
         if self.proxy is not None:
             await self.proxy.aclose()
         await self.gate.close()
+
+
+def server_options(config: Config) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` enforcing ``config.server``.
+
+    The HTTP protocol is always httptools (uvicorn's default when it is installed, and a
+    dependency of creditgate), with the limits added; a partial rather than a class made on
+    the fly, so that it pickles to ``--workers`` processes.
+    """
+    return {"http": functools.partial(LimitedHttpToolsProtocol, limits=config.server)}
 
 
 def create_app() -> GatewayApp:

@@ -4,6 +4,7 @@ error as ``key.path: message``. Structure errors are :mod:`.structure`'s."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Container, Iterable, Mapping
 from typing import Literal
@@ -105,6 +106,7 @@ class Checker:
             self.err("upstream", PROXY_NEEDS_UPSTREAM)
         self.filled("admin_token", c.admin_token)
         self.identity()
+        self.server()
         self.features()
         self.plans()
         self.billing()
@@ -135,6 +137,8 @@ class Checker:
         ident = self.c.identity
         self.number("identity.bad_credentials_per_minute", ident.bad_credentials_per_minute, 0)
         self.number("identity.key_cache_seconds", ident.key_cache_seconds, 0)
+        for i, cidr in enumerate(ident.trusted_proxies):
+            self.network(f"identity.trusted_proxies[{i}]", cidr)
         jwt = ident.jwt
         if jwt is None:
             return
@@ -162,6 +166,26 @@ class Checker:
         self.filled("identity.jwt.org_claim", jwt.org_claim)
         self.filled("identity.jwt.user_claim", jwt.user_claim)
         self.number("identity.jwt.leeway_seconds", jwt.leeway_seconds, 0)
+
+    def network(self, path: str, value: str) -> None:
+        """A CIDR or single address, parsed as gateway.identity.client_address does."""
+        try:
+            ipaddress.ip_network(value)
+        except ValueError as exc:
+            if "has host bits set" in str(exc):
+                # 10.0.0.1/8: a typo for 10.0.0.0/8, or one host meant? Ask, do not guess.
+                network = ipaddress.ip_network(value, strict=False)
+                self.err(path, f"{value!r} has host bits set (did you mean {network}?)")
+            else:
+                self.err(path, f"not an IP address or CIDR: {value!r}")
+
+    def server(self) -> None:
+        srv = self.c.server
+        self.number("server.max_request_header_bytes", srv.max_request_header_bytes, 1024)
+        self.number("server.max_request_headers", srv.max_request_headers, 1)
+        for key in ("header_read_timeout_seconds", "keep_alive_timeout_seconds"):
+            if not 0 < getattr(srv, key) < float("inf"):  # also catches NaN
+                self.err(f"server.{key}", f"must be positive, got {getattr(srv, key)}")
 
     def features(self) -> None:
         for name, feature in self.c.features.items():

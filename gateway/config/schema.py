@@ -91,6 +91,34 @@ class IdentityConfig(_Strict):
     # Seconds a resolved API key is trusted in process before it is looked up again;
     # this bounds how long a revoked key keeps working.
     key_cache_seconds: float = 5.0
+    # Peers (CIDRs or addresses) whose forwarding header names the client address that
+    # the bad-credential limiter counts (gateway.identity.client_address). Empty: the
+    # TCP peer counts and forwarding headers are ignored, since anyone can write them.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # The one header those proxies write. Only one is read: a proxy that appends to
+    # X-Forwarded-For passes a client's own `Forwarded` through untouched, and the reverse.
+    forwarded_header: Literal["X-Forwarded-For", "Forwarded"] = "X-Forwarded-For"
+
+    @field_validator("forwarded_header", mode="before")
+    @classmethod
+    def _header_case(cls, value: Any) -> Any:
+        # Header names are case-insensitive: accept x-forwarded-for as well.
+        canonical = {"x-forwarded-for": "X-Forwarded-For", "forwarded": "Forwarded"}
+        return canonical.get(value.lower(), value) if isinstance(value, str) else value
+
+
+class ServerConfig(_Strict):
+    """Connection limits of ``creditgate serve`` and ``creditgate demo`` (per connection)."""
+
+    # The request line and headers together, in bytes; over it the client gets 431.
+    max_request_header_bytes: Int = 65536
+    # Header fields per request; over it the client gets 431.
+    max_request_headers: Int = 100
+    # From the connection's first byte of a request (or its opening) to the end of the
+    # request's headers; a client that stops halfway is disconnected.
+    header_read_timeout_seconds: float = 10.0
+    # How long an idle connection waits for the next request after a response.
+    keep_alive_timeout_seconds: float = 5.0
 
 
 class FeatureConfig(_Strict):
@@ -214,6 +242,7 @@ class Config(_Strict):
     # One JSON line per metered request on the creditgate.access logger (also turned on by
     # CREDITGATE_ACCESS_LOG=1).
     access_log: bool = False
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     @field_validator("database_url")
     @classmethod

@@ -1,9 +1,10 @@
 """Throttling of clients that keep presenting bad credentials (key or token guessing).
 
 One GCRA limiter per client address, in process: ``per_minute`` bad attempts are allowed
-in a burst, then one every ``60 / per_minute`` seconds. Only the address the connection
-comes from counts (``scope["client"]``); forwarding headers are ignored because a client
-can write anything into them. IPv6 clients are grouped by /64, the block one subscriber
+in a burst, then one every ``60 / per_minute`` seconds. The address the connection comes
+from counts (``scope["client"]``); forwarding headers are ignored because a client can
+write anything into them, except when that address is one of ``identity.trusted_proxies``
+(gateway.identity.client_address). IPv6 clients are grouped by /64, the block one subscriber
 typically gets, so an attacker cannot escape the limit by rotating through its own
 addresses. The table of addresses is bounded: when full, the address updated longest ago
 is forgotten (its limiter has most likely drained already).
@@ -18,17 +19,21 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.identity.client_address import TrustedProxies, peer_host
+
 # Float slack so that exactly ``per_minute`` attempts in one instant are all allowed.
 _EPSILON = 1e-6
 
 
-def client_address(scope: Mapping[str, Any]) -> str:
-    """The limiter bucket of a request: its peer address, IPv6 reduced to its /64."""
-    client = scope.get("client")
-    if not client:
+def client_address(scope: Mapping[str, Any], proxies: TrustedProxies | None = None) -> str:
+    """The limiter bucket of a request: its client address, IPv6 reduced to its /64.
+
+    The TCP peer's address, or with ``proxies`` the client's address behind them.
+    """
+    host = peer_host(scope) if proxies is None else proxies.client_host(scope)
+    if host is None:
         # Unix socket or a server that does not report the peer: one shared bucket.
         return "-"
-    host = str(client[0])
     if ":" not in host:
         return host
     try:

@@ -14,7 +14,8 @@ An Authorization header we do not understand (another scheme, or a bearer token 
 neither an API key nor a JWT we accept) is left alone: it may be meant for the upstream.
 
 Clients that keep presenting bad credentials are throttled per address
-(gateway.identity.bad_credentials)
+(gateway.identity.bad_credentials; behind ``identity.trusted_proxies`` the address their
+forwarding header names, gateway.identity.client_address)
 before anything is looked up or verified. A credential already known good in this process
 is still accepted from a throttled address: that costs nothing and cannot help guessing
 (only valid credentials are in those caches), while many honest users may share one
@@ -39,6 +40,7 @@ from gateway.core.ttlcache import TtlCache
 from gateway.identity.api_key_resolver import ApiKeyResolver, KeyLookup, KeyRow
 from gateway.identity.api_keys import hash_api_key, looks_like_api_key
 from gateway.identity.bad_credentials import BadCredentialLimiter, client_address
+from gateway.identity.client_address import TrustedProxies
 from gateway.identity.jwt import JwtError, JwtVerifier, claim
 from gateway.identity.principal import Identity, IdentityFailure, IdentityStats
 
@@ -99,6 +101,7 @@ class Identifier:
         )
         self._tokens: TtlCache[bytes, Identity] = TtlCache(max_cached_tokens)
         self._limiter = BadCredentialLimiter(config.bad_credentials_per_minute, clock=clock)
+        self._proxies = TrustedProxies(config.trusted_proxies, config.forwarded_header)
         self._jwt = JwtVerifier(config.jwt, clock=clock) if config.jwt is not None else None
 
     async def identify(self, scope: Scope) -> Identity | IdentityFailure:
@@ -221,7 +224,7 @@ class Identifier:
         if hit is not None:
             self.stats.key_cache_hits += 1
             return hit
-        address = client_address(scope)
+        address = client_address(scope, self._proxies)
         retry = self._limiter.retry_after(address)
         if retry is not None:
             return self._throttled(retry)
@@ -239,7 +242,7 @@ class Identifier:
         if hit is not None:
             self.stats.jwt_cache_hits += 1
             return hit
-        address = client_address(scope)
+        address = client_address(scope, self._proxies)
         retry = self._limiter.retry_after(address)
         if retry is not None:
             return self._throttled(retry)
@@ -296,7 +299,7 @@ class Identifier:
     # --- bad credentials ---------------------------------------------------------------
 
     def _bad(self, scope: Scope, detail: str) -> IdentityFailure:
-        address = client_address(scope)
+        address = client_address(scope, self._proxies)
         retry = self._limiter.retry_after(address)
         if retry is not None:
             return self._throttled(retry)
