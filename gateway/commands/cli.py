@@ -124,6 +124,7 @@ def serve(
     """Run the reverse proxy in front of `upstream`, metering the configured routes."""
     import uvicorn
 
+    from gateway.commands.server import server_options
     from gateway.core.logs import uvicorn_log_config
 
     config = _load(config_path)
@@ -145,6 +146,8 @@ def serve(
         log_level=log_level,
         access_log=False,
         proxy_headers=False,
+        # Header size/count limits, header-read and keep-alive timeouts (config `server:`).
+        **server_options(config),
         log_config=uvicorn_log_config(log_level),
         # The upstream's own Server and Date headers pass through: do not add a second pair.
         server_header=False,

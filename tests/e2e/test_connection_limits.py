@@ -264,10 +264,6 @@ def test_creditgate_demo_applies_the_limits() -> None:
         assert status(reply) == 431
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/commands/cli.py's serve must pass server_options(config) to uvicorn.run",
-)
 def test_creditgate_serve_applies_the_limits(tmp_path: Path, upstream: str) -> None:
     data = yaml.safe_load(REFERENCE_YAML)
     data.update(upstream=upstream, server=SHORT)
