@@ -1,50 +1,57 @@
 """The admin API (DESIGN A4), under ``/admin``: plans, grants, keys, usage over all orgs.
 
-Authorization is ``Authorization: Bearer <admin_token>``, compared in constant time
-(``hmac.compare_digest``); a wrong or missing token is **401**, and an address that keeps
-sending wrong tokens is throttled (**429**) like bad API keys. With no ``admin_token`` in
-the config the admin API does not exist: every ``/admin`` path answers **404**, so an
-unconfigured deployment exposes nothing.
+Authorization is ``Authorization: Bearer <admin_token>`` (gateway.http.admin_auth): a
+wrong or missing token is **401**, and an address that keeps sending wrong tokens is
+throttled (**429**) like bad API keys. With no ``admin_token`` in the config the admin API
+does not exist: every ``/admin`` path answers **404**, so an unconfigured deployment
+exposes nothing.
 
-Orgs are created explicitly (``PUT /admin/orgs/{org}``); grants and keys for an org the
-ledger does not know are **404**, so a typo cannot create an org. Plan changes and grants
-go through the gate (Lua scripts), so each leaves its ledger row (``plan_change``,
-``grant``) once the sync job has moved the event to Postgres.
+Orgs are created explicitly (``PUT /admin/orgs/{org}``: **201** ``created: true`` exactly
+when the org was not created before, whatever the sync job wrote meanwhile); grants and
+keys for an org the ledger does not know are **404**, so a typo cannot create an org. Plan
+changes and grants go through the gate (Lua scripts), so each leaves its ledger row
+(``plan_change``, ``grant``) once the sync job has moved the event to Postgres.
+
+Handlers are module-level functions of a :class:`~gateway.http.endpoint.Call`;
+:data:`OPERATIONS` is their route table and their part of the OpenAPI document.
 """
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime, timedelta
-from typing import Any
-
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from gateway.core.timefmt import iso, utc_date
-from gateway.http.common import (
-    ApiError,
-    Fields,
-    bad_request,
-    guarded,
-    invalid,
-    json_object,
-    query_date,
-    query_int,
-    storable,
+from gateway.http.endpoint import Call, Doc, Operation, Reply
+from gateway.http.errors import ApiError, bad_request, unknown_org
+from gateway.http.models.admin import (
+    MAX_WINDOW_DAYS,
+    ApiKey,
+    Grant,
+    GrantRequest,
+    KeyCreated,
+    KeyList,
+    KeyPath,
+    KeyRequest,
+    KeysQuery,
+    OrgDetail,
+    OrgList,
+    OrgPath,
+    OrgsQuery,
+    PlanRequest,
+    PlanResult,
+    WindowQuery,
+    WindowUsage,
 )
-from gateway.http.token_api import balance_json
-from gateway.identity.bad_credentials import BadCredentialLimiter, client_address
-from gateway.identity.principal import valid_id
+from gateway.http.models.fields import storable
+from gateway.http.token_api import balance_model
 from gateway.ledger.store import ApiKeyRow, GrantConflict
 from gateway.ledger.usage import orgs_by_id, top_spenders, window_usage
 from gateway.metering.gate import CreditGate
 
-MAX_WINDOW_DAYS = 366
+__all__ = ["OPERATIONS"]
 
 
-def _key_json(row: ApiKeyRow) -> dict[str, Any]:
+def _key_fields(row: ApiKeyRow) -> dict[str, str | None]:
     return {
         "id": row.id, "org": row.org, "user": row.user, "name": row.name,
         "prefix": row.prefix, "created_at": iso(row.created_at),
@@ -52,204 +59,170 @@ def _key_json(row: ApiKeyRow) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _org_param(request: Request) -> str:
-    org: str = request.path_params["org"]
-    if not valid_id(org):
-        raise invalid([
-            {"field": "org", "message": "must be 1-200 printable ASCII characters without spaces"}
-        ])  # fmt: skip
-    return org
+async def _org_exists(gate: CreditGate, org: str) -> bool:
+    store = await gate.store()
+    if store is not None:
+        return await store.get_org(org) is not None
+    return bool(await gate.redis.client.exists(gate.keys.org(org)))
 
 
-def admin_routes(gate: CreditGate) -> list[BaseRoute]:
-    """The /admin routes; none when no admin_token is configured (everything is 404)."""
-    from gateway.http.dashboard import dashboard_routes
+def _period_start(gate: CreditGate) -> datetime:
+    _, start, _ = gate.meter.period(gate.clock.now_ms())
+    return datetime.fromtimestamp(start / 1000, tz=UTC)
 
-    token = gate.config.admin_token
-    if not token:
-        return []
-    expected = token.encode()
-    limiter = BadCredentialLimiter(gate.config.identity.bad_credentials_per_minute)
-    guard = guarded(gate.config.retry_after_unavailable_seconds)
 
-    def authorize(request: Request) -> None:
-        challenge = {"WWW-Authenticate": 'Bearer realm="creditgate-admin"'}
-        address = client_address(request.scope)
-        retry = limiter.retry_after(address)
-        if retry is not None:
-            raise ApiError(
-                429, "rate_limited", "Too many bad credentials",
-                "too many bad admin tokens from this address", retry_after=retry,
-            )  # fmt: skip
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), expected
-        ):
-            limiter.record(address)
-            raise ApiError(
-                401, "unauthenticated", "Unauthenticated",
-                "send Authorization: Bearer <admin_token>", headers=challenge,
-            )  # fmt: skip
+async def put_org(call: Call) -> Reply:
+    """``PUT /admin/orgs/{org}``: create the org or change its plan."""
+    org, plan = call.parsed(OrgPath).org, call.parsed(PlanRequest).plan
+    previous = await call.gate.set_plan(org, plan)
+    result = PlanResult(org=org, plan=plan, previous_plan=previous, created=previous is None)
+    return Reply(result, status=201 if previous is None else 200)
 
-    async def org_exists(org: str) -> bool:
-        store = await gate.store()
-        if store is not None:
-            return await store.get_org(org) is not None
-        return bool(await gate.redis.client.exists(gate.keys.org(org)))
 
-    def unknown_org(org: str) -> ApiError:
-        return ApiError(
-            404, "unknown_org", "Unknown organization",
-            f"No organization {org!r}: create it with PUT /admin/orgs/{{org}}", org=org,
-        )  # fmt: skip
+async def get_org(call: Call) -> Reply:
+    """``GET /admin/orgs/{org}``."""
+    gate, org = call.gate, call.parsed(OrgPath).org
+    store = await gate.store()
+    row = None if store is None else await store.get_org(org)
+    if row is None and (store is not None or not await _org_exists(gate, org)):
+        raise unknown_org(org)
+    keys = [] if store is None else await store.list_api_keys(org)
+    detail = OrgDetail(
+        **balance_model(await gate.balance(org)).model_dump(),
+        created_at=None if row is None else iso(row.created_at),
+        keys=[k.id for k in keys if k.revoked_at is None],
+    )
+    return Reply(detail)
 
-    def period_start() -> datetime:
-        _, start, _ = gate.meter.period(gate.clock.now_ms())
-        return datetime.fromtimestamp(start / 1000, tz=UTC)
 
-    @guard
-    async def put_org(request: Request) -> Response:
-        authorize(request)
-        org = _org_param(request)
-        f = Fields(await json_object(request))
-        plan = f.string("plan", required=True)
-        f.done()
-        if plan not in gate.config.plans:
-            raise invalid([{
-                "field": "plan", "message": f"unknown plan (known: {', '.join(gate.config.plans)})",
-            }])  # fmt: skip
-        previous = await gate.set_plan(org, plan)
-        body = {"org": org, "plan": plan, "previous_plan": previous, "created": previous is None}
-        return JSONResponse(body, status_code=201 if previous is None else 200)
+async def list_orgs(call: Call) -> Reply:
+    """``GET /admin/orgs``: top spenders this period, or every org by id."""
+    gate, query = call.gate, call.parsed(OrgsQuery)
+    store = await gate.require_store()
+    start, today = _period_start(gate).date(), utc_date(gate.clock.now_ms())
+    if query.sort == "spend":
+        items = await top_spenders(store.pool, start, today, query.limit)
+    else:
+        items = await orgs_by_id(store.pool, query.after or "", query.limit, start, today)
+    return Reply(OrgList.model_validate({
+        "sort": query.sort, "from": start.isoformat(), "to": today.isoformat(), "items": items,
+    }))  # fmt: skip
 
-    @guard
-    async def get_org(request: Request) -> Response:
-        authorize(request)
-        org = _org_param(request)
-        store = await gate.store()
-        row = None if store is None else await store.get_org(org)
-        if row is None and (store is not None or not await org_exists(org)):
-            raise unknown_org(org)
-        keys = [] if store is None else await store.list_api_keys(org)
-        body = balance_json(await gate.balance(org))
-        body["created_at"] = None if row is None else iso(row.created_at)
-        body["keys"] = [k.id for k in keys if k.revoked_at is None]
-        return JSONResponse(body)
 
-    @guard
-    async def list_orgs(request: Request) -> Response:
-        authorize(request)
-        sort = request.query_params.get("sort") or "spend"
-        if sort not in ("spend", "id"):
-            raise bad_request("sort must be spend or id")
-        limit = query_int(request, "limit", 50, 1, 1000)
-        after = request.query_params.get("after") or ""
-        if not storable(after):
-            raise bad_request("after must be UTF-8 text without NUL characters")
-        store = await gate.require_store()
-        start, today = period_start().date(), utc_date(gate.clock.now_ms())
-        if sort == "spend":
-            items = await top_spenders(store.pool, start, today, limit)
-        else:
-            items = await orgs_by_id(store.pool, after, limit, start, today)
-        return JSONResponse({
-            "sort": sort, "from": start.isoformat(), "to": today.isoformat(), "items": items,
-        })  # fmt: skip
+async def post_grant(call: Call) -> Reply:
+    """``POST /admin/orgs/{org}/grants``: purchased tokens, once per reference."""
+    gate, org, body = call.gate, call.parsed(OrgPath).org, call.parsed(GrantRequest)
+    if not await _org_exists(gate, org):
+        raise unknown_org(org)
+    try:
+        row, created = await gate.grant(
+            org, body.bucket, body.amount, reference=body.reference, expires_at=body.expires_at
+        )
+    except GrantConflict as exc:
+        raise ApiError(409, "grant_conflict", "Grant reference reused", str(exc)) from None
+    grant = Grant(
+        id=None if row is None else row.id, org=org, bucket=body.bucket, amount=body.amount,
+        reference=body.reference,
+        expires_at=iso(row.expires_at if row is not None else body.expires_at),
+        created_at=None if row is None else iso(row.created_at), created=created,
+    )  # fmt: skip
+    return Reply(grant, status=201 if created else 200)
 
-    @guard
-    async def post_grant(request: Request) -> Response:
-        authorize(request)
-        org = _org_param(request)
-        f = Fields(await json_object(request))
-        bucket = f.string("bucket", required=True)
-        amount = f.integer("amount")
-        reference = f.string("reference", required=True)
-        expires_at = f.timestamp("expires_at")
-        if bucket is not None and bucket not in gate.config.buckets:
-            known = ", ".join(gate.config.buckets)
-            f.errors.append({"field": "bucket", "message": f"unknown bucket (known: {known})"})
-        now = datetime.fromtimestamp(gate.clock.now_ms() / 1000, tz=UTC)
-        if expires_at is not None and expires_at <= now:
-            f.errors.append({"field": "expires_at", "message": "must be in the future"})
-        f.done()
-        assert bucket is not None and amount is not None and reference is not None
-        if not await org_exists(org):
-            raise unknown_org(org)
-        try:
-            row, created = await gate.grant(
-                org, bucket, amount, reference=reference, expires_at=expires_at
-            )
-        except GrantConflict as exc:
-            raise ApiError(409, "grant_conflict", "Grant reference reused", str(exc)) from None
-        body = {
-            "id": None if row is None else row.id, "org": org, "bucket": bucket,
-            "amount": amount, "reference": reference,
-            "expires_at": iso(row.expires_at if row is not None else expires_at),
-            "created_at": None if row is None else iso(row.created_at), "created": created,
-        }  # fmt: skip
-        return JSONResponse(body, status_code=201 if created else 200)
 
-    @guard
-    async def post_key(request: Request) -> Response:
-        authorize(request)
-        f = Fields(await json_object(request))
-        org = f.string("org", required=True, ident=True)
-        user = f.string("user", ident=True)
-        name = f.string("name", max_length=200)
-        f.done()
-        assert org is not None
-        store = await gate.require_store()
-        if await store.get_org(org) is None:
-            raise unknown_org(org)
-        row, key = await gate.create_key(org, user=user, name=name or "")
-        return JSONResponse({**_key_json(row), "key": key}, status_code=201)
+async def post_key(call: Call) -> Reply:
+    """``POST /admin/keys``: a new key, shown once."""
+    gate, body = call.gate, call.parsed(KeyRequest)
+    store = await gate.require_store()
+    if await store.get_org(body.org) is None:
+        raise unknown_org(body.org)
+    row, key = await gate.create_key(body.org, user=body.user, name=body.name or "")
+    return Reply(KeyCreated.model_validate({**_key_fields(row), "key": key}), status=201)
 
-    @guard
-    async def list_keys(request: Request) -> Response:
-        authorize(request)
-        org = request.query_params.get("org")
-        if not org or not valid_id(org):
-            raise bad_request("org is required (an org id)")
-        store = await gate.require_store()
-        return JSONResponse({"items": [_key_json(k) for k in await store.list_api_keys(org)]})
 
-    @guard
-    async def delete_key(request: Request) -> Response:
-        authorize(request)
-        key_id: str = request.path_params["key_id"]
-        if not storable(key_id) or not await gate.revoke_key(key_id):
-            raise ApiError(404, "unknown_key", "Unknown key", f"No API key {key_id!r}")
-        return Response(status_code=204)
+async def list_keys(call: Call) -> Reply:
+    """``GET /admin/keys?org=``: an org's keys, revoked ones included."""
+    store = await call.gate.require_store()
+    rows = await store.list_api_keys(call.parsed(KeysQuery).org)
+    return Reply(KeyList(items=[ApiKey.model_validate(_key_fields(k)) for k in rows]))
 
-    @guard
-    async def usage(request: Request) -> Response:
-        authorize(request)
-        today = utc_date(gate.clock.now_ms())
-        end = query_date(request, "to", today)
-        days = query_int(request, "days", 0, 1, MAX_WINDOW_DAYS) or None
-        try:
-            default_start = (
-                end - timedelta(days=days - 1) if days else min(period_start().date(), end)
-            )
-        except OverflowError:
-            raise bad_request("the window starts before year 1") from None
-        start = query_date(request, "from", default_start)
-        if start > end:
-            raise bad_request("from must not be after to")
-        if (end - start) > timedelta(days=MAX_WINDOW_DAYS - 1):
-            raise bad_request(f"the window may span at most {MAX_WINDOW_DAYS} days")
-        limit = query_int(request, "limit", 20, 1, 1000)
-        store = await gate.require_store()
-        return JSONResponse(await window_usage(store.pool, start, end, limit))
 
-    return [
-        Route("/admin/orgs", list_orgs, methods=["GET"]),
-        Route("/admin/orgs/{org}", put_org, methods=["PUT"]),
-        Route("/admin/orgs/{org}", get_org, methods=["GET"]),
-        Route("/admin/orgs/{org}/grants", post_grant, methods=["POST"]),
-        Route("/admin/keys", post_key, methods=["POST"]),
-        Route("/admin/keys", list_keys, methods=["GET"]),
-        Route("/admin/keys/{key_id}", delete_key, methods=["DELETE"]),
-        Route("/admin/usage", usage, methods=["GET"]),
-        *dashboard_routes("admin"),
-    ]
+async def delete_key(call: Call) -> Reply:
+    """``DELETE /admin/keys/{key_id}``: revoke everywhere within the key cache time."""
+    key_id = call.parsed(KeyPath).key_id
+    if not storable(key_id) or not await call.gate.revoke_key(key_id):
+        raise ApiError(404, "unknown_key", "Unknown key", f"No API key {key_id!r}")
+    return Reply(None, status=204)
+
+
+async def usage(call: Call) -> Reply:
+    """``GET /admin/usage``: usage of every org over a window of at most 366 days."""
+    gate, query = call.gate, call.parsed(WindowQuery)
+    end = query.to or utc_date(gate.clock.now_ms())
+    try:
+        default_start = (
+            end - timedelta(days=query.days - 1)
+            if query.days
+            else min(_period_start(gate).date(), end)
+        )
+    except OverflowError:
+        raise bad_request("the window starts before year 1") from None
+    start = query.from_ or default_start
+    if start > end:
+        raise bad_request("from must not be after to")
+    if (end - start) > timedelta(days=MAX_WINDOW_DAYS - 1):
+        raise bad_request(f"the window may span at most {MAX_WINDOW_DAYS} days")
+    store = await gate.require_store()
+    return Reply(
+        WindowUsage.model_validate(await window_usage(store.pool, start, end, query.limit))
+    )
+
+
+_COMMON = (401, 429, 503)
+
+OPERATIONS: list[Operation] = [
+    Operation(
+        "GET", "/admin/orgs", list_orgs, "listOrgs",
+        "Organizations: top spenders this period (sort=spend) or by id",
+        {200: Doc("The orgs", OrgList)}, (*_COMMON, 400, 501),
+        security="admin", tag="admin", query=OrgsQuery,
+    ),
+    Operation(
+        "PUT", "/admin/orgs/{org}", put_org, "putOrg", "Create an org or change its plan (at once)",
+        {200: Doc("Plan changed", PlanResult), 201: Doc("Org created", PlanResult)},
+        (*_COMMON, 400, 413, 422), security="admin", tag="admin",
+        path_params=OrgPath, body=PlanRequest,
+    ),
+    Operation(
+        "GET", "/admin/orgs/{org}", get_org, "getOrg", "An org's plan, balances and active key ids",
+        {200: Doc("The org", OrgDetail)}, (*_COMMON, 404, 422),
+        security="admin", tag="admin", path_params=OrgPath,
+    ),
+    Operation(
+        "POST", "/admin/orgs/{org}/grants", post_grant, "grant",
+        "Add purchased tokens (idempotent by reference)",
+        {200: Doc("Already granted (same reference)", Grant), 201: Doc("Granted", Grant)},
+        (*_COMMON, 400, 404, 409, 413, 422), security="admin", tag="admin",
+        path_params=OrgPath, body=GrantRequest,
+    ),
+    Operation(
+        "POST", "/admin/keys", post_key, "createKey", "Create an API key (shown once)",
+        {201: Doc("The key", KeyCreated)}, (*_COMMON, 400, 404, 413, 422, 501),
+        security="admin", tag="admin", body=KeyRequest,
+    ),
+    Operation(
+        "GET", "/admin/keys", list_keys, "listKeys", "An org's API keys (revoked ones included)",
+        {200: Doc("The keys", KeyList)}, (*_COMMON, 400, 501),
+        security="admin", tag="admin", query=KeysQuery,
+    ),
+    Operation(
+        "DELETE", "/admin/keys/{key_id}", delete_key, "revokeKey", "Revoke an API key",
+        {204: Doc("Revoked")}, (*_COMMON, 404, 501),
+        security="admin", tag="admin", path_params=KeyPath,
+    ),
+    Operation(
+        "GET", "/admin/usage", usage, "windowUsage",
+        "Usage by feature, day, org and user over a window (at most 366 days, else 400)",
+        {200: Doc("The usage", WindowUsage)}, (*_COMMON, 400, 501),
+        security="admin", tag="admin", query=WindowQuery,
+    ),
+]  # fmt: skip

@@ -14,7 +14,7 @@ import hmac
 from starlette.requests import Request
 
 from gateway.config import Config
-from gateway.http.common import ApiError
+from gateway.http.errors import ApiError
 from gateway.identity.bad_credentials import BadCredentialLimiter, client_address
 
 __all__ = ["AdminAuth"]

@@ -1,32 +1,73 @@
-"""creditgate's own endpoints: liveness, readiness, the token API and the admin API."""
+"""creditgate's own endpoints as Starlette routes: one line to serve them in any app.
+
+:func:`creditgate_routes` gives ``/healthz``, ``/readyz``, ``/metrics``, the Stripe
+webhook (``/webhooks/stripe``), the token API with its dashboard and OpenAPI document
+(under ``config.api_prefix``) and, when an ``admin_token`` is configured, the admin API
+and its dashboard (under ``/admin``). The proxy serves them through
+:func:`build_ops_app`; in middleware mode they join the app's own routes::
+
+    gate = CreditGate.from_config("creditgate.yaml")
+    app = Starlette(routes=[...], lifespan=creditgate_lifespan(gate))
+    app.add_middleware(CreditGateMiddleware, gate=gate)
+    app.routes.extend(creditgate_routes(gate))
+
+(``creditgate_lifespan``, from gateway.http.lifespan, runs the sync job in the app's event
+loop; re-exported here.) The token and admin APIs are mounted as
+small Starlette apps of their own, so their 404 and 405 answers are problem+json whatever
+the host app answers elsewhere; routes the host app lists first win.
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from gateway.billing.stripe_webhook import StripeWebhook
-from gateway.http.admin_api import admin_routes
-from gateway.http.common import http_exception_handler
+from gateway.http.dashboard import asset_route
+from gateway.http.endpoint import Api, Operation, routes_of
+from gateway.http.errors import http_exception_handler
+from gateway.http.lifespan import creditgate_lifespan
 from gateway.http.metrics import metrics_endpoint, readiness_endpoint
-from gateway.http.token_api import api_routes
+from gateway.http.openapi import ADMIN_OPERATIONS, TOKEN_OPERATIONS
 from gateway.metering.gate import CreditGate
+
+__all__ = ["build_ops_app", "creditgate_lifespan", "creditgate_routes"]
+
+_PROBLEM_HANDLERS = {HTTPException: http_exception_handler}
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: the process answers (liveness; readiness is ``/readyz``)."""
+    return JSONResponse({"status": "ok"})
+
+
+def _api_app(operations: list[Operation], api: Api, mounted_at: str = "") -> Starlette:
+    """The operations (paths made relative to ``mounted_at``) and the pages' assets."""
+    relative = [replace(op, path=op.path.removeprefix(mounted_at)) for op in operations]
+    routes: list[BaseRoute] = [*routes_of(relative, api), asset_route()]
+    return Starlette(routes=routes, exception_handlers=_PROBLEM_HANDLERS)
+
+
+def creditgate_routes(gate: CreditGate) -> list[BaseRoute]:
+    """Every endpoint creditgate serves itself, for ``gate`` (see the module docstring)."""
+    api = Api.of(gate)
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz),
+        Route("/readyz", readiness_endpoint(gate, admin=api.admin)),
+        Route("/metrics", metrics_endpoint(gate)),
+        Route("/webhooks/stripe", StripeWebhook(gate).endpoint, methods=["POST"]),
+        Mount(gate.config.api_prefix.rstrip("/"), app=_api_app(TOKEN_OPERATIONS, api)),
+    ]
+    if api.admin.configured:
+        routes.append(Mount("/admin", app=_api_app(ADMIN_OPERATIONS, api, "/admin")))
+    return routes
 
 
 def build_ops_app(gate: CreditGate) -> Starlette:
-    """The Starlette app serving /healthz, /readyz, the token API and /admin."""
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    routes: list[BaseRoute] = [
-        Route("/healthz", healthz),
-        Route("/readyz", readiness_endpoint(gate)),
-        Route("/metrics", metrics_endpoint(gate)),
-        Route("/webhooks/stripe", StripeWebhook(gate).endpoint, methods=["POST"]),
-    ]
-    routes += api_routes(gate) + admin_routes(gate)
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_exception_handler})
+    """The Starlette app serving only creditgate's own endpoints (the proxy's ``own``)."""
+    return Starlette(routes=creditgate_routes(gate), exception_handlers=_PROBLEM_HANDLERS)

@@ -1,5 +1,5 @@
 """The dashboards: an org's page (``{api_prefix}/dashboard``) and the admin page
-(``/admin/dashboard``), plain HTML/CSS/JS shipped in ``gateway/static`` (no build step, no
+(``/admin/dashboard``), plain HTML/CSS/JS shipped in ``gateway/http/static`` (no build step, no
 external assets; charts are inline SVG drawn by the page's own script).
 
 The pages carry no data and need no credentials to load. Their script asks for the API key
@@ -18,9 +18,12 @@ from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import Route
 
 from gateway.core.problem import problem_response
+from gateway.http.endpoint import Call, Doc, Operation
+
+__all__ = ["ADMIN_PAGE", "ORG_PAGE", "asset_route", "render_page"]
 
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -39,6 +42,7 @@ _ASSETS = {
     "admin.js": "text/javascript; charset=utf-8",
 }
 _PAGES = {"org": "org.html", "admin": "admin.html"}
+_HTML = Doc("The page", media="text/html", schema={"type": "string"})
 
 
 @cache
@@ -52,31 +56,47 @@ def render_page(kind: str, base: str) -> bytes:
     return page.replace("{{base}}", html.escape(base, quote=True)).encode("utf-8")
 
 
-def dashboard_routes(kind: str, base: str | None = None) -> list[BaseRoute]:
-    """``/dashboard`` and ``/static/{name}`` for the org page (mounted under the API
-    prefix) or, for ``kind="admin"``, ``/admin/dashboard`` and ``/admin/static/{name}``."""
-    prefix = "/admin" if kind == "admin" else ""
+def _page(kind: str, base: str) -> Response:
+    return Response(
+        render_page(kind, base),
+        media_type="text/html; charset=utf-8",
+        headers={**_SECURITY_HEADERS, "Cache-Control": "no-store"},
+    )
 
-    async def page(request: Request) -> Response:
-        # The API base as the browser sees it: the mount's root path, or /admin.
-        api_base = base or (prefix or request.scope.get("root_path", "") or "")
-        return Response(
-            render_page(kind, api_base),
-            media_type="text/html; charset=utf-8",
-            headers={**_SECURITY_HEADERS, "Cache-Control": "no-store"},
-        )
 
-    async def asset(request: Request) -> Response:
-        name = request.path_params["name"]
-        if name not in _ASSETS:
-            return problem_response(404, "not_found", "Not found", f"No asset {name!r}")
-        return Response(
-            _asset(name),
-            media_type=_ASSETS[name],
-            headers={**_SECURITY_HEADERS, "Cache-Control": "public, max-age=300"},
-        )
+async def org_page(call: Call) -> Response:
+    """``{api_prefix}/dashboard``: the page calls the token API under the same prefix."""
+    return _page("org", call.gate.config.api_prefix.rstrip("/"))
 
-    return [
-        Route(f"{prefix}/dashboard", page, methods=["GET"]),
-        Route(f"{prefix}/static/{{name}}", asset, methods=["GET"]),
-    ]
+
+async def admin_page(call: Call) -> Response:
+    """``/admin/dashboard``: the page calls the admin API."""
+    return _page("admin", "/admin")
+
+
+async def asset(request: Request) -> Response:
+    """A page's script or style sheet (``.../static/{name}``); anything else is 404."""
+    name = request.path_params["name"]
+    if name not in _ASSETS:
+        return problem_response(404, "not_found", "Not found", f"No asset {name!r}")
+    return Response(
+        _asset(name),
+        media_type=_ASSETS[name],
+        headers={**_SECURITY_HEADERS, "Cache-Control": "public, max-age=300"},
+    )
+
+
+def asset_route() -> Route:
+    """``/static/{name}``, mounted next to each page (under the API prefix, or ``/admin``)."""
+    return Route("/static/{name}", asset, methods=["GET"])
+
+
+ORG_PAGE = Operation(
+    "GET", "/dashboard", org_page, "dashboard",
+    "The org's dashboard page (asks for the API key itself)", {200: _HTML}, security="public",
+)  # fmt: skip
+ADMIN_PAGE = Operation(
+    "GET", "/admin/dashboard", admin_page, "adminDashboard",
+    "The operator dashboard page (asks for the admin token itself)", {200: _HTML},
+    security="public", tag="admin",
+)  # fmt: skip

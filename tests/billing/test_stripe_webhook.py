@@ -267,6 +267,21 @@ async def test_ignored_events_answer_200(hook: Hook) -> None:
     assert await hook.extra(org, "lead_generation") == 0
 
 
+@pytest.mark.parametrize("bad", ["", "x" * 300, "nul\x00byte", "has space", "caf\u00e9"])
+async def test_an_org_id_the_id_rule_refuses_is_ignored(hook: Hook, bad: str) -> None:
+    # The one id rule (gateway.core.ids): such an org would be charged in Redis and then
+    # refused by the ledger. The event is answered 200 (Stripe must not retry for days)
+    # and changes nothing.
+    for ev in (
+        subscription("created", bad, "price_pro_monthly"),
+        checkout(bad, "price_tokens_100"),
+    ):
+        result = await hook.send(ev)
+        assert result["outcome"] == "ignored" and "no usable org" in result["detail"]
+    for shard in hook.gate.keys.all_shards():
+        assert await hook.gate.redis.client.xlen(shard.events) == 0
+
+
 async def test_unreadable_body_is_400() -> None:
     gate = CreditGate(
         reference_config(redis_url=f"memory://{uuid.uuid4().hex}", billing=BILLING, database_url="")

@@ -1,0 +1,124 @@
+"""The sync job in a host app's lifespan (middleware mode).
+
+Every metered request leaves its events in Redis; the sync job (sync.worker.SyncWorker)
+moves them to Postgres. The proxy runs it inside ``creditgate serve``; an app that embeds
+creditgate runs it either as a separate process (``creditgate sync``) or in its own event
+loop with :func:`creditgate_lifespan`::
+
+    app = Starlette(routes=[...], lifespan=creditgate_lifespan(gate))   # or FastAPI(...)
+
+or, inside a lifespan of its own, ``async with sync_job(gate): ...``. Without one of them,
+events wait in Redis and the ledger (usage, stats, audit rows) does not move.
+
+In the app's event loop the job keeps its Postgres concurrency modest (2 batches at a
+time, at most 5000 events each); a standalone ``creditgate sync`` can use more. At
+shutdown it stops after the batch in flight (committed and acknowledged first);
+``creditgate_lifespan`` then closes the gate, which writes the settlements still queued.
+With no ``database_url`` there is no ledger to sync to: nothing is started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from gateway.http.metrics import track_sync_worker
+from gateway.metering.gate import CreditGate
+from sync.worker import SyncWorker
+
+__all__ = ["SyncJob", "creditgate_lifespan", "sync_job"]
+
+log = logging.getLogger("creditgate.sync")
+
+STOP_TIMEOUT_S = 10.0
+
+
+class SyncJob:
+    """The sync job of ``gate`` as a task of the running event loop."""
+
+    def __init__(
+        self,
+        gate: CreditGate,
+        *,
+        concurrency: int = 2,
+        batch_size: int = 5000,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> None:
+        self.gate = gate
+        self.stop_timeout_s = stop_timeout_s
+        self.concurrency = concurrency
+        self.batch_size = batch_size
+        self.worker: SyncWorker | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the job's task is running."""
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> bool:
+        """Start the job (False, and nothing started, without a database)."""
+        if self._task is not None:
+            return True
+        if not self.gate.config.database_url:
+            log.warning("no database_url: the sync job does not run, events stay in Redis")
+            return False
+        store = await self.gate.require_store()
+        self.worker = SyncWorker(
+            redis=self.gate.redis.client,
+            pool=store.pool,
+            keyspace=self.gate.keys,
+            default_plan=self.gate.config.default_plan,
+            concurrency=self.concurrency,
+            batch_size=self.batch_size,
+        )
+        track_sync_worker(self.gate, self.worker)
+        self._task = asyncio.create_task(self.worker.run(), name="creditgate-sync")
+        log.info("sync job started: events move from Redis to Postgres")
+        return True
+
+    async def stop(self) -> None:
+        """Stop after the batch in flight (waiting at most ``stop_timeout_s`` seconds)."""
+        if self._task is None or self.worker is None:
+            return
+        self.worker.stop()
+        # A batch interrupted by the timeout is not acknowledged: the next run rereads it.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(self._task, timeout=self.stop_timeout_s)
+        track_sync_worker(self.gate, None)
+        self._task = None
+
+
+@asynccontextmanager
+async def sync_job(gate: CreditGate, **options: Any) -> AsyncIterator[SyncJob]:
+    """Run ``gate``'s sync job for the duration of the ``async with`` block."""
+    job = SyncJob(gate, **options)
+    await job.start()
+    try:
+        yield job
+    finally:
+        await job.stop()
+
+
+def creditgate_lifespan(
+    gate: CreditGate, *, sync: bool = True
+) -> Callable[[Any], AbstractAsyncContextManager[None]]:
+    """A ``lifespan=`` for Starlette or FastAPI: the sync job runs while the app does
+    (unless ``sync=False``), and the gate is closed at shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        job = SyncJob(gate)
+        if sync:
+            await job.start()
+        try:
+            yield
+        finally:
+            await job.stop()
+            await gate.close()
+
+    return lifespan

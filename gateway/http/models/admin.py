@@ -1,0 +1,238 @@
+"""Request and response bodies (and parameters) of the admin API (DESIGN A4)."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+from gateway.http.models.fields import (
+    BodyInt,
+    ConfigName,
+    Moment,
+    OneOf,
+    QueryDay,
+    QueryInt,
+    Storable,
+    Text,
+)
+from gateway.http.models.token import (
+    MAX_KEY_LENGTH,
+    Answer,
+    Balance,
+    Count,
+    DateTime,
+    Day,
+    Id,
+    Key,
+    Request,
+    UsageByDay,
+    UsageByFeature,
+)
+
+__all__ = [
+    "ApiKey",
+    "Grant",
+    "GrantRequest",
+    "KeyCreated",
+    "KeyList",
+    "KeyPath",
+    "KeyRequest",
+    "KeysQuery",
+    "OrgDetail",
+    "OrgList",
+    "OrgPath",
+    "OrgUsage",
+    "OrgsQuery",
+    "PlanRequest",
+    "PlanResult",
+    "UsageByOrg",
+    "UsageTotals",
+    "UserShare",
+    "WindowQuery",
+    "WindowUsage",
+]
+
+MAX_WINDOW_DAYS = 366
+MAX_AMOUNT = 10**9
+
+
+class OrgPath(BaseModel):
+    """The ``{org}`` of a path."""
+
+    org: Id
+
+
+class KeyPath(BaseModel):
+    """The ``{key_id}`` of a path (an unknown or unreadable id is 404)."""
+
+    key_id: str
+
+
+class PlanRequest(Request):
+    """``PUT /admin/orgs/{org}``."""
+
+    plan: Annotated[str, Text(MAX_KEY_LENGTH), ConfigName("plans")]
+
+
+class PlanResult(Answer):
+    """The org's plan now and before (``created``: the org did not exist before)."""
+
+    org: str
+    plan: str
+    previous_plan: str | None
+    created: bool
+
+
+class OrgDetail(Balance):
+    """``GET /admin/orgs/{org}``: the org's balance, when it was created, its active keys."""
+
+    created_at: DateTime | None
+    keys: list[str]
+
+
+class OrgUsage(Answer):
+    """An org and its usage over the listing's window."""
+
+    org: str
+    plan: str | None
+    tokens: int
+    requests: Count
+
+
+class OrgList(Answer):
+    """``GET /admin/orgs``."""
+
+    sort: Literal["spend", "id"]
+    from_: Day = Field(alias="from")
+    to: Day
+    items: list[OrgUsage]
+
+
+class OrgsQuery(BaseModel):
+    """``GET /admin/orgs`` query parameters."""
+
+    sort: Annotated[str, OneOf(("spend", "id"))] = Field(
+        "spend", description="spend (default) or id"
+    )
+    limit: Annotated[int, QueryInt(1, 1000)] = Field(50, description="default 50")
+    after: Annotated[str, Storable()] | None = Field(
+        None, description="sort=id: the last org id of the previous page"
+    )
+
+
+class GrantRequest(Request):
+    """``POST /admin/orgs/{org}/grants``."""
+
+    bucket: Annotated[str, Text(MAX_KEY_LENGTH), ConfigName("buckets", sort=False)]
+    amount: Annotated[int, BodyInt(1, MAX_AMOUNT)]
+    reference: Key
+    expires_at: Annotated[datetime, Moment(future=True)] | None = None
+
+
+class Grant(Answer):
+    """A grant (``created``: false when the reference was granted before)."""
+
+    id: int | None
+    org: str
+    bucket: str
+    amount: int
+    reference: str
+    expires_at: DateTime | None
+    created_at: DateTime | None
+    created: bool
+
+
+class KeyRequest(Request):
+    """``POST /admin/keys``."""
+
+    org: Id
+    user: Id | None = None
+    name: Annotated[str, Text(200)] | None = None
+
+
+class ApiKey(Answer):
+    """An API key's record (never the key itself)."""
+
+    id: str
+    org: str
+    user: str | None
+    name: str
+    prefix: str
+    created_at: DateTime
+    revoked_at: DateTime | None
+
+
+class KeyCreated(ApiKey):
+    """A new key: the record and the key, shown this once."""
+
+    key: str
+
+
+class KeyList(Answer):
+    """``GET /admin/keys``: an org's keys, revoked ones included."""
+
+    items: list[ApiKey]
+
+
+class KeysQuery(BaseModel):
+    """``GET /admin/keys`` query parameters."""
+
+    org: Id = Field(description="an org id")
+
+
+class WindowQuery(BaseModel):
+    """``GET /admin/usage`` query parameters (read in this order: the first bad one is
+    the one reported)."""
+
+    to: Annotated[date, QueryDay()] | None = Field(None, description="Last day (default today)")
+    days: Annotated[int, QueryInt(1, MAX_WINDOW_DAYS)] | None = Field(
+        None, description="Window length when `from` is absent"
+    )
+    from_: Annotated[date, QueryDay()] | None = Field(
+        None,
+        alias="from",
+        description="First day (default: `to` - days + 1, or the period start)",
+    )
+    limit: Annotated[int, QueryInt(1, 1000)] = Field(
+        20, description="Top orgs and users (default 20)"
+    )
+
+
+class UsageTotals(Answer):
+    """Sums over the window."""
+
+    requests: Count
+    tokens: int
+    orgs: Count
+
+
+class UsageByOrg(Answer):
+    """Requests and tokens of one org."""
+
+    org: str
+    requests: Count
+    tokens: int
+
+
+class UserShare(Answer):
+    """A user's usage and its share of the org's tokens."""
+
+    org: str
+    user_id: str | None
+    requests: Count
+    tokens: int
+    share: float
+
+
+class WindowUsage(Answer):
+    """``GET /admin/usage``: usage by feature, day, org and user over a window."""
+
+    from_: Day = Field(alias="from")
+    to: Day
+    totals: UsageTotals
+    by_feature: list[UsageByFeature]
+    by_day: list[UsageByDay]
+    by_org: list[UsageByOrg]
+    by_user: list[UserShare]

@@ -1,0 +1,235 @@
+"""Request and response bodies (and query parameters) of the token API (DESIGN A4)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.http.models.fields import BodyInt, ConfigName, Documented, Ident, QueryInt, Text
+
+__all__ = [
+    "Balance",
+    "Bucket",
+    "CheckRequest",
+    "CheckResult",
+    "DeductHeaders",
+    "DeductRequest",
+    "DeductResult",
+    "FeatureInfo",
+    "Forecast",
+    "LogRow",
+    "Stats",
+    "StatsQuery",
+    "UsageByDay",
+    "UsageByFeature",
+    "UsageByUser",
+    "UsagePage",
+    "UsageQuery",
+]
+
+MAX_QUANTITY = 1000
+MAX_KEY_LENGTH = 255
+
+# Response field types: the format the document names, and the bounds the values keep.
+DateTime = Annotated[str, Documented({"type": "string", "format": "date-time"})]
+Day = Annotated[str, Documented({"type": "string", "format": "date"})]
+Count = Annotated[int, Field(ge=0)]
+# Request field types.
+Feature = Annotated[str, Text(MAX_KEY_LENGTH), ConfigName("features", strict=False)]
+Quantity = Annotated[int, BodyInt(1, MAX_QUANTITY)]
+Key = Annotated[str, Text(MAX_KEY_LENGTH)]
+Id = Annotated[str, Ident()]
+
+
+class Request(BaseModel):
+    """A JSON request body: unknown members are ignored; ``null`` is the same as absent."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Answer(BaseModel):
+    """A JSON response body: exactly these members, in this order."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Bucket(Answer):
+    """One bucket of an org this period."""
+
+    allocated: Count
+    balance: Count
+    extra: Count
+    used: int
+    available: Count
+    in_plan: bool
+
+
+class FeatureInfo(Answer):
+    """A feature's cost and bucket, and whether the org's plan includes it."""
+
+    cost: int
+    bucket: str
+    allowed: bool
+
+
+class Balance(Answer):
+    """``GET /balance``: plan, period and every bucket's balance."""
+
+    org: str
+    plan: str
+    period: str
+    period_start: DateTime
+    period_end: DateTime
+    refresh_at: DateTime
+    buckets: dict[str, Bucket]
+    features: dict[str, FeatureInfo]
+
+
+class CheckRequest(Request):
+    """``POST /check``."""
+
+    feature: Feature
+    quantity: Quantity | None = 1
+
+
+class CheckResult(Answer):
+    """Would the call be allowed now, and why not."""
+
+    allowed: bool
+    code: Literal["feature_not_in_plan", "insufficient_tokens"] | None
+    feature: str
+    bucket: str
+    cost: int
+    balance: Count
+    refresh_at: DateTime
+
+
+class DeductRequest(Request):
+    """``POST /deduct``."""
+
+    feature: Feature
+    quantity: Quantity | None = 1
+    idempotency_key: Key | None = None
+    user_id: Id | None = None
+
+
+class DeductHeaders(BaseModel):
+    """The headers ``POST /deduct`` reads."""
+
+    idempotency_key: Key | None = Field(
+        None,
+        alias="Idempotency-Key",
+        description="Same as the body's idempotency_key (422 if both are given and differ)",
+    )
+
+
+class DeductResult(Answer):
+    """What a deduct charged (0 for a replayed Idempotency-Key)."""
+
+    charged: Count
+    replayed: bool
+    remaining: Count
+    feature: str
+    bucket: str
+    request_id: str | None
+
+
+class UsageByFeature(Answer):
+    """Requests and tokens of one feature."""
+
+    feature: str
+    requests: Count
+    tokens: int
+
+
+class UsageByUser(Answer):
+    """Requests and tokens of one user (null: calls without a user)."""
+
+    user_id: str | None
+    requests: Count
+    tokens: int
+
+
+class UsageByDay(Answer):
+    """Requests and tokens of one day."""
+
+    day: Day
+    requests: Count
+    tokens: int
+
+
+class Forecast(Answer):
+    """A bucket's recent burn rate and when it runs out at that rate."""
+
+    available: Count
+    burn_per_day: Annotated[float, Field(ge=0)]
+    days_left: Annotated[float, Field(ge=0)] | None
+    empty_on: Day | None
+    empties_before_refresh: bool
+
+
+class Stats(Answer):
+    """``GET /stats``: usage by feature, user and day, and a forecast per bucket."""
+
+    org: str
+    days: int
+    from_: Day = Field(alias="from")
+    to: Day
+    period: str
+    refresh_at: DateTime
+    by_feature: list[UsageByFeature]
+    by_user: list[UsageByUser]
+    by_day: list[UsageByDay]
+    forecast: dict[str, Forecast]
+
+
+class StatsQuery(BaseModel):
+    """``GET /stats`` query parameters."""
+
+    days: Annotated[int, QueryInt(1, 366)] = Field(
+        30, description="Window in days, today included (default 30)"
+    )
+
+
+class LogRow(Answer):
+    """One audit row of the ledger."""
+
+    id: int
+    event_id: str
+    created_at: DateTime
+    kind: Literal[
+        "charge", "refund", "expired_hold", "grant", "grant_expired", "plan_change", "reset",
+        "repair",
+    ]  # fmt: skip
+    feature: str | None
+    bucket: str
+    user_id: str | None
+    tokens: int
+    balance_after: int | None
+    extra_after: int | None
+    request_id: str | None
+    method: str | None
+    route: str | None
+    upstream_status: int | None
+    latency_ms: int | None
+    plan: str | None
+    reference: str | None
+
+
+class UsagePage(Answer):
+    """``GET /usage``: a page of audit rows, newest first."""
+
+    items: list[LogRow]
+    next_cursor: str | None
+
+
+class UsageQuery(BaseModel):
+    """``GET /usage`` query parameters."""
+
+    cursor: Annotated[str, Documented({"type": "string", "pattern": "^[A-Za-z0-9_-]+$"})] | None = (
+        Field(
+            None, description="next_cursor of the previous page, unchanged (400 if it is not one)"
+        )
+    )
+    limit: Annotated[int, QueryInt(1, 500)] = Field(50, description="Rows per page (default 50)")
