@@ -1,8 +1,10 @@
 """The ``creditgate`` command line (DESIGN A1).
 
-Every command takes ``--config`` (default ``$CREDITGATE_CONFIG`` or ``./creditgate.yaml``).
-Errors a user can cause (bad config, unreachable services, unknown ids) print one clear
-message and exit non-zero; a traceback is a bug.
+Every command takes ``--config`` (default ``$CREDITGATE_CONFIG`` or ``./creditgate.yaml``),
+before the command (``creditgate --config F orgs show acme``) or after it; the command's
+wins when both are given. Errors a user can cause (bad or missing config, unknown plans,
+keys or orgs) print one clear message and exit 1; usage errors (a malformed id) and
+unreachable services exit 2; a traceback is a bug.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
@@ -20,7 +24,15 @@ from typing import Any, ParamSpec, TypeVar
 import click
 
 from gateway.__about__ import __version__
-from gateway.config import Config, ConfigError, check_config, load_config, resolve_config_path
+from gateway.config import (
+    Config,
+    ConfigError,
+    ConfigLocation,
+    Mode,
+    check_config,
+    load_config,
+    locate_config,
+)
 from gateway.core.ids import ID_RULE, valid_id
 
 P = ParamSpec("P")
@@ -49,10 +61,41 @@ class _Id(click.ParamType):  # type: ignore[type-arg, unused-ignore]  # generic 
 ID = _Id()
 
 
-def _load(config_path: Path | None) -> Config:
-    path = resolve_config_path(str(config_path) if config_path else None)
+def _locate(config_path: Path | None) -> ConfigLocation:
+    """The command's --config, else the group's (``creditgate --config F ...``), else
+    $CREDITGATE_CONFIG, else ./creditgate.yaml."""
+    ctx = click.get_current_context(silent=True)
+    given_to_group = ctx.find_root().params.get("config_path") if ctx is not None else None
+    return locate_config(config_path or given_to_group)
+
+
+_WHY = {
+    "option": "given with --config",
+    "environment": "from $CREDITGATE_CONFIG={value}",
+    "default": "the default, ./creditgate.yaml in the current directory:"
+    " neither --config nor $CREDITGATE_CONFIG is set",
+}
+
+
+def _no_config(location: ConfigLocation, *, argument: bool = False) -> None:
+    """Exit 1 saying where the config was looked for, and how to point elsewhere."""
+    why = "" if argument else " (" + _WHY[location.origin].format(value=location.path) + ")"
+    click.echo(f"error: no config file at {location.path.absolute()}{why}", err=True)
+    click.echo(
+        "hint: point to your config with --config FILE (before or after the command)"
+        " or CREDITGATE_CONFIG=FILE; `creditgate demo` runs without one",
+        err=True,
+    )
+    raise SystemExit(1)
+
+
+def _load(config_path: Path | None, *, mode: Mode | None = None) -> Config:
+    """The config the command should use, or exit 1 with every error in it."""
+    location = _locate(config_path)
+    if not location.path.exists():
+        _no_config(location)
     try:
-        return load_config(path)
+        return load_config(location.path, mode=mode)
     except ConfigError as exc:
         for err in exc.errors:
             click.echo(err, err=True)
@@ -61,6 +104,8 @@ def _load(config_path: Path | None) -> Config:
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning service outages into one-line errors (exit 2)."""
+    from asyncpg import UndefinedTableError
+
     from gateway.core.errors import (
         DatabaseUnavailable,
         LedgerUnavailable,
@@ -72,6 +117,13 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     except (RedisUnavailable, LedgerUnavailable, DatabaseUnavailable, NoDatabase, OSError) as exc:
         click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+    except UndefinedTableError as exc:  # a first run that skipped `creditgate migrate`
+        click.echo(
+            f"error: the database has no creditgate tables yet ({exc}):"
+            " run `creditgate migrate` first",
+            err=True,
+        )
         raise SystemExit(2) from None
     except (ValueError, LookupError) as exc:
         click.echo(f"error: {exc}", err=True)
@@ -107,8 +159,10 @@ def _echo_json(data: Any) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="creditgate")
-def main() -> None:
+@config_option
+def main(config_path: Path | None) -> None:
     """creditgate: token budgets for AI features, enforced atomically in Redis."""
+    # Commands read the group's --config through their context (_locate).
 
 
 @main.command()
@@ -127,14 +181,10 @@ def serve(
     from gateway.commands.server import server_options
     from gateway.core.logs import uvicorn_log_config
 
-    config = _load(config_path)
-    if not config.upstream:
-        click.echo("error: serve needs `upstream` in the config (proxy mode)", err=True)
-        raise SystemExit(1)
+    # mode="proxy": a missing `upstream` is reported as check-config reports it.
+    config = _load(config_path, mode="proxy")
     # Workers are separate processes: they find the config and options in the environment.
-    os.environ["CREDITGATE_CONFIG"] = str(
-        resolve_config_path(str(config_path) if config_path else None)
-    )
+    os.environ["CREDITGATE_CONFIG"] = str(_locate(config_path).path)
     if no_sync:
         os.environ["CREDITGATE_NO_SYNC"] = "1"
     uvicorn.run(
@@ -156,15 +206,28 @@ def serve(
 
 
 @main.command("check-config")
-@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
-def check_config_cmd(file: Path) -> None:
-    """Validate FILE: exit 0, or 1 with every error naming the file and key."""
-    errors = check_config(file)
+@click.argument("file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@config_option
+@click.option(
+    "--mode",
+    type=click.Choice(["proxy", "middleware"]),
+    default="proxy",
+    show_default=True,
+    help="proxy: also require what `creditgate serve` needs (upstream);"
+    " middleware: the config of an app that runs creditgate inside it.",
+)
+def check_config_cmd(file: Path | None, config_path: Path | None, mode: Mode) -> None:
+    """Validate FILE (default: the config the other commands use): exit 0, or 1 with every
+    error, each naming the file and the key path (or line and column)."""
+    location = locate_config(file) if file is not None else _locate(config_path)
+    if not location.path.exists():
+        _no_config(location, argument=file is not None)
+    errors = check_config(location.path, mode=mode)
     for err in errors:
         click.echo(err, err=True)
     if errors:
         raise SystemExit(1)
-    click.echo(f"{file}: ok")
+    click.echo(f"{location.path}: ok")
 
 
 @main.command()
@@ -181,14 +244,47 @@ def migrate(config_path: Path | None) -> None:
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 
 
+def _shown(url: str) -> str:
+    """``url`` without its password (``redis://:***@host``)."""
+    return re.sub(r"(://[^:/@,]*:)[^@]*@", r"\1***@", url)
+
+
 @main.command()
 @config_option
 def sync(config_path: Path | None) -> None:
-    """Run the standalone sync worker (Redis streams -> Postgres); several may run at once."""
+    """Run the standalone sync worker (Redis streams -> Postgres); several may run at once.
+
+    It moves every usage event from the Redis streams into the ledger until stopped;
+    SIGTERM or Ctrl-C stop it after the batch in flight.
+    """
+    from gateway.core.logs import configure_logging
     from sync.worker import run_sync
 
-    _load(config_path)  # report config errors before connecting anywhere
-    _run(run_sync(str(resolve_config_path(str(config_path) if config_path else None))))
+    config = _load(config_path)  # report config errors before connecting anywhere
+    path = _locate(config_path).path
+    if not config.database_url:
+        click.echo(
+            f"error: {path}: the sync job moves events into the ledger, and database_url is empty",
+            err=True,
+        )
+        raise SystemExit(1)
+    if config.redis_url.startswith("memory://"):
+        click.echo(
+            f"error: {path}: redis_url is memory:// (in-process), which another process cannot"
+            " read: the sync job runs inside `creditgate serve` or `creditgate demo` then",
+            err=True,
+        )
+        raise SystemExit(1)
+    configure_logging("info")
+    log = logging.getLogger("creditgate.sync")
+    log.info(
+        "creditgate sync: moving usage events from Redis %s (%d shards, keys %s:*) into the"
+        " ledger at %s; it runs until stopped (Ctrl-C or SIGTERM finish the batch in flight"
+        " first)",
+        _shown(config.redis_url), config.shards, config.key_prefix, _shown(config.database_url),
+    )  # fmt: skip
+    _run(run_sync(str(path)))
+    log.info("creditgate sync: stopped")
 
 
 @main.group()
@@ -212,7 +308,14 @@ async def orgs_set_plan(gate: Any, org: str, plan: str) -> None:
 @click.argument("org", type=ID)
 @_with_gate
 async def orgs_show(gate: Any, org: str) -> None:
-    """Show ORG's plan, period and balances."""
+    """Show ORG's plan, period and balances (exit 1 for an org that does not exist)."""
+    if not await _org_exists(gate, org):
+        # Before gate.balance(), which would seed the org in Redis: a typo creates nothing.
+        click.echo(
+            f"error: unknown org {org!r}: create it with `creditgate orgs set-plan {org} PLAN`",
+            err=True,
+        )
+        raise SystemExit(1)
     bal = await gate.balance(org)
     _echo_json(
         {
@@ -229,6 +332,20 @@ async def orgs_show(gate: Any, org: str) -> None:
             },
         }
     )  # fmt: skip
+
+
+async def _org_exists(gate: Any, org: str) -> bool:
+    """Whether ``org`` exists, found without writing: a ledger row, or its state in Redis
+    (an org charged through the library that the sync job has not written yet)."""
+    from gateway.core.errors import RedisUnavailable
+
+    store = await gate.store()
+    if store is not None and await store.get_org(org) is not None:
+        return True
+    try:
+        return bool(await gate.redis.client.exists(gate.keys.org(org)))
+    except Exception as exc:  # redis-py raises many types; all mean "unavailable" here
+        raise RedisUnavailable(str(exc)) from exc
 
 
 @main.group()
