@@ -11,10 +11,13 @@ or, inside a lifespan of its own, ``async with sync_job(gate): ...``. Without on
 events wait in Redis and the ledger (usage, stats, audit rows) does not move.
 
 In the app's event loop the job keeps its Postgres concurrency modest (2 batches at a
-time, at most 5000 events each); a standalone ``creditgate sync`` can use more. At
-shutdown it stops after the batch in flight (committed and acknowledged first);
-``creditgate_lifespan`` then closes the gate, which writes the settlements still queued.
-With no ``database_url`` there is no ledger to sync to: nothing is started.
+time, at most 5000 events each); a standalone ``creditgate sync`` can use more. Like that
+command it has connections of its own, not the gate's: it starts while Postgres is down
+(and retries), and it finishes its batch in flight at shutdown even when the gate was
+closed first (the middleware closes it when the shutdown begins). It stops after that
+batch (committed and acknowledged); ``creditgate_lifespan`` then closes the gate, which
+writes the settlements still queued. With no ``database_url`` there is no ledger to sync
+to: nothing is started.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import asyncpg
+
 from gateway.http.metrics import track_sync_worker
 from gateway.metering.gate import CreditGate
+from gateway.redisio.connect import RedisHandles, connect_redis
 from sync.worker import SyncWorker
 
 __all__ = ["SyncJob", "creditgate_lifespan", "sync_job"]
@@ -54,6 +60,8 @@ class SyncJob:
         self.batch_size = batch_size
         self.worker: SyncWorker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._redis: RedisHandles | None = None
+        self._pool: asyncpg.Pool | None = None
 
     @property
     def running(self) -> bool:
@@ -64,15 +72,23 @@ class SyncJob:
         """Start the job (False, and nothing started, without a database)."""
         if self._task is not None:
             return True
-        if not self.gate.config.database_url:
+        config = self.gate.config
+        if not config.database_url:
             log.warning("no database_url: the sync job does not run, events stay in Redis")
             return False
-        store = await self.gate.require_store()
+        self._redis = connect_redis(
+            config.redis_url, timeout=config.redis_timeout_seconds, fast=False
+        )
+        # min_size=0: no connection is needed to start, so a ledger outage does not stop
+        # the app from starting; the worker retries until Postgres is back.
+        self._pool = await asyncpg.create_pool(
+            config.database_url, min_size=0, max_size=self.concurrency + 1
+        )
         self.worker = SyncWorker(
-            redis=self.gate.redis.client,
-            pool=store.pool,
+            redis=self._redis.client,
+            pool=self._pool,
             keyspace=self.gate.keys,
-            default_plan=self.gate.config.default_plan,
+            default_plan=config.default_plan,
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )
@@ -91,6 +107,11 @@ class SyncJob:
             await asyncio.wait_for(self._task, timeout=self.stop_timeout_s)
         track_sync_worker(self.gate, None)
         self._task = None
+        if self._pool is not None:
+            await self._pool.close()
+        if self._redis is not None:
+            await self._redis.close()
+        self._pool = self._redis = None
 
 
 @asynccontextmanager
