@@ -2,8 +2,10 @@
 
 ``Authorization: Bearer <admin_token>``, compared in constant time
 (``hmac.compare_digest``). An address that keeps sending wrong tokens is throttled like
-bad API keys (gateway.identity.bad_credentials); one limiter per deployment, shared by
-every endpoint that accepts the token, so ``/readyz`` is no side door for guessing it.
+bad API keys (gateway.identity.bad_credentials), and like them behind
+``identity.trusted_proxies`` per client address, not per load balancer; one limiter per
+deployment, shared by every endpoint that accepts the token, so ``/readyz`` is no side
+door for guessing it.
 With no ``admin_token`` configured no request is the admin.
 """
 
@@ -16,6 +18,7 @@ from starlette.requests import Request
 from gateway.config import Config
 from gateway.http.errors import ApiError
 from gateway.identity.bad_credentials import BadCredentialLimiter, client_address
+from gateway.identity.client_address import TrustedProxies
 
 __all__ = ["AdminAuth"]
 
@@ -25,15 +28,26 @@ _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="creditgate-admin"'}
 class AdminAuth:
     """Checks requests for the admin token (see the module docstring)."""
 
-    def __init__(self, token: str | None, *, bad_credentials_per_minute: int) -> None:
+    def __init__(
+        self,
+        token: str | None,
+        *,
+        bad_credentials_per_minute: int,
+        proxies: TrustedProxies | None = None,
+    ) -> None:
         self._expected = token.encode() if token else None
         self._limiter = BadCredentialLimiter(bad_credentials_per_minute)
+        self._proxies = proxies
 
     @classmethod
     def of(cls, config: Config) -> AdminAuth:
         """The admin check of a deployment's config."""
-        per_minute = config.identity.bad_credentials_per_minute
-        return cls(config.admin_token, bad_credentials_per_minute=per_minute)
+        identity = config.identity
+        return cls(
+            config.admin_token,
+            bad_credentials_per_minute=identity.bad_credentials_per_minute,
+            proxies=TrustedProxies(identity.trusted_proxies, identity.forwarded_header),
+        )
 
     @property
     def configured(self) -> bool:
@@ -52,7 +66,7 @@ class AdminAuth:
 
     def authorize(self, request: Request) -> None:
         """Return if ``request`` carries the admin token; else raise 429 or 401."""
-        address = client_address(request.scope)
+        address = client_address(request.scope, self._proxies)
         retry = self._limiter.retry_after(address)
         if retry is not None:
             raise ApiError(
@@ -74,7 +88,7 @@ class AdminAuth:
         """
         if self._expected is None or "authorization" not in request.headers:
             return False
-        address = client_address(request.scope)
+        address = client_address(request.scope, self._proxies)
         if self._limiter.retry_after(address) is not None:
             return False
         if self._matches(request):

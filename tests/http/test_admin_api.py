@@ -244,3 +244,20 @@ async def test_text_postgres_cannot_store_is_refused_not_a_500(env: Env) -> None
         f"{PREFIX}/check", content=body({"feature": "\ud800"}), headers=auth(key)
     )
     problem(r, 422, "invalid_request")
+
+
+async def test_behind_a_trusted_proxy_bad_admin_tokens_throttle_the_client_not_the_proxy() -> None:
+    # httpx's ASGI transport connects from 127.0.0.1: the load balancer here. The limiter
+    # must key on the client it names, or one guesser would lock every admin out.
+    identity = {
+        "api_keys": True,
+        "bad_credentials_per_minute": 2,
+        "trusted_proxies": ["127.0.0.1/32"],
+    }
+    async for env in make_env(identity=identity):
+        guesser = {"Authorization": "Bearer x", "X-Forwarded-For": "203.0.113.7"}
+        for _ in range(2):
+            problem(await env.http.get("/admin/orgs", headers=guesser), 401, "unauthenticated")
+        problem(await env.http.get("/admin/orgs", headers=guesser), 429, "rate_limited")
+        admin = {**ADMIN, "X-Forwarded-For": "198.51.100.9"}
+        assert (await env.http.get("/admin/orgs", headers=admin)).status_code == 200
