@@ -23,12 +23,9 @@ from gateway.config.checks import PROXY_NEEDS_UPSTREAM
 from gateway.redisio.connect import connect_redis
 from tests.support.pg import temp_database
 from tests.support.reference import REFERENCE_YAML
+from tests.support.services import redis_url
 
 NO_UPSTREAM = f"upstream: {PROXY_NEEDS_UPSTREAM}"
-
-
-def redis_url() -> str:
-    return os.environ.get("CREDITGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def cli(
