@@ -75,6 +75,10 @@ def is_creditgate_credential(name: bytes, value: bytes) -> bool:
     identifier parses it (gateway.identity.identifier): any case of ``Bearer``, spaces
     around the token."""
     if name == _AUTHORIZATION:
+        if value.startswith(b"Bearer cg_"):  # the usual spellings, decided cheaply
+            return True
+        if _KEY_PREFIX not in value:
+            return False
         parts = value.split(None, 1)
         return (
             len(parts) == 2 and parts[0].lower() == b"bearer" and parts[1].startswith(_KEY_PREFIX)
@@ -82,10 +86,24 @@ def is_creditgate_credential(name: bytes, value: bytes) -> bool:
     return name == _API_KEY and value.strip().startswith(_KEY_PREFIX)
 
 
-class HeaderPolicy:
-    """The policy for one config; :meth:`clean` applies it to a request's headers."""
+# What the first byte of a header name says: nothing to look at (most names); the full
+# pass (an upper-case X, I or A: ASGI names are lower case, so in practice never); or a
+# lower-case a, x or i, which the first pass looks at more closely.
+_PASS, _FULL, _LOWER_A, _LOWER_X, _LOWER_I = 0, 1, 2, 3, 4
+_AUTHORIZATION_LENGTH = len(_AUTHORIZATION)
 
-    __slots__ = ("_drop", "_drop_credentials", "_suspect")
+
+class HeaderPolicy:
+    """The policy for one config; :meth:`clean` applies it to a request's headers.
+
+    A first pass decides the usual requests without building anything: nothing to remove
+    (most names start with another letter; Accept-*, X-Forwarded-*, X-Request-Id,
+    If-None-Match... are recognised as harmless), or nothing but one Authorization header
+    that carries a creditgate key. Anything else takes the full pass, which reads every
+    name ignoring case and ``_``/``-``; both passes give the same answer.
+    """
+
+    __slots__ = ("_drop", "_drop_credentials", "_first", "_x_stop")
 
     def __init__(self, *, trusted_headers: bool = False, forward_credentials: bool = False) -> None:
         drop = set(OVERRIDE_HEADERS)
@@ -93,37 +111,74 @@ class HeaderPolicy:
             drop |= IDENTITY_HEADERS
         self._drop = frozenset(drop)
         self._drop_credentials = not forward_credentials
-        # First bytes of every name the policy may act on, in either case: a request whose
-        # header names all start elsewhere has nothing to clean (the common case, decided
-        # by one cheap pass). x: X-Creditgate-*, the overrides, X-Org-Id, X-API-Key;
-        # i: Idempotency-Key; a: Authorization.
-        first = b"xXiI" + (b"aA" if self._drop_credentials else b"")
-        self._suspect = frozenset(first)
+        # Lower-case x- names the first pass may not wave through (X-Creditgate-* aside).
+        self._x_stop = self._drop | ({_API_KEY} if self._drop_credentials else set())
+        first = [_PASS] * 256
+        first[ord("x")], first[ord("i")] = _LOWER_X, _LOWER_I
+        first[ord("X")] = first[ord("I")] = _FULL
+        if self._drop_credentials:
+            first[ord("a")], first[ord("A")] = _LOWER_A, _FULL
+        self._first = tuple(first)
 
     def clean(self, headers: Sequence[Header]) -> Cleaned:
         """Apply the policy to ``headers`` (an ASGI scope's list, never modified)."""
-        suspect = self._suspect
+        first, x_stop = self._first, self._x_stop
+        credential: Header | None = None
+        idempotency_key: str | None = None
+        seen_key = False
         try:
-            for name, _ in headers:
-                if name[0] in suspect:
+            for header in headers:
+                name = header[0]
+                kind = first[name[0]]
+                if not kind:
+                    continue
+                if kind == _LOWER_X:  # X-Forwarded-For, X-Request-Id...: kept
+                    if (
+                        name in x_stop
+                        or name.startswith(OURS_PREFIX)
+                        or b"_" in name
+                        or not name.islower()
+                    ):
+                        break
+                elif kind == _LOWER_A:  # Authorization, or Accept-*
+                    if len(name) != _AUTHORIZATION_LENGTH or (
+                        name != _AUTHORIZATION and name.lower() != _AUTHORIZATION
+                    ):
+                        continue
+                    if name != _AUTHORIZATION or credential is not None:
+                        break  # another spelling, or a second one
+                    if is_creditgate_credential(name, header[1]):
+                        credential = header
+                elif kind == _LOWER_I:  # Idempotency-Key, If-None-Match...
+                    if name == IDEMPOTENCY_KEY and not seen_key:
+                        seen_key = True
+                        idempotency_key = header[1].decode("latin-1") or None
+                    elif name == IDEMPOTENCY_KEY or b"_" in name or not name.islower():
+                        break  # a second key (reported by the full pass), another spelling
+                else:
                     break
             else:
-                return None, None, False
-        except IndexError:  # an empty name: the full pass below keeps it
+                if credential is None:
+                    return None, idempotency_key, False
+                return [h for h in headers if h is not credential], idempotency_key, False
+        except IndexError:  # an empty name: the full pass keeps it
             pass
         return self._filter(headers)
 
     def _filter(self, headers: Sequence[Header]) -> Cleaned:
-        suspect, drop = self._suspect, self._drop
+        first, drop = self._first, self._drop
         out: list[Header] = []
+        keep = out.append
         idempotency_key: str | None = None
         seen_key = duplicate = False
         for header in headers:
             name = header[0]
-            if not name or name[0] not in suspect:
-                out.append(header)
+            if not name or not first[name[0]]:
+                keep(header)
                 continue
-            lname = canonical(name)
+            lname = name.lower()
+            if b"_" in lname:
+                lname = lname.replace(b"_", b"-")
             if lname.startswith(OURS_PREFIX) or lname in drop:
                 continue
             if lname == IDEMPOTENCY_KEY:
@@ -134,5 +189,5 @@ class HeaderPolicy:
                 idempotency_key = header[1].decode("latin-1") or None
             elif self._drop_credentials and is_creditgate_credential(lname, header[1]):
                 continue
-            out.append(header)
+            keep(header)
         return out, idempotency_key, duplicate

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.core.headers import OVERRIDE_HEADERS, HeaderPolicy, canonical
 
@@ -17,7 +19,10 @@ def names(headers: H | None) -> list[bytes]:
 
 def test_plain_requests_take_the_fast_path() -> None:
     """Nothing to remove: no copy is made (the caller uses the scope's list as it is)."""
-    raw = [(b"host", b"h"), (b"content-type", b"application/json"), (b"user-agent", b"t")]
+    raw = [
+        (b"host", b"h"), (b"accept", b"*/*"), (b"accept-encoding", b"gzip"),
+        (b"content-type", b"application/json"), (b"user-agent", b"t"), (b"cookie", b"c=1"),
+    ]  # fmt: skip
     cleaned, idem, duplicate = HeaderPolicy().clean(raw)
     assert (cleaned, idem, duplicate) == (None, None, False)
 
@@ -80,7 +85,8 @@ def test_creditgate_credentials_stripped_by_default(
     header: tuple[bytes, bytes], dropped: bool
 ) -> None:
     raw = [header, (b"accept", b"*/*")]
-    assert names(HeaderPolicy().clean(raw)[0]) == (
+    cleaned = HeaderPolicy().clean(raw)[0]
+    assert names(raw if cleaned is None else cleaned) == (
         [b"accept"] if dropped else [header[0], b"accept"]
     )
     kept = HeaderPolicy(forward_credentials=True).clean(raw)[0]
@@ -90,7 +96,7 @@ def test_creditgate_credentials_stripped_by_default(
 def test_idempotency_key_is_read_and_kept() -> None:
     raw = [(b"idempotency-key", b"order-42"), (b"accept", b"*/*")]
     cleaned, idem, duplicate = HeaderPolicy().clean(raw)
-    assert (names(cleaned), idem, duplicate) == ([b"idempotency-key", b"accept"], "order-42", False)
+    assert (cleaned, idem, duplicate) == (None, "order-42", False)  # nothing removed
     assert HeaderPolicy().clean([(b"idempotency-key", b"")])[1] is None  # empty: no key
 
 
@@ -118,6 +124,14 @@ def test_order_and_other_headers_are_preserved() -> None:
     assert cleaned == [h for h in raw if h[0] != b"x-creditgate-org"]
 
 
+def test_two_authorization_headers_lose_every_creditgate_key() -> None:
+    key = (b"authorization", b"Bearer " + KEY)
+    for raw in ([key, (b"authorization", b"Bearer jwt")], [(b"authorization", b"Bearer j"), key],
+                [key, (b"accept", b"*/*"), key]):  # fmt: skip
+        cleaned = HeaderPolicy().clean(raw)[0]
+        assert cleaned == [h for h in raw if h != key]
+
+
 def test_an_empty_header_name_does_not_break_the_scan() -> None:
     cleaned, _, _ = HeaderPolicy().clean([(b"", b"x"), (b"x-creditgate-org", b"v")])
     assert cleaned == [(b"", b"x")]
@@ -125,3 +139,47 @@ def test_an_empty_header_name_does_not_break_the_scan() -> None:
 
 def test_canonical() -> None:
     assert canonical(b"X_Creditgate-Org") == b"x-creditgate-org"
+
+
+def test_common_harmless_headers_take_the_fast_path() -> None:
+    raw = [
+        (b"x-forwarded-for", b"1.2.3.4"), (b"x-request-id", b"r"), (b"if-none-match", b"e"),
+        (b"accept-ranges", b"x"),  # as long as "authorization": still harmless
+        (b"authorization", b"Bearer eyJ.jwt.sig"), (b"idempotency-key", b"k"),
+    ]  # fmt: skip
+    cleaned, idem, duplicate = HeaderPolicy().clean(raw)
+    assert (cleaned, idem, duplicate) == (None, "k", False)
+
+
+_NAMES = [
+    "x-creditgate-org", "x-http-method-override", "x-original-url", "x-org-id", "x-user-id",
+    "x-api-key", "authorization", "idempotency-key", "accept", "accept-ranges",
+    "x-forwarded-for", "if-none-match", "host", "i", "x", "a", "",
+]  # fmt: skip
+_VALUES = [b"Bearer " + KEY, KEY, b"Bearer jwt", b"v", b""]
+
+
+@st.composite
+def _header(draw: st.DrawFn) -> tuple[bytes, bytes]:
+    name = draw(st.sampled_from(_NAMES))
+    if draw(st.booleans()):
+        name = name.replace("-", "_")
+    if draw(st.booleans()):  # some letters upper case
+        flips = draw(st.lists(st.booleans(), min_size=len(name), max_size=len(name)))
+        name = "".join(c.upper() if f else c for c, f in zip(name, flips, strict=True))
+    return name.encode(), draw(st.sampled_from(_VALUES))
+
+
+@given(
+    st.lists(_header(), max_size=8),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_first_pass_agrees_with_the_full_pass(
+    raw: list[tuple[bytes, bytes]], trusted: bool, forward: bool
+) -> None:
+    """Whatever the first pass decides alone is what the full pass would have decided."""
+    policy = HeaderPolicy(trusted_headers=trusted, forward_credentials=forward)
+    cleaned, idem, duplicate = policy.clean(raw)
+    full = policy._filter(raw)
+    assert (raw if cleaned is None else cleaned, idem, duplicate) == full
