@@ -31,9 +31,9 @@ from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import connect_redis
 from tests.support.reference import MID_NOVEMBER_MS, REFERENCE_YAML
+from tests.support.services import redis_url
 from tests.support.upstream_app import serve_in_thread
 
-REDIS = "redis://127.0.0.1:6379/0"
 ORG = "acme"
 USER = "u1"
 PLAN = "pro"
@@ -75,7 +75,7 @@ def provider_config(
     for name, cost in (costs or {}).items():
         features[name] = {**features.get(name, {}), "cost": cost}
     data.update(
-        redis_url=REDIS,
+        redis_url=redis_url(),  # the tests' Redis (skips the test without one)
         key_prefix=key_prefix or f"cgt{uuid.uuid4().hex[:10]}",
         upstream=upstream,
         identity={"api_keys": True, "trusted_headers": True},
