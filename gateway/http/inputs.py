@@ -21,7 +21,14 @@ from starlette.requests import Request
 from gateway.http.errors import ApiError, bad_request
 from gateway.http.models.fields import ERROR_TYPE, LATE_ERROR_TYPE
 
-__all__ = ["MAX_BODY_BYTES", "field_errors", "json_object", "read_query", "validate"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "field_errors",
+    "header_values",
+    "json_object",
+    "read_query",
+    "validate",
+]
 
 MAX_BODY_BYTES = 64 * 1024
 
