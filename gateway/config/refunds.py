@@ -1,8 +1,9 @@
 """A feature's ``refund_on``: the response statuses after which its tokens are refunded.
 
 Entries are status codes (``429``, or ``"429"``) or classes (``"4xx"``, ``"5xx"``, any
-case). The default, ``["5xx"]``, refunds every 5xx (the proxy's own 502/504 included) and
-charges everything else, 4xx included. Whatever the list, a request whose upstream failed
+case). Every 5xx (the proxy's own 502/504 included) always refunds; ``refund_on`` adds
+statuses to that (DESIGN A3: "can refund more", e.g. a provider's 429), and everything
+else, 4xx included, is charged. Whatever the list, a request whose upstream failed
 (unreachable, timed out, cut off mid-body) or that got no response at all is refunded:
 the app never answered it.
 """
@@ -36,5 +37,8 @@ def parse_refund_entry(entry: object) -> range:
 
 
 def refund_statuses(entries: Iterable[object]) -> frozenset[int]:
-    """Every status ``entries`` name (the config is validated: no malformed entry left)."""
-    return frozenset(status for entry in entries for status in parse_refund_entry(entry))
+    """Every 5xx plus every status ``entries`` name (the config is validated: no malformed
+    entry is left). A success is never refunded by accident of a short list: the 5xx
+    default cannot be dropped, only added to."""
+    named = (status for entry in entries for status in parse_refund_entry(entry))
+    return frozenset(range(500, 600)).union(named)

@@ -32,9 +32,11 @@ def test_malformed_entries(entry: object) -> None:
         parse_refund_entry(entry)
 
 
-def test_a_list_is_the_union_of_its_entries() -> None:
+def test_a_list_adds_to_the_5xx_that_always_refund() -> None:
     assert refund_statuses(["5xx", 429, "404"]) == frozenset({404, 429, *range(500, 600)})
-    assert refund_statuses([]) == frozenset()
+    assert refund_statuses([429]) == frozenset({429, *range(500, 600)})
+    # An empty list cannot make a 5xx chargeable (DESIGN A3: refund_on "can refund more").
+    assert refund_statuses([]) == frozenset(range(500, 600))
 
 
 def test_bad_entries_are_errors_naming_the_file_and_key() -> None:

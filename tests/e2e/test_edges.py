@@ -205,7 +205,7 @@ async def test_refunded_responses_say_nothing_was_charged(redisgate: CreditGate,
         (None, {500, 503}),  # the default: 5xx
         (["5xx", 429], {429, 500, 503}),
         (["4xx", "5xx"], {400, 404, 429, 500, 503}),
-        ([404], {404}),
+        ([404], {404, 500, 503}),  # adds to the 5xx, never replaces them
     ],
 )
 async def test_refund_on_decides_per_feature(
