@@ -124,6 +124,13 @@ class StubRunner:
     async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Return the canned reply of ``script``."""
         reply = ["ok", 999, 10**9, 10**9 - 1, 1] if script.name == "charge" else [1] * int(args[1])
+        return await self._answer(reply)
+
+    async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
+        """Return the canned reply of ``script`` (charge.lua: the only one sent encoded)."""
+        return await self._answer(["ok", 999, 10**9, 10**9 - 1, 1])
+
+    async def _answer(self, reply: Any) -> Any:
         if self.sync:
             return reply
         loop = asyncio.get_running_loop()

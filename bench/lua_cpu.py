@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import random
 import shutil
@@ -52,7 +51,7 @@ from bench.run_all import CONFIG  # the benchmarks' config: one feature, 10^9 to
 from gateway.config import Config, parse_config
 from gateway.metering.meter import Meter
 from gateway.redisio.connect import RedisHandles, connect_redis
-from gateway.redisio.lua_scripts import LuaScript, load
+from gateway.redisio.lua_scripts import LuaScript, assemble, load
 
 FEATURE = "lead_generation"
 TOKENS = 10**9
@@ -173,32 +172,6 @@ async def run_rounds(
     )
 
 
-def _legacy_features(meter: Meter) -> dict[str, Any]:
-    """The meter's charge.lua arguments for a charge.lua from before per-org limiters moved
-    into the org hash (KEYS index 0 in the limiter triples): each such limiter becomes a
-    key of its own again (``P:{sN}:rl:<org>:o:<count>/<period>``)."""
-    out: dict[str, Any] = {}
-    for name, fa in meter._features.items():
-        parts: dict[str, Any] = {}
-        for with_user in (True, False):
-            tail = list(fa.tail_user if with_user else fa.tail_anon)
-            lids = list(fa.limiters_user if with_user else fa.limiters_anon)
-            i = 1
-            for _ in range(int(tail[0])):
-                n = int(tail[i + 2])
-                for j in range(i + 3, i + 3 + 3 * n, 3):
-                    if tail[j] == "0":
-                        lid = f"o:{tail[j + 1]}/{tail[j + 2]}"
-                        if lid not in lids:
-                            lids.append(lid)
-                        tail[j] = str(6 + lids.index(lid))
-                i += 3 + 3 * n
-            suffix = "user" if with_user else "anon"
-            parts[f"tail_{suffix}"], parts[f"limiters_{suffix}"] = tuple(tail), tuple(lids)
-        out[name] = dataclasses.replace(fa, **parts)
-    return out
-
-
 def _range(values: list[float]) -> str:
     if not values:
         return "-"
@@ -214,17 +187,16 @@ async def main(args: argparse.Namespace) -> None:
     )
     handles = connect_redis(args.url, fast=args.fast)
     meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
-    variants: dict[str, tuple[LuaScript, LuaScript, dict[str, Any]]] = {
-        "current": (meter._charge, meter._settle, meter._features)
+    variants: dict[str, tuple[LuaScript, LuaScript]] = {
+        "current": (meter.admission.script, meter.settlement.script)
     }
     if args.baseline:
+        # Assembled as the loader does (the shared prelude prepended where it is used).
         base = Path(args.baseline)
-        charge_src = (base / "charge.lua").read_text()
         variants = {
             "baseline": (
-                LuaScript.from_source("charge", charge_src),
-                LuaScript.from_source("settle", (base / "settle.lua").read_text()),
-                meter._features if "rl:o:" in charge_src else _legacy_features(meter),
+                assemble("charge", (base / "charge.lua").read_text()),
+                assemble("settle", (base / "settle.lua").read_text()),
             ),
             **variants,
         }
@@ -234,7 +206,7 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[tuple[str, str], Figures] = {}
     try:
         await setup_orgs(meter, many)
-        for charge_script, settle_script, _ in variants.values():
+        for charge_script, settle_script in variants.values():
             # Loaded up front: a NOSCRIPT reply would count as a call.
             for script in (charge_script, settle_script):
                 await handles.client.script_load(script.source)
@@ -244,9 +216,8 @@ async def main(args: argparse.Namespace) -> None:
                 order.reverse()  # alternate which variant runs first
             for wname, orgs in workloads.items():
                 burst = args.burst if len(orgs) == 1 else args.burst * 16
-                for vname, (charge, settle, features) in order:
-                    meter._charge, meter._settle, meter._features = charge, settle, features
-                    meter._key_cache.clear()
+                for vname, (charge, settle) in order:
+                    meter.admission.script, meter.settlement.script = charge, settle
                     # Warm up: scripts loaded, connections open, branch caches.
                     await run_rounds(meter, orgs, burst, burst, rng)
                     c, s, cpu, batch = await run_rounds(meter, orgs, args.requests, burst, rng)

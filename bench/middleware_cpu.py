@@ -17,7 +17,8 @@ process's CPU µs per request, and the private Redis's:
 - Redis's CPU per request for charge.lua and settle.lua separately.
 
 Far less noisy than an HTTP benchmark on a busy machine: the tool for tuning
-gateway/metering/middleware.py and gateway/metering/meter.py. ``--profile`` writes
+gateway/metering/middleware.py and the meter (gateway/metering/admission.py, charge_args.py,
+settlement.py) and gateway/redisio/resp.py. ``--profile`` writes
 cProfile stats of the
 1-org metered loop against the real Redis.
 """
@@ -118,7 +119,7 @@ def _gate_or_none(app: Any) -> Any:
 async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) -> None:
     """Take the metered request apart (Redis replaced by canned replies)."""
     from gateway.identity.principal import Identity
-    from gateway.metering.meter import Admission
+    from gateway.metering.admission import Admission
 
     org, user = settings.keys[keys[0]]
     ident = Identity(org, user, "api_key")

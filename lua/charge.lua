@@ -37,6 +37,9 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}.
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local tonumber, redis_call = tonumber, redis.call
 local cjson_encode, cjson_decode = cjson.encode, cjson.decode
@@ -156,13 +159,16 @@ local used = tonumber(st[6] or '0')
 -- events with seq < s0 already include this hold's deduction, later ones do not.
 local seq_now = tonumber(st[7] or '0')
 
+-- A reset or grant_expired event (audit_event: lua/_prelude.lua).
 local function emit(kind, tokens, seq, ref)
-  redis_call('XADD', stream_key, '*',
-    'id', kind .. ':' .. request_id .. ':' .. bucket .. (ref ~= '' and (':' .. ref) or ''),
-    'k', kind, 'o', org, 'u', '', 'f', '', 'b', bucket, 't', tokens,
-    'bal', bal, 'x', extra, 'a', redis_call('HGET', org_key, f_alloc) or '0', 'used', used,
-    'per', period, 's', seq, 'ts', now, 'rq', request_id, 'st', '', 'lat', '',
-    'm', '', 'r', '', 'p', plan, 'ref', ref)
+  audit_event(stream_key,
+    -- id, k, o, u, f, b, t
+    kind .. ':' .. request_id .. ':' .. bucket .. (ref ~= '' and (':' .. ref) or ''),
+    kind, org, '', '', bucket, tokens,
+    -- bal, x, a, used, per, s, ts
+    bal, extra, redis_call('HGET', org_key, f_alloc) or '0', used, period, seq, now,
+    -- rq, st, lat, m, r, p, ref
+    request_id, '', '', '', '', plan, ref)
 end
 
 -- Lazy period reset: unused plan tokens do not roll over; purchased tokens are untouched.

@@ -6,6 +6,9 @@
 --
 -- Returns {"missing"} (seed first), {"duplicate"} (reference already applied), or
 -- {"ok", extra_after}.
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local org_key, stream_key = KEYS[1], KEYS[2]
 local now, org, b = tonumber(ARGV[1]), ARGV[2], ARGV[3]
@@ -28,9 +31,9 @@ end)
 local extra = tonumber(st[1] or '0') + amount
 local seq = redis.call('HINCRBY', org_key, 'seq', 1)
 redis.call('HSET', org_key, 'x:' .. b, extra, 'l:' .. b, cjson.encode(lots))
-redis.call('XADD', stream_key, '*',
-  'id', 'grant:' .. org .. ':' .. ref, 'k', 'grant', 'o', org, 'u', '', 'f', '', 'b', b,
-  't', -amount, 'bal', st[3] or '0', 'x', extra, 'a', st[4] or '0', 'used', st[5] or '0',
-  'per', st[6] or '', 's', seq, 'ts', now, 'rq', '', 'st', '', 'lat', '', 'm', '', 'r', '',
-  'p', st[7] or '', 'ref', ref)
+audit_event(stream_key,
+  'grant:' .. org .. ':' .. ref, 'grant', org, '', '', b, -amount,  -- id, k, o, u, f, b, t
+  -- bal, x, a, used, per, s, ts
+  st[3] or '0', extra, st[4] or '0', st[5] or '0', st[6] or '', seq, now,
+  '', '', '', '', '', st[7] or '', ref)  -- rq, st, lat, m, r, p, ref
 return {'ok', extra}

@@ -7,6 +7,9 @@
 -- ARGV[7]  purchased lots JSON ([[reference, expires_ms, remaining], ...], summing to extra)
 --
 -- Returns {"missing"} or {"ok", tokens_deducted} (old total - new total).
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local org_key, stream_key = KEYS[1], KEYS[2]
 local now, org, b = tonumber(ARGV[1]), ARGV[2], ARGV[3]
@@ -19,9 +22,9 @@ local st = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' ..
 local delta = (tonumber(st[1] or '0') + tonumber(st[2] or '0')) - (bal + extra)
 local seq = redis.call('HINCRBY', org_key, 'seq', 1)
 redis.call('HSET', org_key, 'b:' .. b, bal, 'x:' .. b, extra, 'l:' .. b, lots)
-redis.call('XADD', stream_key, '*',
-  'id', 'repair:' .. op .. ':' .. b, 'k', 'repair', 'o', org, 'u', '', 'f', '', 'b', b,
-  't', delta, 'bal', bal, 'x', extra, 'a', st[3] or '0', 'used', st[4] or '0',
-  'per', st[5] or '', 's', seq, 'ts', now, 'rq', '', 'st', '', 'lat', '', 'm', '', 'r', '',
-  'p', st[6] or '', 'ref', op)
+audit_event(stream_key,
+  'repair:' .. op .. ':' .. b, 'repair', org, '', '', b, delta,  -- id, k, o, u, f, b, t
+  -- bal, x, a, used, per, s, ts
+  bal, extra, st[3] or '0', st[4] or '0', st[5] or '', seq, now,
+  '', '', '', '', '', st[6] or '', op)  -- rq, st, lat, m, r, p, ref
 return {'ok', delta}

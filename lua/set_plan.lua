@@ -8,6 +8,9 @@
 --
 -- Returns {"missing"} when the org has no state (seed it first, then call again), or
 -- {"ok", old_plan, events_written}. Every plan change writes at least one event.
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local org_key, stream_key = KEYS[1], KEYS[2]
 local now, period, new_plan, op, org = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -31,20 +34,20 @@ for _, b in ipairs(buckets) do
     local after = math.max(0, bal + new_alloc - old_alloc)
     local seq = redis.call('HINCRBY', org_key, 'seq', 1)
     redis.call('HSET', org_key, 'b:' .. b, after, 'a:' .. b, new_alloc)
-    redis.call('XADD', stream_key, '*',
-      'id', 'plan_change:' .. op .. ':' .. b, 'k', 'plan_change', 'o', org, 'u', '', 'f', '',
-      'b', b, 't', bal - after, 'bal', after, 'x', st[3] or '0', 'a', new_alloc,
-      'used', st[4] or '0', 'per', period, 's', seq, 'ts', now, 'rq', '', 'st', '', 'lat', '',
-      'm', '', 'r', '', 'p', new_plan, 'ref', old_plan)
+    audit_event(stream_key,
+      -- id, k, o, u, f, b, t
+      'plan_change:' .. op .. ':' .. b, 'plan_change', org, '', '', b, bal - after,
+      after, st[3] or '0', new_alloc, st[4] or '0', period, seq, now,  -- bal .. ts
+      '', '', '', '', '', new_plan, old_plan)  -- rq, st, lat, m, r, p, ref
     written = written + 1
   end
 end
 if written == 0 then
   -- No bucket is in the current period yet: record the change itself (no snapshot).
-  redis.call('XADD', stream_key, '*',
-    'id', 'plan_change:' .. op .. ':', 'k', 'plan_change', 'o', org, 'u', '', 'f', '',
-    'b', '', 't', 0, 'bal', '', 'x', '', 'a', '', 'used', '', 'per', period, 's', '',
-    'ts', now, 'rq', '', 'st', '', 'lat', '', 'm', '', 'r', '', 'p', new_plan, 'ref', old_plan)
+  audit_event(stream_key,
+    'plan_change:' .. op .. ':', 'plan_change', org, '', '', '', 0,  -- id, k, o, u, f, b, t
+    '', '', '', '', period, '', now,  -- bal, x, a, used, per, s, ts
+    '', '', '', '', '', new_plan, old_plan)  -- rq, st, lat, m, r, p, ref
   written = 1
 end
 return {'ok', old_plan, written}

@@ -19,6 +19,9 @@
 -- fields are read once (again after a refund, which changes them). Every event still
 -- gets its own seq, in batch order, and the same fields as if the requests were settled
 -- one by one.
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -134,11 +137,10 @@ for j = 1, n do
     end
     local seq = o.seq + 1
     o.seq = seq
-    redis.call('XADD', stream_key, '*',
-      'id', request_id, 'k', kind, 'o', h.o, 'u', h.u, 'f', h.f, 'b', b, 't', charged,
-      'bal', snap[1], 'x', snap[2], 'a', snap[3], 'used', snap[4],
-      'per', snap[5] or h.per, 's', seq, 'ts', now_s, 'rq', request_id, 'st', status,
-      'lat', latency, 'm', h.m, 'r', h.r, 'p', h.p, 'ref', '')
+    audit_event(stream_key,
+      request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
+      snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
+      request_id, status, latency, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
     results[j] = charged
   end
 end

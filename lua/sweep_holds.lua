@@ -7,6 +7,9 @@
 --
 -- Returns the number of holds swept. The event carries no snapshot fields (s = ""):
 -- an expired hold does not change the org's balance, it only writes the row.
+--
+-- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
+-- prepends it).
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -18,10 +21,10 @@ for _, request_id in ipairs(ids) do
   if raw then
     redis.call('HDEL', holds_key, request_id)
     local h = cjson.decode(raw)
-    redis.call('XADD', stream_key, '*',
-      'id', request_id, 'k', 'expired_hold', 'o', h.o, 'u', h.u, 'f', h.f, 'b', h.b,
-      't', h.c, 'bal', '', 'x', '', 'a', '', 'used', '', 'per', h.per, 's', '', 'ts', now,
-      'rq', request_id, 'st', '', 'lat', now - h.t0, 'm', h.m, 'r', h.r, 'p', h.p, 'ref', '')
+    audit_event(stream_key,
+      request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
+      '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
+      request_id, '', now - h.t0, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
     swept = swept + 1
   end
 end

@@ -136,7 +136,7 @@ class ShardStream:
         self.fast = fast
         self.keys = keys
         self.key = keys.events
-        self.dead_key = f"{keys.events}:dead"
+        self.dead_key = keys.dead_letters
         self.group = group
         self.consumer = consumer
 

@@ -55,6 +55,7 @@ from starlette.responses import JSONResponse, Response
 from gateway.config import StripeConfig
 from gateway.core.ids import valid_id
 from gateway.core.problem import problem_response
+from gateway.core.redis_keys import KeySpace
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -173,16 +174,16 @@ class _PgSession:
 class _RedisSession:
     """Without a database: applied events are remembered 7 days (Stripe retries for 3)."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(self, client: Any, keys: KeySpace) -> None:
         self.client = client
-        self.prefix = prefix
+        self.keys = keys
 
     async def outcome(self, event_id: str) -> str | None:
-        value = await self.client.get(f"{self.prefix}:stripe:evt:{event_id}")
+        value = await self.client.get(self.keys.stripe_event(event_id))
         return value.decode() if isinstance(value, bytes) else value
 
     async def latest_subscription(self, org: str) -> tuple[int, str] | None:
-        raw = await self.client.get(f"{self.prefix}:stripe:sub:{org}")
+        raw = await self.client.get(self.keys.stripe_subscription(org))
         if not raw:
             return None
         created, _, sub = (raw.decode() if isinstance(raw, bytes) else raw).partition(":")
@@ -193,9 +194,9 @@ class _RedisSession:
     ) -> None:
         if outcome not in _FINAL:
             return  # an ignored event is re-evaluated when delivered again
-        await self.client.set(f"{self.prefix}:stripe:evt:{ev.id}", outcome, ex=REDIS_RECORD_TTL_S)
+        await self.client.set(self.keys.stripe_event(ev.id), outcome, ex=REDIS_RECORD_TTL_S)
         if outcome == "applied" and org and ev.type.startswith("customer.subscription."):
-            await self.client.set(f"{self.prefix}:stripe:sub:{org}", f"{ev.created}:{object_id}")
+            await self.client.set(self.keys.stripe_subscription(org), f"{ev.created}:{object_id}")
 
 
 # -- the webhook ------------------------------------------------------------------------
@@ -318,7 +319,7 @@ class StripeWebhook:
     async def _session(self, org: str | None) -> AsyncIterator[_Session]:
         store = await self.gate.store()
         if store is None:
-            yield _RedisSession(self.gate.redis.client, self.gate.config.key_prefix)
+            yield _RedisSession(self.gate.redis.client, self.gate.keys)
             return
         async with store.pool.acquire() as conn, conn.transaction():
             if org is not None:

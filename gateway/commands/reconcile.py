@@ -94,7 +94,7 @@ class _ShardCut:
 
 
 async def _scan_orgs(gate: CreditGate, shard: ShardKeys) -> list[str]:
-    prefix = f"{shard.tag}:org:"
+    prefix = shard.org_prefix
     found = []
     async for key in gate.redis.client.scan_iter(match=f"{prefix}*", count=1000):
         found.append(key[len(prefix) :] if isinstance(key, str) else key.decode()[len(prefix) :])
@@ -106,7 +106,7 @@ async def _read_shard(gate: CreditGate, shard: ShardKeys, orgs: list[str]) -> _S
     pipe.xrange(shard.events)
     pipe.hgetall(shard.holds)
     for org in orgs:
-        pipe.hgetall(f"{shard.tag}:org:{org}")
+        pipe.hgetall(shard.org(org))
     replies: list[Any] = await pipe.execute()
     entries, holds, states = replies[0], replies[1], replies[2:]
     held: dict[tuple[str, str], list[tuple[int, int, int]]] = defaultdict(list)

@@ -1,6 +1,8 @@
 """The audit event format written by the Lua scripts to each shard's stream.
 
-Every stream entry is one ledger row to be (``sync/``). Fields, all strings:
+Every stream entry is one ledger row to be (``sync/``). The scripts write it with one
+function, ``audit_event`` in ``lua/_prelude.lua``. Fields, all strings, in this order
+(:data:`FIELDS`):
 
 ==========  =================================================================
 ``id``      event id, unique: the request id for request events (charge,
@@ -43,6 +45,11 @@ from datetime import UTC, datetime
 KINDS = frozenset(
     {"charge", "refund", "expired_hold", "grant", "grant_expired", "plan_change", "reset", "repair"}
 )
+# Every entry's fields, in the order the Lua scripts write them (lua/_prelude.lua).
+FIELDS = (
+    "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used", "per", "s", "ts",
+    "rq", "st", "lat", "m", "r", "p", "ref",
+)  # fmt: skip
 
 
 def _int_or_none(value: str) -> int | None:

@@ -51,10 +51,10 @@ from gateway.redisio.pipelined import (
     ConnectionSettings,
     FastRedis,
     RedisReplyError,
-    ScriptArg,
     reply_error,
 )
 from gateway.redisio.pipelined_cluster import FastRedisCluster
+from gateway.redisio.resp import ScriptArg, decode_args
 
 if TYPE_CHECKING:
     from fakeredis import FakeServer
@@ -92,6 +92,16 @@ class ScriptRunner(Protocol):
         """
         ...
 
+    async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
+        """``run`` with the keys and arguments already encoded: ``encoded`` holds ``count``
+        RESP bulk strings, ``len(keys), *keys, *args`` (``ArgTemplate.fill`` or
+        ``encode_args`` of :mod:`gateway.redisio.resp`). The hot path's call: most of a
+        charge's arguments are encoded once per org and route instead of once per request.
+
+        Same reply, errors and NOSCRIPT handling as ``run``.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -114,6 +124,19 @@ class RedisPyRunner:
 
     async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """Run ``script`` by SHA; on NOSCRIPT load it and run it once more."""
+        return await self._evalsha(script, len(keys), [*keys, *args])
+
+    async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
+        """``run`` with encoded keys and arguments: decoded again for redis-py's API."""
+        try:
+            numkeys, *keys_and_args = decode_args(encoded, count)
+        except ValueError as exc:
+            raise RedisReplyError(f"ERR {script.name}: bad encoded arguments: {exc}") from None
+        return await self._evalsha(script, int(numkeys), keys_and_args)
+
+    async def _evalsha(
+        self, script: LuaScript, numkeys: int, keys_and_args: Sequence[ScriptArg]
+    ) -> Any:
         client = self._client
         try:
             if not self._initialized:
@@ -123,11 +146,11 @@ class RedisPyRunner:
                 await client.initialize()
                 self._initialized = True
             try:
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
+                return await client.evalsha(script.sha, numkeys, *keys_and_args)
             except rexc.NoScriptError:
                 # NOSCRIPT means nothing ran: loading and running again is safe.
                 await client.script_load(script.source)
-                return await client.evalsha(script.sha, len(keys), *keys, *args)
+                return await client.evalsha(script.sha, numkeys, *keys_and_args)
         except (rexc.ResponseError, rexc.ClusterError) as exc:
             code = getattr(exc, "status_code", None)
             raise reply_error(f"{code} {exc}" if code else str(exc)) from exc

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -37,19 +37,18 @@ import hiredis
 
 from gateway.core.errors import RedisUnavailable
 from gateway.redisio.lua_scripts import LuaScript
+from gateway.redisio.resp import ScriptArg, evalsha_header, pack_command
 
 __all__ = [
     "ConnectionSettings",
+    "ErrorReply",
     "FastRedis",
     "RedisReplyError",
     "RedisUnavailable",
     "ScriptArg",
-    "encode_args",
     "pack_command",
     "reply_error",
 ]
-
-ScriptArg = str | int | bytes
 
 
 class ErrorReply(hiredis.ReplyError):
@@ -61,18 +60,6 @@ class ErrorReply(hiredis.ReplyError):
 
 
 _ReplyError = ErrorReply
-
-
-# hiredis' bundled stub types the argument as a 1-tuple; any tuple of args is accepted.
-pack_command = cast("Callable[[tuple[ScriptArg, ...]], bytes]", hiredis.pack_command)
-
-
-def encode_args(args: Sequence[ScriptArg]) -> bytes:
-    """``args`` as RESP bulk strings without the array header: a run of command arguments
-    encoded once and reused by ``FastRedis.run_encoded`` (hiredis spends ~65 ns per
-    argument packing a command, most of a charge's client CPU when done per call)."""
-    packed = pack_command(tuple(args))
-    return packed[packed.index(b"\r\n") + 2 :]
 
 
 # Error replies meaning "Redis cannot serve this now, nothing ran": they become
@@ -500,14 +487,11 @@ class FastRedis:
         return reply
 
     async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
-        """``run`` with the arguments already encoded: ``encoded`` is ``encode_args`` of
-        ``(len(keys), *keys, *args)`` (or several such runs concatenated), ``count`` the
-        number of arguments in it. Same replies, errors and NOSCRIPT recovery as ``run``."""
+        """``run`` with the keys and arguments already encoded (see ``ScriptRunner``): they
+        go on the wire as they are. Same replies, errors and NOSCRIPT recovery as ``run``."""
         head = self._heads.get((script.sha, count))
         if head is None:
-            head = pack_command(("EVALSHA", script.sha))
-            head = b"*%d%b" % (count + 2, head[head.index(b"\r\n") :])
-            self._heads[(script.sha, count)] = head
+            head = self._heads[(script.sha, count)] = evalsha_header(script.sha, count)
         links = self.links
         link = links[0] if len(links) == 1 else self._link()
         command = head + encoded

@@ -35,11 +35,10 @@ from gateway.redisio.pipelined import (
     ErrorReply,
     Link,
     RedisReplyError,
-    ScriptArg,
     load_and_retry,
-    pack_command,
     reply_error,
 )
+from gateway.redisio.resp import ScriptArg, decode_args, evalsha_header, pack_command
 
 __all__ = ["FastRedisCluster", "slot_of"]
 
@@ -89,6 +88,8 @@ class FastRedisCluster:
         self._refresh_task: asyncio.Task[None] | None = None
         self._refreshed_at = float("-inf")
         self._loaded = False
+        # (script sha, argument count) -> the command's encoded head (run_encoded).
+        self._heads: dict[tuple[str, int], bytes] = {}
 
     def link(self, host: str, port: int) -> Link:
         """The connection to node ``host:port`` (created, unconnected, on first use)."""
@@ -109,11 +110,24 @@ class FastRedisCluster:
         """
         if not keys:
             raise ValueError(f"script {script.name}: Redis Cluster routes by key, none given")
-        slot = slot_of(keys[0])
+        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        return await self._send(slot_of(keys[0]), script, command)
+
+    async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
+        """``run`` with the keys and arguments already encoded (see ``ScriptRunner``),
+        routed by the first key in them; the encoded bytes go on the wire as they are."""
+        numkeys, *first = decode_args(encoded, 2)
+        if numkeys == b"0" or not first:
+            raise ValueError(f"script {script.name}: Redis Cluster routes by key, none given")
+        head = self._heads.get((script.sha, count))
+        if head is None:
+            head = self._heads[(script.sha, count)] = evalsha_header(script.sha, count)
+        return await self._send(slot_of(first[0]), script, head + encoded)
+
+    async def _send(self, slot: int, script: LuaScript, command: bytes) -> Any:
         link = self._slots[slot]
         if link is None:
             link = await self._mapped_node(slot)
-        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
         try:
             reply = await link.request(command)
         except RedisUnavailable:

@@ -228,7 +228,8 @@ def test_every_key_of_a_request_shares_one_slot() -> None:
         shard = ks.shard(org)
         keys = [
             ks.org(org), shard.holds, shard.holdexp, shard.events,
-            ks.idempotency(org, "abc"), ks.no_idempotency(org), ks.limiter(org, "u:bob:20/60000"),
+            ks.idempotency(org, "abc"), ks.no_idempotency(org),
+            ks.user_limiter(org, "bob", 20, 60000), shard.dead_letters,
         ]  # fmt: skip
         assert len({key_slot(k.encode()) for k in keys}) == 1
 

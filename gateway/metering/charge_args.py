@@ -1,0 +1,153 @@
+"""charge.lua's keys and arguments: built once, filled in per request.
+
+Everything about a charge that does not depend on the request itself is turned into
+script arguments ahead of time: per feature, each plan's allocation and limiters
+(:class:`FeatureArgs`, at construction); per org, user, feature, method and route, the keys
+and every argument but the per-request values, encoded once (an
+:class:`~gateway.redisio.resp.ArgTemplate`, cached for the current period). A request
+then fills in its time, cost, request id and hold expiry (and its idempotency key).
+
+The layout (lua/charge.lua's header is the reference)::
+
+    KEYS  org state, shard holds, shard hold expiries, shard events, idempotency key
+          (or the shard's never-written placeholder), then the per-user limiters
+    ARGV  now, period id, refresh_at, bucket, cost, request id, hold expiry,
+          idempotency ttl (0 = none), org, user, feature, method, route,
+          number of plans, then per plan: name, allocation (-1 = not in the plan),
+          limiter count, then per limiter: KEYS index (0 = per org), count, period ms
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import Config
+from gateway.core.periods import period_bounds, period_id
+from gateway.core.redis_keys import KeySpace
+from gateway.redisio.resp import SLOT, ArgTemplate
+
+__all__ = ["ChargeArgs", "FeatureArgs", "feature_args"]
+
+# Cached templates; the caches are emptied when full (rebuilding one costs a few
+# microseconds, so nothing smarter is worth its own overhead).
+_CACHE_SIZE = 20_000
+# KEYS before the per-user limiters (Lua is 1-based: the first limiter is KEYS[6]).
+_FIXED_KEYS = 5
+
+# (org, user, feature, method, route): what a template is cached by.
+_TemplateKey = tuple[str, str | None, str, str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureArgs:
+    """A feature's script arguments that no request changes."""
+
+    bucket: str
+    cost: int
+    tail_user: tuple[str, ...]  # ARGV[14..] of a request with a user
+    tail_anon: tuple[str, ...]  # ARGV[14..] without one: per-org limiters only
+    user_limiters: tuple[tuple[int, int], ...]  # (count, period ms) of KEYS[6..]
+
+
+def feature_args(config: Config, feature: str) -> FeatureArgs:
+    """``feature``'s plans and limiters as charge.lua arguments."""
+    bucket = config.bucket_of(feature)
+    user_limiters: list[tuple[int, int]] = []
+
+    def plans_tail(with_user: bool) -> tuple[str, ...]:
+        tail: list[int | str] = [len(config.plans)]
+        for plan in config.plans:
+            alloc = config.allocation(plan, bucket)
+            limits = [rl for rl in config.rate_limits_of(plan) if with_user or rl.per != "user"]
+            tail += [plan, -1 if alloc is None else alloc, len(limits)]
+            for rl in limits:
+                if rl.per == "org":
+                    # KEYS index 0: charge.lua keeps per-org limiters in the org's hash.
+                    tail += [0, rl.count, rl.period_ms]
+                    continue
+                spec = (rl.count, rl.period_ms)
+                if spec not in user_limiters:
+                    user_limiters.append(spec)
+                tail += [_FIXED_KEYS + 1 + user_limiters.index(spec), rl.count, rl.period_ms]
+        # As strings: they are encoded once, into every template of the feature.
+        return tuple(map(str, tail))
+
+    tail_user = plans_tail(with_user=True)
+    tail_anon = plans_tail(with_user=False)  # without a user: no limiter keys
+    return FeatureArgs(
+        bucket, config.features[feature].cost, tail_user, tail_anon, tuple(user_limiters)
+    )
+
+
+class ChargeArgs:
+    """charge.lua's keys and arguments for one deployment, as templates to fill in.
+
+    A template without an idempotency key is filled with ``(now, cost, request id, hold
+    expiry)``; one with, with ``(idempotency key, now, cost, request id, hold expiry)``
+    (see :meth:`template`). Templates embed the period: :meth:`period` drops them when
+    it ends.
+    """
+
+    def __init__(self, config: Config, keys: KeySpace) -> None:
+        self.config = config
+        self.keys = keys
+        self.features = {name: feature_args(config, name) for name in config.features}
+        self._idem_ttl_ms = str(config.idempotency_ttl_seconds * 1000)
+        self._period: tuple[str, int, int] = ("", 0, -1)  # id, start, end (ms)
+        self._plain: dict[_TemplateKey, ArgTemplate] = {}
+        self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
+
+    def period(self, now: int) -> tuple[str, int, int]:
+        """The period (id, start ms, end ms) at ``now``, cached until it ends."""
+        current = self._period
+        if not current[1] <= now < current[2]:
+            start, end = period_bounds(self.config.period, now)
+            current = self._period = (period_id(self.config.period, now), start, end)
+            self._plain.clear()
+            self._idempotent.clear()
+        return current
+
+    def template(
+        self,
+        org: str,
+        user: str | None,
+        feature: str,
+        method: str,
+        route: str,
+        idempotent: bool,
+    ) -> ArgTemplate:
+        """The request's template (cached); call :meth:`period` first in each request."""
+        key = (org, user, feature, method, route)
+        cache = self._idempotent if idempotent else self._plain
+        template = cache.get(key)
+        if template is None:
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            template = cache[key] = self._build(key, idempotent)
+        return template
+
+    def _build(self, key: _TemplateKey, idempotent: bool) -> ArgTemplate:
+        org, user, feature, method, route = key
+        fa = self.features[feature]
+        period, _, refresh_at = self._period
+        org_keys = self.keys.of_org(org)
+        shard = org_keys.shard
+        # Per-user limiters are keyed by the user inside the org; without a user there are
+        # none (per-org limiters are fields of the org's hash).
+        limiter_keys = (
+            [shard.user_limiter(org, user, count, per_ms) for count, per_ms in fa.user_limiters]
+            if user
+            else []
+        )
+        keys = [
+            org_keys.state, shard.holds, shard.holdexp, shard.events,
+            SLOT if idempotent else shard.no_idempotency, *limiter_keys,
+        ]  # fmt: skip
+        argv = [
+            SLOT, period, str(refresh_at), fa.bucket,  # now, period, refresh_at, bucket
+            SLOT, SLOT, SLOT,  # cost, request id, hold expiry
+            self._idem_ttl_ms if idempotent else "0",
+            org, user or "", feature, method, route,
+            *(fa.tail_user if user else fa.tail_anon),
+        ]  # fmt: skip
+        return ArgTemplate([str(len(keys)), *keys, *argv])
