@@ -131,7 +131,10 @@ class PostgresServer:
     host = "127.0.0.1"
 
     def __init__(self, port: int | None = None) -> None:
-        self.user = server_user()  # None, or `nobody` when we are root
+        try:
+            self.user = server_user()  # None, or `nobody` when we are root
+        except EmbeddedPostgresError as exc:
+            raise PostgresUnavailable(str(exc)) from None
         self.bin_dir = find_server_bin(self.user)
         self.port = port if port is not None else free_port()
         # In the system temporary folder (/tmp is open to every user), owned by the
@@ -177,7 +180,10 @@ class PostgresServer:
             **self._as_server_user(),
         )  # fmt: skip
         if result.returncode != 0:
-            raise PostgresUnavailable(f"initdb failed: {(result.stderr or result.stdout).strip()}")
+            output = (result.stderr or result.stdout).strip()
+            raise PostgresUnavailable(
+                f"initdb failed (set CREDITGATE_TEST_DATABASE_URL to use another server): {output}"
+            )
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the server (after ``init``) and wait until it accepts connections."""

@@ -34,6 +34,7 @@ import atexit
 import os
 import shutil
 import socket
+import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -123,7 +124,14 @@ def _resolve_redis() -> Service:
         if shutil.which("redis-server") is None:
             service.problem = REDIS_SERVER_HINT
             return service
-        _owned_redis = start_redis(free_port(), die_with_parent=True)
+        try:
+            _owned_redis = start_redis(free_port(), die_with_parent=True)
+        except (RuntimeError, OSError) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            service.problem = (
+                f"could not start a private redis-server ({first_line}): set {REDIS_ENV}"
+            )
+            return service
         service.url = _owned_redis.url
         service.origin = "a private redis-server started for this session"
     os.environ[REDIS_ENV] = service.url
@@ -149,6 +157,9 @@ def _resolve_postgres() -> Service:
             _owned_postgres = start_postgres()
         except PostgresUnavailable as exc:
             service.problem = str(exc).splitlines()[0]
+            return service
+        except (OSError, subprocess.SubprocessError) as exc:
+            service.problem = f"could not start a private PostgreSQL ({exc}): set {DATABASE_ENV}"
             return service
         service.url = _owned_postgres.dsn()
         service.origin = (
