@@ -10,6 +10,7 @@ from collections.abc import Container, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
+from gateway.config.costs import price_table_errors, variable_cost_errors
 from gateway.config.refunds import parse_refund_entry
 from gateway.config.schema import Config, parse_rate
 from gateway.config.source import fmt_loc
@@ -107,6 +108,7 @@ class Checker:
         self.filled("admin_token", c.admin_token)
         self.identity()
         self.server()
+        self.models()
         self.features()
         self.plans()
         self.billing()
@@ -193,12 +195,23 @@ class Checker:
             self.name(path, name, "feature")
             if feature.bucket is not None:
                 self.name(f"{path}.bucket", feature.bucket, "bucket")
-            self.number(f"{path}.cost", feature.cost, 1, _MAX_TOKENS)
+            if feature.variable is None:
+                self.number(f"{path}.cost", feature.cost, 1, _MAX_TOKENS)
+            else:  # usage or header (DESIGN A8): gateway.config.costs words its errors
+                has_models = self.c.models is not None
+                for where, message in variable_cost_errors(feature.variable, has_models=has_models):
+                    self.err(f"{path}.cost{where}", message)
             for i, entry in enumerate(feature.refund_on):
                 try:
                     parse_refund_entry(entry)
                 except ValueError as exc:
                     self.err(f"{path}.refund_on[{i}]", str(exc))
+
+    def models(self) -> None:
+        """The ``models:`` price table (DESIGN A8), every bad entry reported."""
+        if self.c.models is not None:
+            for where, message in price_table_errors(self.c.models):
+                self.err(where, message)
 
     def plans(self) -> None:
         buckets = self.c.buckets
@@ -246,9 +259,19 @@ class Checker:
 
     def routes(self) -> None:
         for i, route in enumerate(self.c.routes):
-            self.known(f"routes[{i}].feature", route.feature, "feature", self.c.features)
+            known = self.known(f"routes[{i}].feature", route.feature, "feature", self.c.features)
             if route.cost is not None:
                 self.number(f"routes[{i}].cost", route.cost, 1, _MAX_TOKENS)
+                feature = self.c.features[route.feature] if known else None
+                if feature is not None and feature.variable is not None:
+                    # A fixed cost for a call whose charge is decided after the response:
+                    # neither a reserve nor a cap, so refused rather than guessed at.
+                    self.err(
+                        f"routes[{i}].cost",
+                        f"feature {route.feature!r} has a {feature.variable.mode} cost"
+                        f" ({fmt_loc(('features', route.feature, 'cost'))}): a route cannot give"
+                        " it a fixed cost",
+                    )
         self.errors.extend(route_table_errors(self.c.routes, self.c.routes_ignore_case))
 
 

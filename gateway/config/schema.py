@@ -23,11 +23,16 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
     field_validator,
+    model_validator,
 )
 
+from gateway.config.costs import CostSpec, VariableCostConfig, build_prices, parse_cost
 from gateway.config.refunds import DEFAULT_REFUND_ON
 from gateway.config.source import ConfigError
+from gateway.usage.prices import PriceTable
 
 __all__ = ["Config", "ConfigError", "parse_rate"]
 
@@ -122,13 +127,43 @@ class ServerConfig(_Strict):
 
 
 class FeatureConfig(_Strict):
-    """A metered feature: its cost per call and the bucket it draws from."""
+    """A metered feature: its cost per call and the bucket it draws from.
 
-    cost: Int
+    ``cost`` in the file is an integer (fixed) or a mapping (DESIGN A8: by usage or from a
+    header; :mod:`gateway.config.costs`). The attribute ``cost`` is always an integer: the
+    fixed cost, or for a variable cost what code that knows only fixed costs must hold (its
+    numeric reserve, else its ``max``); the mapping itself is :attr:`variable`.
+    """
+
+    cost: Annotated[int, BeforeValidator(parse_cost)]
     bucket: str | None = None  # defaults to the feature's own name
     # Response statuses that refund the call: codes (429) or classes ("4xx"); see
     # gateway/config/refunds.py. Any other status is charged.
     refund_on: list[Int | str] = Field(default_factory=lambda: list(DEFAULT_REFUND_ON))
+    # The `cost:` mapping of a variable cost; None for a fixed one. Private so the file
+    # keeps one key, `cost` (whose attribute stays an int for every existing reader).
+    _variable: VariableCostConfig | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_variable_cost(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        feature = handler(data)  # parse_cost validated a mapping and kept its hold in `cost`
+        raw = data.get("cost") if isinstance(data, Mapping) else None
+        if isinstance(raw, Mapping):
+            feature._variable = VariableCostConfig.model_validate(dict(raw))
+        return feature
+
+    @property
+    def variable(self) -> VariableCostConfig | None:
+        """The ``cost:`` mapping of a usage or header cost; ``None`` for a fixed cost."""
+        return self._variable
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy (see pydantic); a new integer ``cost`` makes the copy a fixed cost."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update and "cost" in update:
+            copied._variable = None
+        return copied
 
 
 class RateLimitConfig(_Strict):
@@ -211,6 +246,10 @@ class Config(_Strict):
     period: Literal["monthly", "weekly", "daily"] = "monthly"
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routes: list[RouteConfig] = Field(default_factory=list)
+    # DESIGN A8: model glob -> {input, cached_input?, output}, creditgate tokens per 1,000
+    # model tokens, plus `default`; first matching glob wins, so the file's order is kept.
+    # Checked by gateway.config.costs.price_table_errors; read as `prices`.
+    models: dict[str, Any] | None = None
 
     # Operational settings (extensions of DESIGN A2; all optional).
     fail_open: bool = False
@@ -253,7 +292,9 @@ class Config(_Strict):
     # Derived lookups, computed once on first use (the model is frozen). cached_property
     # keeps them in the instance __dict__, which model_copy() copies: drop them there, or
     # a copy with updated features or plans would answer from the original's lookups.
-    _DERIVED: ClassVar[tuple[str, ...]] = ("_bucket_map", "buckets", "_rate_limits")
+    _DERIVED: ClassVar[tuple[str, ...]] = (
+        "_bucket_map", "buckets", "_rate_limits", "prices", "_cost_specs",
+    )  # fmt: skip
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy (see pydantic); derived lookups are recomputed for it on first use."""
@@ -287,9 +328,41 @@ class Config(_Strict):
         """The bucket ``feature`` draws from; ``KeyError`` for an unknown feature."""
         return self._bucket_map[feature]
 
+    @cached_property
+    def prices(self) -> PriceTable | None:
+        """The ``models:`` price table (DESIGN A8); ``None`` without one. A checked config
+        has one whenever a feature's cost is by usage."""
+        return None if self.models is None else build_prices(self.models)
+
+    @cached_property
+    def _cost_specs(self) -> dict[str, CostSpec]:
+        return {name: CostSpec.of(f.cost, f.variable) for name, f in self.features.items()}
+
     def cost_of(self, feature: str) -> int:
-        """The feature's cost per call; ``KeyError`` for an unknown feature."""
+        """The feature's cost per call; ``KeyError`` for an unknown feature.
+
+        For a variable cost (usage or header, :meth:`cost_spec`) this is what to hold when
+        nothing more is known: its reserve when a number, else its ``max``. So code that
+        knows only fixed costs (the router's ``RouteMatch.cost``) holds a safe amount; the
+        actual charge is decided after the response.
+        """
         return self.features[feature].cost
+
+    def cost_spec(self, feature: str) -> CostSpec:
+        """How ``feature`` is charged (fixed, by usage or from a header; built once per
+        feature); ``KeyError`` for an unknown feature."""
+        return self._cost_specs[feature]
+
+    def is_variable(self, feature: str) -> bool:
+        """Whether ``feature``'s charge is decided after the response (usage or header);
+        ``KeyError`` for an unknown feature."""
+        return self.features[feature].variable is not None
+
+    def reserve_for(self, feature: str, body: bytes, *, model: str | None = None) -> int:
+        """The tokens to hold before a call of ``feature`` with request ``body``: the cost,
+        the numeric reserve, or for ``reserve: auto`` the estimate from the body (see
+        :meth:`CostSpec.reserve_for`); ``KeyError`` for an unknown feature."""
+        return self._cost_specs[feature].reserve_for(body, self.prices, model=model)
 
     def rate_limits_of(self, plan: str) -> tuple[ParsedRateLimit, ...]:
         """The plan's rate limiters (empty for a plan without limits or an unknown plan)."""
