@@ -96,6 +96,7 @@ class Admitter:
         self.redis = redis
         self.keys = keys
         self.args = ChargeArgs(config, keys)
+        self._features = self.args.features
         self.script = load("charge")
         self.counters = counters
         self._now_ms = now_ms
@@ -120,7 +121,7 @@ class Admitter:
         Raises ``RedisUnavailable`` when Redis cannot be reached or timed out. Never
         retried: a timed-out debit may have committed (its hold then expires into a charge).
         """
-        fa = self.args.features[feature]
+        fa = self._features[feature]
         total = (fa.cost if cost is None else cost) * quantity
         rid = request_id or new_request_id()
         now = self._now_ms()
@@ -129,9 +130,9 @@ class Admitter:
         now_s, total_s, hold_s = str(now), str(total), str(now + self._hold_ms)
         if idempotency_key:
             idem_key = self.keys.idempotency(org, idempotency_key)
-            encoded = template.fill(idem_key, now_s, total_s, rid, hold_s)
+            encoded = template.fill((idem_key, now_s, total_s, rid, hold_s))
         else:
-            encoded = template.fill(now_s, total_s, rid, hold_s)
+            encoded = template.fill((now_s, total_s, rid, hold_s))
 
         started = perf_counter()
         reply = await self.redis.runner.run_encoded(self.script, template.count, encoded)

@@ -50,16 +50,16 @@ def test_template_fill_is_what_hiredis_packs(parts: list[Any], values: tuple[str
     expected = packed_args(
         [a.encode("utf-8", "surrogateescape") if isinstance(a, str) else a for a in args]
     )
-    assert template.fill(*values) == expected
-    assert decode_args(template.fill(*values)) == decode_args(expected)
+    assert template.fill(values) == expected
+    assert decode_args(template.fill(values)) == decode_args(expected)
 
 
 def test_template_takes_exactly_its_slots() -> None:
-    template = ArgTemplate(["a", SLOT, SLOT])
-    with pytest.raises(TypeError):
-        template.fill("x")
-    with pytest.raises(TypeError):
-        ArgTemplate(["é", SLOT]).fill("x", "y")
+    for template in (ArgTemplate(["a", SLOT, SLOT]), ArgTemplate([SLOT] * 7)):
+        with pytest.raises(ValueError):
+            template.fill(("x",))
+    with pytest.raises(ValueError):
+        ArgTemplate(["é", SLOT]).fill(("x", "y"))  # the exact path checks too
 
 
 def test_decode_args_round_trip_and_garbage() -> None:
@@ -87,8 +87,8 @@ async def test_run_encoded_answers_as_run_does(fast: bool) -> None:
     try:
         template = ArgTemplate(["1", key, SLOT, "const"])
         plain = await handles.runner.run(echo, [key], ["v1", "const"])
-        encoded = await handles.runner.run_encoded(echo, template.count, template.fill("v1"))
-        again = await handles.runner.run_encoded(echo, template.count, template.fill("v1"))
+        encoded = await handles.runner.run_encoded(echo, template.count, template.fill(("v1",)))
+        again = await handles.runner.run_encoded(echo, template.count, template.fill(("v1",)))
         assert plain == encoded == again == [key, "v1", "const", 2]
     finally:
         await handles.close()
