@@ -24,7 +24,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.commands.limited_protocol import LimitedHttpToolsProtocol
 from gateway.config import Config, load_config, resolve_config_path
-from gateway.http.metrics import track_sync_worker
 from gateway.metering.gate import CreditGate
 from gateway.metering.middleware import CreditGateMiddleware
 from gateway.proxy.app import UpstreamProxy
@@ -118,7 +117,7 @@ class GatewayApp:
                 batch_size=5000,  # bounds the server's memory while catching up a backlog
             )
             self._sync_worker = worker
-            track_sync_worker(self.gate, worker)
+            self.gate.sync_worker = worker  # /metrics and /readyz report its progress
             self._sync_task = asyncio.create_task(worker.run(), name="creditgate-sync")
 
     async def shutdown(self) -> None:
@@ -127,7 +126,7 @@ class GatewayApp:
             self._sync_worker.stop()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._sync_task, timeout=10)
-            track_sync_worker(self.gate, None)
+            self.gate.sync_worker = None
         if self.proxy is not None:
             await self.proxy.aclose()
         await self.gate.close()

@@ -1,8 +1,9 @@
 """Hot-path counters: plain integers the request path bumps, read at scrape time.
 
-The hot path only bumps plain integers in :data:`METRICS` (a :class:`HotMetrics`); the
-Prometheus collector in :mod:`gateway.http.metrics` turns them into metrics when
-``/metrics`` is scraped. Measured on this project's machine (CPython 3.11, best of 5):
+The hot path only bumps plain integers in a :class:`HotMetrics`: each gate's
+``gate.counters``, by default the process's :data:`METRICS`. The Prometheus collector in
+:mod:`gateway.http.metrics` turns a gate's counters into metrics when its ``/metrics`` is
+scraped. Measured on this project's machine (CPython 3.11, best of 5):
 ``METRICS.count(feature, outcome, tokens)`` ~95 ns and ``METRICS.observe_admit(s)`` ~100 ns,
 against ~560 ns for the same two counters as pre-bound ``prometheus_client`` children and
 ~525 ns for its histogram ``observe()`` (each takes a lock). Everything runs on the server's
@@ -72,4 +73,4 @@ class HotMetrics:
 
 
 METRICS = HotMetrics()
-"""The process's counters: the middleware and the meter report here."""
+"""The process's counters: every gate's ``counters`` unless it was given its own."""

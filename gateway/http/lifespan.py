@@ -31,7 +31,6 @@ from typing import Any
 
 import asyncpg
 
-from gateway.http.metrics import track_sync_worker
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import RedisHandles, connect_redis
 from sync.worker import SyncWorker
@@ -92,7 +91,7 @@ class SyncJob:
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )
-        track_sync_worker(self.gate, self.worker)
+        self.gate.sync_worker = self.worker  # /metrics and /readyz report its progress
         self._task = asyncio.create_task(self.worker.run(), name="creditgate-sync")
         log.info("sync job started: events move from Redis to Postgres")
         return True
@@ -105,7 +104,7 @@ class SyncJob:
         # A batch interrupted by the timeout is not acknowledged: the next run rereads it.
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._task, timeout=self.stop_timeout_s)
-        track_sync_worker(self.gate, None)
+        self.gate.sync_worker = None
         self._task = None
         if self._pool is not None:
             await self._pool.close()

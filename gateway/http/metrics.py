@@ -1,12 +1,10 @@
 """Prometheus metrics (``GET /metrics``) and the readiness report (``GET /readyz``).
 
-The hot path only bumps plain integers in :data:`METRICS` (a :class:`HotMetrics`); a
-custom collector turns them into Prometheus metrics when ``/metrics`` is scraped. Measured
-on this project's machine (CPython 3.11, best of 5): ``METRICS.count(feature, outcome,
-tokens)`` ~95 ns and ``METRICS.observe_admit(s)`` ~100 ns, against ~560 ns for the same
-two counters as pre-bound ``prometheus_client`` children and ~525 ns for its histogram
-``observe()`` (each takes a lock). Everything runs on the server's event loop, so the
-counters need no lock.
+The hot path only bumps plain integers in the gate's counters (``gate.counters``, a
+:class:`~gateway.core.counters.HotMetrics`, see that module for why); a custom collector
+turns them into Prometheus metrics when ``/metrics`` is scraped. The sync gauges are
+measured from the shard streams, or asked of the sync job when one runs in this process
+(``gate.sync_worker``, set by whoever starts it), at most once a second per endpoint.
 
 Metrics (all prefixed ``creditgate_``):
 - ``requests_total{feature, outcome}``: outcome is ``charged``, ``refunded``,
@@ -29,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -45,19 +42,20 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from gateway.core.counters import ADMIT_BUCKETS, METRICS, HotMetrics
+from gateway.core.counters import ADMIT_BUCKETS, HotMetrics
 from gateway.http.admin_auth import AdminAuth
+from sync.results import SyncPassResult, SyncStats
+from sync.streams import ShardStream
 
 if TYPE_CHECKING:
     from gateway.metering.gate import CreditGate
-    from sync.worker import SyncWorker
 
 __all__ = [
     "SyncLag",
+    "SyncLagProbe",
     "metrics_endpoint",
     "readiness_endpoint",
     "sync_lag",
-    "track_sync_worker",
 ]
 
 # The sync consumer group (sync.worker.SyncWorker's default).
@@ -76,7 +74,7 @@ class SyncLag:
     backlog_per_shard: dict[int, int]
     oldest_unsynced_age_s: float | None
     measured_at: float  # time.monotonic()
-    # Known only when the sync worker runs in this process (see track_sync_worker).
+    # Known only when the sync worker runs in this process (gate.sync_worker).
     last_success_at: float | None = None
     last_error: str | None = None
 
@@ -86,57 +84,55 @@ class SyncLag:
         return sum(self.backlog_per_shard.values())
 
 
-_workers: weakref.WeakKeyDictionary[CreditGate, SyncWorker] = weakref.WeakKeyDictionary()
-_lag_cache: weakref.WeakKeyDictionary[CreditGate, SyncLag] = weakref.WeakKeyDictionary()
-_LAG_CACHE_S = 1.0
+async def sync_lag(gate: CreditGate) -> SyncLag:
+    """Backlog and oldest unsynced event age of every shard, measured now.
 
-
-def track_sync_worker(gate: CreditGate, worker: SyncWorker | None) -> None:
-    """Tell /metrics and /readyz about the sync worker running in this process (or None)."""
-    if worker is None:
-        _workers.pop(gate, None)
-    else:
-        _workers[gate] = worker
-
-
-async def sync_lag(gate: CreditGate, *, max_age_s: float = _LAG_CACHE_S) -> SyncLag:
-    """Backlog and oldest unsynced event age of every shard (cached for ``max_age_s``).
-
-    Works whether the sync job runs in this process or elsewhere: it reads the consumer
-    group's state from Redis (a few commands per shard, sent concurrently).
+    Asked of ``gate.sync_worker`` when a sync job runs in this process; otherwise read
+    from the consumer group's state in Redis (a few commands per shard, sent
+    concurrently), which works wherever the sync job runs.
     """
-    cached = _lag_cache.get(gate)
     now = time.monotonic()
-    if cached is not None and now - cached.measured_at < max_age_s:
-        return cached
-    worker = _workers.get(gate)
+    worker = gate.sync_worker
     if worker is not None:
-        stats = await worker.stats()
+        stats: SyncStats = await worker.stats()
         age_ms = stats.oldest_unsynced_age_ms
-        lag = SyncLag(
+        return SyncLag(
             backlog_per_shard=dict(stats.backlog_per_shard),
             oldest_unsynced_age_s=None if age_ms is None else age_ms / 1000,
             measured_at=now,
             last_success_at=stats.last_success_at,
             last_error=stats.last_error,
         )
-    else:
-        from sync.streams import ShardStream
+    streams = [
+        ShardStream(gate.redis.client, keys, SYNC_GROUP, "metrics")
+        for keys in gate.keys.all_shards()
+    ]
+    backlogs = await asyncio.gather(*(s.backlog() for s in streams))
+    wall_ms = time.time() * 1000
+    oldest = [b.oldest_ms for b in backlogs if b.oldest_ms is not None]
+    return SyncLag(
+        backlog_per_shard={b.shard: b.pending + b.undelivered for b in backlogs},
+        oldest_unsynced_age_s=max(0.0, (wall_ms - min(oldest)) / 1000) if oldest else None,
+        measured_at=now,
+    )
 
-        streams = [
-            ShardStream(gate.redis.client, keys, SYNC_GROUP, "metrics")
-            for keys in gate.keys.all_shards()
-        ]
-        backlogs = await asyncio.gather(*(s.backlog() for s in streams))
-        wall_ms = time.time() * 1000
-        oldest = [b.oldest_ms for b in backlogs if b.oldest_ms is not None]
-        lag = SyncLag(
-            backlog_per_shard={b.shard: b.pending + b.undelivered for b in backlogs},
-            oldest_unsynced_age_s=max(0.0, (wall_ms - min(oldest)) / 1000) if oldest else None,
-            measured_at=now,
-        )
-    _lag_cache[gate] = lag
-    return lag
+
+class SyncLagProbe:
+    """``sync_lag(gate)``, measured at most once per ``max_age_s`` (scrapers and load
+    balancers may ask often; each endpoint keeps its own probe)."""
+
+    def __init__(self, gate: CreditGate, *, max_age_s: float = 1.0) -> None:
+        self.gate = gate
+        self.max_age_s = max_age_s
+        self._last: SyncLag | None = None
+
+    async def measure(self) -> SyncLag:
+        """The last measurement if recent enough, else a new one."""
+        last = self._last
+        if last is not None and time.monotonic() - last.measured_at < self.max_age_s:
+            return last
+        self._last = await sync_lag(self.gate)
+        return self._last
 
 
 # -- the collector ----------------------------------------------------------------------
@@ -147,7 +143,7 @@ class _Collector(Collector):
 
     def __init__(self, hot: HotMetrics, gate: CreditGate) -> None:
         self.hot = hot
-        self.gate = weakref.ref(gate)
+        self.gate = gate
         self.lag: SyncLag | None = None
         self.redis_up: bool | None = None
 
@@ -217,11 +213,10 @@ class _Collector(Collector):
                 "Age of the oldest event not yet in the ledger (0 when all are synced).",
                 value=lag.oldest_unsynced_age_s or 0.0,
             )
-        gate = self.gate()
-        worker = _workers.get(gate) if gate is not None else None
+        worker = self.gate.sync_worker
         if worker is None:
             return
-        totals = worker.totals
+        totals: SyncPassResult = worker.totals
         events = CounterMetricFamily(
             "creditgate_sync_events",
             "What this process's sync worker did with events.",
@@ -242,7 +237,8 @@ def metrics_endpoint(gate: CreditGate) -> Any:
     """The Starlette endpoint of ``GET /metrics`` for ``gate``."""
     from prometheus_client import PlatformCollector, ProcessCollector
 
-    collector = _Collector(METRICS, gate)
+    collector = _Collector(gate.counters, gate)
+    probe = SyncLagProbe(gate)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     registry.register(ProcessCollector(registry=None))
@@ -250,7 +246,7 @@ def metrics_endpoint(gate: CreditGate) -> Any:
 
     async def metrics(request: Request) -> Response:
         try:
-            collector.lag = await asyncio.wait_for(sync_lag(gate), timeout=2)
+            collector.lag = await asyncio.wait_for(probe.measure(), timeout=2)
             collector.redis_up = True
         except Exception:  # Redis down or slow: the counters are still worth serving
             collector.lag = None
@@ -285,6 +281,7 @@ def readiness_endpoint(
     error only go to requests with the admin token (``admin``, default: the config's).
     """
     auth = admin if admin is not None else AdminAuth.of(gate.config)
+    probe = SyncLagProbe(gate)
 
     async def readyz(request: Request) -> Response:
         checks: dict[str, Any] = {}
@@ -306,7 +303,7 @@ def readiness_endpoint(
                 degraded = True
         if redis_ok and gate.config.database_url:
             try:
-                lag = await asyncio.wait_for(sync_lag(gate), timeout=2)
+                lag = await asyncio.wait_for(probe.measure(), timeout=2)
                 age = lag.oldest_unsynced_age_s
                 lagging = age is not None and age > lag_threshold_s
                 checks["sync"] = {

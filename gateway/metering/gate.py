@@ -16,12 +16,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
 from gateway.config import Config, load_config
 from gateway.core.balances import Balance, BucketBalance
+from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.errors import DatabaseUnavailable, LedgerUnavailable, NoDatabase, RedisUnavailable
 from gateway.core.ids import check_id
 from gateway.core.periods import Clock, SystemClock
@@ -80,8 +81,28 @@ class _LazyStore:
         return None if store is None else await store.revoke_api_key(key_id)
 
 
+class SyncReporter(Protocol):
+    """A sync job running in this process, as ``/metrics`` and ``/readyz`` read it:
+    ``sync.worker.SyncWorker`` (structurally: metering does not import the sync layer)."""
+
+    @property
+    def totals(self) -> Any:
+        """What it did since it started (a ``sync.results.SyncPassResult``)."""
+        ...
+
+    async def stats(self) -> Any:
+        """Its lag and health (a ``sync.results.SyncStats``); reads Redis."""
+        ...
+
+
 class CreditGate:
-    """A creditgate deployment: config, Redis, the ledger store, router, identity and meter."""
+    """A creditgate deployment: config, Redis, the ledger store, router, identity and meter.
+
+    ``counters`` are the hot-path counters its requests bump and ``/metrics`` reports
+    (default: the process's, :data:`gateway.core.counters.METRICS`). ``sync_worker`` is
+    the sync job running in this process, if any: whoever starts one sets it (the server,
+    ``gateway.http.lifespan``) so that ``/metrics`` and ``/readyz`` report its progress.
+    """
 
     def __init__(
         self,
@@ -90,17 +111,21 @@ class CreditGate:
         clock: Clock | None = None,
         redis: RedisHandles | None = None,
         store: Store | None = None,
+        counters: HotMetrics | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self.redis = redis or connect_redis(config.redis_url, timeout=config.redis_timeout_seconds)
         self.keys = KeySpace(config.key_prefix, config.shards)
         self.router = Router(config)
+        self.counters = METRICS if counters is None else counters
+        self.sync_worker: SyncReporter | None = None
         self._store = store
         self._store_lock: asyncio.Lock | None = None
         self.meter = Meter(
-            config, self.redis, now_ms=self.clock.now_ms, seeder=self._seed_from_ledger
-        )
+            config, self.redis, now_ms=self.clock.now_ms, seeder=self._seed_from_ledger,
+            counters=self.counters, keys=self.keys,
+        )  # fmt: skip
         self.identifier = Identifier(
             config.identity, keyspace=self.keys, redis=self.redis.client, store=_LazyStore(self)
         )

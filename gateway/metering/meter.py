@@ -37,6 +37,7 @@ class Meter:
     ``seeder(org)`` is called for an org whose state is missing in Redis and must run
     ``seed_state`` (the gate wires it to the ledger); without one, new orgs start on the
     default plan. ``counters`` get the admission latencies (default: the process's).
+    ``keys``: the deployment's key layout (default: built from the config).
     """
 
     def __init__(
@@ -47,10 +48,11 @@ class Meter:
         now_ms: Callable[[], int],
         seeder: Callable[[str], Awaitable[None]] | None = None,
         counters: HotMetrics | None = None,
+        keys: KeySpace | None = None,
     ) -> None:
         self.config = config
         self.redis = redis
-        self.keys = KeySpace(config.key_prefix, config.shards)
+        self.keys = keys or KeySpace(config.key_prefix, config.shards)
         self.seeding = Seeding(
             redis, self.keys, default_plan=config.default_plan, from_ledger=seeder
         )

@@ -18,11 +18,7 @@ from starlette.routing import Route
 
 from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.logs import REQUEST_ID, JsonFormatter, TextFormatter, uvicorn_log_config
-from gateway.http.metrics import (
-    metrics_endpoint,
-    readiness_endpoint,
-    track_sync_worker,
-)
+from gateway.http.metrics import metrics_endpoint, readiness_endpoint
 from gateway.metering.gate import CreditGate
 from sync.worker import SyncWorker
 from tests.support.pg import requires_postgres, temp_database
@@ -181,7 +177,7 @@ async def test_sync_lag_in_metrics_and_readyz() -> None:
                 store = await gate.require_store()
                 worker = SyncWorker(redis=gate.redis.client, pool=store.pool, keyspace=gate.keys)
                 await worker.run_once()
-                track_sync_worker(gate, worker)
+                gate.sync_worker = worker
                 await asyncio.sleep(1.01)  # past the lag cache
                 got = samples((await client.get("/metrics")).text)
                 ready = await client.get("/readyz")
