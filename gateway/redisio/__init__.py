@@ -1,2 +1,2 @@
-"""Talking to Redis: the auto-pipelined script runner (single node and cluster), the
-connection factory and the Lua script loader."""
+"""Talking to Redis: the auto-pipelined script runners (single node, cluster) on their
+connections, RESP encoding, the connection factory and the Lua script loader."""

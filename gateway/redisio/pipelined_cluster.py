@@ -28,16 +28,9 @@ from typing import Any
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from gateway.core.errors import RedisUnavailable
+from gateway.redisio.link import ConnectionSettings, ErrorReply, Link
 from gateway.redisio.lua_scripts import LuaScript
-from gateway.redisio.pipelined import (
-    ASKING,
-    ConnectionSettings,
-    ErrorReply,
-    Link,
-    RedisReplyError,
-    load_and_retry,
-    reply_error,
-)
+from gateway.redisio.pipelined import ASKING, RedisReplyError, load_and_retry, reply_error
 from gateway.redisio.resp import ScriptArg, decode_args, evalsha_header, pack_command
 
 __all__ = ["FastRedisCluster", "slot_of"]
