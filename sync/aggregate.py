@@ -6,6 +6,8 @@ columns (see ``Columns``).
 
 - Rollups count only rows the ledger actually inserted (the caller passes those), so a
   redelivered event adds nothing. Only request events (charge, refund, expired_hold) count.
+  ``usage_daily_model`` (per org, day, model) counts those whose cost came from the call
+  (a cost source) or that name a model: the events with usage fields (sync/records.py).
 - Snapshots move only forward in the org's sequence number. An empty field means
   "unchanged", so each column takes the newest non-empty value of the batch with that
   value's seq; the update applies a column only when its seq is newer than the row's.
@@ -26,14 +28,23 @@ from sync.records import (
     ALLOC,
     BAL,
     BUCKET,
+    CACHED_TOKENS,
+    COST_SOURCE,
     EXTRA,
     FEATURE,
+    IN_TOKENS,
     KIND,
+    MODEL,
     ORG,
+    OUT_TOKENS,
+    OVERAGE,
     PERIOD,
     PLAN,
+    REASONING_TOKENS,
     SEQ,
     TOKENS,
+    USAGE_AT,
+    USAGE_MISSING,
     USED,
     USER,
     Flat,
@@ -48,6 +59,9 @@ Columns = tuple[Sequence[str], ...]
 
 # usage_daily: org, day, feature, user, token_type, requests, tokens.
 ROLLUP_WIDTH = 7
+# usage_daily_model: org, day, model, then the sums of requests, tokens, input_tokens,
+# cached_input_tokens, output_tokens, reasoning_tokens, overage, usage_missing.
+MODEL_ROLLUP_WIDTH = 11
 # ai_tokens: org, bucket, seq, then value and seq of balance, extra, total_allocated, used,
 # period, then refresh_date.
 SNAPSHOT_WIDTH = 14
@@ -96,6 +110,66 @@ def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
         orgs, day_list, features, users, buckets,
         list(map(str, counts)), list(map(str, sums)),
     )  # fmt: skip
+
+
+def _model_sums(v: Flat) -> list[int]:
+    return [
+        1, int(v[TOKENS] or 0), int(v[IN_TOKENS] or 0), int(v[CACHED_TOKENS] or 0),
+        int(v[OUT_TOKENS] or 0), int(v[REASONING_TOKENS] or 0), int(v[OVERAGE] or 0),
+        1 if v[USAGE_MISSING] == "1" else 0,
+    ]  # fmt: skip
+
+
+def _model_row(cell: list[Any]) -> tuple[str, ...]:
+    if len(cell) > USAGE_AT:  # one event: its own (validated) strings
+        return (
+            "1", cell[TOKENS] or "0", cell[IN_TOKENS] or "0", cell[CACHED_TOKENS] or "0",
+            cell[OUT_TOKENS] or "0", cell[REASONING_TOKENS] or "0", cell[OVERAGE] or "0",
+            "1" if cell[USAGE_MISSING] == "1" else "0",
+        )  # fmt: skip
+    return tuple(map(str, cell))
+
+
+def model_rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
+    """Per (org, day, model) of the request events with a cost source or a model: the
+    count and the sums of tokens, the four token counts, overage and missing usage.
+
+    A key seen once keeps its event (no int() and str() per value); a second event turns
+    it into sums."""
+    acc: dict[tuple[str, str, str], list[Any]] = {}
+    get, kinds, at = acc.get, REQUEST_KINDS, USAGE_AT
+    for v, day in zip(entries, days, strict=True):
+        if len(v) > at and (v[COST_SOURCE] or v[MODEL]) and v[KIND] in kinds:
+            key = (v[ORG], day, v[MODEL])
+            cell = get(key)
+            if cell is None:
+                acc[key] = v
+                continue
+            if len(cell) > at:
+                cell = acc[key] = _model_sums(cell)
+            cell[0] += 1
+            t, ui, uc, uo, ur, ov = (
+                v[TOKENS], v[IN_TOKENS], v[CACHED_TOKENS], v[OUT_TOKENS], v[REASONING_TOKENS],
+                v[OVERAGE],
+            )  # fmt: skip
+            if t:
+                cell[1] += int(t)
+            if ui:
+                cell[2] += int(ui)
+            if uc:
+                cell[3] += int(uc)
+            if uo:
+                cell[4] += int(uo)
+            if ur:
+                cell[5] += int(ur)
+            if ov:
+                cell[6] += int(ov)
+            if v[USAGE_MISSING] == "1":
+                cell[7] += 1
+    if not acc:
+        return ((),) * MODEL_ROLLUP_WIDTH
+    orgs, day_list, models = zip(*acc, strict=True)
+    return (orgs, day_list, models, *zip(*map(_model_row, acc.values()), strict=True))
 
 
 def plans(entries: Iterable[Flat]) -> dict[str, str | None]:

@@ -16,13 +16,18 @@ from gateway.core.events import KINDS
 from sync.records import (
     BUCKET,
     FIELD_LIST,
+    FIELD_LIST_EXT,
     ID,
     MAX_DIGITS,
+    NO_USAGE,
+    USAGE_AT,
     Fields,
     Flat,
     Times,
     canonical,
     reference_flat,
+    usage_fast,
+    usage_line,
 )
 
 # (entry id, fields); fields is empty when the entry was deleted while pending.
@@ -39,6 +44,7 @@ class Rows:
     lines: list[str] = field(default_factory=list)  # fast COPY rendering
     days: list[str] = field(default_factory=list)  # UTC day of each event, ISO
     empty_bucket: bool = False  # some entry has b = "" (the fast rendering cannot say it)
+    usage: bool = False  # some entry has the usage fields (sync/records.py)
 
     def __len__(self) -> int:
         return len(self.flats)
@@ -53,6 +59,7 @@ class Rows:
             self.days[start:stop],
         )
         part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
+        part.usage = self.usage and any(len(f) > USAGE_AT for f in part.flats)
         return part
 
 
@@ -77,14 +84,17 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         rows.days.append,
     )  # fmt: skip
     cached, names, kinds, join, cat = times.cache.get, FIELD_LIST, KINDS, "\t".join, "".join
-    empty_bucket = False
+    ext_names, no_usage = FIELD_LIST_EXT, NO_USAGE
+    empty_bucket = usage = False
     for entry_id, fields in entries:
         if not fields:
             vanished += 1
             continue
         try:
             f: Flat
-            if type(fields) is list and fields[::2] == names:
+            if type(fields) is list and (
+                (got := fields[::2]) == names or (got == ext_names and usage_fast(fields))
+            ):
                 f = fields
                 digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
                 if not (
@@ -108,12 +118,18 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         add_fields(fields)
         add_flat(f)
         # copy_line(f, hit[0]), inlined.
+        if len(f) > USAGE_AT:
+            usage = True
+            tail = usage_line(f)
+        else:
+            tail = no_usage
         add_line(
             join((f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31],
-                  f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0]))
+                  f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0])) + tail
         )  # fmt: skip
         add_day(hit[1])
     rows.empty_bucket = empty_bucket
+    rows.usage = usage
     return Decoded(rows, bad, vanished)
 
 

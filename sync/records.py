@@ -17,6 +17,13 @@ encoding in asyncpg: at 100k events/s that is most of the worker's CPU. Anything
 (other field order, missing fields, non-canonical integers, bytes) takes the reference
 path, ``decode`` itself, and is rendered from the ``Event`` it returns.
 
+Usage fields (issue 8): request events of features whose cost comes from the call append
+``rs ov mdl ui uc uo ur cs um`` (gateway/core/events.py) after ``ref``; other events (and
+every event written before) do not have them. A ``Flat`` is then ``FIELDS_EXT`` long
+(``len(f) > USAGE_AT``), otherwise ``FIELDS`` long; the usage columns of a row without them
+are NULL, with ``overage`` 0 and ``usage_missing`` false. An entry that has them in another
+order, or only some of them, takes the reference path, which reads them by name.
+
 Two renderings exist. The fast one writes NULL as the empty string (``COPY ... NULL ''``)
 and escapes nothing; it is valid for a batch only when no value holds a tab, newline,
 carriage return or backslash and no entry has an empty bucket (the one text column where
@@ -39,19 +46,37 @@ FIELDS = (
     "per", "s", "ts", "rq", "st", "lat", "m", "r", "p", "ref",
 )  # fmt: skip
 FIELD_LIST = list(FIELDS)
+# The usage fields, in the order settle.lua appends them after ``ref``.
+USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
+FIELDS_EXT = FIELDS + USAGE_FIELDS
+FIELD_LIST_EXT = list(FIELDS_EXT)
 # Positions of the values in a ``Flat``.
 ID, KIND, ORG, USER, FEATURE, BUCKET, TOKENS, BAL, EXTRA, ALLOC, USED = range(1, 22, 2)
 PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(23, 42, 2)
+# ... and of the usage values, present when ``len(f) > USAGE_AT``.
+RESERVED, OVERAGE, MODEL, IN_TOKENS, CACHED_TOKENS, OUT_TOKENS, REASONING_TOKENS = range(43, 56, 2)
+COST_SOURCE, USAGE_MISSING = 57, 59
+USAGE_AT = 42
 
-# The ledger columns a line fills, in line order.
+# The ledger columns a line fills, in line order: these ...
 LOG_COLUMNS = (
     "event_id", "organization_id", "user_id", "feature_used", "token_type",
     "tokens_deducted", "kind", "request_id", "method", "route", "upstream_status",
     "latency_ms", "balance_after", "extra_after", "seq", "plan", "reference", "created_at",
 )  # fmt: skip
-_TABS_PER_LINE = len(LOG_COLUMNS) - 1
+# ... then the usage columns (migrations/0006_usage_columns.sql); COPY_COLUMNS is a line.
+USAGE_COLUMNS = (
+    "model", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+    "reserved", "overage", "cost_source", "usage_missing",
+)  # fmt: skip
+COPY_COLUMNS = LOG_COLUMNS + USAGE_COLUMNS
+_TABS_PER_LINE = len(COPY_COLUMNS) - 1
+# The end of the line of an entry without usage fields: the usage columns NULL, but
+# overage 0 and usage_missing false (0). Fast rendering (NULL is ''), then careful (\N).
+NO_USAGE = "\t" + "\t".join(("",) * 6 + ("0", "", "0"))
+NO_USAGE_CAREFUL = "\t" + "\t".join(("\\N",) * 6 + ("0", "\\N", "0"))
 
-# A canonical entry: [name, value, ...] with the names of FIELDS, in order.
+# A canonical entry: [name, value, ...] with the names of FIELDS (or FIELDS_EXT), in order.
 Flat = list[str]
 # An entry's fields as a client returns them: a flat [name, value, ...] list (the raw
 # reply of FastRedis) or a mapping (redis-py, str or bytes).
@@ -94,32 +119,69 @@ def _opt(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
+def _usage_value(fields: Mapping[Any, Any], name: str) -> str | None:
+    raw = fields.get(name) if name in fields else fields.get(name.encode())
+    return None if raw is None else _text(raw)
+
+
+def _count(value: str) -> str:
+    # An integer usage field, canonical ("" stays ""); int() raises as decode does on t.
+    return "" if value == "" else str(int(value))
+
+
 def reference_flat(fields: Fields) -> Flat:
-    """The canonical entry through ``gateway.core.events.decode`` (raises exactly as it does)."""
+    """The canonical entry through ``gateway.core.events.decode`` (raises exactly as it does);
+    the usage fields, when the entry has any, read by name (``FIELDS_EXT`` long then)."""
     if not isinstance(fields, Mapping):
         # A flat list: later duplicates win, as in the dict redis-py would build.
         fields = dict(zip(fields[::2], fields[1::2], strict=False))
     ev = decode(cast("dict[str, str]", fields))
     raw_ts = fields.get("ts") if "ts" in fields else fields.get(b"ts")
     ts = int(_text(raw_ts) or "0") if raw_ts is not None else 0
-    values = (
+    values: tuple[str, ...] = (
         ev.event_id, ev.kind, ev.org, ev.user or "", ev.feature or "", ev.bucket,
         str(ev.tokens), _opt(ev.balance_after), _opt(ev.extra_after), _opt(ev.allocated),
         _opt(ev.used), ev.period or "", _opt(ev.seq), str(ts), ev.request_id or "",
         _opt(ev.upstream_status), _opt(ev.latency_ms), ev.method or "", ev.route or "",
         ev.plan or "", ev.reference or "",
     )  # fmt: skip
-    return [x for pair in zip(FIELDS, values, strict=True) for x in pair]
+    usage = [_usage_value(fields, name) for name in USAGE_FIELDS]
+    if all(v is None for v in usage):
+        return [x for pair in zip(FIELDS, values, strict=True) for x in pair]
+    rs, ov, mdl, ui, uc, uo, ur, cs, um = (v or "" for v in usage)
+    values += (
+        _count(rs), _count(ov), mdl, _count(ui), _count(uc), _count(uo), _count(ur), cs,
+        "1" if um == "1" else "",
+    )  # fmt: skip
+    return [x for pair in zip(FIELDS_EXT, values, strict=True) for x in pair]
+
+
+def usage_fast(f: Flat) -> bool:
+    """Whether the usage values of a ``FIELDS_EXT`` entry are canonical as they are."""
+    digits = "".join((f[43], f[45], f[49], f[51], f[53], f[55]))
+    return (
+        (not digits or (digits.isdigit() and digits.isascii()))
+        and len(digits) <= MAX_DIGITS
+        and f[59] in ("", "1")
+    )
 
 
 def canonical(fields: Fields) -> Flat:
     """The entry as a validated ``Flat``; raises (ValueError ...) when ``decode`` would."""
     if type(fields) is list:
-        if fields[::2] != FIELD_LIST:
+        names = fields[::2]
+        if names == FIELD_LIST:
+            f: Flat = fields
+        elif names == FIELD_LIST_EXT and usage_fast(fields):
+            f = fields
+        else:
             return reference_flat(fields)
-        f: Flat = fields
-    elif isinstance(fields, Mapping) and list(fields) == FIELD_LIST:
+    elif isinstance(fields, Mapping) and (
+        (keys := list(fields)) == FIELD_LIST or keys == FIELD_LIST_EXT
+    ):
         f = [x for pair in fields.items() for x in pair]
+        if len(f) > USAGE_AT and not usage_fast(f):
+            return reference_flat(fields)
     else:
         return reference_flat(fields)
     digits = "".join((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
@@ -159,10 +221,18 @@ class Times:
 
 def copy_line(f: Flat, created: str) -> str:
     """The row, fast rendering: NULL is ``''``, nothing escaped (see the module docstring)."""
-    return "\t".join(
+    line = "\t".join(
         (f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31], f[33],
          f[15], f[17], f[25] or "0", f[39], f[41], created)
     )  # fmt: skip
+    return line + (usage_line(f) if len(f) > USAGE_AT else NO_USAGE)
+
+
+def usage_line(f: Flat) -> str:
+    """The usage columns of a ``FIELDS_EXT`` entry, fast rendering (with the leading tab)."""
+    return "\t" + "\t".join(
+        (f[47], f[49], f[51], f[53], f[55], f[43], f[45] or "0", f[57], f[59] or "0")
+    )
 
 
 def fast_payload(lines: Sequence[str], empty_bucket: bool) -> bytes | None:
@@ -190,11 +260,18 @@ def _esc(value: str) -> str:
 
 def careful_line(f: Flat, created: str) -> str:
     """The row with every value escaped and NULL as ``\\N`` (default text COPY)."""
-    return "\t".join(
+    line = "\t".join(
         (_esc(f[1]), _esc(f[5]), _esc(f[7]), _esc(f[9]), f[11].translate(_ESCAPES),
          f[13] or "0", _esc(f[3]), _esc(f[29]), _esc(f[35]), _esc(f[37]), _esc(f[31]),
          _esc(f[33]), _esc(f[15]), _esc(f[17]), f[25] or "0", _esc(f[39]), _esc(f[41]), created)
     )  # fmt: skip
+    if len(f) <= USAGE_AT:
+        return line + NO_USAGE_CAREFUL
+    usage = (
+        _esc(f[47]), _esc(f[49]), _esc(f[51]), _esc(f[53]), _esc(f[55]), _esc(f[43]),
+        f[45] or "0", _esc(f[57]), f[59] or "0",
+    )  # fmt: skip
+    return line + "\t" + "\t".join(usage)
 
 
 def careful_payload(entries: Sequence[Flat], times: Times) -> bytes:

@@ -16,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 from sync.aggregate import Columns
-from sync.records import LOG_COLUMNS
+from sync.records import COPY_COLUMNS
 
 SEP = "\x1f"
 LOG = "ai_token_usage_log"
@@ -24,13 +24,15 @@ TEMP = "cg_sync_in"
 _LOG_TYPES = (
     "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
     "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
+    # the usage columns (sync/records.py USAGE_COLUMNS)
+    "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "boolean",
 )  # fmt: skip
 CREATE_TEMP = (
     f"CREATE TEMP TABLE {TEMP} ("
-    + ", ".join(f"{n} {t}" for n, t in zip(LOG_COLUMNS, _LOG_TYPES, strict=True))
+    + ", ".join(f"{n} {t}" for n, t in zip(COPY_COLUMNS, _LOG_TYPES, strict=True))
     + ") ON COMMIT DROP"
 )
-_COLS = ", ".join(LOG_COLUMNS)
+_COLS = ", ".join(COPY_COLUMNS)
 # The safe path: rows whose event id is in the ledger already are skipped.
 INSERT_FROM_TEMP = (
     f"INSERT INTO {LOG} ({_COLS}) SELECT {_COLS} FROM {TEMP}"
@@ -68,6 +70,22 @@ ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
 _ROLLUP_TYPES = ("text", "date", "text", "text", "text", "bigint", "bigint")
 _ROLLUP_NULLABLE = (False,) * 7
 
+_MODEL_ROLLUP = """
+INSERT INTO usage_daily_model AS d (organization_id, day, model, requests, tokens,
+    input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, overage, usage_missing)
+SELECT * FROM {rows}
+ON CONFLICT (organization_id, day, model) DO UPDATE
+    SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens,
+        input_tokens = d.input_tokens + EXCLUDED.input_tokens,
+        cached_input_tokens = d.cached_input_tokens + EXCLUDED.cached_input_tokens,
+        output_tokens = d.output_tokens + EXCLUDED.output_tokens,
+        reasoning_tokens = d.reasoning_tokens + EXCLUDED.reasoning_tokens,
+        overage = d.overage + EXCLUDED.overage,
+        usage_missing = d.usage_missing + EXCLUDED.usage_missing
+"""
+_MODEL_ROLLUP_TYPES = ("text", "date", "text", *("bigint",) * 8)
+_MODEL_ROLLUP_NULLABLE = (False,) * 11
+
 # Each column takes the batch's newest non-empty value only if that value's seq is newer
 # than the row's (NULL > x is not true, so a column the batch never set stays).
 _UPDATE_SNAPSHOTS = """
@@ -93,6 +111,7 @@ _SNAP_NULLABLE = (False, False, *(True,) * 12)
 
 _KINDS = {
     "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE),
+    "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE),
     "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE),
 }
 
@@ -128,7 +147,8 @@ def _typed(value: str, typ: str, nullable: bool) -> Any:
 
 
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
-    """The ``"rollup"`` or ``"snapshots"`` statement and its parameters for ``columns``."""
+    """The ``"rollup"``, ``"model_rollup"`` or ``"snapshots"`` statement and its parameters
+    for ``columns``."""
     n = len(columns[0])
     packed = [SEP.join(col) + SEP for col in columns]
     if all(p.count(SEP) == n for p in packed):

@@ -9,7 +9,8 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 delivery into exactly-once rows either way.
 
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
-in Python): ``usage_daily`` gets one upsert per (org, day, feature, user); missing
+in Python): ``usage_daily`` gets one upsert per (org, day, feature, user) and, for the
+events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
 ``organizations`` rows (an event's org, with its newest event's plan) and seq-0
 ``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
 snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
@@ -41,9 +42,9 @@ import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
 
 from sync import sql
-from sync.aggregate import plans, rollups, snapshots
+from sync.aggregate import MODEL_ROLLUP_WIDTH, model_rollups, plans, rollups, snapshots
 from sync.batch import Rows, first_of_each
-from sync.records import LOG_COLUMNS, Times, careful_payload, fast_payload
+from sync.records import COPY_COLUMNS, Times, careful_payload, fast_payload
 
 log = logging.getLogger("creditgate.sync")
 
@@ -190,23 +191,31 @@ class BatchWriter:
         # On the fast path every row is new, so the rollups can be reduced before the
         # transaction starts; the safe path knows which rows are new only inside it.
         roll = rollups(rows.flats, rows.days) if direct else ()
+        # Only batches holding usage fields have model rollups (most hold none).
+        no_models = ((),) * MODEL_ROLLUP_WIDTH
+        models = model_rollups(rows.flats, rows.days) if direct and rows.usage else no_models
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute(sql.LOCK, self._lock_space, shard)
             if direct:
                 await conn.copy_to_table(
-                    sql.LOG, source=_once(payload), columns=LOG_COLUMNS, null=null
+                    sql.LOG, source=_once(payload), columns=COPY_COLUMNS, null=null
                 )
                 inserted = len(rows)
             else:
                 await conn.execute(sql.CREATE_TEMP)
                 await conn.copy_to_table(
-                    sql.TEMP, source=_once(payload), columns=LOG_COLUMNS, null=null
+                    sql.TEMP, source=_once(payload), columns=COPY_COLUMNS, null=null
                 )
                 ids = {r[0] for r in await conn.fetch(sql.INSERT_FROM_TEMP)}
                 inserted = len(ids)
-                roll = rollups(*first_of_each(rows, ids))
+                new_flats, new_days = first_of_each(rows, ids)
+                roll = rollups(new_flats, new_days)
+                if rows.usage:
+                    models = model_rollups(new_flats, new_days)
             if roll[0]:
                 await conn.execute(*_call(sql.statement("rollup", roll)))
+            if models[0]:
+                await conn.execute(*_call(sql.statement("model_rollup", models)))
             if new_orgs or new_rows:
                 await conn.execute(
                     sql.INSERT_ORGS_AND_PLACEHOLDERS,

@@ -221,7 +221,7 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "GET", "/admin/usage", usage, "windowUsage",
-        "Usage by feature, day, org and user over a window (at most 366 days, else 400)",
+        "Usage by feature, day, org, user and model over a window (at most 366 days, else 400)",
         {200: Doc("The usage", WindowUsage)}, (*_COMMON, 400, 501),
         security="admin", tag="admin", query=WindowQuery,
     ),

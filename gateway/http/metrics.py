@@ -12,6 +12,11 @@ Metrics (all prefixed ``creditgate_``):
   ``refused_rate_limited``, ``refused_in_flight``, ``refused_replay``,
   ``refused_unauthenticated``, ``refused_unavailable``, ...);
 - ``tokens_charged_total{feature}``; ``denials_total{reason}``; ``fail_open_total``;
+- ``tokens_by_model_total{feature, model}``: the actual charge (creditgate tokens, overage
+  included) of requests whose cost came from the call, by the model the upstream named
+  (``unknown`` when none; ``other`` past ``counters.MAX_MODELS`` series);
+  ``usage_missing_total{feature}``: settles whose usage never came (the feature's
+  ``on_missing_usage`` policy decided the charge);
 - ``admit_seconds`` (histogram of the admission round trip to Redis);
 - ``sync_backlog_events{shard}``, ``sync_oldest_unsynced_seconds``; when a sync worker runs
   in this process, ``sync_last_success_timestamp_seconds`` and
@@ -179,6 +184,22 @@ class _Collector(Collector):
             denials.add_metric([reason], n)
         fail_open.add_metric([], passed)
         yield from (requests, tokens, denials, fail_open)
+
+        by_model = CounterMetricFamily(
+            "creditgate_tokens_by_model",
+            "Tokens charged for requests whose cost came from the call, by feature and model.",
+            labels=["feature", "model"],
+        )
+        for (feature, model), charged in sorted(self.hot.tokens_by_model().items()):
+            by_model.add_metric([feature, model], charged)
+        missing = CounterMetricFamily(
+            "creditgate_usage_missing",
+            "Settles whose usage never came (on_missing_usage decided), by feature.",
+            labels=["feature"],
+        )
+        for feature, n in sorted(self.hot.usage_missing().items()):
+            missing.add_metric([feature], n)
+        yield from (by_model, missing)
 
         counts, total, n = self.hot.admit_histogram()
         cumulative, running = [], 0

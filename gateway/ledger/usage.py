@@ -5,8 +5,11 @@ sync job maintains ``usage_daily`` (org, day, feature, user), and migration 0002
 ``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user) from
 it in the same transaction. A window of one org is then an index-only scan of at most
 days x features plus days x users rows, whatever its request volume or its number of
-features x users. The log itself is only read a page at a time, newest first, by keyset
-over ``(created_at, id)`` (the ``usage_log_org_created`` index).
+features x users. Usage by model (requests whose cost came from the call, DESIGN A8) is
+read from ``usage_daily_model`` (org, day, model; migration 0006, kept by the sync job in
+the same transaction too): at most days x models rows. The log itself is only read a
+page at a time, newest first, by keyset over ``(created_at, id)`` (the
+``usage_log_org_created`` index).
 
 Reads acting for one org run in a read-only transaction that sets ``creditgate.org_id``
 (row-level security applies when the gateway connects as a restricted role) and every
@@ -54,37 +57,75 @@ async def org_reader(pool: asyncpg.Pool, org: str) -> AsyncIterator[Conn]:
 # -- one org's usage -------------------------------------------------------------------
 
 # One round trip: the org's (day, feature) rows, from which by_day, by_feature and the
-# burn are summed in Python (at most days x features rows), then its top users.
+# burn are summed in Python (at most days x features rows), its top users, and its usage
+# per model over the window. ``part``: 0 feature, 1 user, 2 model (in the feature column).
 _ORG_USAGE = """
-(SELECT false AS by_user, day, feature, token_type, NULL::text AS user_id, requests, tokens
+(SELECT 0 AS part, day, feature, token_type, NULL::text AS user_id, requests, tokens,
+        0::bigint AS input_tokens, 0::bigint AS cached_input_tokens,
+        0::bigint AS output_tokens, 0::bigint AS reasoning_tokens, 0::bigint AS overage,
+        0::bigint AS usage_missing
  FROM usage_daily_feature
  WHERE organization_id = $1 AND day >= least($2::date, $4::date) AND day <= $3)
 UNION ALL
-(SELECT true, NULL, NULL, NULL, user_id, sum(requests), sum(tokens)
+(SELECT 1, NULL, NULL, NULL, user_id, sum(requests), sum(tokens), 0, 0, 0, 0, 0, 0
  FROM usage_daily_user
  WHERE organization_id = $1 AND day >= $2 AND day <= $3
  GROUP BY user_id HAVING sum(requests) > 0
  ORDER BY 7 DESC, 6 DESC, 5 LIMIT $5)
+UNION ALL
+(SELECT 2, NULL, model, NULL, NULL, sum(requests), sum(tokens), sum(input_tokens),
+        sum(cached_input_tokens), sum(output_tokens), sum(reasoning_tokens), sum(overage),
+        sum(usage_missing)
+ FROM usage_daily_model
+ WHERE organization_id = $1 AND day >= $2 AND day <= $3
+ GROUP BY model)
 """
+
+# The sums of a usage_daily_model row (or of a group of them), in model-item order.
+_MODEL_SUMS = (
+    "requests", "tokens", "input_tokens", "cached_input_tokens", "output_tokens",
+    "reasoning_tokens", "overage", "usage_missing",
+)  # fmt: skip
 
 
 def _usage_item(key: str, value: Any, requests: int, tokens: int) -> dict[str, Any]:
     return {key: value, "requests": int(requests), "tokens": int(tokens)}
 
 
+def _model_item(model: str, r: asyncpg.Record) -> dict[str, Any]:
+    """One model's usage (``r`` has the sums); ``model`` None for requests that reported
+    none (``''`` in the rollup)."""
+    item: dict[str, Any] = {"model": model or None}
+    for name in _MODEL_SUMS:
+        item["usage_missing_requests" if name == "usage_missing" else name] = int(r[name])
+    return item
+
+
+def _by_model(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    items = [i for i in items if i["requests"]]
+    items.sort(key=lambda i: (-i["tokens"], -i["requests"], i["model"] or ""))
+    return items
+
+
 async def org_usage(
     conn: Conn, org: str, start: date, end: date, burn_start: date
 ) -> dict[str, Any]:
-    """The org's usage over [start, end] by feature, user and day, and tokens per bucket
-    since ``burn_start`` (for the forecast), in one pass over its rollups."""
+    """The org's usage over [start, end] by feature, user, day and model, the overage, and
+    tokens per bucket since ``burn_start`` (for the forecast), in one pass over its
+    rollups."""
     rows = await conn.fetch(_ORG_USAGE, org, start, end, burn_start, TOP_USERS)
     features: dict[str, list[int]] = {}
     days: dict[date, list[int]] = {}
     burn: dict[str, int] = {}
     by_user: list[dict[str, Any]] = []
+    models: list[dict[str, Any]] = []
     for r in rows:
-        if r["by_user"]:
+        part = r["part"]
+        if part == 1:
             by_user.append(_usage_item("user_id", r["user_id"] or None, r["requests"], r["tokens"]))
+            continue
+        if part == 2:
+            models.append(_model_item(r["feature"], r))
             continue
         day, requests, tokens = r["day"], int(r["requests"]), int(r["tokens"])
         if day >= burn_start:
@@ -104,6 +145,8 @@ async def org_usage(
         "by_feature": by_feature,
         "by_user": by_user,
         "by_day": by_day,
+        "by_model": _by_model(models),
+        "overage": sum(m["overage"] for m in models),
         "burn": burn,
     }
 
@@ -135,8 +178,9 @@ def forecast(
 async def org_stats(
     pool: asyncpg.Pool, org: str, balance_of: Awaitable[Balance], now_ms: int, days: int = 30
 ) -> dict[str, Any]:
-    """``GET /stats``: usage over the last ``days`` days (today included) and the forecast
-    (the library's ``stats``; the seed's getTokenStats). ``balance_of`` reads the org's
+    """``GET /stats``: usage over the last ``days`` days (today included) by feature, user,
+    day and model, the overage, and the forecast (the library's ``stats``; the seed's
+    getTokenStats). ``balance_of`` reads the org's
     balance (from Redis) while the ledger is queried; ``now_ms`` is the caller's clock."""
     today = utc_date(now_ms)
     start = today - timedelta(days=days - 1)
@@ -166,8 +210,11 @@ async def org_stats(
 _LOG_COLUMNS = (
     "id, event_id, created_at, kind, feature_used, token_type, user_id, tokens_deducted,"
     " balance_after, extra_after, request_id, method, route, upstream_status, latency_ms,"
-    " plan, reference"
+    " plan, reference, model, input_tokens, cached_input_tokens, output_tokens,"
+    " reasoning_tokens, reserved, overage, cost_source, usage_missing"
 )
+# Kinds of the rows a request leaves; only these have an actual charge.
+_REQUEST_KINDS = frozenset({"charge", "refund", "expired_hold"})
 
 
 def encode_cursor(created_at: datetime, row_id: int) -> str:
@@ -212,6 +259,17 @@ def _log_item(r: asyncpg.Record) -> dict[str, Any]:
         "latency_ms": r["latency_ms"],
         "plan": r["plan"] or None,
         "reference": r["reference"] or None,
+        # What the call cost (migration 0006): NULL for fixed-cost and older rows.
+        "model": r["model"],
+        "input_tokens": r["input_tokens"],
+        "cached_input_tokens": r["cached_input_tokens"],
+        "output_tokens": r["output_tokens"],
+        "reasoning_tokens": r["reasoning_tokens"],
+        "reserved": r["reserved"],
+        "charged": r["tokens_deducted"] + r["overage"] if r["kind"] in _REQUEST_KINDS else None,
+        "overage": r["overage"],
+        "cost_source": r["cost_source"],
+        "usage_missing": r["usage_missing"],
     }
 
 
@@ -288,7 +346,8 @@ async def orgs_by_id(
 
 async def window_usage(pool: asyncpg.Pool, start: date, end: date, limit: int) -> dict[str, Any]:
     """Usage of every org over [start, end]: by feature, by day, the top orgs and the top
-    users (each user's share of their org's tokens: the per-user contribution)."""
+    users (each user's share of their org's tokens: the per-user contribution), the top
+    models and the overage of all of them."""
     window = "FROM usage_daily_feature WHERE day >= $1 AND day <= $2"
     user_window = "FROM usage_daily_user WHERE day >= $1 AND day <= $2"
     async with pool.acquire() as conn, conn.transaction(readonly=True):
@@ -313,6 +372,14 @@ async def window_usage(pool: asyncpg.Pool, start: date, end: date, limit: int) -
             start, end, limit,
         )  # fmt: skip
         active = await conn.fetchval(f"SELECT count(DISTINCT organization_id) {window}", start, end)
+        sums = ", ".join(f"sum({c}) AS {c}" for c in _MODEL_SUMS)
+        models = await conn.fetch(
+            f"WITH m AS (SELECT model, {sums} FROM usage_daily_model"
+            " WHERE day >= $1 AND day <= $2 GROUP BY model)"
+            " SELECT *, sum(overage) OVER () AS all_overage FROM m"
+            " ORDER BY tokens DESC, requests DESC, model LIMIT $3",
+            start, end, limit,
+        )  # fmt: skip
     by_day = {r["day"]: r for r in days}
     day_items = []
     for n in range((end - start).days + 1):
@@ -350,4 +417,6 @@ async def window_usage(pool: asyncpg.Pool, start: date, end: date, limit: int) -
             }
             for r in users
         ],
+        "by_model": _by_model([_model_item(r["model"], r) for r in models]),
+        "overage": int(models[0]["all_overage"]) if models else 0,
     }

@@ -258,3 +258,138 @@ async def test_org_dashboard_without_a_ledger_shows_balances_only() -> None:
     finally:
         await gate.close()
         await clean_prefix(prefix)
+
+
+# -- usage by model (issue 8: what the AI call cost) -------------------------------------
+
+# (id, model, net tokens, overage, uncached input, cached input, output, reasoning,
+#  cost source, usage missing): usage events as settle.lua writes them.
+MODEL_EVENTS = [
+    ("rq-1", "gpt-4o-mini", 40, 0, 3000, 1000, 1200, 0, "usage", ""),
+    ("rq-2", "gpt-4o-mini", 25, 5, 2000, 0, 900, 0, "usage", ""),
+    ("rq-3", "claude-3-5-sonnet", 30, 0, 800, 0, 1500, 400, "usage", ""),
+    ("rq-4", "", 20, 0, "", "", "", "", "policy", "1"),
+]
+
+
+@pytest.fixture
+async def served_models() -> AsyncIterator[tuple[str, str]]:
+    """(base URL, an API key of org 'initech', whose requests were priced by their usage)."""
+    from tests.sync.test_usage_fields import usage_event
+
+    prefix = f"cgt{uuid.uuid4().hex[:10]}"
+    async with temp_database(migrated=True) as dsn:
+        config = _config(prefix, dsn)
+        clock = FixedClock(MID_NOVEMBER_MS)
+        gate = CreditGate(config, clock=clock)
+        try:
+            await gate.set_plan("initech", "team")
+            _, key = await gate.create_key("initech", name="dashboard")
+            assert (await gate.charge("initech", "lead_generation", user="ivy")).ok
+            await gate.meter.drain()
+            redis: Any = gate.redis.client
+            for rid, model, t, ov, ui, uc, uo, ur, cs, um in MODEL_EVENTS:
+                await redis.xadd(gate.keys.shard("initech").events, usage_event(
+                    "initech", id=rid, t=t, ov=ov, rs=30, mdl=model, ui=ui, uc=uc, uo=uo,
+                    ur=ur, cs=cs, um=um, f="general_insights", b="general_insights", u="ivy",
+                    s="", ts=_day(14), st=200, lat=20,
+                ))  # fmt: skip
+            store = await gate.require_store()
+            await SyncWorker(
+                redis=gate.redis.client, pool=store.pool, keyspace=gate.keys
+            ).run_once()
+            app = GatewayApp(CreditGate(config, clock=clock), sync=False)
+            with serve_in_thread(app) as url:
+                yield url, key
+        finally:
+            await gate.close()
+            await clean_prefix(prefix)
+
+
+# What the model table shows, most tokens first: model, requests, input, cached, output,
+# reasoning, charged (net + overage), overage, usage missing.
+MODEL_ROWS = [
+    ["gpt-4o-mini", "2", "5,000", "1,000", "2,100", "0", "70", "5", "0"],
+    ["claude-3-5-sonnet", "1", "800", "0", "1,500", "400", "30", "0", "0"],
+    ["(none reported)", "1", "0", "0", "0", "0", "20", "0", "1"],
+]
+
+
+async def _model_table(page: Any) -> list[list[str]]:
+    rows: list[list[str]] = await page.eval_on_selector_all(
+        "#models tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.textContent))"
+    )
+    return rows
+
+
+async def test_org_dashboard_shows_usage_by_model_and_overage(
+    served_models: tuple[str, str],
+) -> None:
+    url, key = served_models
+    OUT.mkdir(exist_ok=True)
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        await page.goto(f"{url}/api/v1/tokens/dashboard")
+        await page.fill("#key", key)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("body[data-ready='1']")
+        assert await _model_table(page) == MODEL_ROWS
+        models = await page.eval_on_selector_all(
+            "#models tbody tr", "rows => rows.map(r => r.dataset.model)"
+        )
+        assert models == ["gpt-4o-mini", "claude-3-5-sonnet", ""]
+        assert await page.inner_text("#overage") == "Overage 5 tokens · 30 days"
+        colour = await page.eval_on_selector("#overage", "el => getComputedStyle(el).color")
+        assert colour == RED  # some overage: shown in red
+        # Recent activity names the model and the overage of each request.
+        activity = await page.eval_on_selector_all(
+            "#activity tbody tr",
+            "rows => rows.map(r => [r.cells[4].textContent, r.cells[6].textContent])",
+        )
+        assert ["gpt-4o-mini", "5"] in activity and ["claude-3-5-sonnet", ""] in activity
+        await page.screenshot(path=str(OUT / "dashboard-org-models.png"), full_page=True)
+        assert errors == []
+        await browser.close()
+
+
+async def test_admin_dashboard_shows_usage_by_model_and_overage(
+    served_models: tuple[str, str],
+) -> None:
+    url, _ = served_models
+    OUT.mkdir(exist_ok=True)
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 1100})
+        await page.goto(f"{url}/admin/dashboard")
+        await page.fill("#key", ADMIN_TOKEN)
+        await page.click("button[type=submit]")
+        await page.wait_for_selector("body[data-ready='1']")
+        assert await _model_table(page) == MODEL_ROWS
+        assert await page.inner_text("#overage") == "Overage 5 tokens · 30 days"
+        await page.screenshot(path=str(OUT / "dashboard-admin-models.png"), full_page=True)
+        await browser.close()
+
+
+async def test_dashboards_without_usage_priced_requests_say_so(
+    served: tuple[str, str, CreditGate],
+) -> None:
+    url, key, _ = served
+    async with playwright_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        for path, credential in (("/api/v1/tokens/dashboard", key),
+                                 ("/admin/dashboard", ADMIN_TOKEN)):  # fmt: skip
+            await page.goto(f"{url}{path}")
+            await page.fill("#key", credential)
+            await page.click("button[type=submit]")
+            await page.wait_for_selector("body[data-ready='1']")
+            assert await _model_table(page) == [["No requests priced by the call yet"]]
+            assert await page.inner_text("#overage") == "Overage 0 tokens · 30 days"
+            colour = await page.eval_on_selector("#overage", "el => getComputedStyle(el).color")
+            assert colour != RED
+            await page.evaluate("() => sessionStorage.clear()")
+        await browser.close()

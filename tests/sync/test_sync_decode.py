@@ -1,7 +1,8 @@
 """The sync job's decoder and reductions against their references (no servers needed).
 
 - ``canonical`` + the ``COPY`` renderings yield exactly the ledger row that
-  ``gateway.core.events.decode`` implies, or raise what it raises, for any entry;
+  ``gateway.core.events.decode`` implies (and the usage columns its usage fields imply),
+  or raise what it raises, for any entry;
 - ``snapshots`` (the fast whole-row rule plus the column rule for partial events) equals
   the plain column-by-column rule.
 """
@@ -24,10 +25,12 @@ from sync.records import (
     BUCKET,
     EXTRA,
     FIELDS,
+    FIELDS_EXT,
     ORG,
     PERIOD,
     SEQ,
     TS,
+    USAGE_FIELDS,
     USED,
     Times,
     canonical,
@@ -36,7 +39,7 @@ from sync.records import (
     fast_payload,
 )
 
-_KEYS = list(FIELDS)
+_KEYS = list(FIELDS_EXT)
 _VALUES = [
     "",
     "0",
@@ -67,16 +70,39 @@ _VALUES = [
     "\\N",
     "cr\r",
 ]
-_INT_COLUMNS = {5, 10, 11, 12, 13, 14}
+_INT_COLUMNS = {5, 10, 11, 12, 13, 14, 19, 20, 21, 22, 23, 24}
+_BOOL_COLUMN = 26
+
+
+def _usage_reference(fields: Any) -> tuple[Any, ...]:
+    """The usage columns an entry's usage fields imply (migrations/0006_usage_columns.sql):
+    NULL when absent or empty, but overage 0 and usage_missing false."""
+
+    def get(name: str) -> str:
+        raw = fields.get(name, fields.get(name.encode(), ""))
+        return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+
+    rs, ov, mdl, ui, uc, uo, ur, cs, um = (get(n) for n in USAGE_FIELDS)
+
+    def count(v: str) -> int | None:
+        return int(v) if v else None
+
+    return (
+        mdl or None, count(ui), count(uc), count(uo), count(ur), count(rs), count(ov) or 0,
+        cs or None, um == "1",
+    )  # fmt: skip
 
 
 def _reference_row(fields: Any) -> tuple[Any, ...]:
     """The ledger row gateway.core.events.decode implies (coalesce(seq, 0) as the writer)."""
+    if not isinstance(fields, dict):  # a flat list: later duplicates win
+        fields = dict(zip(fields[::2], fields[1::2], strict=False))
     ev = decode(fields)
     return (
         ev.event_id, ev.org, ev.user, ev.feature, ev.bucket, ev.tokens, ev.kind,
         ev.request_id, ev.method, ev.route, ev.upstream_status, ev.latency_ms,
         ev.balance_after, ev.extra_after, ev.seq or 0, ev.plan, ev.reference, ev.created_at,
+        *_usage_reference(fields),
     )  # fmt: skip
 
 
@@ -104,6 +130,8 @@ def _parse_copy_line(line: str, null: str) -> tuple[Any, ...]:
         value = _unescape(raw) if null == "\\N" else raw
         if i in _INT_COLUMNS:
             out.append(int(value))
+        elif i == _BOOL_COLUMN:
+            out.append({"0": False, "1": True}[value])
         elif i == 17:
             out.append(datetime.fromisoformat(value))
         else:
@@ -143,7 +171,7 @@ def _check(given_fields: Any, reference_fields: Any) -> None:
 @given(
     st.dictionaries(st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
     st.sampled_from(["charge", "reset", "nope", None]),
-    st.sampled_from(["dict", "bytes", "flat", "canonical"]),
+    st.sampled_from(["dict", "bytes", "flat", "canonical", "canonical_usage"]),
 )
 def test_copy_rows_match_the_reference_decoder(
     fields: dict[str, str], kind: str | None, shape: str
@@ -156,6 +184,8 @@ def test_copy_rows_match_the_reference_decoder(
     elif shape in ("flat", "canonical"):
         if shape == "canonical":  # every field, in the order the Lua scripts write them
             fields = {k: fields.get(k, "") for k in FIELDS}
+        elif shape == "canonical_usage":  # ... with the usage fields settle.lua appends
+            fields = {k: fields.get(k, "") for k in FIELDS_EXT}
         given_fields = [x for kv in fields.items() for x in kv]
     _check(given_fields, given_fields if shape == "bytes" else fields)
 
@@ -164,6 +194,7 @@ _INT_FIELDS = ("t", "bal", "x", "a", "used", "s", "ts", "st", "lat")
 _GOOD_INTS = ["", "0", "7", "42", "1795469836271", "007"]
 _ODD_INTS = ["-3", " 12", "1_000", "\u0663", "9" * 30, "9" * 250, "x"]
 _TEXT_VALUES = ["", "acme", "u1", "\u00e9t\u00e9", "tab\there", "back\\slash", "\\N", "cr\r"]
+_USAGE_INTS = ("rs", "ov", "ui", "uc", "uo", "ur")
 
 
 @st.composite
@@ -175,15 +206,21 @@ def lua_entries(draw: st.DrawFn) -> dict[str, str]:
         return draw(st.sampled_from(odd if draw(st.integers(0, 19)) == 0 else good))
 
     out = {}
-    for name in FIELDS:
+    for name in FIELDS_EXT if draw(st.booleans()) else FIELDS:
         if name == "k":
             out[name] = pick(sorted(KINDS), ["nope", ""])
         elif name in ("id", "o"):
             out[name] = pick(["e1", "acme"], ["", "tab\there", "cr\r"])
         elif name == "per":
             out[name] = pick(["", "2026-11", "2026-W48", "2026-11-23"], ["2026-13", "x"])
-        elif name in _INT_FIELDS:
+        elif name in _INT_FIELDS or name in _USAGE_INTS:
             out[name] = pick(_GOOD_INTS, _ODD_INTS)
+        elif name == "um":
+            out[name] = pick(["", "1"], ["0", "true", "x"])
+        elif name == "cs":
+            out[name] = pick(["", "usage", "header", "app", "policy", "reservation"], _TEXT_VALUES)
+        elif name == "mdl":
+            out[name] = pick(["", "gpt-4o-mini", "claude-3-5-sonnet"], _TEXT_VALUES)
         else:
             out[name] = pick(["", "acme", "u1", "\u00e9t\u00e9"], _TEXT_VALUES)
     return out

@@ -29,6 +29,7 @@ from gateway.http.models.token import (
     Request,
     UsageByDay,
     UsageByFeature,
+    UsageByModel,
 )
 
 __all__ = [
@@ -227,7 +228,7 @@ class UserShare(Answer):
 
 
 class WindowUsage(Answer):
-    """``GET /admin/usage``: usage by feature, day, org and user over a window."""
+    """``GET /admin/usage``: usage by feature, day, org, user and model over a window."""
 
     from_: Day = Field(alias="from")
     to: Day
@@ -236,3 +237,8 @@ class WindowUsage(Answer):
     by_day: list[UsageByDay]
     by_org: list[UsageByOrg]
     by_user: list[UserShare]
+    by_model: list[UsageByModel] = Field(
+        description="The top models (as many as `limit`) of the requests whose cost came"
+        " from the call"
+    )
+    overage: int = Field(description="Tokens charged over what the balances could cover")

@@ -23,6 +23,7 @@ __all__ = [
     "StatsQuery",
     "UsageByDay",
     "UsageByFeature",
+    "UsageByModel",
     "UsageByUser",
     "UsagePage",
     "UsageQuery",
@@ -159,6 +160,21 @@ class UsageByDay(Answer):
     tokens: int
 
 
+class UsageByModel(Answer):
+    """Requests, tokens and the provider's token counts of one model (null: requests whose
+    cost came from the call but that named no model)."""
+
+    model: str | None
+    requests: Count
+    tokens: int
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    reasoning_tokens: int
+    overage: int
+    usage_missing_requests: Count
+
+
 class Forecast(Answer):
     """A bucket's recent burn rate and when it runs out at that rate."""
 
@@ -170,7 +186,8 @@ class Forecast(Answer):
 
 
 class Stats(Answer):
-    """``GET /stats``: usage by feature, user and day, and a forecast per bucket."""
+    """``GET /stats``: usage by feature, user and day, a forecast per bucket, usage by
+    model and the overage."""
 
     org: str
     days: int
@@ -182,6 +199,10 @@ class Stats(Answer):
     by_user: list[UsageByUser]
     by_day: list[UsageByDay]
     forecast: dict[str, Forecast]
+    by_model: list[UsageByModel] = Field(
+        description="Requests whose cost came from the call (usage, header, app), per model"
+    )
+    overage: int = Field(description="Tokens charged over what the balances could cover")
 
 
 class StatsQuery(BaseModel):
@@ -215,6 +236,27 @@ class LogRow(Answer):
     latency_ms: int | None
     plan: str | None
     reference: str | None
+    # What the call cost (DESIGN A8): null (overage 0, usage_missing false) on fixed-cost
+    # rows, rows that are not a request's, and rows written before.
+    model: str | None = Field(description="The model the upstream named")
+    input_tokens: int | None = Field(description="Uncached input tokens the provider reported")
+    cached_input_tokens: int | None
+    output_tokens: int | None
+    reasoning_tokens: int | None
+    reserved: int | None = Field(description="Tokens held at admission")
+    charged: int | None = Field(
+        description="The actual charge of a request's row: tokens + overage (null otherwise)"
+    )
+    overage: int = Field(
+        description="Tokens the actual charge exceeded what the balance could cover"
+    )
+    cost_source: str | None = Field(
+        description="Where the charge came from: usage, header, app, policy or reservation"
+        " (null: the feature's fixed cost)"
+    )
+    usage_missing: bool = Field(
+        description="The usage never came and the feature's on_missing_usage policy decided"
+    )
 
 
 class UsagePage(Answer):

@@ -1,4 +1,5 @@
-/* The operator dashboard: totals, usage per day and feature, top spenders and users. */
+/* The operator dashboard: totals, usage per day, feature and model, top spenders and
+ * users. */
 "use strict";
 
 (function () {
@@ -48,6 +49,8 @@
     const total = window.CG.barChart(document.getElementById("chart"), usage.by_day);
     document.getElementById("usage-total").textContent = fmt(total) + " tokens";
     window.CG.hbars(document.getElementById("features"), usage.by_feature, "feature");
+    window.CG.modelTable(document.getElementById("models"), document.getElementById("overage"),
+      usage.by_model, usage.overage, "30 days");
 
     const spent = spenders.items.map((o) => Object.assign({ __onclick: () => showOrg(o.org), __key: o.org }, o));
     table(document.getElementById("spenders"), [

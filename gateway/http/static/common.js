@@ -299,6 +299,28 @@
     tableEl.append(el("thead", {}, head), body);
   }
 
+  /* Usage by model (DESIGN A8): the provider's token counts, what was charged, and the
+   * overage; the head shows the window's total overage (red when there is some). */
+  function modelTable(tableEl, overageEl, models, overage, windowText) {
+    table(tableEl, [
+      { label: "Model", value: (m) => m.model || "(none reported)" },
+      { label: "Requests", num: true, value: (m) => fmt(m.requests) },
+      { label: "Input", num: true, value: (m) => fmt(m.input_tokens) },
+      { label: "Cached", num: true, value: (m) => fmt(m.cached_input_tokens) },
+      { label: "Output", num: true, value: (m) => fmt(m.output_tokens) },
+      { label: "Reasoning", num: true, value: (m) => fmt(m.reasoning_tokens) },
+      { label: "Charged", num: true, value: (m) => fmt(m.tokens + m.overage) },
+      { label: "Overage", num: true, value: (m) => fmt(m.overage) },
+      { label: "Usage missing", num: true, value: (m) => fmt(m.usage_missing_requests) },
+    ], models, "No requests priced by the call yet");
+    for (const [i, row] of tableEl.querySelectorAll("tbody tr").entries()) {
+      if (models[i]) row.dataset.model = models[i].model || "";
+    }
+    overageEl.textContent = "Overage " + fmt(overage) + " tokens · " + windowText;
+    overageEl.dataset.overage = String(overage);
+    overageEl.classList.toggle("overage-some", overage > 0);
+  }
+
   function shareCell(share) {
     const fill = el("div", { class: "bar-fill" });
     fill.style.width = (share * 100).toFixed(1) + "%";
@@ -308,6 +330,6 @@
 
   window.CG = {
     levelOf, percentLeft, fmt, pretty, el, dateLabel, daysBetween,
-    session, renderCards, barChart, hbars, table, shareCell,
+    session, renderCards, barChart, hbars, table, shareCell, modelTable,
   };
 })();

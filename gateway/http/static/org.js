@@ -1,4 +1,5 @@
-/* The org dashboard: balances, 30-day usage, top users, features, recent activity. */
+/* The org dashboard: balances, 30-day usage, top users, features, recent activity, usage
+ * by model and the overage. */
 "use strict";
 
 (function () {
@@ -38,7 +39,7 @@
     window.CG.renderCards(document.getElementById("buckets"), balance, null);
     const note = "Usage statistics are unavailable: " + reason;
     document.getElementById("chart").replaceChildren(el("div", { class: "empty", text: note }));
-    for (const id of ["users", "features", "activity"]) {
+    for (const id of ["users", "features", "activity", "models"]) {
       table(document.getElementById(id), [{ label: "", value: () => "" }], [], note);
     }
   }
@@ -89,8 +90,13 @@
       { label: "Event", nowrap: true, value: (r) => kindBadge(r.kind) },
       { label: "Feature", value: (r) => r.feature || r.bucket ? pretty(r.feature || r.bucket) : "–" },
       { label: "User", value: (r) => r.user_id || "" },
+      { label: "Model", value: (r) => r.model || "" },
       { label: "Change", num: true, value: (r) => change(r.tokens) },
+      { label: "Overage", num: true, value: (r) => r.overage ? fmt(r.overage) : "" },
     ], usage.items, "No activity recorded yet");
+
+    window.CG.modelTable(document.getElementById("models"), document.getElementById("overage"),
+      stats.by_model, stats.overage, "30 days");
 
     document.getElementById("updated").textContent =
       "Usage statistics are updated by the sync job, usually within seconds.";
