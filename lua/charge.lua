@@ -18,6 +18,11 @@
 --            then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
 --            limiter, kept in the org hash as field rl:o:<count>/<period> (no key of its
 --            own: one HMGET and one HSET serve the org's state and its limiters).
+-- then, optionally (absent on the fixed-cost path: nothing to read, nothing to write):
+--          the request's fingerprint (64 hex digits of sha256 over what makes it the same
+--          request, or "" for none), then, for a reservation (DESIGN A9) only: how long its
+--          settle result is kept (ms), the key it is kept under (P:{sN}:rsv:<org>:<id>),
+--          and the most it can be settled at (the feature's max).
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
@@ -27,6 +32,17 @@
 --   {"insufficient", remaining, plan}
 --   {"in_flight"}               the Idempotency-Key's first request still holds tokens
 --   {"replay", status}          the Idempotency-Key already completed ("unknown" if swept)
+--   {"replay", "", stored}      ... and settle.lua kept its response (R..., or X... when it
+--                               cannot be replayed), or it made a reservation (V...); see
+--                               gateway/metering/admission.py (StoredResponse)
+--   {"reused"}                  the Idempotency-Key was used for another request (another
+--                               fingerprint)
+--
+-- The Idempotency-Key's state (a string, the idempotency window's TTL): "F" and the
+-- fingerprint when the request had one, then "h:<request id>" while its hold is open,
+-- "d:<status>" once settled, "R..." / "X..." a stored response (settle.lua), or
+-- "V<request id> <reserved> <expires ms> <remaining>" for a reservation (written here at
+-- once: reserving completes the request, settling the reservation leaves the key alone).
 --
 -- Purchased lots live in the org hash as l:<bucket> = JSON [[reference, expires_ms (0 =
 -- never), remaining], ...], soonest expiry first, never-expiring last (every writer keeps
@@ -36,7 +52,10 @@
 -- The hold (HSET holds <request id> <json>) records where the tokens came from so that
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
--- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}.
+-- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
+-- when they apply: fp (the request's fingerprint, with ik), and for a reservation v (how
+-- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
+-- and mx (the most it can be settled at).
 --
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
@@ -56,21 +75,6 @@ local idem_ttl = tonumber(ARGV[8])
 local org, user, feature, method, route = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local nplans = tonumber(ARGV[14])
 
--- Idempotency first: a replay must consume neither rate nor tokens.
-if idem_ttl > 0 then
-  local state = redis_call('GET', idem_key)
-  if state then
-    if string.sub(state, 1, 2) == 'h:' then
-      -- A hold swept by the sync job leaves its key behind: it is no longer in flight.
-      if redis_call('HEXISTS', holds_key, string.sub(state, 3)) == 1 then
-        return {'in_flight'}
-      end
-      return {'replay', 'unknown'}
-    end
-    return {'replay', string.sub(state, 3)}
-  end
-end
-
 -- The org's state and its per-org limiters (KEYS index 0, fields of the org hash) in one
 -- read: the org's plan is not known yet, so every plan's per-org limiter fields are read.
 local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
@@ -89,6 +93,36 @@ for _ = 1, nplans do
   end
   i = i + 3 + 3 * n
 end
+-- The optional arguments after the plans (nil when absent).
+local fingerprint, reservation = ARGV[i], ARGV[i + 1]
+if fingerprint == '' then fingerprint = nil end
+
+-- Idempotency first: a replay must consume neither rate nor tokens.
+if idem_ttl > 0 then
+  local state = redis_call('GET', idem_key)
+  if state then
+    if string.byte(state, 1) == 70 then
+      -- "F<fingerprint>": the same key with another request is refused, whatever its state.
+      if fingerprint and string.sub(state, 2, 65) ~= fingerprint then
+        return {'reused'}
+      end
+      state = string.sub(state, 66)
+    end
+    local tag = string.sub(state, 1, 2)
+    if tag == 'h:' then
+      -- A hold swept by the sync job leaves its key behind: it is no longer in flight.
+      if redis_call('HEXISTS', holds_key, string.sub(state, 3)) == 1 then
+        return {'in_flight'}
+      end
+      return {'replay', 'unknown'}
+    end
+    if tag == 'd:' then
+      return {'replay', string.sub(state, 3)}
+    end
+    return {'replay', '', state}
+  end
+end
+
 local st = redis_call('HMGET', org_key, unpack(fields))
 local plan = st[1]
 if not plan then
@@ -258,13 +292,28 @@ redis_call('HSET', org_key, unpack(org_tats))
 
 local ik = ''
 if idem_ttl > 0 then
-  ik = idem_key
-  redis_call('SET', idem_key, 'h:' .. request_id, 'PX', idem_ttl)
+  local state = fingerprint and ('F' .. fingerprint) or ''
+  if reservation then
+    -- Reserving completes the request: a repeat gets this reservation back.
+    state = state .. 'V' .. request_id .. ' ' .. cost .. ' ' .. ARGV[7] .. ' ' .. (bal + extra)
+  else
+    ik = idem_key
+    state = state .. 'h:' .. request_id
+  end
+  redis_call('SET', idem_key, state, 'PX', idem_ttl)
 end
-redis_call('HSET', holds_key, request_id, cjson_encode({
+local hold = {
   o = org, u = user, f = feature, b = bucket, c = cost, pp = from_plan, lt = taken,
   per = period, rq = request_id, t0 = now, m = method, r = route, ik = ik, p = plan,
-  s0 = seq_now}))
+  s0 = seq_now}
+if fingerprint and ik ~= '' then
+  hold.fp = fingerprint
+end
+if reservation then
+  hold.v, hold.rk, hold.e, hold.mx =
+    tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])
+end
+redis_call('HSET', holds_key, request_id, cjson_encode(hold))
 redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
 return {'ok', bal + extra, limit, limit_remaining, limit_reset}

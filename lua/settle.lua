@@ -4,15 +4,40 @@
 --
 -- KEYS[1]  shard holds hash    KEYS[2]  shard hold-expiry zset    KEYS[3]  shard events stream
 -- then per item j (1-based): KEYS[2 + 2j] org state hash, KEYS[3 + 2j] idempotency key
---          (the hold's own key, or a never-written placeholder)
+--          (the hold's own key, or a never-written placeholder; for a reservation settled
+--          through the reservation API, the key its result is kept under)
 --
 -- ARGV[1]  now (ms)    ARGV[2]  number of items N
--- then per item 4 values: request id, outcome ("c" = charge, "r" = refund),
---          upstream status ("" = none, "0" = connection error), latency (ms, "" = none)
+-- then per item: request id, outcome, upstream status ("" = none, "0" = connection error),
+--          latency (ms, "" = none); the outcome is "c" (charge the hold) or "r" (refund
+--          it), and those items have these 4 values only (the fixed-cost path). Outcome
+--          "C" (charge) or "R" (refund) is an extended item, 10 more values:
+--            actual   tokens to charge instead of the hold ("" = the hold)
+--            cs um mdl ui uc uo ur
+--                     the usage event fields (gateway/core/events.py): cost source,
+--                     usage missing, model, uncached input, cached input, output and
+--                     reasoning tokens ("" = none)
+--            response what a repeat of the request's Idempotency-Key gets (R... or X...,
+--                     see gateway/metering/admission.py StoredResponse; "" = the status)
+--            org      for a reservation settled through the reservation API: the caller's
+--                     org ("" otherwise). Only a reservation of that org is settled.
 --
--- Returns an array of N integers: tokens charged (0 for a refund), or -1 when the hold
--- no longer exists (already settled, also earlier in the same batch, or swept into an
--- expired_hold charge).
+-- Charging an actual A against a hold of c tokens: A = c is a charge of the hold. A < c
+-- gives back c - A, taken back in the reverse order of spending (purchased lots first,
+-- then plan tokens, these only within the period they came from), exactly as a refund
+-- gives back the whole hold. A > c takes A - c more from what is left (plan tokens, then
+-- purchased lots soonest expiry first, expired lots skipped); what cannot be covered is
+-- the overage: recorded in the event (ov), never taken (no balance goes below zero). The
+-- event's t is the net tokens taken, A minus the overage. A reservation's actual is capped
+-- by the feature's max (hold field mx).
+--
+-- Returns an array of N values. A "c"/"r" item: the tokens charged (0 for a refund), or
+-- -1 when the hold no longer exists (already settled, also earlier in the same batch, or
+-- swept into an expired_hold charge). A "C"/"R" item: {charged, refunded, overage,
+-- remaining, reserved} (remaining: the bucket's plan and purchased tokens after), or -1
+-- when the hold is gone; for a reservation item instead the stored result (JSON, see
+-- gateway/metering/reservations.py) when it was settled, released or expired before, -1
+-- when nothing is known of it, -2 when the hold is not a reservation of that org.
 --
 -- Cost: the batch's holds are read with one HMGET and removed with one HDEL and one ZREM;
 -- each org's seq is read once and written once per call, and each org bucket's snapshot
@@ -20,8 +45,8 @@
 -- gets its own seq, in batch order, and the same fields as if the requests were settled
 -- one by one.
 --
--- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
--- prepends it).
+-- Audit events are written by audit_event (with the usage fields or without), defined in
+-- lua/_prelude.lua (the loader prepends it).
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -32,10 +57,18 @@ local n = tonumber(ARGV[2])
 local unpack = unpack or table.unpack
 local results = {}
 
--- Every hold of the batch in one read (in chunks: unpack has a stack limit).
-local ids, raws = {}, {}
+-- Where each item's values start, and every hold of the batch in one read (in chunks:
+-- unpack has a stack limit).
+local ids, starts, raws = {}, {}, {}
+local a = 3
 for j = 1, n do
-  ids[j] = ARGV[3 + 4 * (j - 1)]
+  ids[j], starts[j] = ARGV[a], a
+  local outcome = ARGV[a + 1]
+  if outcome == 'c' or outcome == 'r' then
+    a = a + 4
+  else
+    a = a + 14
+  end
 end
 for from = 1, n, 1000 do
   local upto = math.min(n, from + 999)
@@ -45,6 +78,87 @@ for from = 1, n, 1000 do
   end
 end
 
+-- Purchased lots, soonest expiry first and never-expiring last (every writer keeps it).
+local function lot_order(x, y)
+  local ex = x[2] == 0 and math.huge or x[2]
+  local ey = y[2] == 0 and math.huge or y[2]
+  return ex < ey
+end
+
+-- Give tokens of hold h back to its bucket: plan_back plan tokens (only within the period
+-- they came from: after a reset they would have been forfeited anyway) and lots_back
+-- ([[reference, n, expires_ms], ...]) to their lots unless expired; used drops by
+-- used_back (same period only).
+local function give_back(org_key, h, plan_back, lots_back, used_back)
+  local b = h.b
+  local f_bal, f_extra, f_used, f_per, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'p:' .. b, 'l:' .. b
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per)
+  local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
+  local used = tonumber(st[4] or '0')
+  if st[5] == h.per then
+    bal = bal + plan_back
+    used = math.max(0, used - used_back)
+  end
+  local restored = 0
+  if lots_back and #lots_back > 0 then
+    local lots = cjson.decode(st[3] or '[]')
+    for _, t in ipairs(lots_back) do
+      local ref, amount, expires = t[1], t[2], t[3]
+      if amount > 0 and (expires == 0 or expires > now) then
+        local found = false
+        for _, lot in ipairs(lots) do
+          if lot[1] == ref then
+            lot[3] = lot[3] + amount
+            found = true
+            break
+          end
+        end
+        if not found then
+          lots[#lots + 1] = {ref, expires, amount}
+        end
+        restored = restored + amount
+      end
+    end
+    if restored > 0 then
+      table.sort(lots, lot_order)
+      extra = extra + restored
+      redis.call('HSET', org_key, f_extra, extra, f_lots, cjson.encode(lots))
+    end
+  end
+  redis.call('HSET', org_key, f_bal, bal, f_used, used)
+end
+
+-- Take `more` tokens beyond hold h from what is left in its bucket: plan tokens, then
+-- purchased lots soonest expiry first (expired lots are left for charge.lua to drop with
+-- their grant_expired event). Returns what could not be covered.
+local function take_more(org_key, h, more)
+  local b = h.b
+  local f_bal, f_extra, f_used, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'l:' .. b
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used)
+  local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
+  local used = tonumber(st[4] or '0')
+  local from_plan = math.min(bal, more)
+  local rest = more - from_plan
+  if rest > 0 and extra > 0 then
+    local lots, kept, from_lots = cjson.decode(st[3] or '[]'), {}, 0
+    for _, lot in ipairs(lots) do
+      if rest > 0 and not (lot[2] > 0 and lot[2] <= now) then
+        local k = math.min(lot[3], rest)
+        lot[3] = lot[3] - k
+        rest = rest - k
+        from_lots = from_lots + k
+      end
+      if lot[3] > 0 then kept[#kept + 1] = lot end
+    end
+    if from_lots > 0 then
+      redis.call('HSET', org_key, f_extra, extra - from_lots,
+        f_lots, #kept > 0 and cjson.encode(kept) or '[]')
+    end
+  end
+  redis.call('HSET', org_key, f_bal, bal - from_plan, f_used, used + (more - rest))
+  return rest
+end
+
 -- Per org hash: the org's seq, advanced here and written back once at the end (each event
 -- still gets its own number, in batch order), and per bucket the snapshot fields of the
 -- events, read once; a refund (which changes them) drops its bucket's snapshot.
@@ -52,82 +166,88 @@ local orgs, org_order = {}, {}
 local settled, seen = {}, {}
 
 for j = 1, n do
-  local a = 3 + 4 * (j - 1)
+  local a = starts[j]
   local request_id, outcome, status, latency = ids[j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local org_key, idem_key = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
   local raw = raws[j]
-  if not raw or seen[request_id] then
-    -- Gone, or settled earlier in this batch.
-    results[j] = -1
+  local extended = outcome == 'C' or outcome == 'R'
+  local rsv_org = extended and ARGV[a + 13] or ''
+  local h = nil
+  if raw and not seen[request_id] then
+    h = cjson.decode(raw)
+    if rsv_org ~= '' and (h.v == nil or h.o ~= rsv_org) then
+      h = false
+    end
+  end
+  if not h then
+    if h == false then
+      -- Not a reservation of the caller's org: left as it is.
+      results[j] = -2
+    elseif rsv_org ~= '' then
+      -- Gone: the result kept when it was settled, released or expired (or nothing).
+      results[j] = redis.call('GET', idem_key) or -1
+    else
+      -- Gone, or settled earlier in this batch.
+      results[j] = -1
+    end
   else
     seen[request_id] = true
     settled[#settled + 1] = request_id
-    local h = cjson.decode(raw)
     local b = h.b
-    local f_bal, f_extra, f_used, f_per = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'p:' .. b
     local o = orgs[org_key]
     if o == nil then
       o = {seq = false, snaps = {}}
       orgs[org_key] = o
       org_order[#org_order + 1] = org_key
     end
-    local kind, charged = 'charge', h.c
-    if outcome == 'r' then
+    local kind, charged, overage = 'charge', h.c, 0
+    local actual = extended and ARGV[a + 4] or ''
+    if rsv_org ~= '' and h.e and h.e <= now then
+      -- A reservation past its expiry is charged its reserve, as the sweep would have.
+      kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
+    elseif outcome == 'r' or outcome == 'R' then
       kind, charged = 'refund', 0
-      local f_lots = 'l:' .. b
-      local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per)
-      local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
-      local used = tonumber(st[4] or '0')
-      -- Plan tokens go back only within the period they came from: after a reset they
-      -- would have been forfeited anyway.
-      if st[5] == h.per then
-        bal = bal + h.pp
-        used = math.max(0, used - h.c)
-      end
-      -- Purchased tokens go back to their lot unless it has expired meanwhile.
-      local restored = 0
-      if h.lt and #h.lt > 0 then
-        local lots = cjson.decode(st[3] or '[]')
-        for _, t in ipairs(h.lt) do
-          local ref, amount, expires = t[1], t[2], t[3]
-          if expires == 0 or expires > now then
-            local found = false
-            for _, lot in ipairs(lots) do
-              if lot[1] == ref then
-                lot[3] = lot[3] + amount
-                found = true
-                break
-              end
-            end
-            if not found then
-              lots[#lots + 1] = {ref, expires, amount}
-            end
-            restored = restored + amount
-          end
-        end
-        if restored > 0 then
-          -- Keep soonest expiry first, never-expiring last.
-          table.sort(lots, function(x, y)
-            local ex = x[2] == 0 and math.huge or x[2]
-            local ey = y[2] == 0 and math.huge or y[2]
-            return ex < ey
-          end)
-          extra = extra + restored
-          redis.call('HSET', org_key, f_extra, extra, f_lots, cjson.encode(lots))
-        end
-      end
-      redis.call('HSET', org_key, f_bal, bal, f_used, used)
+      give_back(org_key, h, h.pp, h.lt, h.c)
       o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
         redis.call('DEL', idem_key)
       end
-    elseif h.ik ~= '' then
-      redis.call('SET', idem_key, 'd:' .. status, 'KEEPTTL')
+    else
+      if actual ~= '' then
+        charged = math.max(0, tonumber(actual))
+        if h.mx and charged > h.mx then charged = h.mx end
+        if charged < h.c then
+          -- The actual is what the hold's first tokens paid: plan tokens, then lots in the
+          -- order they were taken; the rest goes back.
+          local plan_used = math.min(h.pp, charged)
+          local rest = charged - plan_used
+          local lots_back = {}
+          if h.lt then
+            for _, t in ipairs(h.lt) do
+              local k = math.min(t[2], rest)
+              rest = rest - k
+              lots_back[#lots_back + 1] = {t[1], t[2] - k, t[3]}
+            end
+          end
+          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
+          o.snaps[b] = nil
+        elseif charged > h.c then
+          overage = take_more(org_key, h, charged - h.c)
+          charged = charged - overage
+          o.snaps[b] = nil
+        end
+      end
+      if h.ik ~= '' then
+        local response = extended and ARGV[a + 12] or ''
+        if response == '' then response = 'd:' .. status end
+        redis.call('SET', idem_key, (h.fp and ('F' .. h.fp) or '') .. response, 'KEEPTTL')
+      end
     end
     local snap = o.snaps[b]
     if snap == nil then
-      snap = redis.call('HMGET', org_key, f_bal, f_extra, 'a:' .. b, f_used, f_per, 'seq')
+      snap = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' .. b, 'p:' .. b,
+        'seq')
       if not o.seq then
         o.seq = tonumber(snap[6] or '0')
       end
@@ -137,11 +257,42 @@ for j = 1, n do
     end
     local seq = o.seq + 1
     o.seq = seq
-    audit_event(stream_key,
-      request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
-      snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
-      request_id, status, latency, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
-    results[j] = charged
+    local cs = extended and ARGV[a + 5] or ''
+    if extended and (cs ~= '' or actual ~= '') then
+      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', ''
+      if kind ~= 'expired_hold' then
+        mdl, ui, uc, uo, ur, um =
+          ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 6]
+      end
+      audit_event(stream_key,
+        request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
+        snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
+        request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um)  -- rs .. um
+    else
+      audit_event(stream_key,
+        request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
+        snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
+        request_id, status, latency, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
+    end
+    if extended then
+      local refunded = math.max(0, h.c - charged - overage)
+      if kind == 'refund' then refunded = h.c end
+      local remaining = tonumber(snap[1]) + tonumber(snap[2])
+      if rsv_org ~= '' then
+        local outcome_name = kind == 'refund' and 'released'
+          or (kind == 'expired_hold' and 'expired' or 'settled')
+        local result = cjson.encode({id = request_id, reserved = h.c, charged = charged,
+          refunded = refunded, overage = overage, remaining = remaining,
+          outcome = outcome_name})
+        redis.call('SET', idem_key, result, 'PX', h.v)
+        results[j] = result
+      else
+        results[j] = {charged, refunded, overage, remaining, h.c}
+      end
+    else
+      results[j] = charged
+    end
   end
 end
 

@@ -6,7 +6,14 @@
 -- ARGV[1]  now (ms)            ARGV[2]  at most this many holds
 --
 -- Returns the number of holds swept. The event carries no snapshot fields (s = ""):
--- an expired hold does not change the org's balance, it only writes the row.
+-- an expired hold does not change the org's balance, it only writes the row. Each swept
+-- hold leaves exactly one event and its tokens stay taken (t = the hold's c, all of it).
+--
+-- A reservation's hold (DESIGN A9; hold fields v, rk: lua/charge.lua) expires the same
+-- way; its event also carries the usage fields (rs = the reserve, cs = "reservation"),
+-- and its result, outcome "expired", is kept under its result key rk for v ms (a key of
+-- the same shard, hence of the same cluster slot as KEYS), which is what a late settle
+-- or release of it answers.
 --
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
@@ -21,10 +28,20 @@ for _, request_id in ipairs(ids) do
   if raw then
     redis.call('HDEL', holds_key, request_id)
     local h = cjson.decode(raw)
-    audit_event(stream_key,
-      request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
-      '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
-      request_id, '', now - h.t0, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
+    if h.v then
+      audit_event(stream_key,
+        request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
+        '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
+        request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+        h.c, '', '', '', '', '', '', 'reservation', '')  -- rs, ov, mdl .. ur, cs, um
+      redis.call('SET', h.rk, cjson.encode({id = request_id, reserved = h.c, charged = h.c,
+        refunded = 0, overage = 0, remaining = -1, outcome = 'expired'}), 'PX', h.v)
+    else
+      audit_event(stream_key,
+        request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
+        '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
+        request_id, '', now - h.t0, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
+    end
     swept = swept + 1
   end
 end

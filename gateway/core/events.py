@@ -32,6 +32,27 @@ function, ``audit_event`` in ``lua/_prelude.lua``. Fields, all strings, in this 
 ``ref``     grant reference / operation reference ("" when none)
 ==========  =================================================================
 
+Request events whose charge was decided after the call (DESIGN A8 usage and header costs,
+A9 reservations) append the usage fields (:data:`USAGE_FIELDS`), all strings, "" when
+none; every other event (fixed costs, grants, resets ...) and every event written before
+them has the 21 fields above only (lua/_prelude.lua, ``audit_event``):
+
+==========  =================================================================
+``rs``      tokens held at admission (the reserve)
+``ov``      overage: the part of the actual cost the balance could not cover
+            (recorded, not owed: never taken, the balance stays at 0 and the next
+            requests are admitted by the balance as usual); "" when none
+``mdl``     the model named by the response ("" when unknown)
+``ui``      uncached input tokens; ``uc`` cached input tokens; ``uo`` output
+            tokens; ``ur`` reasoning tokens (gateway.usage.model.Usage; "" when
+            no usage was read)
+``cs``      cost source: usage | header | app | policy | reservation
+``um``      "1" when the usage never came (``t`` then follows the feature's
+            on_missing_usage policy), else ""
+==========  =================================================================
+
+``t`` stays the net tokens taken from the balance: the actual charge minus the overage.
+
 Invariant (per org and bucket): the plan balance plus extra at sequence ``s1`` equals the
 same at ``s0`` minus the sum of ``t`` over events with ``s0 < s <= s1``, minus the tokens of
 holds still open at ``s1`` (those are taken at admission and written at settle).
@@ -50,6 +71,10 @@ FIELDS = (
     "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used", "per", "s", "ts",
     "rq", "st", "lat", "m", "r", "p", "ref",
 )  # fmt: skip
+# The usage fields some request events append after FIELDS, in this order.
+USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
+# What ``cs`` may say.
+COST_SOURCES = frozenset({"usage", "header", "app", "policy", "reservation"})
 
 
 def _int_or_none(value: str) -> int | None:
@@ -81,6 +106,16 @@ class Event:
     route: str | None
     plan: str | None
     reference: str | None
+    # The usage fields (None when the event has none, as fixed-cost events).
+    reserved: int | None = None
+    overage: int = 0
+    model: str | None = None
+    input_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost_source: str | None = None
+    usage_missing: bool = False
 
 
 def _s(fields: dict[bytes, bytes] | dict[str, str], name: str) -> str:
@@ -121,4 +156,13 @@ def decode(fields: dict[bytes, bytes] | dict[str, str]) -> Event:
         route=_s(fields, "r") or None,
         plan=_s(fields, "p") or None,
         reference=_s(fields, "ref") or None,
+        reserved=_int_or_none(_s(fields, "rs")),
+        overage=int(_s(fields, "ov") or "0"),
+        model=_s(fields, "mdl") or None,
+        input_tokens=_int_or_none(_s(fields, "ui")),
+        cached_input_tokens=_int_or_none(_s(fields, "uc")),
+        output_tokens=_int_or_none(_s(fields, "uo")),
+        reasoning_tokens=_int_or_none(_s(fields, "ur")),
+        cost_source=_s(fields, "cs") or None,
+        usage_missing=_s(fields, "um") == "1",
     )

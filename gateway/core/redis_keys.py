@@ -16,6 +16,9 @@ Keys (P = key_prefix, default ``cg``):
 - ``P:{sN}:idem:<org>:<sha256>``  string: an Idempotency-Key's state
 - ``P:{sN}:idem:-``               never written: the idempotency key of scripts run for a
                                   request without one (scripts take a fixed set of keys)
+- ``P:{sN}:rsv:<org>:<id>``       string: a reservation's settle result (JSON), kept for
+                                  the idempotency window once it is settled, released or
+                                  expired (lua/settle.lua, lua/sweep_holds.lua)
 - ``P:{sN}:rl:<org>:u:<user>:<count>/<period ms>``
                                   string: a per-user GCRA limiter's theoretical arrival time
 - ``P:keys:<sha256 hex>``         string: cached API-key lookup (not per org)
@@ -73,6 +76,10 @@ class ShardKeys:
     def user_limiter(self, org: str, user: str, count: int, period_ms: int) -> str:
         """The key of a per-user rate limiter (``count`` per ``period_ms``) of ``org``."""
         return f"{self.tag}:rl:{org}:u:{user}:{count}/{period_ms}"
+
+    def reservation(self, org: str, reservation_id: str) -> str:
+        """The key keeping the settle result of ``org``'s reservation ``reservation_id``."""
+        return f"{self.tag}:rsv:{org}:{reservation_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +141,10 @@ class KeySpace:
     def user_limiter(self, org: str, user: str, count: int, period_ms: int) -> str:
         """A per-user rate limiter's key (``count`` per ``period_ms``)."""
         return self.shard(org).user_limiter(org, user, count, period_ms)
+
+    def reservation(self, org: str, reservation_id: str) -> str:
+        """The key keeping the settle result of ``org``'s reservation ``reservation_id``."""
+        return self.of_org(org).shard.reservation(org, reservation_id)
 
     def api_key_cache(self, key_hash_hex: str) -> str:
         """Cached resolution of an API key hash."""

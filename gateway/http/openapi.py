@@ -39,9 +39,11 @@ _PROBLEMS = {
     402: "Not enough tokens",
     403: "Feature not in plan, or user_id names another user",
     404: "No such resource",
-    409: "Idempotency key in flight, or grant reference reused",
+    409: "Idempotency key in flight (retry after Retry-After seconds) or its response cannot"
+    " be replayed, grant reference reused, or reservation expired",
     413: "Body larger than 64 KiB",
-    422: "Well-formed body with unacceptable values",
+    422: "Well-formed body with unacceptable values, or an Idempotency-Key reused for another"
+    " request",
     429: "Rate limited (also: too many bad credentials from this address)",
     501: "No database configured",
     503: "Redis or Postgres unreachable (fail closed); retry after Retry-After seconds",
@@ -183,7 +185,7 @@ def openapi_document(config: Config) -> J:
             "description": text,
             "content": {_PROBLEM_MEDIA: {"schema": refs[(_key(Problem), "serialization")]}},
             **({"headers": {"Retry-After": {"schema": {"type": "integer"}}}}
-               if status in (429, 503) else {}),
+               if status in (409, 429, 503) else {}),
         }
         for status, text in _PROBLEMS.items()
     }  # fmt: skip

@@ -15,6 +15,18 @@ and ``replayed: true``: unlike the proxy, no upstream work is attached to a dedu
 telling the client "done" is safe and lets it retry blindly. A key still in flight is
 **409**, as on the proxy.
 
+A replayed deduct also carries ``Idempotent-Replayed: true``; the same key with another
+feature, quantity or user is **422** ``idempotency_key_reused`` (DESIGN A9).
+
+Reservations (DESIGN A9): ``POST /reservations`` holds an estimate (**201**; the refusals of
+A3, **402** when it does not fit); ``POST /reservations/{id}/settle {actual}`` charges the
+actual and ``.../release`` gives it all back (**200**, a repeat answers the same body);
+an id that is not one of the caller's org's reservations is **404**
+``reservation_not_found``; one that expired before it was settled was charged its reserve
+and answers **409** ``reservation_expired`` with that result. An ``Idempotency-Key`` on
+``POST /reservations`` returns the same reservation for a repeat (**201** with
+``Idempotent-Replayed: true``).
+
 Each handler is a module-level function of one :class:`~gateway.http.endpoint.Call`;
 :data:`OPERATIONS` declares them with their models (gateway.http.models.token), and is
 both their route table and their part of the OpenAPI document. The dashboard page and the
@@ -27,6 +39,14 @@ from gateway.core.balances import Balance as BalanceState
 from gateway.core.timefmt import iso_ms
 from gateway.http.endpoint import Call, Doc, Operation, Reply
 from gateway.http.errors import ApiError, bad_request, invalid
+from gateway.http.models.reservations import (
+    ReservationHeaders,
+    ReservationPath,
+    ReservationRequest,
+    ReservationResult,
+    SettleRequest,
+    SettleResult,
+)
 from gateway.http.models.token import (
     Balance,
     Bucket,
@@ -45,6 +65,8 @@ from gateway.ledger.usage import usage_page
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission
 from gateway.metering.refusals import describe_refusal, seconds
+from gateway.metering.reservations import Reservation, ReservationNotFound, ReservationRefused
+from gateway.metering.reservations import SettleResult as Settled
 
 __all__ = ["OPERATIONS", "balance_model", "refusal"]
 
@@ -130,7 +152,8 @@ async def deduct(call: Call) -> Reply:
             DeductResult(
                 charged=0, replayed=True, remaining=left, feature=body.feature,
                 bucket=adm.bucket, request_id=None,
-            )
+            ),
+            headers=_REPLAYED,
         )  # fmt: skip
     if not adm.ok:
         raise refusal(adm)
@@ -147,6 +170,86 @@ async def deduct(call: Call) -> Reply:
         bucket=adm.bucket, request_id=adm.request_id,
     )  # fmt: skip
     return Reply(result, headers=headers)
+
+
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _reservation_model(r: Reservation) -> ReservationResult:
+    return ReservationResult(
+        id=r.id, feature=r.feature, reserved=r.reserved, expires_at=iso_ms(r.expires_at_ms),
+        remaining=r.remaining,
+    )  # fmt: skip
+
+
+async def reserve(call: Call) -> Reply:
+    """``POST /reservations``: hold an estimate (see the module docstring)."""
+    body = call.parsed(ReservationRequest)
+    idem = call.parsed(ReservationHeaders).idempotency_key
+    gate, ident = call.gate, call.identity
+    _known_feature(gate, body.feature)
+    user = ident.user
+    if user is not None and body.user_id is not None and body.user_id != user:
+        raise ApiError(
+            403, "user_mismatch", "User mismatch",
+            "This credential belongs to a user and can only reserve as that user",
+        )  # fmt: skip
+    if user is None:
+        user = body.user_id
+    try:
+        r = await gate.reserve(
+            ident.org, body.feature, estimate=body.estimate, user=user,
+            ttl_seconds=body.ttl_seconds, idempotency_key=idem,
+        )  # fmt: skip
+    except ReservationRefused as exc:
+        raise refusal(exc.admission) from None
+    return Reply(_reservation_model(r), status=201, headers=_REPLAYED if r.replayed else None)
+
+
+def _settled(result: Settled) -> Reply:
+    if result.outcome == "expired":
+        raise ApiError(
+            409, "reservation_expired", "Reservation expired",
+            f"Reservation {result.id} expired before it was settled and was charged its"
+            f" reserve of {result.reserved} tokens",
+            id=result.id, reserved=result.reserved, charged=result.charged,
+        )  # fmt: skip
+    return Reply(
+        SettleResult(
+            id=result.id, reserved=result.reserved, charged=result.charged,
+            refunded=result.refunded, overage=result.overage, remaining=result.remaining,
+            outcome=result.outcome,
+        )
+    )  # fmt: skip
+
+
+def _not_found() -> ApiError:
+    return ApiError(
+        404, "reservation_not_found", "Reservation not found",
+        "No reservation with this id for your organization (or it ended longer ago than"
+        " the idempotency window)",
+    )  # fmt: skip
+
+
+async def settle_reservation(call: Call) -> Reply:
+    """``POST /reservations/{reservation_id}/settle``: charge the actual."""
+    rid = call.parsed(ReservationPath).reservation_id
+    body = call.parsed(SettleRequest)
+    try:
+        result = await call.gate.settle(rid, body.actual, org=call.identity.org)
+    except ReservationNotFound:
+        raise _not_found() from None
+    return _settled(result)
+
+
+async def release_reservation(call: Call) -> Reply:
+    """``POST /reservations/{reservation_id}/release``: give the whole reserve back."""
+    rid = call.parsed(ReservationPath).reservation_id
+    try:
+        result = await call.gate.release(rid, org=call.identity.org)
+    except ReservationNotFound:
+        raise _not_found() from None
+    return _settled(result)
 
 
 async def stats(call: Call) -> Reply:
@@ -190,8 +293,39 @@ OPERATIONS: list[Operation] = [
         " a user may only name that user (else 403 user_mismatch).",
     ),
     Operation(
+        "POST", "/reservations", reserve, "reserve",
+        "Hold tokens for a call whose cost is known only after it",
+        {201: Doc("Reserved (or, for a repeated Idempotency-Key, the same reservation)",
+                  ReservationResult)},
+        (400, 401, 402, 403, 409, 413, 422, 429, 503),
+        body=ReservationRequest, headers=ReservationHeaders,
+        description="Holds the estimate (default: the feature's reserve, capped by its max)"
+        " until it is settled or released; one left open past ttl_seconds is charged its"
+        " reserve. 402 when even the estimate does not fit. An Idempotency-Key returns the"
+        " same reservation for a repeat (Idempotent-Replayed: true), 422"
+        " idempotency_key_reused for another body, 409 while the first is in flight.",
+    ),
+    Operation(
+        "POST", "/reservations/{reservation_id}/settle", settle_reservation, "settleReservation",
+        "Charge a reservation's actual cost",
+        {200: Doc("Settled (a repeat answers the same body)", SettleResult)},
+        (400, 401, 404, 409, 413, 422, 429, 503),
+        path_params=ReservationPath, body=SettleRequest,
+        description="Less than reserved refunds the rest; more takes the difference from"
+        " what is left, and what cannot be covered is recorded as overage (never owed: no"
+        " balance goes below zero). 404 reservation_not_found for an id that is not one of"
+        " your organization's; 409 reservation_expired when it expired first (it was"
+        " charged its reserve).",
+    ),
+    Operation(
+        "POST", "/reservations/{reservation_id}/release", release_reservation,
+        "releaseReservation", "Give a reservation's whole reserve back",
+        {200: Doc("Released (a repeat answers the same body)", SettleResult)},
+        (401, 404, 409, 429, 503), path_params=ReservationPath,
+    ),
+    Operation(
         "GET", "/stats", stats, "getStats",
-        "Usage by feature, user and day, and a forecast per bucket",
+        "Usage by feature, user, day and model, the overage, and a forecast per bucket",
         {200: Doc("The stats", Stats)}, (400, 401, 429, 501, 503), query=StatsQuery,
     ),
     Operation(

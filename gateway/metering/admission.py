@@ -9,10 +9,14 @@ from :mod:`gateway.metering.charge_args`; settling the hold is
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, Literal
 
 from gateway.config import Config
 from gateway.core.counters import HotMetrics
@@ -23,14 +27,140 @@ from gateway.metering.request_ids import new_request_id
 from gateway.redisio.connect import RedisHandles
 from gateway.redisio.lua_scripts import load
 
-__all__ = ["Admission", "Admitter", "admission_of"]
+__all__ = [
+    "DEFAULT_MAX_REPLAY_BODY",
+    "UNSAFE_REPLAY_HEADERS",
+    "Admission",
+    "Admitter",
+    "StoredResponse",
+    "admission_of",
+    "request_fingerprint",
+]
+
+DEFAULT_MAX_REPLAY_BODY = 64 * 1024
+"""The largest response body kept for an Idempotency-Key replay unless the config says
+otherwise (``idempotency_max_body_bytes``, DESIGN A9)."""
+
+UNSAFE_REPLAY_HEADERS = frozenset({
+    # Hop-by-hop, or framing the replay recomputes.
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+    # Another client's session, or stale.
+    b"set-cookie", b"date",
+    # What creditgate itself says about this request: a replay says it anew.
+    b"x-tokens-cost", b"x-tokens-remaining", b"x-tokens-cost-status",
+    b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset", b"retry-after",
+    b"idempotent-replayed",
+})  # fmt: skip
+"""Response headers never stored for a replay (besides every ``x-creditgate-*``)."""
+
+Unreplayable = Literal["too_large", "streamed"]
+
+
+def request_fingerprint(method: str, path: str, body: bytes) -> str:
+    """What makes two requests with one Idempotency-Key the same request (DESIGN A9):
+    sha256 (64 hex digits) over the method, the path and the body."""
+    digest = hashlib.sha256()
+    digest.update(method.upper().encode("latin-1", "replace"))
+    digest.update(b"\0")
+    digest.update(path.encode("utf-8", "surrogateescape"))
+    digest.update(b"\0")
+    digest.update(body)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A completed request's response as an Idempotency-Key replay gives it back: the
+    status, the headers safe to replay (never :data:`UNSAFE_REPLAY_HEADERS` nor
+    ``x-creditgate-*``), the body; or, with ``unreplayable`` set, only the status and why
+    the response cannot be replayed (its body was larger than the limit, or streamed).
+
+    Build one with :meth:`capture`; settle.lua keeps :meth:`encode`'s text under the key
+    for the idempotency window and charge.lua hands it back to a repeat
+    (``Admission.replay``).
+    """
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+    unreplayable: Unreplayable | None = None
+
+    @classmethod
+    def capture(
+        cls,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        max_body: int = DEFAULT_MAX_REPLAY_BODY,
+        streamed: bool = False,
+    ) -> StoredResponse:
+        """The response to keep for ``status``, ``headers`` (ASGI form: lower-case names)
+        and ``body``; a marker alone when it was ``streamed`` or ``body`` exceeds
+        ``max_body`` bytes."""
+        if streamed:
+            return cls(status, unreplayable="streamed")
+        if len(body) > max_body:
+            return cls(status, unreplayable="too_large")
+        kept = tuple(
+            (name, value)
+            for name, value in headers
+            if name.lower() not in UNSAFE_REPLAY_HEADERS
+            and not name.lower().startswith(b"x-creditgate-")
+        )
+        return cls(status, kept, bytes(body))
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a repeat gets this response (else 409 ``idempotency_conflict``)."""
+        return self.unreplayable is None
+
+    def encode(self) -> str:
+        """The text settle.lua keeps: ``R<status> <u|b> <header JSON length>\\n<header JSON>
+        <body>`` (the body as UTF-8 text, or base64 when it is not UTF-8), or
+        ``X<status> <reason>`` for a response that cannot be replayed. Always valid UTF-8,
+        so every Redis client returns it intact."""
+        if self.unreplayable is not None:
+            return f"X{self.status} {self.unreplayable}"
+        head = json.dumps(
+            [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
+            separators=(",", ":"),
+        )
+        try:
+            text, form = self.body.decode("utf-8"), "u"
+        except UnicodeDecodeError:
+            text, form = base64.b64encode(self.body).decode("ascii"), "b"
+        return f"R{self.status} {form} {len(head)}\n{head}{text}"
+
+    @classmethod
+    def decode(cls, text: str) -> StoredResponse | None:
+        """The response :meth:`encode` wrote; None for anything else."""
+        try:
+            if text.startswith("X"):
+                status, reason = text[1:].split(" ", 1)
+                if reason not in ("too_large", "streamed"):
+                    return None
+                return cls(int(status), unreplayable=reason)  # type: ignore[arg-type]
+            if not text.startswith("R"):
+                return None
+            line, rest = text[1:].split("\n", 1)
+            status, form, size = line.split(" ")
+            head, body_text = rest[: int(size)], rest[int(size) :]
+            headers = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in json.loads(head))
+            raw = body_text.encode("utf-8", "surrogateescape")
+            body = base64.b64decode(raw, validate=True) if form == "b" else raw
+            return cls(int(status), headers, body)
+        except (ValueError, TypeError, binascii.Error):
+            return None
 
 
 @dataclass(slots=True)
 class Admission:
     """The outcome of ``Meter.admit`` for one request."""
 
-    status: str  # ok | not_in_plan | rate_limited | insufficient | in_flight | replay
+    # ok | not_in_plan | rate_limited | insufficient | in_flight | replay | reused
+    status: str
     request_id: str
     org: str
     feature: str
@@ -44,11 +174,30 @@ class Admission:
     retry_after_ms: int | None = None
     replay_status: str | None = None
     refresh_at_ms: int = 0
+    # A replay's kept state, as charge.lua returned it ("R..." / "X..." a response,
+    # "V..." a reservation); None when only the status was kept.
+    stored: str | None = None
 
     @property
     def ok(self) -> bool:
         """True when the tokens are held and the request may proceed."""
         return self.status == "ok"
+
+    @property
+    def replay(self) -> StoredResponse | None:
+        """A replay's stored response when it can be replayed (status ``replay``); None
+        when only its status was kept or it cannot be replayed (:attr:`replay_refusal`)."""
+        if self.stored is None or not self.stored.startswith("R"):
+            return None
+        return StoredResponse.decode(self.stored)
+
+    @property
+    def replay_refusal(self) -> Unreplayable | None:
+        """Why a replay's response cannot be given back (too large, streamed), if so."""
+        if self.stored is None or not self.stored.startswith("X"):
+            return None
+        stored = StoredResponse.decode(self.stored)
+        return None if stored is None else stored.unreplayable
 
 
 def _text(value: Any) -> str:
@@ -73,6 +222,10 @@ def admission_of(reply: list[Any], adm: Admission) -> Admission:
         adm.plan = _text(reply[1])
     elif status == "replay":
         adm.replay_status = _text(reply[1])
+        if len(reply) > 2:
+            stored = adm.stored = _text(reply[2])
+            if stored[:1] in ("R", "X"):
+                adm.replay_status = stored[1:].split(" ", 1)[0]
     return adm
 
 
@@ -115,8 +268,12 @@ class Admitter:
         request_id: str | None = None,
         method: str = "",
         route: str = "",
+        fingerprint: str | None = None,
     ) -> Admission:
         """Run charge.lua for one request; seeds the org's state first if Redis has none.
+
+        ``fingerprint`` (with an ``idempotency_key``): what makes a repeat the same request
+        (:func:`request_fingerprint`); a repeat with another one is refused (``reused``).
 
         Raises ``RedisUnavailable`` when Redis cannot be reached or timed out. Never
         retried: a timed-out debit may have committed (its hold then expires into a charge).
@@ -126,12 +283,19 @@ class Admitter:
         rid = request_id or new_request_id()
         now = self._now_ms()
         refresh_at = self.args.period(now)[2]
-        template = self.args.template(org, user, feature, method, route, bool(idempotency_key))
         now_s, total_s, hold_s = str(now), str(total), str(now + self._hold_ms)
         if idempotency_key:
             idem_key = self.keys.idempotency(org, idempotency_key)
-            encoded = template.fill((idem_key, now_s, total_s, rid, hold_s))
+            if fingerprint:
+                template = self.args.fingerprinted(org, user, feature, method, route)
+                encoded = template.fill(
+                    (idem_key, now_s, total_s, rid, hold_s, _fingerprint(fingerprint))
+                )
+            else:
+                template = self.args.template(org, user, feature, method, route, True)
+                encoded = template.fill((idem_key, now_s, total_s, rid, hold_s))
         else:
+            template = self.args.template(org, user, feature, method, route, False)
             encoded = template.fill((now_s, total_s, rid, hold_s))
 
         started = perf_counter()
@@ -149,3 +313,55 @@ class Admitter:
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
         adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
         return admission_of(reply, adm)
+
+    async def reserve(
+        self,
+        org: str,
+        feature: str,
+        *,
+        user: str | None,
+        cost: int,
+        cap: int,
+        ttl_ms: int,
+        result_ttl_ms: int,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
+        request_id: str | None = None,
+    ) -> tuple[Admission, int]:
+        """Run charge.lua for a reservation (DESIGN A9): hold ``cost`` tokens for
+        ``ttl_ms``, settled later at most at ``cap``; its settle result is kept for
+        ``result_ttl_ms``. An ``idempotency_key`` completes at once: a repeat is a
+        ``replay`` whose ``stored`` text is the reservation (``V...``: lua/charge.lua).
+        Returns the admission and the reservation's expiry (ms).
+
+        Not the hot path: the arguments are built for the call, not from a template.
+        """
+        fa = self._features[feature]
+        rid = request_id or new_request_id()
+        now = self._now_ms()
+        refresh_at = self.args.period(now)[2]
+        idem_key = self.keys.idempotency(org, idempotency_key) if idempotency_key else None
+        keys, args = self.args.reservation_call(
+            org, user, feature, idem_key,
+            now=now, cost=cost, request_id=rid, expires_ms=now + ttl_ms,
+            fingerprint=_fingerprint(fingerprint) if fingerprint else "",
+            result_ttl_ms=result_ttl_ms, result_key=self.keys.reservation(org, rid), cap=cap,
+        )  # fmt: skip
+        reply = await self.redis.runner.run(self.script, keys, args)
+        status = _text(reply[0])
+        if status == "missing":
+            await self._seed(org)
+            reply = await self.redis.runner.run(self.script, keys, args)
+            status = _text(reply[0])
+            if status == "missing":
+                raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
+        adm = Admission(status, rid, org, feature, fa.bucket, cost, refresh_at_ms=refresh_at)
+        return admission_of(reply, adm), now + ttl_ms
+
+
+def _fingerprint(value: str) -> str:
+    """``value`` as charge.lua compares fingerprints: 64 characters (a sha256 hex digest
+    is kept as it is; anything else is hashed to one)."""
+    if len(value) == 64:
+        return value
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).hexdigest()

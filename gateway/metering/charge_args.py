@@ -14,7 +14,10 @@ The layout (lua/charge.lua's header is the reference)::
     ARGV  now, period id, refresh_at, bucket, cost, request id, hold expiry,
           idempotency ttl (0 = none), org, user, feature, method, route,
           number of plans, then per plan: name, allocation (-1 = not in the plan),
-          limiter count, then per limiter: KEYS index (0 = per org), count, period ms
+          limiter count, then per limiter: KEYS index (0 = per org), count, period ms;
+          then, only when they apply: the request's fingerprint (an Idempotency-Key's
+          request, :meth:`ChargeArgs.fingerprinted`), and for a reservation its result
+          ttl, result key and cap (:meth:`ChargeArgs.reservation_call`)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from gateway.config import Config
 from gateway.core.periods import period_bounds, period_id
 from gateway.core.redis_keys import KeySpace
-from gateway.redisio.resp import SLOT, ArgTemplate
+from gateway.redisio.resp import SLOT, ArgTemplate, ScriptArg
 
 __all__ = ["ChargeArgs", "FeatureArgs", "feature_args"]
 
@@ -96,6 +99,7 @@ class ChargeArgs:
         self._period: tuple[str, int, int] = ("", 0, -1)  # id, start, end (ms)
         self._plain: dict[_TemplateKey, ArgTemplate] = {}
         self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
+        self._fingerprinted: dict[_TemplateKey, ArgTemplate] = {}
 
     def period(self, now: int) -> tuple[str, int, int]:
         """The period (id, start ms, end ms) at ``now``, cached until it ends."""
@@ -105,6 +109,7 @@ class ChargeArgs:
             current = self._period = (period_id(self.config.period, now), start, end)
             self._plain.clear()
             self._idempotent.clear()
+            self._fingerprinted.clear()
         return current
 
     def template(
@@ -126,7 +131,60 @@ class ChargeArgs:
             template = cache[key] = self._build(key, idempotent)
         return template
 
+    def fingerprinted(
+        self, org: str, user: str | None, feature: str, method: str, route: str
+    ) -> ArgTemplate:
+        """The template of a request with an Idempotency-Key and a fingerprint (cached),
+        filled with ``(idempotency key, now, cost, request id, hold expiry, fingerprint)``."""
+        key = (org, user, feature, method, route)
+        cache = self._fingerprinted
+        template = cache.get(key)
+        if template is None:
+            if len(cache) >= _CACHE_SIZE:
+                cache.clear()
+            template = cache[key] = ArgTemplate([*self._parts(key, True), SLOT])
+        return template
+
+    def reservation_call(
+        self,
+        org: str,
+        user: str | None,
+        feature: str,
+        idempotency_key: str | None,
+        *,
+        now: int,
+        cost: int,
+        request_id: str,
+        expires_ms: int,
+        fingerprint: str,
+        result_ttl_ms: int,
+        result_key: str,
+        cap: int,
+    ) -> tuple[list[str], list[ScriptArg]]:
+        """charge.lua's keys and arguments for a reservation (not cached: not the hot
+        path); call :meth:`period` first."""
+        keys, argv = self._keys_argv(
+            (org, user, feature, "", "reservation"), idempotency_key is not None
+        )
+        if idempotency_key is not None:
+            keys[4] = idempotency_key
+        argv[0], argv[4], argv[5], argv[6] = now, cost, request_id, expires_ms
+        argv += [fingerprint, result_ttl_ms, result_key, cap]
+        return [str(k) for k in keys], [a for a in argv if a is not None]
+
     def _build(self, key: _TemplateKey, idempotent: bool) -> ArgTemplate:
+        return ArgTemplate(self._parts(key, idempotent))
+
+    def _parts(self, key: _TemplateKey, idempotent: bool) -> list[ScriptArg | None]:
+        """The EVALSHA's arguments after the SHA (numkeys, keys, argv), SLOT where a
+        request fills in a value."""
+        keys, argv = self._keys_argv(key, idempotent)
+        return [str(len(keys)), *keys, *argv]
+
+    def _keys_argv(
+        self, key: _TemplateKey, idempotent: bool
+    ) -> tuple[list[str | None], list[ScriptArg | None]]:
+        """charge.lua's KEYS and ARGV, SLOT where a request fills in a value."""
         org, user, feature, method, route = key
         fa = self.features[feature]
         period, _, refresh_at = self._period
@@ -139,15 +197,15 @@ class ChargeArgs:
             if user
             else []
         )
-        keys = [
+        keys: list[str | None] = [
             org_keys.state, shard.holds, shard.holdexp, shard.events,
             SLOT if idempotent else shard.no_idempotency, *limiter_keys,
         ]  # fmt: skip
-        argv = [
+        argv: list[ScriptArg | None] = [
             SLOT, period, str(refresh_at), fa.bucket,  # now, period, refresh_at, bucket
             SLOT, SLOT, SLOT,  # cost, request id, hold expiry
             self._idem_ttl_ms if idempotent else "0",
             org, user or "", feature, method, route,
             *(fa.tail_user if user else fa.tail_anon),
         ]  # fmt: skip
-        return ArgTemplate([str(len(keys)), *keys, *argv])
+        return keys, argv

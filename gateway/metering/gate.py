@@ -1,7 +1,8 @@
 """``CreditGate``: one deployment's components wired together, and the library API.
 
 The library calls are the seed spec's functions: ``check`` (hasEnoughTokens), ``charge``
-(deductTokens), ``balance`` (getTokenBalance); the admin calls (plans, grants, keys) are
+(deductTokens), ``balance`` (getTokenBalance); ``reserve``, ``settle`` and ``release`` for
+costs known only after the call (DESIGN A9); the admin calls (plans, grants, keys) are
 what the CLI and the admin API use. The ASGI middleware and the proxy are built on the
 same object, so every way of running creditgate meters the same way.
 """
@@ -9,6 +10,7 @@ same object, so every way of running creditgate meters the same way.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +32,8 @@ from gateway.core.redis_keys import KeySpace
 from gateway.identity.identifier import Identifier
 from gateway.ledger.store import ApiKeyRow, GrantRow, OrgSnapshot, Store
 from gateway.ledger.usage import org_stats
-from gateway.metering.meter import Admission, Meter
+from gateway.metering.meter import Actual, Admission, Meter
+from gateway.metering.reservations import Reservation, Reservations, SettleResult
 from gateway.redisio.connect import RedisHandles, connect_redis
 from gateway.redisio.lua_scripts import load
 from gateway.routing.router import Router
@@ -129,6 +132,7 @@ class CreditGate:
         self.identifier = Identifier(
             config.identity, keyspace=self.keys, redis=self.redis.client, store=_LazyStore(self)
         )
+        self.reservations = Reservations(config, self.meter)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | Config, **kwargs: Any) -> CreditGate:
@@ -271,7 +275,8 @@ class CreditGate:
         """Take the tokens for one call now (deductTokens): admit and settle as a charge.
 
         Returns the Admission; ``.ok`` tells whether the tokens were taken, ``.status``
-        why not. A replayed ``idempotency_key`` charges nothing and reports ``replay``.
+        why not. A replayed ``idempotency_key`` charges nothing and reports ``replay``;
+        the key used before for another feature, quantity or user reports ``reused``.
         An org or user id that breaks the id rule (gateway.core.ids) raises InvalidId.
         """
         check_id(org)
@@ -281,15 +286,80 @@ class CreditGate:
             raise KeyError(f"unknown feature {feature!r}")
         if quantity < 1:
             raise ValueError("quantity must be at least 1")
+        fingerprint = None
+        if idempotency_key:
+            what = f"deduct\0{feature}\0{quantity}\0{user or ''}"
+            fingerprint = hashlib.sha256(what.encode("utf-8", "surrogateescape")).hexdigest()
         adm = await self.meter.admit(
             org, feature, user=user, quantity=quantity,
             idempotency_key=idempotency_key, request_id=request_id, method="", route="deduct",
+            fingerprint=fingerprint,
         )  # fmt: skip
         if adm.ok:
             await self.meter.settle(
                 adm, ok=True, status=None, latency_ms=None, idempotency_key=idempotency_key
             )
         return adm
+
+    async def reserve(
+        self,
+        org: str,
+        feature: str,
+        *,
+        estimate: int | None = None,
+        user: str | None = None,
+        ttl_seconds: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> Reservation:
+        """Hold tokens for a call whose cost is known only after it (DESIGN A9).
+
+        ``estimate`` defaults to the feature's reserve (its hold), and is capped by the
+        feature's max; ``ttl_seconds`` (default ``hold_ttl_seconds``, at most a day) is how
+        long it may stay open before it is charged its reserve. Raises
+        ``ReservationRefused`` (with the Admission: not in plan, rate limited, not
+        enough tokens, Idempotency-Key in flight or reused) when it cannot be held. See
+        gateway.metering.reservations.
+        """
+        check_id(org)
+        if user is not None:
+            check_id(user, "user")
+        return await self.reservations.reserve(
+            org, feature, estimate=estimate, user=user, ttl_seconds=ttl_seconds,
+            idempotency_key=idempotency_key,
+        )  # fmt: skip
+
+    async def settle(
+        self,
+        reservation: Reservation | str,
+        actual: int | Actual,
+        *,
+        org: str | None = None,
+    ) -> SettleResult:
+        """Charge a reservation's actual cost: less than the reserve refunds the rest, more
+        takes the difference from what is left and records what cannot be covered as
+        overage. A repeat returns the first result. ``reservation`` is a Reservation or
+        its id (then ``org`` names its org); ``ReservationNotFound`` for an id that is
+        not the org's."""
+        org, rid = self._reservation_of(reservation, org)
+        return await self.reservations.settle(org, rid, actual)
+
+    async def release(
+        self, reservation: Reservation | str, *, org: str | None = None
+    ) -> SettleResult:
+        """Give a reservation's whole reserve back (a repeat returns the first result)."""
+        org, rid = self._reservation_of(reservation, org)
+        return await self.reservations.release(org, rid)
+
+    @staticmethod
+    def _reservation_of(reservation: Reservation | str, org: str | None) -> tuple[str, str]:
+        if isinstance(reservation, Reservation):
+            if org is not None and org != reservation.org:
+                raise ValueError("org differs from the reservation's")
+            return reservation.org, reservation.id
+        if org is None:
+            raise ValueError("settling a reservation by its id needs its org")
+        check_id(org)
+        return org, reservation
 
     async def stats(self, org: str, *, days: int = 30) -> dict[str, Any]:
         """Usage by feature, user and day, and a forecast per bucket (getTokenStats).

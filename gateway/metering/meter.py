@@ -6,9 +6,16 @@ A thin facade over the three parts, each in its own module:
   request's latency path, with arguments pre-encoded by
   :mod:`gateway.metering.charge_args`;
 - :mod:`gateway.metering.settlement`: ``settle`` / ``settle_nowait`` queue the hold for
-  charge or refund; the settles of one shard go to settle.lua in one call per batch;
+  charge or refund, or for the call's :class:`Actual` cost (DESIGN A8); the settles of one
+  shard go to settle.lua in one call per batch;
 - :mod:`gateway.metering.seeding`: an org's Redis state created from the ledger when
   charge.lua finds none.
+
+Idempotency-Key replay (DESIGN A9): ``admit(..., idempotency_key=K, fingerprint=F)``
+answers a repeat of a completed request with status ``replay`` and, when its settle kept
+one (``settle(..., response=StoredResponse.capture(...))``), ``adm.replay``: the response
+to give back; a repeat with another fingerprint (:func:`request_fingerprint`) is
+``reused``; one while the first is in flight ``in_flight``.
 
 Measured with bench/middleware_cpu.py.
 """
@@ -17,18 +24,49 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, overload
 
 from gateway.config import Config
 from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.redis_keys import KeySpace
-from gateway.metering.admission import Admission, Admitter
+from gateway.metering.admission import (
+    DEFAULT_MAX_REPLAY_BODY,
+    Admission,
+    Admitter,
+    StoredResponse,
+    request_fingerprint,
+)
 from gateway.metering.request_ids import new_request_id
 from gateway.metering.seeding import Seeding
-from gateway.metering.settlement import SETTLE_WINDOW_S, Settlement
+from gateway.metering.settlement import (
+    SETTLE_WINDOW_S,
+    Actual,
+    Settled,
+    Settlement,
+    extension,
+    settled_of,
+)
 from gateway.redisio.connect import RedisHandles
 
-__all__ = ["SETTLE_WINDOW_S", "Admission", "Meter", "new_request_id"]
+__all__ = [
+    "SETTLE_WINDOW_S",
+    "Actual",
+    "Admission",
+    "Meter",
+    "Settled",
+    "StoredResponse",
+    "new_request_id",
+    "request_fingerprint",
+]
+
+
+async def _settled(raw: asyncio.Future[Any]) -> Settled:
+    return settled_of(await raw)
+
+
+async def _charged(raw: asyncio.Future[Any]) -> int:
+    reply = await raw
+    return int(reply[0]) if isinstance(reply, list) else -1
 
 
 class Meter:
@@ -61,6 +99,10 @@ class Meter:
             now_ms=now_ms, seed=self.seeding.seed, counters=counters or METRICS,
         )  # fmt: skip
         self.settlement = Settlement(redis, self.keys, now_ms=now_ms)
+        self.max_replay_body: int = getattr(
+            config, "idempotency_max_body_bytes", DEFAULT_MAX_REPLAY_BODY
+        )
+        """The largest response body kept for an Idempotency-Key replay (DESIGN A9)."""
 
     def period(self, now: int) -> tuple[str, int, int]:
         """The current period (id, start ms, end ms), cached until it ends."""
@@ -78,8 +120,13 @@ class Meter:
         request_id: str | None = None,
         method: str = "",
         route: str = "",
+        fingerprint: str | None = None,
     ) -> Coroutine[Any, Any, Admission]:
         """Run charge.lua for one request (await the result); see ``Admitter.admit``.
+
+        With an ``idempotency_key``, ``fingerprint`` (:func:`request_fingerprint` of the
+        method, path and body) tells a repeat of the same request (``replay``, or
+        ``in_flight``) from another request reusing the key (``reused``: 422).
 
         Raises ``RedisUnavailable`` when Redis cannot be reached or timed out. Never
         retried: a timed-out debit may have committed (its hold then expires into a charge).
@@ -88,7 +135,34 @@ class Meter:
         return self.admission.admit(
             org, feature, user=user, quantity=quantity, cost=cost,
             idempotency_key=idempotency_key, request_id=request_id, method=method, route=route,
+            fingerprint=fingerprint,
         )  # fmt: skip
+
+    @overload
+    def settle(
+        self,
+        adm: Admission,
+        *,
+        ok: bool,
+        status: int | None,
+        latency_ms: int | None,
+        idempotency_key: str | None = None,
+        actual: None = None,
+        response: StoredResponse | None = None,
+    ) -> asyncio.Future[int]: ...
+
+    @overload
+    def settle(
+        self,
+        adm: Admission,
+        *,
+        ok: bool,
+        status: int | None,
+        latency_ms: int | None,
+        idempotency_key: str | None = None,
+        actual: Actual,
+        response: StoredResponse | None = None,
+    ) -> asyncio.Future[Settled]: ...
 
     def settle(
         self,
@@ -98,15 +172,31 @@ class Meter:
         status: int | None,
         latency_ms: int | None,
         idempotency_key: str | None = None,
-    ) -> asyncio.Future[int]:
+        actual: Actual | None = None,
+        response: StoredResponse | None = None,
+    ) -> asyncio.Future[int] | asyncio.Future[Settled]:
         """Queue the hold of an admitted request for charge (ok) or refund.
 
-        Returns a future with the tokens charged (-1 if the hold was already gone). The
-        middleware, which never waits for it, uses ``settle_nowait`` instead.
+        Without ``actual``: a future with the tokens charged (-1 if the hold was already
+        gone). With ``actual`` (the call's real cost, DESIGN A8) and ``ok``, that is
+        charged instead of the hold (see :mod:`gateway.metering.settlement`); the future
+        gets a :class:`Settled` (``gone`` if the hold was already gone: a retried settle
+        never charges twice). ``response`` (with an ``idempotency_key``, ``ok``) is what
+        a repeat of the key gets back. The middleware, which never waits, uses
+        ``settle_nowait`` instead.
         """
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.settlement.queue(adm, ok, status, latency_ms, idempotency_key, done)
-        return done
+        loop = asyncio.get_running_loop()
+        if actual is None and response is None:
+            done: asyncio.Future[int] = loop.create_future()
+            self.settlement.queue(adm, ok, status, latency_ms, idempotency_key, done)
+            return done
+        raw: asyncio.Future[Any] = loop.create_future()
+        self.settlement.queue(
+            adm, ok, status, latency_ms, idempotency_key, raw, extension(actual, response)
+        )
+        if actual is None:
+            return loop.create_task(_charged(raw))
+        return loop.create_task(_settled(raw))
 
     def settle_nowait(
         self,
@@ -116,12 +206,19 @@ class Meter:
         status: int | None,
         latency_ms: int | None,
         idempotency_key: str | None = None,
+        actual: Actual | None = None,
+        response: StoredResponse | None = None,
     ) -> None:
         """``settle`` without a future to wait on (the proxy path: fire and forget).
 
         Must be called from a coroutine on the event loop the meter runs on.
         """
-        self.settlement.queue(adm, ok, status, latency_ms, idempotency_key, None)
+        if actual is None and response is None:
+            self.settlement.queue(adm, ok, status, latency_ms, idempotency_key, None)
+        else:
+            self.settlement.queue(
+                adm, ok, status, latency_ms, idempotency_key, None, extension(actual, response)
+            )
 
     async def drain(self) -> None:
         """Wait until every queued settle has reached Redis (shutdown, tests)."""

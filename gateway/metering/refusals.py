@@ -16,6 +16,13 @@ REFUSALS = {
     "rate_limited": (429, "rate_limited", "Rate limit exceeded"),
     "in_flight": (409, "idempotency_conflict", "Request with this Idempotency-Key in progress"),
     "replay": (409, "idempotency_conflict", "Idempotency-Key already used"),
+    "reused": (422, "idempotency_key_reused", "Idempotency-Key reused for another request"),
+}
+# How soon a client may retry a request whose Idempotency-Key is in flight (seconds).
+IN_FLIGHT_RETRY_AFTER = 1
+_UNREPLAYABLE = {
+    "too_large": "its response body was larger than the replay limit",
+    "streamed": "its response was streamed",
 }
 
 
@@ -66,10 +73,26 @@ def describe_refusal(adm: Admission) -> Refusal:
         out.facts["retry_after"] = retry
     elif adm.status == "in_flight":
         out.detail = "A request with this Idempotency-Key is still in progress"
-    else:
+        out.headers = [("Retry-After", str(IN_FLIGHT_RETRY_AFTER))]
+        out.facts["retry_after"] = IN_FLIGHT_RETRY_AFTER
+    elif adm.status == "reused":
         out.detail = (
-            "A request with this Idempotency-Key already completed "
-            f"(status {adm.replay_status}); it is not charged or forwarded again"
+            "This Idempotency-Key was used for a request with another method, path or body;"
+            " use a new key for a new request"
         )
+    else:
+        reason = adm.replay_refusal
+        if reason is not None:
+            out.detail = (
+                "A request with this Idempotency-Key already completed "
+                f"(status {adm.replay_status}) and cannot be replayed: "
+                f"{_UNREPLAYABLE[reason]}; it is not charged or forwarded again"
+            )
+            out.facts["replayable"] = False
+        else:
+            out.detail = (
+                "A request with this Idempotency-Key already completed "
+                f"(status {adm.replay_status}); it is not charged or forwarded again"
+            )
         out.facts["original_status"] = adm.replay_status
     return out

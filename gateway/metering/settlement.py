@@ -4,6 +4,14 @@ Settlement runs after the response ends, off every client's latency path. The se
 one shard queued within ``SETTLE_WINDOW_S`` (``settle_nowait``, the middleware's) or
 within one event-loop iteration (``settle``, which returns a future) go to Redis in one
 script call, so the second step costs a fraction of the first.
+
+A settle may carry an :class:`Actual` (DESIGN A8: the call's real cost, read after the
+response): settle.lua then charges that instead of the hold, refunding the difference or
+taking it from what is left, and records what cannot be covered as overage (recorded,
+never owed: no balance goes below zero, and the org's next requests are admitted by its
+balance as usual). It may also carry the :class:`~gateway.metering.admission.StoredResponse`
+a repeat of the request's Idempotency-Key gets back (DESIGN A9). Settles with neither
+are the fixed-cost path: the same 4 values per item as before either existed.
 """
 
 from __future__ import annotations
@@ -11,14 +19,82 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from gateway.core.errors import RedisUnavailable
 from gateway.core.redis_keys import KeySpace, ShardKeys
-from gateway.metering.admission import Admission
+from gateway.metering.admission import Admission, StoredResponse
 from gateway.redisio.connect import RedisHandles
 from gateway.redisio.lua_scripts import load
+from gateway.usage.model import Usage
 
-__all__ = ["SETTLE_WINDOW_S", "Settlement"]
+__all__ = ["COST_SOURCES", "SETTLE_WINDOW_S", "Actual", "Settled", "Settlement", "extension"]
+
+COST_SOURCES = ("usage", "header", "app", "policy", "reservation")
+
+
+@dataclass(frozen=True, slots=True)
+class Actual:
+    """What a call really cost, known after its response (DESIGN A8)."""
+
+    tokens: int
+    """What the call really cost, already capped by the feature's max."""
+    usage: Usage | None = None
+    """Model and counts read from the response, None if none."""
+    missing: bool = False
+    """Usage never came; ``tokens`` was decided by on_missing_usage."""
+    source: str = "usage"
+    """usage | header | app | policy | reservation (the event's ``cs``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What settling one hold with an :class:`Actual` did.
+
+    ``charged + overage`` is the actual (0 for a refund); ``charged`` is the net tokens
+    taken from the balance (the event's ``t``); ``refunded`` the tokens of the hold given
+    back (the whole hold on a refund). ``gone``: the hold no longer existed (settled
+    already, or swept into an expired_hold charge); nothing was done, every count is 0.
+    """
+
+    charged: int
+    refunded: int
+    overage: int
+    remaining: int | None
+    reserved: int
+    gone: bool = False
+
+
+GONE = Settled(0, 0, 0, None, 0, gone=True)
+
+
+def extension(
+    actual: Actual | None, response: StoredResponse | None, reservation_org: str = ""
+) -> tuple[str, ...]:
+    """An extended settle item's 10 values after the 4 of every item (lua/settle.lua)."""
+    if actual is None:
+        head: tuple[str, ...] = ("", "", "", "", "", "", "", "")
+    else:
+        u = actual.usage
+        head = (
+            str(max(0, int(actual.tokens))), actual.source, "1" if actual.missing else "",
+            "" if u is None or u.model is None else u.model,
+            "" if u is None else str(u.input_tokens),
+            "" if u is None else str(u.cached_input_tokens),
+            "" if u is None else str(u.output_tokens),
+            "" if u is None else str(u.reasoning_tokens),
+        )  # fmt: skip
+    return (*head, "" if response is None else response.encode(), reservation_org)
+
+
+def settled_of(reply: Any) -> Settled:
+    """An extended item's reply as a :class:`Settled`."""
+    if not isinstance(reply, list):
+        return GONE
+    charged, refunded, overage, remaining, reserved = (int(v) for v in reply)
+    return Settled(charged, refunded, overage, remaining, reserved)
+
 
 log = logging.getLogger("creditgate.meter")
 
@@ -32,8 +108,12 @@ SETTLE_WINDOW_S = 0.002
 _RETRIES = 5
 
 # One queued settle: org key, idempotency key, request id, outcome ("c" charge | "r"
-# refund), upstream status, latency, and the future of settle() (None for settle_nowait).
-_Settle = tuple[str, str, str, str, str, str, "asyncio.Future[int] | None"]
+# refund; "C" | "R" with the 10 extension values), upstream status, latency, the future of
+# settle() (None for settle_nowait), and the extension (None for "c" | "r"). The future
+# gets the raw reply of the item.
+_Settle = tuple[
+    str, str, str, str, str, str, "asyncio.Future[Any] | None", "tuple[str, ...] | None"
+]
 
 
 class Settlement:
@@ -61,10 +141,13 @@ class Settlement:
         status: int | None,
         latency_ms: int | None,
         idempotency_key: str | None,
-        done: asyncio.Future[int] | None,
+        done: asyncio.Future[Any] | None,
+        ext: tuple[str, ...] | None = None,
     ) -> None:
         """Queue the hold of ``adm`` for charge (``ok``) or refund; ``done``, if given,
-        gets the tokens charged (-1 if the hold was already gone).
+        gets settle.lua's reply for it: the tokens charged (-1 if the hold was already
+        gone), or with ``ext`` (:func:`extension`) what lua/settle.lua says of an
+        extended item.
 
         Must be called from a coroutine on the event loop the meter runs on.
         """
@@ -76,12 +159,51 @@ class Settlement:
             if idempotency_key
             else org_keys.shard.no_idempotency,
             adm.request_id,
-            "c" if ok else "r",
+            ("c" if ok else "r") if ext is None else ("C" if ok else "R"),
             "" if status is None else str(status),
             "" if latency_ms is None else str(latency_ms),
             done,
+            ext,
         )
+        # _enqueue, inlined: this is every metered request's settle.
         shard = org_keys.shard.shard
+        queue = self._pending.get(shard)
+        if queue is None:
+            self._pending[shard] = [item]
+        else:
+            queue.append(item)
+        handle, loop = self._flush_handle, self._flush_loop
+        if handle is None or loop is None or loop.is_closed():
+            # (A flush left scheduled on a loop that has since closed is replaced.)
+            self._schedule_flush(self.window_s if done is None else 0.0)
+        elif done is not None and self._flush_delayed:
+            handle.cancel()  # someone waits: flush at the next iteration instead
+            self._schedule_flush(0.0)
+
+    def queue_reservation(
+        self,
+        org: str,
+        reservation_id: str,
+        ok: bool,
+        ext: tuple[str, ...],
+        done: asyncio.Future[Any],
+    ) -> None:
+        """Queue the settle (``ok``) or release of ``org``'s reservation: its item's
+        second key is where its result is kept (lua/settle.lua)."""
+        org_keys = self.keys.of_org(org)
+        item: _Settle = (
+            org_keys.state,
+            org_keys.shard.reservation(org, reservation_id),
+            reservation_id,
+            "C" if ok else "R",
+            "",
+            "",
+            done,
+            ext,
+        )
+        self._enqueue(org_keys.shard.shard, item, done)
+
+    def _enqueue(self, shard: int, item: _Settle, done: asyncio.Future[Any] | None) -> None:
         queue = self._pending.get(shard)
         if queue is None:
             self._pending[shard] = [item]
@@ -120,6 +242,9 @@ class Settlement:
         for it in items:
             keys += it[:2]
             args += it[2:6]
+            ext = it[7]
+            if ext is not None:
+                args += ext
         delay = 0.05
         for attempt in range(_RETRIES):
             try:
@@ -139,10 +264,10 @@ class Settlement:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
-            for it, charged in zip(items, reply, strict=True):
+            for it, result in zip(items, reply, strict=True):
                 done = it[6]
                 if done is not None and not done.done():
-                    done.set_result(int(charged))
+                    done.set_result(int(result) if it[7] is None else result)
             return
 
     async def drain(self) -> None:

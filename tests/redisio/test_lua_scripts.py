@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core.events import FIELDS
+from gateway.core.events import FIELDS, USAGE_FIELDS
 from gateway.redisio.connect import connect_redis
 from gateway.redisio.lua_scripts import SCRIPT_NAMES, assemble, load, prelude_code
 from gateway.redisio.pipelined import RedisReplyError
@@ -52,11 +52,14 @@ def test_prelude_code_is_one_line_without_comments() -> None:
 
 def test_the_prelude_writes_the_event_format_in_order() -> None:
     params = re.search(r"audit_event\(stream_key, ([^)]*)\)", prelude_code())
-    xadd = prelude_code().split("'XADD', stream_key, '*',", 1)[1]
-    names = re.findall(r"'(\w+)', (\w+)", xadd)
-    assert params is not None
-    assert tuple(params.group(1).split(", ")) == FIELDS
-    assert names == [(field, field) for field in FIELDS]  # 'id', id, 'k', k, ...
+    xadds = prelude_code().split("'XADD', stream_key, '*',")[1:]
+    assert params is not None and len(xadds) == 2
+    # The fields, then the optional usage fields (events.USAGE_FIELDS) of some request
+    # events: the first XADD writes the fields alone, the second all of them.
+    assert tuple(params.group(1).split(", ")) == FIELDS + USAGE_FIELDS
+    for xadd, fields in zip(xadds, (FIELDS, FIELDS + USAGE_FIELDS), strict=True):
+        names = re.findall(r"'(\w+)', (\w+)", xadd.split(")", 1)[0])
+        assert names == [(field, field) for field in fields]  # 'id', id, 'k', k, ...
 
 
 async def test_redis_computes_the_loaders_sha_and_noscript_sends_the_assembled_source(
