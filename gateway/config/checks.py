@@ -126,6 +126,8 @@ class Checker:
             "retry_after_unavailable_seconds",
         ):
             self.number(key, getattr(c, key), 1)
+        # 0 stores no body: every repeat of a completed request gets 409, never a replay.
+        self.number("idempotency_max_body_bytes", c.idempotency_max_body_bytes, 0, 16 << 20)
         for key in (
             "upstream_timeout_seconds",
             "upstream_connect_timeout_seconds",
@@ -133,6 +135,8 @@ class Checker:
         ):
             if not getattr(c, key) > 0:
                 self.err(key, f"must be positive, got {getattr(c, key)}")
+        if not c.usage_drain_seconds >= 0:
+            self.err("usage_drain_seconds", f"must be 0 or more, got {c.usage_drain_seconds}")
         return self.errors
 
     def identity(self) -> None:

@@ -257,11 +257,18 @@ class Config(_Strict):
     shards: Int = 16
     api_prefix: str = "/api/v1/tokens"
     idempotency_ttl_seconds: Int = 86400
+    # The largest response body kept for an Idempotency-Key replay (DESIGN A9); a larger or
+    # streamed response is answered 409 on repeat, never forwarded or charged again.
+    idempotency_max_body_bytes: Int = 65536
     # How long a hold may stay open before the sync job's sweep turns it into a charge
     # marked unknown. Must exceed the longest upstream response (SSE streams included).
     hold_ttl_seconds: Int = 900
     upstream_timeout_seconds: float = 60.0
     upstream_connect_timeout_seconds: float = 5.0
+    # DESIGN A8 usage costs: when the client leaves mid-response, how long creditgate keeps
+    # reading the upstream for the usage at the stream's end before it applies the
+    # feature's on_missing_usage policy (0: not at all).
+    usage_drain_seconds: float = 15.0
     # The proxy's HTTP client: lean (gateway/proxy/lean_client.py, least CPU), aiohttp, or
     # httpx (needs the httpx package, a test dependency).
     upstream_client: Literal["lean", "aiohttp", "httpx"] = "lean"

@@ -30,7 +30,6 @@ from gateway.config import Config
 from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.admission import (
-    DEFAULT_MAX_REPLAY_BODY,
     Admission,
     Admitter,
     StoredResponse,
@@ -99,9 +98,7 @@ class Meter:
             now_ms=now_ms, seed=self.seeding.seed, counters=counters or METRICS,
         )  # fmt: skip
         self.settlement = Settlement(redis, self.keys, now_ms=now_ms)
-        self.max_replay_body: int = getattr(
-            config, "idempotency_max_body_bytes", DEFAULT_MAX_REPLAY_BODY
-        )
+        self.max_replay_body: int = config.idempotency_max_body_bytes
         """The largest response body kept for an Idempotency-Key replay (DESIGN A9)."""
 
     def period(self, now: int) -> tuple[str, int, int]:
