@@ -1,7 +1,7 @@
 """creditgate: token budgets for AI features, enforced atomically in Redis.
 
 ``from gateway import CreditGate, CreditGateMiddleware`` gives the library API and the
-ASGI middleware (DESIGN A1). They are loaded on first use (PEP 562), so that importing a
+ASGI middleware (contract A1). They are loaded on first use (PEP 562), so that importing a
 low layer (``gateway.core.events`` from the sync worker, say) does not load the whole
 gateway; docs/ARCHITECTURE.md has the map of the package.
 """

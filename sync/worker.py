@@ -1,9 +1,10 @@
 """The sync worker: a poll loop moving every shard's events into the Postgres ledger.
 
-Per shard and pass (DESIGN B4): claim entries left idle by crashed workers, re-read our
-own un-acked entries, read new ones, decode, write the batch in one transaction, ack,
-trim. Entries are acked only after their batch committed, so a crash anywhere redelivers
-them, and the ledger's unique event id makes the redelivery write nothing twice.
+Per shard and pass (docs/ARCHITECTURE.md, "One metered request", step 7): claim entries
+left idle by crashed workers, re-read our own un-acked entries, read new ones, decode,
+write the batch in one transaction, ack, trim. Entries are acked only after their batch
+committed, so a crash anywhere redelivers them, and the ledger's unique event id makes the
+redelivery write nothing twice.
 
 New entries take the writer's fast path (COPY straight into the ledger); re-read and
 claimed entries, which may be in the ledger already, take its safe path (sync/writer.py).

@@ -1,4 +1,4 @@
-"""Shared fixtures: the reference config (DESIGN A2) and gates on fakeredis or real Redis.
+"""Shared fixtures: the reference config (contract A2) and gates on fakeredis or real Redis.
 
 Also the session's servers: Redis and PostgreSQL are found or started when a test first
 needs them (see tests/support/services.py), stopped when the session ends, and named in

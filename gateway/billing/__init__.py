@@ -1,1 +1,1 @@
-"""Billing: Stripe webhooks mapped to plan changes and top-ups (DESIGN A4)."""
+"""Billing: Stripe webhooks mapped to plan changes and top-ups (contract A4)."""

@@ -4,7 +4,7 @@ Verification: the ``Stripe-Signature`` header is checked with the stripe library
 ``billing.stripe.webhook_secret``; a signature older than ``tolerance_seconds`` is refused
 (400), so a captured request cannot be replayed later. Nothing here calls Stripe's API.
 
-Mapping (DESIGN A4):
+Mapping (contract A4):
 - ``customer.subscription.created`` / ``.updated``: the org is ``metadata.org_id``; the
   first item whose price id (``items.data[].price.id``, or the legacy ``.plan.id``) is in
   ``billing.stripe.plans`` names the plan. Status ``active``, ``trialing`` or ``past_due``

@@ -1,4 +1,4 @@
-"""The ``creditgate`` command line (DESIGN A1).
+"""The ``creditgate`` command line (contract A1).
 
 Every command takes ``--config`` (default ``$CREDITGATE_CONFIG`` or ``./creditgate.yaml``),
 before the command (``creditgate --config F orgs show acme``) or after it; the command's

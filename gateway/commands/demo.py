@@ -115,7 +115,7 @@ def _secret_file(path: Path, make: Callable[[], str]) -> str:
 
 
 def demo_config(database_url: str | None, admin_token: str) -> Config:
-    """The reference config (DESIGN A2) on the in-process Redis."""
+    """The reference config (contract A2) on the in-process Redis."""
     config = parse_config(DEMO_CONFIG, "creditgate demo")
     identity = config.identity.model_copy(update={"trusted_headers": database_url is None})
     return config.model_copy(

@@ -201,7 +201,7 @@ class Checker:
                 self.name(f"{path}.bucket", feature.bucket, "bucket")
             if feature.variable is None:
                 self.number(f"{path}.cost", feature.cost, 1, _MAX_TOKENS)
-            else:  # usage or header (DESIGN A8): gateway.config.costs words its errors
+            else:  # usage or header (contract A8): gateway.config.costs words its errors
                 has_models = self.c.models is not None
                 for where, message in variable_cost_errors(feature.variable, has_models=has_models):
                     self.err(f"{path}.cost{where}", message)
@@ -212,7 +212,7 @@ class Checker:
                     self.err(f"{path}.refund_on[{i}]", str(exc))
 
     def models(self) -> None:
-        """The ``models:`` price table (DESIGN A8), every bad entry reported."""
+        """The ``models:`` price table (contract A8), every bad entry reported."""
         if self.c.models is not None:
             for where, message in price_table_errors(self.c.models):
                 self.err(where, message)

@@ -1,6 +1,6 @@
-"""A feature's cost mode (DESIGN A8): fixed, by the model's usage, or from a response header.
+"""A feature's cost mode (contract A8): fixed, by the model's usage, or from a response header.
 
-In the file, ``features.<name>.cost`` is a positive integer (a fixed cost, as in DESIGN A2)
+In the file, ``features.<name>.cost`` is a positive integer (a fixed cost, as in contract A2)
 or a mapping::
 
     cost: {usage: auto, reserve: auto, max: 2000, on_missing_usage: charge_reserve}
@@ -18,7 +18,7 @@ This module holds
   (:meth:`gateway.config.Config.cost_spec`), and :func:`build_prices`, the ``models:``
   price table as a :class:`~gateway.usage.prices.PriceTable`.
 
-Extensions of DESIGN A8, each an addition that keeps its examples valid:
+Extensions of contract A8, each an addition that keeps its examples valid:
 
 - ``header: true`` names the default header, ``X-Creditgate-Cost``;
 - ``reserve`` may be left out: a usage cost then reserves ``auto``, a header cost its ``max``
@@ -74,7 +74,7 @@ _RESERVED_HEADERS: Final = frozenset(
     | {"proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
     | {"idempotent-replayed", "retry-after"}
 )
-_RESERVED_PREFIX: Final = "x-tokens-"  # X-Tokens-Cost, -Remaining, -Cost-Status (DESIGN A8)
+_RESERVED_PREFIX: Final = "x-tokens-"  # X-Tokens-Cost, -Remaining, -Cost-Status (contract A8)
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
 

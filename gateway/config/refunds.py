@@ -2,7 +2,7 @@
 
 Entries are status codes (``429``, or ``"429"``) or classes (``"4xx"``, ``"5xx"``, any
 case). Every 5xx (the proxy's own 502/504 included) always refunds; ``refund_on`` adds
-statuses to that (DESIGN A3: "can refund more", e.g. a provider's 429), and everything
+statuses to that (contract A3: "can refund more", e.g. a provider's 429), and everything
 else, 4xx included, is charged. Whatever the list, a request whose upstream failed
 (unreachable, timed out, cut off mid-body) or that got no response at all is refunded:
 the app never answered it.

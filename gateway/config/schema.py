@@ -129,7 +129,7 @@ class ServerConfig(_Strict):
 class FeatureConfig(_Strict):
     """A metered feature: its cost per call and the bucket it draws from.
 
-    ``cost`` in the file is an integer (fixed) or a mapping (DESIGN A8: by usage or from a
+    ``cost`` in the file is an integer (fixed) or a mapping (contract A8: by usage or from a
     header; :mod:`gateway.config.costs`). The attribute ``cost`` is always an integer: the
     fixed cost, or for a variable cost what code that knows only fixed costs must hold (its
     numeric reserve, else its ``max``); the mapping itself is :attr:`variable`.
@@ -246,18 +246,18 @@ class Config(_Strict):
     period: Literal["monthly", "weekly", "daily"] = "monthly"
     billing: BillingConfig = Field(default_factory=BillingConfig)
     routes: list[RouteConfig] = Field(default_factory=list)
-    # DESIGN A8: model glob -> {input, cached_input?, output}, creditgate tokens per 1,000
+    # contract A8: model glob -> {input, cached_input?, output}, creditgate tokens per 1,000
     # model tokens, plus `default`; first matching glob wins, so the file's order is kept.
     # Checked by gateway.config.costs.price_table_errors; read as `prices`.
     models: dict[str, Any] | None = None
 
-    # Operational settings (extensions of DESIGN A2; all optional).
+    # Operational settings (extensions of contract A2; all optional).
     fail_open: bool = False
     key_prefix: str = "cg"
     shards: Int = 16
     api_prefix: str = "/api/v1/tokens"
     idempotency_ttl_seconds: Int = 86400
-    # The largest response body kept for an Idempotency-Key replay (DESIGN A9); a larger or
+    # The largest response body kept for an Idempotency-Key replay (contract A9); a larger or
     # streamed response is answered 409 on repeat, never forwarded or charged again.
     idempotency_max_body_bytes: Int = 65536
     # How long a hold may stay open before the sync job's sweep turns it into a charge
@@ -265,7 +265,7 @@ class Config(_Strict):
     hold_ttl_seconds: Int = 900
     upstream_timeout_seconds: float = 60.0
     upstream_connect_timeout_seconds: float = 5.0
-    # DESIGN A8 usage costs: when the client leaves mid-response, how long creditgate keeps
+    # contract A8 usage costs: when the client leaves mid-response, how long creditgate keeps
     # reading the upstream for the usage at the stream's end before it applies the
     # feature's on_missing_usage policy (0: not at all).
     usage_drain_seconds: float = 15.0
@@ -337,7 +337,7 @@ class Config(_Strict):
 
     @cached_property
     def prices(self) -> PriceTable | None:
-        """The ``models:`` price table (DESIGN A8); ``None`` without one. A checked config
+        """The ``models:`` price table (contract A8); ``None`` without one. A checked config
         has one whenever a feature's cost is by usage."""
         return None if self.models is None else build_prices(self.models)
 

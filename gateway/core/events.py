@@ -32,7 +32,7 @@ function, ``audit_event`` in ``lua/_prelude.lua``. Fields, all strings, in this 
 ``ref``     grant reference / operation reference ("" when none)
 ==========  =================================================================
 
-Request events whose charge was decided after the call (DESIGN A8 usage and header costs,
+Request events whose charge was decided after the call (contract A8 usage and header costs,
 A9 reservations) append the usage fields (:data:`USAGE_FIELDS`), all strings, "" when
 none; every other event (fixed costs, grants, resets ...) and every event written before
 them has the 21 fields above only (lua/_prelude.lua, ``audit_event``):

@@ -1,4 +1,4 @@
-"""The admin API (DESIGN A4), under ``/admin``: plans, grants, keys, usage over all orgs.
+"""The admin API (contract A4), under ``/admin``: plans, grants, keys, usage over all orgs.
 
 Authorization is ``Authorization: Bearer <admin_token>`` (gateway.http.admin_auth): a
 wrong or missing token is **401**, and an address that keeps sending wrong tokens is

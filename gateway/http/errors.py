@@ -1,4 +1,4 @@
-"""How the token API and the admin API refuse: problem+json answers (DESIGN A3).
+"""How the token API and the admin API refuse: problem+json answers (contract A3).
 
 Every error either API answers is ``application/problem+json`` (built by
 gateway.core.problem), with the same ``code`` names the metered path uses. Handlers raise

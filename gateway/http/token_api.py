@@ -1,4 +1,4 @@
-"""The token API (DESIGN A4), under ``config.api_prefix`` (default ``/api/v1/tokens``).
+"""The token API (contract A4), under ``config.api_prefix`` (default ``/api/v1/tokens``).
 
 Authenticated like metered requests (API key, JWT, or whatever the identity config
 accepts); the organization ALWAYS comes from the credentials. Nothing in a path, query or
@@ -16,9 +16,9 @@ telling the client "done" is safe and lets it retry blindly. A key still in flig
 **409**, as on the proxy.
 
 A replayed deduct also carries ``Idempotent-Replayed: true``; the same key with another
-feature, quantity or user is **422** ``idempotency_key_reused`` (DESIGN A9).
+feature, quantity or user is **422** ``idempotency_key_reused`` (contract A9).
 
-Reservations (DESIGN A9): ``POST /reservations`` holds an estimate (**201**; the refusals of
+Reservations (contract A9): ``POST /reservations`` holds an estimate (**201**; the refusals of
 A3, **402** when it does not fit); ``POST /reservations/{id}/settle {actual}`` charges the
 actual and ``.../release`` gives it all back (**200**, a repeat answers the same body);
 an id that is not one of the caller's org's reservations is **404**

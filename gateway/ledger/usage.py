@@ -5,7 +5,7 @@ sync job maintains ``usage_daily`` (org, day, feature, user), and migration 0002
 ``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user) from
 it in the same transaction. A window of one org is then an index-only scan of at most
 days x features plus days x users rows, whatever its request volume or its number of
-features x users. Usage by model (requests whose cost came from the call, DESIGN A8) is
+features x users. Usage by model (requests whose cost came from the call, contract A8) is
 read from ``usage_daily_model`` (org, day, model; migration 0006, kept by the sync job in
 the same transaction too): at most days x models rows. The log itself is only read a
 page at a time, newest first, by keyset over ``(created_at, id)`` (the

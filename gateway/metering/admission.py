@@ -39,7 +39,7 @@ __all__ = [
 
 DEFAULT_MAX_REPLAY_BODY = 64 * 1024
 """The largest response body kept for an Idempotency-Key replay unless the config says
-otherwise (``idempotency_max_body_bytes``, DESIGN A9)."""
+otherwise (``idempotency_max_body_bytes``, contract A9)."""
 
 UNSAFE_REPLAY_HEADERS = frozenset({
     # Hop-by-hop, or framing the replay recomputes.
@@ -58,7 +58,7 @@ Unreplayable = Literal["too_large", "streamed"]
 
 
 def request_fingerprint(method: str, path: str, body: bytes) -> str:
-    """What makes two requests with one Idempotency-Key the same request (DESIGN A9):
+    """What makes two requests with one Idempotency-Key the same request (contract A9):
     sha256 (64 hex digits) over the method, the path and the body."""
     digest = hashlib.sha256()
     digest.update(method.upper().encode("latin-1", "replace"))
@@ -328,7 +328,7 @@ class Admitter:
         fingerprint: str | None = None,
         request_id: str | None = None,
     ) -> tuple[Admission, int]:
-        """Run charge.lua for a reservation (DESIGN A9): hold ``cost`` tokens for
+        """Run charge.lua for a reservation (contract A9): hold ``cost`` tokens for
         ``ttl_ms``, settled later at most at ``cap``; its settle result is kept for
         ``result_ttl_ms``. An ``idempotency_key`` completes at once: a repeat is a
         ``replay`` whose ``stored`` text is the reservation (``V...``: lua/charge.lua).

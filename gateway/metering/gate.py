@@ -2,7 +2,7 @@
 
 The library calls are the seed spec's functions: ``check`` (hasEnoughTokens), ``charge``
 (deductTokens), ``balance`` (getTokenBalance); ``reserve``, ``settle`` and ``release`` for
-costs known only after the call (DESIGN A9); the admin calls (plans, grants, keys) are
+costs known only after the call (contract A9); the admin calls (plans, grants, keys) are
 what the CLI and the admin API use. The ASGI middleware and the proxy are built on the
 same object, so every way of running creditgate meters the same way.
 """
@@ -311,7 +311,7 @@ class CreditGate:
         ttl_seconds: int | None = None,
         idempotency_key: str | None = None,
     ) -> Reservation:
-        """Hold tokens for a call whose cost is known only after it (DESIGN A9).
+        """Hold tokens for a call whose cost is known only after it (contract A9).
 
         ``estimate`` defaults to the feature's reserve (its hold), and is capped by the
         feature's max; ``ttl_seconds`` (default ``hold_ttl_seconds``, at most a day) is how

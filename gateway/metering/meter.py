@@ -6,12 +6,12 @@ A thin facade over the three parts, each in its own module:
   request's latency path, with arguments pre-encoded by
   :mod:`gateway.metering.charge_args`;
 - :mod:`gateway.metering.settlement`: ``settle`` / ``settle_nowait`` queue the hold for
-  charge or refund, or for the call's :class:`Actual` cost (DESIGN A8); the settles of one
+  charge or refund, or for the call's :class:`Actual` cost (contract A8); the settles of one
   shard go to settle.lua in one call per batch;
 - :mod:`gateway.metering.seeding`: an org's Redis state created from the ledger when
   charge.lua finds none.
 
-Idempotency-Key replay (DESIGN A9): ``admit(..., idempotency_key=K, fingerprint=F)``
+Idempotency-Key replay (contract A9): ``admit(..., idempotency_key=K, fingerprint=F)``
 answers a repeat of a completed request with status ``replay`` and, when its settle kept
 one (``settle(..., response=StoredResponse.capture(...))``), ``adm.replay``: the response
 to give back; a repeat with another fingerprint (:func:`request_fingerprint`) is
@@ -99,7 +99,7 @@ class Meter:
         )  # fmt: skip
         self.settlement = Settlement(redis, self.keys, now_ms=now_ms)
         self.max_replay_body: int = config.idempotency_max_body_bytes
-        """The largest response body kept for an Idempotency-Key replay (DESIGN A9)."""
+        """The largest response body kept for an Idempotency-Key replay (contract A9)."""
 
     def period(self, now: int) -> tuple[str, int, int]:
         """The current period (id, start ms, end ms), cached until it ends."""
@@ -175,7 +175,7 @@ class Meter:
         """Queue the hold of an admitted request for charge (ok) or refund.
 
         Without ``actual``: a future with the tokens charged (-1 if the hold was already
-        gone). With ``actual`` (the call's real cost, DESIGN A8) and ``ok``, that is
+        gone). With ``actual`` (the call's real cost, contract A8) and ``ok``, that is
         charged instead of the hold (see :mod:`gateway.metering.settlement`); the future
         gets a :class:`Settled` (``gone`` if the hold was already gone: a retried settle
         never charges twice). ``response`` (with an ``idempotency_key``, ``ok``) is what

@@ -1,6 +1,6 @@
 """How a refused admission is answered: one description shared by the proxy/middleware
 (problem+json on the wire) and the token API's ``/deduct`` (ApiError), so both give the
-same status, code, title, detail, headers and facts (DESIGN A3)."""
+same status, code, title, detail, headers and facts (contract A3)."""
 
 from __future__ import annotations
 

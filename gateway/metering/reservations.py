@@ -1,4 +1,4 @@
-"""Reservations (DESIGN A9): reserve an estimate, then settle the actual or release it.
+"""Reservations (contract A9): reserve an estimate, then settle the actual or release it.
 
 For apps that call creditgate instead of routing through it and learn a call's cost only
 after it (an LLM call whose usage they read themselves): ``reserve`` holds the estimate

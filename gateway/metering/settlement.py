@@ -5,12 +5,12 @@ one shard queued within ``SETTLE_WINDOW_S`` (``settle_nowait``, the middleware's
 within one event-loop iteration (``settle``, which returns a future) go to Redis in one
 script call, so the second step costs a fraction of the first.
 
-A settle may carry an :class:`Actual` (DESIGN A8: the call's real cost, read after the
+A settle may carry an :class:`Actual` (contract A8: the call's real cost, read after the
 response): settle.lua then charges that instead of the hold, refunding the difference or
 taking it from what is left, and records what cannot be covered as overage (recorded,
 never owed: no balance goes below zero, and the org's next requests are admitted by its
 balance as usual). It may also carry the :class:`~gateway.metering.admission.StoredResponse`
-a repeat of the request's Idempotency-Key gets back (DESIGN A9). Settles with neither
+a repeat of the request's Idempotency-Key gets back (contract A9). Settles with neither
 are the fixed-cost path: the same 4 values per item as before either existed.
 """
 
@@ -36,7 +36,7 @@ COST_SOURCES = ("usage", "header", "app", "policy", "reservation")
 
 @dataclass(frozen=True, slots=True)
 class Actual:
-    """What a call really cost, known after its response (DESIGN A8)."""
+    """What a call really cost, known after its response (contract A8)."""
 
     tokens: int
     """What the call really cost, already capped by the feature's max."""

@@ -1,4 +1,4 @@
-"""Charging AI calls by the tokens the model actually used (DESIGN A8).
+"""Charging AI calls by the tokens the model actually used (contract A8).
 
 Pure and standard-library only, so it can be tested and reused without the gateway:
 

@@ -1,4 +1,4 @@
-"""The provider-neutral token usage of one AI call (DESIGN A8).
+"""The provider-neutral token usage of one AI call (contract A8).
 
 Every provider counts tokens its own way (some include cache reads in the input count, some
 include reasoning in the output count); :mod:`gateway.usage.normalize` turns each into a

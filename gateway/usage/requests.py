@@ -109,7 +109,7 @@ def estimate_reserve(
     default_output: int = DEFAULT_OUTPUT_TOKENS,
     cap: int | None = None,
 ) -> int:
-    """The creditgate tokens to hold before the call (DESIGN A8 ``reserve: auto``).
+    """The creditgate tokens to hold before the call (contract A8 ``reserve: auto``).
 
     ceil((size / 4 x input price + max output x output price) / 1000) at the price of
     ``model`` (default: the body's ``model``), where max output is the request's cap

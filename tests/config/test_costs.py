@@ -1,4 +1,4 @@
-"""Cost modes in the config (DESIGN A8): fixed, usage and header costs, the ``models:`` price
+"""Cost modes in the config (contract A8): fixed, usage and header costs, the ``models:`` price
 table, the typed :class:`CostSpec` other layers read, and their errors.
 
 Each rule's bad file is in ``configs/bad/`` (``cost_*.yaml``, ``models_*.yaml``,
@@ -27,7 +27,7 @@ from tests.support.reference import REFERENCE_YAML, reference_config
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ALL_AT_ONCE = CONFIGS / "bad" / "cost_errors_all_at_once.yaml"
 
-A8 = (CONFIGS / "good" / "design_a8.yaml").read_text()  # DESIGN A8's example, verbatim
+A8 = (CONFIGS / "good" / "design_a8.yaml").read_text()  # contract A8's example, verbatim
 
 
 @pytest.fixture(autouse=True)

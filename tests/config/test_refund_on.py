@@ -35,7 +35,7 @@ def test_malformed_entries(entry: object) -> None:
 def test_a_list_adds_to_the_5xx_that_always_refund() -> None:
     assert refund_statuses(["5xx", 429, "404"]) == frozenset({404, 429, *range(500, 600)})
     assert refund_statuses([429]) == frozenset({429, *range(500, 600)})
-    # An empty list cannot make a 5xx chargeable (DESIGN A3: refund_on "can refund more").
+    # An empty list cannot make a 5xx chargeable (contract A3: refund_on "can refund more").
     assert refund_statuses([]) == frozenset(range(500, 600))
 
 

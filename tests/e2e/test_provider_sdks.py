@@ -10,7 +10,7 @@ tests check, with plain HTTP and creditgate's own parsers (gateway.usage), that 
 of all four APIs (Gemini included) carry exactly the usage the fake was told to report and
 pass the proxy byte for byte, and that the fake's hostile modes do what they say.
 
-Usage-based costs (DESIGN A8) will reuse
+Usage-based costs (contract A8) will reuse
 :func:`~tests.support.fake_providers.harness.provider_config` with ``costs=`` and assert
 ``spend.amount == price(usage.expected(provider, model))``.
 """
@@ -291,7 +291,7 @@ async def test_a_stream_the_provider_cuts_fails_in_the_sdk_and_is_refunded(
                 got.append(piece)
     assert got == ["w0 ", "w1 "]
     assert target.fake.only().outcome == "cut"
-    assert spend.amount == 0  # DESIGN A3: an upstream failing mid-body refunds a fixed cost
+    assert spend.amount == 0  # contract A3: an upstream failing mid-body refunds a fixed cost
 
 
 async def test_a_provider_500_reaches_the_sdk_and_every_attempt_is_refunded(
@@ -318,7 +318,7 @@ async def test_a_provider_429_reaches_the_sdk_as_the_providers_error(target: Tar
             )
     assert raised.value.body["error"]["type"] == "rate_limit_error"  # not creditgate's 429
     assert raised.value.response.headers["retry-after"] == "1"
-    assert spend.amount == target.cost("messages")  # DESIGN A3: only 5xx refunds by default
+    assert spend.amount == target.cost("messages")  # contract A3: only 5xx refunds by default
 
 
 async def test_calls_creditgate_refuses_never_reach_the_provider(fake: FakeProviders) -> None:

@@ -1,4 +1,4 @@
-"""The reservation endpoints (DESIGN A9) and the Idempotency-Key rules of ``/deduct``, over
+"""The reservation endpoints (contract A9) and the Idempotency-Key rules of ``/deduct``, over
 HTTP on the real Redis and a throwaway Postgres: 201/200 bodies, the refusals of A3, 404
 for another org's reservation, 409 for an expired one, the same body for a repeat, and the
 events the sync job turns into ledger rows."""

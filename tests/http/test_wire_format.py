@@ -1,5 +1,5 @@
 # ruff: noqa: E501  (recorded response bodies are kept on one line each)
-"""The exact bytes the token and admin APIs answer (DESIGN A4 is a contract).
+"""The exact bytes the token and admin APIs answer (contract A4).
 
 One deterministic scenario (fixed clock, fresh database) walks every JSON endpoint and a
 sample of refusals; each answer's status, content type and body text must equal what the

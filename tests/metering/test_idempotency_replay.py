@@ -1,4 +1,4 @@
-"""Idempotency-Key replay, Redis side and library (DESIGN A9, issue 8 item 5): a repeat of
+"""Idempotency-Key replay, Redis side and library (contract A9, issue 8 item 5): a repeat of
 a completed request gets its stored response back, one with another fingerprint is
 ``reused`` (422), one while the first is in flight ``in_flight`` (409, Retry-After), a
 response too large or streamed cannot be replayed (409); charged once in every case. On

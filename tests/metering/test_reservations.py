@@ -1,4 +1,4 @@
-"""Reservations, library side (DESIGN A9, issue 8 item 4): reserve an estimate, settle the
+"""Reservations, library side (contract A9, issue 8 item 4): reserve an estimate, settle the
 actual or release it; an unsettled one expires into a charge at its reserve (one event);
 a repeated settle returns the same result; only the org that made one can touch it. On
 fakeredis, the tests' Redis and a 3-master Redis Cluster (ports 7400-7439)."""

@@ -1,4 +1,4 @@
-"""Settling a hold by the call's actual cost (DESIGN A8, issue 8 item 2): lua/settle.lua
+"""Settling a hold by the call's actual cost (contract A8, issue 8 item 2): lua/settle.lua
 charges the actual, refunds what the hold over-reserved, takes what it under-reserved from
 what is left, and records what cannot be covered as overage; never below zero, never
 twice. On real Redis and on fakeredis (the memory:// store), each the same."""

@@ -1,4 +1,4 @@
-"""The reference config of DESIGN A2 (the Bright Audio plans, features and routes) and the
+"""The reference config of contract A2 (the Bright Audio plans, features and routes) and the
 fixed instant the tests' clocks start at."""
 
 from __future__ import annotations

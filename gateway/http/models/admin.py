@@ -1,4 +1,4 @@
-"""Request and response bodies (and parameters) of the admin API (DESIGN A4)."""
+"""Request and response bodies (and parameters) of the admin API (contract A4)."""
 
 from __future__ import annotations
 

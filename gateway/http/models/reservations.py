@@ -1,4 +1,4 @@
-"""Request and response bodies of the reservation endpoints of the token API (DESIGN A9:
+"""Request and response bodies of the reservation endpoints of the token API (contract A9:
 ``POST /reservations``, ``.../{reservation_id}/settle``, ``.../{reservation_id}/release``)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ MAX_RESERVATION_TTL = 86_400  # gateway.metering.reservations.MAX_TTL_SECONDS
 
 
 class ReservationRequest(Request):
-    """``POST /reservations`` (DESIGN A9)."""
+    """``POST /reservations`` (contract A9)."""
 
     feature: Feature
     estimate: Annotated[int, BodyInt(1, MAX_ESTIMATE)] | None = Field(

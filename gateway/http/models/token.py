@@ -1,4 +1,4 @@
-"""Request and response bodies (and query parameters) of the token API (DESIGN A4)."""
+"""Request and response bodies (and query parameters) of the token API (contract A4)."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ class LogRow(Answer):
     latency_ms: int | None
     plan: str | None
     reference: str | None
-    # What the call cost (DESIGN A8): null (overage 0, usage_missing false) on fixed-cost
+    # What the call cost (contract A8): null (overage 0, usage_missing false) on fixed-cost
     # rows, rows that are not a request's, and rows written before.
     model: str | None = Field(description="The model the upstream named")
     input_tokens: int | None = Field(description="Uncached input tokens the provider reported")

@@ -7,7 +7,7 @@
   const SVG = "http://www.w3.org/2000/svg";
   const numberFormat = new Intl.NumberFormat("en-US");
 
-  /* Progress-bar levels: amber under 25% left, red under 10% left (DESIGN A4). */
+  /* Progress-bar levels: amber under 25% left, red under 10% left (contract A4). */
   const WARN_BELOW = 25;
   const LOW_BELOW = 10;
 
@@ -299,7 +299,7 @@
     tableEl.append(el("thead", {}, head), body);
   }
 
-  /* Usage by model (DESIGN A8): the provider's token counts, what was charged, and the
+  /* Usage by model (contract A8): the provider's token counts, what was charged, and the
    * overage; the head shows the window's total overage (red when there is some). */
   function modelTable(tableEl, overageEl, models, overage, windowText) {
     table(tableEl, [

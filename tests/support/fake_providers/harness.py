@@ -1,6 +1,6 @@
 """creditgate's reverse proxy in front of the fake providers, built from a config dict.
 
-:func:`provider_config` is the reference config (DESIGN A2) with one feature per provider
+:func:`provider_config` is the reference config (contract A2) with one feature per provider
 API, each on its route, fixed costs by default (:data:`FIXED_COSTS`); pass ``costs`` to give
 a feature another ``cost:`` (e.g. ``{"chat": {"usage": "auto", "max": 2000}}``) and top-level
 keys (e.g. ``models={...}``) as keyword arguments. :func:`serve_gateway` serves it over TCP
