@@ -102,12 +102,17 @@ def charge(
     """
     if maximum is not None and (type(maximum) is not int or maximum < 0):
         raise ValueError("maximum: must be a non-negative integer or None")
-    total = (
-        input_tokens * price.input
-        + cached_input_tokens * price.cached_input
-        + output_tokens * price.output
+    # The same exact sum in integers over a common denominator: Fraction arithmetic costs
+    # ~30 µs per charge, this ~1 µs (it runs once per usage-charged request).
+    inp, cached, out = price.input, price.cached_input, price.output
+    d_in, d_cached, d_out = inp.denominator, cached.denominator, out.denominator
+    common = math.lcm(d_in, d_cached, d_out)
+    numerator = (
+        input_tokens * inp.numerator * (common // d_in)
+        + cached_input_tokens * cached.numerator * (common // d_cached)
+        + output_tokens * out.numerator * (common // d_out)
     )
-    cost = math.ceil(total / 1000)
+    cost = -(-numerator // (1000 * common))  # ceil(numerator / (1000 x common))
     return cost if maximum is None else min(cost, maximum)
 
 
