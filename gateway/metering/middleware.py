@@ -11,6 +11,11 @@ process), identify the caller (in process on a cache hit), one EVALSHA to admit,
 app, then queue the settle (charge, or refund when the status is in the feature's
 ``refund_on`` or the upstream failed) without waiting for it. The data path is described
 step by step in docs/ARCHITECTURE.md.
+
+A feature whose cost is decided after the response (DESIGN A8: ``usage`` or ``header``)
+takes a branch of its own, :meth:`CreditGateMiddleware._variable_call`, with the request
+read before the call and the response watched as it passes (gateway/metering/usage_tap.py);
+fixed costs never enter it.
 """
 
 from __future__ import annotations
@@ -31,11 +36,26 @@ from gateway.core.errors import IdentityUnavailable, LedgerUnavailable, RedisUna
 from gateway.core.headers import HeaderPolicy
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
-from gateway.core.scope_keys import UPSTREAM_ERROR, UPSTREAM_LATENCY_MS, UPSTREAM_STATUS
+from gateway.core.scope_keys import (
+    DRAINS_USAGE,
+    UPSTREAM_ERROR,
+    UPSTREAM_LATENCY_MS,
+    UPSTREAM_STATUS,
+    USAGE_DRAIN_SECONDS,
+)
 from gateway.identity.identifier import Identity, IdentityFailure
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
 from gateway.metering.refusals import describe_refusal, seconds
+from gateway.metering.usage_tap import (
+    REQUEST_BODY_LIMIT,
+    ResponseTap,
+    TapReceive,
+    VariableCost,
+    identity_encoding,
+    read_request,
+    replaced_body_headers,
+)
 from gateway.routing.paths import AmbiguousPath, BadPath, normalize_path, strip_path_params
 from gateway.routing.router import RouteMatch
 
@@ -44,6 +64,7 @@ log = logging.getLogger("creditgate.middleware")
 Header = tuple[bytes, bytes]
 _UNAVAILABLE = (IdentityUnavailable, RedisUnavailable, LedgerUnavailable)
 _REFUNDED_COST = (b"x-tokens-cost", b"0")
+_RESERVED = (b"x-tokens-cost-status", b"reserved")
 
 
 class CreditGateMiddleware:
@@ -93,6 +114,16 @@ class CreditGateMiddleware:
         }
         self._cost_header: dict[int, Header] = {}
         self._limit_header: dict[int, Header] = {}  # a limiter's count: few
+        # The features whose cost is read from the response (DESIGN A8), and only those:
+        # a fixed cost never takes the variable branch.
+        self._variable = {
+            name: VariableCost(config.cost_spec(name), config.prices, config.usage_drain_seconds)
+            for name in config.features
+            if config.is_variable(name)
+        }
+        # An app that keeps reading the upstream itself when asked (USAGE_DRAIN_SECONDS):
+        # the proxy. Any other app is drained by seeing the client's disconnect late.
+        self._app_drains = getattr(app, DRAINS_USAGE, False) is True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,6 +166,12 @@ class CreditGateMiddleware:
         if duplicate_key:
             METRICS.count(match.feature, "refused_bad_request")
             await self._duplicate_idempotency_key(scope, send, match, ident)
+            return
+        variable = self._variable.get(match.feature)
+        if variable is not None:
+            await self._variable_call(
+                scope, receive, send, match, ident, headers, idem_key, path, encoded_path, variable
+            )
             return
 
         request_id = new_request_id()
@@ -183,6 +220,137 @@ class CreditGateMiddleware:
             self._settle(adm, ok, status, state, started, idem_key)
             if self.access_log:
                 self._log_access(scope, match, ident, adm, ok, status, started)
+
+    async def _variable_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        match: RouteMatch,
+        ident: Identity,
+        headers: list[Header] | None,
+        idem_key: str | None,
+        path: str,
+        encoded_path: bytes,
+        cost: VariableCost,
+    ) -> None:
+        """A metered request whose charge is decided after the response (DESIGN A8): hold
+        the reserve (read from the request when it depends on it), call the app with the
+        response watched, settle the actual cost."""
+        replay: list[Message] = []
+        body: bytes | None = None
+        if cost.reads_body:
+            first = await receive()
+            if (
+                first["type"] == "http.request"
+                and not first.get("more_body", False)
+                and len(first.get("body", b"")) <= REQUEST_BODY_LIMIT
+            ):  # the usual body: whole in one message
+                replay, body = [first], first.get("body", b"")
+            else:
+                read = await read_request(receive, scope["headers"], first=first)
+                if read.disconnected:
+                    return  # gone before anything was held: nothing to answer or charge
+                replay, body = read.messages, read.body
+            changed = None if body is None else cost.with_stream_usage(body)
+            if changed is not None:
+                # An OpenAI stream that would not report its usage: ask for it (README).
+                body = changed
+                replay = [{"type": "http.request", "body": changed, "more_body": False}]
+                base = list(scope["headers"]) if headers is None else headers
+                headers = replaced_body_headers(base, len(changed))
+        if cost.usage:  # a compressed answer could not be read
+            headers = identity_encoding(list(scope["headers"]) if headers is None else headers)
+        hold = cost.hold(body, path)
+
+        request_id = new_request_id()
+        REQUEST_ID.set(request_id)
+        rid = (b"x-creditgate-request-id", request_id.encode())
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
+        state = inner["state"]
+        try:
+            adm = await self.meter.admit(
+                ident.org, match.feature, user=ident.user, cost=hold,
+                idempotency_key=idem_key, request_id=request_id, method=scope["method"],
+                route=match.template,
+            )  # fmt: skip
+        except (RedisUnavailable, LedgerUnavailable) as exc:
+            replayed = TapReceive(replay, receive, None, 0.0)
+            await self._unavailable(inner, replayed, send, match, ident, str(exc))
+            return
+        if adm.status != "ok":
+            METRICS.count(match.feature, "refused_" + adm.status)
+            await self._refuse(scope, send, match, ident, adm)
+            return
+
+        charged = self._charged_headers(adm, rid)
+        refund_on = self._refund_on[match.feature]
+
+        def refunded(status: int) -> bool:
+            return status in refund_on or UPSTREAM_ERROR in state
+
+        def headers_for(status: int, actual: int | None) -> list[Header]:
+            if refunded(status):
+                return self._refunded_headers(charged, adm)
+            if actual is None:  # only the hold can be told yet (a stream)
+                return [*charged, _RESERVED]
+            return self._actual_headers(charged, adm, actual)
+
+        tap = ResponseTap(
+            cost, send, state, hold=adm.cost, headers_for=headers_for, refunded=refunded,
+            stream_path=cost.json_stream(path),
+        )  # fmt: skip
+        drain = cost.drain_s
+        if drain > 0:
+            state[USAGE_DRAIN_SECONDS] = drain
+            if self._app_drains:
+                drain = 0.0  # the proxy keeps reading by itself
+        # The app's receive: the body read before the call first, and (an app that does
+        # not drain by itself) the client's disconnect held back while its answer goes on.
+        tapped = TapReceive(replay, receive, tap, drain) if replay or drain > 0 else receive
+        started = time.perf_counter()
+        ok = False
+        try:
+            await self.app(inner, tapped, tap.send)
+            if tap.held:
+                await tap.close()
+            status = tap.status
+            ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
+        finally:
+            status = tap.status
+            actual = tap.actual() if ok else None
+            upstream_status = state.get(UPSTREAM_STATUS, status or None)
+            latency = state.get(UPSTREAM_LATENCY_MS)
+            if latency is None:
+                latency = (time.perf_counter() - started) * 1000
+            self.meter.settle_nowait(
+                adm, ok=ok, status=upstream_status, latency_ms=round(latency),
+                idempotency_key=idem_key, actual=actual,
+            )  # fmt: skip
+            tokens = 0
+            if actual is not None:
+                tokens, usage = actual.tokens, actual.usage
+                model = "" if usage is None or usage.model is None else usage.model
+                METRICS.usage(adm.feature, model, tokens, actual.missing)
+            METRICS.count(adm.feature, "charged" if ok else "refunded", tokens)
+            if self.access_log:
+                log_access(
+                    request_id=adm.request_id, method=scope["method"], route=match.template,
+                    org=ident.org, user=ident.user, feature=match.feature, status=status,
+                    cost=tokens, refunded=not ok,
+                    latency_ms=round((time.perf_counter() - started) * 1000, 1),
+                    upstream_status=state.get(UPSTREAM_STATUS),
+                )  # fmt: skip
+
+    @staticmethod
+    def _actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
+        """``charged`` as the actual charge tells it: ``actual`` instead of the hold, and
+        what is left once the difference is refunded or taken (never below zero)."""
+        cost = (b"x-tokens-cost", str(actual).encode())
+        if adm.remaining is None:
+            return [cost, *charged[1:]]
+        left = max(0, adm.remaining + adm.cost - actual)
+        return [cost, (b"x-tokens-remaining", str(left).encode()), *charged[2:]]
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

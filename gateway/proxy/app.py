@@ -11,6 +11,12 @@ the response has started cannot change the status: it is recorded in
 ``scope["state"][UPSTREAM_ERROR]`` and the body is ended. The upstream's status and time to
 headers go to ``UPSTREAM_STATUS`` / ``UPSTREAM_LATENCY_MS`` (gateway/core/scope_keys.py).
 
+A client that leaves mid-response ends the relay at once (``CLIENT_DISCONNECTED``), unless
+the metering middleware asked for draining (``USAGE_DRAIN_SECONDS``: the charge is read
+from the usage at the stream's end): then the relay goes on for at most that many seconds
+after the client left, still handing every chunk to ``send`` (the middleware's tap reads
+it and, the client being gone, forwards nothing), so the usage arrives and is charged.
+
 Request headers: hop-by-hop ones are dropped here, and so are the method/path override
 headers of the one header policy (gateway/core/headers.py), which the middleware in front
 applies in full; every name is compared ignoring case and ``_``/``-``.
@@ -19,12 +25,13 @@ applies in full; every name is compared ignoring case and ``_``/``-``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import time
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -38,6 +45,7 @@ from gateway.core.scope_keys import (
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
     UPSTREAM_STATUS,
+    USAGE_DRAIN_SECONDS,
 )
 from gateway.proxy.lean_client import LeanBackend, LeanResponse
 
@@ -462,6 +470,18 @@ class UpstreamProxy:
             return
 
         await send(start)
+        drain = state.get(USAGE_DRAIN_SECONDS)
+        if drain:  # a usage-metered request: the rare branch
+            error = await self._respond_draining(resp, backend, receive, send, upload, state, drain)
+            if error is None:  # the end, also when the client left: the tap reads it
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+            elif error is _CLIENT:
+                state[CLIENT_DISCONNECTED] = True
+            else:
+                state[UPSTREAM_ERROR] = error
+                log.warning("upstream response cut short after the headers: %s", error)
+            return
         relay = asyncio.create_task(self._relay(resp, backend, send))
         # Once the request body is in, receive() can only return http.disconnect: watch for
         # it so an idle stream (an SSE pause) is dropped at once, not at its next chunk.
@@ -507,6 +527,66 @@ class UpstreamProxy:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except OSError:  # servers that raise for a gone client rather than drop
                     return _CLIENT
+
+    async def _respond_draining(
+        self,
+        resp: _Resp,
+        backend: _Backend,
+        receive: Receive,
+        send: Send,
+        upload: _Upload,
+        state: dict[str, Any],
+        drain: float,
+    ) -> str | None:
+        """The relay of a request that wants draining (``USAGE_DRAIN_SECONDS``): a client
+        that leaves (seen by ``receive``, or by ``send`` raising) sets
+        ``CLIENT_DISCONNECTED`` and leaves the relay ``drain`` more seconds instead of
+        ending it. Returns None (the body ended), ``_CLIENT`` (the drain ran out first) or
+        an error description. The relay runs in a task of its own, as in ``_respond``: a
+        resume of the request's task passes through every frame of the middleware."""
+        left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        relay = asyncio.create_task(self._relay_past_the_client(resp, backend, send, left))
+        watch = asyncio.create_task(_wait_disconnect(receive)) if upload.done else None
+        waiting: list[asyncio.Future[Any]] = (
+            [relay, left] if watch is None else [relay, left, watch]
+        )
+        try:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if relay not in done:  # the client left: keep reading, for at most `drain`
+                state[CLIENT_DISCONNECTED] = True
+                await asyncio.wait([relay], timeout=drain)
+        finally:
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+        if relay.cancelled():
+            log.info("stopped reading an upstream body %.1f s after its client left", drain)
+            return _CLIENT
+        return relay.result()
+
+    @staticmethod
+    async def _relay_past_the_client(
+        resp: _Resp, backend: _Backend, send: Send, left: asyncio.Future[None]
+    ) -> str | None:
+        """``_relay`` that goes on when ``send`` raises for a gone client (``left`` is set):
+        the chunks still reach the metering middleware's tap, which forwards nothing once
+        ``CLIENT_DISCONNECTED`` is set."""
+        chunks = resp.chunks()
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return None
+            except backend.TIMEOUT:
+                return "timeout between chunks of the upstream's response body"
+            except backend.FAILURE as exc:
+                return f"upstream body failed: {type(exc).__name__}: {exc}"
+            if chunk:
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except OSError:
+                    if not left.done():
+                        left.set_result(None)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -1,0 +1,510 @@
+"""What charging by usage costs in CPU (DESIGN A8; issue 8's performance targets).
+
+    .venv/bin/python bench/usage_tap.py [--seconds 3] [--requests 10000] [--streams 200]
+                                        [--rounds 7] [--event-gap 0.005] [--parts ...]
+
+Everything in one run, the variants of each part measured round by round (alternating),
+best round kept, so the ratios compare like with like. A private Redis, the upstream
+process and wrk run on core 1; what is measured runs on core 0.
+
+1. Non-streaming: an OpenAI ``chat.completion`` answer (the same ~900-byte JSON every
+   time) to a fixed-cost route, a usage-cost route with a numeric reserve (the answer held
+   until read, its usage read and priced) and one with ``reserve: auto`` (the request
+   body read and its hold estimated too):
+   - proxy server: ``GatewayApp`` (middleware + ``UpstreamProxy``) under uvicorn in its
+     own process, in front of the upstream process, loaded by wrk: the server's CPU µs per
+     request. Target: usage at most +10%.
+   - middleware server: a Starlette app answering the JSON itself behind
+     ``CreditGateMiddleware``, under uvicorn, loaded by wrk: the server's CPU µs per request.
+   - in process, as bench/middleware_cpu.py measures (the app called as ASGI, no HTTP
+     server): the middleware's and the app's CPU only. Here the standard library's JSON
+     decode of the answer (~7 µs for 900 bytes) weighs most.
+2. Streaming, through the proxy (``GatewayApp`` called in process) to the upstream process
+   streaming 200 OpenAI chunk events (the last with the usage), one write every
+   ``--event-gap`` seconds (5 ms: a fast model), so that events arrive one at a time as
+   they do from a model: CPU µs per stream with the usage tap off (a fixed cost), on (a
+   usage cost; the relay then drains on a disconnect), and on without draining
+   (``usage_drain_seconds: 0``: the tap alone, on today's relay). Target: within 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.services import (
+    WRK,
+    cpu_seconds,
+    free_port,
+    own_redis,
+    stop_process,
+    wait_listening,
+)
+
+CHAT_REQUEST = json.dumps(
+    {
+        "model": "gpt-4o-mini",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant for a sales team."},
+            {"role": "user", "content": "Summarise the quarter's pipeline in three bullets."},
+        ],
+        "max_tokens": 300,
+    }
+).encode()
+CHAT_RESPONSE = json.dumps(
+    {
+        "id": "chatcmpl-bench000001",
+        "object": "chat.completion",
+        "created": 1_760_000_000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "- Pipeline grew 12%.\n- Two large deals slipped.\n- Win rate 31%.",
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 41,
+            "completion_tokens": 22,
+            "total_tokens": 63,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_bench",
+    }
+).encode()
+EVENTS = 200
+ROUTES = {"fixed": "chat_fixed", "usage": "chat_usage", "auto": "chat_auto"}
+
+CONFIG = """\
+redis_url: {redis_url}
+database_url: ""
+upstream: {upstream}
+key_prefix: {prefix}
+identity: {{trusted_headers: true}}
+models:
+  "gpt-4o-mini*": {{input: 1, cached_input: 0.5, output: 4}}
+  default: {{input: 2, output: 8}}
+features:
+  chat_fixed: {{cost: 1}}
+  chat_usage: {{cost: {{usage: openai, reserve: 5, max: 1000}}}}
+  chat_auto:  {{cost: {{usage: openai, reserve: auto, max: 1000}}}}
+plans:
+  bench: {{allocations: {{chat_fixed: 1000000000, chat_usage: 1000000000, chat_auto: 1000000000}}}}
+default_plan: bench
+routes:
+  - {{method: POST, path: /fixed/v1/chat/completions, feature: chat_fixed}}
+  - {{method: POST, path: /usage/v1/chat/completions, feature: chat_usage}}
+  - {{method: POST, path: /auto/v1/chat/completions, feature: chat_auto}}
+"""
+
+
+# -- the upstream process (``--serve-upstream PORT``) ------------------------------------------
+def sse_events() -> list[bytes]:
+    """200 chat.completion.chunk events, the last with the usage, then [DONE]."""
+    chunk = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion.chunk",
+        "created": 1_760_000_000,
+        "model": "gpt-4o-mini-2024-07-18",
+        "system_fingerprint": "fp_bench",
+        "usage": None,
+    }
+    out = []
+    for i in range(EVENTS - 2):
+        delta = {"index": 0, "delta": {"content": f"tok{i} "}, "logprobs": None}
+        out.append(chunk | {"choices": [delta | {"finish_reason": None}]})
+    out.append(chunk | {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    usage = {"prompt_tokens": 41, "completion_tokens": EVENTS - 2, "total_tokens": 239}
+    out.append(chunk | {"choices": [], "usage": usage})
+    return [b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in out] + [
+        b"data: [DONE]\n\n"
+    ]
+
+
+def serve_upstream(port: int, gap: float) -> None:
+    import uvicorn
+
+    events = sse_events()
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+
+    json_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(CHAT_RESPONSE)).encode()),
+    ]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if b'"stream":true' not in body.replace(b" ", b""):
+            await send({"type": "http.response.start", "status": 200, "headers": json_headers})
+            await send({"type": "http.response.body", "body": CHAT_RESPONSE})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await asyncio.sleep(gap)  # paced like a model: one event per write
+        await send({"type": "http.response.body", "body": b""})
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def chat_app(config_path: Path) -> Any:
+    """The Starlette app answering CHAT_RESPONSE on every route, behind the middleware."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from gateway.config import load_config
+    from gateway.metering.gate import CreditGate
+    from gateway.metering.middleware import CreditGateMiddleware
+
+    async def chat(request: Request) -> Response:
+        return Response(CHAT_RESPONSE, media_type="application/json")
+
+    # One route for every kind: the router costs the same for each.
+    app = Starlette(routes=[Route("/{kind}/v1/chat/completions", chat, methods=["POST"])])
+    app.add_middleware(CreditGateMiddleware, gate=CreditGate(load_config(config_path)))
+    return app
+
+
+def serve_app(config_path: Path, port: int, kind: str) -> None:
+    import uvicorn
+
+    if kind == "proxy":
+        from gateway.commands.server import GatewayApp
+        from gateway.config import load_config
+        from gateway.metering.gate import CreditGate
+
+        app: Any = GatewayApp(CreditGate(load_config(config_path)), sync=False)
+    else:
+        app = chat_app(config_path)
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning",
+        access_log=False, loop="uvloop", http="httptools", lifespan="off",
+    )  # fmt: skip
+
+
+def wrk_lua(path: Path) -> Path:
+    body = CHAT_REQUEST.decode().replace("\\", "\\\\").replace("'", "\\'")
+    path.write_text(
+        f"wrk.method = \"POST\"\nwrk.body = '{body}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.headers["X-Org-Id"] = "bench-org"\nwrk.headers["X-User-Id"] = "u1"\n'
+    )
+    return path
+
+
+def server_part(config_path: Path, args: argparse.Namespace, kind: str) -> dict[str, list[float]]:
+    """Server CPU µs per request under wrk, per route kind (best of the rounds); ``kind``:
+    ``proxy`` (GatewayApp) or ``middleware`` (the Starlette app)."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, __file__, "--serve-app", str(config_path),
+         "--port", str(port), "--app-kind", kind],
+        start_new_session=True,
+    )  # fmt: skip
+    script = wrk_lua(config_path.parent / "chat.lua")
+    results: dict[str, list[float]] = {k: [] for k in ROUTES}
+    try:
+        wait_listening(port, server)
+
+        def one(kind: str, seconds: float) -> float:
+            url = f"http://127.0.0.1:{port}/{kind}/v1/chat/completions"
+            cpu = cpu_seconds(server.pid)
+            done = subprocess.run(
+                ["taskset", "-c", "1", WRK, "-t1", f"-c{args.connections}",
+                 f"-d{seconds:g}s", "-s", str(script), url],
+                check=True, capture_output=True, text=True, timeout=seconds + 30,
+            )  # fmt: skip
+            used = cpu_seconds(server.pid) - cpu
+            requests = int(done.stdout.split(" requests in ")[0].split()[-1])
+            if "Non-2xx" in done.stdout or "Socket errors" in done.stdout:
+                raise RuntimeError(f"wrk saw failures against {url}:\n{done.stdout}")
+            return used / requests * 1e6
+
+        for route in ROUTES:
+            one(route, 1)  # warm up
+        for _ in range(args.rounds):
+            for route in ROUTES:
+                results[route].append(one(route, args.seconds))
+    finally:
+        stop_process(server)
+    return results
+
+
+# -- the measured process ---------------------------------------------------------------------
+def scope_of(path: str, body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5555),
+        "scheme": "http",
+        "method": "POST",
+        "root_path": "",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"user-agent", b"OpenAI/Python 2.0"),
+            (b"content-type", b"application/json"),
+            (b"accept", b"application/json"),
+            (b"x-org-id", b"bench-org"),
+            (b"x-user-id", b"u1"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        "state": {},
+    }
+
+
+async def drive(app: Any, path: str, body: bytes, requests: int, concurrency: int) -> float:
+    """CPU µs per request of ``requests`` requests from ``concurrency`` tasks."""
+    statuses: set[int] = set()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.add(message["status"])
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            sent = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.Event().wait()
+                return {"type": "http.disconnect"}
+
+            await app(scope_of(path, body), receive, send)
+
+    per = max(1, requests // concurrency)
+    cpu = time.process_time()
+    await asyncio.gather(*(worker(per) for _ in range(concurrency)))
+    cpu = time.process_time() - cpu
+    if statuses != {200}:
+        raise RuntimeError(f"unexpected statuses: {statuses}")
+    return cpu / (per * concurrency) * 1e6
+
+
+async def middleware_part(config_path: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    app = chat_app(config_path)
+    gate = next(m.kwargs["gate"] for m in app.user_middleware)
+    results: dict[str, list[float]] = {k: [] for k in ROUTES}
+    for kind in ROUTES:  # warm up: caches, seeding, the middleware stack
+        await drive(app, f"/{kind}/v1/chat/completions", CHAT_REQUEST, 2000, 32)
+    for _ in range(args.rounds):
+        for kind in ROUTES:
+            cpu = await drive(
+                app, f"/{kind}/v1/chat/completions", CHAT_REQUEST, args.requests, args.concurrency
+            )
+            await gate.meter.drain()
+            results[kind].append(cpu)
+    await gate.close()
+    return results
+
+
+async def stream_part(config_path: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    from gateway.commands.server import GatewayApp
+    from gateway.config import load_config
+    from gateway.metering.gate import CreditGate
+
+    config = load_config(config_path)
+    apps = {
+        "fixed": GatewayApp(CreditGate(config), sync=False),
+        "usage": GatewayApp(CreditGate(config), sync=False),
+        "nodrain": GatewayApp(
+            CreditGate(config.model_copy(update={"usage_drain_seconds": 0.0})), sync=False
+        ),
+    }
+    paths = {"fixed": "fixed", "usage": "usage", "nodrain": "usage"}
+    body = json.dumps(
+        {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    sizes: list[int] = []
+
+    async def one_stream(app: Any, path: str) -> None:
+        got = size = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal got
+            if got == 0:
+                got = 1
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal size
+            if message["type"] == "http.response.body":
+                size += len(message.get("body", b""))
+
+        await app(scope_of(path, body), receive, send)
+        sizes.append(size)
+
+    async def run(kind: str, streams: int) -> float:
+        app, path = apps[kind], f"/{paths[kind]}/v1/chat/completions"
+        per = max(1, streams // args.stream_concurrency)
+
+        async def worker() -> None:
+            for _ in range(per):
+                await one_stream(app, path)
+
+        cpu = time.process_time()
+        await asyncio.gather(*(worker() for _ in range(args.stream_concurrency)))
+        cpu = time.process_time() - cpu
+        return float(cpu / (per * args.stream_concurrency) * 1e6)
+
+    results: dict[str, list[float]] = {kind: [] for kind in apps}
+    for kind in results:
+        await run(kind, 40)  # warm up
+    expected = sum(len(e) for e in sse_events())
+    if set(sizes) != {expected}:
+        raise RuntimeError(f"streams arrived incomplete: {set(sizes)} != {expected}")
+    for _ in range(args.rounds):
+        for kind in results:
+            results[kind].append(await run(kind, args.streams))
+    for app in apps.values():
+        await app.gate.meter.drain()
+        if app.proxy is not None:
+            await app.proxy.aclose()
+        await app.gate.close()
+    return results
+
+
+def report(title: str, results: dict[str, list[float]], labels: dict[str, str]) -> None:
+    """Per variant: the best round, and the median over rounds of its ratio to the first
+    variant in the same round (what a busy machine disturbs least)."""
+    base = next(iter(results))
+    print(f"{title} (best round; median of the per-round ratios to {labels[base]!r}):")
+    for kind, label in labels.items():
+        text = f"  {label:<40} {min(results[kind]):8.1f}"
+        if kind != base:
+            ratios = [v / b for v, b in zip(results[kind], results[base], strict=True)]
+            text += f"  ratio {statistics.median(ratios):.3f}"
+        print(text)
+
+
+NON_STREAMING = {
+    "fixed": "fixed cost",
+    "usage": "usage, numeric reserve",
+    "auto": "usage, reserve: auto",
+}
+STREAMING = {
+    "fixed": "tap off (fixed cost)",
+    "usage": "tap on (usage cost)",
+    "nodrain": "tap on, usage_drain_seconds: 0",
+}
+
+
+async def measured_here(config_path: Path, args: argparse.Namespace) -> None:
+    if "inprocess" in args.parts:
+        mw = await middleware_part(config_path, args)
+        report("non-streaming, in process (middleware + app), CPU µs/request", mw, NON_STREAMING)
+    if "streams" not in args.parts:
+        return
+    st = await stream_part(config_path, args)
+    report(f"{EVENTS}-event SSE stream through the proxy, CPU µs/stream", st, STREAMING)
+
+
+def main(args: argparse.Namespace, redis_url: str, upstream: str) -> None:
+    import uvloop
+
+    workdir = Path(tempfile.mkdtemp(prefix="cg-bench-usage-"))
+    config_path = workdir / "creditgate.yaml"
+    prefix = "cgbu" + uuid.uuid4().hex[:8]
+    config_path.write_text(CONFIG.format(redis_url=redis_url, upstream=upstream, prefix=prefix))
+    for kind in ("proxy", "middleware"):
+        if kind not in args.parts:
+            continue
+        server = server_part(config_path, args, kind)
+        report(f"non-streaming, {kind} server under wrk, CPU µs/request", server, NON_STREAMING)
+    os.sched_setaffinity(0, {0})
+    uvloop.run(measured_here(config_path, args))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per wrk run")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections")
+    parser.add_argument("--requests", type=int, default=10000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--stream-concurrency", type=int, default=100)
+    parser.add_argument(
+        "--event-gap", type=float, default=0.005, help="seconds between two stream events"
+    )
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--parts",
+        default="proxy,middleware,inprocess,streams",
+        help="which measurements, comma-separated (default: all)",
+    )
+    parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-app", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--app-kind", default="middleware", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    options.parts = set(options.parts.split(","))
+    if options.serve_upstream:
+        serve_upstream(options.serve_upstream, options.event_gap)
+        sys.exit(0)
+    if options.serve_app:
+        serve_app(options.serve_app, options.port, options.app_kind)
+        sys.exit(0)
+    os.sched_setaffinity(0, {1})
+    with own_redis(1) as own:
+        port = free_port()
+        proc = subprocess.Popen(
+            [
+                *("taskset", "-c", "1", sys.executable, __file__),
+                *("--serve-upstream", str(port), "--event-gap", str(options.event_gap)),
+            ],
+            start_new_session=True,
+        )
+        try:
+            wait_listening(port, proc)
+            main(options, own.url, f"http://127.0.0.1:{port}")
+        finally:
+            stop_process(proc)

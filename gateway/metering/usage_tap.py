@@ -1,0 +1,635 @@
+"""Costs decided after the response (DESIGN A8): the request read before the call, the
+response watched as it passes, and the actual charge.
+
+Only features whose cost is ``usage`` or ``header`` come here (the middleware keeps a
+:class:`VariableCost` per such feature, built once); a fixed cost never does.
+
+Before the call (:func:`read_request`): when the hold depends on the request (``reserve:
+auto``) or the request may need ``stream_options.include_usage`` (OpenAI Chat Completions
+streams, which report no usage unless asked), the body is read, at most
+:data:`REQUEST_BODY_LIMIT` bytes of it, and replayed to the app (:class:`TapReceive`). A
+larger body is forwarded untouched and holds the feature's ``max``.
+
+After the call (:class:`ResponseTap`, which wraps ``send``):
+
+- ``header``: the cost comes from the response header named in the config, removed before
+  the client sees the response (or, in middleware mode, from ``scope["state"]
+  ["creditgate_cost"]``: :data:`~gateway.core.scope_keys.APP_COST`);
+- ``usage``, ``text/event-stream``: every chunk goes on at once while a
+  :class:`~gateway.usage.sse.StreamTap` reads it (:class:`SseUsageTap`: only the events that
+  can carry the usage); the headers give the hold, marked ``X-Tokens-Cost-Status: reserved``;
+- ``usage``, any other body up to :data:`RESPONSE_BODY_LIMIT`: held until complete so that
+  ``X-Tokens-Cost`` / ``X-Tokens-Remaining`` give the actual charge; Gemini's
+  ``streamGenerateContent`` without ``alt=sse`` (a JSON array that streams) is passed on
+  chunk by chunk and read at its end instead.
+
+Then :meth:`ResponseTap.actual` prices the usage (``models:``, capped by ``max``), or, when
+none came (none found, a stream that ended before its final usage, counts that cannot be
+believed), applies ``on_missing_usage``. An explicit zero is a zero.
+
+A client that leaves mid-response does not end the reading: see
+:data:`~gateway.core.scope_keys.USAGE_DRAIN_SECONDS` (the proxy keeps reading the
+upstream) and :class:`TapReceive` (any other app sees the disconnect late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections import deque
+from collections.abc import Callable, MutableMapping
+from typing import Any, Final
+
+from starlette.types import Message, Receive, Send
+
+from gateway.config.costs import CostSpec
+from gateway.core.problem import send_problem
+from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERROR
+from gateway.metering.meter import Actual
+from gateway.usage import PriceTable, StreamTap, Usage, ensure_stream_usage, usage_from_json
+from gateway.usage.sse import DEFAULT_MAX_LINE
+
+__all__ = [
+    "REQUEST_BODY_LIMIT",
+    "RESPONSE_BODY_LIMIT",
+    "RequestRead",
+    "ResponseTap",
+    "SseUsageTap",
+    "TapReceive",
+    "VariableCost",
+    "parse_cost_value",
+    "read_request",
+]
+
+Header = tuple[bytes, bytes]
+HeadersFor = Callable[[int, int | None], list[Header]]
+
+REQUEST_BODY_LIMIT: Final = 1 << 20
+"""The largest request body read before the call (for ``reserve: auto`` and
+``include_usage``); a larger one is forwarded untouched and holds the feature's ``max``."""
+
+RESPONSE_BODY_LIMIT: Final = 1 << 20
+"""The largest non-stream response body held back to read its usage; a larger one goes on
+as it comes (its headers say the hold) and its usage counts as missing."""
+
+_COST_VALUE = re.compile(rb"[ \t]*([0-9]{1,16})[ \t]*")
+# What makes StreamTap decode an event (gateway/usage/sse.py: _worth_decoding, [DONE]).
+_USAGE_OBJECT = re.compile(rb'"usage(?:Metadata)?"\s*:\s*\{')
+# Gemini's streaming method: without alt=sse it streams one JSON array (not held back).
+_GEMINI_STREAM = ":streamGenerateContent"
+_CONTENT_TYPE = b"content-type"
+_CONTENT_LENGTH = b"content-length"
+_CONTENT_ENCODING = b"content-encoding"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_ACCEPT_ENCODING = b"accept-encoding"
+_IDENTITY = (_ACCEPT_ENCODING, b"identity")
+
+# What the response tap does with the body (ResponseTap._mode).
+_PASS = 0  # forwards it untouched (a header cost, a refunded status, no body, given up)
+_TAP = 1  # an event stream: forwards each chunk, the StreamTap reads it
+_COPY = 2  # a JSON stream (Gemini without alt=sse): forwards each chunk, keeps a copy
+_HOLD = 3  # a JSON answer: holds the start and the body until the body is complete
+
+
+def parse_cost_value(value: object) -> int | None:
+    """A reported cost (a header's bytes, or what an app put in its scope state) as an
+    integer >= 0; ``None`` for anything else (junk counts as no report)."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if isinstance(value, str):
+        value = value.encode("latin-1", "replace")
+    if isinstance(value, bytes):
+        match = _COST_VALUE.fullmatch(value)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def gemini_model(path: str) -> str | None:
+    """The model a Gemini path names (``/v1beta/models/gemini-2.5-flash:generateContent``)."""
+    at = path.rfind("/models/")
+    if at < 0:
+        return None
+    name, colon, _ = path[at + 8 :].partition(":")
+    return name if colon and name and "/" not in name else None
+
+
+class VariableCost:
+    """One ``usage`` or ``header`` feature as the middleware uses it (built once)."""
+
+    __slots__ = ("drain_s", "header_key", "prices", "provider", "reads_body", "spec", "usage")
+
+    def __init__(self, spec: CostSpec, prices: PriceTable | None, drain_s: float) -> None:
+        self.spec = spec
+        self.prices = prices
+        self.usage = spec.mode == "usage"
+        self.provider = spec.provider or "auto"
+        self.header_key = spec.header_key
+        # Drain only what may end with its usage; a header cost is known at the start.
+        self.drain_s = drain_s if self.usage else 0.0
+        # The body decides the hold (reserve: auto), or may be an OpenAI chat stream that
+        # needs include_usage: read it before the call.
+        self.reads_body = spec.reserve_auto or (self.usage and self.provider in ("openai", "auto"))
+
+    def hold(self, body: bytes | None, path: str) -> int:
+        """The tokens to hold: the reserve, or for ``reserve: auto`` the estimate from
+        ``body`` (``None``: not read, too large) or else ``max``."""
+        spec = self.spec
+        if spec.reserve is not None:
+            return spec.reserve
+        if body is None:
+            return spec.maximum
+        model = gemini_model(path) if self.provider in ("gemini", "auto") else None
+        return spec.reserve_for(body, self.prices, model=model)
+
+    @staticmethod
+    def json_stream(path: str) -> bool:
+        """Whether a request to ``path`` is answered by a JSON body that streams (Gemini's
+        ``streamGenerateContent`` without ``alt=sse``): passed on as it comes, not held."""
+        return _GEMINI_STREAM in path
+
+    def with_stream_usage(self, body: bytes) -> bytes | None:
+        """``body`` with ``stream_options.include_usage`` added when it is an OpenAI Chat
+        Completions stream that does not ask for usage; ``None`` when unchanged."""
+        # A body without the key cannot be a stream: spare it the JSON decode. (A key spelt
+        # with escapes is not recognised and gets no usage: the missing-usage policy.)
+        if not self.usage or self.provider not in ("openai", "auto") or b'"stream"' not in body:
+            return None
+        return ensure_stream_usage(body)
+
+
+class RequestRead:
+    """What :func:`read_request` read: the messages to replay, and the whole body when it
+    is complete and within the limit (``None`` otherwise)."""
+
+    __slots__ = ("body", "disconnected", "messages")
+
+    def __init__(self, messages: list[Message], body: bytes | None, disconnected: bool) -> None:
+        self.messages = messages
+        self.body = body
+        self.disconnected = disconnected
+
+
+async def read_request(
+    receive: Receive,
+    headers: list[Header],
+    limit: int = REQUEST_BODY_LIMIT,
+    *,
+    first: Message | None = None,
+) -> RequestRead:
+    """Read the request body, at most ``limit`` bytes, before the call (``first``: its
+    first message, when the caller received it already).
+
+    The usual body comes whole in its first message. Past that, a body declared larger than
+    ``limit`` is read no further, and one that turns out larger is read up to the limit;
+    the rest is left to the app (``body`` is then ``None``).
+    """
+    message = await receive() if first is None else first
+    if message["type"] != "http.request":
+        return RequestRead([], None, message["type"] == "http.disconnect")
+    messages = [message]
+    body: bytes = message.get("body", b"")
+    size = len(body)
+    if not message.get("more_body", False):
+        return RequestRead(messages, body if size <= limit else None, False)
+    for name, value in headers:
+        if name == _CONTENT_LENGTH:
+            if not value.isdigit() or int(value) > limit:
+                return RequestRead(messages, None, False)
+            break
+    while size <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return RequestRead(messages, None, message["type"] == "http.disconnect")
+        messages.append(message)
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            if size > limit:
+                break
+            return RequestRead(messages, b"".join(m.get("body", b"") for m in messages), False)
+    return RequestRead(messages, None, False)
+
+
+def replaced_body_headers(headers: list[Header], length: int) -> list[Header]:
+    """``headers`` for a body rewritten to ``length`` bytes: one Content-Length, no
+    Transfer-Encoding (the app gets the whole body in one message)."""
+    out = [h for h in headers if h[0] != _CONTENT_LENGTH and h[0] != _TRANSFER_ENCODING]
+    out.append((_CONTENT_LENGTH, str(length).encode()))
+    return out
+
+
+def identity_encoding(headers: list[Header]) -> list[Header]:
+    """``headers`` asking for an uncompressed answer: a usage cannot be read from gzip."""
+    return [*(h for h in headers if h[0] != _ACCEPT_ENCODING), _IDENTITY]
+
+
+class SseUsageTap:
+    """A :class:`~gateway.usage.sse.StreamTap` fed only the events that matter.
+
+    StreamTap follows the SSE framing line by line (a few µs per event in Python) but acts
+    only on the events that can carry a usage or mark the end: a ``"usage": {...}`` or
+    ``usageMetadata`` object, ``[DONE]``, ``finishReason``, ``blockReason``,
+    ``message_stop`` (see :data:`_MARKS`); every other event passes through it without
+    effect. So each chunk is looked at with a few substring scans, and only runs of whole
+    events (from an event boundary to the last one in the chunk) that hold one of those
+    marks go to the tap: its answer is the same (tests/metering/test_usage_tap.py compares
+    them on every split of every provider's stream), for a fraction of the CPU
+    (bench/usage_tap.py). Bytes after the last boundary wait for the next chunk.
+
+    An event boundary is a blank line: two line ends in a row (LF LF, CR CR, or LF CR, which
+    also is the middle of CRLF CRLF). Past the tap's line bound (an event that long),
+    everything goes to the tap as it is, so that it gives up exactly as it would have.
+    """
+
+    __slots__ = ("_direct", "_end_marks", "_marks", "_pending", "_seen_usage", "tap")
+
+    def __init__(self, provider: str) -> None:
+        self.tap = StreamTap(provider)
+        self._marks, self._end_marks = _MARKS[provider]
+        self._seen_usage = False
+        self._pending = b""  # the bytes after the last event boundary seen
+        self._direct = False  # past the line bound: everything goes to the tap
+
+    def feed(self, chunk: bytes) -> None:
+        """Observe the next chunk of the body (never raises, as StreamTap.feed)."""
+        # The usual chunk, on every chunk of a stream: whole events (it starts after a
+        # blank line, and LF LF at its end is one, whatever the line ends before it).
+        if (
+            self._pending
+            or self._direct
+            or not chunk.endswith(b"\n\n")
+            or len(chunk) > DEFAULT_MAX_LINE
+        ):
+            self._feed_any(chunk)
+        elif self._marked(chunk):
+            self._feed_tap(chunk)
+
+    def _marked(self, data: bytes) -> bool:
+        """Whether ``data`` may hold an event StreamTap acts on (see :data:`_MARKS`)."""
+        at = data.find(b'"usage')
+        while at >= 0:  # a usage object; OpenAI chat's "usage":null spares the regex
+            if not data.startswith(b'"usage":null', at) and _USAGE_OBJECT.match(data, at):
+                return True
+            at = data.find(b'"usage', at + 6)
+        for mark in self._marks:
+            if mark in data:
+                return True
+        # [DONE] and message_stop act only once a usage is known (StreamTap: final).
+        if self._seen_usage:
+            for mark in self._end_marks:
+                if mark in data:
+                    return True
+        return False
+
+    def _feed_tap(self, data: bytes) -> None:
+        self.tap.feed(data)
+        self._seen_usage = self.tap.usage is not None
+
+    def _feed_any(self, chunk: bytes) -> None:
+        if self._direct:
+            self.tap.feed(chunk)
+            return
+        if self._pending:
+            chunk = self._pending + chunk
+        end = _last_boundary(chunk)
+        whole, self._pending = chunk[:end], chunk[end:]
+        if len(whole) > DEFAULT_MAX_LINE or len(self._pending) > DEFAULT_MAX_LINE:
+            self._direct = True  # let the tap meet the long event and give up as it would
+            self._pending = b""
+            self.tap.feed(chunk)
+        elif whole and self._marked(whole):
+            self._feed_tap(whole)
+
+    def finish(self) -> Usage | None:
+        """End of the body: the usage seen (StreamTap.finish; an unterminated last event
+        still counts if its JSON is whole)."""
+        if self._pending:
+            pending, self._pending = self._pending, b""
+            self.tap.feed(pending)
+        return self.tap.finish()
+
+    @property
+    def usage_reached_end(self) -> bool:
+        """True when the provider's final usage has been seen."""
+        return self.tap.usage_reached_end
+
+
+def _last_boundary(data: bytes) -> int:
+    """The end of the last blank line in ``data`` (LF LF, CR CR, or LF CR, also the middle
+    of CRLF CRLF), 0 if none. Data without CR (the usual) costs one scan."""
+    last = data.rfind(b"\n\n")
+    if b"\r" in data:
+        last = max(last, data.rfind(b"\r\r"), data.rfind(b"\n\r"))
+    return last + 2 if last >= 0 else 0
+
+
+# Besides a usage object, what StreamTap acts on, per provider mode: finishReason and
+# blockReason (Gemini: a finish, after which a usage is final), and, only once a usage was
+# seen, [DONE] (OpenAI chat) and message_stop (Anthropic), which make it final. Supersets
+# are fine (an event fed for nothing changes nothing): `Reason"` finds both Gemini keys,
+# `_stop"` also content_block_stop. An explicit provider needs only its own marks:
+# StreamTap classifies every event as that provider, on which the others' do nothing.
+_MARKS: Final[dict[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]]] = {
+    "openai": ((), (b"[DONE]",)),
+    "anthropic": ((), (b'_stop"',)),
+    "gemini": ((b'Reason"',), ()),
+    "auto": ((b'Reason"',), (b"[DONE]", b'_stop"')),
+}
+
+
+class ResponseTap:
+    """Wraps ``send`` for one admitted request of a variable-cost feature.
+
+    ``headers_for(status, actual)`` gives the X-Tokens-* headers for the response start:
+    ``actual`` is the charge when it is known before the headers go out, ``None`` when only
+    the hold can be told. ``refunded(status)`` says whether the status refunds (then the
+    body is not read). ``stream_path``: the request asked for Gemini's JSON stream.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_charged",
+        "_cost",
+        "_gone",
+        "_header_cost",
+        "_headers_for",
+        "_mode",
+        "_refunded",
+        "_send",
+        "_start",
+        "_state",
+        "_stream_path",
+        "_tap",
+        "_usage",
+        "complete",
+        "hold",
+        "status",
+    )
+
+    def __init__(
+        self,
+        cost: VariableCost,
+        send: Send,
+        state: MutableMapping[str, Any],
+        *,
+        hold: int,
+        headers_for: HeadersFor,
+        refunded: Callable[[int], bool],
+        stream_path: bool = False,
+    ) -> None:
+        self._cost = cost
+        self._send = send
+        self._state = state
+        self.hold = hold
+        self._headers_for = headers_for
+        self._refunded = refunded
+        self._stream_path = stream_path
+        self._mode = _PASS
+        self._tap: SseUsageTap | None = None
+        self._buffer: bytearray | None = None
+        self._start: Message | None = None
+        self._usage: Usage | None = None
+        self._header_cost: int | None = None
+        self._charged = 0
+        self._gone: asyncio.Event | None = None
+        self.status = 0
+        self.complete = False
+
+    # -- send ------------------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """The app's ``send``: see the class docstring."""
+        # One coroutine: the helpers are plain functions (each coroutine layer costs a
+        # frame on every await), and this awaits the server's send directly.
+        kind = message["type"]
+        if kind == "http.response.body":
+            mode = self._mode
+            if mode == _TAP:
+                body: bytes = message.get("body", b"")
+                if body:
+                    self._tap.feed(body)  # type: ignore[union-attr]  # set with _TAP
+            elif mode == _HOLD:
+                out = self._hold_body(message.get("body", b""), message.get("more_body", False))
+                if out is not None and CLIENT_DISCONNECTED not in self._state:
+                    await self._send(out[0])
+                    await self._send(out[1])
+                return
+            elif mode == _COPY:
+                self._copy(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._ended()
+        elif kind == "http.response.start":
+            started = self._started(message)
+            if started is None:
+                return  # held
+            message = started
+        # Once the client has left (the response being drained for its usage), nothing
+        # goes to it any more: the server would drop it, or raise.
+        if CLIENT_DISCONNECTED not in self._state:
+            await self._send(message)
+
+    def _started(self, message: Message) -> Message | None:
+        """The start message to send, with its X-Tokens-* headers; ``None`` when held."""
+        status = self.status = message["status"]
+        cost = self._cost
+        headers = message.get("headers", ())
+        if cost.header_key is not None:
+            headers = self._take_cost_header(list(headers), cost.header_key)
+        actual: int | None = None
+        if self._refunded(status):
+            pass  # refunded: nothing to read
+        elif not cost.usage:
+            reported = self._header_cost
+            if reported is None and APP_COST in self._state:
+                reported = parse_cost_value(self._state[APP_COST])
+            if reported is not None:
+                actual = cost.spec.capped(reported)
+        elif status < 200 or status in (204, 304):
+            actual = self._missing_charge()  # no body, so no usage: known now
+        else:
+            content_type = content_encoding = b""
+            for name, value in headers:
+                if name == _CONTENT_TYPE:
+                    content_type = value.lower()
+                elif name == _CONTENT_ENCODING:
+                    content_encoding = value.strip().lower()
+            if content_encoding not in (b"", b"identity"):
+                actual = self._missing_charge()  # compressed: not read (we asked for none)
+            elif content_type.startswith(b"text/event-stream"):
+                self._mode, self._tap = _TAP, SseUsageTap(cost.provider)
+            elif self._stream_path:
+                self._mode, self._buffer = _COPY, bytearray()
+            else:
+                # Held until the body is complete: the headers then give the actual charge.
+                self._mode, self._buffer = _HOLD, bytearray()
+                self._start = message
+                return None
+        message["headers"] = [*headers, *self._headers_for(status, actual)]
+        return message
+
+    def _hold_body(self, body: bytes, more: bool) -> tuple[Message, Message] | None:
+        """The held start and the whole body once it is complete (or too long to hold)."""
+        buffer = self._buffer
+        start = self._start
+        assert buffer is not None and start is not None
+        if more:
+            buffer += body
+            if len(buffer) <= RESPONSE_BODY_LIMIT:
+                return None
+            # Too long to hold: send what there is; the usage will count as missing.
+            self._mode = _PASS
+            return self._flush_held(more=True)
+        self._ended()
+        if buffer:
+            buffer += body
+            body = bytes(buffer)
+        usage = self._usage = usage_from_json(body, self._cost.provider)
+        if usage is None:
+            charge = self._missing_charge()
+        else:
+            charge = self._charged = self._price(usage)
+        self._start = self._buffer = None
+        start["headers"] = [*start.get("headers", ()), *self._headers_for(self.status, charge)]
+        return start, {"type": "http.response.body", "body": body}
+
+    def _flush_held(self, *, more: bool) -> tuple[Message, Message] | None:
+        """The held start (headed with the hold) and what was held of the body."""
+        start, buffer = self._start, self._buffer
+        self._start = self._buffer = None
+        if start is None:
+            return None
+        start["headers"] = [*start.get("headers", ()), *self._headers_for(self.status, None)]
+        body = {"type": "http.response.body", "body": bytes(buffer or b""), "more_body": more}
+        return start, body
+
+    def _copy(self, body: bytes) -> None:
+        buffer = self._buffer
+        if buffer is not None:
+            if len(buffer) + len(body) > RESPONSE_BODY_LIMIT:
+                self._buffer = None  # too long to read: its usage is missing
+            else:
+                buffer += body
+
+    def _ended(self) -> None:
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
+
+    def _take_cost_header(self, headers: list[Header], key: bytes) -> list[Header]:
+        """``headers`` without the cost header; its value (all copies must agree, junk is
+        no report) goes to ``_header_cost``."""
+        values = [value for name, value in headers if name.lower() == key]
+        if not values:
+            return headers
+        parsed = {parse_cost_value(value) for value in values}
+        self._header_cost = parsed.pop() if len(parsed) == 1 else None
+        return [h for h in headers if h[0].lower() != key]
+
+    # -- after the app returns --------------------------------------------------------------
+
+    @property
+    def held(self) -> bool:
+        """Whether a response start is still held back (see :meth:`close`)."""
+        return self._start is not None
+
+    async def close(self) -> None:
+        """The app returned: a response still held (its body never ended) goes out now, as
+        a 502 when the upstream failed (nothing had reached the client), else as it was."""
+        if self._start is None or CLIENT_DISCONNECTED in self._state:
+            return
+        if UPSTREAM_ERROR in self._state:
+            self._start = self._buffer = None
+            self.status = 502
+            await send_problem(
+                self._send, 502, "bad_gateway", "Bad Gateway",
+                "The upstream service is unavailable or broke off its answer.",
+            )  # fmt: skip
+            return
+        held = self._flush_held(more=True)  # incomplete: the server closes the connection
+        if held is not None:
+            await self._send(held[0])
+            await self._send(held[1])
+
+    def actual(self) -> Actual:
+        """The charge of a response that is not refunded: the cost read, else the policy."""
+        cost = self._cost
+        if not cost.usage:
+            reported = self._header_cost
+            source = "header"
+            if reported is None and APP_COST in self._state:
+                reported, source = parse_cost_value(self._state[APP_COST]), "app"
+            if reported is None:
+                return Actual(self._missing_charge(), None, missing=True, source="policy")
+            return Actual(cost.spec.capped(reported), None, source=source)
+        usage, final = self._usage, self.complete
+        mode = self._mode
+        if mode == _TAP:
+            tap = self._tap
+            assert tap is not None
+            usage = tap.finish()
+            final = tap.usage_reached_end
+        elif mode == _COPY:
+            buffer = self._buffer
+            if buffer is not None and self.complete:
+                usage = usage_from_json(bytes(buffer), cost.provider)
+        elif mode != _HOLD:
+            final = False
+        if usage is None or not final:
+            return Actual(self._missing_charge(), usage, missing=True, source="policy")
+        if mode == _HOLD:  # priced already, for the headers
+            return Actual(self._charged, usage)
+        return Actual(self._price(usage), usage)
+
+    def _price(self, usage: Usage) -> int:
+        prices = self._cost.prices
+        assert prices is not None  # a checked config has prices for every usage cost
+        return prices.cost(usage, self._cost.spec.maximum)
+
+    def _missing_charge(self) -> int:
+        return self._cost.spec.missing_charge(self.hold)
+
+    # -- the client leaves ------------------------------------------------------------------
+
+    async def client_left(self, drain_s: float) -> None:
+        """The client disconnected: forward nothing more, and (``drain_s`` > 0) wait until
+        the response is complete, at most ``drain_s`` seconds, before the app is told."""
+        self._state[CLIENT_DISCONNECTED] = True
+        if drain_s <= 0 or self.complete:
+            return
+        gone = self._gone = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gone.wait(), drain_s)
+
+
+class TapReceive:
+    """The app's ``receive`` for a variable-cost request: the body read before the call
+    (``replay``) first, then the server's messages.
+
+    ``drain_s`` > 0 (a usage cost, and an app that does not drain by itself): once the body
+    is in, a ``http.disconnect`` reaches the app only when its response is complete or
+    ``drain_s`` seconds later, whichever comes first, so that it finishes the upstream call
+    whose usage is charged; meanwhile the tap forwards nothing.
+    """
+
+    __slots__ = ("_body_done", "_drain_s", "_receive", "_replay", "_tap")
+
+    def __init__(
+        self, replay: list[Message], receive: Receive, tap: ResponseTap | None, drain_s: float
+    ) -> None:
+        self._replay = deque(replay)
+        self._receive = receive
+        self._tap = tap
+        self._drain_s = drain_s
+        self._body_done = bool(replay) and not replay[-1].get("more_body", False)
+
+    async def __call__(self) -> Message:
+        if self._replay:
+            return self._replay.popleft()
+        message = await self._receive()
+        kind = message["type"]
+        if kind == "http.request":
+            if not message.get("more_body", False):
+                self._body_done = True
+        elif kind == "http.disconnect" and self._tap is not None:
+            await self._tap.client_left(self._drain_s if self._body_done else 0.0)
+        return message

@@ -1,0 +1,122 @@
+"""Helpers of the usage-cost tests (DESIGN A8): the harness config with every provider
+feature charged by usage, the price the fake's usage must cost, and :class:`SettleLog`,
+which records every settle the gateway under test hands its meter.
+
+The gateway runs in a server thread; :func:`spy_on_settles` patches ``Meter.settle_nowait``
+for the whole process (undone by the caller's ``monkeypatch``), so each settle is recorded
+with the hold it settles and the ``Actual`` the middleware decided.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from gateway.metering.meter import Meter
+from tests.support.fake_providers.clients import APIS
+from tests.support.fake_providers.control import FakeUsage
+from tests.support.fake_providers.harness import ORG, Gateway, provider_config
+
+MAX = 2000
+MODELS = {
+    "gpt-4o-mini*": {"input": 10, "cached_input": 5, "output": 40},
+    "gpt-4.1*": {"input": 20, "cached_input": 5, "output": 80},
+    "claude-*": {"input": 30, "cached_input": 3, "output": 150},
+    "gemini-*": {"input": 10, "output": 40},
+    "default": {"input": 20, "output": 80},
+}
+USAGE_COST: dict[str, Any] = {"usage": "auto", "reserve": "auto", "max": MAX}
+FEATURES = ("chat", "responses", "messages", "gemini")
+
+
+def usage_config(
+    upstream: str, *, top_level: dict[str, Any] | None = None, **cost: Any
+) -> dict[str, Any]:
+    """The harness config with every provider feature charged by usage (``cost`` overrides
+    keys of the ``cost:`` mapping, ``top_level`` adds config keys)."""
+    costs = {name: {**USAGE_COST, **cost} for name in FEATURES}
+    return provider_config(upstream, costs=costs, models=MODELS, **(top_level or {}))
+
+
+def price(gateway: Gateway, usage: FakeUsage, feature: str, maximum: int = MAX) -> int:
+    """What the fake's ``usage`` on ``feature`` must cost under the config's prices."""
+    provider, model = APIS[feature][:2]
+    prices = gateway.config.prices
+    assert prices is not None
+    return prices.cost(usage.expected(provider, model), maximum)
+
+
+@dataclass
+class Settled:
+    feature: str
+    request_id: str
+    ok: bool
+    hold: int
+    actual: Any  # gateway.metering.meter.Actual | None
+
+
+class SettleLog:
+    """Every ``Meter.settle_nowait`` of the process, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[Settled] = []
+        self._lock = threading.Lock()
+
+    def add(self, item: Settled) -> None:
+        with self._lock:
+            self.calls.append(item)
+
+    async def wait(self, count: int, within: float = 10.0) -> list[Settled]:
+        """The settles so far, once there are ``count`` (or ``within`` seconds passed)."""
+        for _ in range(int(within / 0.01)):
+            if len(self.calls) >= count:
+                break
+            await asyncio.sleep(0.01)
+        return list(self.calls)
+
+
+def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
+    log = SettleLog()
+    original = Meter.settle_nowait
+
+    def spy(self: Meter, adm: Any, **kw: Any) -> None:
+        log.add(Settled(adm.feature, adm.request_id, kw["ok"], adm.cost, kw.get("actual")))
+        original(self, adm, **kw)
+
+    monkeypatch.setattr(Meter, "settle_nowait", spy)
+    return log
+
+
+async def balance_when(
+    gateway: Gateway, bucket: str, expected: int, within: float = 5.0, org: str = ORG
+) -> int:
+    """The bucket's balance once it is ``expected`` (settles land after the last byte), or
+    as it is after ``within`` seconds."""
+    for _ in range(int(within / 0.02)):
+        balance = await gateway.balance(bucket, org)
+        if balance == expected:
+            break
+        await asyncio.sleep(0.02)
+    return balance
+
+
+async def audit_events(gateway: Gateway, *request_ids: str, org: str = ORG) -> list[dict[str, str]]:
+    """The audit events of these requests in their org's shard stream (DESIGN A8 adds
+    ``rs`` reserve, ``ov`` overage, ``cs`` cost source, ``um`` usage missing, ...)."""
+    await gateway.gate.meter.drain()
+    client = gateway.gate.redis.client
+    stream = gateway.gate.keys.of_org(org).shard.events
+    wanted = set(request_ids)
+    out = []
+    for _, fields in await client.xrange(stream):
+        decoded = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in fields.items()
+        }
+        if decoded.get("id") in wanted:
+            out.append(decoded)
+    return out
