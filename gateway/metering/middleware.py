@@ -31,7 +31,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.config import Config
 from gateway.config.refunds import refund_statuses
-from gateway.core.counters import METRICS
 from gateway.core.errors import IdentityUnavailable, LedgerUnavailable, RedisUnavailable
 from gateway.core.headers import HeaderPolicy
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
@@ -92,6 +91,8 @@ class CreditGateMiddleware:
         self.gate = gate
         self.router = gate.router
         self.meter = gate.meter
+        # The gate's counters (the process's by default): /metrics reads the same ones.
+        self.counters = gate.counters
         self.identifier = gate.identifier
         trusted = config.identity.trusted_headers
         self.headers = HeaderPolicy(
@@ -152,11 +153,11 @@ class CreditGateMiddleware:
             if ident is None:
                 ident = await self.identifier.identify(scope)
         except _UNAVAILABLE as exc:
-            METRICS.count(match.feature, "refused_unavailable")
+            self.counters.count(match.feature, "refused_unavailable")
             await self._identity_unavailable(scope, send, match, exc)
             return
         if isinstance(ident, IdentityFailure):
-            METRICS.count(
+            self.counters.count(
                 match.feature,
                 "refused_unauthenticated" if ident.status == 401 else "refused_bad_credentials",
             )
@@ -164,7 +165,7 @@ class CreditGateMiddleware:
             return
         headers, idem_key, duplicate_key = self.headers.clean(scope["headers"])
         if duplicate_key:
-            METRICS.count(match.feature, "refused_bad_request")
+            self.counters.count(match.feature, "refused_bad_request")
             await self._duplicate_idempotency_key(scope, send, match, ident)
             return
         variable = self._variable.get(match.feature)
@@ -188,7 +189,7 @@ class CreditGateMiddleware:
             await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
         if adm.status != "ok":
-            METRICS.count(match.feature, "refused_" + adm.status)
+            self.counters.count(match.feature, "refused_" + adm.status)
             await self._refuse(scope, send, match, ident, adm)
             return
 
@@ -279,7 +280,7 @@ class CreditGateMiddleware:
             await self._unavailable(inner, replayed, send, match, ident, str(exc))
             return
         if adm.status != "ok":
-            METRICS.count(match.feature, "refused_" + adm.status)
+            self.counters.count(match.feature, "refused_" + adm.status)
             await self._refuse(scope, send, match, ident, adm)
             return
 
@@ -331,8 +332,8 @@ class CreditGateMiddleware:
             if actual is not None:
                 tokens, usage = actual.tokens, actual.usage
                 model = "" if usage is None or usage.model is None else usage.model
-                METRICS.usage(adm.feature, model, tokens, actual.missing)
-            METRICS.count(adm.feature, "charged" if ok else "refunded", tokens)
+                self.counters.usage(adm.feature, model, tokens, actual.missing)
+            self.counters.count(adm.feature, "charged" if ok else "refunded", tokens)
             if self.access_log:
                 log_access(
                     request_id=adm.request_id, method=scope["method"], route=match.template,
@@ -449,7 +450,7 @@ class CreditGateMiddleware:
             adm, ok=ok, status=upstream_status, latency_ms=round(latency),
             idempotency_key=idem_key,
         )  # fmt: skip
-        METRICS.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
+        self.counters.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
 
     @staticmethod
     def _log_access(
@@ -542,13 +543,13 @@ class CreditGateMiddleware:
         if self.fail_open:
             # Let the request through uncharged and count it, as configured.
             self.fail_open_count += 1
-            METRICS.count(match.feature, "fail_open")
+            self.counters.count(match.feature, "fail_open")
             log.warning(
                 "fail_open: %s %s passed uncharged: %s", scope["method"], match.template, reason
             )
             await self.app(scope, receive, send)
             return
-        METRICS.count(match.feature, "refused_unavailable")
+        self.counters.count(match.feature, "refused_unavailable")
         log.error(
             "metering unavailable, refusing %s %s: %s", scope["method"], match.template, reason
         )

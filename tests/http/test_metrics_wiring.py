@@ -123,3 +123,30 @@ async def test_lag_probe_measures_at_most_once_per_max_age(
     assert first.backlog == 7 and first.oldest_unsynced_age_s == 1.5
     assert (await SyncLagProbe(gate, max_age_s=0).measure()) is not first
     assert worker.calls == 2
+
+
+async def test_the_middleware_counts_into_its_gates_counters(
+    gates: tuple[CreditGate, CreditGate],
+) -> None:
+    """A request metered by the middleware of a gate with its own counters is counted there
+    (and scraped there), not in the process's METRICS."""
+    from starlette.responses import PlainTextResponse
+
+    from gateway.metering.middleware import CreditGateMiddleware
+
+    own, _ = gates
+    await own.set_plan("acme", "pro")
+
+    async def quest(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    app = Starlette(routes=[Route("/api/v1/goals/{g}/quests", quest, methods=["POST"])])
+    wrapped = CreditGateMiddleware(app, gate=own)
+    before = METRICS.requests().get(("goal_generation", "charged"), (0, 0))
+    transport = httpx.ASGITransport(app=wrapped)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        r = await client.post("/api/v1/goals/g1/quests", headers={"X-Org-Id": "acme"})
+    assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
+    await own.meter.drain()
+    assert own.counters.requests()[("goal_generation", "charged")] == (1, 3)
+    assert METRICS.requests().get(("goal_generation", "charged"), (0, 0)) == before
