@@ -510,8 +510,14 @@ class UpstreamProxy:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
-    async def _relay(resp: _Resp, backend: _Backend, send: Send) -> str | None:
-        """Copy body chunks as they arrive; return None, an error description or _CLIENT."""
+    async def _relay(
+        resp: _Resp, backend: _Backend, send: Send, left: asyncio.Future[None] | None = None
+    ) -> str | None:
+        """Copy body chunks as they arrive; return None, an error description or _CLIENT.
+
+        With ``left`` (a request that wants draining), a ``send`` that raises for a gone
+        client sets ``left`` and the relay goes on: the chunks still reach the metering
+        middleware's tap, which forwards nothing once ``CLIENT_DISCONNECTED`` is set."""
         chunks = resp.chunks()
         while True:
             try:
@@ -526,7 +532,10 @@ class UpstreamProxy:
                 try:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except OSError:  # servers that raise for a gone client rather than drop
-                    return _CLIENT
+                    if left is None:
+                        return _CLIENT
+                    if not left.done():
+                        left.set_result(None)
 
     async def _respond_draining(
         self,
@@ -545,7 +554,7 @@ class UpstreamProxy:
         an error description. The relay runs in a task of its own, as in ``_respond``: a
         resume of the request's task passes through every frame of the middleware."""
         left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        relay = asyncio.create_task(self._relay_past_the_client(resp, backend, send, left))
+        relay = asyncio.create_task(self._relay(resp, backend, send, left))
         watch = asyncio.create_task(_wait_disconnect(receive)) if upload.done else None
         waiting: list[asyncio.Future[Any]] = (
             [relay, left] if watch is None else [relay, left, watch]
@@ -563,30 +572,6 @@ class UpstreamProxy:
             log.info("stopped reading an upstream body %.1f s after its client left", drain)
             return _CLIENT
         return relay.result()
-
-    @staticmethod
-    async def _relay_past_the_client(
-        resp: _Resp, backend: _Backend, send: Send, left: asyncio.Future[None]
-    ) -> str | None:
-        """``_relay`` that goes on when ``send`` raises for a gone client (``left`` is set):
-        the chunks still reach the metering middleware's tap, which forwards nothing once
-        ``CLIENT_DISCONNECTED`` is set."""
-        chunks = resp.chunks()
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return None
-            except backend.TIMEOUT:
-                return "timeout between chunks of the upstream's response body"
-            except backend.FAILURE as exc:
-                return f"upstream body failed: {type(exc).__name__}: {exc}"
-            if chunk:
-                try:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except OSError:
-                    if not left.done():
-                        left.set_result(None)
 
 
 async def _wait_disconnect(receive: Receive) -> None:
