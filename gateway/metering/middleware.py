@@ -46,8 +46,15 @@ from gateway.identity.identifier import Identity, IdentityFailure
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
 from gateway.metering.refusals import describe_refusal, seconds
+from gateway.metering.replay import (
+    ResponseCapture,
+    fingerprint_of,
+    read_for_fingerprint,
+    send_replay,
+)
 from gateway.metering.usage_tap import (
     REQUEST_BODY_LIMIT,
+    RequestRead,
     ResponseTap,
     TapReceive,
     VariableCost,
@@ -168,6 +175,11 @@ class CreditGateMiddleware:
             self.counters.count(match.feature, "refused_bad_request")
             await self._duplicate_idempotency_key(scope, send, match, ident)
             return
+        if idem_key is not None:  # contract A9: a branch of its own (gateway/metering/replay.py)
+            await self._idempotent_call(
+                scope, receive, send, match, ident, headers, idem_key, path, encoded_path
+            )
+            return
         variable = self._variable.get(match.feature)
         if variable is not None:
             await self._variable_call(
@@ -234,13 +246,22 @@ class CreditGateMiddleware:
         path: str,
         encoded_path: bytes,
         cost: VariableCost,
+        pre_read: RequestRead | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         """A metered request whose charge is decided after the response (DESIGN A8): hold
         the reserve (read from the request when it depends on it), call the app with the
-        response watched, settle the actual cost."""
+        response watched, settle the actual cost.
+
+        ``pre_read`` and ``fingerprint``: the body already read for an Idempotency-Key's
+        fingerprint (:meth:`_idempotent_call`); the response is then kept for a replay."""
         replay: list[Message] = []
         body: bytes | None = None
-        if cost.reads_body:
+        if pre_read is not None:
+            replay = pre_read.messages
+            if cost.reads_body:
+                body = pre_read.body
+        elif cost.reads_body:
             first = await receive()
             if (
                 first["type"] == "http.request"
@@ -253,7 +274,8 @@ class CreditGateMiddleware:
                 if read.disconnected:
                     return  # gone before anything was held: nothing to answer or charge
                 replay, body = read.messages, read.body
-            changed = None if body is None else cost.with_stream_usage(body)
+        if body is not None:
+            changed = cost.with_stream_usage(body)
             if changed is not None:
                 # An OpenAI stream that would not report its usage: ask for it (README).
                 body = changed
@@ -273,15 +295,14 @@ class CreditGateMiddleware:
             adm = await self.meter.admit(
                 ident.org, match.feature, user=ident.user, cost=hold,
                 idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template,
+                route=match.template, fingerprint=fingerprint,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             replayed = TapReceive(replay, receive, None, 0.0)
             await self._unavailable(inner, replayed, send, match, ident, str(exc))
             return
         if adm.status != "ok":
-            self.counters.count(match.feature, "refused_" + adm.status)
-            await self._refuse(scope, send, match, ident, adm)
+            await self._not_admitted(scope, send, match, ident, adm)
             return
 
         charged = self._charged_headers(adm, rid)
@@ -297,9 +318,11 @@ class CreditGateMiddleware:
                 return [*charged, _RESERVED]
             return self._actual_headers(charged, adm, actual)
 
+        # An Idempotency-Key's response is kept as the client gets it, for a replay.
+        capture = None if fingerprint is None else ResponseCapture(send, self.meter.max_replay_body)
         tap = ResponseTap(
-            cost, send, state, hold=adm.cost, headers_for=headers_for, refunded=refunded,
-            stream_path=cost.json_stream(path),
+            cost, send if capture is None else capture.send, state, hold=adm.cost,
+            headers_for=headers_for, refunded=refunded, stream_path=cost.json_stream(path),
         )  # fmt: skip
         drain = cost.drain_s
         if drain > 0:
@@ -327,6 +350,7 @@ class CreditGateMiddleware:
             self.meter.settle_nowait(
                 adm, ok=ok, status=upstream_status, latency_ms=round(latency),
                 idempotency_key=idem_key, actual=actual,
+                response=capture.stored() if ok and capture is not None else None,
             )  # fmt: skip
             tokens = 0
             if actual is not None:
@@ -342,6 +366,104 @@ class CreditGateMiddleware:
                     latency_ms=round((time.perf_counter() - started) * 1000, 1),
                     upstream_status=state.get(UPSTREAM_STATUS),
                 )  # fmt: skip
+
+    async def _idempotent_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        match: RouteMatch,
+        ident: Identity,
+        headers: list[Header] | None,
+        idem_key: str,
+        path: str,
+        encoded_path: bytes,
+    ) -> None:
+        """A metered request with an Idempotency-Key (contract A9; the steps are in
+        gateway/metering/replay.py): the body read for the request's fingerprint and given
+        to the app unchanged, admitted with it; a repeat replayed or refused without the
+        app; the response of a charged request kept for its repeats."""
+        pre_read, fingerprinted = await read_for_fingerprint(receive)
+        if pre_read.disconnected:
+            return  # gone before anything was held: nothing to answer or charge
+        fingerprint = fingerprint_of(scope, path, pre_read, fingerprinted)
+        variable = self._variable.get(match.feature)
+        if variable is not None:
+            await self._variable_call(
+                scope, receive, send, match, ident, headers, idem_key, path, encoded_path,
+                variable, pre_read, fingerprint,
+            )  # fmt: skip
+            return
+
+        replayed = TapReceive(pre_read.messages, receive, None, 0.0)
+        request_id = new_request_id()
+        REQUEST_ID.set(request_id)
+        rid = (b"x-creditgate-request-id", request_id.encode())
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
+        try:
+            adm = await self.meter.admit(
+                ident.org, match.feature, user=ident.user, cost=match.cost,
+                idempotency_key=idem_key, request_id=request_id, method=scope["method"],
+                route=match.template, fingerprint=fingerprint,
+            )  # fmt: skip
+        except (RedisUnavailable, LedgerUnavailable) as exc:
+            await self._unavailable(inner, replayed, send, match, ident, str(exc))
+            return
+        if adm.status != "ok":
+            await self._not_admitted(scope, send, match, ident, adm)
+            return
+
+        charged = self._charged_headers(adm, rid)
+        refund_on = self._refund_on[match.feature]
+        state = inner["state"]
+        capture = ResponseCapture(send, self.meter.max_replay_body)
+        status = 0
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status in refund_on or UPSTREAM_ERROR in state:
+                    extra = self._refunded_headers(charged, adm)
+                else:
+                    extra = charged
+                message["headers"] = [*message.get("headers", ()), *extra]
+            await capture.send(message)
+
+        ok = False
+        try:
+            await self.app(inner, replayed, send_wrapper)
+            ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
+        finally:
+            upstream_status = state.get(UPSTREAM_STATUS, status or None)
+            latency = state.get(UPSTREAM_LATENCY_MS)
+            if latency is None:
+                latency = (time.perf_counter() - started) * 1000
+            # Only a charged response is kept: a refund deletes the key (lua/settle.lua), so
+            # the client's retry is forwarded and charged like a first request.
+            self.meter.settle_nowait(
+                adm, ok=ok, status=upstream_status, latency_ms=round(latency),
+                idempotency_key=idem_key, response=capture.stored() if ok else None,
+            )  # fmt: skip
+            self.counters.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
+            if self.access_log:
+                self._log_access(scope, match, ident, adm, ok, status, started)
+
+    async def _not_admitted(
+        self, scope: Scope, send: Send, match: RouteMatch, ident: Identity, adm: Admission
+    ) -> None:
+        """Answer a request that was not admitted: a repeat of a completed Idempotency-Key
+        gets its stored response back (contract A9), anything else a refusal."""
+        if adm.status == "replay":
+            stored = adm.replay
+            if stored is not None:
+                self.counters.count(match.feature, "replayed")
+                await send_replay(send, stored)
+                self._log_refused(scope, match, ident, stored.status, "replayed")
+                return
+        self.counters.count(match.feature, "refused_" + adm.status)
+        await self._refuse(scope, send, match, ident, adm)
 
     @staticmethod
     def _actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
