@@ -336,7 +336,9 @@ async def test_idempotency_key_through_the_proxy(sample_upstream: str, prefix: s
             await asyncio.sleep(0.1)
             second = await http.post("/api/v1/leads/generate", headers=headers)
         assert first.status_code == 200
-        assert second.status_code == 409 and second.json()["code"] == "idempotency_conflict"
+        # Contract A9: the stored response comes back, neither forwarded nor charged again.
+        assert second.status_code == 200 and second.headers["idempotent-replayed"] == "true"
+        assert second.content == first.content and second.headers["x-tokens-cost"] == "0"
         assert (await gate.balance("acme")).buckets["lead_generation"].balance == 55
         await gate.close()
 
