@@ -8,9 +8,11 @@ measured from the shard streams, or asked of the sync job when one runs in this 
 
 Metrics (all prefixed ``creditgate_``):
 - ``requests_total{feature, outcome}``: outcome is ``charged``, ``refunded``,
-  ``fail_open`` or ``refused_<reason>`` (``refused_insufficient``, ``refused_not_in_plan``,
-  ``refused_rate_limited``, ``refused_in_flight``, ``refused_replay``,
-  ``refused_unauthenticated``, ``refused_unavailable``, ...);
+  ``fail_open``, ``replayed`` (an Idempotency-Key repeat given its stored response) or
+  ``refused_<reason>`` (``refused_insufficient``, ``refused_not_in_plan``,
+  ``refused_rate_limited``, ``refused_in_flight``, ``refused_replay`` (a repeat whose
+  response cannot be replayed), ``refused_reused``, ``refused_unauthenticated``,
+  ``refused_unavailable``, ...);
 - ``tokens_charged_total{feature}``; ``denials_total{reason}``; ``fail_open_total``;
 - ``tokens_by_model_total{feature, model}``: the actual charge (creditgate tokens, overage
   included) of requests whose cost came from the call, by the model the upstream named

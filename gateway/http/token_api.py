@@ -11,9 +11,9 @@ onto, a colleague). An org-level credential (no user) may attribute the charge t
 id of its own org, which is how a backend that holds one org key reports its users.
 
 A replayed ``Idempotency-Key`` of a completed deduct answers **200** with ``charged: 0``
-and ``replayed: true``: unlike the proxy, no upstream work is attached to a deduct, so
-telling the client "done" is safe and lets it retry blindly. A key still in flight is
-**409**, as on the proxy.
+and ``replayed: true``: no upstream response is attached to a deduct (the proxy and the
+middleware give back the stored response instead), so telling the client "done" is safe
+and lets it retry blindly. A key still in flight is **409**, as on the proxy.
 
 A replayed deduct also carries ``Idempotent-Replayed: true``; the same key with another
 feature, quantity or user is **422** ``idempotency_key_reused`` (contract A9).

@@ -43,8 +43,9 @@ otherwise (``idempotency_max_body_bytes``, contract A9)."""
 
 UNSAFE_REPLAY_HEADERS = frozenset({
     # Hop-by-hop, or framing the replay recomputes.
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
-    b"trailer", b"transfer-encoding", b"upgrade", b"content-length",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"content-length",
     # Another client's session, or stale.
     b"set-cookie", b"date",
     # What creditgate itself says about this request: a replay says it anew.
@@ -52,7 +53,9 @@ UNSAFE_REPLAY_HEADERS = frozenset({
     b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset", b"retry-after",
     b"idempotent-replayed",
 })  # fmt: skip
-"""Response headers never stored for a replay (besides every ``x-creditgate-*``)."""
+"""Response headers never stored for a replay (besides every ``x-creditgate-*``): the one
+list, which the README's Idempotency-Key section spells out. Every other header is
+replayed as the first response had it."""
 
 Unreplayable = Literal["too_large", "streamed"]
 

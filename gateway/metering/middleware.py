@@ -16,6 +16,11 @@ A feature whose cost is decided after the response (DESIGN A8: ``usage`` or ``he
 takes a branch of its own, :meth:`CreditGateMiddleware._variable_call`, with the request
 read before the call and the response watched as it passes (gateway/metering/usage_tap.py);
 fixed costs never enter it.
+
+A metered request with an ``Idempotency-Key`` (contract A9) takes
+:meth:`CreditGateMiddleware._idempotent_call` (built of gateway/metering/replay.py): its
+body read for its fingerprint, a repeat answered without the app, the response kept for
+a replay. A request without one never enters it and is never read ahead.
 """
 
 from __future__ import annotations

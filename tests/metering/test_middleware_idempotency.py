@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from gateway import CreditGate, CreditGateMiddleware
 from gateway.commands.server import GatewayApp
@@ -94,6 +95,26 @@ async def test_keys_are_per_org(redis_config: Config) -> None:
             assert (await gate.balance(org)).buckets["goal_generation"].balance == 17
 
 
+async def test_replays_and_refusals_are_counted(redis_config: Config) -> None:
+    """/metrics tells replays (``replayed``) from charges and from refused repeats."""
+    calls = AppCalls()
+    async with in_middleware_mode(redis_config, idempotency_app(calls)) as (http, gate):
+        before = gate.counters.requests()
+        for _ in range(3):
+            assert (await http.post("/generate", headers=keyed("m"))).status_code == 201
+            await outcomes(gate, 1)
+        r = await http.post("/generate", content=b"x", headers=keyed("m"))
+        assert r.status_code == 422
+        after = gate.counters.requests()
+
+    def delta(outcome: str) -> int:
+        key = ("goal_generation", outcome)
+        return after.get(key, (0, 0))[0] - before.get(key, (0, 0))[0]
+
+    assert (delta("charged"), delta("replayed"), delta("refused_reused")) == (1, 2, 1)
+    assert calls.total == 1
+
+
 async def test_a_request_without_a_key_never_reads_its_body_early(redis_config: Config) -> None:
     """Without Idempotency-Key the body is the app's to read as it streams (today's path):
     the app gets the first chunk before the client sent the second."""
@@ -148,7 +169,7 @@ async def test_fingerprint_does_not_depend_on_chunking(chunk: int) -> None:
         assert read.body is None and not read.disconnected
         assert len(fingerprinted) == 4096 and fingerprinted == body[:4096]
         # Only what was read is kept for the app; the rest is still the server's.
-        kept = b"".join(m["body"] for m in read.messages)  # type: ignore[misc]
+        kept = b"".join(m["body"] for m in read.messages)
         assert body.startswith(kept) and len(kept) >= 4096
         prints.add(fingerprint_of(scope, "/generate", read, fingerprinted))
     assert len(prints) == 1
@@ -165,9 +186,9 @@ async def test_a_client_gone_before_its_body_is_seen_as_such() -> None:
 
 
 async def test_capture_keeps_the_client_view_and_marks_streams() -> None:
-    sent: list[dict[str, object]] = []
+    sent: list[Message] = []
 
-    async def send(message: dict[str, object]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     capture = ResponseCapture(send, 10)
