@@ -143,9 +143,7 @@ class Setup:
     async def sync_now(self) -> None:
         """One sync pass in this process (the sweep included): what is in the streams now
         goes to the ledger, so a worker started later has only the test's events to read."""
-        worker = SyncWorker(
-            redis=self.redis, pool=self.pool, keyspace=self.keys, consumer="setup"
-        )
+        worker = SyncWorker(redis=self.redis, pool=self.pool, keyspace=self.keys, consumer="setup")
         await worker.run_once()
 
     async def pending(self) -> int:
@@ -170,8 +168,7 @@ class Setup:
         assert sum(r["tokens_deducted"] for r in rows) == start - await self.balance()
         assert sum(r["overage"] for r in rows) == 0
         snapshot = await self.pool.fetchval(
-            "SELECT balance + extra FROM ai_tokens WHERE organization_id = $1"
-            " AND token_type = $2",
+            "SELECT balance + extra FROM ai_tokens WHERE organization_id = $1 AND token_type = $2",
             ORG,
             FEATURE,
         )
@@ -258,9 +255,7 @@ async def serve(config: Path, *, workers: int = 1) -> tuple[subprocess.Popen[byt
 async def sigkill(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL the process group (uvicorn's supervisor and its workers) and reap it."""
     os.killpg(proc.pid, signal.SIGKILL)
-    while proc.poll() is None:
-        await asyncio.sleep(0.01)
-    assert proc.returncode == -signal.SIGKILL
+    assert await asyncio.to_thread(proc.wait, 10) == -signal.SIGKILL
     # Workers are the supervisor's children, in its group: none may survive it.
     deadline = time.monotonic() + 5
     while _group_alive(proc.pid):
