@@ -342,9 +342,9 @@ def problem(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
-def relayed_url(redis_url: str, port: int) -> str:
-    """``redis_url`` with its host and port replaced by the relay's (same database)."""
-    parts = urlsplit(redis_url)
+def relayed_url(url: str, port: int) -> str:
+    """The Redis ``url`` with its host and port replaced by the relay's (same database)."""
+    parts = urlsplit(url)
     auth = parts.netloc.rpartition("@")[0]
     netloc = f"{auth}@127.0.0.1:{port}" if auth else f"127.0.0.1:{port}"
     return urlunsplit(parts._replace(netloc=netloc))
