@@ -5,9 +5,16 @@
 -- KEYS[1]  shard holds hash    KEYS[2]  shard hold-expiry zset    KEYS[3]  shard events stream
 -- ARGV[1]  now (ms)            ARGV[2]  at most this many holds
 --
--- Returns the number of holds swept. The event carries no snapshot fields (s = ""):
--- an expired hold does not change the org's balance, it only writes the row. Each swept
--- hold leaves exactly one event and its tokens stay taken (t = the hold's c, all of it).
+-- Returns the number of holds swept. Each swept hold leaves exactly one event and its
+-- tokens stay taken (t = the hold's c, all of it). An expired hold does not change the
+-- org's balance (the tokens left it at admission), but its event still advances the org's
+-- sequence number and carries the bucket's snapshot (bal, x, a, used, per, s), as a
+-- settle's does: the last snapshot before it was taken while the hold was open, so without
+-- a newer one the ledger (ai_tokens, creditgate reconcile) would keep the hold's tokens
+-- as if they had never been spent, and a reconcile --repair would hand them back. The
+-- org's state hash is <shard tag>:org:<org> (gateway/core/redis_keys.py): a key of the
+-- same shard, hence of the same cluster slot as KEYS. Without org state (Redis lost it),
+-- the event has no snapshot (s = "").
 --
 -- A reservation's hold (DESIGN A9; hold fields v, rk: lua/charge.lua) expires the same
 -- way; its event also carries the usage fields (rs = the reserve, cs = "reservation"),
@@ -21,6 +28,8 @@
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 local ids = redis.call('ZRANGEBYSCORE', holdexp_key, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+-- "P:{sN}:holds" -> "P:{sN}:org:"
+local org_prefix = string.sub(holds_key, 1, -6) .. 'org:'
 local swept = 0
 for _, request_id in ipairs(ids) do
   redis.call('ZREM', holdexp_key, request_id)
@@ -28,18 +37,26 @@ for _, request_id in ipairs(ids) do
   if raw then
     redis.call('HDEL', holds_key, request_id)
     local h = cjson.decode(raw)
+    local b, org_key = h.b, org_prefix .. h.o
+    local snap = {'', '', '', '', h.per, ''}  -- bal, x, a, used, per, s
+    if redis.call('EXISTS', org_key) == 1 then
+      local st = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' .. b,
+        'p:' .. b)
+      snap = {st[1] or '0', st[2] or '0', st[3] or '0', st[4] or '0', st[5] or h.per,
+        redis.call('HINCRBY', org_key, 'seq', 1)}
+    end
     if h.v then
       audit_event(stream_key,
-        request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
-        '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
+        request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
+        snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
         h.c, '', '', '', '', '', '', 'reservation', '')  -- rs, ov, mdl .. ur, cs, um
       redis.call('SET', h.rk, cjson.encode({id = request_id, reserved = h.c, charged = h.c,
         refunded = 0, overage = 0, remaining = -1, outcome = 'expired'}), 'PX', h.v)
     else
       audit_event(stream_key,
-        request_id, 'expired_hold', h.o, h.u, h.f, h.b, h.c,  -- id, k, o, u, f, b, t
-        '', '', '', '', h.per, '', now,  -- bal, x, a, used, per, s, ts
+        request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
+        snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
     end
     swept = swept + 1

@@ -20,9 +20,9 @@ function, ``audit_event`` in ``lua/_prelude.lua``. Fields, all strings, in this 
 ``a``       the bucket's allocation this period ("" = unchanged)
 ``used``    net tokens used this period after the event ("" = unchanged)
 ``per``     the bucket's period id (e.g. ``2026-11``) after the event
-``s``       the org's sequence number after the event ("" for events that do
-            not change the org's hash: expired_hold); snapshots only move
-            forward in ``s``
+``s``       the org's sequence number after the event ("" when it has no
+            snapshot: an expired_hold swept without org state in Redis);
+            snapshots only move forward in ``s``
 ``ts``      event time, milliseconds since the epoch
 ``rq``      request id ("" when none)
 ``st``      upstream status code ("" when none; "0" = connection error)

@@ -101,3 +101,33 @@ async def test_lost_events_are_reported(gate: CreditGate) -> None:
     await gate.redis.client.hincrby(gate.keys.org("c"), "seq", 3)
     report = await reconcile(gate)
     assert report.missing_events == {"c": 3}
+
+
+async def test_clean_after_an_expired_hold_is_swept(gate: CreditGate) -> None:
+    """A hold nobody settles (its gateway died) is swept into an expired_hold charge; the
+    ledger's snapshot follows it, so reconcile finds no drift (a --repair would otherwise
+    hand the expired hold's tokens back)."""
+    await gate.set_plan("a", "pro")
+    await sync_once(gate)
+    adm = await gate.meter.admit("a", "lead_generation")  # taken, never settled
+    assert adm.ok
+    store = await gate.require_store()
+    later = int(time.time() * 1000) + (gate.config.hold_ttl_seconds + 1) * 1000
+    worker = SyncWorker(
+        redis=gate.redis.client, pool=store.pool, keyspace=gate.keys, now_ms=lambda: later
+    )
+    assert (await worker.run_once()).swept == 1
+    await sync_once(gate)  # the sweep's event, into the ledger
+    kinds = await store.pool.fetch(
+        "SELECT kind, tokens_deducted FROM ai_token_usage_log WHERE request_id = $1"
+        " AND kind = 'expired_hold'",
+        adm.request_id,
+    )
+    assert [(r["kind"], r["tokens_deducted"]) for r in kinds] == [("expired_hold", adm.cost)]
+    report = await reconcile(gate)
+    assert report.clean, report
+    snapshot = await store.pool.fetchval(
+        "SELECT balance FROM ai_tokens WHERE organization_id = 'a'"
+        " AND token_type = 'lead_generation'"
+    )
+    assert snapshot == (await gate.balance("a")).buckets["lead_generation"].balance
