@@ -140,7 +140,7 @@ async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) ->
             gate.identifier.identify = fixed_identity
             gate.identifier.identify_nowait = lambda scope: ident
         if not meter:
-            gate.meter.admit = fixed_admit
+            gate.meter.admission.admit = fixed_admit
             gate.meter.settle_nowait = lambda *a, **k: None
         return app
 

@@ -285,20 +285,28 @@ class Admitter:
         total = (fa.cost if cost is None else cost) * quantity
         rid = request_id or new_request_id()
         now = self._now_ms()
-        refresh_at = self.args.period(now)[2]
+        args = self.args
+        # The period and the template are read without a call when they are at hand:
+        # this is every metered request (each Python call costs ~0.1 µs here).
+        period = args.current
+        if not period[1] <= now < period[2]:
+            period = args.period(now)
+        refresh_at = period[2]
         now_s, total_s, hold_s = str(now), str(total), str(now + self._hold_ms)
         if idempotency_key:
             idem_key = self.keys.idempotency(org, idempotency_key)
             if fingerprint:
-                template = self.args.fingerprinted(org, user, feature, method, route)
+                template = args.fingerprinted(org, user, feature, method, route)
                 encoded = template.fill(
                     (idem_key, now_s, total_s, rid, hold_s, _fingerprint(fingerprint))
                 )
             else:
-                template = self.args.template(org, user, feature, method, route, True)
+                template = args.template(org, user, feature, method, route, True)
                 encoded = template.fill((idem_key, now_s, total_s, rid, hold_s))
         else:
-            template = self.args.template(org, user, feature, method, route, False)
+            template = args.plain.get((org, user, feature, method, route)) or args.template(
+                org, user, feature, method, route, False
+            )
             encoded = template.fill((now_s, total_s, rid, hold_s))
 
         started = perf_counter()
@@ -315,7 +323,14 @@ class Admitter:
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
         adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
-        return admission_of(reply, adm)
+        if status != "ok":
+            return admission_of(reply, adm)
+        # admission_of's "ok" branch, inlined: this is every admitted request.
+        adm.remaining = int(reply[1])
+        limit = int(reply[2])
+        if limit >= 0:  # -1: no limiter applies
+            adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
+        return adm
 
     async def reserve(
         self,

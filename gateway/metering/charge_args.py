@@ -96,18 +96,22 @@ class ChargeArgs:
         self.keys = keys
         self.features = {name: feature_args(config, name) for name in config.features}
         self._idem_ttl_ms = str(config.idempotency_ttl_seconds * 1000)
-        self._period: tuple[str, int, int] = ("", 0, -1)  # id, start, end (ms)
-        self._plain: dict[_TemplateKey, ArgTemplate] = {}
+        self.current: tuple[str, int, int] = ("", 0, -1)
+        """The period (id, start ms, end ms) of the last :meth:`period` call; the hot path
+        reads it without a call while ``start <= now < end``."""
+        self.plain: dict[_TemplateKey, ArgTemplate] = {}
+        """The templates without an idempotency key, by (org, user, feature, method,
+        route): the hot path looks its template up here first, without a call."""
         self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
         self._fingerprinted: dict[_TemplateKey, ArgTemplate] = {}
 
     def period(self, now: int) -> tuple[str, int, int]:
         """The period (id, start ms, end ms) at ``now``, cached until it ends."""
-        current = self._period
+        current = self.current
         if not current[1] <= now < current[2]:
             start, end = period_bounds(self.config.period, now)
-            current = self._period = (period_id(self.config.period, now), start, end)
-            self._plain.clear()
+            current = self.current = (period_id(self.config.period, now), start, end)
+            self.plain.clear()
             self._idempotent.clear()
             self._fingerprinted.clear()
         return current
@@ -123,7 +127,7 @@ class ChargeArgs:
     ) -> ArgTemplate:
         """The request's template (cached); call :meth:`period` first in each request."""
         key = (org, user, feature, method, route)
-        cache = self._idempotent if idempotent else self._plain
+        cache = self._idempotent if idempotent else self.plain
         template = cache.get(key)
         if template is None:
             if len(cache) >= _CACHE_SIZE:
@@ -187,7 +191,7 @@ class ChargeArgs:
         """charge.lua's KEYS and ARGV, SLOT where a request fills in a value."""
         org, user, feature, method, route = key
         fa = self.features[feature]
-        period, _, refresh_at = self._period
+        period, _, refresh_at = self.current
         org_keys = self.keys.of_org(org)
         shard = org_keys.shard
         # Per-user limiters are keyed by the user inside the org; without a user there are

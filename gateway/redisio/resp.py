@@ -78,67 +78,120 @@ def evalsha_header(sha: str, count: int) -> bytes:
     return b"*%d%b" % (count + 2, packed[packed.index(b"\r\n") :])
 
 
-# Template text with the slots filled: ``c`` is the template's constant runs as text (one
-# more than the slots), ``v`` the values. Spelled out per slot count as f-strings, which
-# CPython builds in one step: a %-format would parse the ~500 characters of a charge
-# template on every call (~0.5 µs), these only copy them (~0.2 µs).
-def _fill0(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    () = v
-    return c[0]
+# A template's ``fill``, built once per template: the constant runs ``c`` (one more than
+# the slots) bound as closure cells, the values spliced in by one f-string, which CPython
+# builds in one step (a %-format would parse the ~500 characters of a charge template on
+# every call, ~0.5 µs; these only copy them, ~0.2 µs). One function per slot count keeps
+# the fill of a request to a single Python call on the hot path. ``exact`` encodes the
+# rare non-ASCII values byte by byte: with ASCII text (str.isascii is O(1)) every
+# character is one byte, so the lengths written above were byte lengths.
+Fill = Callable[[tuple[str, ...]], bytes]
+_Exact = Callable[[tuple[str, ...]], bytes]
 
 
-def _fill1(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    (a,) = v
-    return f"{c[0]}${len(a)}\r\n{a}\r\n{c[1]}"
+def _fill0(c: tuple[str, ...], exact: _Exact) -> Fill:
+    (c0,) = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        () = v
+        return c0.encode() if c0.isascii() else exact(v)
+
+    return fill
 
 
-def _fill2(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    a, b = v
-    return f"{c[0]}${len(a)}\r\n{a}\r\n{c[1]}${len(b)}\r\n{b}\r\n{c[2]}"
+def _fill1(c: tuple[str, ...], exact: _Exact) -> Fill:
+    c0, c1 = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        (a,) = v
+        text = f"{c0}${len(a)}\r\n{a}\r\n{c1}"
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
 
 
-def _fill3(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    a, b, d = v
-    return f"{c[0]}${len(a)}\r\n{a}\r\n{c[1]}${len(b)}\r\n{b}\r\n{c[2]}${len(d)}\r\n{d}\r\n{c[3]}"
+def _fill2(c: tuple[str, ...], exact: _Exact) -> Fill:
+    c0, c1, c2 = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        a, b = v
+        text = f"{c0}${len(a)}\r\n{a}\r\n{c1}${len(b)}\r\n{b}\r\n{c2}"
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
 
 
-def _fill4(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    a, b, d, e = v
-    return (
-        f"{c[0]}${len(a)}\r\n{a}\r\n{c[1]}${len(b)}\r\n{b}\r\n{c[2]}${len(d)}\r\n{d}\r\n"
-        f"{c[3]}${len(e)}\r\n{e}\r\n{c[4]}"
-    )
+def _fill3(c: tuple[str, ...], exact: _Exact) -> Fill:
+    c0, c1, c2, c3 = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        a, b, d = v
+        text = f"{c0}${len(a)}\r\n{a}\r\n{c1}${len(b)}\r\n{b}\r\n{c2}${len(d)}\r\n{d}\r\n{c3}"
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
 
 
-def _fill5(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    a, b, d, e, g = v
-    return (
-        f"{c[0]}${len(a)}\r\n{a}\r\n{c[1]}${len(b)}\r\n{b}\r\n{c[2]}${len(d)}\r\n{d}\r\n"
-        f"{c[3]}${len(e)}\r\n{e}\r\n{c[4]}${len(g)}\r\n{g}\r\n{c[5]}"
-    )
+def _fill4(c: tuple[str, ...], exact: _Exact) -> Fill:
+    c0, c1, c2, c3, c4 = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        a, b, d, e = v
+        text = (
+            f"{c0}${len(a)}\r\n{a}\r\n{c1}${len(b)}\r\n{b}\r\n{c2}${len(d)}\r\n{d}\r\n"
+            f"{c3}${len(e)}\r\n{e}\r\n{c4}"
+        )
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
 
 
-def _fill_any(c: tuple[str, ...], v: tuple[str, ...]) -> str:
-    if len(v) != len(c) - 1:
-        raise ValueError(f"{len(c) - 1} values expected, {len(v)} given")
-    out = [c[0]]
-    for value, const in zip(v, c[1:], strict=True):
-        out += (f"${len(value)}\r\n{value}\r\n", const)
-    return "".join(out)
+def _fill5(c: tuple[str, ...], exact: _Exact) -> Fill:
+    c0, c1, c2, c3, c4, c5 = c
+
+    def fill(v: tuple[str, ...]) -> bytes:
+        a, b, d, e, g = v
+        text = (
+            f"{c0}${len(a)}\r\n{a}\r\n{c1}${len(b)}\r\n{b}\r\n{c2}${len(d)}\r\n{d}\r\n"
+            f"{c3}${len(e)}\r\n{e}\r\n{c4}${len(g)}\r\n{g}\r\n{c5}"
+        )
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
 
 
-_FILLERS: tuple[Callable[..., str], ...] = (_fill0, _fill1, _fill2, _fill3, _fill4, _fill5)
+def _fill_any(c: tuple[str, ...], exact: _Exact) -> Fill:
+    def fill(v: tuple[str, ...]) -> bytes:
+        if len(v) != len(c) - 1:
+            raise ValueError(f"{len(c) - 1} values expected, {len(v)} given")
+        out = [c[0]]
+        for value, const in zip(v, c[1:], strict=True):
+            out += (f"${len(value)}\r\n{value}\r\n", const)
+        text = "".join(out)
+        return text.encode() if text.isascii() else exact(v)
+
+    return fill
+
+
+_FILLERS: tuple[Callable[[tuple[str, ...], _Exact], Fill], ...] = (
+    _fill0, _fill1, _fill2, _fill3, _fill4, _fill5,
+)  # fmt: skip
 
 
 class ArgTemplate:
     """A run of command arguments encoded once, with slots for the values of each call.
 
     ``parts`` lists the arguments in order, :data:`SLOT` where a value comes from
-    :meth:`fill` (which takes a tuple of exactly one ``str`` per slot, in order). ``count`` is the
-    number of arguments, what ``run_encoded`` takes with the encoded bytes.
+    ``fill``. ``count`` is the number of arguments, what ``run_encoded`` takes with the
+    encoded bytes.
+
+    ``fill(values)`` (an attribute: a function built for this template, so that filling
+    is one call) returns the encoded arguments with ``values`` (a tuple of exactly one
+    ``str`` per slot, in order) in the slots; it raises ``ValueError`` when the number
+    of values is not the number of slots.
     """
 
-    __slots__ = ("_consts", "_filler", "_texts", "count", "slots")
+    __slots__ = ("_consts", "count", "fill", "slots")
 
     def __init__(self, parts: Sequence[ScriptArg | None]) -> None:
         self.count = len(parts)
@@ -152,21 +205,12 @@ class ArgTemplate:
         # The constant runs between the slots, encoded (the exact path joins these) and as
         # text (the fast path fills them in with the values).
         self._consts = tuple(encode_args(run) if run else b"" for run in runs)
-        self._texts = tuple(c.decode("utf-8", "surrogateescape") for c in self._consts)
-        self._filler = _FILLERS[self.slots] if self.slots < len(_FILLERS) else _fill_any
-
-    def fill(self, values: tuple[str, ...]) -> bytes:
-        """The encoded arguments with ``values`` (one per slot, in order) in the slots.
-
-        Raises ``ValueError`` when the number of values is not the number of slots."""
-        text = self._filler(self._texts, values)
-        # ASCII (str.isascii is O(1)): every character is one byte, so len() above was the
-        # byte length. Otherwise (a non-ASCII org, user or request id) encode exactly.
-        if text.isascii():
-            return text.encode()
-        return self._fill_exactly(values)
+        texts = tuple(c.decode("utf-8", "surrogateescape") for c in self._consts)
+        build = _FILLERS[self.slots] if self.slots < len(_FILLERS) else _fill_any
+        self.fill: Fill = build(texts, self._fill_exactly)
 
     def _fill_exactly(self, values: tuple[str, ...]) -> bytes:
+        """``fill`` for values that are not all ASCII: each encoded on its own."""
         if len(values) != self.slots:
             raise ValueError(f"{self.slots} values expected, {len(values)} given")
         pieces = [self._consts[0]]
