@@ -146,6 +146,14 @@ class Checker:
         ):
             if not getattr(c, key) > 0:
                 self.err(key, f"must be positive, got {getattr(c, key)}")
+        # Each connection is a file descriptor, with a client socket beside it: a million
+        # is past any process's hard limit, so a larger number is a typo.
+        self.number("upstream_max_connections", c.upstream_max_connections, 1, 1_000_000)
+        if not 0 <= c.upstream_pool_wait_seconds < float("inf"):  # also catches NaN
+            self.err(
+                "upstream_pool_wait_seconds",
+                f"must be 0 or more (and finite), got {c.upstream_pool_wait_seconds}",
+            )
         if not c.usage_drain_seconds >= 0:
             self.err("usage_drain_seconds", f"must be 0 or more, got {c.usage_drain_seconds}")
         return self.errors

@@ -75,6 +75,8 @@ def write_config(tmp_path: Path, url: str, upstream: str, **extra: object) -> Pa
         "features": {"f": {"cost": COST}},
         "plans": {"starter": {"allocations": {"f": ALLOCATION}}},
         "routes": [{"method": "GET", "path": "/echo/{rest:path}", "feature": "f"}],
+        # Few enough for any open-files limit: no warning about it in the logs read here.
+        "upstream_max_connections": 100,
         **extra,
     }
     path = tmp_path / f"c-{uuid.uuid4().hex[:6]}.yaml"
