@@ -5,8 +5,7 @@ starts on it and answers a metered request (issue 10, item 1).
 The bug: the README's own cluster URL with several seeds was refused at load by a generic
 URL parser ("Port could not be cast to integer value"). Servers here are real: a 3-master
 cluster, a password-protected and a TLS redis-server started by the tests, the shared
-Redis, and ``memory://``. ``rediss-cluster://`` is checked by ``check-config`` only (the
-test harness starts no TLS cluster).
+Redis, a TLS-only 3-master cluster (``rediss-cluster://``), and ``memory://``.
 """
 
 from __future__ import annotations
@@ -373,6 +372,18 @@ def test_serve_over_tls(tmp_path: Path, upstream: str, tls: TLSFiles) -> None:
         with serve(path, tmp_path) as (base, proc, log):
             assert base is None and proc.wait(timeout=30) == 2
         assert "certificate verify failed" in log.read_text()
+
+
+def test_serve_on_a_tls_cluster(tmp_path: Path, upstream: str, tls: TLSFiles) -> None:
+    with start_cluster(free_ports(3, 7410, 7499, cluster=True), tls=tls) as tls_cluster:
+        url = f"{tls_cluster.url}?ssl_ca_certs={tls.ca}&timeout=2"
+        assert url.startswith("rediss-cluster://127.0.0.1:") and url.count(",") == 2
+        path = write_config(tmp_path, url, upstream)
+        assert check_config(path).returncode == 0
+        with serve(path, tmp_path) as (base, _, log):
+            assert base is not None, log.read_text()
+            assert_meters(base)
+            assert log.read_text() == ""
 
 
 def test_serve_in_memory(tmp_path: Path, upstream: str) -> None:
