@@ -183,6 +183,7 @@ def serve(
 
     # mode="proxy": a missing `upstream` is reported as check-config reports it.
     config = _load(config_path, mode="proxy")
+    _check_redis(config, _locate(config_path).path)
     # Workers are separate processes: they find the config and options in the environment.
     os.environ["CREDITGATE_CONFIG"] = str(_locate(config_path).path)
     if no_sync:
@@ -203,6 +204,35 @@ def serve(
         server_header=False,
         date_header=False,
     )
+
+
+def _check_redis(config: Config, path: Path) -> None:
+    """Before binding a port: exit 2 with one line when no server of ``redis_url`` answers
+    (a server that would answer every metered request 503 is better not started); warn
+    about cluster seeds that are down while another answered. With ``fail_open`` it
+    starts anyway, as it would let requests through if Redis went away later."""
+    from gateway.core.errors import RedisUnavailable
+    from gateway.redisio.connect import probe_redis
+
+    try:
+        probe = probe_redis(config.redis_url, command_timeout=config.redis_timeout_seconds)
+        dead = asyncio.run(probe)
+    except RedisUnavailable as exc:
+        if config.fail_open:
+            click.echo(
+                f"warning: {path}: redis_url: {exc}; starting anyway (fail_open: metered"
+                " requests pass uncharged until Redis answers)",
+                err=True,
+            )
+            return
+        click.echo(f"error: {path}: redis_url: {exc}", err=True)
+        raise SystemExit(2) from None
+    for seed in dead:
+        click.echo(
+            f"warning: {path}: redis_url: seed {seed} (the cluster was reached through"
+            " another seed)",
+            err=True,
+        )
 
 
 @main.command("check-config")

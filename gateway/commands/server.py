@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.commands.limited_protocol import LimitedHttpToolsProtocol
+from gateway.commands.open_files import raise_open_files_limit
 from gateway.config import Config, load_config, resolve_config_path
 from gateway.metering.gate import CreditGate
 from gateway.metering.middleware import CreditGateMiddleware
@@ -56,6 +57,9 @@ class GatewayApp:
                 timeout=config.upstream_timeout_seconds,
                 connect_timeout=config.upstream_connect_timeout_seconds,
                 client=config.upstream_client,
+                max_connections=config.upstream_max_connections,
+                pool_wait=config.upstream_pool_wait_seconds,
+                retry_after=config.retry_after_unavailable_seconds,
             )
             upstream = self.proxy
         self.metered = CreditGateMiddleware(upstream, gate=gate)
@@ -145,5 +149,8 @@ def server_options(config: Config) -> dict[str, Any]:
 def create_app() -> GatewayApp:
     """uvicorn factory: config from $CREDITGATE_CONFIG, sync unless $CREDITGATE_NO_SYNC."""
     config: Config = load_config(resolve_config_path(None))
+    # Here, in each worker process: a limit is per process, and uvicorn's workers are
+    # processes of their own.
+    raise_open_files_limit(config.upstream_max_connections)
     sync = os.environ.get("CREDITGATE_NO_SYNC", "") not in ("1", "true", "yes")
     return GatewayApp(CreditGate(config), sync=sync)

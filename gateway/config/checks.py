@@ -14,6 +14,7 @@ from gateway.config.costs import price_table_errors, variable_cost_errors
 from gateway.config.refunds import parse_refund_entry
 from gateway.config.schema import Config, parse_rate
 from gateway.config.source import fmt_loc
+from gateway.core.redis_urls import parse_redis_url
 from gateway.routing.paths import BadPath, normalize_path
 from gateway.routing.templates import route_table_errors
 
@@ -22,7 +23,6 @@ _JWT_ALGORITHMS = frozenset(
     {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}
     | {"ES256", "ES384", "ES512", "EdDSA"}
 )
-_REDIS_SCHEMES = ("redis", "rediss", "redis-cluster", "rediss-cluster", "memory")
 _MAX_TOKENS = 2**53  # Lua numbers are doubles: integers are exact up to here
 
 Mode = Literal["proxy", "middleware"]
@@ -88,6 +88,17 @@ class Checker:
         elif host and not parts.hostname:
             self.err(path, f"URL has no host: {value!r}")
 
+    def redis_url(self, value: str) -> None:
+        """``redis_url`` through the parser that builds the connection
+        (gateway/core/redis_urls.py): a generic URL parser refuses the cluster form's
+        seed list (``h1:7000,h2:7001``) and would pass what the connection cannot use."""
+        if not self.filled("redis_url", value):
+            return
+        try:
+            parse_redis_url(value)
+        except ValueError as exc:
+            self.err("redis_url", str(exc))
+
     def known(self, path: str, value: str, kind: str, known: Iterable[str]) -> bool:
         if value in known:
             return True
@@ -99,7 +110,7 @@ class Checker:
 
     def run(self) -> list[str]:
         c = self.c
-        self.url("redis_url", c.redis_url, _REDIS_SCHEMES, host=False)
+        self.redis_url(c.redis_url)
         self.url("database_url", c.database_url, ("postgresql", "postgres"), host=False)
         if c.upstream is not None:
             self.url("upstream", c.upstream, ("http", "https"), host=True)
@@ -135,6 +146,14 @@ class Checker:
         ):
             if not getattr(c, key) > 0:
                 self.err(key, f"must be positive, got {getattr(c, key)}")
+        # Each connection is a file descriptor, with a client socket beside it: a million
+        # is past any process's hard limit, so a larger number is a typo.
+        self.number("upstream_max_connections", c.upstream_max_connections, 1, 1_000_000)
+        if not 0 <= c.upstream_pool_wait_seconds < float("inf"):  # also catches NaN
+            self.err(
+                "upstream_pool_wait_seconds",
+                f"must be 0 or more (and finite), got {c.upstream_pool_wait_seconds}",
+            )
         if not c.usage_drain_seconds >= 0:
             self.err("usage_drain_seconds", f"must be 0 or more, got {c.usage_drain_seconds}")
         return self.errors

@@ -272,6 +272,15 @@ class Config(_Strict):
     # The proxy's HTTP client: lean (gateway/proxy/lean_client.py, least CPU), aiohttp, or
     # httpx (needs the httpx package, a test dependency).
     upstream_client: Literal["lean", "aiohttp", "httpx"] = "lean"
+    # Upstream connections per serve process: each stream (SSE) holds one for its whole
+    # length, so this is how many calls can be in flight at once. 10,000 streams need
+    # about 20,000 file descriptors with their client sockets: serve raises the soft
+    # RLIMIT_NOFILE toward the hard limit and warns when it cannot hold them
+    # (gateway/commands/open_files.py).
+    upstream_max_connections: Int = 10_000
+    # How long a request beyond upstream_max_connections waits for one to free before it
+    # gets 503 with Retry-After (and its tokens back); 0 answers at once.
+    upstream_pool_wait_seconds: float = 5.0
     redis_timeout_seconds: float = 2.0
     retry_after_unavailable_seconds: Int = 5
     # Match route templates ignoring case, for upstreams that route that way (Express's

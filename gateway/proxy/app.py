@@ -6,7 +6,11 @@ finished sending; a small response (Content-Length <= ``max_buffered_body``) is 
 and sent as one message, anything else is relayed chunk by chunk as it arrives.
 
 Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
-504 (``upstream_timeout``), which the metering middleware treats as a refund. A failure after
+504 (``upstream_timeout``), which the metering middleware treats as a refund. A request that
+finds every upstream connection busy (``max_connections`` per process and event loop) waits
+at most ``pool_wait`` seconds for one, then gets 503 (``unavailable``) with ``Retry-After``
+and nothing is sent upstream: a refund too (lean and httpx clients; aiohttp counts that
+wait against its connect timeout, so 504). A failure after
 the response has started cannot change the status: it is recorded in
 ``scope["state"][UPSTREAM_ERROR]`` and the body is ended. The upstream's status and time to
 headers go to ``UPSTREAM_STATUS`` / ``UPSTREAM_LATENCY_MS`` (gateway/core/scope_keys.py).
@@ -136,8 +140,11 @@ class _AiohttpBackend:
 
     TIMEOUT: Errors = (TimeoutError,)  # aiohttp's timeouts subclass it
     FAILURE: Errors = (aiohttp.ClientError, OSError)
+    BUSY: Errors = ()  # aiohttp's wait for a pooled connection counts as connecting
 
-    def __init__(self, timeout: float, connect_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, timeout: float, connect_timeout: float, max_connections: int, pool_wait: float
+    ) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
                 limit=max_connections,
@@ -196,13 +203,16 @@ class _AiohttpResp:
 class _HttpxBackend:
     """One httpx AsyncClient for one event loop (slower: see bench/upstream_clients.py)."""
 
-    def __init__(self, timeout: float, connect_timeout: float, max_connections: int) -> None:
+    def __init__(
+        self, timeout: float, connect_timeout: float, max_connections: int, pool_wait: float
+    ) -> None:
         import httpx  # only a test dependency of creditgate
 
         self.TIMEOUT: Errors = (httpx.TimeoutException,)
         self.FAILURE: Errors = (httpx.TransportError, OSError)
+        self.BUSY: Errors = (httpx.PoolTimeout,)  # a TimeoutException: checked first
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=pool_wait),
             limits=httpx.Limits(
                 max_connections=max_connections,
                 max_keepalive_connections=max_connections,
@@ -261,6 +271,11 @@ class UpstreamProxy:
     ``client`` picks the HTTP client: ``lean`` (gateway/proxy/lean_client.py, the default and
     the cheapest in CPU), ``aiohttp`` or ``httpx``. An upstream URL with credentials in it
     (``http://user:pass@host``) is served by aiohttp, which the lean client leaves out.
+
+    ``max_connections`` bounds the upstream connections per event loop (config
+    ``upstream_max_connections``; each stream holds one for its whole length); a request
+    beyond them waits up to ``pool_wait`` seconds, then gets 503 with ``Retry-After:
+    retry_after``.
     """
 
     def __init__(
@@ -271,7 +286,9 @@ class UpstreamProxy:
         connect_timeout: float = 5.0,
         max_buffered_body: int = 65536,
         client: Client = "lean",
-        max_connections: int = 1000,
+        max_connections: int = 10_000,
+        pool_wait: float = 5.0,
+        retry_after: int = 5,
     ) -> None:
         parts = urlsplit(upstream)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -293,7 +310,8 @@ class UpstreamProxy:
             "aiohttp": _AiohttpBackend,
             "httpx": _HttpxBackend,
         }[client]
-        self._client_args = (timeout, connect_timeout, max_connections)
+        self._client_args = (timeout, connect_timeout, max_connections, pool_wait)
+        self._retry_after = retry_after
         self._backends: dict[asyncio.AbstractEventLoop, _Backend] = {}
 
     def _backend(self) -> _Backend:
@@ -399,6 +417,14 @@ class UpstreamProxy:
         started = time.perf_counter()
         try:
             resp = await backend.open(scope["method"], self._url(scope), headers, body)
+        except backend.BUSY as exc:  # before TIMEOUT: httpx's PoolTimeout is one
+            state[UPSTREAM_ERROR] = f"upstream connections busy: {exc}"
+            await send_problem(
+                send, 503, "unavailable", "Service Unavailable",
+                "Every upstream connection of this gateway is busy; retry shortly.",
+                retry_after=self._retry_after,
+            )  # fmt: skip
+            return
         except backend.TIMEOUT:
             state[UPSTREAM_ERROR] = "timeout waiting for the upstream's response headers"
             await _bad_gateway(send, timed_out=True)

@@ -22,6 +22,10 @@ length or final chunk) raises :class:`UpstreamError` (an ``OSError``, as aiohttp
 error is a ``ClientError``: the proxy records it and ends the body as broken), never a
 clean end.
 
+Limit: at most ``max_connections`` connections at once (per event loop); a request beyond
+them waits up to ``pool_wait`` seconds for one to free, then raises ``PoolBusy`` (``BUSY``,
+which the proxy maps to 503 with Retry-After).
+
 Timeouts: ``connect_timeout`` bounds connecting (and the TLS handshake); ``timeout``
 bounds each wait for progress (the headers, the next body piece, the transport accepting
 more of an upload), never the whole exchange, so long SSE streams are fine.
@@ -43,7 +47,7 @@ import ssl
 from collections.abc import AsyncIterator
 
 from gateway.proxy.lean_connection import Connection, LeanResponse, UpstreamClosed, UpstreamError
-from gateway.proxy.lean_pool import Origin, Pool, default_ssl_context
+from gateway.proxy.lean_pool import Origin, Pool, PoolBusy, default_ssl_context
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _CORK = 65536  # corked request bytes that are written at once
@@ -61,12 +65,14 @@ class LeanBackend:
 
     TIMEOUT: tuple[type[BaseException], ...] = (TimeoutError,)
     FAILURE: tuple[type[BaseException], ...] = (OSError,)  # UpstreamError, refused, reset, TLS
+    BUSY: tuple[type[BaseException], ...] = (PoolBusy,)  # no connection freed within the wait
 
     def __init__(
         self,
         timeout: float,
         connect_timeout: float,
         max_connections: int,
+        pool_wait: float | None = None,
         *,
         keepalive: float = 4.0,
         ssl_context: ssl.SSLContext | None = None,
@@ -74,7 +80,9 @@ class LeanBackend:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.loop = asyncio.get_running_loop()
-        self.pool: Pool[Connection] = Pool(self._connect, max_connections, keepalive)
+        self.pool: Pool[Connection] = Pool(
+            self._connect, max_connections, keepalive, wait=pool_wait
+        )
         self._ssl = ssl_context
         self._origins: dict[str, Origin] = {}
 
@@ -304,4 +312,4 @@ async def _close_body(body: AsyncIterator[bytes]) -> None:
         await aclose()
 
 
-__all__ = ["LeanBackend", "LeanResponse", "UpstreamClosed", "UpstreamError"]
+__all__ = ["LeanBackend", "LeanResponse", "PoolBusy", "UpstreamClosed", "UpstreamError"]

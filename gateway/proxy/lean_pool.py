@@ -2,7 +2,9 @@
 
 One pool belongs to one event loop (the proxy keeps one backend per loop). Connections are
 kept per :class:`Origin` (scheme, host, port). At most ``max_connections`` exist at once,
-counting those being opened; beyond that ``acquire`` waits in FIFO order. A released
+counting those being opened; beyond that ``acquire`` waits in FIFO order, for at most
+``wait`` seconds, then raises :class:`PoolBusy` (the proxy answers 503 with Retry-After and
+the metering middleware refunds: a request past the limit never waits without end). A released
 connection goes straight to the oldest waiter for its origin; when only waiters for other
 origins exist it is closed so that its slot goes to the oldest waiter instead. Idle
 connections are reused newest first (LIFO: the one least likely to be timing out at the
@@ -62,15 +64,40 @@ class PoolClosed(ConnectionError):
     """The pool was closed while a request waited for (or held) a connection."""
 
 
+class PoolBusy(Exception):
+    """Every connection stayed busy for the whole wait: nothing was sent upstream.
+
+    Deliberately neither an ``OSError`` nor a ``TimeoutError``: the proxy maps those to 502
+    and 504 (the upstream failed), while this is the gateway's own limit (503, retry later).
+    """
+
+    def __init__(self, max_connections: int, wait: float) -> None:
+        super().__init__(f"all {max_connections} upstream connections stayed busy for {wait:g} s")
+        self.max_connections = max_connections
+        self.wait = wait
+
+
 class Pool(Generic[C]):
     """Bounded keep-alive connections per origin for one event loop."""
 
-    def __init__(self, connect: Connect[C], max_connections: int, keepalive: float) -> None:
+    def __init__(
+        self,
+        connect: Connect[C],
+        max_connections: int,
+        keepalive: float,
+        *,
+        wait: float | None = None,
+    ) -> None:
+        """``wait``: the longest ``acquire`` waits for a free slot before raising
+        :class:`PoolBusy` (None: no bound; 0: refuse at once when full)."""
         if max_connections < 1:
             raise ValueError(f"max_connections must be positive, got {max_connections}")
+        if wait is not None and not wait >= 0:
+            raise ValueError(f"wait must be 0 or more, got {wait}")
         self._connect = connect
         self._max = max_connections
         self._keepalive = keepalive
+        self._wait = wait
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle: dict[Origin, list[C]] = {}  # a stack per origin: newest last
         self._live: set[C] = set()  # every open connection, idle or busy
@@ -105,21 +132,37 @@ class Pool(Generic[C]):
             conn.abort(ConnectionResetError("idle connection expired"))
         return None
 
+    @property
+    def max_connections(self) -> int:
+        """The most connections open (or being opened) at once."""
+        return self._max
+
     async def acquire(self, origin: Origin, *, fresh: bool = False) -> tuple[C, bool]:
-        """A connection to ``origin`` and whether it was reused; ``fresh`` skips idle ones."""
+        """A connection to ``origin`` and whether it was reused; ``fresh`` skips idle ones.
+
+        Raises :class:`PoolBusy` when none frees within the pool's ``wait``."""
         if self.closed:
             raise PoolClosed("upstream client is closed")
         if not fresh and (conn := self.pop_idle(origin)) is not None:
             return conn, True
         if self.size >= self._max and not self._evict_idle():
+            if self._wait == 0:
+                raise PoolBusy(self._max, 0)
             waiter: asyncio.Future[C | None] = asyncio.get_running_loop().create_future()
             entry = (origin, waiter)
             self._waiters.append(entry)
             try:
-                handed = await waiter
-            except BaseException:
-                self._abandon(entry)
-                raise
+                # The timeout cancels the wait; _abandon then passes on whatever was
+                # handed over in the same instant, so no slot or connection is lost.
+                async with asyncio.timeout(self._wait):
+                    try:
+                        handed = await waiter
+                    except BaseException:
+                        self._abandon(entry)
+                        raise
+            except TimeoutError:
+                assert self._wait is not None
+                raise PoolBusy(self._max, self._wait) from None
             if handed is not None:  # a released connection, handed over directly
                 return handed, True
             self._opening -= 1  # the slot reserved for us becomes our own reservation below

@@ -13,13 +13,12 @@ caller can know whether a retry is safe. Errors reach callers of the runner as
 ``RedisUnavailable`` (connection trouble, timeouts, CLUSTERDOWN ...; the gateway answers 503)
 or ``RedisReplyError``, whichever runner is used.
 
-URLs (``?option=value`` may follow any of them):
-- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS): one server;
-- ``redis-cluster://[[user]:password@]host[:port][,host[:port]...]``, ``rediss-cluster://``;
-- ``memory://[name]``: an in-process fakeredis server shared by every URL with that name.
-Options: ``timeout`` (seconds, overrides the ``timeout`` argument), ``connections`` (sockets
-of the pipelined client per server), ``ssl_cert_reqs`` (``required``/``optional``/``none``)
-and ``ssl_ca_certs`` (a CA bundle path) for TLS.
+URLs (parsed by gateway/core/redis_urls.py, which the config checks use too):
+``redis://``, ``rediss://`` (one server), ``redis-cluster://h1:p1,h2:p2``,
+``rediss-cluster://`` (every listed node a seed of redis-py's ``startup_nodes`` and of the
+pipelined cluster client) and ``memory://[name]`` (an in-process fakeredis server shared by
+every URL with that name), with the options ``timeout`` (seconds, overrides the ``timeout``
+argument), ``connections``, ``ssl_cert_reqs`` and ``ssl_ca_certs``.
 Nothing connects until first use, so handles can be built before the event loop runs.
 
 redis-py caveats handled here: the single-node client gets a ``BlockingConnectionPool`` (100
@@ -31,13 +30,11 @@ other users of a cluster ``client`` should do the same at startup.
 
 from __future__ import annotations
 
-import re
 import ssl
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
-from urllib.parse import parse_qsl, unquote
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio
 from redis import exceptions as rexc
@@ -46,6 +43,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.core.errors import RedisUnavailable
+from gateway.core.redis_urls import RedisURL, parse_redis_url, redact_url
 from gateway.redisio.lua_scripts import LuaScript
 from gateway.redisio.pipelined import (
     ConnectionSettings,
@@ -68,18 +66,8 @@ __all__ = [
     "ScriptRunner",
     "connect_redis",
     "parse_redis_url",
+    "probe_redis",
 ]
-
-DEFAULT_PORT = 6379
-_SCHEMES: dict[str, tuple[Literal["single", "cluster", "memory"], bool]] = {
-    "redis": ("single", False),
-    "rediss": ("single", True),
-    "redis-cluster": ("cluster", False),
-    "rediss-cluster": ("cluster", True),
-    "memory": ("memory", False),
-}
-_CERT_REQS = ("required", "optional", "none")
-_OPTIONS = ("timeout", "connections", "ssl_cert_reqs", "ssl_ca_certs")
 
 
 class ScriptRunner(Protocol):
@@ -178,115 +166,6 @@ class RedisHandles:
         await self.client.aclose()
 
 
-@dataclass(frozen=True, slots=True)
-class RedisURL:
-    """A parsed Redis URL (see the module docstring)."""
-
-    kind: Literal["single", "cluster", "memory"]
-    tls: bool = False
-    nodes: tuple[tuple[str, int], ...] = ()
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    name: str = ""
-    timeout: float | None = None
-    connections: int = 1
-    ssl_cert_reqs: str = "required"
-    ssl_ca_certs: str | None = None
-
-
-def _redact(url: str) -> str:
-    # Never echo a password in an error message.
-    return re.sub(r"(://[^:/@,]*:)[^@]*@", r"\1***@", url)
-
-
-def _parse_host(text: str, url: str) -> tuple[str, int]:
-    if text.startswith("["):  # [IPv6]:port
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"redis URL {url!r}: bad IPv6 address {text!r}")
-        port_text = rest[1:]
-    else:
-        host, _, port_text = text.partition(":")
-    if not host:
-        raise ValueError(f"redis URL {url!r}: missing host name")
-    if not port_text:
-        return host, DEFAULT_PORT
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"redis URL {url!r}: bad port {port_text!r} for host {host!r}")
-    return host, int(port_text)
-
-
-def parse_redis_url(url: str) -> RedisURL:
-    """Parse a Redis URL; a bad one raises ``ValueError`` saying what is wrong with it."""
-    shown = _redact(url)
-    scheme, sep, rest = url.partition("://")
-    schemes = "redis://, rediss://, redis-cluster://, rediss-cluster:// or memory://"
-    if not sep:
-        raise ValueError(f"redis URL {shown!r}: missing scheme; use {schemes}")
-    if scheme.lower() not in _SCHEMES:
-        raise ValueError(f"redis URL {shown!r}: unknown scheme {scheme!r}; use {schemes}")
-    kind, tls = _SCHEMES[scheme.lower()]
-    rest, _, query = rest.partition("?")
-    if "#" in rest or "#" in query:
-        raise ValueError(f"redis URL {shown!r}: fragments ('#') are not allowed")
-    options: dict[str, Any] = {}
-    for key, value in parse_qsl(query, keep_blank_values=True):
-        options[key] = _option(key, value, tls, kind, shown)
-    if kind == "memory":
-        return RedisURL("memory", name=rest.strip("/"), **options)
-
-    netloc, _, path = rest.partition("/")
-    username = password = None
-    if "@" in netloc:
-        userinfo, _, netloc = netloc.rpartition("@")
-        user, colon, secret = userinfo.partition(":")
-        if not colon:
-            raise ValueError(
-                f"redis URL {shown!r}: user name without a password; "
-                "write redis://user:password@host or redis://:password@host"
-            )
-        username, password = unquote(user) or None, unquote(secret)
-    if not netloc:
-        raise ValueError(f"redis URL {shown!r}: missing host name")
-    nodes = tuple(_parse_host(part, shown) for part in netloc.split(","))
-    if kind == "single" and len(nodes) > 1:
-        raise ValueError(
-            f"redis URL {shown!r}: several hosts need redis-cluster:// or rediss-cluster://"
-        )
-    path = path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"redis URL {shown!r}: database must be a number, not {path!r}")
-    db = int(path or 0)
-    if kind == "cluster" and db:
-        raise ValueError(f"redis URL {shown!r}: Redis Cluster has only database 0")
-    return RedisURL(kind, tls, nodes, db=db, username=username, password=password, **options)
-
-
-def _option(key: str, value: str, tls: bool, kind: str, shown: str) -> Any:
-    if kind == "memory" or key not in _OPTIONS:
-        known = "" if kind == "memory" else f"; known: {', '.join(_OPTIONS)}"
-        raise ValueError(f"redis URL {shown!r}: unknown option {key!r}{known}")
-    if key.startswith("ssl_") and not tls:
-        raise ValueError(f"redis URL {shown!r}: option {key!r} needs rediss:// (TLS)")
-    bad = ValueError(f"redis URL {shown!r}: bad value {value!r} for option {key!r}")
-    if key == "timeout":
-        try:
-            seconds = float(value)
-        except ValueError:
-            raise bad from None
-        if not 0 < seconds < float("inf"):
-            raise bad
-        return seconds
-    if key == "connections":
-        if not value.isdigit() or int(value) < 1:
-            raise bad
-        return int(value)
-    if not value or (key == "ssl_cert_reqs" and value not in _CERT_REQS):
-        raise bad
-    return value
-
-
 def _ssl_context(parsed: RedisURL) -> ssl.SSLContext | None:
     if not parsed.tls:
         return None
@@ -381,3 +260,44 @@ def connect_redis(url: str, *, timeout: float = 2.0, fast: bool = True) -> Redis
         else RedisPyRunner(client, close_client=False)
     )
     return RedisHandles(client, runner, cluster=False)
+
+
+async def probe_redis(url: str, *, command_timeout: float = 2.0) -> list[str]:
+    """Check at startup that ``url`` can be used: PING every server it names (for a
+    cluster every seed, then the slot map through redis-py's ``initialize``).
+
+    Returns one line (``host:port: why``) per seed that did not answer while another did:
+    a cluster starts through any seed. Raises ``RedisUnavailable`` naming every server and
+    why when none answered, or when the cluster cannot be used (no slot map, not a cluster
+    node). ``memory://`` needs nothing. ``command_timeout`` bounds connecting and each
+    command; the URL's ``?timeout=`` wins over it.
+    """
+    parsed = parse_redis_url(url)
+    if parsed.kind == "memory":
+        return []
+    timeout = parsed.timeout if parsed.timeout is not None else command_timeout
+    kwargs = _redis_py_kwargs(parsed, timeout)
+    shown = redact_url(url)
+    failures: list[str] = []
+    for host, port in parsed.nodes:
+        client = redis.asyncio.Redis(host=host, port=port, db=parsed.db, **kwargs)
+        try:
+            await client.ping()
+        except (rexc.RedisError, OSError) as exc:
+            failures.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
+        finally:
+            await client.aclose()
+    if len(failures) == len(parsed.nodes):
+        what = "no seed of the Redis Cluster" if parsed.kind == "cluster" else "no Redis"
+        raise RedisUnavailable(f"{what} answered at {shown}: " + "; ".join(failures))
+    if parsed.kind == "cluster":
+        cluster = redis.asyncio.RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in parsed.nodes], **kwargs
+        )
+        try:
+            await cluster.initialize()
+        except (rexc.RedisError, rexc.RedisClusterException, OSError) as exc:
+            raise RedisUnavailable(f"the Redis Cluster at {shown} cannot be used: {exc}") from exc
+        finally:
+            await cluster.aclose()
+    return failures

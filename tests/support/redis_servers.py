@@ -26,7 +26,8 @@ Module-scoped pytest fixture::
             yield c
 
 ``start_redis(port, password=..., args=[...], tls=make_tls_files(dir))`` covers AUTH, extra
-``redis-server`` options (e.g. ``["--appendonly", "yes"]``) and TLS-only servers.
+``redis-server`` options (e.g. ``["--appendonly", "yes"]``) and TLS-only servers;
+``start_cluster(ports, tls=...)`` a TLS-only cluster (``cluster.url`` is ``rediss-cluster://``).
 
 ``redis-server`` comes from the PATH. Without it, starting a server skips the test with a
 line that says what to install (fails under CI; see ``tests.support.needs``).
@@ -321,8 +322,9 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        """A ``redis-cluster://`` URL naming every node."""
-        return "redis-cluster://" + ",".join(f"{s.host}:{s.port}" for s in self.servers)
+        """A ``redis-cluster://`` URL naming every node (``rediss-cluster://`` for TLS)."""
+        scheme = "rediss-cluster" if self.servers and self.servers[0].tls else "redis-cluster"
+        return f"{scheme}://" + ",".join(f"{s.host}:{s.port}" for s in self.servers)
 
     @property
     def seeds(self) -> list[tuple[str, int]]:
@@ -432,16 +434,21 @@ class SlotMigration:
         self.cluster.wait_until_consistent()
 
 
-def start_cluster(ports: Sequence[int], *, args: Sequence[str] = ()) -> Cluster:
+def start_cluster(
+    ports: Sequence[int], *, args: Sequence[str] = (), tls: TLSFiles | None = None
+) -> Cluster:
     """Start one master per port (slots split evenly, no replicas) and wait until the
-    cluster is healthy. Each port + 10000 (the cluster bus) must be free too."""
+    cluster is healthy. Each port + 10000 (the cluster bus) must be free too. With ``tls``
+    every node serves TLS only, the cluster bus included (``rediss-cluster://``)."""
     cluster_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
     cluster_args += ["--cluster-node-timeout", "5000", *args]
+    if tls:
+        cluster_args += ["--tls-cluster", "yes"]
     servers: list[RedisServer] = []
     cluster = Cluster(servers)
     try:
         for port in ports:
-            servers.append(start_redis(port, args=cluster_args, missing_hint=CLUSTER_HINT))
+            servers.append(start_redis(port, args=cluster_args, tls=tls, missing_hint=CLUSTER_HINT))
         share = HASH_SLOTS // len(servers)
         for index, server in enumerate(servers):
             first = index * share
