@@ -141,7 +141,7 @@ async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) ->
             gate.identifier.identify_nowait = lambda scope: ident
         if not meter:
             gate.meter.admission.admit = fixed_admit
-            gate.meter.settle_nowait = lambda *a, **k: None
+            gate.meter.settlement.queue = lambda *a, **k: None
         return app
 
     bare = bare_app()

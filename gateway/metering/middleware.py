@@ -106,6 +106,8 @@ class CreditGateMiddleware:
         # Meter.admit hands out this coroutine: calling it directly saves a Python call on
         # every fixed-cost request (the other paths keep the meter's public method).
         self._admit = gate.meter.admission.admit
+        # Likewise Meter.settle_nowait's queue, for the fixed-cost request's settle.
+        self._queue_settle = gate.meter.settlement.queue
         # The gate's counters (the process's by default): /metrics reads the same ones.
         self.counters = gate.counters
         self.identifier = gate.identifier
@@ -238,7 +240,15 @@ class CreditGateMiddleware:
             # failed (mid-body, after its status went out): no answer at all refunds too.
             ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
         finally:
-            self._settle(adm, ok, status, state, started, idem_key)
+            # Queue the charge or refund (never awaited) and count it; inlined, as this is
+            # every fixed-cost request's end.
+            latency = state.get(UPSTREAM_LATENCY_MS)
+            if latency is None:
+                latency = (time.perf_counter() - started) * 1000
+            self._queue_settle(
+                adm, ok, state.get(UPSTREAM_STATUS, status or None), round(latency), idem_key, None
+            )
+            self.counters.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
             if self.access_log:
                 self._log_access(scope, match, ident, adm, ok, status, started)
 
@@ -561,26 +571,6 @@ class CreditGateMiddleware:
             return [_REFUNDED_COST, *charged[1:]]
         restored = (b"x-tokens-remaining", str(adm.remaining + adm.cost).encode())
         return [_REFUNDED_COST, restored, *charged[2:]]
-
-    def _settle(
-        self,
-        adm: Admission,
-        ok: bool,
-        status: int,
-        state: MutableMapping[str, Any],
-        started: float,
-        idem_key: str | None,
-    ) -> None:
-        """Queue the charge or refund (never awaited) and count it."""
-        upstream_status = state.get(UPSTREAM_STATUS, status or None)
-        latency = state.get(UPSTREAM_LATENCY_MS)
-        if latency is None:
-            latency = (time.perf_counter() - started) * 1000
-        self.meter.settle_nowait(
-            adm, ok=ok, status=upstream_status, latency_ms=round(latency),
-            idempotency_key=idem_key,
-        )  # fmt: skip
-        self.counters.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
 
     @staticmethod
     def _log_access(
