@@ -118,6 +118,8 @@ class Meter:
         method: str = "",
         route: str = "",
         fingerprint: str | None = None,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> Coroutine[Any, Any, Admission]:
         """Run charge.lua for one request (await the result); see ``Admitter.admit``.
 
@@ -132,7 +134,7 @@ class Meter:
         return self.admission.admit(
             org, feature, user=user, quantity=quantity, cost=cost,
             idempotency_key=idempotency_key, request_id=request_id, method=method, route=route,
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, key_id=key_id, team=team,
         )  # fmt: skip
 
     @overload
