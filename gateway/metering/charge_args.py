@@ -14,7 +14,8 @@ The layout (lua/charge.lua's header is the reference)::
     ARGV  now, period id, refresh_at, bucket, cost, request id, hold expiry,
           idempotency ttl (0 = none), org, user, feature, method, route, API key id,
           the request's team, number of plans, then per plan: name, allocation (-1 = not
-          in the plan), default caps ("" = none, else "team,user,key" tokens), limiter count, then per limiter: KEYS index (0 = per org), count, period ms;
+          in the plan), default caps ("" = none, else "team,user,key" tokens), limiter
+          count, then per limiter: KEYS index (0 = per org), count, period ms;
           then, only when they apply: the request's fingerprint (an Idempotency-Key's
           request, :meth:`ChargeArgs.fingerprinted`), and for a reservation its result
           ttl, result key and cap (:meth:`ChargeArgs.reservation_call`)

@@ -37,7 +37,9 @@ __all__ = [
     "Grant",
     "GrantRequest",
     "KeyCreated",
+    "KeyLevels",
     "KeyList",
+    "KeyPatch",
     "KeyPath",
     "KeyRequest",
     "KeysQuery",
@@ -48,8 +50,16 @@ __all__ = [
     "OrgsQuery",
     "PlanRequest",
     "PlanResult",
+    "TeamInfo",
+    "TeamList",
+    "TeamPath",
+    "TeamPut",
+    "TeamRequest",
     "UsageByOrg",
     "UsageTotals",
+    "UserInfo",
+    "UserPath",
+    "UserRequest",
     "UserShare",
     "WindowQuery",
     "WindowUsage",
@@ -146,11 +156,14 @@ class Grant(Answer):
 
 
 class KeyRequest(Request):
-    """``POST /admin/keys``."""
+    """``POST /admin/keys``: ``team`` and ``caps`` put the key in a team of its org and
+    cap it (contract A10)."""
 
     org: Id
     user: Id | None = None
     name: Annotated[str, Text(200)] | None = None
+    team: Id | None = None
+    caps: dict[str, int | str | None] | None = None
 
 
 class ApiKey(Answer):
@@ -163,6 +176,8 @@ class ApiKey(Answer):
     prefix: str
     created_at: DateTime
     revoked_at: DateTime | None
+    team: str | None = None
+    caps: dict[str, int | str] = {}
 
 
 class KeyCreated(ApiKey):
@@ -242,3 +257,87 @@ class WindowUsage(Answer):
         " from the call"
     )
     overage: int = Field(description="Tokens charged over what the balances could cover")
+
+
+# -- teams, users and keys' caps (contract A10) ---------------------------------------
+
+CapsPatch = dict[str, int | str | None]
+"""Cap overrides by bucket: ``N`` tokens or ``"N%"`` of the allocation; ``null`` clears one."""
+
+
+class TeamPath(BaseModel):
+    """The ``{org}`` and ``{team}`` of a path."""
+
+    org: Id
+    team: Id
+
+
+class UserPath(BaseModel):
+    """The ``{org}`` and ``{user}`` of a path."""
+
+    org: Id
+    user: Id
+
+
+class TeamRequest(Request):
+    """``PUT /admin/orgs/{org}/teams/{team}``: absent members stay as they are."""
+
+    name: Annotated[str, Text(200)] | None = None
+    caps: CapsPatch | None = None
+
+
+class TeamInfo(Answer):
+    """A team, its cap overrides and how many users and active keys it has."""
+
+    org: str
+    team: str
+    name: str
+    caps: dict[str, int | str]
+    users: int
+    keys: int
+
+
+class TeamPut(TeamInfo):
+    """A team after ``PUT``."""
+
+    created: bool
+
+
+class TeamList(Answer):
+    """``GET /admin/orgs/{org}/teams``."""
+
+    items: list[TeamInfo]
+
+
+class UserRequest(Request):
+    """``PUT /admin/orgs/{org}/users/{user}``: ``team: null`` takes the user out of its
+    team; absent members stay as they are."""
+
+    team: Id | None = None
+    caps: CapsPatch | None = None
+
+
+class UserInfo(Answer):
+    """A user's team and cap overrides."""
+
+    org: str
+    user: str
+    team: str | None
+    caps: dict[str, int | str]
+
+
+class KeyPatch(Request):
+    """``PATCH /admin/keys/{key_id}``: ``team: null`` takes the key out of its team."""
+
+    team: Id | None = None
+    caps: CapsPatch | None = None
+
+
+class KeyLevels(Answer):
+    """An API key's org, user, team and cap overrides."""
+
+    id: str
+    org: str
+    user: str | None
+    team: str | None
+    caps: dict[str, int | str]

@@ -18,6 +18,8 @@ __all__ = [
     "DeductResult",
     "FeatureInfo",
     "Forecast",
+    "LevelBucket",
+    "LevelInfo",
     "LogRow",
     "Stats",
     "StatsQuery",
@@ -74,8 +76,25 @@ class FeatureInfo(Answer):
     allowed: bool
 
 
+class LevelBucket(Answer):
+    """A level's cap of one bucket this period (contract A10)."""
+
+    cap: Count
+    used: Count
+    remaining: Count
+
+
+class LevelInfo(Answer):
+    """One of the caller's levels inside the org: its team, user or API key, and its
+    caps per bucket (only the capped buckets; the org's balance still decides)."""
+
+    level: Literal["team", "user", "key"]
+    id: str
+    buckets: dict[str, LevelBucket]
+
+
 class Balance(Answer):
-    """``GET /balance``: plan, period and every bucket's balance."""
+    """``GET /balance``: plan, period, every bucket's balance and the caller's levels."""
 
     org: str
     plan: str
@@ -85,6 +104,7 @@ class Balance(Answer):
     refresh_at: DateTime
     buckets: dict[str, Bucket]
     features: dict[str, FeatureInfo]
+    levels: list[LevelInfo] = []
 
 
 class CheckRequest(Request):
