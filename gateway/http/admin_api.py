@@ -90,7 +90,7 @@ async def get_org(call: Call) -> Reply:
         raise unknown_org(org)
     keys = [] if store is None else await store.list_api_keys(org)
     detail = OrgDetail(
-        **balance_model(await gate.balance(org)).model_dump(),
+        **balance_model(await gate.balance(org)).model_dump(exclude={"levels"}),
         created_at=None if row is None else iso(row.created_at),
         keys=[k.id for k in keys if k.revoked_at is None],
     )

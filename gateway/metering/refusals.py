@@ -53,11 +53,11 @@ def describe_refusal(adm: Admission) -> Refusal:
     status, code, title = REFUSALS[adm.status]
     out = Refusal(status, code, title, "", facts={"feature": adm.feature, "cost": adm.cost})
     if adm.status == "insufficient":
-        # contract A10: the level that refused (org, team, user or key) and its figures;
-        # balance stays the org's bucket balance.
+        # contract A10: the level that refused (org, team, user or key) and its figures,
+        # after the members answered before (balance stays the org's bucket balance).
         out.facts.update(
-            level=adm.level, balance=adm.org_remaining, remaining=adm.remaining,
-            refresh_at=iso_ms(adm.refresh_at_ms),
+            balance=adm.org_remaining, refresh_at=iso_ms(adm.refresh_at_ms), level=adm.level,
+            remaining=adm.remaining,
         )  # fmt: skip
         if adm.level == "org":
             out.detail = (

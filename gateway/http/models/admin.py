@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from gateway.http.models.fields import (
     BodyInt,
@@ -20,12 +20,12 @@ from gateway.http.models.fields import (
 from gateway.http.models.token import (
     MAX_KEY_LENGTH,
     Answer,
-    Balance,
     Count,
     DateTime,
     Day,
     Id,
     Key,
+    OrgBalance,
     Request,
     UsageByDay,
     UsageByFeature,
@@ -65,6 +65,10 @@ __all__ = [
     "WindowUsage",
 ]
 
+# Strict: a JSON true or 1.5 is refused, not read as the cap 1.
+CapsPatch = dict[str, StrictInt | StrictStr | None]
+"""Cap overrides by bucket: ``N`` tokens or ``"N%"`` of the allocation; ``null`` clears one."""
+
 MAX_WINDOW_DAYS = 366
 MAX_AMOUNT = 10**9
 
@@ -96,7 +100,7 @@ class PlanResult(Answer):
     created: bool
 
 
-class OrgDetail(Balance):
+class OrgDetail(OrgBalance):
     """``GET /admin/orgs/{org}``: the org's balance, when it was created, its active keys."""
 
     created_at: DateTime | None
@@ -163,11 +167,11 @@ class KeyRequest(Request):
     user: Id | None = None
     name: Annotated[str, Text(200)] | None = None
     team: Id | None = None
-    caps: dict[str, int | str | None] | None = None
+    caps: CapsPatch | None = None
 
 
-class ApiKey(Answer):
-    """An API key's record (never the key itself)."""
+class _KeyRecord(Answer):
+    """The members every answer about an API key starts with."""
 
     id: str
     org: str
@@ -176,14 +180,23 @@ class ApiKey(Answer):
     prefix: str
     created_at: DateTime
     revoked_at: DateTime | None
+
+
+class ApiKey(_KeyRecord):
+    """An API key's record (never the key itself), with its team and cap overrides
+    (contract A10: added after the members answered before)."""
+
     team: str | None = None
     caps: dict[str, int | str] = {}
 
 
-class KeyCreated(ApiKey):
-    """A new key: the record and the key, shown this once."""
+class KeyCreated(_KeyRecord):
+    """A new key: the record and the key, shown this once; then its team and caps (added
+    by contract A10 after every member answered before, so ``key`` keeps its place)."""
 
     key: str
+    team: str | None = None
+    caps: dict[str, int | str] = {}
 
 
 class KeyList(Answer):
@@ -261,9 +274,6 @@ class WindowUsage(Answer):
 
 # -- teams, users and keys' caps (contract A10) ---------------------------------------
 
-CapsPatch = dict[str, int | str | None]
-"""Cap overrides by bucket: ``N`` tokens or ``"N%"`` of the allocation; ``null`` clears one."""
-
 
 class TeamPath(BaseModel):
     """The ``{org}`` and ``{team}`` of a path."""
@@ -313,6 +323,9 @@ class UserRequest(Request):
     """``PUT /admin/orgs/{org}/users/{user}``: ``team: null`` takes the user out of its
     team; absent members stay as they are."""
 
+    # null is kept (not read as absent, gateway.http.inputs): it clears the team.
+    NULL_MEMBERS: ClassVar[frozenset[str]] = frozenset({"team"})
+
     team: Id | None = None
     caps: CapsPatch | None = None
 
@@ -328,6 +341,9 @@ class UserInfo(Answer):
 
 class KeyPatch(Request):
     """``PATCH /admin/keys/{key_id}``: ``team: null`` takes the key out of its team."""
+
+    # null is kept (not read as absent, gateway.http.inputs): it clears the team.
+    NULL_MEMBERS: ClassVar[frozenset[str]] = frozenset({"team"})
 
     team: Id | None = None
     caps: CapsPatch | None = None

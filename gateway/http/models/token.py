@@ -21,6 +21,7 @@ __all__ = [
     "LevelBucket",
     "LevelInfo",
     "LogRow",
+    "OrgBalance",
     "Stats",
     "StatsQuery",
     "UsageByDay",
@@ -93,8 +94,9 @@ class LevelInfo(Answer):
     buckets: dict[str, LevelBucket]
 
 
-class Balance(Answer):
-    """``GET /balance``: plan, period, every bucket's balance and the caller's levels."""
+class OrgBalance(Answer):
+    """An org's plan, period and every bucket's balance (``GET /balance`` without the
+    caller's levels: what ``GET /admin/orgs/{org}`` starts with)."""
 
     org: str
     plan: str
@@ -104,6 +106,12 @@ class Balance(Answer):
     refresh_at: DateTime
     buckets: dict[str, Bucket]
     features: dict[str, FeatureInfo]
+
+
+class Balance(OrgBalance):
+    """``GET /balance``: plan, period, every bucket's balance and the caller's levels
+    (contract A10: added after every member answered before)."""
+
     levels: list[LevelInfo] = []
 
 
