@@ -121,12 +121,22 @@ async def _counters(handles: RedisHandles) -> tuple[int, int, float]:
     )
 
 
-async def setup_orgs(meter: Meter, orgs: list[str]) -> None:
+# With --levels: every request has a team (its API key's), a user and a key, each capped
+# (contract A10), far above what the bench draws.
+LEVEL_FIELDS = {
+    "Lm:k:key_bench": "t1", "Lm:u:u1": "t1",
+    f"Lc:{FEATURE}:t:t1": str(TOKENS), f"Lc:{FEATURE}:u:u1": str(TOKENS),
+    f"Lc:{FEATURE}:k:key_bench": "p9000",
+}  # fmt: skip
+KEY_ID: str | None = None
+
+
+async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False) -> None:
     """Seed every org on the bench plan and grant it one large purchased lot."""
     grant = load("grant")
     now = int(time.time() * 1000)
     for org in orgs:
-        await meter.seed_state(org, "bench", 0, [])
+        await meter.seed_state(org, "bench", 0, [], LEVEL_FIELDS if levels else None)
         shard = meter.keys.shard(org)
         await meter.redis.runner.run(
             grant, [meter.keys.org(org), shard.events],
@@ -147,7 +157,9 @@ async def run_rounds(
         n = min(burst, requests - done)
         picks = [orgs[0]] * n if len(orgs) == 1 else [rng.choice(orgs) for _ in range(n)]
         c0, u0, cpu0 = await _counters(handles)
-        adms = await asyncio.gather(*(meter.admit(o, FEATURE, user="u1") for o in picks))
+        adms = await asyncio.gather(
+            *(meter.admit(o, FEATURE, user="u1", key_id=KEY_ID) for o in picks)
+        )
         c1, u1, cpu1 = await _counters(handles)
         bad = [a.status for a in adms if a.status != "ok"]
         if bad:
@@ -205,7 +217,7 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(1)
     results: dict[tuple[str, str], Figures] = {}
     try:
-        await setup_orgs(meter, many)
+        await setup_orgs(meter, many, args.levels)
         for charge_script, settle_script in variants.values():
             # Loaded up front: a NOSCRIPT reply would count as a call.
             for script in (charge_script, settle_script):
@@ -257,12 +269,18 @@ def cli() -> None:
     )
     parser.add_argument("--baseline", help="directory with another charge.lua/settle.lua")
     parser.add_argument(
+        "--levels", action="store_true",
+        help="every request with a capped team, user and API key (contract A10)",
+    )  # fmt: skip
+    parser.add_argument(
         "--redis-py",
         dest="fast",
         action="store_false",
         help="run scripts through redis-py instead of the pipelined client",
     )
     args = parser.parse_args()
+    global KEY_ID
+    KEY_ID = "key_bench" if args.levels else None
     if args.url:
         args.private = False
         asyncio.run(main(args))

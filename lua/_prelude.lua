@@ -16,19 +16,37 @@
 -- request whose charge was decided after the call (an actual cost, a reservation). Every
 -- other event keeps the 21 fields only: one function and one branch, so the fixed-cost
 -- path does no other work than before.
+--
+-- A request's team (contract A10) is the 31st parameter, tm, after the usage fields (pass
+-- nil for those when it has none): the entry then ends with 'tm', <team>. A nil tm writes
+-- nothing more, so events without a team are the same entries as before.
 
 local function audit_event(stream_key,
     id, k, o, u, f, b, t, bal, x, a, used, per, s, ts, rq, st, lat, m, r, p, ref,
-    rs, ov, mdl, ui, uc, uo, ur, cs, um)
+    rs, ov, mdl, ui, uc, uo, ur, cs, um, tm)
   if rs == nil then
+    if tm == nil then
+      return redis.call('XADD', stream_key, '*',
+        'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+        'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+        'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref)
+    end
     return redis.call('XADD', stream_key, '*',
       'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
       'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
-      'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref)
+      'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref, 'tm', tm)
+  end
+  if tm == nil then
+    return redis.call('XADD', stream_key, '*',
+      'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+      'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+      'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
+      'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um)
   end
   return redis.call('XADD', stream_key, '*',
     'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
     'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
     'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
-    'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um)
+    'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um,
+    'tm', tm)
 end

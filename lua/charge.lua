@@ -13,9 +13,12 @@
 -- ARGV[7]  hold expiry (ms)     ARGV[8]  idempotency ttl (ms; 0 = no Idempotency-Key)
 -- ARGV[9]  org                  ARGV[10] user ("" = none)   ARGV[11] feature
 -- ARGV[12] method               ARGV[13] route template
--- ARGV[14] number of plans P, then P groups of:
---            plan name, allocation of this bucket (-1 = not in the plan), limiter count L,
---            then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
+-- ARGV[14] API key id ("" = none) ARGV[15] the request's team ("" = none: a JWT claim or
+--          the middleware's scope; an API key's own team, from the org hash, comes first)
+-- ARGV[16] number of plans P, then P groups of:
+--            plan name, allocation of this bucket (-1 = not in the plan), the plan's
+--            default caps for this bucket ("" = none, else "<team>,<user>,<key>" in tokens,
+--            -1 = no default at that level), limiter count L, then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
 --            limiter, kept in the org hash as field rl:o:<count>/<period> (no key of its
 --            own: one HMGET and one HSET serve the org's state and its limiters).
 -- then, optionally (absent on the fixed-cost path: nothing to read, nothing to write):
@@ -29,7 +32,9 @@
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
 --   {"not_in_plan", plan}
 --   {"rate_limited", retry_after_ms, limit, limit_reset_ms}
---   {"insufficient", remaining, plan}
+--   {"insufficient", remaining, plan}               the org's balance refused
+--   {"insufficient", remaining, plan, level, cap, used, org remaining, level id}
+--                               a team, user or key cap refused (contract A10)
 --   {"in_flight"}               the Idempotency-Key's first request still holds tokens
 --   {"replay", status}          the Idempotency-Key already completed ("unknown" if swept)
 --   {"replay", "", stored}      ... and settle.lua kept its response (R..., or X... when it
@@ -53,7 +58,8 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
--- when they apply: fp (the request's fingerprint, with ik), and for a reservation v (how
+-- when they apply: tm (the request's team), lv ([[counter field, cap], ...]: the level
+-- counters the hold drew from, see "Levels" below), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
@@ -73,25 +79,28 @@ local cost = tonumber(ARGV[5])
 local request_id = ARGV[6]
 local idem_ttl = tonumber(ARGV[8])
 local org, user, feature, method, route = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
-local nplans = tonumber(ARGV[14])
+local key_id, req_team = ARGV[14], ARGV[15]
+local nplans = tonumber(ARGV[16])
+local PLANS_AT = 17
 
 -- The org's state and its per-org limiters (KEYS index 0, fields of the org hash) in one
 -- read: the org's plan is not known yet, so every plan's per-org limiter fields are read.
 local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
   'b:' .. bucket, 'a:' .. bucket, 'u:' .. bucket, 'p:' .. bucket, 'x:' .. bucket, 'l:' .. bucket
-local fields = {'plan', f_bal, f_per, f_extra, f_lots, f_used, 'seq'}
+-- lv: whether the org has teams, members or cap overrides (lua/levels.lua sets it).
+local fields = {'plan', f_bal, f_per, f_extra, f_lots, f_used, 'seq', 'lv'}
 local field_of = {}  -- ARGV index of a per-org limiter spec -> {field, index in the reply}
-local i = 15
+local i = PLANS_AT
 for _ = 1, nplans do
-  local n = tonumber(ARGV[i + 2])
-  for j = i + 3, i + 3 * n, 3 do
+  local n = tonumber(ARGV[i + 3])
+  for j = i + 4, i + 3 + 3 * n, 3 do
     if ARGV[j] == '0' then
       local f = 'rl:o:' .. ARGV[j + 1] .. '/' .. ARGV[j + 2]
       fields[#fields + 1] = f
       field_of[j] = {f, #fields}
     end
   end
-  i = i + 3 + 3 * n
+  i = i + 4 + 3 * n
 end
 -- The optional arguments after the plans (nil when absent).
 local fingerprint, reservation = ARGV[i], ARGV[i + 1]
@@ -131,14 +140,14 @@ end
 
 -- The caller passes every plan's allocation and limiters; pick the org's own, so a plan
 -- change applies at once without an extra round trip.
-local alloc, lim_at, nlim = nil, 0, 0
-i = 15
+local alloc, plan_caps, lim_at, nlim = nil, '', 0, 0
+i = PLANS_AT
 for _ = 1, nplans do
-  local n = tonumber(ARGV[i + 2])
+  local n = tonumber(ARGV[i + 3])
   if ARGV[i] == plan then
-    alloc, lim_at, nlim = tonumber(ARGV[i + 1]), i + 3, n
+    alloc, plan_caps, lim_at, nlim = tonumber(ARGV[i + 1]), ARGV[i + 2], i + 4, n
   end
-  i = i + 3 + 3 * n
+  i = i + 4 + 3 * n
 end
 if alloc == nil or alloc < 0 then
   return {'not_in_plan', plan}
@@ -256,6 +265,76 @@ if bal + extra < cost then
   return {'insufficient', bal + extra, plan}
 end
 
+-- Levels (contract A10): the request's team, user and API key may each have a cap on what
+-- they draw from this bucket per period: an override in the org hash (Lc:<bucket>:<l>:<id>,
+-- "N" tokens or "p<hundredths of a percent>" of the allocation) or the plan's default
+-- (ARGV). Each capped level counts what it drew in Ln:<bucket>:<l>:<id> = "<used>@<period>"
+-- (a counter of another period reads 0: the lazy reset). Checked broadest first (team,
+-- user, key) after the org's balance; all are charged together with the org, or none is.
+-- An org without overrides (no lv) on a plan without default caps skips all of this.
+local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
+local lv_hold, team = nil, nil
+if st[8] or plan_caps ~= '' then
+  local dflt = {-1, -1, -1}
+  if plan_caps ~= '' then
+    local a, b, c = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+    dflt = {tonumber(a), tonumber(b), tonumber(c)}
+  end
+  local ids = {'', user, key_id}
+  local function names(l, id)
+    return 'Lc:' .. bucket .. ':' .. l .. ':' .. id, 'Ln:' .. bucket .. ':' .. l .. ':' .. id
+  end
+  local tc, tn = names('t', req_team)
+  local uc, un = names('u', user)
+  local kc, kn = names('k', key_id)
+  local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
+    tc, tn, uc, un, kc, kn)
+  -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
+  team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
+  local got = {{r[3], r[4], tn}, {r[5], r[6], un}, {r[7], r[8], kn}}
+  if team and team ~= req_team then
+    tc, tn = names('t', team)
+    local t = redis_call('HMGET', org_key, tc, tn)
+    got[1] = {t[1], t[2], tn}
+  end
+  ids[1] = team or ''
+  local level_names = {'team', 'user', 'key'}
+  for l = 1, 3 do
+    if ids[l] ~= '' then
+      local ov, cap = got[l][1], nil
+      if ov then
+        if string.byte(ov, 1) == 112 then  -- "p": a share of the allocation
+          cap = math.floor(alloc * tonumber(string.sub(ov, 2)) / 10000)
+        else
+          cap = tonumber(ov)
+        end
+      elseif dflt[l] >= 0 then
+        cap = dflt[l]
+      end
+      if cap then
+        local lused = 0
+        local raw = got[l][2]
+        if raw then
+          local u, p = string.match(raw, '^(%d+)@(.*)$')
+          if p == period then lused = tonumber(u) end
+        end
+        if lused + cost > cap then
+          if #org_tats > 0 then
+            redis_call('HSET', org_key, unpack(org_tats))
+          end
+          return {'insufficient', math.max(0, cap - lused), plan, level_names[l], cap, lused,
+            bal + extra, ids[l]}
+        end
+        if cap - lused - cost < room then room = cap - lused - cost end
+        lv_hold = lv_hold or {}
+        lv_hold[#lv_hold + 1] = {got[l][3], cap, lused + cost}
+      end
+    end
+  end
+elseif req_team ~= '' then
+  team = req_team  -- no caps to check, but the audit row still names the team
+end
+
 -- Deduct: plan tokens first, then purchased lots in expiry order.
 local from_plan = math.min(bal, cost)
 local rest = cost - from_plan
@@ -288,6 +367,13 @@ if from_extra > 0 then
   org_tats[#org_tats + 1] = f_lots
   org_tats[#org_tats + 1] = #lots > 0 and cjson_encode(lots) or '[]'
 end
+if lv_hold then
+  for k, lv in ipairs(lv_hold) do
+    org_tats[#org_tats + 1] = lv[1]
+    org_tats[#org_tats + 1] = lv[3] .. '@' .. period
+    lv_hold[k] = {lv[1], lv[2]}
+  end
+end
 redis_call('HSET', org_key, unpack(org_tats))
 
 local ik = ''
@@ -309,6 +395,8 @@ local hold = {
 if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
+if team then hold.tm = team end
+if lv_hold then hold.lv = lv_hold end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])
@@ -316,4 +404,4 @@ end
 redis_call('HSET', holds_key, request_id, cjson_encode(hold))
 redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
-return {'ok', bal + extra, limit, limit_remaining, limit_reset}
+return {'ok', room, limit, limit_remaining, limit_reset}

@@ -6,6 +6,9 @@
 -- ARGV[1]  plan    ARGV[2]  seq (the ledger's last sequence number for the org)
 -- ARGV[3]  number of buckets N, then per bucket 7 values: bucket, balance, allocated,
 --          used, period id, extra, lots JSON ([[reference, expires_ms, remaining], ...])
+-- then, optionally: the number of level fields M (teams, members and cap overrides of
+--          contract A10, named in gateway/core/caps.py), then M field/value pairs; M > 0
+--          also sets lv (the org has levels: charge.lua reads them).
 --
 -- Returns 1 when seeded, 0 when the org already had state (nothing written).
 
@@ -21,5 +24,13 @@ for j = 0, n - 1 do
   redis.call('HSET', org_key, 'b:' .. b, tonumber(ARGV[a + 1]), 'a:' .. b, tonumber(ARGV[a + 2]),
     'u:' .. b, tonumber(ARGV[a + 3]), 'p:' .. b, ARGV[a + 4], 'x:' .. b, tonumber(ARGV[a + 5]),
     'l:' .. b, ARGV[a + 6])
+end
+local at = 4 + 7 * n
+local m = tonumber(ARGV[at] or '0')
+for j = 0, m - 1 do
+  redis.call('HSET', org_key, ARGV[at + 1 + 2 * j], ARGV[at + 2 + 2 * j])
+end
+if m > 0 then
+  redis.call('HSET', org_key, 'lv', '1')
 end
 return 1

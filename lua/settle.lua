@@ -39,6 +39,16 @@
 -- gateway/metering/reservations.py) when it was settled, released or expired before, -1
 -- when nothing is known of it, -2 when the hold is not a reservation of that org.
 --
+-- Levels (contract A10): a hold that drew from team, user or key caps lists their counters
+-- (hold field lv, lua/charge.lua). A refund gives the hold back to every one of them, an
+-- actual below the hold gives back the difference, both only to counters still in the
+-- hold's period (a reset already forgot them). An actual above the hold takes the extra
+-- from the org only as far as every level's cap (as recorded in the hold) leaves room: a
+-- cap is a balance of its own, so like the org's balance it is never exceeded, and what a
+-- level cannot cover is overage as well (ov), never taken. Every level is moved by the same
+-- net tokens as the org, so at every moment a level's counter is the sum of what its
+-- requests were charged this period.
+--
 -- Cost: the batch's holds are read with one HMGET and removed with one HDEL and one ZREM;
 -- each org's seq is read once and written once per call, and each org bucket's snapshot
 -- fields are read once (again after a refund, which changes them). Every event still
@@ -159,6 +169,43 @@ local function take_more(org_key, h, more)
   return rest
 end
 
+-- The levels' counters of hold h (field lv), in the hold's period, as {field, cap, used}.
+local function levels_of(org_key, h)
+  local names, out = {}, {}
+  for k, l in ipairs(h.lv) do names[k] = l[1] end
+  local got = redis.call('HMGET', org_key, unpack(names))
+  for k, l in ipairs(h.lv) do
+    local v = got[k]
+    if v then
+      local u, p = string.match(v, '^(%d+)@(.*)$')
+      if p == h.per then out[#out + 1] = {l[1], l[2], tonumber(u)} end
+    end
+  end
+  return out
+end
+
+-- Move every level counter of hold h by delta tokens (never below zero).
+local function levels_move(org_key, h, delta)
+  if not h.lv or delta == 0 then return end
+  local set = {}
+  for _, l in ipairs(levels_of(org_key, h)) do
+    set[#set + 1] = l[1]
+    set[#set + 1] = math.max(0, l[3] + delta) .. '@' .. h.per
+  end
+  if #set > 0 then redis.call('HSET', org_key, unpack(set)) end
+end
+
+-- How many more tokens every level of hold h still allows (nil: no level).
+local function levels_room(org_key, h)
+  if not h.lv then return nil end
+  local room = nil
+  for _, l in ipairs(levels_of(org_key, h)) do
+    local r = math.max(0, l[2] - l[3])
+    if room == nil or r < room then room = r end
+  end
+  return room
+end
+
 -- Per org hash: the org's seq, advanced here and written back once at the end (each event
 -- still gets its own number, in batch order), and per bucket the snapshot fields of the
 -- events, read once; a refund (which changes them) drops its bucket's snapshot.
@@ -208,6 +255,7 @@ for j = 1, n do
     elseif outcome == 'r' or outcome == 'R' then
       kind, charged = 'refund', 0
       give_back(org_key, h, h.pp, h.lt, h.c)
+      levels_move(org_key, h, -h.c)
       o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
@@ -231,9 +279,15 @@ for j = 1, n do
             end
           end
           give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
+          levels_move(org_key, h, charged - h.c)
           o.snaps[b] = nil
         elseif charged > h.c then
-          overage = take_more(org_key, h, charged - h.c)
+          local more = charged - h.c
+          local allowed = levels_room(org_key, h) or more
+          if allowed > more then allowed = more end
+          local uncovered = allowed > 0 and take_more(org_key, h, allowed) or 0
+          levels_move(org_key, h, allowed - uncovered)
+          overage = more - allowed + uncovered
           charged = charged - overage
           o.snaps[b] = nil
         end
@@ -268,12 +322,13 @@ for j = 1, n do
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um)  -- rs .. um
+        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm)  -- rs .. tm
     else
       audit_event(stream_key,
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
-        request_id, status, latency, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
+        request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
     end
     if extended then
       local refunded = math.max(0, h.c - charged - overage)

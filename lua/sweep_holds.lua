@@ -22,6 +22,10 @@
 -- the same shard, hence of the same cluster slot as KEYS), which is what a late settle
 -- or release of it answers.
 --
+-- A hold that drew from team, user or key caps (hold field lv) keeps them charged: their
+-- counters already include its tokens, exactly as the org's balance does; the event names
+-- the request's team (tm) when it had one.
+--
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
 
@@ -50,14 +54,15 @@ for _, request_id in ipairs(ids) do
         request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, '', '', '', '', '', '', 'reservation', '')  -- rs, ov, mdl .. ur, cs, um
+        h.c, '', '', '', '', '', '', 'reservation', '', h.tm)  -- rs, ov, mdl .. ur, cs, um, tm
       redis.call('SET', h.rk, cjson.encode({id = request_id, reserved = h.c, charged = h.c,
         refunded = 0, overage = 0, remaining = -1, outcome = 'expired'}), 'PX', h.v)
     else
       audit_event(stream_key,
         request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
-        request_id, '', now - h.t0, h.m, h.r, h.p, '')  -- rq, st, lat, m, r, p, ref
+        request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
     end
     swept = swept + 1
   end

@@ -17,9 +17,12 @@ from sync.records import (
     BUCKET,
     FIELD_LIST,
     FIELD_LIST_EXT,
+    FIELD_LIST_EXT_TEAM,
+    FIELD_LIST_TEAM,
     ID,
     MAX_DIGITS,
     NO_USAGE,
+    TEAM,
     USAGE_AT,
     Fields,
     Flat,
@@ -85,6 +88,8 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     )  # fmt: skip
     cached, names, kinds, join, cat = times.cache.get, FIELD_LIST, KINDS, "\t".join, "".join
     ext_names, no_usage = FIELD_LIST_EXT, NO_USAGE
+    # With a team (contract A10): one more list comparison, only for those entries.
+    team_names, ext_team_names, team = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM, TEAM
     empty_bucket = usage = False
     for entry_id, fields in entries:
         if not fields:
@@ -93,7 +98,9 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         try:
             f: Flat
             if type(fields) is list and (
-                (got := fields[::2]) == names or (got == ext_names and usage_fast(fields))
+                (got := fields[::2]) == names
+                or got == team_names
+                or (got in (ext_names, ext_team_names) and usage_fast(fields))
             ):
                 f = fields
                 digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
@@ -123,10 +130,10 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
             tail = usage_line(f)
         else:
             tail = no_usage
-        add_line(
-            join((f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31],
-                  f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0])) + tail
-        )  # fmt: skip
+        line = join((f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37],
+                     f[31], f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0]))  # fmt: skip
+        line += tail
+        add_line(line + f[-1] if f[-2] == team else line)
         add_day(hit[1])
     rows.empty_bucket = empty_bucket
     rows.usage = usage

@@ -24,6 +24,12 @@ every event written before) do not have them. A ``Flat`` is then ``FIELDS_EXT`` 
 are NULL, with ``overage`` 0 and ``usage_missing`` false. An entry that has them in another
 order, or only some of them, takes the reference path, which reads them by name.
 
+The team (issue 9, contract A10): a request event of a request with a team ends with
+``tm <team>``, after ``ref`` or after the usage fields; the row's ``team_id`` is then the
+team, else NULL. A ``Flat`` with a team is two longer (``f[-2] == "tm"``): the four
+canonical shapes are ``FIELDS``, ``FIELDS_EXT``, each with or without ``tm``, and all four
+take the fast path; ``len(f) > USAGE_AT`` still says whether the usage fields are there.
+
 Two renderings exist. The fast one writes NULL as the empty string (``COPY ... NULL ''``)
 and escapes nothing; it is valid for a batch only when no value holds a tab, newline,
 carriage return or backslash and no entry has an empty bucket (the one text column where
@@ -50,13 +56,18 @@ FIELD_LIST = list(FIELDS)
 USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
 FIELDS_EXT = FIELDS + USAGE_FIELDS
 FIELD_LIST_EXT = list(FIELDS_EXT)
+# The request's team, last when present (gateway/core/events.py TEAM_FIELD).
+TEAM = "tm"
+FIELD_LIST_TEAM = [*FIELDS, TEAM]
+FIELD_LIST_EXT_TEAM = [*FIELDS_EXT, TEAM]
 # Positions of the values in a ``Flat``.
 ID, KIND, ORG, USER, FEATURE, BUCKET, TOKENS, BAL, EXTRA, ALLOC, USED = range(1, 22, 2)
 PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(23, 42, 2)
 # ... and of the usage values, present when ``len(f) > USAGE_AT``.
 RESERVED, OVERAGE, MODEL, IN_TOKENS, CACHED_TOKENS, OUT_TOKENS, REASONING_TOKENS = range(43, 56, 2)
 COST_SOURCE, USAGE_MISSING = 57, 59
-USAGE_AT = 42
+# The longest Flat without usage fields (FIELDS and a team): longer ones have them.
+USAGE_AT = 44
 
 # The ledger columns a line fills, in line order: these ...
 LOG_COLUMNS = (
@@ -69,14 +80,18 @@ USAGE_COLUMNS = (
     "model", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
     "reserved", "overage", "cost_source", "usage_missing",
 )  # fmt: skip
-COPY_COLUMNS = LOG_COLUMNS + USAGE_COLUMNS
+# ... then the team (migrations/0007_teams_and_caps.sql), last: a line without one ends
+# with an empty (NULL) value.
+TEAM_COLUMNS = ("team_id",)
+COPY_COLUMNS = LOG_COLUMNS + USAGE_COLUMNS + TEAM_COLUMNS
 _TABS_PER_LINE = len(COPY_COLUMNS) - 1
 # The end of the line of an entry without usage fields: the usage columns NULL, but
 # overage 0 and usage_missing false (0). Fast rendering (NULL is ''), then careful (\N).
-NO_USAGE = "\t" + "\t".join(("",) * 6 + ("0", "", "0"))
+NO_USAGE = "\t" + "\t".join(("",) * 6 + ("0", "", "0")) + "\t"
 NO_USAGE_CAREFUL = "\t" + "\t".join(("\\N",) * 6 + ("0", "\\N", "0"))
 
-# A canonical entry: [name, value, ...] with the names of FIELDS (or FIELDS_EXT), in order.
+# A canonical entry: [name, value, ...] with the names of FIELDS (or FIELDS_EXT), in order,
+# and ``tm`` last when the event has a team.
 Flat = list[str]
 # An entry's fields as a client returns them: a flat [name, value, ...] list (the raw
 # reply of FastRedis) or a mapping (redis-py, str or bytes).
@@ -131,7 +146,8 @@ def _count(value: str) -> str:
 
 def reference_flat(fields: Fields) -> Flat:
     """The canonical entry through ``gateway.core.events.decode`` (raises exactly as it does);
-    the usage fields, when the entry has any, read by name (``FIELDS_EXT`` long then)."""
+    the usage fields, when the entry has any, read by name (``FIELDS_EXT`` long then), and
+    the team last when it has a non-empty one."""
     if not isinstance(fields, Mapping):
         # A flat list: later duplicates win, as in the dict redis-py would build.
         fields = dict(zip(fields[::2], fields[1::2], strict=False))
@@ -146,14 +162,15 @@ def reference_flat(fields: Fields) -> Flat:
         ev.plan or "", ev.reference or "",
     )  # fmt: skip
     usage = [_usage_value(fields, name) for name in USAGE_FIELDS]
+    team = [TEAM, ev.team] if ev.team else []
     if all(v is None for v in usage):
-        return [x for pair in zip(FIELDS, values, strict=True) for x in pair]
+        return [x for pair in zip(FIELDS, values, strict=True) for x in pair] + team
     rs, ov, mdl, ui, uc, uo, ur, cs, um = (v or "" for v in usage)
     values += (
         _count(rs), _count(ov), mdl, _count(ui), _count(uc), _count(uo), _count(ur), cs,
         "1" if um == "1" else "",
     )  # fmt: skip
-    return [x for pair in zip(FIELDS_EXT, values, strict=True) for x in pair]
+    return [x for pair in zip(FIELDS_EXT, values, strict=True) for x in pair] + team
 
 
 def usage_fast(f: Flat) -> bool:
@@ -170,14 +187,14 @@ def canonical(fields: Fields) -> Flat:
     """The entry as a validated ``Flat``; raises (ValueError ...) when ``decode`` would."""
     if type(fields) is list:
         names = fields[::2]
-        if names == FIELD_LIST:
+        if names in (FIELD_LIST, FIELD_LIST_TEAM):
             f: Flat = fields
-        elif names == FIELD_LIST_EXT and usage_fast(fields):
+        elif names in (FIELD_LIST_EXT, FIELD_LIST_EXT_TEAM) and usage_fast(fields):
             f = fields
         else:
             return reference_flat(fields)
     elif isinstance(fields, Mapping) and (
-        (keys := list(fields)) == FIELD_LIST or keys == FIELD_LIST_EXT
+        list(fields) in (FIELD_LIST, FIELD_LIST_EXT, FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM)
     ):
         f = [x for pair in fields.items() for x in pair]
         if len(f) > USAGE_AT and not usage_fast(f):
@@ -225,13 +242,15 @@ def copy_line(f: Flat, created: str) -> str:
         (f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31], f[33],
          f[15], f[17], f[25] or "0", f[39], f[41], created)
     )  # fmt: skip
-    return line + (usage_line(f) if len(f) > USAGE_AT else NO_USAGE)
+    line += usage_line(f) if len(f) > USAGE_AT else NO_USAGE
+    return line + f[-1] if f[-2] == TEAM else line
 
 
 def usage_line(f: Flat) -> str:
-    """The usage columns of a ``FIELDS_EXT`` entry, fast rendering (with the leading tab)."""
+    """The usage columns of a ``FIELDS_EXT`` entry, fast rendering (with the leading tab),
+    and the tab before the team column (its value, when there is one, comes after)."""
     return "\t" + "\t".join(
-        (f[47], f[49], f[51], f[53], f[55], f[43], f[45] or "0", f[57], f[59] or "0")
+        (f[47], f[49], f[51], f[53], f[55], f[43], f[45] or "0", f[57], f[59] or "0", "")
     )
 
 
@@ -265,13 +284,14 @@ def careful_line(f: Flat, created: str) -> str:
          f[13] or "0", _esc(f[3]), _esc(f[29]), _esc(f[35]), _esc(f[37]), _esc(f[31]),
          _esc(f[33]), _esc(f[15]), _esc(f[17]), f[25] or "0", _esc(f[39]), _esc(f[41]), created)
     )  # fmt: skip
+    team = "\t" + _esc(f[-1] if f[-2] == TEAM else "")
     if len(f) <= USAGE_AT:
-        return line + NO_USAGE_CAREFUL
+        return line + NO_USAGE_CAREFUL + team
     usage = (
         _esc(f[47]), _esc(f[49]), _esc(f[51]), _esc(f[53]), _esc(f[55]), _esc(f[43]),
         f[45] or "0", _esc(f[57]), f[59] or "0",
     )  # fmt: skip
-    return line + "\t" + "\t".join(usage)
+    return line + "\t" + "\t".join(usage) + team
 
 
 def careful_payload(entries: Sequence[Flat], times: Times) -> bytes:

@@ -26,6 +26,8 @@ _LOG_TYPES = (
     "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
     # the usage columns (sync/records.py USAGE_COLUMNS)
     "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "boolean",
+    # the team (TEAM_COLUMNS)
+    "text",
 )  # fmt: skip
 CREATE_TEMP = (
     f"CREATE TEMP TABLE {TEMP} ("

@@ -14,6 +14,7 @@ from gateway.config.costs import price_table_errors, variable_cost_errors
 from gateway.config.refunds import parse_refund_entry
 from gateway.config.schema import Config, parse_rate
 from gateway.config.source import fmt_loc
+from gateway.core.caps import LEVELS, parse_cap
 from gateway.core.redis_urls import parse_redis_url
 from gateway.routing.paths import BadPath, normalize_path
 from gateway.routing.templates import route_table_errors
@@ -189,6 +190,8 @@ class Checker:
                 elif not alg.startswith("HS") and has_secret:
                     self.err(path, f"{alg} needs a jwks_url, not a secret")
         self.filled("identity.jwt.org_claim", jwt.org_claim)
+        if jwt.team_claim is not None:
+            self.filled("identity.jwt.team_claim", jwt.team_claim)
         self.filled("identity.jwt.user_claim", jwt.user_claim)
         self.number("identity.jwt.leeway_seconds", jwt.leeway_seconds, 0)
 
@@ -250,6 +253,13 @@ class Checker:
                         f"unknown bucket {bucket!r}: no feature draws from it (buckets: {names})",
                     )
                 self.number(apath, amount, 0, _MAX_TOKENS)
+            for level in LEVELS:
+                cap = getattr(plan.caps, level)
+                if cap is not None:
+                    try:
+                        parse_cap(cap)
+                    except ValueError as exc:
+                        self.err(fmt_loc(("plans", name, "caps", level)), str(exc))
             seen: dict[str, int] = {}
             for i, rl in enumerate(plan.rate_limits):
                 try:

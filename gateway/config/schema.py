@@ -32,6 +32,7 @@ from pydantic import (
 from gateway.config.costs import CostSpec, VariableCostConfig, build_prices, parse_cost
 from gateway.config.refunds import DEFAULT_REFUND_ON
 from gateway.config.source import ConfigError
+from gateway.core.caps import cap_tokens, parse_cap
 from gateway.usage.prices import PriceTable
 
 __all__ = ["Config", "ConfigError", "parse_rate"]
@@ -80,6 +81,8 @@ class JwtConfig(_Strict):
     algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
     org_claim: str = "org_id"
     user_claim: str = "sub"
+    # The claim naming the request's team (contract A10); None: JWTs name no team.
+    team_claim: str | None = None
     audience: str | None = None
     issuer: str | None = None
     leeway_seconds: Int = 0
@@ -173,11 +176,25 @@ class RateLimitConfig(_Strict):
     limit: str
 
 
+Cap = Annotated[int | str, BeforeValidator(_no_bool)]
+
+
+class CapsConfig(_Strict):
+    """A plan's default caps (contract A10): what each team, user and API key of an org
+    may draw per bucket per period, ``N`` tokens or ``"N%"`` of the bucket's allocation;
+    absent: no cap at that level. Admin overrides replace them per team, user or key."""
+
+    team: Cap | None = None
+    user: Cap | None = None
+    key: Cap | None = None
+
+
 class PlanConfig(_Strict):
-    """A plan: tokens per bucket per period, and its rate limits."""
+    """A plan: tokens per bucket per period, its rate limits and default caps."""
 
     allocations: dict[str, Int] = Field(default_factory=dict)
     rate_limits: list[RateLimitConfig] = Field(default_factory=list)
+    caps: CapsConfig = Field(default_factory=CapsConfig)
 
 
 class TopUpConfig(_Strict):
@@ -388,6 +405,19 @@ class Config(_Strict):
         """Tokens per period of ``bucket`` in ``plan``; None when not in the plan (or no plan)."""
         p = self.plans.get(plan)
         return None if p is None else p.allocations.get(bucket)
+
+    def default_caps(self, plan: str, bucket: str) -> tuple[int, int, int] | None:
+        """``plan``'s default caps of ``bucket`` in tokens (team, user, key; -1 = none),
+        or None when the plan has no default caps or no such bucket."""
+        p = self.plans.get(plan)
+        alloc = None if p is None else p.allocations.get(bucket)
+        if p is None or alloc is None:
+            return None
+        given = (p.caps.team, p.caps.user, p.caps.key)
+        if all(c is None for c in given):
+            return None
+        t, u, k = (-1 if c is None else cap_tokens(parse_cap(c), alloc) for c in given)
+        return t, u, k
 
     def plan_allocations(self, bucket: str) -> dict[str, int]:
         """``{plan: allocation}`` for every plan that includes ``bucket``."""

@@ -53,6 +53,10 @@ them has the 21 fields above only (lua/_prelude.lua, ``audit_event``):
 
 ``t`` stays the net tokens taken from the balance: the actual charge minus the overage.
 
+A request event of a request with a team (contract A10: an API key's team, a JWT claim,
+the middleware scope, or its user's team) ends with :data:`TEAM_FIELD` ``tm``, the team
+id, after the 21 fields or after the usage fields; events without a team do not have it.
+
 Invariant (per org and bucket): the plan balance plus extra at sequence ``s1`` equals the
 same at ``s0`` minus the sum of ``t`` over events with ``s0 < s <= s1``, minus the tokens of
 holds still open at ``s1`` (those are taken at admission and written at settle).
@@ -73,6 +77,8 @@ FIELDS = (
 )  # fmt: skip
 # The usage fields some request events append after FIELDS, in this order.
 USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
+# The request's team, last when present (contract A10).
+TEAM_FIELD = "tm"
 # What ``cs`` may say.
 COST_SOURCES = frozenset({"usage", "header", "app", "policy", "reservation"})
 
@@ -116,6 +122,8 @@ class Event:
     reasoning_tokens: int | None = None
     cost_source: str | None = None
     usage_missing: bool = False
+    # The request's team (contract A10), None when it had none.
+    team: str | None = None
 
 
 def _s(fields: dict[bytes, bytes] | dict[str, str], name: str) -> str:
@@ -165,4 +173,5 @@ def decode(fields: dict[bytes, bytes] | dict[str, str]) -> Event:
         reasoning_tokens=_int_or_none(_s(fields, "ur")),
         cost_source=_s(fields, "cs") or None,
         usage_missing=_s(fields, "um") == "1",
+        team=_s(fields, "tm") or None,
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from gateway.core.timefmt import iso, utc_date
+from gateway.http.admin_levels import LEVEL_OPERATIONS, key_levels_changed, valid_caps
 from gateway.http.endpoint import Call, Doc, Operation, Reply
 from gateway.http.errors import ApiError, bad_request, unknown_org
 from gateway.http.models.admin import (
@@ -44,6 +45,7 @@ from gateway.http.models.admin import (
 )
 from gateway.http.models.fields import storable
 from gateway.http.token_api import balance_model
+from gateway.ledger.levels import LevelStore, UnknownTeam
 from gateway.ledger.store import ApiKeyRow, GrantConflict
 from gateway.ledger.usage import orgs_by_id, top_spenders, window_usage
 from gateway.metering.gate import CreditGate
@@ -88,7 +90,7 @@ async def get_org(call: Call) -> Reply:
         raise unknown_org(org)
     keys = [] if store is None else await store.list_api_keys(org)
     detail = OrgDetail(
-        **balance_model(await gate.balance(org)).model_dump(),
+        **balance_model(await gate.balance(org)).model_dump(exclude={"levels"}),
         created_at=None if row is None else iso(row.created_at),
         keys=[k.id for k in keys if k.revoked_at is None],
     )
@@ -130,13 +132,33 @@ async def post_grant(call: Call) -> Reply:
 
 
 async def post_key(call: Call) -> Reply:
-    """``POST /admin/keys``: a new key, shown once."""
+    """``POST /admin/keys``: a new key, shown once; ``team`` and ``caps`` (contract A10)
+    put it in a team of its org and cap it."""
     gate, body = call.gate, call.parsed(KeyRequest)
     store = await gate.require_store()
     if await store.get_org(body.org) is None:
         raise unknown_org(body.org)
+    caps = valid_caps(gate, body.caps)
+    levels = LevelStore(store.pool)
+    if body.team is not None and not any(
+        t.id == body.team for t in await levels.list_teams(body.org)
+    ):
+        raise ApiError(
+            422, "unknown_team", "Unknown team", f"org {body.org!r} has no team {body.team!r}",
+            org=body.org,
+        )  # fmt: skip
     row, key = await gate.create_key(body.org, user=body.user, name=body.name or "")
-    return Reply(KeyCreated.model_validate({**_key_fields(row), "key": key}), status=201)
+    fields: dict[str, object] = {**_key_fields(row), "key": key}
+    if body.team is not None or caps:
+        try:
+            found = await levels.set_key(row.id, team=body.team, caps=caps)
+        except UnknownTeam as exc:  # the team was deleted meanwhile
+            await gate.revoke_key(row.id)
+            raise ApiError(422, "unknown_team", "Unknown team", str(exc), org=body.org) from None
+        assert found is not None
+        await key_levels_changed(gate, found)
+        fields.update(team=found.team, caps=found.caps)
+    return Reply(KeyCreated.model_validate(fields), status=201)
 
 
 async def list_keys(call: Call) -> Reply:
@@ -225,4 +247,5 @@ OPERATIONS: list[Operation] = [
         {200: Doc("The usage", WindowUsage)}, (*_COMMON, 400, 501),
         security="admin", tag="admin", query=WindowQuery,
     ),
+    *LEVEL_OPERATIONS,
 ]  # fmt: skip

@@ -1,7 +1,8 @@
 """Reading a request's inputs with the API models (gateway.http.models).
 
 - The JSON body: at most 64 KiB (413), a JSON object (400), then the operation's body
-  model; a member that is ``null`` counts as absent.
+  model; a member that is ``null`` counts as absent, except the members a model names in
+  ``NULL_MEMBERS`` where ``null`` means something (``team: null``: out of the team).
 - Path parameters and headers: validated with the body, so one 422 lists every refused
   value (``errors``: ``[{field, message}]``, the messages of gateway.http.models.fields;
   checks against the config or the clock come after the others, as they always have).
@@ -73,8 +74,10 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
 def validate(
     model: type[M], data: Mapping[str, Any], *, context: Mapping[str, Any] | None = None
 ) -> tuple[M | None, list[dict[str, str]]]:
-    """``data`` as ``model`` (None members dropped), or None and the refused values."""
-    present = {k: v for k, v in data.items() if v is not None}
+    """``data`` as ``model`` (None members dropped, except the model's ``NULL_MEMBERS``),
+    or None and the refused values."""
+    keep: frozenset[str] = getattr(model, "NULL_MEMBERS", frozenset())
+    present = {k: v for k, v in data.items() if v is not None or k in keep}
     try:
         return model.model_validate(present, context=dict(context or {})), []
     except ValidationError as exc:

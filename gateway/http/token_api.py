@@ -56,6 +56,8 @@ from gateway.http.models.token import (
     DeductRequest,
     DeductResult,
     FeatureInfo,
+    LevelBucket,
+    LevelInfo,
     Stats,
     StatsQuery,
     UsagePage,
@@ -107,8 +109,24 @@ def _known_feature(gate: CreditGate, feature: str) -> None:
 
 
 async def balance(call: Call) -> Reply:
-    """``GET /balance``."""
-    return Reply(balance_model(await call.gate.balance(call.identity.org)))
+    """``GET /balance``, with the caller's team, user and key caps (contract A10)."""
+    gate, ident = call.gate, call.identity
+    bal = await gate.balance(ident.org)
+    model = balance_model(bal)
+    views = await gate.levels.caller(
+        ident.org, bal.plan, bal.period, user=ident.user, key_id=ident.key_id, team=ident.team
+    )
+    model.levels = [
+        LevelInfo(
+            level=v.level, id=v.id,
+            buckets={
+                b: LevelBucket(cap=c.cap, used=c.used, remaining=c.remaining)
+                for b, c in v.buckets.items()
+            },
+        )
+        for v in views
+    ]  # fmt: skip
+    return Reply(model)
 
 
 async def check(call: Call) -> Reply:
@@ -144,8 +162,9 @@ async def deduct(call: Call) -> Reply:
     if user is None:
         user = body.user_id
     adm = await gate.charge(
-        ident.org, body.feature, user=user, quantity=body.quantity or 1, idempotency_key=idem
-    )
+        ident.org, body.feature, user=user, quantity=body.quantity or 1, idempotency_key=idem,
+        key_id=ident.key_id, team=ident.team,
+    )  # fmt: skip
     if adm.status == "replay":
         left = (await gate.balance(ident.org)).buckets[adm.bucket].available
         return Reply(

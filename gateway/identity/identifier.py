@@ -2,8 +2,8 @@
 
 Sources, in order; the first one present decides, and a present but bad credential is a
 401 (it never falls through to a weaker source):
-1. ``scope["state"]["creditgate_org"]`` (and ``creditgate_user``), set by the app's own
-   auth in middleware mode;
+1. ``scope["state"]["creditgate_org"]`` (and ``creditgate_user``, ``creditgate_team``),
+   set by the app's own auth in middleware mode;
 2. an API key, ``Authorization: Bearer cg_...`` or ``X-API-Key: cg_...``
    (gateway.identity.api_key_resolver: in-process cache, then Redis, then the store);
 3. a JWT, ``Authorization: Bearer <jwt>`` (gateway.identity.jwt), verified tokens cached in
@@ -130,7 +130,9 @@ class Identifier:
         if state and isinstance(state, dict):
             org = state.get("creditgate_org")
             if org is not None:
-                return self._from_scope(org, state.get("creditgate_user"))
+                return self._from_scope(
+                    org, state.get("creditgate_user"), state.get("creditgate_team")
+                )
 
         authorization = api_key = org_header = user_header = None
         for name, value in scope.get("headers") or ():
@@ -202,13 +204,15 @@ class Identifier:
 
     # --- sources ---------------------------------------------------------------------
 
-    def _from_scope(self, org: object, user: object) -> Identity | IdentityFailure:
+    def _from_scope(self, org: object, user: object, team: object) -> Identity | IdentityFailure:
         # The app's own auth said so: nothing to verify, and nothing to throttle.
         if not isinstance(org, str) or not valid_id(org):
             return IdentityFailure(401, "scope state creditgate_org is not a valid org id")
         if user is not None and (not isinstance(user, str) or not valid_id(user)):
             return IdentityFailure(401, "scope state creditgate_user is not a valid user id")
-        return Identity(org, user, "scope")
+        if team is not None and (not isinstance(team, str) or not valid_id(team)):
+            return IdentityFailure(401, "scope state creditgate_team is not a valid team id")
+        return Identity(org, user, "scope", team=team)
 
     async def _by_api_key(self, raw: bytes, scope: Scope) -> Identity | IdentityFailure:
         try:
@@ -262,7 +266,14 @@ class Identifier:
         user = None if raw_user is None else _claim_id(raw_user)
         if raw_user is not None and user is None:
             return IdentityFailure(401, f"JWT claim {user_claim!r} is not a valid id")
-        identity = Identity(org, user, "jwt")
+        team = None
+        team_claim = self.config.jwt.team_claim
+        if team_claim is not None:
+            raw_team = claim(payload, team_claim)
+            team = None if raw_team is None else _claim_id(raw_team)
+            if raw_team is not None and team is None:
+                return IdentityFailure(401, f"JWT claim {team_claim!r} is not a valid id")
+        identity = Identity(org, user, "jwt", team=team)
         # Until exp, but never long: a key rotated out upstream must stop working.
         ttl = min(float(payload["exp"]) - time.time(), JWT_CACHE_SECONDS)
         if ttl > 0:

@@ -21,12 +21,18 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """The org (and user) a request acts for, and how that was established."""
+    """The org (and user) a request acts for, and how that was established.
+
+    ``key_id``: the API key it came with; ``team``: the team a JWT claim or the middleware
+    scope named (contract A10). An API key's own team is not here: charge.lua reads it
+    from Redis, so moving a key to another team applies at once on every process.
+    """
 
     org: str
     user: str | None
     via: str  # "api_key" | "jwt" | "header" | "scope"
     key_id: str | None = None
+    team: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

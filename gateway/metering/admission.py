@@ -180,6 +180,13 @@ class Admission:
     # A replay's kept state, as charge.lua returned it ("R..." / "X..." a response,
     # "V..." a reservation); None when only the status was kept.
     stored: str | None = None
+    # An insufficient refusal's level (contract A10): "org", or the team, user or key
+    # whose cap refused, with its id, cap and used tokens, and the org's remaining.
+    level: str = "org"
+    level_id: str | None = None
+    level_cap: int | None = None
+    level_used: int | None = None
+    org_remaining: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -221,6 +228,11 @@ def admission_of(reply: list[Any], adm: Admission) -> Admission:
         adm.limit_remaining, adm.limit_reset_ms = 0, int(reply[3])
     elif status == "insufficient":
         adm.remaining, adm.plan = int(reply[1]), _text(reply[2])
+        if len(reply) > 3:  # a team, user or key cap refused (lua/charge.lua)
+            adm.level, adm.level_cap, adm.level_used = _text(reply[3]), int(reply[4]), int(reply[5])
+            adm.org_remaining, adm.level_id = int(reply[6]), _text(reply[7])
+        else:
+            adm.org_remaining = adm.remaining
     elif status == "not_in_plan":
         adm.plan = _text(reply[1])
     elif status == "replay":
@@ -272,9 +284,13 @@ class Admitter:
         method: str = "",
         route: str = "",
         fingerprint: str | None = None,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> Admission:
         """Run charge.lua for one request; seeds the org's state first if Redis has none.
 
+        ``key_id`` (the API key the request came with) and ``team`` (a JWT claim's or the
+        scope's) name its levels (contract A10): an API key's own team comes first.
         ``fingerprint`` (with an ``idempotency_key``): what makes a repeat the same request
         (:func:`request_fingerprint`); a repeat with another one is refused (``reused``).
 
@@ -296,17 +312,17 @@ class Admitter:
         if idempotency_key:
             idem_key = self.keys.idempotency(org, idempotency_key)
             if fingerprint:
-                template = args.fingerprinted(org, user, feature, method, route)
+                template = args.fingerprinted(org, user, feature, method, route, key_id, team)
                 encoded = template.fill(
                     (idem_key, now_s, total_s, rid, hold_s, _fingerprint(fingerprint))
                 )
             else:
-                template = args.template(org, user, feature, method, route, True)
+                template = args.template(org, user, feature, method, route, True, key_id, team)
                 encoded = template.fill((idem_key, now_s, total_s, rid, hold_s))
         else:
-            template = args.plain.get((org, user, feature, method, route)) or args.template(
-                org, user, feature, method, route, False
-            )
+            template = args.plain.get(
+                (org, user, key_id, team, feature, method, route)
+            ) or args.template(org, user, feature, method, route, False, key_id, team)
             encoded = template.fill((now_s, total_s, rid, hold_s))
 
         started = perf_counter()
@@ -345,6 +361,8 @@ class Admitter:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         request_id: str | None = None,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> tuple[Admission, int]:
         """Run charge.lua for a reservation (contract A9): hold ``cost`` tokens for
         ``ttl_ms``, settled later at most at ``cap``; its settle result is kept for
@@ -364,6 +382,7 @@ class Admitter:
             now=now, cost=cost, request_id=rid, expires_ms=now + ttl_ms,
             fingerprint=_fingerprint(fingerprint) if fingerprint else "",
             result_ttl_ms=result_ttl_ms, result_key=self.keys.reservation(org, rid), cap=cap,
+            key_id=key_id, team=team,
         )  # fmt: skip
         reply = await self.redis.runner.run(self.script, keys, args)
         status = _text(reply[0])

@@ -12,9 +12,10 @@ The layout (lua/charge.lua's header is the reference)::
     KEYS  org state, shard holds, shard hold expiries, shard events, idempotency key
           (or the shard's never-written placeholder), then the per-user limiters
     ARGV  now, period id, refresh_at, bucket, cost, request id, hold expiry,
-          idempotency ttl (0 = none), org, user, feature, method, route,
-          number of plans, then per plan: name, allocation (-1 = not in the plan),
-          limiter count, then per limiter: KEYS index (0 = per org), count, period ms;
+          idempotency ttl (0 = none), org, user, feature, method, route, API key id,
+          the request's team, number of plans, then per plan: name, allocation (-1 = not
+          in the plan), default caps ("" = none, else "team,user,key" tokens), limiter
+          count, then per limiter: KEYS index (0 = per org), count, period ms;
           then, only when they apply: the request's fingerprint (an Idempotency-Key's
           request, :meth:`ChargeArgs.fingerprinted`), and for a reservation its result
           ttl, result key and cap (:meth:`ChargeArgs.reservation_call`)
@@ -37,8 +38,8 @@ _CACHE_SIZE = 20_000
 # KEYS before the per-user limiters (Lua is 1-based: the first limiter is KEYS[6]).
 _FIXED_KEYS = 5
 
-# (org, user, feature, method, route): what a template is cached by.
-_TemplateKey = tuple[str, str | None, str, str, str]
+# (org, user, key id, team, feature, method, route): what a template is cached by.
+_TemplateKey = tuple[str, str | None, str | None, str | None, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +48,8 @@ class FeatureArgs:
 
     bucket: str
     cost: int
-    tail_user: tuple[str, ...]  # ARGV[14..] of a request with a user
-    tail_anon: tuple[str, ...]  # ARGV[14..] without one: per-org limiters only
+    tail_user: tuple[str, ...]  # ARGV[16..] of a request with a user
+    tail_anon: tuple[str, ...]  # ARGV[16..] without one: per-org limiters only
     user_limiters: tuple[tuple[int, int], ...]  # (count, period ms) of KEYS[6..]
 
 
@@ -62,7 +63,9 @@ def feature_args(config: Config, feature: str) -> FeatureArgs:
         for plan in config.plans:
             alloc = config.allocation(plan, bucket)
             limits = [rl for rl in config.rate_limits_of(plan) if with_user or rl.per != "user"]
-            tail += [plan, -1 if alloc is None else alloc, len(limits)]
+            caps = config.default_caps(plan, bucket)
+            caps_arg = "" if caps is None else ",".join(map(str, caps))
+            tail += [plan, -1 if alloc is None else alloc, caps_arg, len(limits)]
             for rl in limits:
                 if rl.per == "org":
                     # KEYS index 0: charge.lua keeps per-org limiters in the org's hash.
@@ -124,9 +127,11 @@ class ChargeArgs:
         method: str,
         route: str,
         idempotent: bool,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> ArgTemplate:
         """The request's template (cached); call :meth:`period` first in each request."""
-        key = (org, user, feature, method, route)
+        key = (org, user, key_id, team, feature, method, route)
         cache = self._idempotent if idempotent else self.plain
         template = cache.get(key)
         if template is None:
@@ -136,11 +141,18 @@ class ChargeArgs:
         return template
 
     def fingerprinted(
-        self, org: str, user: str | None, feature: str, method: str, route: str
+        self,
+        org: str,
+        user: str | None,
+        feature: str,
+        method: str,
+        route: str,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> ArgTemplate:
         """The template of a request with an Idempotency-Key and a fingerprint (cached),
         filled with ``(idempotency key, now, cost, request id, hold expiry, fingerprint)``."""
-        key = (org, user, feature, method, route)
+        key = (org, user, key_id, team, feature, method, route)
         cache = self._fingerprinted
         template = cache.get(key)
         if template is None:
@@ -164,11 +176,13 @@ class ChargeArgs:
         result_ttl_ms: int,
         result_key: str,
         cap: int,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> tuple[list[str], list[ScriptArg]]:
         """charge.lua's keys and arguments for a reservation (not cached: not the hot
         path); call :meth:`period` first."""
         keys, argv = self._keys_argv(
-            (org, user, feature, "", "reservation"), idempotency_key is not None
+            (org, user, key_id, team, feature, "", "reservation"), idempotency_key is not None
         )
         if idempotency_key is not None:
             keys[4] = idempotency_key
@@ -189,7 +203,7 @@ class ChargeArgs:
         self, key: _TemplateKey, idempotent: bool
     ) -> tuple[list[str | None], list[ScriptArg | None]]:
         """charge.lua's KEYS and ARGV, SLOT where a request fills in a value."""
-        org, user, feature, method, route = key
+        org, user, key_id, team, feature, method, route = key
         fa = self.features[feature]
         period, _, refresh_at = self.current
         org_keys = self.keys.of_org(org)
@@ -209,7 +223,7 @@ class ChargeArgs:
             SLOT, period, str(refresh_at), fa.bucket,  # now, period, refresh_at, bucket
             SLOT, SLOT, SLOT,  # cost, request id, hold expiry
             self._idem_ttl_ms if idempotent else "0",
-            org, user or "", feature, method, route,
+            org, user or "", feature, method, route, key_id or "", team or "",
             *(fa.tail_user if user else fa.tail_anon),
         ]  # fmt: skip
         return keys, argv

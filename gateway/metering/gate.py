@@ -30,8 +30,10 @@ from gateway.core.ids import check_id
 from gateway.core.periods import Clock, SystemClock
 from gateway.core.redis_keys import KeySpace
 from gateway.identity.identifier import Identifier
+from gateway.ledger.levels import LevelStore
 from gateway.ledger.store import ApiKeyRow, GrantRow, OrgSnapshot, Store
 from gateway.ledger.usage import org_stats
+from gateway.metering.levels import Levels, level_fields
 from gateway.metering.meter import Actual, Admission, Meter
 from gateway.metering.reservations import Reservation, Reservations, SettleResult
 from gateway.redisio.connect import RedisHandles, connect_redis
@@ -133,6 +135,7 @@ class CreditGate:
             config.identity, keyspace=self.keys, redis=self.redis.client, store=_LazyStore(self)
         )
         self.reservations = Reservations(config, self.meter)
+        self.levels = Levels(config, self.redis, self.keys, seed=self.meter.seed)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | Config, **kwargs: Any) -> CreditGate:
@@ -186,6 +189,11 @@ class CreditGate:
         if snapshot is None:
             await self.meter.seed_state(org, self.config.default_plan, 0, [])
             return
+        assert store is not None
+        try:
+            levels = level_fields(self.levels, await LevelStore(store.pool).org_levels(org))
+        except _PG_DOWN as exc:
+            raise LedgerUnavailable(f"cannot seed org {org!r}: {exc}") from exc
         buckets = [
             (
                 b.bucket, b.balance, b.allocated, b.used, b.period, b.extra,
@@ -194,7 +202,7 @@ class CreditGate:
             for b in snapshot.buckets.values()
         ]  # fmt: skip
         seeded = await self.meter.seed_state(
-            org, snapshot.plan or self.config.default_plan, snapshot.seq, buckets
+            org, snapshot.plan or self.config.default_plan, snapshot.seq, buckets, levels
         )
         if seeded:
             log.info("seeded org %s from the ledger (seq %d)", org, snapshot.seq)
@@ -271,6 +279,8 @@ class CreditGate:
         quantity: int = 1,
         idempotency_key: str | None = None,
         request_id: str | None = None,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> Admission:
         """Take the tokens for one call now (deductTokens): admit and settle as a charge.
 
@@ -278,6 +288,7 @@ class CreditGate:
         why not. A replayed ``idempotency_key`` charges nothing and reports ``replay``;
         the key used before for another feature, quantity or user reports ``reused``.
         An org or user id that breaks the id rule (gateway.core.ids) raises InvalidId.
+        ``key_id`` and ``team`` name the call's levels inside the org (contract A10).
         """
         check_id(org)
         if user is not None:
@@ -293,7 +304,7 @@ class CreditGate:
         adm = await self.meter.admit(
             org, feature, user=user, quantity=quantity,
             idempotency_key=idempotency_key, request_id=request_id, method="", route="deduct",
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, key_id=key_id, team=team,
         )  # fmt: skip
         if adm.ok:
             await self.meter.settle(

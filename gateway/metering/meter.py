@@ -23,7 +23,7 @@ Measured with bench/middleware_cpu.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, overload
 
 from gateway.config import Config
@@ -118,6 +118,8 @@ class Meter:
         method: str = "",
         route: str = "",
         fingerprint: str | None = None,
+        key_id: str | None = None,
+        team: str | None = None,
     ) -> Coroutine[Any, Any, Admission]:
         """Run charge.lua for one request (await the result); see ``Admitter.admit``.
 
@@ -132,7 +134,7 @@ class Meter:
         return self.admission.admit(
             org, feature, user=user, quantity=quantity, cost=cost,
             idempotency_key=idempotency_key, request_id=request_id, method=method, route=route,
-            fingerprint=fingerprint,
+            fingerprint=fingerprint, key_id=key_id, team=team,
         )  # fmt: skip
 
     @overload
@@ -226,7 +228,13 @@ class Meter:
         await self.seeding.seed(org)
 
     async def seed_state(
-        self, org: str, plan: str, seq: int, buckets: Sequence[Sequence[str | int]]
+        self,
+        org: str,
+        plan: str,
+        seq: int,
+        buckets: Sequence[Sequence[str | int]],
+        levels: Mapping[str, str] | None = None,
     ) -> bool:
-        """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua)."""
-        return await self.seeding.seed_state(org, plan, seq, buckets)
+        """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua),
+        ``levels`` the org's level fields (gateway.core.caps)."""
+        return await self.seeding.seed_state(org, plan, seq, buckets, levels)

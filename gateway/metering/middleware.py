@@ -84,7 +84,8 @@ class CreditGateMiddleware:
     ``app.add_middleware(CreditGateMiddleware, config="creditgate.yaml")`` in Starlette or
     FastAPI, or ``CreditGateMiddleware(app, gate=CreditGate.from_config(...))``. The app's
     own auth may name the caller by setting ``scope["state"]["creditgate_org"]`` (and
-    ``"creditgate_user"``) in an outer middleware.
+    ``"creditgate_user"``, and ``"creditgate_team"`` for team caps, contract A10) in an
+    outer middleware.
     """
 
     def __init__(
@@ -205,7 +206,7 @@ class CreditGateMiddleware:
             adm = await self._admit(
                 ident.org, match.feature, user=ident.user, cost=match.cost,
                 idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template,
+                route=match.template, key_id=ident.key_id, team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             await self._unavailable(inner, receive, send, match, ident, str(exc))
@@ -313,7 +314,8 @@ class CreditGateMiddleware:
             adm = await self.meter.admit(
                 ident.org, match.feature, user=ident.user, cost=hold,
                 idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template, fingerprint=fingerprint,
+                route=match.template, fingerprint=fingerprint, key_id=ident.key_id,
+                team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             replayed = TapReceive(replay, receive, None, 0.0)
@@ -422,7 +424,8 @@ class CreditGateMiddleware:
             adm = await self.meter.admit(
                 ident.org, match.feature, user=ident.user, cost=match.cost,
                 idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template, fingerprint=fingerprint,
+                route=match.template, fingerprint=fingerprint, key_id=ident.key_id,
+                team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             await self._unavailable(inner, replayed, send, match, ident, str(exc))

@@ -53,11 +53,23 @@ def describe_refusal(adm: Admission) -> Refusal:
     status, code, title = REFUSALS[adm.status]
     out = Refusal(status, code, title, "", facts={"feature": adm.feature, "cost": adm.cost})
     if adm.status == "insufficient":
-        out.detail = (
-            f"{adm.feature} costs {adm.cost} tokens and {adm.remaining} are left in "
-            f"bucket {adm.bucket}"
-        )
-        out.facts.update(balance=adm.remaining, refresh_at=iso_ms(adm.refresh_at_ms))
+        # contract A10: the level that refused (org, team, user or key) and its figures,
+        # after the members answered before (balance stays the org's bucket balance).
+        out.facts.update(
+            balance=adm.org_remaining, refresh_at=iso_ms(adm.refresh_at_ms), level=adm.level,
+            remaining=adm.remaining,
+        )  # fmt: skip
+        if adm.level == "org":
+            out.detail = (
+                f"{adm.feature} costs {adm.cost} tokens and {adm.remaining} are left in "
+                f"bucket {adm.bucket}"
+            )
+        else:
+            out.detail = (
+                f"{adm.feature} costs {adm.cost} tokens and {adm.level} {adm.level_id} has "
+                f"{adm.remaining} left of its cap of {adm.level_cap} in bucket {adm.bucket}"
+            )
+            out.facts.update(level_id=adm.level_id, cap=adm.level_cap, used=adm.level_used)
     elif adm.status == "not_in_plan":
         out.detail = f"{adm.feature} is not included in plan {adm.plan}"
         out.facts["plan"] = adm.plan

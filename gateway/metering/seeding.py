@@ -8,7 +8,7 @@ new org starts on the default plan.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.connect import RedisHandles
@@ -62,13 +62,23 @@ class Seeding:
             del self._seeding[org]
 
     async def seed_state(
-        self, org: str, plan: str, seq: int, buckets: Sequence[Sequence[str | int]]
+        self,
+        org: str,
+        plan: str,
+        seq: int,
+        buckets: Sequence[Sequence[str | int]],
+        levels: Mapping[str, str] | None = None,
     ) -> bool:
-        """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua).
+        """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua);
+        ``levels`` the org hash fields of its teams, members and cap overrides.
 
         Returns False when the org already had state (seed.lua then writes nothing)."""
         args: list[str | int] = [plan, seq, len(buckets)]
         for b in buckets:
             args.extend(b)
+        if levels:
+            args.append(len(levels))
+            for name, value in levels.items():
+                args += [name, value]
         reply = await self.redis.runner.run(self.script, [self.keys.org(org)], args)
         return int(reply) == 1

@@ -22,7 +22,9 @@ from gateway.core.resources import read_text
 
 __all__ = ["PRELUDE", "SCRIPT_NAMES", "LuaScript", "assemble", "load", "prelude_code"]
 
-SCRIPT_NAMES = ("charge", "settle", "seed", "set_plan", "grant", "sweep_holds", "repair")
+SCRIPT_NAMES = (
+    "charge", "settle", "seed", "set_plan", "grant", "sweep_holds", "repair", "levels",
+)  # fmt: skip
 PRELUDE = "_prelude"
 # A script needs the prelude when it calls what the prelude defines.
 _USES_PRELUDE = re.compile(r"\baudit_event\s*\(")

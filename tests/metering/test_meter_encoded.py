@@ -26,19 +26,20 @@ DEC_END = 1_798_761_600_000  # 2027-01-01T00:00:00Z
 HOLD_MS = 900_000  # the default hold_ttl_seconds, in ms
 IDEM_TTL_MS = 86_400_000  # the default idempotency_ttl_seconds, in ms
 
-# ARGV[14..] of the reference config, written out from lua/charge.lua's header: plans in
-# config order (reference_config sorts them), allocation -1 when not in the plan, limiter
-# triples (KEYS index, count, period ms): KEYS index 0 for per-org limiters, 6 for pro's
+# ARGV[16..] of the reference config, written out from lua/charge.lua's header: plans in
+# config order (reference_config sorts them), allocation -1 when not in the plan, default
+# caps ("" = none: the reference plans have none), limiter triples (KEYS index, count,
+# period ms): KEYS index 0 for per-org limiters, 6 for pro's
 # per-user one.
 LEAD_WITH_USER = (
-    "3", "enterprise", "500", "1", "0", "600", "60000",
-    "pro", "60", "2", "0", "60", "60000", "6", "20", "60000",
-    "starter", "-1", "0",
+    "3", "enterprise", "500", "", "1", "0", "600", "60000",
+    "pro", "60", "", "2", "0", "60", "60000", "6", "20", "60000",
+    "starter", "-1", "", "0",
 )  # fmt: skip
 LEAD_WITHOUT_USER = (
-    "3", "enterprise", "500", "1", "0", "600", "60000",
-    "pro", "60", "1", "0", "60", "60000",
-    "starter", "-1", "0",
+    "3", "enterprise", "500", "", "1", "0", "600", "60000",
+    "pro", "60", "", "1", "0", "60", "60000",
+    "starter", "-1", "", "0",
 )  # fmt: skip
 
 
@@ -105,6 +106,7 @@ def expected(
     args: Sequence[ScriptArg] = (
         now, period, refresh_at, "lead_generation", cost, request_id, now + HOLD_MS,
         IDEM_TTL_MS if idempotency_key else 0, org, user or "", feature, method, route,
+        "", "",  # API key id, the request's team (none here)
         *(LEAD_WITH_USER if user else LEAD_WITHOUT_USER),
     )  # fmt: skip
     return pack_command(("EVALSHA", gate.meter.admission.script.sha, len(keys), *keys, *args))

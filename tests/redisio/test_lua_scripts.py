@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core.events import FIELDS, USAGE_FIELDS
+from gateway.core.events import FIELDS, TEAM_FIELD, USAGE_FIELDS
 from gateway.redisio.connect import connect_redis
 from gateway.redisio.lua_scripts import SCRIPT_NAMES, assemble, load, prelude_code
 from gateway.redisio.pipelined import RedisReplyError
@@ -53,11 +53,17 @@ def test_prelude_code_is_one_line_without_comments() -> None:
 def test_the_prelude_writes_the_event_format_in_order() -> None:
     params = re.search(r"audit_event\(stream_key, ([^)]*)\)", prelude_code())
     xadds = prelude_code().split("'XADD', stream_key, '*',")[1:]
-    assert params is not None and len(xadds) == 2
+    assert params is not None and len(xadds) == 4
     # The fields, then the optional usage fields (events.USAGE_FIELDS) of some request
-    # events: the first XADD writes the fields alone, the second all of them.
-    assert tuple(params.group(1).split(", ")) == FIELDS + USAGE_FIELDS
-    for xadd, fields in zip(xadds, (FIELDS, FIELDS + USAGE_FIELDS), strict=True):
+    # events, then the optional team (contract A10): one XADD per combination.
+    assert tuple(params.group(1).split(", ")) == (*FIELDS, *USAGE_FIELDS, TEAM_FIELD)
+    shapes = (
+        FIELDS,
+        (*FIELDS, TEAM_FIELD),
+        FIELDS + USAGE_FIELDS,
+        (*FIELDS, *USAGE_FIELDS, TEAM_FIELD),
+    )
+    for xadd, fields in zip(xadds, shapes, strict=True):
         names = re.findall(r"'(\w+)', (\w+)", xadd.split(")", 1)[0])
         assert names == [(field, field) for field in fields]  # 'id', id, 'k', k, ...
 

@@ -39,7 +39,7 @@ from sync.records import (
     fast_payload,
 )
 
-_KEYS = list(FIELDS_EXT)
+_KEYS = [*FIELDS_EXT, "tm"]
 _VALUES = [
     "",
     "0",
@@ -102,7 +102,7 @@ def _reference_row(fields: Any) -> tuple[Any, ...]:
         ev.event_id, ev.org, ev.user, ev.feature, ev.bucket, ev.tokens, ev.kind,
         ev.request_id, ev.method, ev.route, ev.upstream_status, ev.latency_ms,
         ev.balance_after, ev.extra_after, ev.seq or 0, ev.plan, ev.reference, ev.created_at,
-        *_usage_reference(fields),
+        *_usage_reference(fields), ev.team,
     )  # fmt: skip
 
 
@@ -171,7 +171,17 @@ def _check(given_fields: Any, reference_fields: Any) -> None:
 @given(
     st.dictionaries(st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
     st.sampled_from(["charge", "reset", "nope", None]),
-    st.sampled_from(["dict", "bytes", "flat", "canonical", "canonical_usage"]),
+    st.sampled_from(
+        [
+            "dict",
+            "bytes",
+            "flat",
+            "canonical",
+            "canonical_usage",
+            "canonical_team",
+            "canonical_usage_team",
+        ]
+    ),
 )
 def test_copy_rows_match_the_reference_decoder(
     fields: dict[str, str], kind: str | None, shape: str
@@ -181,11 +191,13 @@ def test_copy_rows_match_the_reference_decoder(
     given_fields: Any = fields
     if shape == "bytes":
         given_fields = {k.encode(): v.encode() for k, v in fields.items()}
-    elif shape in ("flat", "canonical"):
-        if shape == "canonical":  # every field, in the order the Lua scripts write them
-            fields = {k: fields.get(k, "") for k in FIELDS}
-        elif shape == "canonical_usage":  # ... with the usage fields settle.lua appends
-            fields = {k: fields.get(k, "") for k in FIELDS_EXT}
+    elif shape == "flat" or shape.startswith("canonical"):
+        # Every field, in the order the Lua scripts write them, with the usage fields
+        # settle.lua appends, and with the team last (contract A10).
+        names = FIELDS_EXT if "usage" in shape else FIELDS
+        fields = {k: fields.get(k, "") for k in names} if shape != "flat" else fields
+        if shape.endswith("_team"):
+            fields["tm"] = fields.get("tm") or "red"
         given_fields = [x for kv in fields.items() for x in kv]
     _check(given_fields, given_fields if shape == "bytes" else fields)
 
@@ -206,7 +218,8 @@ def lua_entries(draw: st.DrawFn) -> dict[str, str]:
         return draw(st.sampled_from(odd if draw(st.integers(0, 19)) == 0 else good))
 
     out = {}
-    for name in FIELDS_EXT if draw(st.booleans()) else FIELDS:
+    names = FIELDS_EXT if draw(st.booleans()) else FIELDS
+    for name in (*names, "tm") if draw(st.booleans()) else names:
         if name == "k":
             out[name] = pick(sorted(KINDS), ["nope", ""])
         elif name in ("id", "o"):
@@ -219,6 +232,8 @@ def lua_entries(draw: st.DrawFn) -> dict[str, str]:
             out[name] = pick(["", "1"], ["0", "true", "x"])
         elif name == "cs":
             out[name] = pick(["", "usage", "header", "app", "policy", "reservation"], _TEXT_VALUES)
+        elif name == "tm":
+            out[name] = pick(["red", "team-1", "\u00e9quipe"], _TEXT_VALUES)
         elif name == "mdl":
             out[name] = pick(["", "gpt-4o-mini", "claude-3-5-sonnet"], _TEXT_VALUES)
         else:

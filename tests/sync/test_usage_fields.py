@@ -316,10 +316,11 @@ def test_usage_entries_as_settle_lua_writes_them_take_the_fast_path() -> None:
     rows = decode_entries([("1-0", flat)], Times()).rows
     assert rows.flats[0] is flat and rows.usage
     assert fast_payload(rows.lines, rows.empty_bucket) is not None
-    assert rows.lines[0].endswith("\tgpt-4o-mini\t10\t2\t3\t0\t12\t1\tusage\t0")
+    # ... then the team column (migration 0007): empty, NULL, for an event without tm.
+    assert rows.lines[0].endswith("\tgpt-4o-mini\t10\t2\t3\t0\t12\t1\tusage\t0\t")
     old = event("acme", "charge", t=3, s=2)
     rows = decode_entries([("1-0", [x for kv in old.items() for x in kv])], Times()).rows
-    assert not rows.usage and rows.lines[0].endswith("\t" * 7 + "0\t\t0")
+    assert not rows.usage and rows.lines[0].endswith("\t" * 7 + "0\t\t0\t")
 
 
 def test_the_usage_fields_are_the_event_formats() -> None:

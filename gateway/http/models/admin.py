@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
 
 from gateway.http.models.fields import (
     BodyInt,
@@ -20,12 +20,12 @@ from gateway.http.models.fields import (
 from gateway.http.models.token import (
     MAX_KEY_LENGTH,
     Answer,
-    Balance,
     Count,
     DateTime,
     Day,
     Id,
     Key,
+    OrgBalance,
     Request,
     UsageByDay,
     UsageByFeature,
@@ -37,7 +37,9 @@ __all__ = [
     "Grant",
     "GrantRequest",
     "KeyCreated",
+    "KeyLevels",
     "KeyList",
+    "KeyPatch",
     "KeyPath",
     "KeyRequest",
     "KeysQuery",
@@ -48,12 +50,24 @@ __all__ = [
     "OrgsQuery",
     "PlanRequest",
     "PlanResult",
+    "TeamInfo",
+    "TeamList",
+    "TeamPath",
+    "TeamPut",
+    "TeamRequest",
     "UsageByOrg",
     "UsageTotals",
+    "UserInfo",
+    "UserPath",
+    "UserRequest",
     "UserShare",
     "WindowQuery",
     "WindowUsage",
 ]
+
+# Strict: a JSON true or 1.5 is refused, not read as the cap 1.
+CapsPatch = dict[str, StrictInt | StrictStr | None]
+"""Cap overrides by bucket: ``N`` tokens or ``"N%"`` of the allocation; ``null`` clears one."""
 
 MAX_WINDOW_DAYS = 366
 MAX_AMOUNT = 10**9
@@ -86,7 +100,7 @@ class PlanResult(Answer):
     created: bool
 
 
-class OrgDetail(Balance):
+class OrgDetail(OrgBalance):
     """``GET /admin/orgs/{org}``: the org's balance, when it was created, its active keys."""
 
     created_at: DateTime | None
@@ -146,15 +160,18 @@ class Grant(Answer):
 
 
 class KeyRequest(Request):
-    """``POST /admin/keys``."""
+    """``POST /admin/keys``: ``team`` and ``caps`` put the key in a team of its org and
+    cap it (contract A10)."""
 
     org: Id
     user: Id | None = None
     name: Annotated[str, Text(200)] | None = None
+    team: Id | None = None
+    caps: CapsPatch | None = None
 
 
-class ApiKey(Answer):
-    """An API key's record (never the key itself)."""
+class _KeyRecord(Answer):
+    """The members every answer about an API key starts with."""
 
     id: str
     org: str
@@ -165,10 +182,21 @@ class ApiKey(Answer):
     revoked_at: DateTime | None
 
 
-class KeyCreated(ApiKey):
-    """A new key: the record and the key, shown this once."""
+class ApiKey(_KeyRecord):
+    """An API key's record (never the key itself), with its team and cap overrides
+    (contract A10: added after the members answered before)."""
+
+    team: str | None = None
+    caps: dict[str, int | str] = {}
+
+
+class KeyCreated(_KeyRecord):
+    """A new key: the record and the key, shown this once; then its team and caps (added
+    by contract A10 after every member answered before, so ``key`` keeps its place)."""
 
     key: str
+    team: str | None = None
+    caps: dict[str, int | str] = {}
 
 
 class KeyList(Answer):
@@ -242,3 +270,90 @@ class WindowUsage(Answer):
         " from the call"
     )
     overage: int = Field(description="Tokens charged over what the balances could cover")
+
+
+# -- teams, users and keys' caps (contract A10) ---------------------------------------
+
+
+class TeamPath(BaseModel):
+    """The ``{org}`` and ``{team}`` of a path."""
+
+    org: Id
+    team: Id
+
+
+class UserPath(BaseModel):
+    """The ``{org}`` and ``{user}`` of a path."""
+
+    org: Id
+    user: Id
+
+
+class TeamRequest(Request):
+    """``PUT /admin/orgs/{org}/teams/{team}``: absent members stay as they are."""
+
+    name: Annotated[str, Text(200)] | None = None
+    caps: CapsPatch | None = None
+
+
+class TeamInfo(Answer):
+    """A team, its cap overrides and how many users and active keys it has."""
+
+    org: str
+    team: str
+    name: str
+    caps: dict[str, int | str]
+    users: int
+    keys: int
+
+
+class TeamPut(TeamInfo):
+    """A team after ``PUT``."""
+
+    created: bool
+
+
+class TeamList(Answer):
+    """``GET /admin/orgs/{org}/teams``."""
+
+    items: list[TeamInfo]
+
+
+class UserRequest(Request):
+    """``PUT /admin/orgs/{org}/users/{user}``: ``team: null`` takes the user out of its
+    team; absent members stay as they are."""
+
+    # null is kept (not read as absent, gateway.http.inputs): it clears the team.
+    NULL_MEMBERS: ClassVar[frozenset[str]] = frozenset({"team"})
+
+    team: Id | None = None
+    caps: CapsPatch | None = None
+
+
+class UserInfo(Answer):
+    """A user's team and cap overrides."""
+
+    org: str
+    user: str
+    team: str | None
+    caps: dict[str, int | str]
+
+
+class KeyPatch(Request):
+    """``PATCH /admin/keys/{key_id}``: ``team: null`` takes the key out of its team."""
+
+    # null is kept (not read as absent, gateway.http.inputs): it clears the team.
+    NULL_MEMBERS: ClassVar[frozenset[str]] = frozenset({"team"})
+
+    team: Id | None = None
+    caps: CapsPatch | None = None
+
+
+class KeyLevels(Answer):
+    """An API key's org, user, team and cap overrides."""
+
+    id: str
+    org: str
+    user: str | None
+    team: str | None
+    caps: dict[str, int | str]

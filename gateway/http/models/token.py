@@ -18,7 +18,10 @@ __all__ = [
     "DeductResult",
     "FeatureInfo",
     "Forecast",
+    "LevelBucket",
+    "LevelInfo",
     "LogRow",
+    "OrgBalance",
     "Stats",
     "StatsQuery",
     "UsageByDay",
@@ -74,8 +77,26 @@ class FeatureInfo(Answer):
     allowed: bool
 
 
-class Balance(Answer):
-    """``GET /balance``: plan, period and every bucket's balance."""
+class LevelBucket(Answer):
+    """A level's cap of one bucket this period (contract A10)."""
+
+    cap: Count
+    used: Count
+    remaining: Count
+
+
+class LevelInfo(Answer):
+    """One of the caller's levels inside the org: its team, user or API key, and its
+    caps per bucket (only the capped buckets; the org's balance still decides)."""
+
+    level: Literal["team", "user", "key"]
+    id: str
+    buckets: dict[str, LevelBucket]
+
+
+class OrgBalance(Answer):
+    """An org's plan, period and every bucket's balance (``GET /balance`` without the
+    caller's levels: what ``GET /admin/orgs/{org}`` starts with)."""
 
     org: str
     plan: str
@@ -85,6 +106,13 @@ class Balance(Answer):
     refresh_at: DateTime
     buckets: dict[str, Bucket]
     features: dict[str, FeatureInfo]
+
+
+class Balance(OrgBalance):
+    """``GET /balance``: plan, period, every bucket's balance and the caller's levels
+    (contract A10: added after every member answered before)."""
+
+    levels: list[LevelInfo] = []
 
 
 class CheckRequest(Request):
