@@ -52,6 +52,8 @@ from sync.records import (
 )
 
 REQUEST_KINDS = frozenset({"charge", "refund", "expired_hold"})
+# Events that re-arm a bucket's alerts (gateway/alerts/evaluation.py): a top-up, a reset.
+REARM_KINDS = frozenset({"grant", "reset"})
 
 # A table of rows as columns, each a sequence of strings ("" = NULL where a column's
 # values cannot be empty, see sync/writer.py).
@@ -243,3 +245,18 @@ def snapshots(entries: Sequence[Flat]) -> Columns:
             )
         )  # fmt: skip
     return tuple(zip(*rows, strict=True))
+
+
+def rearms(entries: Iterable[Flat]) -> tuple[list[str], list[str], list[int]]:
+    """Orgs, buckets and seqs of the batch's grant and reset events (alerts re-arm at
+    them; the statement keeps the newest per bucket)."""
+    orgs: list[str] = []
+    buckets: list[str] = []
+    seqs: list[int] = []
+    kinds = REARM_KINDS
+    for v in entries:
+        if v[KIND] in kinds and v[SEQ]:
+            orgs.append(v[ORG])
+            buckets.append(v[BUCKET])
+            seqs.append(int(v[SEQ]))
+    return orgs, buckets, seqs

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
+from gateway.alerts.evaluation import alerting_statement
 from sync.aggregate import Columns
 from sync.records import COPY_COLUMNS
 
@@ -132,6 +133,21 @@ _STATEMENTS = {
     for kind, (sql, types, nullable) in _KINDS.items()
     for packed in (True, False)
 }
+
+
+# The snapshot UPDATE wrapped with the alert evaluation (gateway/alerts/evaluation.py), for
+# both parameter forms; its extra parameters follow the snapshot's 14.
+_ALERTING = {
+    text: alerting_statement(text, len(_SNAP_TYPES) + 1)
+    for (kind, _), text in _STATEMENTS.items()
+    if kind == "snapshots"
+}
+
+
+def with_alerts(snapshot_statement: str) -> str:
+    """The alerting form of a ``statement("snapshots", ...)`` text: it returns one row
+    (snapshots moved, alerts inserted)."""
+    return _ALERTING[snapshot_statement]
 
 
 def _typed(value: str, typ: str, nullable: bool) -> Any:

@@ -33,6 +33,7 @@ import asyncpg
 
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import RedisHandles, connect_redis
+from gateway.alerts.evaluation import AlertDefaults
 from sync.worker import SyncWorker
 
 __all__ = ["SyncJob", "creditgate_lifespan", "sync_job"]
@@ -88,6 +89,7 @@ class SyncJob:
             pool=self._pool,
             keyspace=self.gate.keys,
             default_plan=config.default_plan,
+            alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )
