@@ -41,8 +41,8 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
 
-from sync import sql
 from gateway.alerts.evaluation import AlertDefaults
+from sync import sql
 from sync.aggregate import (
     MODEL_ROLLUP_WIDTH,
     model_rollups,

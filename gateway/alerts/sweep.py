@@ -68,9 +68,7 @@ async def forecast_sweep(pool: asyncpg.Pool, defaults: AlertDefaults, now: datet
     today = now.date()
     since = today - timedelta(days=WINDOW_DAYS)
     async with pool.acquire() as conn:
-        candidates = await conn.fetch(
-            _CANDIDATES, defaults.forecast, defaults.has_url, now, since
-        )
+        candidates = await conn.fetch(_CANDIDATES, defaults.forecast, defaults.has_url, now, since)
         if not candidates:
             return 0
         orgs = sorted({c["org"] for c in candidates})

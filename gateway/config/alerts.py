@@ -82,7 +82,7 @@ def _percent(value: Any) -> Decimal:
         number = Decimal(str(value).strip().removesuffix("%").strip())
     except InvalidOperation:
         raise ValueError(
-            f"expected a percent (80, \"87.5%\") or {{tokens: N}}, got {value!r}"
+            f'expected a percent (80, "87.5%") or {{tokens: N}}, got {value!r}'
         ) from None
     if not number.is_finite() or not 0 < number <= 100:
         raise ValueError(f"a percent must be more than 0 and at most 100, got {value!r}")

@@ -31,9 +31,9 @@ from typing import Any
 
 import asyncpg
 
+from gateway.alerts.evaluation import AlertDefaults
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import RedisHandles, connect_redis
-from gateway.alerts.evaluation import AlertDefaults
 from sync.worker import SyncWorker
 
 __all__ = ["SyncJob", "creditgate_lifespan", "sync_job"]

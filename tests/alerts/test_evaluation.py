@@ -123,7 +123,9 @@ async def test_org_overrides_thresholds_in_tokens_and_no_url_means_no_alerts(
     assert await fired(pool, "initech") == [("threshold_crossed", "80%", "2026-11", 1)]
     assert await fired(pool, "acme") == []  # no webhook_url anywhere: nothing recorded
 
-    await pool.execute("UPDATE alert_rules SET webhook_url = 'http://a' WHERE organization_id = 'acme'")
+    await pool.execute(
+        "UPDATE alert_rules SET webhook_url = 'http://a' WHERE organization_id = 'acme'"
+    )
     # Crossings are moves of the snapshot: acme's from 20 to 60 crosses 30 tokens and 50%.
     assert await sync(redis, pool, keyspace, [a.charge(40)], no_url) == 2
     assert sorted(await fired(pool, "acme")) == [

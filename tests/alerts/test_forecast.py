@@ -117,5 +117,7 @@ async def test_the_sweep_fires_for_a_fast_burner_early_in_the_month_once(
     assert await forecast_sweep(pool, defaults, NOON_NOV_4 + timedelta(hours=1)) == 0
     # An org that turns forecasts off gets none.
     await _bucket(pool, "fast2", 350, [100, 100, 100, 50])
-    await pool.execute("INSERT INTO alert_rules (organization_id, forecast) VALUES ('fast2', false)")
+    await pool.execute(
+        "INSERT INTO alert_rules (organization_id, forecast) VALUES ('fast2', false)"
+    )
     assert await forecast_sweep(pool, defaults, NOON_NOV_4) == 0
