@@ -132,7 +132,8 @@ def secret_problem(secret: str) -> str | None:
     if not secret.startswith(SECRET_PREFIX):
         return "must start with whsec_ (a Standard Webhooks secret: whsec_ + base64)"
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX) :] + "==", validate=True)
+        text = secret[len(SECRET_PREFIX) :].rstrip("=")
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
         return "the part after whsec_ must be base64"
     if len(key) < 16:
