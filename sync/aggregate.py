@@ -247,16 +247,16 @@ def snapshots(entries: Sequence[Flat]) -> Columns:
     return tuple(zip(*rows, strict=True))
 
 
-def rearms(entries: Iterable[Flat]) -> tuple[list[str], list[str], list[int]]:
-    """Orgs, buckets and seqs of the batch's grant and reset events (alerts re-arm at
-    them; the statement keeps the newest per bucket)."""
-    orgs: list[str] = []
-    buckets: list[str] = []
-    seqs: list[int] = []
+def arm_column(entries: Iterable[Flat], snaps: Columns) -> list[str]:
+    """Per snapshot row of ``snaps``: the seq of the batch's newest grant or reset event of
+    that (org, bucket), or "" (alerts re-arm at these; the update keeps the greatest)."""
+    arms: dict[tuple[str, str], int] = {}
     kinds = REARM_KINDS
     for v in entries:
         if v[KIND] in kinds and v[SEQ]:
-            orgs.append(v[ORG])
-            buckets.append(v[BUCKET])
-            seqs.append(int(v[SEQ]))
-    return orgs, buckets, seqs
+            key, seq = (v[ORG], v[BUCKET]), int(v[SEQ])
+            if seq > arms.get(key, 0):
+                arms[key] = seq
+    if not arms:
+        return [""] * len(snaps[0])
+    return [str(arms[key]) if key in arms else "" for key in zip(snaps[0], snaps[1], strict=True)]

@@ -45,9 +45,9 @@ from gateway.alerts.evaluation import AlertDefaults
 from sync import sql
 from sync.aggregate import (
     MODEL_ROLLUP_WIDTH,
+    arm_column,
     model_rollups,
     plans,
-    rearms,
     rollups,
     snapshots,
 )
@@ -237,20 +237,18 @@ class BatchWriter:
                     [k[1] for k in new_rows],
                 )
             moved = fired = 0
-            if snaps[0]:
-                text, params = sql.statement("snapshots", snaps)
-                if self._alerts is None:
-                    status = await conn.execute(text, *params)
-                    moved = int(status.rsplit(" ", 1)[-1])
-                else:
-                    # The same update, with the alerts it causes written in the same
-                    # statement (and so the same transaction as the ledger rows).
-                    arm = rearms(rows.flats)
-                    counts = await conn.fetchrow(
-                        sql.with_alerts(text), *params, *arm, *self._alerts.params()
-                    )
-                    assert counts is not None
-                    moved, fired = counts[0], counts[1]
+            alerts = self._alerts
+            if snaps[0] and alerts is None:
+                status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
+                moved = int(status.rsplit(" ", 1)[-1])
+            elif snaps[0] and alerts is not None:
+                # The same update, with the alerts it causes written by the same statement
+                # (and so in the same transaction as the ledger rows).
+                armed = (*snaps, arm_column(rows.flats, snaps))
+                text, params = sql.statement("alert_snapshots", armed)
+                counts = await conn.fetchrow(text, *params, *alerts.params())
+                assert counts is not None
+                moved, fired = counts[0], counts[1]
             self._crash.check("before_commit")
         self._known_orgs.update(new_orgs)
         self._known_rows.update(new_rows)

@@ -118,7 +118,8 @@ SELECT e.id, e.organization_id, e.level, e.token_type, e.period, e.kind, e.thres
     e.payload::text AS payload, e.created_at, e.status, e.attempts, e.next_attempt_at,
     e.delivered_at, e.last_error,
     coalesce((SELECT json_agg(json_build_object(
-        'at', a.at, 'url', a.url, 'outcome', a.outcome, 'response_code', a.response_code,
+        'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+        'url', a.url, 'outcome', a.outcome, 'response_code', a.response_code,
         'error', a.error, 'duration_ms', a.duration_ms) ORDER BY a.id)
         FROM alert_attempts a WHERE a.event_id = e.id), '[]')::text AS attempts_list
 FROM alert_events e

@@ -5,15 +5,17 @@ The sync job moves each (org, bucket) snapshot of ``ai_tokens`` forward with one
 first part of one statement (:func:`alerting_statement`)::
 
     WITH upd AS (UPDATE ai_tokens ... RETURNING the snapshot after),
-         cur AS (upd JOIN ai_tokens AS before, LEFT JOIN alert_rules),
+         pre AS (upd LEFT JOIN alert_rules, only rows that could fire),
+         cur AS (pre JOIN ai_tokens AS before),
          fired AS (the alerts each row crosses),
          ins AS (INSERT INTO alert_events ... ON CONFLICT DO NOTHING)
     SELECT count(upd), count(ins)
 
 Every part of one statement reads the same snapshot, so ``ai_tokens`` read in ``cur`` is
 the row *before* the update while ``upd`` returns it after: before and after of every
-bucket the batch touched, compared set-based, with no extra round trip. Orgs crossing
-nothing cost a join and a few comparisons per touched bucket; only crossings insert.
+bucket the batch touched, compared set-based, with no extra round trip. A bucket under
+its lowest threshold, not depleted and not re-armed costs a hash-join probe of the rules
+and a few comparisons; only the others read their before state, only crossings insert.
 
 When an alert fires (per bucket, at the org level; team/user/key caps are not evaluated
 yet, but the outbox key and payload have their ``level`` and ``scope_id``):
@@ -25,8 +27,9 @@ yet, but the outbox key and payload have their ``level`` and ``scope_id``):
   was depleted or over its lowest threshold back under every threshold.
 
 A generation is the bucket's period plus ``ai_tokens.alert_arm``, the seq of its newest
-grant or reset event (set with GREATEST, so a replay cannot move it). The outbox's unique
-key (org, level, scope, bucket, period, kind, threshold, generation) makes each alert fire
+grant or reset event (set by the update with GREATEST, so a replay cannot move it). The
+outbox's unique key (org, level, scope, bucket, period, kind, threshold, generation) makes
+each alert fire
 at most once per generation, whatever replays, second workers or refunds that dip under a
 threshold and cross it again do; a top-up or a reset re-arms everything.
 """
@@ -63,8 +66,12 @@ class AlertDefaults:
         )
 
     def params(self) -> list[Any]:
-        """Default percents, default token thresholds, whether a default URL exists."""
-        return [list(self.pct), list(self.abs), self.has_url]
+        """Default percents, default token thresholds, whether a default URL exists, and
+        the lowest of each kind (None: none)."""
+        return [
+            list(self.pct), list(self.abs), self.has_url,
+            min(self.pct, default=None), min(self.abs, default=None),
+        ]  # fmt: skip
 
 
 _ISO = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
@@ -102,23 +109,37 @@ def payload_sql(
             'projected_exhaustion_at', {_ISO.format(exhaustion)})))"""
 
 
-# {update} is sync/sql.py's snapshot UPDATE; $A.. are this module's parameters.
+# {update} is sync/sql.py's snapshot UPDATE (which also keeps alert_arm); ${..} are this
+# module's parameters. `pre` keeps only rows that can fire anything, judged on the after
+# state alone (over the lowest threshold, depleted, or re-armed in this batch), so a bucket
+# crossing nothing never costs the join with its before state.
 _TAIL = """
 WITH upd AS (
     {update}
     RETURNING t.organization_id AS org, t.token_type AS bucket, t.balance, t.extra,
-        t.total_allocated, t.used, t.period, t.refresh_date, t.alert_arm
+        t.total_allocated, t.used, t.period, t.refresh_date, t.alert_arm, s.arm AS armed
 ),
-cur AS (
+pre AS (
     SELECT u.*, u.balance + u.extra AS rem, u.used + u.balance + u.extra AS cap,
-        b.used AS b_used, b.used + b.balance + b.extra AS b_cap,
-        b.balance + b.extra AS b_rem,
-        (b.period = u.period AND b.alert_arm = u.alert_arm) AS same_gen,
         coalesce(r.pct, ${pct}::numeric[]) AS pct, coalesce(r.abs, ${abs}::bigint[]) AS abs
     FROM upd u
-    JOIN ai_tokens b ON b.organization_id = u.org AND b.token_type = u.bucket
     LEFT JOIN alert_rules r ON r.organization_id = u.org
-    WHERE r.webhook_url IS NOT NULL OR ${has_url}::boolean
+    WHERE (r.webhook_url IS NOT NULL OR ${has_url}::boolean)
+      AND (u.armed IS NOT NULL
+           OR (u.used + u.balance + u.extra > 0
+               AND (u.balance + u.extra = 0
+                    OR u.used * 100 >= (CASE WHEN r.pct IS NULL THEN ${min_pct}::numeric
+                        ELSE (SELECT min(x) FROM unnest(r.pct) x) END)
+                       * (u.used + u.balance + u.extra)
+                    OR u.used >= (CASE WHEN r.abs IS NULL THEN ${min_abs}::bigint
+                        ELSE (SELECT min(x) FROM unnest(r.abs) x) END))))
+),
+cur AS (
+    SELECT p.*, b.used AS b_used, b.used + b.balance + b.extra AS b_cap,
+        b.balance + b.extra AS b_rem,
+        (b.period = p.period AND b.alert_arm = p.alert_arm) AS same_gen
+    FROM pre p
+    JOIN ai_tokens b ON b.organization_id = p.org AND b.token_type = p.bucket
 ),
 fired AS (
     SELECT 'msg_' || replace(gen_random_uuid()::text, '-', '') AS id, c.*, k.*
@@ -158,32 +179,18 @@ ins AS (
 SELECT (SELECT count(*) FROM upd) AS snapshots, (SELECT count(*) FROM ins) AS alerts
 """
 
-# The SET clause that keeps alert_arm (appended to the UPDATE's SET list): the newest
-# grant/reset seq of the batch for the row, from three array parameters.
-ARM_SET = """,
-    alert_arm = GREATEST(t.alert_arm, coalesce((
-        SELECT max(a.seq) FROM unnest(${o}::text[], ${b}::text[], ${s}::bigint[])
-            AS a(org, bucket, seq)
-        WHERE a.org = s.org AND a.bucket = s.bucket), 0))"""
-
-# How many parameters alerting_statement adds after the update's own.
-EXTRA_PARAMS = 6
-
 
 def alerting_statement(update_sql: str, first: int) -> str:
-    """``update_sql`` (ending ``SET ... seq = s.seq, updated_at = now() FROM ...``) as the
-    statement described in the module docstring; its own parameters are numbered from
-    ``first``: arm orgs, arm buckets, arm seqs (see ``ARM_SET``), then
-    :meth:`AlertDefaults.params`."""
-    marker = "updated_at = now()"
-    if update_sql.count(marker) != 1:
-        raise ValueError("the snapshot update must set updated_at = now() exactly once")
-    arm = ARM_SET.format(o=first, b=first + 1, s=first + 2)
-    update = update_sql.replace(marker, marker + arm).strip()
+    """``update_sql`` (an ``UPDATE ai_tokens AS t ... FROM ... AS s(...)`` whose ``s`` has
+    an ``arm`` column: the batch's newest grant/reset seq of the row, or NULL) as the
+    statement described in the module docstring; :meth:`AlertDefaults.params` follow the
+    update's parameters, numbered from ``first``."""
     return _TAIL.format(
-        update=update,
-        pct=first + 3,
-        abs=first + 4,
-        has_url=first + 5,
+        update=update_sql.strip(),
+        pct=first,
+        abs=first + 1,
+        has_url=first + 2,
+        min_pct=first + 3,
+        min_abs=first + 4,
         payload=payload_sql(),
     )

@@ -89,12 +89,14 @@ async def deliveries(call: Call) -> Reply:
     pool, _ = await _setup(call)
     query = call.parsed(DeliveryQuery)
     items = await list_deliveries(pool, query.org, query.status, query.limit)
-    out = []
-    for item in items:
-        attempts = [{**a, "at": a["at"]} for a in item["attempts"]]
-        data = _times(item, "created_at", "next_attempt_at", "delivered_at")
-        out.append(Delivery.model_validate({**data, "attempts": attempts}))
-    return Reply(DeliveryList(items=out))
+    return Reply(
+        DeliveryList(
+            items=[
+                Delivery.model_validate(_times(i, "created_at", "next_attempt_at", "delivered_at"))
+                for i in items
+            ]
+        )
+    )
 
 
 async def resend_delivery(call: Call) -> Reply:
