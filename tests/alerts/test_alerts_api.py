@@ -54,7 +54,9 @@ async def deliver(env: Env) -> None:
     await Deliverer(store.pool, env.gate.config.alerts).run_once()
 
 
-async def test_usage_crossing_80_percent_is_one_signed_webhook(env: Env, receiver: Receiver) -> None:
+async def test_usage_crossing_80_percent_is_one_signed_webhook(
+    env: Env, receiver: Receiver
+) -> None:
     await env.gate.set_plan("acme", "pro")  # lead_generation: 60 tokens, cost 5
     for _ in range(9):
         assert (await env.gate.charge("acme", "lead_generation")).ok

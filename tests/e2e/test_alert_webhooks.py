@@ -50,8 +50,8 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def wait_for(check: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_for(check: Callable[[], object], within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
     while True:
         result = check()
         if asyncio.iscoroutine(result):

@@ -64,16 +64,20 @@ class Receiver:
 
     @property
     def url(self) -> str:
+        """Where to send."""
         return f"http://127.0.0.1:{self.port}/hook"
 
     async def start(self) -> None:
+        """Listen."""
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def stop(self) -> None:
+        """Stop listening (the port refuses connections again)."""
         await self._runner.cleanup()
 
     def received(self) -> list[dict[str, Any]]:
+        """Every request logged so far."""
         return received(self.log)
 
 
