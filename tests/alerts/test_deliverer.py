@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import socket
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.alerts.deliverer import Deliverer, backoff_seconds
 from gateway.config.alerts import AlertsConfig
+from gateway.core.periods import period_bounds, period_id
 from tests.support.pg import requires_postgres
 from tests.support.webhook_receiver import Receiver
 
@@ -162,3 +164,37 @@ async def test_an_org_without_any_url_fails_without_sending(pool: asyncpg.Pool) 
     config = settings("http://127.0.0.1:9/hook").model_copy(update={"webhook_url": None})
     assert (await Deliverer(pool, config).run_once()).failed == 1
     assert await state(pool, event_id) == ("failed", 1)
+
+
+async def test_a_pass_sweeps_forecasts_and_delivers_them(
+    pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    # Now, in the current calendar month: 800 of 1000 tokens left, burning ~200 a day.
+    now = datetime.now(UTC)
+    _, end = period_bounds("monthly", int(now.timestamp() * 1000))
+    refresh = datetime.fromtimestamp(end / 1000, tz=UTC)
+    if refresh - now < timedelta(days=5):
+        pytest.skip("too close to the month's end for a forecast to matter")
+    await pool.execute("INSERT INTO organizations (id, plan) VALUES ('acme', 'pro')")
+    await pool.execute(
+        "INSERT INTO ai_tokens (organization_id, token_type, balance, total_allocated, used,"
+        " period, refresh_date, seq) VALUES ('acme', 'b', 800, 1000, 200, $1, $2, 1)",
+        period_id("monthly", int(now.timestamp() * 1000)), refresh,
+    )  # fmt: skip
+    for days_ago in (1, 2, 3):
+        await pool.execute(
+            "INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type,"
+            " requests, tokens) VALUES ('acme', $1, 'f', '', 'b', 1, 200)",
+            now.date() - timedelta(days=days_ago),
+        )  # fmt: skip
+    receiver = Receiver(free_port(), SECRET, tmp_path / "log")
+    await receiver.start()
+    try:
+        result = await Deliverer(pool, settings(receiver.url, forecast=True)).run_once()
+        assert (result.forecast, result.delivered) == (1, 1)
+        (got,) = receiver.received()
+        assert got["payload"]["type"] == "balance.forecast_exhaustion"
+        assert got["payload"]["data"]["remaining"] == 800
+        assert "projected_exhaustion_at" in got["payload"]["data"]
+    finally:
+        await receiver.stop()
