@@ -52,6 +52,8 @@ from sync.records import (
 )
 
 REQUEST_KINDS = frozenset({"charge", "refund", "expired_hold"})
+# Events that re-arm a bucket's alerts (gateway/alerts/evaluation.py): a top-up, a reset.
+REARM_KINDS = frozenset({"grant", "reset"})
 
 # A table of rows as columns, each a sequence of strings ("" = NULL where a column's
 # values cannot be empty, see sync/writer.py).
@@ -243,3 +245,18 @@ def snapshots(entries: Sequence[Flat]) -> Columns:
             )
         )  # fmt: skip
     return tuple(zip(*rows, strict=True))
+
+
+def arm_column(entries: Iterable[Flat], snaps: Columns) -> list[str]:
+    """Per snapshot row of ``snaps``: the seq of the batch's newest grant or reset event of
+    that (org, bucket), or "" (alerts re-arm at these; the update keeps the greatest)."""
+    arms: dict[tuple[str, str], int] = {}
+    kinds = REARM_KINDS
+    for v in entries:
+        if v[KIND] in kinds and v[SEQ]:
+            key, seq = (v[ORG], v[BUCKET]), int(v[SEQ])
+            if seq > arms.get(key, 0):
+                arms[key] = seq
+    if not arms:
+        return [""] * len(snaps[0])
+    return [str(arms[key]) if key in arms else "" for key in zip(snaps[0], snaps[1], strict=True)]

@@ -19,6 +19,7 @@ class SyncPassResult:
     acked: int = 0
     trimmed: int = 0
     swept: int = 0  # expired holds turned into events by sweep_holds.lua
+    alerts: int = 0  # alert events written to the outbox (gateway/alerts/evaluation.py)
 
     def add(self, other: SyncPassResult) -> None:
         """Accumulate ``other`` into this result."""

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from datetime import date, datetime
 from typing import Any
 
+from gateway.alerts.evaluation import alerting_statement
 from sync.aggregate import Columns
 from sync.records import COPY_COLUMNS
 
@@ -111,10 +112,20 @@ _SNAP_TYPES = (
 )  # fmt: skip
 _SNAP_NULLABLE = (False, False, *(True,) * 12)
 
+# With alerts: the same update, which also keeps alert_arm from one more column (the
+# batch's newest grant/reset seq of the row, or NULL), wrapped in the alert evaluation
+# (gateway/alerts/evaluation.py). Its alert parameters follow the 15 columns.
+_UPDATE_SNAPSHOTS_ARMED = _UPDATE_SNAPSHOTS.replace(
+    "updated_at = now()", "updated_at = now(),\n    alert_arm = GREATEST(t.alert_arm, s.arm)"
+).replace("per_seq,\n         refresh)", "per_seq,\n         refresh, arm)")
+assert _UPDATE_SNAPSHOTS_ARMED.count("s.arm") == 1 and "refresh, arm)" in _UPDATE_SNAPSHOTS_ARMED
+_ALERT_SNAPSHOTS = alerting_statement(_UPDATE_SNAPSHOTS_ARMED, len(_SNAP_TYPES) + 2)
+
 _KINDS = {
     "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE),
     "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE),
     "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE),
+    "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True)),
 }
 
 
@@ -149,8 +160,9 @@ def _typed(value: str, typ: str, nullable: bool) -> Any:
 
 
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
-    """The ``"rollup"``, ``"model_rollup"`` or ``"snapshots"`` statement and its parameters
-    for ``columns``."""
+    """The ``"rollup"``, ``"model_rollup"``, ``"snapshots"`` or ``"alert_snapshots"`` (the
+    snapshots' columns plus the arm column; it returns one row: snapshots moved, alerts
+    inserted) statement and its parameters for ``columns``."""
     n = len(columns[0])
     packed = [SEP.join(col) + SEP for col in columns]
     if all(p.count(SEP) == n for p in packed):

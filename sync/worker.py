@@ -34,6 +34,7 @@ import asyncpg
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from gateway.alerts.evaluation import AlertDefaults
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.lua_scripts import load as load_script
 from sync.batch import Entry, Rows, decode_entries
@@ -101,6 +102,8 @@ class SyncWorker:
     ``redis`` for the bulk stream commands when ``redis`` is a plain TCP client, False
     keeps everything on ``redis``, or pass a client to use (it is not closed here).
     ``now_ms`` is the clock holds expire by (the gate's clock; default: wall time).
+    ``alerts`` (the config's alert defaults) turns on the alert evaluation in each batch's
+    transaction (gateway/alerts/evaluation.py); None: no alerts are evaluated.
     ``run`` and ``run_once`` close the connection the worker opened when they return.
     """
 
@@ -121,6 +124,7 @@ class SyncWorker:
         default_plan: str = "starter",
         fast_redis: FastClient | bool = True,
         now_ms: Callable[[], int] | None = None,
+        alerts: AlertDefaults | None = None,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -140,7 +144,11 @@ class SyncWorker:
             fast = fast_redis
         self._times = Times()
         self._writer = BatchWriter(
-            pool, times=self._times, prefix=keyspace.prefix, default_plan=default_plan
+            pool,
+            times=self._times,
+            prefix=keyspace.prefix,
+            default_plan=default_plan,
+            alerts=alerts,
         )
         self._shards = [
             _Shard(ShardStream(redis, keys, group, self.consumer, fast))
@@ -438,6 +446,7 @@ class SyncWorker:
             right = await self._write_isolating(shard, rows.slice(mid, len(rows)), direct, result)
             return left[0] + right[0], left[1] + right[1]
         result.fallbacks += res.fallback
+        result.alerts += res.alerts
         return res.inserted, []
 
     # -- helpers ----------------------------------------------------------------------
@@ -511,4 +520,5 @@ async def run_sync(config_path: str) -> None:
         keyspace=KeySpace(config.key_prefix, config.shards),
         redis_timeout_s=config.redis_timeout_seconds,
         default_plan=config.default_plan,
+        alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
     )

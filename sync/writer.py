@@ -41,8 +41,16 @@ from typing import Any
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
 
+from gateway.alerts.evaluation import AlertDefaults
 from sync import sql
-from sync.aggregate import MODEL_ROLLUP_WIDTH, model_rollups, plans, rollups, snapshots
+from sync.aggregate import (
+    MODEL_ROLLUP_WIDTH,
+    arm_column,
+    model_rollups,
+    plans,
+    rollups,
+    snapshots,
+)
 from sync.batch import Rows, first_of_each
 from sync.records import COPY_COLUMNS, Times, careful_payload, fast_payload
 
@@ -70,6 +78,7 @@ class WriteResult:
     snapshots: int  # ai_tokens rows moved forward
     direct: bool  # written by the fast path (COPY straight into the ledger)
     fallback: bool = False  # the fast path met a duplicate; written by the safe path
+    alerts: int = 0  # alert events put in the outbox (gateway/alerts/evaluation.py)
 
 
 class _CrashHook:
@@ -121,6 +130,7 @@ class BatchWriter:
         default_plan: str = "starter",
         known_ttl_s: float = 300.0,
         known_max: int = 1_000_000,
+        alerts: AlertDefaults | None = None,
     ) -> None:
         self._pool = pool
         self._times = times
@@ -132,6 +142,7 @@ class BatchWriter:
         self._known_ttl_s = known_ttl_s
         self._known_max = known_max
         self._known_since = time.monotonic()
+        self._alerts = alerts
         self.fallbacks = 0  # fast-path batches that met a duplicate and were redone
 
     def _forget(self) -> None:
@@ -225,9 +236,19 @@ class BatchWriter:
                     [k[0] for k in new_rows],
                     [k[1] for k in new_rows],
                 )
-            status = "UPDATE 0"
-            if snaps[0]:
+            moved = fired = 0
+            alerts = self._alerts
+            if snaps[0] and alerts is None:
                 status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
+                moved = int(status.rsplit(" ", 1)[-1])
+            elif snaps[0] and alerts is not None:
+                # The same update, with the alerts it causes written by the same statement
+                # (and so in the same transaction as the ledger rows).
+                armed = (*snaps, arm_column(rows.flats, snaps))
+                text, params = sql.statement("alert_snapshots", armed)
+                counts = await conn.fetchrow(text, *params, *alerts.params())
+                assert counts is not None
+                moved, fired = counts[0], counts[1]
             self._crash.check("before_commit")
         self._known_orgs.update(new_orgs)
         self._known_rows.update(new_rows)
@@ -236,7 +257,8 @@ class BatchWriter:
             events=len(rows),
             inserted=inserted,
             rollups=len(roll[0]),
-            snapshots=int(status.rsplit(" ", 1)[-1]),
+            snapshots=moved,
             direct=direct,
             fallback=fallback,
+            alerts=fired,
         )

@@ -317,6 +317,51 @@ def sync(config_path: Path | None) -> None:
     log.info("creditgate sync: stopped")
 
 
+@main.command()
+@config_option
+@click.option(
+    "--once", is_flag=True, help="One pass (forecast sweep and due deliveries), then exit."
+)
+def deliver(config_path: Path | None, once: bool) -> None:
+    """Run the alert deliverer (contract A11): signed webhooks from the outbox, at least once.
+
+    Several may run at once (claims skip each other's rows); SIGTERM or Ctrl-C stop it
+    after the pass in flight. State lives in Postgres, so a killed deliverer resumes.
+    """
+    from gateway.alerts.deliverer import Deliverer, run_deliverer
+    from gateway.core.logs import configure_logging
+
+    config = _load(config_path)
+    path = _locate(config_path).path
+    if not config.database_url or config.alerts is None:
+        what = "database_url is empty" if not config.database_url else "it has no alerts section"
+        click.echo(
+            f"error: {path}: the deliverer sends alerts from the ledger, and {what}", err=True
+        )
+        raise SystemExit(1)
+    configure_logging("info")
+    database_url, alerts = config.database_url, config.alerts
+    if once:
+
+        async def one_pass() -> None:
+            import asyncpg
+
+            pool = await asyncpg.create_pool(database_url, min_size=0, max_size=4)
+            try:
+                result = await Deliverer(pool, alerts).run_once()
+            finally:
+                await pool.close()
+            _echo_json({"claimed": result.claimed, "delivered": result.delivered,
+                        "failed": result.failed, "forecast": result.forecast})  # fmt: skip
+
+        _run(one_pass())
+        return
+    log = logging.getLogger("creditgate.alerts")
+    log.info("creditgate deliver: sending alert webhooks from %s", _shown(database_url))
+    _run(run_deliverer(database_url, alerts))
+    log.info("creditgate deliver: stopped")
+
+
 @main.group()
 def orgs() -> None:
     """Organizations and their plans."""

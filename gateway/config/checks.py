@@ -10,6 +10,7 @@ from collections.abc import Container, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
 
+from gateway.config.alerts import alerts_errors
 from gateway.config.costs import price_table_errors, variable_cost_errors
 from gateway.config.refunds import parse_refund_entry
 from gateway.config.schema import Config, parse_rate
@@ -124,6 +125,7 @@ class Checker:
         self.features()
         self.plans()
         self.billing()
+        self.alerts()
         self.routes()
         if self.filled("key_prefix", c.key_prefix) and re.search(r"[{}\s]", c.key_prefix):
             self.err("key_prefix", f"must not contain braces or spaces, got {c.key_prefix!r}")
@@ -289,6 +291,16 @@ class Checker:
             self.number(f"{path}.amount", topup.amount, 1, _MAX_TOKENS)
             if topup.expires_in_days is not None:
                 self.number(f"{path}.expires_in_days", topup.expires_in_days, 1)
+
+    def alerts(self) -> None:
+        alerts = self.c.alerts
+        if alerts is None:
+            return
+        if alerts.webhook_url is not None:
+            self.url("alerts.webhook_url", alerts.webhook_url, ("http", "https"), host=True)
+        self.filled("alerts.webhook_secret", alerts.webhook_secret)
+        for path, message in alerts_errors(alerts):
+            self.err(path, message)
 
     def routes(self) -> None:
         for i, route in enumerate(self.c.routes):

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from gateway.config.alerts import AlertsConfig
 from gateway.config.costs import CostSpec, VariableCostConfig, build_prices, parse_cost
 from gateway.config.refunds import DEFAULT_REFUND_ON
 from gateway.config.source import ConfigError
@@ -262,6 +263,8 @@ class Config(_Strict):
     default_plan: str = "starter"
     period: Literal["monthly", "weekly", "daily"] = "monthly"
     billing: BillingConfig = Field(default_factory=BillingConfig)
+    # contract A11: alert rules' defaults and webhook delivery (gateway/config/alerts.py).
+    alerts: AlertsConfig | None = None
     routes: list[RouteConfig] = Field(default_factory=list)
     # contract A8: model glob -> {input, cached_input?, output}, creditgate tokens per 1,000
     # model tokens, plus `default`; first matching glob wins, so the file's order is kept.

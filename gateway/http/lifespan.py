@@ -31,6 +31,7 @@ from typing import Any
 
 import asyncpg
 
+from gateway.alerts.evaluation import AlertDefaults
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import RedisHandles, connect_redis
 from sync.worker import SyncWorker
@@ -88,6 +89,7 @@ class SyncJob:
             pool=self._pool,
             keyspace=self.gate.keys,
             default_plan=config.default_plan,
+            alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )

@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gateway.alerts.deliveries import DeliveryCounts, delivery_counts
 from gateway.core.counters import ADMIT_BUCKETS, HotMetrics
 from gateway.http.admin_auth import AdminAuth
 from sync.results import SyncPassResult, SyncStats
@@ -153,6 +154,7 @@ class _Collector(Collector):
         self.gate = gate
         self.lag: SyncLag | None = None
         self.redis_up: bool | None = None
+        self.alerts: DeliveryCounts | None = None  # measured per scrape when configured
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(
@@ -215,7 +217,26 @@ class _Collector(Collector):
         )  # fmt: skip
         yield from self._gauges()
 
+    def _alert_gauges(self) -> Iterable[Metric]:
+        counts = self.alerts
+        if counts is None:
+            return
+        deliveries = GaugeMetricFamily(
+            "creditgate_alert_deliveries",
+            "Alert webhook deliveries in the outbox, by status (pending, delivered, failed).",
+            labels=["status"],
+        )
+        for status in ("pending", "delivered", "failed"):
+            deliveries.add_metric([status], getattr(counts, status))
+        yield deliveries
+        yield GaugeMetricFamily(
+            "creditgate_alert_endpoints_disabled",
+            "Webhook endpoints disabled after failing continuously (alerts.disable_after_days).",
+            value=counts.disabled_endpoints,
+        )
+
     def _gauges(self) -> Iterable[Metric]:
+        yield from self._alert_gauges()
         if self.redis_up is not None:
             yield GaugeMetricFamily(
                 "creditgate_redis_up", "1 when Redis answered the last scrape.",
@@ -256,6 +277,19 @@ class _Collector(Collector):
             )
 
 
+async def _alert_counts(gate: CreditGate) -> DeliveryCounts | None:
+    """The outbox's counts, when alerts and a database are configured and answer."""
+    if gate.config.alerts is None or not gate.config.database_url:
+        return None
+    try:
+        store = await gate.store()
+        if store is None:
+            return None
+        return await asyncio.wait_for(delivery_counts(store.pool), timeout=2)
+    except Exception:  # the ledger down: the other metrics are still worth serving
+        return None
+
+
 def metrics_endpoint(gate: CreditGate) -> Any:
     """The Starlette endpoint of ``GET /metrics`` for ``gate``."""
     from prometheus_client import PlatformCollector, ProcessCollector
@@ -274,6 +308,7 @@ def metrics_endpoint(gate: CreditGate) -> Any:
         except Exception:  # Redis down or slow: the counters are still worth serving
             collector.lag = None
             collector.redis_up = False
+        collector.alerts = await _alert_counts(gate)
         return Response(
             generate_latest(registry), media_type="text/plain; version=0.0.4; charset=utf-8"
         )

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from gateway.__about__ import __version__
 from gateway.config import Config
-from gateway.http import admin_api, token_api
+from gateway.http import admin_api, alerts_api, token_api
 from gateway.http.dashboard import ADMIN_PAGE, ORG_PAGE
 from gateway.http.endpoint import Call, Doc, Operation
 from gateway.http.models.problem import Problem
@@ -68,7 +68,7 @@ OPENAPI = Operation(
 #: The token API's operations, mounted under ``config.api_prefix``.
 TOKEN_OPERATIONS: list[Operation] = [*token_api.OPERATIONS, ORG_PAGE, OPENAPI]
 #: The admin API's operations (absolute paths), served only with an admin token.
-ADMIN_OPERATIONS: list[Operation] = [*admin_api.OPERATIONS, ADMIN_PAGE]
+ADMIN_OPERATIONS: list[Operation] = [*admin_api.OPERATIONS, *alerts_api.OPERATIONS, ADMIN_PAGE]
 
 
 class _Schemas(GenerateJsonSchema):
