@@ -18,7 +18,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from gateway.ledger.usage import Conn
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    # A connection taken from the store's pool, as gateway.ledger.usage spells it (not
+    # imported from there: usage imports this module).
+    Conn = PoolConnectionProxy[asyncpg.Record]
 
 __all__ = ["GROUPS", "Group", "group_usage"]
 

@@ -30,7 +30,7 @@ def _refused(*args: str, config: Path, says: str) -> None:
 
 
 async def _mirror(gate: CreditGate, *fields: str) -> list[str | None]:
-    raw = await gate.redis.client.hmget(gate.keys.org("acme"), list(fields))  # type: ignore[arg-type]
+    raw = await gate.redis.client.hmget(gate.keys.org("acme"), list(fields))
     return [None if v is None else (v.decode() if isinstance(v, bytes) else str(v)) for v in raw]
 
 
@@ -64,6 +64,7 @@ async def test_teams_users_and_keys_from_the_command_line(config_file: Path) -> 
         kid = made_key.stderr.split("id:")[1].split()[0]
         assert made_key.stdout.strip().startswith("cg_")
         row = await db.fetchrow("SELECT team_id, caps FROM api_keys WHERE id = $1", kid)
+        assert row is not None
         assert row["team_id"] == "red" and json.loads(row["caps"]) == {BUCKET: 3}
         assert (await gate.charge("acme", BUCKET, user="bob", key_id=kid)).ok
         refused = await gate.charge("acme", BUCKET, user="bob", key_id=kid)

@@ -101,10 +101,11 @@ async def test_admin_dashboard_actions(
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         dialogs: list[str] = []
+        accepting: list[asyncio.Future[None]] = []  # kept until done (not collected)
 
         def on_dialog(dialog: Any) -> None:
             dialogs.append(dialog.message)
-            asyncio.ensure_future(dialog.accept())
+            accepting.append(asyncio.ensure_future(dialog.accept()))
 
         page.on("dialog", on_dialog)
         await page.goto(f"{url}/admin/dashboard")
@@ -245,7 +246,8 @@ async def test_admin_dashboard_actions(
         r = await http.get(f"/admin/orgs/{quote(EVIL_ORG, safe='')}/teams", headers=ADMIN)
         assert [t["team"] for t in r.json()["items"]] == ["ops"]
         assert "ops" not in await _teams(http)
-        assert await page.evaluate("() => document.querySelectorAll('main b, main img').length") == 0
+        markup = "() => document.querySelectorAll('main b, main img').length"
+        assert await page.evaluate(markup) == 0
         assert await page.evaluate("() => window.__xss") is None
         # Only the refused actions may have logged errors (the browser reports the 422s).
         assert all("422" in e for e in errors), errors
