@@ -10,151 +10,29 @@ unreachable services exit 2; a traceback is a bug.
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
 
 from gateway.__about__ import __version__
-from gateway.config import (
-    Config,
-    ConfigError,
-    ConfigLocation,
-    Mode,
-    check_config,
-    load_config,
-    locate_config,
-)
-from gateway.core.ids import ID_RULE, valid_id
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Config file (default: $CREDITGATE_CONFIG or ./creditgate.yaml).",
-)
-
-
-class _Id(click.ParamType):  # type: ignore[type-arg, unused-ignore]  # generic from click 8.2
-    """An org or user id (gateway.core.ids): a bad one is a usage error (exit 2)."""
-
-    name = "id"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not valid_id(value):
-            self.fail(f"{value!r} is not an id: it must be {ID_RULE}", param, ctx)
-        return str(value)
-
-
-ID = _Id()
-
-
-def _locate(config_path: Path | None) -> ConfigLocation:
-    """The command's --config, else the group's (``creditgate --config F ...``), else
-    $CREDITGATE_CONFIG, else ./creditgate.yaml."""
-    ctx = click.get_current_context(silent=True)
-    given_to_group = ctx.find_root().params.get("config_path") if ctx is not None else None
-    return locate_config(config_path or given_to_group)
-
-
-_WHY = {
-    "option": "given with --config",
-    "environment": "from $CREDITGATE_CONFIG={value}",
-    "default": "the default, ./creditgate.yaml in the current directory:"
-    " neither --config nor $CREDITGATE_CONFIG is set",
-}
-
-
-def _no_config(location: ConfigLocation, *, argument: bool = False) -> None:
-    """Exit 1 saying where the config was looked for, and how to point elsewhere."""
-    why = "" if argument else " (" + _WHY[location.origin].format(value=location.path) + ")"
-    click.echo(f"error: no config file at {location.path.absolute()}{why}", err=True)
-    click.echo(
-        "hint: point to your config with --config FILE (before or after the command)"
-        " or CREDITGATE_CONFIG=FILE; `creditgate demo` runs without one",
-        err=True,
-    )
-    raise SystemExit(1)
-
-
-def _load(config_path: Path | None, *, mode: Mode | None = None) -> Config:
-    """The config the command should use, or exit 1 with every error in it."""
-    location = _locate(config_path)
-    if not location.path.exists():
-        _no_config(location)
-    try:
-        return load_config(location.path, mode=mode)
-    except ConfigError as exc:
-        for err in exc.errors:
-            click.echo(err, err=True)
-        raise SystemExit(1) from None
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine, turning service outages into one-line errors (exit 2)."""
-    from asyncpg import UndefinedTableError
-
-    from gateway.core.errors import (
-        DatabaseUnavailable,
-        LedgerUnavailable,
-        NoDatabase,
-        RedisUnavailable,
-    )
-
-    try:
-        return asyncio.run(coro)
-    except (RedisUnavailable, LedgerUnavailable, DatabaseUnavailable, NoDatabase, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(2) from None
-    except UndefinedTableError as exc:  # a first run that skipped `creditgate migrate`
-        click.echo(
-            f"error: the database has no creditgate tables yet ({exc}):"
-            " run `creditgate migrate` first",
-            err=True,
-        )
-        raise SystemExit(2) from None
-    except (ValueError, LookupError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        raise SystemExit(1) from None
-
-
-def _with_gate(
-    fn: Callable[..., Awaitable[T]],
-) -> Callable[..., T]:
-    """Decorate an async command body taking (gate, ...) so it runs with a connected gate."""
-
-    @functools.wraps(fn)
-    def wrapper(config_path: Path | None, *args: Any, **kwargs: Any) -> T:
-        from gateway.metering.gate import CreditGate
-
-        config = _load(config_path)
-
-        async def main() -> T:
-            gate = CreditGate(config)
-            try:
-                return await fn(gate, *args, **kwargs)
-            finally:
-                await gate.close()
-
-        return _run(main())
-
-    return wrapper
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+from gateway.commands.cli_levels import apply_key_levels, cap_options, caps_patch, keys_set
+from gateway.commands.cli_levels import teams as teams_group
+from gateway.commands.cli_levels import users as users_group
+from gateway.commands.cli_support import ID, config_option
+from gateway.commands.cli_support import echo_json as _echo_json
+from gateway.commands.cli_support import load as _load
+from gateway.commands.cli_support import locate as _locate
+from gateway.commands.cli_support import no_config as _no_config
+from gateway.commands.cli_support import org_exists as _org_exists
+from gateway.commands.cli_support import run as _run
+from gateway.commands.cli_support import with_gate as _with_gate
+from gateway.config import Config, Mode, check_config, locate_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -409,20 +287,6 @@ async def orgs_show(gate: Any, org: str) -> None:
     )  # fmt: skip
 
 
-async def _org_exists(gate: Any, org: str) -> bool:
-    """Whether ``org`` exists, found without writing: a ledger row, or its state in Redis
-    (an org charged through the library that the sync job has not written yet)."""
-    from gateway.core.errors import RedisUnavailable
-
-    store = await gate.store()
-    if store is not None and await store.get_org(org) is not None:
-        return True
-    try:
-        return bool(await gate.redis.client.exists(gate.keys.org(org)))
-    except Exception as exc:  # redis-py raises many types; all mean "unavailable" here
-        raise RedisUnavailable(str(exc)) from exc
-
-
 @main.group()
 def keys() -> None:
     """API keys."""
@@ -433,10 +297,29 @@ def keys() -> None:
 @click.option("--org", required=True, type=ID)
 @click.option("--user", default=None, type=ID)
 @click.option("--name", default="")
+@click.option("--team", default=None, type=ID, help="Put the key in this team of ORG.")
+@cap_options
 @_with_gate
-async def keys_create(gate: Any, org: str, user: str | None, name: str) -> None:
+async def keys_create(
+    gate: Any, org: str, user: str | None, name: str, team: str | None, caps: tuple[str, ...],
+    clear_caps: tuple[str, ...],
+) -> None:  # fmt: skip
     """Create an API key; the key is printed once and only its hash is stored."""
+    patch = caps_patch(gate.config, caps, clear_caps)
+    if team is not None:
+        # Before the key exists, as the admin API does: a typo creates no key.
+        from gateway.ledger.levels import LevelStore
+
+        store = await gate.require_store()
+        if not any(t.id == team for t in await LevelStore(store.pool).list_teams(org)):
+            raise LookupError(f"org {org!r} has no team {team!r}")
     row, key = await gate.create_key(org, user=user, name=name)
+    if team is not None or patch:
+        try:
+            await apply_key_levels(gate, row.id, {} if team is None else {"team": team}, patch)
+        except LookupError:  # the team was deleted meanwhile: no half-made key
+            await gate.revoke_key(row.id)
+            raise
     click.echo(f"id:  {row.id}", err=True)
     click.echo(key)
 
@@ -463,6 +346,11 @@ async def keys_list(gate: Any, org: str) -> None:
     for row in await store.list_api_keys(org):
         state = f"revoked {row.revoked_at:%Y-%m-%d}" if row.revoked_at else "active"
         click.echo(f"{row.id}  {row.prefix}…  user={row.user or '-'}  {row.name!r}  {state}")
+
+
+keys.add_command(keys_set)
+main.add_command(teams_group)
+main.add_command(users_group)
 
 
 @main.command()

@@ -162,10 +162,19 @@ async def post_key(call: Call) -> Reply:
 
 
 async def list_keys(call: Call) -> Reply:
-    """``GET /admin/keys?org=``: an org's keys, revoked ones included."""
+    """``GET /admin/keys?org=``: an org's keys, revoked ones included, with the team and
+    cap overrides of the active ones (contract A10)."""
     store = await call.gate.require_store()
-    rows = await store.list_api_keys(call.parsed(KeysQuery).org)
-    return Reply(KeyList(items=[ApiKey.model_validate(_key_fields(k)) for k in rows]))
+    org = call.parsed(KeysQuery).org
+    rows = await store.list_api_keys(org)
+    levels = {k.id: k for k in (await LevelStore(store.pool).org_levels(org)).keys}
+    items = []
+    for k in rows:
+        fields: dict[str, object] = dict(_key_fields(k))
+        if (found := levels.get(k.id)) is not None:
+            fields.update(team=found.team, caps=found.caps)
+        items.append(ApiKey.model_validate(fields))
+    return Reply(KeyList(items=items))
 
 
 async def delete_key(call: Call) -> Reply:

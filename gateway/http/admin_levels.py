@@ -35,7 +35,6 @@ from gateway.http.models.fields import storable
 from gateway.ledger.levels import KeyLevels as KeyRow
 from gateway.ledger.levels import LevelStore, UnknownTeam
 from gateway.metering.gate import CreditGate
-from gateway.metering.levels import stored_caps
 
 __all__ = ["LEVEL_OPERATIONS", "key_levels_changed", "valid_caps"]
 
@@ -82,8 +81,7 @@ async def _levels(call: Call, org: str) -> LevelStore:
 
 async def key_levels_changed(gate: CreditGate, row: KeyRow) -> None:
     """Mirror an API key's team and caps into its org's Redis hash."""
-    mirror = gate.levels.entity("key", row.id, stored_caps(gate.config, row.caps), team=row.team)
-    await gate.levels.write(row.org, mirror)
+    await gate.levels.key_written(row)
 
 
 async def put_team(call: Call) -> Reply:
@@ -92,10 +90,7 @@ async def put_team(call: Call) -> Reply:
     levels = await _levels(call, path.org)
     caps = valid_caps(call.gate, body.caps)
     row, created = await levels.put_team(path.org, path.team, name=body.name, caps=caps)
-    gate = call.gate
-    await gate.levels.write(
-        path.org, gate.levels.entity("team", path.team, stored_caps(gate.config, row.caps))
-    )
+    await call.gate.levels.team_written(row)
     teams = {t.id: t for t in await levels.list_teams(path.org)}
     counted = teams.get(path.team, row)
     answer = TeamPut(
@@ -115,7 +110,7 @@ async def delete_team(call: Call) -> Reply:
             404, "unknown_team", "Unknown team", f"Org {path.org!r} has no team {path.team!r}"
         )
     users, keys = members
-    await call.gate.levels.write(path.org, call.gate.levels.removed_team(path.team, users, keys))
+    await call.gate.levels.team_deleted(path.org, path.team, users, keys)
     return Reply(None, status=204)
 
 
@@ -142,11 +137,7 @@ async def put_user(call: Call) -> Reply:
             row = await levels.put_user(path.org, path.user, caps=caps)
     except UnknownTeam as exc:
         raise _unknown_team(path.org, exc) from None
-    gate = call.gate
-    mirror = gate.levels.entity(
-        "user", path.user, stored_caps(gate.config, row.caps), team=row.team
-    )
-    await gate.levels.write(path.org, mirror)
+    await call.gate.levels.user_written(row)
     return Reply(UserInfo(org=path.org, user=path.user, team=row.team, caps=row.caps))
 
 

@@ -40,6 +40,7 @@ _ASSETS = {
     "common.js": "text/javascript; charset=utf-8",
     "org.js": "text/javascript; charset=utf-8",
     "admin.js": "text/javascript; charset=utf-8",
+    "admin_actions.js": "text/javascript; charset=utf-8",
 }
 _PAGES = {"org": "org.html", "admin": "admin.html"}
 _HTML = Doc("The page", media="text/html", schema={"type": "string"})

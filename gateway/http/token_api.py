@@ -64,6 +64,7 @@ from gateway.http.models.token import (
     UsageQuery,
 )
 from gateway.ledger.usage import usage_page
+from gateway.ledger.usage_groups import Group
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission
 from gateway.metering.refusals import describe_refusal, seconds
@@ -272,9 +273,11 @@ async def release_reservation(call: Call) -> Reply:
 
 
 async def stats(call: Call) -> Reply:
-    """``GET /stats``."""
-    days = call.parsed(StatsQuery).days
-    return Reply(Stats.model_validate(await call.gate.stats(call.identity.org, days=days)))
+    """``GET /stats``; ``?group=team|user`` adds ``by_group`` (contract A10)."""
+    query = call.parsed(StatsQuery)
+    group: Group | None = "team" if query.group == "team" else "user" if query.group else None
+    found = await call.gate.stats(call.identity.org, days=query.days, group=group)
+    return Reply(Stats.model_validate(found))
 
 
 async def usage(call: Call) -> Reply:
@@ -344,7 +347,8 @@ OPERATIONS: list[Operation] = [
     ),
     Operation(
         "GET", "/stats", stats, "getStats",
-        "Usage by feature, user, day and model, the overage, and a forecast per bucket",
+        "Usage by feature, user, day and model, the overage, a forecast per bucket, and"
+        " with ?group=team|user usage per team or user",
         {200: Doc("The stats", Stats)}, (400, 401, 429, 501, 503), query=StatsQuery,
     ),
     Operation(

@@ -34,6 +34,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from gateway.core.balances import Balance
 from gateway.core.timefmt import iso, iso_ms, utc_date
+from gateway.ledger.usage_groups import Group, group_usage
 
 if TYPE_CHECKING:
     # A connection taken from the store's pool (generic only in the stubs).
@@ -176,19 +177,29 @@ def forecast(
 
 
 async def org_stats(
-    pool: asyncpg.Pool, org: str, balance_of: Awaitable[Balance], now_ms: int, days: int = 30
+    pool: asyncpg.Pool,
+    org: str,
+    balance_of: Awaitable[Balance],
+    now_ms: int,
+    days: int = 30,
+    group: Group | None = None,
 ) -> dict[str, Any]:
     """``GET /stats``: usage over the last ``days`` days (today included) by feature, user,
     day and model, the overage, and the forecast (the library's ``stats``; the seed's
     getTokenStats). ``balance_of`` reads the org's
-    balance (from Redis) while the ledger is queried; ``now_ms`` is the caller's clock."""
+    balance (from Redis) while the ledger is queried; ``now_ms`` is the caller's clock.
+    ``group`` (team or user, contract A10) adds ``by_group``, read from the log in the
+    same read-only transaction (gateway.ledger.usage_groups)."""
     today = utc_date(now_ms)
     start = today - timedelta(days=days - 1)
     burn_start = today - timedelta(days=BURN_DAYS - 1)
 
     async def read_usage() -> dict[str, Any]:
         async with org_reader(pool, org) as conn:
-            return await org_usage(conn, org, start, today, burn_start)
+            found = await org_usage(conn, org, start, today, burn_start)
+            if group is not None:
+                found["by_group"] = await group_usage(conn, org, group, start, today)
+            return found
 
     # Redis and Postgres at the same time: neither waits for the other.
     balance, usage = await asyncio.gather(balance_of, read_usage())
@@ -202,6 +213,7 @@ async def org_stats(
         "refresh_at": iso_ms(balance.period_end_ms),
         **usage,
         "forecast": forecast(balance, burn, now_ms, today),
+        "group": group,
     }
 
 

@@ -33,6 +33,7 @@ from gateway.identity.identifier import Identifier
 from gateway.ledger.levels import LevelStore
 from gateway.ledger.store import ApiKeyRow, GrantRow, OrgSnapshot, Store
 from gateway.ledger.usage import org_stats
+from gateway.ledger.usage_groups import Group
 from gateway.metering.levels import Levels, level_fields
 from gateway.metering.meter import Actual, Admission, Meter
 from gateway.metering.reservations import Reservation, Reservations, SettleResult
@@ -372,14 +373,20 @@ class CreditGate:
         check_id(org)
         return org, reservation
 
-    async def stats(self, org: str, *, days: int = 30) -> dict[str, Any]:
-        """Usage by feature, user and day, and a forecast per bucket (getTokenStats).
+    async def stats(
+        self, org: str, *, days: int = 30, group: Group | None = None
+    ) -> dict[str, Any]:
+        """Usage by feature, user and day, and a forecast per bucket (getTokenStats);
+        ``group`` (team or user) adds usage per team or user (contract A10).
 
-        Read from the ledger's daily rollups, so it includes what the sync job has written.
+        Read from the ledger (rollups, and the log for groups), so it includes what the
+        sync job has written.
         """
         check_id(org)
         store = await self.require_store()
-        return await org_stats(store.pool, org, self.balance(org), self.clock.now_ms(), days=days)
+        return await org_stats(
+            store.pool, org, self.balance(org), self.clock.now_ms(), days=days, group=group
+        )
 
     # -- admin -------------------------------------------------------------------------
 

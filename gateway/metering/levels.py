@@ -26,7 +26,7 @@ from gateway.core.caps import (
     used_of,
 )
 from gateway.core.redis_keys import KeySpace
-from gateway.ledger.levels import OrgLevels
+from gateway.ledger.levels import KeyLevels, OrgLevels, TeamRow, UserRow
 from gateway.redisio.connect import RedisHandles
 from gateway.redisio.lua_scripts import load
 
@@ -142,6 +142,29 @@ class Levels:
             # process seeded from what it read before the commit.
             await self._seed(org)
             await self.redis.runner.run(self.script, keys, args)
+
+    # -- after a committed change (the admin API and the CLI) --------------------------------
+
+    async def team_written(self, row: TeamRow) -> None:
+        """Mirror a team's cap overrides as committed."""
+        caps = stored_caps(self.config, row.caps)
+        await self.write(row.org, self.entity("team", row.id, caps))
+
+    async def user_written(self, row: UserRow) -> None:
+        """Mirror a user's team and cap overrides as committed."""
+        caps = stored_caps(self.config, row.caps)
+        await self.write(row.org, self.entity("user", row.id, caps, team=row.team))
+
+    async def key_written(self, row: KeyLevels) -> None:
+        """Mirror an API key's team and cap overrides as committed."""
+        caps = stored_caps(self.config, row.caps)
+        await self.write(row.org, self.entity("key", row.id, caps, team=row.team))
+
+    async def team_deleted(
+        self, org: str, team: str, users: Iterable[str], keys: Iterable[str]
+    ) -> None:
+        """Mirror a deleted team: its overrides and counters go, its members are teamless."""
+        await self.write(org, self.removed_team(team, users, keys))
 
     # -- a caller's levels ------------------------------------------------------------------
 

@@ -47,7 +47,17 @@ async def config_file(tmp_path: Path) -> AsyncIterator[Path]:
 
 def test_version_and_help() -> None:
     assert "creditgate, version" in cli("--version").stdout
-    for command in ("serve", "check-config", "migrate", "sync", "grant", "orgs", "keys"):
+    for command in (
+        "serve",
+        "check-config",
+        "migrate",
+        "sync",
+        "grant",
+        "orgs",
+        "keys",
+        "teams",
+        "users",
+    ):
         assert "Usage" in cli(command, "--help").stdout
 
 

@@ -6,7 +6,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.http.models.fields import BodyInt, ConfigName, Documented, Ident, QueryInt, Text
+from gateway.http.models.fields import (
+    BodyInt,
+    ConfigName,
+    Documented,
+    Ident,
+    OneOf,
+    QueryInt,
+    Text,
+)
 
 __all__ = [
     "Balance",
@@ -26,6 +34,7 @@ __all__ = [
     "StatsQuery",
     "UsageByDay",
     "UsageByFeature",
+    "UsageByGroup",
     "UsageByModel",
     "UsageByUser",
     "UsagePage",
@@ -180,6 +189,15 @@ class UsageByUser(Answer):
     tokens: int
 
 
+class UsageByGroup(Answer):
+    """Requests and tokens of one team or user (``/stats?group=``; null: requests
+    without one)."""
+
+    id: str | None
+    requests: Count
+    tokens: int
+
+
 class UsageByDay(Answer):
     """Requests and tokens of one day."""
 
@@ -231,6 +249,14 @@ class Stats(Answer):
         description="Requests whose cost came from the call (usage, header, app), per model"
     )
     overage: int = Field(description="Tokens charged over what the balances could cover")
+    group: Literal["team", "user"] | None = Field(
+        None, description="The grouping asked for with ?group= (null: none)"
+    )
+    by_group: list[UsageByGroup] | None = Field(
+        None,
+        description="With ?group=team|user: requests and tokens per team or user over the"
+        " window, most tokens first, from the audit rows (id null: requests without one)",
+    )
 
 
 class StatsQuery(BaseModel):
@@ -238,6 +264,9 @@ class StatsQuery(BaseModel):
 
     days: Annotated[int, QueryInt(1, 366)] = Field(
         30, description="Window in days, today included (default 30)"
+    )
+    group: Annotated[str, OneOf(("team", "user"))] | None = Field(
+        None, description="team or user: add by_group, usage per team or per user"
     )
 
 

@@ -1,10 +1,12 @@
 /* The operator dashboard: totals, usage per day, feature and model, top spenders and
- * users. */
+ * users; the organization shown can be acted on (admin_actions.js). */
 "use strict";
 
 (function () {
   const { el, fmt, pretty, table } = window.CG;
   const session = window.CG.session("creditgate.admin_token");
+  // After an action, the org is read again: its cards, teams and keys as the API has them.
+  const actions = window.CG.adminActions(session, (org) => showOrg(org));
 
   function tile(label, value, key) {
     return el("div", { class: "tile", "data-tile": key },
@@ -24,9 +26,11 @@
       head.textContent = detail.org + " · " + detail.plan + " plan · period " + detail.period +
         " · " + detail.keys.length + (detail.keys.length === 1 ? " active key" : " active keys");
       window.CG.renderCards(cards, detail, null);
+      await actions.load(org, detail);
     } catch (err) {
       head.textContent = err.status === 404 ? "No organization " + org : err.message;
       cards.replaceChildren();
+      actions.hide();
     }
   }
 

@@ -99,9 +99,15 @@
       signout.hidden = false;
     }
 
-    async function fetchJson(path) {
+    /* One call of the JSON API: the credential goes in the Authorization header only
+     * (never a URL), no cookies, no referrer, nothing cached. */
+    async function request(method, path, body) {
+      const headers = { Authorization: "Bearer " + token(), Accept: "application/json" };
+      if (body !== undefined) headers["Content-Type"] = "application/json";
       const response = await fetch(api + path, {
-        headers: { Authorization: "Bearer " + token(), Accept: "application/json" },
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
         cache: "no-store",
         credentials: "omit",
         referrerPolicy: "no-referrer",
@@ -112,13 +118,19 @@
         err.status = 401;
         throw err;
       }
-      const body = await response.json().catch(() => ({}));
+      if (response.status === 204) return null;
+      const answer = await response.json().catch(() => ({}));
       if (!response.ok) {
-        const err = new Error(body.detail || body.title || "HTTP " + response.status);
+        const err = new Error(answer.detail || answer.title || "HTTP " + response.status);
         err.status = response.status;
+        err.body = answer;
         throw err;
       }
-      return body;
+      return answer;
+    }
+
+    function fetchJson(path) {
+      return request("GET", path);
     }
 
     async function load() {
@@ -148,6 +160,7 @@
 
     return {
       fetchJson,
+      send: request,
       start(render) {
         onReady = render;
         if (token()) load();

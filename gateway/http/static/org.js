@@ -34,9 +34,36 @@
       " (in " + left + (left === 1 ? " day)" : " days)");
   }
 
+  /* The caller's team, user and key caps (contract A10), as GET /balance reports them:
+   * one row per level and capped bucket; hidden when the caller has none. */
+  function renderLevels(balance) {
+    const rows = [];
+    for (const level of balance.levels || []) {
+      for (const [bucket, b] of Object.entries(level.buckets)) {
+        rows.push(Object.assign({ level: level.level, id: level.id, bucket }, b));
+      }
+    }
+    document.getElementById("levels-panel").hidden = rows.length === 0;
+    const tableEl = document.getElementById("levels");
+    table(tableEl, [
+      { label: "Level", value: (r) => pretty(r.level) },
+      { label: "Id", value: (r) => r.id },
+      { label: "Bucket", value: (r) => pretty(r.bucket) },
+      { label: "Cap", num: true, value: (r) => fmt(r.cap) },
+      { label: "Used", num: true, value: (r) => fmt(r.used) },
+      { label: "Remaining", num: true, value: (r) => fmt(r.remaining) },
+    ], rows, "No caps");
+    tableEl.querySelectorAll("tbody tr").forEach((tr, i) => {
+      if (!rows[i]) return;
+      tr.dataset.level = rows[i].level;
+      tr.dataset.bucket = rows[i].bucket;
+    });
+  }
+
   function renderWithoutStats(balance, reason) {
     renderHeader(balance, new Date().toISOString());
     window.CG.renderCards(document.getElementById("buckets"), balance, null);
+    renderLevels(balance);
     const note = "Usage statistics are unavailable: " + reason;
     document.getElementById("chart").replaceChildren(el("div", { class: "empty", text: note }));
     for (const id of ["users", "features", "activity", "models"]) {
@@ -62,6 +89,7 @@
     const usage = usageResult.value;
     renderHeader(balance, stats.to);
     window.CG.renderCards(document.getElementById("buckets"), balance, stats.forecast);
+    renderLevels(balance);
 
     const total = window.CG.barChart(document.getElementById("chart"), stats.by_day);
     const requests = stats.by_day.reduce((s, d) => s + d.requests, 0);
