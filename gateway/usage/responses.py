@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Final
 
+from gateway.usage.jsonload import loads
 from gateway.usage.model import InvalidUsageError, Provider, Usage, provider_mode
 from gateway.usage.normalize import from_anthropic, from_gemini, from_openai
 
@@ -45,7 +45,7 @@ def usage_from_json(body: bytes, provider: str) -> Usage | None:
     if b"usage" not in body:
         return None
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
         return None
     try:
