@@ -246,3 +246,35 @@ def test_random_documents_give_the_plain_decodes_answer(
     if cut is not None:
         body = body[:cut]
     assert_same(body)
+
+
+# -- request bodies (reserve: auto) ----------------------------------------------------------
+
+REQUESTS = [
+    b'{"model":"gpt-4o-mini","max_tokens":300,"n":2,"messages":[]}',
+    b'{"model":"gpt-4o-mini","max_tokens":18446744073709551616,"n":2}',
+    b'{"model":"gpt-4o-mini","max_tokens":300,"n":123456789012345678901234567890}',
+    b'{"model":"\\ud800","max_tokens":300}',
+    b'{"model":"m","max_tokens":NaN,"max_completion_tokens":7}',
+    b'{"model":"m","max_tokens":1e400}',
+    b'\xef\xbb\xbf{"model":"m","max_tokens":5}',
+    b'{"model":"m","max_tokens":5,"max_tokens":9}',
+    b'{"generationConfig":{"maxOutputTokens":18446744073709551616,"candidateCount":3}}',
+    b'{"generationConfig":{"maxOutputTokens":64,"candidateCount":2}}',
+    b'{"model":"m","stream":true,"x":' + b"[" * 1000 + b"]" * 1000 + b"}",
+    b'{"model":"m","max_tokens":5',
+    b"[]",
+]
+
+
+@pytest.mark.parametrize("body", REQUESTS)
+def test_request_bodies_read_as_with_the_plain_decode(
+    body: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.usage import inspect_request, request_model
+    from gateway.usage import requests as requests_module
+
+    fast = [(inspect_request(body, p), request_model(body)) for p in PROVIDERS]
+    monkeypatch.setattr(requests_module, "loads", jsonload.loads_exact)
+    plain = [(inspect_request(body, p), request_model(body)) for p in PROVIDERS]
+    assert fast == plain
