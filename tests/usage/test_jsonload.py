@@ -99,12 +99,16 @@ HOSTILE = [
     b'{"object":"chat.completion","model":"a\x01","usage":{"prompt_tokens":4}}',
     b"usage",
     b"",
-    # deep nesting around a real usage: where the two decoders' limits differ
+    # deep nesting around a real usage: where the two decoders' limits differ; short
+    # bodies and long ones (the depth check differs: see jsonload._WALK_FROM)
     *(
-        b'{"object":"chat.completion","x":' + b"[" * depth + b"]" * depth
-        + b',"usage":{"prompt_tokens":4}}'
-        for depth in (390, 401, 900, 990, 1000, 1023, 1024, 1100)
+        b'{"object":"chat.completion","pad":"' + b"p" * pad + b'","x":' + b"[" * depth
+        + b"]" * depth + b',"usage":{"prompt_tokens":4}}'
+        for depth in (200, 252, 253, 254, 255, 390, 401, 900, 990, 1000, 1023, 1024, 1100)
+        for pad in (0, 20_000)
     ),
+    b'{"object":"chat.completion","x":' + b'{"a":' * 1000 + b"1" + b"}" * 1000
+    + b',"usage":{"prompt_tokens":4}}',
     # a Gemini array answer, and arrays with lies in them
     b'[{"usageMetadata":{"promptTokenCount":2}},{"usageMetadata":{"promptTokenCount":-2}}]',
     b'[{"usageMetadata":{"promptTokenCount":2}},{"usageMetadata":null},7]',
@@ -142,8 +146,8 @@ def canon(value: object) -> object:
     return repr(value) if isinstance(value, float) else value
 
 
-SHALLOW = [body for body in HOSTILE if body.count(b"[") < 100]
-DEEP = [body for body in HOSTILE if body.count(b"[") >= 100]
+SHALLOW = [body for body in HOSTILE if body.count(b"[") + body.count(b"{") < 100]
+DEEP = [body for body in HOSTILE if body.count(b"[") + body.count(b"{") >= 100]
 
 
 @needs_orjson
