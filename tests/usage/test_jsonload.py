@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.usage import InvalidUsageError, Usage, usage_from_document, usage_from_json
-from gateway.usage import jsonload
+from gateway.usage import InvalidUsageError, Usage, jsonload, usage_from_document, usage_from_json
 
 from . import wire
 
