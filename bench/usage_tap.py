@@ -27,7 +27,8 @@ process and wrk run on core 1; what is measured runs on core 0.
    Anthropic message (~1.5 KB, compact) and a Gemini ``generateContent`` answer (~2 KB,
    pretty-printed). ``--tree DIR`` measures another checkout's ``gateway`` (e.g. the tree
    before a change, from ``git archive``) with this script; ``--json FILE`` appends the
-   results as one JSON line.
+   results as one JSON line. ``--parts breakdown``: in process, the 2 KB answer with parts
+   of the usage path taken away (a header cost; the usage read and the price stubbed).
 2. Streaming, through the proxy (``GatewayApp`` called in process) to the upstream process
    streaming 200 OpenAI chunk events (the last with the usage), one write every
    ``--event-gap`` seconds (5 ms: a fast model), so that events arrive one at a time as
@@ -201,11 +202,13 @@ features:
   chat_usage: {{cost: {{usage: openai, reserve: 5, max: 1000}}}}
   chat_auto:  {{cost: {{usage: openai, reserve: auto, max: 1000}}}}
   chat_any:   {{cost: {{usage: auto, reserve: 5, max: 100000}}}}
+  chat_hdr:   {{cost: {{header: X-Cost, reserve: 5, max: 100000}}}}
+  chat_anth:  {{cost: {{usage: anthropic, reserve: 5, max: 100000}}}}
 plans:
   bench:
     allocations:
       {{chat_fixed: 1000000000, chat_usage: 1000000000, chat_auto: 1000000000,
-       chat_any: 1000000000}}
+       chat_any: 1000000000, chat_hdr: 1000000000, chat_anth: 1000000000}}
 default_plan: bench
 routes:
   - {{method: POST, path: /fixed/v1/chat/completions, feature: chat_fixed}}
@@ -213,6 +216,8 @@ routes:
   - {{method: POST, path: /auto/v1/chat/completions, feature: chat_auto}}
   - {{method: POST, path: "/fixed/{{body}}/v1/chat/completions", feature: chat_fixed}}
   - {{method: POST, path: "/any/{{body}}/v1/chat/completions", feature: chat_any}}
+  - {{method: POST, path: "/hdr/{{body}}/v1/chat/completions", feature: chat_hdr}}
+  - {{method: POST, path: "/anth/{{body}}/v1/chat/completions", feature: chat_anth}}
 """
 
 
@@ -561,6 +566,44 @@ STREAMING = {
 
 
 BODY_LABELS = {"fixed": "fixed cost", "usage": "usage: auto"}
+BREAKDOWN = {
+    "fixed": ("fixed", "", "fixed cost"),
+    "header": ("hdr", "", "header cost (tap passes the body)"),
+    "held": ("anth", "stub", "usage, no request read, read+price stub"),
+    "read": ("any", "stub", "usage: auto, read+price stubbed"),
+    "priced": ("any", "price", "usage: auto, price stubbed"),
+    "usage": ("any", "", "usage: auto"),
+}
+"""``--parts breakdown``: the usage path with parts taken away (prefix, stubs, label)."""
+
+
+async def breakdown_part(config_path: Path, args: argparse.Namespace) -> dict[str, list[float]]:
+    """In process, the 2 KB OpenAI answer: where a usage cost's extra CPU goes, by stubbing
+    the usage read (a constant Usage) and the price (a constant) in turn."""
+    import gateway.metering.usage_tap as tap_module
+    from gateway.usage import usage_from_json
+
+    app = chat_app(config_path)
+    gate = next(m.kwargs["gate"] for m in app.user_middleware)
+    usage = usage_from_json(BODIES["openai2k"], "auto")
+    read, price = tap_module.usage_from_json, tap_module.ResponseTap._price
+    results: dict[str, list[float]] = {k: [] for k in BREAKDOWN}
+    try:
+        for warm in (True, False):
+            for _ in range(1 if warm else args.rounds):
+                for kind, (prefix, stub, _) in BREAKDOWN.items():
+                    tap_module.usage_from_json = (lambda b, p: usage) if stub == "stub" else read  # type: ignore[assignment]
+                    tap_module.ResponseTap._price = (lambda s, u: 100) if stub else price  # type: ignore[method-assign]
+                    path = f"/{prefix}/openai2k/v1/chat/completions"
+                    n = 2000 if warm else args.requests
+                    cpu = await drive(app, path, CHAT_REQUEST, n, args.concurrency)
+                    await gate.meter.drain()
+                    if not warm:
+                        results[kind].append(cpu)
+    finally:
+        tap_module.usage_from_json, tap_module.ResponseTap._price = read, price  # type: ignore[method-assign]
+        await gate.close()
+    return results
 
 
 async def measured_here(config_path: Path, args: argparse.Namespace) -> None:
@@ -572,6 +615,10 @@ async def measured_here(config_path: Path, args: argparse.Namespace) -> None:
             mw = await middleware_part(config_path, args, body_paths(body))
             title = f"{body} ({len(BODIES[body])} B), in process (middleware + app), CPU µs/req"
             report(title, mw, BODY_LABELS)
+    if "breakdown" in args.parts:
+        parts = await breakdown_part(config_path, args)
+        labels = {kind: label for kind, (_, _, label) in BREAKDOWN.items()}
+        report("openai2k, in process, parts taken away, CPU µs/req", parts, labels)
     if "streams" not in args.parts:
         return
     st = await stream_part(config_path, args)
@@ -621,7 +668,8 @@ if __name__ == "__main__":
         "--parts",
         default="proxy,middleware,inprocess,streams",
         help="which measurements, comma-separated (default: all but the bodies-* parts: "
-        "bodies-proxy, bodies-middleware, bodies-inprocess, or bodies for the three)",
+        "bodies-proxy, bodies-middleware, bodies-inprocess, or bodies for the three; and "
+        "breakdown: where the usage path's CPU goes, in process)",
     )
     parser.add_argument("--tree", type=Path, help="measure this checkout's gateway package")
     parser.add_argument("--json", type=Path, help="append the results to this file")
