@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sync_throughput.py [--events 500000] [--shards 16] [--orgs 5000]
         [--batch-size 20000] [--concurrency 4] [--processes 2] [--lag-rate 2000]
-        [--lag-seconds 20]
+        [--lag-seconds 20] [--usage-ab ROUNDS]
 
 1. Throughput: pre-fill the shard streams with ``--events`` events, then time one worker
    from start until every event is a committed ledger row and acked (rows/s). The worker
@@ -15,6 +15,10 @@
    another fresh copy. The best of each is the ratio's denominator.
 3. Lag: a producer process XADDs at ``--lag-rate`` events/s for ``--lag-seconds`` while the
    worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max.
+
+``--usage-ab R`` instead: R rounds of (1) on fixed-cost events and then on events that carry
+the usage fields of a usage-charged request (contract A8: hold, model, token counts, cost
+source), each round's two on an emptied ledger, and the ratio of their rows/s.
 
 Uses a throwaway database (``creditgate_bench_<hex>``, dropped after) on the server of
 ``$CREDITGATE_BENCH_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) and a
@@ -56,6 +60,7 @@ FEATURES = [
     ("revenue_forecast", 4),
     ("general_insights", 1),
 ]
+MODELS = ("gpt-4o-mini-2024-07-18", "gpt-4.1", "claude-sonnet-4-5", "gemini-2.5-flash", "o3")
 LOG_TYPES = (
     "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
     "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
@@ -69,8 +74,9 @@ def dsn_for(database: str) -> str:
 class Producer:
     """Builds realistic charge events: per org a running seq and balance per bucket."""
 
-    def __init__(self, orgs: int, seed: int = 1) -> None:
+    def __init__(self, orgs: int, seed: int = 1, usage: bool = False) -> None:
         self.rng = random.Random(seed)
+        self.usage = usage  # events of usage-charged requests: the A8 fields too
         self.orgs = [f"org{i:05d}" for i in range(orgs)]
         self.seq = dict.fromkeys(self.orgs, 0)
         self.bal: dict[tuple[str, str], int] = {}
@@ -78,6 +84,19 @@ class Producer:
     def event(self, ts_ms: int) -> dict[str, str]:
         org = self.rng.choice(self.orgs)
         bucket, cost = self.rng.choice(FEATURES)
+        usage: dict[str, str] = {}
+        if self.usage:
+            # What settle.lua writes for a cost read from the call (contract A8): the hold,
+            # the model and the four counts; the charge is the actual.
+            model = self.rng.choice(MODELS)
+            ui, uo = self.rng.randrange(50, 4000), self.rng.randrange(10, 1500)
+            uc, ur = self.rng.choice((0, 0, ui // 2)), self.rng.choice((0, 0, uo // 3))
+            cost = 1 + (ui + uc // 2 + 4 * (uo + ur)) // 1000
+            usage = {
+                "rs": str(cost + self.rng.randrange(0, 20)), "ov": "0", "mdl": model,
+                "ui": str(ui), "uc": str(uc), "uo": str(uo), "ur": str(ur), "cs": "usage",
+                "um": "0",
+            }  # fmt: skip
         self.seq[org] += 1
         bal = self.bal.get((org, bucket), 1_000_000) - cost
         self.bal[(org, bucket)] = bal
@@ -104,6 +123,7 @@ class Producer:
             "r": f"/api/v1/{bucket}",
             "p": "enterprise",
             "ref": "",
+            **usage,
         }
 
 
@@ -117,9 +137,12 @@ def log_record(fields: dict[str, str]) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
-async def prefill(redis: Any, ks: KeySpace, n: int, orgs: int) -> list[dict[str, str]]:
-    """XADD ``n`` events; their timestamps spread as if produced at 100k events/s."""
-    producer = Producer(orgs)
+async def prefill(
+    redis: Any, ks: KeySpace, n: int, orgs: int, usage: bool = False
+) -> list[dict[str, str]]:
+    """XADD ``n`` events (``usage``: with the A8 usage fields); their timestamps spread as
+    if produced at 100k events/s."""
+    producer = Producer(orgs, usage=usage)
     start = int(time.time() * 1000) - n // 100
     events = [producer.event(start + i // 100) for i in range(n)]
     for first in range(0, n, 10_000):
@@ -325,6 +348,35 @@ def table(rows: list[tuple[str, float]], insert_floor: float, copy_floor: float)
     return "\n".join(lines)
 
 
+async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.Namespace) -> None:
+    """``--usage-ab R``: R rounds of the 1-process throughput on fixed-cost events, then on
+    events with usage fields (model, counts, hold: a per-model rollup too), each on an
+    emptied ledger; rows/s and the ratio per round, and their median."""
+    ratios: list[float] = []
+    for round_ in range(args.usage_ab):
+        rates: dict[bool, float] = {}
+        for usage in (False, True):
+            ks = KeySpace(f"{prefix}ab{round_}{int(usage)}", args.shards)
+            async with pool.acquire() as c:
+                await c.execute(
+                    "TRUNCATE ai_token_usage_log, usage_daily, usage_daily_model, ai_tokens,"
+                    " organizations CASCADE"
+                )
+            await prefill(redis, ks, args.events, args.orgs, usage=usage)
+            try:
+                elapsed, _ = await run_throughput(redis, pool, ks, args.events, args)
+            finally:
+                await cleanup_redis(redis, ks.prefix)
+            rates[usage] = args.events / elapsed
+        ratios.append(rates[True] / rates[False])
+        print(
+            f"  round {round_ + 1}: fixed {rates[False]:,.0f} rows/s, with usage fields"
+            f" {rates[True]:,.0f} rows/s, ratio {ratios[-1]:.2f};"
+            f" load average {os.getloadavg()[0]:.2f}"
+        )
+    print(f"  median ratio {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
+
+
 async def main(args: argparse.Namespace) -> None:
     database = f"creditgate_bench_{uuid.uuid4().hex[:10]}"
     dsn = dsn_for(database)
@@ -349,6 +401,11 @@ async def main(args: argparse.Namespace) -> None:
         # rescanning the pre-filled events, kept in memory for the floors).
         tune_gc()
         print(f"  XADD: {args.events / (time.perf_counter() - t):,.0f} events/s")
+        if args.usage_ab:
+            await cleanup_redis(redis, ks.prefix)
+            tune_gc()
+            await usage_ab(redis, pool, ks.prefix, args)
+            return
 
         cpu0 = time.process_time()
         elapsed, worker = await run_throughput(redis, pool, ks, args.events, args)
@@ -420,4 +477,10 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--lag-rate", type=int, default=2000)
     parser.add_argument("--lag-seconds", type=float, default=20)
+    parser.add_argument(
+        "--usage-ab",
+        type=int,
+        default=0,
+        help="only compare fixed-cost events with usage-field events, this many rounds",
+    )
     asyncio.run(main(parser.parse_args()))

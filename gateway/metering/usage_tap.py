@@ -348,6 +348,7 @@ class ResponseTap:
 
     __slots__ = (
         "_buffer",
+        "_buffered",
         "_charged",
         "_cost",
         "_gone",
@@ -386,7 +387,9 @@ class ResponseTap:
         self._stream_path = stream_path
         self._mode = _PASS
         self._tap: SseUsageTap | None = None
-        self._buffer: bytearray | None = None
+        # The body's chunks so far (_HOLD, _COPY), joined once at its end: no copy per chunk.
+        self._buffer: list[bytes] | None = None
+        self._buffered = 0  # their total length
         self._start: Message | None = None
         self._usage: Usage | None = None
         self._header_cost: int | None = None
@@ -458,10 +461,10 @@ class ResponseTap:
             elif content_type.startswith(b"text/event-stream"):
                 self._mode, self._tap = _TAP, SseUsageTap(cost.provider)
             elif self._stream_path:
-                self._mode, self._buffer = _COPY, bytearray()
+                self._mode, self._buffer = _COPY, []
             else:
                 # Held until the body is complete: the headers then give the actual charge.
-                self._mode, self._buffer = _HOLD, bytearray()
+                self._mode, self._buffer = _HOLD, []
                 self._start = message
                 return None
         message["headers"] = [*headers, *self._headers_for(status, actual)]
@@ -473,16 +476,18 @@ class ResponseTap:
         start = self._start
         assert buffer is not None and start is not None
         if more:
-            buffer += body
-            if len(buffer) <= RESPONSE_BODY_LIMIT:
+            if body:
+                buffer.append(body)
+                self._buffered += len(body)
+            if self._buffered <= RESPONSE_BODY_LIMIT:
                 return None
             # Too long to hold: send what there is; the usage will count as missing.
             self._mode = _PASS
             return self._flush_held(more=True)
         self._ended()
-        if buffer:
-            buffer += body
-            body = bytes(buffer)
+        if buffer:  # the usual answer comes in one message: no join at all
+            buffer.append(body)
+            body = b"".join(buffer)
         usage = self._usage = usage_from_json(body, self._cost.provider)
         if usage is None:
             charge = self._missing_charge()
@@ -499,16 +504,17 @@ class ResponseTap:
         if start is None:
             return None
         start["headers"] = [*start.get("headers", ()), *self._headers_for(self.status, None)]
-        body = {"type": "http.response.body", "body": bytes(buffer or b""), "more_body": more}
+        body = {"type": "http.response.body", "body": b"".join(buffer or ()), "more_body": more}
         return start, body
 
     def _copy(self, body: bytes) -> None:
         buffer = self._buffer
         if buffer is not None:
-            if len(buffer) + len(body) > RESPONSE_BODY_LIMIT:
+            self._buffered += len(body)
+            if self._buffered > RESPONSE_BODY_LIMIT:
                 self._buffer = None  # too long to read: its usage is missing
-            else:
-                buffer += body
+            elif body:
+                buffer.append(body)
 
     def _ended(self) -> None:
         self.complete = True
@@ -571,7 +577,7 @@ class ResponseTap:
         elif mode == _COPY:
             buffer = self._buffer
             if buffer is not None and self.complete:
-                usage = usage_from_json(bytes(buffer), cost.provider)
+                usage = usage_from_json(b"".join(buffer), cost.provider)
         elif mode != _HOLD:
             final = False
         if usage is None or not final:

@@ -1,6 +1,8 @@
 """Charging AI calls by the tokens the model actually used (contract A8).
 
-Pure and standard-library only, so it can be tested and reused without the gateway:
+Pure and standard-library only (orjson, when installed, decodes faster with the same
+answers: :mod:`~gateway.usage.jsonload`), so it can be tested and reused without the
+gateway:
 
 - :mod:`~gateway.usage.model`: :class:`Usage`, the provider-neutral token counts.
 - :mod:`~gateway.usage.normalize`: each provider's usage object as a :class:`Usage`.

@@ -56,6 +56,25 @@ class Usage:
             raise ValueError(f"provider: must be one of {', '.join(PROVIDERS)}")
         if self.model is not None and not isinstance(self.model, str):
             raise ValueError("model: must be a string or None")
+        # One Usage per usage-charged request: the four counts checked in one expression
+        # (the loop with getattr below only names the bad one).
+        a, b, c, d = (
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.output_tokens,
+            self.reasoning_tokens,
+        )
+        if (
+            type(a) is int
+            and type(b) is int
+            and type(c) is int
+            and type(d) is int
+            and 0 <= a <= MAX_TOKENS
+            and 0 <= b <= MAX_TOKENS
+            and 0 <= c <= MAX_TOKENS
+            and 0 <= d <= MAX_TOKENS
+        ):
+            return
         for name in ("input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens"):
             if not is_count(getattr(self, name)):
                 raise ValueError(f"{name}: must be an integer from 0 to {MAX_TOKENS}")

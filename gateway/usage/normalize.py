@@ -23,14 +23,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.usage.model import (
+    MAX_TOKENS,
     InvalidUsageError,
     Provider,
     Usage,
     clean_model,
-    is_count,
 )
 
 _EMPTY: Mapping[str, object] = {}
+_NO_COUNTS = (None, None, None, None, None)
 
 
 def _object(value: object, where: str) -> Mapping[str, object] | None:
@@ -47,7 +48,8 @@ def _count(obj: Mapping[str, object], key: str) -> int | None:
     value = obj.get(key)
     if value is None:
         return None
-    if not is_count(value):
+    # is_count, inline: this runs a few times on every usage-charged request.
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
         raise InvalidUsageError(f"{key}: {value!r} is not a token count")
     return value
 
@@ -93,19 +95,14 @@ def from_anthropic(usage: object, model: object = None) -> Usage | None:
     obj = _object(usage, "usage")
     if obj is None:
         return None
-    counts = [
-        _count(obj, key)
-        for key in (
-            "input_tokens",
-            "cache_creation_input_tokens",
-            "cache_read_input_tokens",
-            "output_tokens",
-        )
-    ]
-    if all(c is None for c in counts):
+    # Plain statements, not a loop over the keys: about half the CPU.
+    uncached = _count(obj, "input_tokens")
+    written = _count(obj, "cache_creation_input_tokens")
+    read = _count(obj, "cache_read_input_tokens")
+    output = _count(obj, "output_tokens")
+    if uncached is None and written is None and read is None and output is None:
         return None
-    uncached, written, read, output = (c or 0 for c in counts)
-    return _make("anthropic", model, uncached + written, read, output, 0)
+    return _make("anthropic", model, (uncached or 0) + (written or 0), read or 0, output or 0, 0)
 
 
 def from_gemini(usage: object, model: object = None) -> Usage | None:
@@ -113,19 +110,16 @@ def from_gemini(usage: object, model: object = None) -> Usage | None:
     obj = _object(usage, "usageMetadata")
     if obj is None:
         return None
-    counts = [
-        _count(obj, key)
-        for key in (
-            "promptTokenCount",
-            "cachedContentTokenCount",
-            "toolUsePromptTokenCount",
-            "candidatesTokenCount",
-            "thoughtsTokenCount",
-        )
-    ]
-    if all(c is None for c in counts):
+    counts = (
+        _count(obj, "promptTokenCount"),
+        _count(obj, "cachedContentTokenCount"),
+        _count(obj, "toolUsePromptTokenCount"),
+        _count(obj, "candidatesTokenCount"),
+        _count(obj, "thoughtsTokenCount"),
+    )
+    if counts == _NO_COUNTS:
         return None
-    prompt, cached, tool, candidates, thoughts = (c or 0 for c in counts)
+    prompt, cached, tool, candidates, thoughts = [c or 0 for c in counts]
     if cached > prompt:
         raise InvalidUsageError("cachedContentTokenCount exceeds promptTokenCount")
     return _make("gemini", model, prompt - cached + tool, cached, candidates, thoughts)

@@ -116,6 +116,22 @@ def charge(
     return cost if maximum is None else min(cost, maximum)
 
 
+_Terms = tuple[int, int, int, int]
+"""A price as :func:`charge` computes with it: the input, cached input and output prices
+as integers over one common denominator, and 1000 x that denominator."""
+
+
+def _terms(price: Price) -> _Terms:
+    inp, cached, out = price.input, price.cached_input, price.output
+    common = math.lcm(inp.denominator, cached.denominator, out.denominator)
+    return (
+        inp.numerator * (common // inp.denominator),
+        cached.numerator * (common // cached.denominator),
+        out.numerator * (common // out.denominator),
+        1000 * common,
+    )
+
+
 class PriceTable:
     """Ordered ``(glob, Price)`` entries and a default; the first glob that matches wins.
 
@@ -123,7 +139,7 @@ class PriceTable:
     A call whose model is unknown (``None``) or matches no glob is priced at the default.
     """
 
-    __slots__ = ("_default", "_entries", "_memo")
+    __slots__ = ("_default", "_default_terms", "_entries", "_memo", "_terms_memo")
 
     def __init__(self, entries: Iterable[tuple[str, Price]], default: Price) -> None:
         self._entries: tuple[tuple[str, re.Pattern[str], Price], ...] = tuple(
@@ -131,6 +147,10 @@ class PriceTable:
         )
         self._default = default
         self._memo: dict[str, Price] = {}
+        # Per model, the price in charge()'s integer form, so that pricing a usage (once
+        # per usage-charged request) is a dict lookup and a few multiplications.
+        self._default_terms = _terms(default)
+        self._terms_memo: dict[str, _Terms] = {}
 
     @classmethod
     def from_mapping(cls, mapping: object, *, path: str = "models") -> PriceTable:
@@ -182,10 +202,23 @@ class PriceTable:
         ceil((input x input price + cached x cached_input price + (output + reasoning) x
         output price) / 1000): at least 1 for any priced non-zero usage, 0 for a zero usage.
         """
-        return charge(
-            self.price_for(usage.model),
-            usage.input_tokens,
-            usage.cached_input_tokens,
-            usage.output_tokens + usage.reasoning_tokens,
-            maximum,
+        if maximum is not None and (type(maximum) is not int or maximum < 0):
+            raise ValueError("maximum: must be a non-negative integer or None")
+        model = usage.model
+        if model is None:
+            terms = self._default_terms
+        else:
+            found = self._terms_memo.get(model)
+            if found is None:
+                found = _terms(self.price_for(model))
+                if len(self._terms_memo) < _MEMO_LIMIT:
+                    self._terms_memo[model] = found
+            terms = found
+        inp, cached, out, scale = terms
+        numerator = (
+            usage.input_tokens * inp
+            + usage.cached_input_tokens * cached
+            + (usage.output_tokens + usage.reasoning_tokens) * out
         )
+        cost = -(-numerator // scale)  # ceil: the same exact sum as charge()
+        return cost if maximum is None else min(cost, maximum)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from gateway.usage.jsonload import loads
 from gateway.usage.model import clean_model, is_count, provider_mode
 from gateway.usage.prices import PriceTable, charge
 
@@ -51,9 +52,12 @@ class RequestInfo:
     """The body's length in bytes."""
 
 
-def _decode(body: bytes) -> dict[str, object] | None:
+def _decode(body: bytes, exact: bool = False) -> dict[str, object] | None:
+    """The body's JSON object, else ``None``; ``exact``: by ``json.loads`` itself, for a
+    document that is re-encoded (the fast decode may turn integers outside 64 bits into
+    floats, which only reading counts may ignore: gateway/usage/jsonload.py)."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body) if exact else loads(body)
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -146,7 +150,7 @@ def ensure_stream_usage(body: bytes) -> bytes | None:
     reads ``chunk.choices[0]`` without checking may stumble on that chunk; one that asked for
     usage itself sees no difference.
     """
-    doc = _decode(body)
+    doc = _decode(body, exact=True)
     if doc is None or doc.get("stream") is not True or not isinstance(doc.get("messages"), list):
         return None
     if any(key in doc for key in _NOT_CHAT_KEYS):

@@ -16,9 +16,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Final
 
+from gateway.usage.jsonload import loads
 from gateway.usage.model import InvalidUsageError, Provider, Usage, provider_mode
 from gateway.usage.normalize import from_anthropic, from_gemini, from_openai
 
@@ -41,11 +41,13 @@ def usage_from_json(body: bytes, provider: str) -> Usage | None:
     counts that cannot be believed. An explicit zero usage is a :class:`Usage` of zeros.
     """
     mode = provider_mode(provider)
-    # Cheap refusal: every shape we read has a "usage" or "usageMetadata" key.
-    if b"usage" not in body:
+    # Cheap refusal: every shape we read has a "usage" or "usageMetadata" key. Searched
+    # from the end, where answers put it: `in` costs ~30 µs on a 30 KB answer (its search
+    # stumbles on every "e" of the text), rfind finds it at once.
+    if body.rfind(b"usage") < 0:
         return None
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
         return None
     try:

@@ -265,6 +265,68 @@ async def test_a_json_answer_is_held_until_read_and_headed_with_its_charge() -> 
     assert actual.usage == Usage("openai", "gpt-4o", 1000, 0, 500, 0)
 
 
+@pytest.mark.parametrize("size", [1, 3, 64])
+async def test_a_json_answer_in_many_pieces_is_sent_whole_once(size: int) -> None:
+    """The held pieces (empty ones too) are joined once, in order, into one body message."""
+    tap, sent, _ = tap_for("chat")
+    data = CHAT_JSON.encode()
+    await tap.send(start())
+    for at in range(0, len(data), size):
+        await tap.send(body(data[at : at + size], more=True))
+        await tap.send(body(b"", more=True))
+    assert sent.messages == []
+    await tap.send(body(b""))
+    assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
+    assert sent.messages[1]["body"] == data and not sent.messages[1].get("more_body")
+    assert sent.headers[b"x-actual"] == str(CHAT_PRICE).encode()
+    assert tap.actual().tokens == CHAT_PRICE
+
+
+def gemini_stream_tap() -> tuple[ResponseTap, Sent]:
+    data = config_data()
+    data["features"]["gem"] = {"cost": {"usage": "auto", "reserve": 30, "max": 500}}
+    data["plans"]["pro"]["allocations"] |= {"gem": 1000}
+    config = parse_config(yaml.safe_dump(data), "usage-tap.yaml")
+    cost = VariableCost(config.cost_spec("gem"), config.prices, 15.0)
+    sent = Sent()
+    tap = ResponseTap(
+        cost, sent, {}, hold=30, refunded=lambda s: s >= 500, stream_path=True,
+        headers_for=lambda s, a: [(b"x-actual", b"reserved" if a is None else b"%d" % a)],
+    )  # fmt: skip
+    return tap, sent
+
+
+async def test_a_gemini_json_stream_goes_on_as_it_comes_and_is_read_at_its_end() -> None:
+    """streamGenerateContent without alt=sse: a JSON array passed chunk by chunk, its copy
+    joined once at the end and read (the last element with counts wins)."""
+    tap, sent = gemini_stream_tap()
+    items = [
+        {"candidates": [{"content": {"parts": [{"text": "hi "}]}}], "modelVersion": "gemini-x"},
+        {"usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 500}},
+    ]
+    data = json.dumps(items).encode()
+    await tap.send(start())
+    assert sent.headers[b"x-actual"] == b"reserved"
+    for at in range(0, len(data), 7):
+        message = body(data[at : at + 7], more=True)
+        await tap.send(message)
+        assert sent.messages[-1] is message  # forwarded at once, unchanged
+    await tap.send(body(b""))
+    actual = tap.actual()
+    assert not actual.missing
+    assert actual.usage == Usage("gemini", None, 1000, 0, 500, 0)
+    assert actual.tokens == (1000 * 20 + 500 * 80) // 1000  # the default price
+
+
+async def test_a_gemini_json_stream_too_long_to_read_is_missing() -> None:
+    tap, sent = gemini_stream_tap()
+    await tap.send(start())
+    await tap.send(body(b"[" + b" " * RESPONSE_BODY_LIMIT, more=True))
+    await tap.send(body(b'{"usageMetadata": {"promptTokenCount": 5}}]'))
+    assert len(sent.messages) == 3
+    assert tap.actual().missing
+
+
 async def test_every_stream_chunk_goes_on_at_once_and_the_usage_is_read() -> None:
     tap, sent, _ = tap_for("chat")
     await tap.send(start(b"text/event-stream; charset=utf-8"))

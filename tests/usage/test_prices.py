@@ -170,3 +170,38 @@ def test_cost_is_the_exact_ceiling(
     assert exact <= cost < exact + 1
     assert (cost >= 1) == (exact > 0)
     assert prices.cost(Usage("openai", None, i, c, o, r), 7) == min(cost, 7)
+
+
+MODELS = ["gpt-4o-mini-2024-07-18", "gpt-4o", "claude-3", "gemini-2.5-flash", "other", None]
+
+
+@given(
+    st.sampled_from(MODELS), counts, counts, counts, counts,
+    st.none() | st.integers(min_value=0, max_value=10**6),
+)  # fmt: skip
+def test_cost_by_model_is_charge_at_the_models_price(
+    model: str | None, i: int, c: int, o: int, r: int, maximum: int | None
+) -> None:
+    """PriceTable.cost keeps each model's price in integer form (memoised): the same charge
+    as charge() at price_for(model), for every model, the first call and the next ones."""
+    prices = PriceTable.from_mapping(
+        {
+            "gpt-4o-mini*": {"input": 0.15, "cached_input": 0.075, "output": 0.6},
+            "gpt-4o*": {"input": 2.5, "cached_input": 1.25, "output": 10},
+            "claude-*": {"input": 3, "cached_input": 0.3, "output": 15},
+            "default": {"input": Fraction(1, 3), "output": Decimal("0.7")},
+        }
+    )
+    usage = Usage("openai", model, i, c, o, r)
+    expected = charge(prices.price_for(model), i, c, o + r, maximum)
+    assert prices.cost(usage, maximum) == expected
+    assert prices.cost(usage, maximum) == expected  # memoised
+
+
+def test_the_integer_price_memo_is_bounded() -> None:
+    prices = table(**{"m-*": {"input": 1, "output": 3}})
+    for i in range(5000):
+        assert prices.cost(Usage("openai", f"m-{i}", 1000, 0, 1000, 0), None) == 4
+    assert prices.cost(Usage("openai", "zzz", 1000, 0, 0, 0), None) == 2  # the default
+    with pytest.raises(ValueError):
+        prices.cost(Usage("openai", "m-1", 1, 0, 0, 0), -1)
