@@ -132,15 +132,23 @@ class FastRedisCluster:
 
     async def execute(self, key: str, *args: ScriptArg) -> Any:
         """Run one command on the master of ``key``'s slot (off the hot path: tests, checks).
-        MOVED is followed; nothing else is."""
+        MOVED is followed; nothing else is. A lost node or CLUSTERDOWN reloads the slot map
+        in the background, as for scripts: after a failover the next call goes to the
+        promoted replica (the sync worker's stream commands come through here)."""
         slot = slot_of(key)
         link = self._slots[slot] or await self._mapped_node(slot)
         command = _pack(args)
-        reply = await link.request(command)
-        if isinstance(reply, _ReplyError) and str(reply).startswith("MOVED "):
-            link = self._moved(slot, str(reply), link)
+        try:
             reply = await link.request(command)
+            if isinstance(reply, _ReplyError) and str(reply).startswith("MOVED "):
+                link = self._moved(slot, str(reply), link)
+                reply = await link.request(command)
+        except RedisUnavailable:
+            self.refresh_soon()
+            raise
         if isinstance(reply, _ReplyError):
+            if str(reply).startswith("CLUSTERDOWN"):
+                self.refresh_soon()
             raise reply_error(str(reply))
         return reply
 
