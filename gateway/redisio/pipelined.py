@@ -188,6 +188,29 @@ class FastRedis:
             return await _after_error(link, script, command, reply)
         return reply
 
+    async def run_replicated(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int, str]:
+        """``run``, then ``WAIT replicas timeout_ms`` on the same socket in the same write;
+        returns the script's reply, how many replicas acknowledged every write made on
+        that socket so far (the script's included) and the node that ran it
+        (host:port). WAIT blocks the socket, so this is for a runner of its own (the
+        settle's, ``settle_wait_replicas``), never the hot path's.
+        """
+        link = self.links[0]  # one socket: WAIT counts the writes of its own connection
+        command = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        wait = pack_command(("WAIT", replicas, timeout_ms))
+        reply, acked = await link.request_many(command, wait)
+        if reply.__class__ is ErrorReply:
+            reply = await _after_error(link, script, command, reply)
+            acked = await link.request(wait)
+        return reply, acked if isinstance(acked, int) else 0, link.name
+
     async def execute(self, *args: ScriptArg) -> Any:
         """Run any single command (off the hot path: tests, health checks)."""
         reply = await self._link().request(pack_command(args))

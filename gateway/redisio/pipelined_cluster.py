@@ -130,6 +130,34 @@ class FastRedisCluster:
             return await self._follow(slot, script, command, link, reply)
         return reply
 
+    async def run_replicated(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int, str]:
+        """``run`` on the slot's master, then ``WAIT replicas timeout_ms`` on the same
+        socket in the same write (see ``FastRedis.run_replicated``); after a redirection the
+        WAIT goes to the node that now owns the slot."""
+        if not keys:
+            raise ValueError(f"script {script.name}: Redis Cluster routes by key, none given")
+        slot = slot_of(keys[0])
+        link = self._slots[slot] or await self._mapped_node(slot)
+        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        wait = _pack(("WAIT", replicas, timeout_ms))
+        try:
+            reply, acked = await link.request_many(command, wait)
+            if reply.__class__ is _ReplyError:
+                reply = await self._follow(slot, script, command, link, reply)
+                link = self._slots[slot] or link
+                acked = await link.request(wait)
+        except RedisUnavailable:
+            self.refresh_soon()
+            raise
+        return reply, acked if isinstance(acked, int) else 0, link.name
+
     async def execute(self, key: str, *args: ScriptArg) -> Any:
         """Run one command on the master of ``key``'s slot (off the hot path: tests, checks).
         MOVED is followed; nothing else is. A lost node or CLUSTERDOWN reloads the slot map

@@ -100,9 +100,12 @@ class ReplicatedCluster(Cluster):
         raise LookupError(f"slot {slot} is not served")
 
     def wait_replicated(self, timeout: float = 20.0) -> None:
-        """Wait until every replica's link is up and it has everything its master wrote."""
+        """Wait until every replica of a live master has its link up and everything its
+        master wrote (pairs whose master was killed are skipped)."""
         deadline = time.monotonic() + timeout
         for master in self.masters:
+            if master in self.dead:
+                continue
             replica = self.replica_of(master)
             while True:
                 with master.client() as m, replica.client() as r:
