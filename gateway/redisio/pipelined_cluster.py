@@ -30,7 +30,14 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from gateway.core.errors import RedisUnavailable
 from gateway.redisio.link import ConnectionSettings, ErrorReply, Link
 from gateway.redisio.lua_scripts import LuaScript
-from gateway.redisio.pipelined import ASKING, RedisReplyError, load_and_retry, reply_error
+from gateway.redisio.pipelined import (
+    ASKING,
+    RedisReplyError,
+    SharedWaits,
+    load_and_retry,
+    reply_error,
+    run_then_wait,
+)
 from gateway.redisio.resp import ScriptArg, decode_args, evalsha_header, pack_command
 
 __all__ = ["FastRedisCluster", "slot_of"]
@@ -83,6 +90,7 @@ class FastRedisCluster:
         self._loaded = False
         # (script sha, argument count) -> the command's encoded head (run_encoded).
         self._heads: dict[tuple[str, int], bytes] = {}
+        self._waits: SharedWaits = {}  # run_replicated's WAITs, one per node and tick
 
     def link(self, host: str, port: int) -> Link:
         """The connection to node ``host:port`` (created, unconnected, on first use)."""
@@ -146,13 +154,12 @@ class FastRedisCluster:
         slot = slot_of(keys[0])
         link = self._slots[slot] or await self._mapped_node(slot)
         command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
-        wait = _pack(("WAIT", replicas, timeout_ms))
         try:
-            reply, acked = await link.request_many(command, wait)
+            reply, acked = await run_then_wait(self._waits, link, command, replicas, timeout_ms)
             if reply.__class__ is _ReplyError:
                 reply = await self._follow(slot, script, command, link, reply)
                 link = self._slots[slot] or link
-                acked = await link.request(wait)
+                acked = await link.request(_pack(("WAIT", replicas, timeout_ms)))
         except RedisUnavailable:
             self.refresh_soon()
             raise
