@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -66,11 +65,14 @@ SHARDS = 16
 LOST_REQUESTS = 5  # per org that loses writes in the failover
 
 _SPAWNED: list[subprocess.Popen[bytes]] = []
+_LOGS: list[Path] = []  # the running test's tmp_path
 
 
 @pytest.fixture(autouse=True)
-def _reap() -> Iterator[None]:
-    """Kill every process group the test started, whatever happened."""
+def _reap(tmp_path: Path) -> Iterator[None]:
+    """Kill every process group the test started, whatever happened; their output stays
+    in the test's ``tmp_path`` (pytest keeps the last runs' for a look after a failure)."""
+    _LOGS[:] = [tmp_path]
     yield
     while _SPAWNED:
         proc = _SPAWNED.pop()
@@ -92,21 +94,18 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-LOGS = Path(tempfile.mkdtemp(prefix="cg-failover-"))
-
-
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    """``creditgate ARGS`` in a process group of its own; output to a file in :data:`LOGS`
-    (printed when the test fails)."""
-    log = (LOGS / f"{args[0]}-{len(_SPAWNED)}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.commands.cli", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    """``creditgate ARGS`` in a process group of its own; output to a file in the test's
+    ``tmp_path`` (``serve-N.log``, ``sync-N.log``)."""
+    with (_LOGS[0] / f"{args[0]}-{len(_SPAWNED)}.log").open("wb") as log:
+        proc = subprocess.Popen(  # the child keeps its own copy of the file
+            [sys.executable, "-m", "gateway.commands.cli", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _SPAWNED.append(proc)
     return proc
 
@@ -244,7 +243,7 @@ async def test_gateways_and_sync_workers_through_a_master_failover(
 
         sync_workers = [_spawn("sync", "--config", str(path)) for _ in range(2)]
         urls = await asyncio.gather(_serve(path, 2), _serve(path, 1), _serve(path, 1))
-        traffic = Traffic(urls)
+        traffic = Traffic(list(urls))
         try:
             # 1. 40 concurrent requests per org, all orgs at once, over every gateway.
             await asyncio.gather(*(traffic.send(o) for o in burst for _ in range(40)))

@@ -80,7 +80,7 @@ async def _refund_across_failover(
 async def _state(gate: CreditGate, org: str, request_id: str) -> tuple[bool, int, list[str]]:
     """On the promoted master: is the hold open, the bucket's balance, the request's events."""
     shard = gate.keys.of_org(org).shard
-    client = gate.redis.client
+    client: Any = gate.redis.client  # decode_responses: strings
     for _ in range(20):  # redis-py's cluster client fails once on the dead master's socket
         try:
             held = bool(await client.hexists(shard.holds, request_id))
@@ -91,7 +91,7 @@ async def _state(gate: CreditGate, org: str, request_id: str) -> tuple[bool, int
             await asyncio.sleep(0.1)
     else:
         raise AssertionError("the promoted master did not answer")
-    kinds = [f["k"] for _, f in entries if f.get("id") == request_id]
+    kinds = [str(f["k"]) for _, f in entries if f.get("id") == request_id]
     return held, balance, kinds
 
 
