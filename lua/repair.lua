@@ -5,6 +5,8 @@
 -- ARGV[1]  now (ms)    ARGV[2]  org    ARGV[3]  bucket    ARGV[4]  plan balance
 -- ARGV[5]  extra       ARGV[6]  operation id
 -- ARGV[7]  purchased lots JSON ([[reference, expires_ms, remaining], ...], summing to extra)
+-- ARGV[8]  the least sequence number the repair event may carry (optional): the ledger's
+--          newest plus one, for an org whose Redis state went back (lost writes)
 --
 -- Returns {"missing"} or {"ok", tokens_deducted} (old total - new total).
 --
@@ -21,6 +23,13 @@ local st = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' ..
   'plan')
 local delta = (tonumber(st[1] or '0') + tonumber(st[2] or '0')) - (bal + extra)
 local seq = redis.call('HINCRBY', org_key, 'seq', 1)
+local floor = tonumber(ARGV[8] or '')
+if floor and seq < floor then
+  -- Redis lost writes the ledger has: jump past them, so this event and every later one
+  -- is newer than the ledger's snapshot.
+  seq = floor
+  redis.call('HSET', org_key, 'seq', seq)
+end
 redis.call('HSET', org_key, 'b:' .. b, bal, 'x:' .. b, extra, 'l:' .. b, lots)
 audit_event(stream_key,
   'repair:' .. op .. ':' .. b, 'repair', org, '', '', b, delta,  -- id, k, o, u, f, b, t

@@ -374,6 +374,11 @@ async def reconcile(gate: Any, repair: bool) -> None:
         )
     for org, n in report.missing_events.items():
         click.echo(f"missing events: {org}: Redis is {n} sequence numbers ahead of the ledger")
+    for org, n in report.lost_writes.items():
+        click.echo(
+            f"lost writes: {org}: Redis is {n} sequence numbers behind the ledger"
+            " (a failover or restore lost acknowledged writes)"
+        )
     for org in report.unstable:
         click.echo(f"unstable: {org} kept changing during the pass; run again")
     click.echo(
@@ -382,8 +387,15 @@ async def reconcile(gate: Any, repair: bool) -> None:
         + (f", {sum(d.repaired for d in report.drifts)} repaired" if repair else "")
     )
     unresolved = [d for d in report.drifts if not d.repaired]
-    if unresolved or report.missing_events or report.unstable:
+    lost = [org for org in report.lost_writes if not _repaired(report, org)]
+    if unresolved or report.missing_events or report.unstable or lost:
         raise SystemExit(3)
+
+
+def _repaired(report: Any, org: str) -> bool:
+    # An org that lost writes is resolved once every drifted bucket of it was repaired.
+    drifts = [d for d in report.drifts if d.org == org]
+    return bool(drifts) and all(d.repaired for d in drifts)
 
 
 def _parse_date(value: str | None) -> datetime | None:

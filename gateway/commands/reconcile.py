@@ -12,9 +12,18 @@ shard, so it is one consistent cut; Postgres is read afterwards, and an org whos
 turns out to be *ahead* of that cut (the sync job committed in between) is read again
 rather than reported.
 
+Redis *behind* the ledger (its org sequence number lower than one the ledger already
+recorded, in a cut read after that ledger record) means Redis lost acknowledged writes: a
+Redis Cluster failover promoted a replica that never received them, or a restart from an
+old AOF/RDB. The org is reported in ``lost_writes`` (how many sequence numbers Redis went
+back) and its buckets are compared with the ledger like any other, so the drift is exactly
+what the lost writes had charged (or granted) and the ledger knows of.
+
 ``--repair`` sets the Redis balances to the ledger's (repair.lua) and thereby writes a
-``repair`` row explaining the correction. Lots of purchased tokens are rebuilt from the
-org's unexpired grants (Store.org_snapshot's rule).
+``repair`` row explaining the correction; it also lifts the org's sequence number past the
+ledger's, so the events written afterwards are newer than every ledger record again. Lots
+of purchased tokens are rebuilt from the org's unexpired grants (Store.org_snapshot's
+rule).
 """
 
 from __future__ import annotations
@@ -77,12 +86,20 @@ class ReconcileReport:
     # Orgs whose Redis sequence is ahead of every ledger record: events were lost
     # between Redis and Postgres (e.g. a stream trimmed by hand).
     missing_events: dict[str, int] = field(default_factory=dict)
+    # Orgs whose Redis sequence went back behind the ledger's: Redis lost acknowledged
+    # writes (a failover to a replica that lacked them); how many sequence numbers.
+    lost_writes: dict[str, int] = field(default_factory=dict)
     unstable: list[str] = field(default_factory=list)  # kept changing during the pass
 
     @property
     def clean(self) -> bool:
         """True when nothing disagrees."""
-        return not self.drifts and not self.missing_events and not self.unstable
+        return (
+            not self.drifts
+            and not self.missing_events
+            and not self.lost_writes
+            and not self.unstable
+        )
 
 
 @dataclass(slots=True)
@@ -153,10 +170,13 @@ async def reconcile(gate: CreditGate, *, repair: bool = False) -> ReconcileRepor
     report = ReconcileReport()
     for shard in gate.keys.all_shards():
         pending = await _scan_orgs(gate, shard)
+        ahead: dict[str, int] = {}  # org -> a ledger seq seen ahead of an earlier Redis cut
         for _attempt in range(_MAX_ATTEMPTS):
             if not pending:
                 break
-            pending = await _check_orgs(gate, store, shard, pending, report, repair=repair)
+            pending = await _check_orgs(
+                gate, store, shard, pending, report, ahead=ahead, repair=repair
+            )
         report.unstable += pending
     return report
 
@@ -168,9 +188,15 @@ async def _check_orgs(
     orgs: list[str],
     report: ReconcileReport,
     *,
+    ahead: dict[str, int],
     repair: bool,
 ) -> list[str]:
-    """Check ``orgs`` of one shard; return those to read again (the ledger moved on)."""
+    """Check ``orgs`` of one shard; return those to read again (the ledger moved on).
+
+    ``ahead`` carries, from one attempt to the next, the ledger seq that was ahead of an
+    org's Redis cut: if this cut (read after that ledger record) is still behind it, no sync
+    commit can explain it (Redis sequence numbers only grow), so Redis lost writes.
+    """
     cut = await _read_shard(gate, shard, orgs)
     snap, ledger_seq = await _ledger(store, orgs)
     retry = []
@@ -180,10 +206,13 @@ async def _check_orgs(
         redis_seq = int(state.get("seq", 0))
         seen_seq = max(ledger_seq.get(org, 0), cut.stream_seq.get(org, 0))
         if ledger_seq.get(org, 0) > redis_seq:
-            retry.append(org)
-            continue
+            if ahead.get(org, -1) <= redis_seq:
+                ahead[org] = ledger_seq[org]
+                retry.append(org)
+                continue
+            report.lost_writes[org] = ledger_seq[org] - redis_seq
         report.orgs_checked += 1
-        if seen_seq < redis_seq and seen_seq > 0:
+        if 0 < seen_seq < redis_seq:
             report.missing_events[org] = redis_seq - seen_seq
         buckets = {f[2:] for f in state if f.startswith("b:")}
         for bucket in sorted(buckets):
@@ -238,6 +267,9 @@ async def _repair(gate: CreditGate, store: Store, drift: Drift) -> bool:
         target_extra,
         f"reconcile-{uuid.uuid4().hex}",
         json.dumps(lots),
+        # After lost writes Redis' seq is behind the ledger's: the repair event must be
+        # newer than every ledger record, or the sync job would not apply it to the snapshot.
+        drift.ledger_seq + 1,
     ]
     reply = await gate.redis.runner.run(load("repair"), keys, args)
     status = reply[0].decode() if isinstance(reply[0], bytes) else reply[0]

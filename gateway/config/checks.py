@@ -140,6 +140,9 @@ class Checker:
             "retry_after_unavailable_seconds",
         ):
             self.number(key, getattr(c, key), 1)
+        # WAIT 0 would mean "no replica needed" (off); more than a few replicas is a typo.
+        self.number("settle_wait_replicas", c.settle_wait_replicas, 0, 16)
+        self.number("settle_wait_timeout_ms", c.settle_wait_timeout_ms, 1, 60_000)
         # 0 stores no body: every repeat of a completed request gets 409, never a replay.
         self.number("idempotency_max_body_bytes", c.idempotency_max_body_bytes, 0, 16 << 20)
         for key in (

@@ -283,6 +283,11 @@ class Config(_Strict):
     # How long a hold may stay open before the sync job's sweep turns it into a charge
     # marked unknown. Must exceed the longest upstream response (SSE streams included).
     hold_ttl_seconds: Int = 900
+    # Durable settles across a Redis failover (off by default): each settle batch is followed
+    # by WAIT for this many replicas (on connections of its own, so hot-path charges never
+    # queue behind it) and is sent again until they acknowledge it, for up to 30 s.
+    settle_wait_replicas: Int = 0
+    settle_wait_timeout_ms: Int = 100
     upstream_timeout_seconds: float = 60.0
     upstream_connect_timeout_seconds: float = 5.0
     # contract A8 usage costs: when the client leaves mid-response, how long creditgate keeps

@@ -170,6 +170,7 @@ class CreditGate:
     async def close(self) -> None:
         """Settle what is queued and release connections."""
         await self.meter.drain()
+        await self.meter.settlement.close()
         if self._store is not None:
             await self._store.close()
             self._store = None

@@ -97,7 +97,12 @@ class Meter:
             config, redis, self.keys,
             now_ms=now_ms, seed=self.seeding.seed, counters=counters or METRICS,
         )  # fmt: skip
-        self.settlement = Settlement(redis, self.keys, now_ms=now_ms)
+        self.settlement = Settlement(
+            redis, self.keys, now_ms=now_ms,
+            wait_replicas=config.settle_wait_replicas,
+            wait_timeout_ms=config.settle_wait_timeout_ms,
+            redis_url=config.redis_url, redis_timeout=config.redis_timeout_seconds,
+        )  # fmt: skip
         self.max_replay_body: int = config.idempotency_max_body_bytes
         """The largest response body kept for an Idempotency-Key replay (contract A9)."""
 

@@ -12,6 +12,20 @@ never owed: no balance goes below zero, and the org's next requests are admitted
 balance as usual). It may also carry the :class:`~gateway.metering.admission.StoredResponse`
 a repeat of the request's Idempotency-Key gets back (contract A9). Settles with neither
 are the fixed-cost path: the same 4 values per item as before either existed.
+
+Durable settles (``settle_wait_replicas``, off by default): a settle acknowledged by a
+Redis master that dies before replicating it is lost in the failover, and its hold comes
+back on the promoted replica to expire into a charge at its reserve (a refund lost, an
+actual cost replaced by the reserve). With the option each batch is followed by ``WAIT``
+on the same socket and sent again until enough replicas acknowledge it (up to
+``_DURABLE_FOR_S``): settling is idempotent (a hold already settled is ``gone``), so on the
+master that ran it the resend changes nothing, and on a promoted replica that lacked it the
+resend settles the hold that came back. The callers' futures get the first reply, at once:
+only the confirmation waits. A resend that ran on another node than the first send (the
+promoted replica, after a failover) ends the batch too: the settle is then on the master
+that survived, which may have no replica of its own to confirm it until the old master
+returns. WAIT blocks its socket, so the settles get connections of
+their own (a second runner) and hot-path charges never queue behind a WAIT.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from typing import Any
 from gateway.core.errors import RedisUnavailable
 from gateway.core.redis_keys import KeySpace, ShardKeys
 from gateway.metering.admission import Admission, StoredResponse
-from gateway.redisio.connect import RedisHandles
+from gateway.redisio.connect import RedisHandles, ScriptRunner, connect_redis
 from gateway.redisio.lua_scripts import load
 from gateway.usage.model import Usage
 
@@ -106,6 +120,10 @@ _BATCH = 256
 # window is what makes batching work. Off every client's latency path.
 SETTLE_WINDOW_S = 0.002
 _RETRIES = 5
+# Durable settles: how long an unconfirmed batch is sent again (covers a failover with the
+# default cluster-node-timeout of 15 s), and the longest pause between two sends.
+_DURABLE_FOR_S = 30.0
+_DURABLE_MAX_PAUSE_S = 1.0
 
 # One queued settle: org key, idempotency key, request id, outcome ("c" charge | "r"
 # refund; "C" | "R" with the 10 extension values), upstream status, latency, the future of
@@ -119,8 +137,33 @@ _Settle = tuple[
 class Settlement:
     """Queues settles per shard and sends each shard's queue to settle.lua in batches."""
 
-    def __init__(self, redis: RedisHandles, keys: KeySpace, *, now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        redis: RedisHandles,
+        keys: KeySpace,
+        *,
+        now_ms: Callable[[], int],
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
+        redis_url: str | None = None,
+        redis_timeout: float = 2.0,
+    ) -> None:
         self.redis = redis
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        # The runner settles go through: the hot path's, or with durable settles one of
+        # their own (WAIT blocks the socket it is sent on; see the module docstring).
+        self.runner: ScriptRunner = redis.runner
+        self._own_runner: ScriptRunner | None = None
+        if wait_replicas and redis_url and hasattr(redis.runner, "run_replicated"):
+            self.runner = self._own_runner = connect_redis(redis_url, timeout=redis_timeout).runner
+        elif wait_replicas:
+            log.warning("settle_wait_replicas needs the pipelined Redis client: ignored")
+            self.wait_replicas = 0
+        # Durable settles: sends (and resends), those a WAIT left unconfirmed, batches that
+        # ended on a promoted replica, and batches given up after _DURABLE_FOR_S (metrics,
+        # tests).
+        self.stats: dict[str, int] = {"sent": 0, "unconfirmed": 0, "failed_over": 0, "given_up": 0}
         self.keys = keys
         self.script = load("settle")
         self.window_s = SETTLE_WINDOW_S
@@ -245,10 +288,13 @@ class Settlement:
             ext = it[7]
             if ext is not None:
                 args += ext
+        if self.wait_replicas:
+            await self._run_durable(shard, items, keys, args)
+            return
         delay = 0.05
         for attempt in range(_RETRIES):
             try:
-                reply = await self.redis.runner.run(self.script, keys, args)
+                reply = await self.runner.run(self.script, keys, args)
             except RedisUnavailable as exc:
                 # Settling twice is harmless (the hold is gone the second time), so unlike a
                 # debit it can be retried. If Redis stays away the hold expires into a charge.
@@ -269,6 +315,59 @@ class Settlement:
                 if done is not None and not done.done():
                     done.set_result(int(result) if it[7] is None else result)
             return
+
+    async def _run_durable(
+        self, shard: ShardKeys, items: list[_Settle], keys: list[str], args: list[str | int]
+    ) -> None:
+        """Send the batch, and again, until ``wait_replicas`` replicas acknowledged it or
+        ``_DURABLE_FOR_S`` passed; the futures get the first reply (module docstring)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + _DURABLE_FOR_S
+        run_replicated = self.runner.run_replicated  # type: ignore[attr-defined]
+        pause, answered, first_node = 0.05, False, ""
+        while True:
+            self.stats["sent"] += 1
+            try:
+                reply, acked, node = await run_replicated(
+                    self.script, keys, args, self.wait_replicas, self.wait_timeout_ms
+                )
+            except RedisUnavailable as exc:
+                error: RedisUnavailable | None = exc
+            else:
+                error = None
+                if not answered:
+                    answered = True
+                    for it, result in zip(items, reply, strict=True):
+                        done = it[6]
+                        if done is not None and not done.done():
+                            done.set_result(int(result) if it[7] is None else result)
+                if acked >= self.wait_replicas:
+                    return
+                if first_node and node != first_node:
+                    # Ran on the promoted replica: the hold that came back is settled now.
+                    self.stats["failed_over"] += 1
+                    return
+                first_node = first_node or node
+                self.stats["unconfirmed"] += 1
+            if loop.time() + pause > give_up_at:
+                self.stats["given_up"] += 1
+                log.error(
+                    "settle of %d holds on shard %d not confirmed by %d replicas within %g s%s",
+                    len(items), shard.shard, self.wait_replicas, _DURABLE_FOR_S,
+                    f": {error}" if error else "",
+                )  # fmt: skip
+                for it in items:
+                    done = it[6]
+                    if done is not None and not done.done():
+                        done.set_exception(error or RedisUnavailable("settle not confirmed"))
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _DURABLE_MAX_PAUSE_S)
+
+    async def close(self) -> None:
+        """Release the settles' own connections (durable settles only)."""
+        if self._own_runner is not None:
+            await self._own_runner.close()
 
     async def drain(self) -> None:
         """Wait until every queued settle has reached Redis (shutdown, tests)."""

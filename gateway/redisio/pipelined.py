@@ -35,9 +35,11 @@ __all__ = [
     "RedisReplyError",
     "RedisUnavailable",
     "ScriptArg",
+    "SharedWaits",
     "load_and_retry",
     "pack_command",
     "reply_error",
+    "run_then_wait",
 ]
 
 
@@ -125,6 +127,86 @@ async def load_and_retry(
 ASKING = pack_command(("ASKING",))
 
 
+class _NodeWaits:
+    """One node's WAITs (``run_then_wait``): at most one in flight; the calls that queue
+    their command meanwhile share the next one, sent when it returns."""
+
+    __slots__ = ("inflight", "next", "params")
+
+    def __init__(self, params: tuple[int, int]) -> None:
+        self.params = params
+        self.inflight = False
+        self.next: asyncio.Future[Any] | None = None
+
+
+# Per node (host:port).
+SharedWaits = dict[str, _NodeWaits]
+
+
+async def run_then_wait(
+    waits: SharedWaits, link: Link, command: bytes, replicas: int, timeout_ms: int
+) -> tuple[Any, Any]:
+    """Send ``command`` on ``link`` and return its reply with that of a ``WAIT replicas
+    timeout_ms`` queued behind it on the same socket (so it counts the command's write).
+
+    Group commit: a WAIT blocks its connection on the server until the replicas answer,
+    so one per command would serialise every settle behind a replica round trip. At most
+    one WAIT per node is in flight; every command queued while it is out shares the next,
+    sent as soon as it returns (the first of a tick's commands waits for the end of the
+    tick, so they all share one). A socket still connecting gets a WAIT of its own.
+    """
+    proto = link.protocol
+    params = (replicas, timeout_ms)
+    state = waits.get(link.name)
+    if (
+        proto is None
+        or proto.closed
+        or proto.loop is not asyncio.get_running_loop()
+        or (state is not None and state.params != params)
+    ):
+        reply, acked = await link.request_many(command, pack_command(("WAIT", *params)))
+        return reply, acked
+    if state is None:
+        state = waits[link.name] = _NodeWaits(params)
+    sent = proto.send(command)  # queued now: any WAIT queued after this covers it
+    fut = state.next
+    if fut is None:
+        fut = state.next = proto.loop.create_future()
+        if not state.inflight:
+            state.inflight = True
+            proto.loop.call_soon(_send_wait, state, link)
+    reply = await sent
+    return reply, await asyncio.shield(fut)
+
+
+def _send_wait(state: _NodeWaits, link: Link) -> None:
+    # Sends the WAIT every call so far joined (state.next); the calls after it join another.
+    fut, state.next = state.next, None
+    if fut is None:
+        state.inflight = False
+        return
+    proto = link.protocol
+    if proto is None or proto.closed:
+        state.inflight = False
+        fut.set_exception(RedisUnavailable(f"redis {link.name}: connection lost before WAIT"))
+        if state.next is not None:  # joined meanwhile: they get the same news
+            state.next.set_exception(RedisUnavailable(f"redis {link.name}: connection lost"))
+            state.next = None
+        return
+    reply = proto.send(pack_command(("WAIT", *state.params)))
+
+    def returned(done: asyncio.Future[Any]) -> None:
+        if not fut.done():
+            error = done.exception()
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(done.result())
+        _send_wait(state, link)  # the next group, if any, goes now
+
+    reply.add_done_callback(returned)
+
+
 class FastRedis:
     """The hot-path ``ScriptRunner`` for one Redis server: auto-pipelined connections.
 
@@ -148,6 +230,7 @@ class FastRedis:
         self._next = 0
         # (script sha, argument count) -> the command's encoded head up to its arguments.
         self._heads: dict[tuple[str, int], bytes] = {}
+        self._waits: SharedWaits = {}
 
     def _link(self) -> Link:
         links = self.links
@@ -187,6 +270,28 @@ class FastRedis:
         if reply.__class__ is ErrorReply:
             return await _after_error(link, script, command, reply)
         return reply
+
+    async def run_replicated(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int, str]:
+        """``run``, then ``WAIT replicas timeout_ms`` on the same socket in the same write;
+        returns the script's reply, how many replicas acknowledged every write made on
+        that socket so far (the script's included) and the node that ran it
+        (host:port). WAIT blocks the socket, so this is for a runner of its own (the
+        settle's, ``settle_wait_replicas``), never the hot path's.
+        """
+        link = self.links[0]  # one socket: WAIT counts the writes of its own connection
+        command = pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+        reply, acked = await run_then_wait(self._waits, link, command, replicas, timeout_ms)
+        if reply.__class__ is ErrorReply:
+            reply = await _after_error(link, script, command, reply)
+            acked = await link.request(pack_command(("WAIT", replicas, timeout_ms)))
+        return reply, acked if isinstance(acked, int) else 0, link.name
 
     async def execute(self, *args: ScriptArg) -> Any:
         """Run any single command (off the hot path: tests, health checks)."""

@@ -30,7 +30,14 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from gateway.core.errors import RedisUnavailable
 from gateway.redisio.link import ConnectionSettings, ErrorReply, Link
 from gateway.redisio.lua_scripts import LuaScript
-from gateway.redisio.pipelined import ASKING, RedisReplyError, load_and_retry, reply_error
+from gateway.redisio.pipelined import (
+    ASKING,
+    RedisReplyError,
+    SharedWaits,
+    load_and_retry,
+    reply_error,
+    run_then_wait,
+)
 from gateway.redisio.resp import ScriptArg, decode_args, evalsha_header, pack_command
 
 __all__ = ["FastRedisCluster", "slot_of"]
@@ -83,6 +90,7 @@ class FastRedisCluster:
         self._loaded = False
         # (script sha, argument count) -> the command's encoded head (run_encoded).
         self._heads: dict[tuple[str, int], bytes] = {}
+        self._waits: SharedWaits = {}  # run_replicated's WAITs, one per node and tick
 
     def link(self, host: str, port: int) -> Link:
         """The connection to node ``host:port`` (created, unconnected, on first use)."""
@@ -130,17 +138,52 @@ class FastRedisCluster:
             return await self._follow(slot, script, command, link, reply)
         return reply
 
+    async def run_replicated(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[ScriptArg],
+        replicas: int,
+        timeout_ms: int,
+    ) -> tuple[Any, int, str]:
+        """``run`` on the slot's master, then ``WAIT replicas timeout_ms`` on the same
+        socket in the same write (see ``FastRedis.run_replicated``); after a redirection the
+        WAIT goes to the node that now owns the slot."""
+        if not keys:
+            raise ValueError(f"script {script.name}: Redis Cluster routes by key, none given")
+        slot = slot_of(keys[0])
+        link = self._slots[slot] or await self._mapped_node(slot)
+        command = _pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        try:
+            reply, acked = await run_then_wait(self._waits, link, command, replicas, timeout_ms)
+            if reply.__class__ is _ReplyError:
+                reply = await self._follow(slot, script, command, link, reply)
+                link = self._slots[slot] or link
+                acked = await link.request(_pack(("WAIT", replicas, timeout_ms)))
+        except RedisUnavailable:
+            self.refresh_soon()
+            raise
+        return reply, acked if isinstance(acked, int) else 0, link.name
+
     async def execute(self, key: str, *args: ScriptArg) -> Any:
         """Run one command on the master of ``key``'s slot (off the hot path: tests, checks).
-        MOVED is followed; nothing else is."""
+        MOVED is followed; nothing else is. A lost node or CLUSTERDOWN reloads the slot map
+        in the background, as for scripts: after a failover the next call goes to the
+        promoted replica (the sync worker's stream commands come through here)."""
         slot = slot_of(key)
         link = self._slots[slot] or await self._mapped_node(slot)
         command = _pack(args)
-        reply = await link.request(command)
-        if isinstance(reply, _ReplyError) and str(reply).startswith("MOVED "):
-            link = self._moved(slot, str(reply), link)
+        try:
             reply = await link.request(command)
+            if isinstance(reply, _ReplyError) and str(reply).startswith("MOVED "):
+                link = self._moved(slot, str(reply), link)
+                reply = await link.request(command)
+        except RedisUnavailable:
+            self.refresh_soon()
+            raise
         if isinstance(reply, _ReplyError):
+            if str(reply).startswith("CLUSTERDOWN"):
+                self.refresh_soon()
             raise reply_error(str(reply))
         return reply
 

@@ -131,3 +131,44 @@ async def test_clean_after_an_expired_hold_is_swept(gate: CreditGate) -> None:
         " AND token_type = 'lead_generation'"
     )
     assert snapshot == (await gate.balance("a")).buckets["lead_generation"].balance
+
+
+async def test_redis_behind_the_ledger_is_reported_as_lost_writes_and_repaired(
+    gate: CreditGate,
+) -> None:
+    """Redis rolled back (a failover to a replica that lacked the last writes, or an old
+    snapshot restored) while the ledger kept them: reported as lost writes with exactly
+    their tokens; the repair's event is newer than the ledger, so what follows syncs on."""
+    await traffic(gate)
+    await gate.grant("b", "goal_generation", 30, reference="more")  # traffic() spent it all
+    await sync_once(gate)
+    client = gate.redis.client
+    key, stream = gate.keys.org("b"), gate.keys.shard("b").events
+    before = await client.dump(key)  # the org as a stale replica would have it
+    kept = {i for i, _ in await client.xrange(stream)}  # (the sync job trims what it wrote)
+    for _ in range(4):  # acknowledged, then synced to the ledger ...
+        assert (await gate.charge("b", "goal_generation", user="u")).ok
+    await sync_once(gate)
+    # ... and lost by Redis: the org hash and the stream go back to before them.
+    await client.restore(key, 0, before, replace=True)
+    newer = [i for i, _ in await client.xrange(stream) if i not in kept]
+    if newer:
+        await client.xdel(stream, *newer)
+
+    report = await reconcile(gate)
+    assert set(report.lost_writes) == {"b"} and not report.unstable, report
+    assert [(d.org, d.bucket, d.tokens) for d in report.drifts] == [("b", "goal_generation", 12)]
+    repaired = await reconcile(gate, repair=True)
+    assert [d.repaired for d in repaired.drifts] == [True]
+    assert int(await client.hget(key, "seq")) > report.drifts[0].ledger_seq
+    assert (await reconcile(gate)).clean
+    # Later events are newer than the ledger's snapshot again: they move it.
+    assert (await gate.charge("b", "goal_generation", user="u")).ok
+    await sync_once(gate)
+    assert (await reconcile(gate)).clean
+    store = await gate.require_store()
+    snapshot = await store.pool.fetchval(
+        "SELECT balance + extra FROM ai_tokens WHERE organization_id = 'b'"
+        " AND token_type = 'goal_generation'"
+    )
+    assert snapshot == (await gate.balance("b")).buckets["goal_generation"].available

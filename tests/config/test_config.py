@@ -396,3 +396,16 @@ def test_any_value_anywhere_never_crashes(path: tuple[Any, ...], value: Any) -> 
     except ConfigError as exc:
         assert exc.errors
         assert all(e.startswith("fuzz.yaml:") for e in exc.errors)
+
+
+def test_settle_wait_replicas_is_off_by_default_and_checked() -> None:
+    config = parse_config(MINIMAL, "c.yaml")
+    assert (config.settle_wait_replicas, config.settle_wait_timeout_ms) == (0, 100)
+    on = parse_config(MINIMAL + "settle_wait_replicas: 1\nsettle_wait_timeout_ms: 20\n", "c.yaml")
+    assert (on.settle_wait_replicas, on.settle_wait_timeout_ms) == (1, 20)
+    with pytest.raises(ConfigError) as info:
+        parse_config(MINIMAL + "settle_wait_replicas: -1\nsettle_wait_timeout_ms: 0\n", "c.yaml")
+    assert [e.split(":")[1].strip() for e in info.value.errors] == [
+        "settle_wait_replicas",
+        "settle_wait_timeout_ms",
+    ]
