@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from gateway.metering.meter import Meter
+from gateway.metering.settlement import Settlement
 from tests.support.fake_providers.clients import APIS
 from tests.support.fake_providers.control import FakeUsage
 from tests.support.fake_providers.harness import ORG, Gateway, provider_config
@@ -80,14 +81,29 @@ class SettleLog:
 
 
 def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
+    """Record every settle the middleware queues: ``Meter.settle_nowait`` (which knows the
+    actual cost), and the fixed-cost path's direct ``Settlement.queue`` (the middleware
+    binds the queue itself, a call less per request)."""
     log = SettleLog()
     original = Meter.settle_nowait
+    original_queue = Settlement.queue
+    inside = threading.local()
 
     def spy(self: Meter, adm: Any, **kw: Any) -> None:
         log.add(Settled(adm.feature, adm.request_id, kw["ok"], adm.cost, kw.get("actual")))
-        original(self, adm, **kw)
+        inside.active = True
+        try:
+            original(self, adm, **kw)
+        finally:
+            inside.active = False
+
+    def spy_queue(self: Settlement, adm: Any, ok: bool, *args: Any, **kw: Any) -> None:
+        if not getattr(inside, "active", False):
+            log.add(Settled(adm.feature, adm.request_id, ok, adm.cost, None))
+        original_queue(self, adm, ok, *args, **kw)
 
     monkeypatch.setattr(Meter, "settle_nowait", spy)
+    monkeypatch.setattr(Settlement, "queue", spy_queue)
     return log
 
 
