@@ -222,7 +222,10 @@ async def test_lookup_racing_a_revocation_cannot_resurrect_the_key(
     released = asyncio.Event()
     store.gate = released
     pending = asyncio.create_task(slow.identify(scope(bearer(key))))
-    await asyncio.sleep(0.01)  # slow has read "valid" from the store, not yet written Redis
+    for _ in range(500):  # until slow has read "valid" from the store (not yet written Redis)
+        if store.lookups:
+            break
+        await asyncio.sleep(0.01)
     assert store.lookups == 1 and not pending.done()
     assert await admin.revoke(row.id)
     released.set()
