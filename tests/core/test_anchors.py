@@ -28,10 +28,14 @@ def test_anchor_31_clamps_to_the_months_last_day_and_comes_back() -> None:
     anchor = format_anchor(31, date(2027, 1, 31))
     # Jan 31 -> Feb 28 (2027 is not a leap year) -> Mar 31 -> Apr 30.
     assert org_period(SUB, anchor, ms(2027, 2, 27, 23, 59)) == (
-        ms(2027, 1, 31), ms(2027, 2, 28), "2027-01-31..2027-02-28"
+        ms(2027, 1, 31),
+        ms(2027, 2, 28),
+        "2027-01-31..2027-02-28",
     )
     assert org_period(SUB, anchor, ms(2027, 2, 28)) == (
-        ms(2027, 2, 28), ms(2027, 3, 31), "2027-02-28..2027-03-31"
+        ms(2027, 2, 28),
+        ms(2027, 3, 31),
+        "2027-02-28..2027-03-31",
     )
     assert org_period(SUB, anchor, ms(2027, 4, 15))[2] == "2027-03-31..2027-04-30"
     assert org_period(SUB, anchor, ms(2027, 5, 1))[2] == "2027-04-30..2027-05-31"
@@ -92,7 +96,9 @@ def test_calendar_months_start_at_local_midnight(
     cal = Calendar("month", "calendar", tz)
     start, end, pid = org_period(cal, "", ms(2026, 11, 15, 12, tz=tz))
     assert (start, end, pid) == (
-        int(utc_start.timestamp() * 1000), int(utc_end.timestamp() * 1000), "2026-11"
+        int(utc_start.timestamp() * 1000),
+        int(utc_end.timestamp() * 1000),
+        "2026-11",
     )
     # One millisecond before local midnight is still the previous month.
     assert org_period(cal, "", start - 1)[2] == "2026-10"
@@ -126,7 +132,9 @@ def test_the_anchor_day_is_local_east_and_west() -> None:
 def test_calendar_deployments_ignore_anchors_and_keep_utc_ids() -> None:
     cal = Calendar()
     assert org_period(cal, "15:2026-12-10", ms(2026, 12, 12)) == (
-        ms(2026, 12, 1), ms(2027, 1, 1), "2026-12"
+        ms(2026, 12, 1),
+        ms(2027, 1, 1),
+        "2026-12",
     )
 
 
