@@ -19,7 +19,6 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.anchors import Calendar
 from gateway.config import (
     Config,
     ConfigError,
@@ -35,6 +34,7 @@ from gateway.config import (
     parse_rate,
     resolve_config_path,
 )
+from gateway.core.anchors import Calendar
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
