@@ -102,12 +102,12 @@ Fields = Sequence[Any] | Mapping[Any, Any]
 MAX_DIGITS = 200
 
 
-def refresh_of(period: str) -> datetime | None:
+def refresh_of(period: str, timezone: str = "UTC") -> datetime | None:
     """When the period named ``period`` ends (gateway/core/anchors.py ids): ``2026-11``
     (monthly), ``2026-W48`` (ISO week), ``2026-11-23`` (daily) or an anchored
-    ``2027-01-31..2027-02-28`` (contract A12); None otherwise. Midnight UTC: periods of a
-    ``period.timezone`` other than UTC end at its midnight instead (not threaded here yet)."""
-    return period_end(period)
+    ``2027-01-31..2027-02-28`` (contract A12); None otherwise. Ids are local dates, so the
+    end is midnight in ``timezone`` (the config's ``period.timezone``)."""
+    return period_end(period, timezone)
 
 
 def _text(raw: Any) -> str:
