@@ -86,8 +86,10 @@ async def test_a_changed_anchor_starts_a_new_period_today(env: Env) -> None:
     assert adm.ok and adm.remaining == 17
     bal = await env.gate.balance("acme")
     assert bal.period == "2026-11-15..2026-11-20"
-    assert adm.refresh_at_ms == bal.period_end_ms == int(
-        datetime(2026, 11, 20, tzinfo=UTC).timestamp() * 1000
+    assert (
+        adm.refresh_at_ms
+        == bal.period_end_ms
+        == int(datetime(2026, 11, 20, tzinfo=UTC).timestamp() * 1000)
     )
 
 
