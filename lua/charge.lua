@@ -9,6 +9,8 @@
 -- KEYS[6..] per-user rate-limiter keys, referenced by index from the limiter specs in ARGV
 --
 -- ARGV[1]  now (ms)             ARGV[2]  period id          ARGV[3]  refresh_at (ms)
+--          (per-org periods, contract A12: ARGV[2] is "<period id> <anchor>", the anchor
+--          the caller computed the period from; "" = calendar periods)
 -- ARGV[4]  bucket               ARGV[5]  cost (tokens)      ARGV[6]  request id
 -- ARGV[7]  hold expiry (ms)     ARGV[8]  idempotency ttl (ms; 0 = no Idempotency-Key)
 -- ARGV[9]  org                  ARGV[10] user ("" = none)   ARGV[11] feature
@@ -30,6 +32,8 @@
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
+--   {"anchor", anchor}          the org's anchor (field pa) is not the one ARGV[2] assumed:
+--                               nothing was written; compute the period again and call again
 --   {"not_in_plan", plan}
 --   {"rate_limited", retry_after_ms, limit, limit_reset_ms}
 --   {"insufficient", remaining, plan}               the org's balance refused
@@ -73,6 +77,13 @@ local org_key, holds_key, holdexp_key, stream_key, idem_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now = tonumber(ARGV[1])
 local period = ARGV[2]
+-- Per-org periods (contract A12): the anchor comes after the period id, past a space.
+local anchor = nil
+local anchor_sep = string.find(period, ' ', 1, true)
+if anchor_sep then
+  anchor = string.sub(period, anchor_sep + 1)
+  period = string.sub(period, 1, anchor_sep - 1)
+end
 local refresh_at = ARGV[3]
 local bucket = ARGV[4]
 local cost = tonumber(ARGV[5])
@@ -101,6 +112,11 @@ for _ = 1, nplans do
     end
   end
   i = i + 4 + 3 * n
+end
+local anchor_at = nil  -- the org's anchor field pa, read with its state (per-org periods)
+if anchor then
+  fields[#fields + 1] = 'pa'
+  anchor_at = #fields
 end
 -- The optional arguments after the plans (nil when absent).
 local fingerprint, reservation = ARGV[i], ARGV[i + 1]
@@ -136,6 +152,9 @@ local st = redis_call('HMGET', org_key, unpack(fields))
 local plan = st[1]
 if not plan then
   return {'missing'}
+end
+if anchor_at and (st[anchor_at] or '') ~= anchor then
+  return {'anchor', st[anchor_at] or ''}
 end
 
 -- The caller passes every plan's allocation and limiters; pick the org's own, so a plan

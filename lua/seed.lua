@@ -9,6 +9,7 @@
 -- then, optionally: the number of level fields M (teams, members and cap overrides of
 --          contract A10, named in gateway/core/caps.py), then M field/value pairs; M > 0
 --          also sets lv (the org has levels: charge.lua reads them).
+-- then, optionally: the org's period anchor (contract A12, field pa; "" = none).
 --
 -- Returns 1 when seeded, 0 when the org already had state (nothing written).
 
@@ -32,5 +33,9 @@ for j = 0, m - 1 do
 end
 if m > 0 then
   redis.call('HSET', org_key, 'lv', '1')
+end
+local anchor = ARGV[at + 1 + 2 * m]
+if anchor and anchor ~= '' then
+  redis.call('HSET', org_key, 'pa', anchor)
 end
 return 1

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--claim-idle-ms", type=int, default=30000)
     p.add_argument("--block-ms", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--timezone", default="UTC", help="the config's period.timezone (refresh dates)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             claim_idle_ms=args.claim_idle_ms,
             block_ms=args.block_ms,
             concurrency=args.concurrency,
+            timezone=args.timezone,
         )
     )
 

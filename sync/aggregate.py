@@ -68,18 +68,21 @@ MODEL_ROLLUP_WIDTH = 11
 # period, then refresh_date.
 SNAPSHOT_WIDTH = 14
 
-_refresh_text: dict[str, str] = {}
+# Keyed by (period, time zone): the same id ends at another instant in another zone, and
+# workers of differently configured deployments may share this process (tests, demo).
+_refresh_text: dict[tuple[str, str], str] = {}
 
 
-def _refresh(period: str) -> str:
-    """``refresh_of(period)`` as COPY/array text ("" for None), cached (few periods exist;
-    the cache is bounded anyway, since a period is whatever an event says)."""
-    text = _refresh_text.get(period)
+def _refresh(period: str, timezone: str) -> str:
+    """``refresh_of(period, timezone)`` as COPY/array text ("" for None), cached (few
+    periods exist; the cache is bounded anyway, since a period is whatever an event says)."""
+    key = (period, timezone)
+    text = _refresh_text.get(key)
     if text is None:
         if len(_refresh_text) >= 10_000:
             _refresh_text.clear()
-        when = refresh_of(period)
-        text = _refresh_text[period] = "" if when is None else when.isoformat()
+        when = refresh_of(period, timezone)
+        text = _refresh_text[key] = "" if when is None else when.isoformat()
     return text
 
 
@@ -200,8 +203,9 @@ def _seq_text(seq: int | None) -> str:
     return "" if seq is None else str(seq)
 
 
-def snapshots(entries: Sequence[Flat]) -> Columns:
-    """One row per (org, bucket) the batch moves (see the module docstring)."""
+def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
+    """One row per (org, bucket) the batch moves (see the module docstring); the
+    refresh_date column is the period's end at midnight in ``timezone`` (contract A12)."""
     full: dict[tuple[str, str], tuple[int, Flat]] = {}
     get = full.get
     partial: set[tuple[str, str]] = set()
@@ -234,14 +238,14 @@ def snapshots(entries: Sequence[Flat]) -> Columns:
             continue
         per, s = v[PERIOD], v[SEQ]
         rows.append((*key, s, v[BAL], s, v[EXTRA], s, v[ALLOC], s, v[USED], s, per, s,
-                     _refresh(per)))  # fmt: skip
+                     _refresh(per, timezone)))  # fmt: skip
     for key, c in merged.items():
         per = c[9]
         rows.append(
             (
                 *key, str(c[0]), c[1], _seq_text(c[2]), c[3], _seq_text(c[4]), c[5],
                 _seq_text(c[6]), c[7], _seq_text(c[8]), per, _seq_text(c[10]),
-                _refresh(per) if per else "",
+                _refresh(per, timezone) if per else "",
             )
         )  # fmt: skip
     return tuple(zip(*rows, strict=True))

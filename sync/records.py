@@ -39,12 +39,11 @@ and returns None otherwise. The careful one escapes every value and writes ``\\N
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, timedelta
-from functools import lru_cache
+from datetime import UTC, datetime
 from typing import Any, cast
 
+from gateway.core.anchors import period_end
 from gateway.core.events import KINDS, decode
 
 FIELDS = (
@@ -97,33 +96,18 @@ Flat = list[str]
 # reply of FastRedis) or a mapping (redis-py, str or bytes).
 Fields = Sequence[Any] | Mapping[Any, Any]
 
-_MONTH = re.compile(r"^(\d{4})-(\d{2})$")
-_DAY = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$")
-_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
 # Integer fields, all digits: bounded so that int() of them can never fail (Python refuses
 # int() of over 4300 digits); longer ones take the reference path, which raises as
 # decode does or yields a value Postgres then rejects as out of range.
 MAX_DIGITS = 200
 
 
-@lru_cache(maxsize=4096)
-def refresh_of(period: str) -> datetime | None:
-    """When the period named ``period`` ends (gateway/core/periods.py ids): ``2026-11``
-    (monthly), ``2026-W48`` (ISO week) or ``2026-11-23`` (daily); None otherwise."""
-    try:
-        if m := _MONTH.match(period):
-            year, month = int(m[1]), int(m[2])
-            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
-            return datetime(year, month, 1, tzinfo=UTC)
-        if m := _DAY.match(period):
-            day = date(int(m[1]), int(m[2]), int(m[3])) + timedelta(days=1)
-            return datetime(day.year, day.month, day.day, tzinfo=UTC)
-        if m := _WEEK.match(period):
-            monday = date.fromisocalendar(int(m[1]), int(m[2]), 1) + timedelta(days=7)
-            return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
-    except ValueError:
-        return None
-    return None
+def refresh_of(period: str, timezone: str = "UTC") -> datetime | None:
+    """When the period named ``period`` ends (gateway/core/anchors.py ids): ``2026-11``
+    (monthly), ``2026-W48`` (ISO week), ``2026-11-23`` (daily) or an anchored
+    ``2027-01-31..2027-02-28`` (contract A12); None otherwise. Ids are local dates, so the
+    end is midnight in ``timezone`` (the config's ``period.timezone``)."""
+    return period_end(period, timezone)
 
 
 def _text(raw: Any) -> str:

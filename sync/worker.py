@@ -104,6 +104,8 @@ class SyncWorker:
     ``now_ms`` is the clock holds expire by (the gate's clock; default: wall time).
     ``alerts`` (the config's alert defaults) turns on the alert evaluation in each batch's
     transaction (gateway/alerts/evaluation.py); None: no alerts are evaluated.
+    ``timezone`` is the config's ``period.timezone`` (contract A12): snapshots'
+    ``refresh_date`` (and so alerts' and forecasts' ``refresh_at``) is local midnight there.
     ``run`` and ``run_once`` close the connection the worker opened when they return.
     """
 
@@ -125,6 +127,7 @@ class SyncWorker:
         fast_redis: FastClient | bool = True,
         now_ms: Callable[[], int] | None = None,
         alerts: AlertDefaults | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -149,6 +152,7 @@ class SyncWorker:
             prefix=keyspace.prefix,
             default_plan=default_plan,
             alerts=alerts,
+            timezone=timezone,
         )
         self._shards = [
             _Shard(ShardStream(redis, keys, group, self.consumer, fast))
@@ -521,4 +525,5 @@ async def run_sync(config_path: str) -> None:
         redis_timeout_s=config.redis_timeout_seconds,
         default_plan=config.default_plan,
         alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
+        timezone=config.period.timezone,
     )

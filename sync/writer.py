@@ -131,8 +131,12 @@ class BatchWriter:
         known_ttl_s: float = 300.0,
         known_max: int = 1_000_000,
         alerts: AlertDefaults | None = None,
+        timezone: str = "UTC",
     ) -> None:
         self._pool = pool
+        # The config's period.timezone (contract A12): period ids are local dates, so a
+        # snapshot's refresh_date is the period's end at that zone's midnight.
+        self._timezone = timezone
         self._times = times
         self._lock_space = lock_space(prefix)
         self._default_plan = default_plan
@@ -195,7 +199,7 @@ class BatchWriter:
         null: str | None = ""
         if payload is None:
             payload, null = careful_payload(rows.flats, self._times), None
-        snaps = snapshots(rows.flats)
+        snaps = snapshots(rows.flats, self._timezone)
         org_plans = plans(rows.flats)
         new_orgs = [o for o in org_plans if o not in self._known_orgs]
         new_rows = [k for k in zip(snaps[0], snaps[1], strict=True) if k not in self._known_rows]

@@ -10,6 +10,10 @@ Mapping (contract A4):
   ``billing.stripe.plans`` names the plan. Status ``active``, ``trialing`` or ``past_due``
   puts the org on it; ``canceled``, ``unpaid``, ``incomplete_expired`` or ``paused`` put it
   back on ``default_plan``; ``incomplete`` (first payment pending) changes nothing.
+  With ``period.anchor: subscription`` (contract A12) an applied plan (not a downgrade)
+  also sets the org's period anchor: the day of ``billing_cycle_anchor`` (else
+  ``current_period_start``) in ``period.timezone``; a renewal names the same day and
+  changes nothing.
 - ``customer.subscription.deleted``: back to ``default_plan``.
 - ``checkout.session.completed`` with ``payment_status`` ``paid`` (or
   ``no_payment_required``), and ``checkout.session.async_payment_succeeded``: for each
@@ -53,6 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from gateway.config import StripeConfig
+from gateway.core.anchors import local_date
 from gateway.core.ids import valid_id
 from gateway.core.problem import problem_response
 from gateway.core.redis_keys import KeySpace
@@ -366,7 +371,33 @@ class StripeWebhook:
         if action.downgrade and latest is not None and latest[1] != sub_id:
             return "ignored", f"{detail} skipped: the org's plan comes from {latest[1]}"
         old = await self.gate.set_plan(org, action.plan)
-        return "applied", f"{detail} (was {old or 'new org'})"
+        detail = f"{detail} (was {old or 'new org'})"
+        if not action.downgrade and self.gate.config.calendar.anchor == "subscription":
+            # contract A12: the org's periods follow its subscription's billing cycle. Its
+            # own anchor day again (every renewal) changes nothing in set_period_anchor.
+            day = self._anchor_day(ev)
+            if day is not None:
+                anchor = await self.gate.set_period_anchor(org, day)
+                detail += f"; period anchor {anchor}"
+        return "applied", detail
+
+    def _anchor_day(self, ev: _Event) -> int | None:
+        """The subscription's anchor day in the config's period time zone (contract A12).
+
+        ``billing_cycle_anchor`` first: it keeps the day the cycle was set on, where
+        ``current_period_start`` of a renewal is already clamped (a subscription anchored on
+        the 31st renews on Feb 28, which must not become the org's anchor). Newer Stripe API
+        versions carry ``current_period_start`` on the items only, so those are read last.
+        None when the event has none of them."""
+        obj = ev.obj
+        candidates = [obj.get("billing_cycle_anchor"), obj.get("current_period_start")]
+        for item in _list(_dict(obj.get("items")).get("data")):
+            candidates.append(_dict(item).get("current_period_start"))
+        for value in candidates:
+            # bool is an int: a malformed payload's true must not become day 1 of 1970.
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return local_date(value * 1000, self.gate.config.calendar.zone).day
+        return None
 
     # -- checkouts ----------------------------------------------------------------------
 

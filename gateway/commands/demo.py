@@ -215,7 +215,7 @@ async def _final_sync(config: Config) -> None:
     try:
         worker = SyncWorker(
             redis=handles.client, pool=pool, keyspace=KeySpace(config.key_prefix, config.shards),
-            default_plan=config.default_plan,
+            default_plan=config.default_plan, timezone=config.period.timezone,
         )  # fmt: skip
         for _ in range(20):
             result = await worker.run_once()

@@ -117,6 +117,7 @@ class GatewayApp:
                 pool=store.pool,
                 keyspace=self.gate.keys,
                 default_plan=self.gate.config.default_plan,
+                timezone=self.gate.config.period.timezone,  # contract A12
                 concurrency=2,
                 batch_size=5000,  # bounds the server's memory while catching up a backlog
             )

@@ -9,6 +9,7 @@ import re
 from collections.abc import Container, Iterable, Mapping
 from typing import Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.config.alerts import alerts_errors
 from gateway.config.costs import price_table_errors, variable_cost_errors
@@ -125,6 +126,7 @@ class Checker:
         self.features()
         self.plans()
         self.billing()
+        self.period()
         self.alerts()
         self.routes()
         if self.filled("key_prefix", c.key_prefix) and re.search(r"[{}\s]", c.key_prefix):
@@ -163,6 +165,24 @@ class Checker:
         if not c.usage_drain_seconds >= 0:
             self.err("usage_drain_seconds", f"must be 0 or more, got {c.usage_drain_seconds}")
         return self.errors
+
+    def period(self) -> None:
+        """Contract A12: a time zone zoneinfo knows; an anchor day only for months."""
+        p = self.c.period
+        try:
+            ZoneInfo(p.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            self.err(
+                "period.timezone",
+                f"unknown time zone {p.timezone!r} (an IANA name, e.g. UTC, Europe/Paris,"
+                " America/New_York)",
+            )
+        if p.anchor != "calendar" and p.every != "month":
+            self.err(
+                "period.anchor",
+                f"anchor {p.anchor!r} needs every: month (an org's anchor is a day of the"
+                f" month), got every: {p.every}",
+            )
 
     def identity(self) -> None:
         ident = self.c.identity

@@ -33,6 +33,7 @@ from gateway.config.alerts import AlertsConfig
 from gateway.config.costs import CostSpec, VariableCostConfig, build_prices, parse_cost
 from gateway.config.refunds import DEFAULT_REFUND_ON
 from gateway.config.source import ConfigError
+from gateway.core.anchors import Calendar
 from gateway.core.caps import cap_tokens, parse_cap
 from gateway.usage.prices import PriceTable
 
@@ -72,6 +73,28 @@ class _Strict(BaseModel):
     """Base for every config section: unknown keys are errors, models are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeriodConfig(_Strict):
+    """``period: {every, anchor, timezone}`` (contract A12); meaning checked in checks.py."""
+
+    every: Literal["month", "week", "day"] = "month"
+    anchor: Literal["calendar", "subscription", "created"] = "calendar"
+    timezone: str = "UTC"
+
+
+_PERIOD_NAMES = {"monthly": "month", "weekly": "week", "daily": "day"}
+
+
+def _period_name(value: Any) -> Any:
+    # `period: monthly` (contract A2) is {every: month}: calendar periods in UTC.
+    if isinstance(value, str):
+        if value not in _PERIOD_NAMES:
+            raise ValueError(
+                f"must be monthly, weekly, daily or {{every, anchor, timezone}}, got {value!r}"
+            )
+        return {"every": _PERIOD_NAMES[value]}
+    return value
 
 
 class JwtConfig(_Strict):
@@ -261,7 +284,11 @@ class Config(_Strict):
     features: dict[str, FeatureConfig] = Field(default_factory=dict)
     plans: dict[str, PlanConfig] = Field(default_factory=dict)
     default_plan: str = "starter"
-    period: Literal["monthly", "weekly", "daily"] = "monthly"
+    # contract A12: a name (calendar periods in UTC) or {every, anchor, timezone}; read as
+    # `calendar` (gateway/core/anchors.py).
+    period: Annotated[PeriodConfig, BeforeValidator(_period_name)] = Field(
+        default_factory=PeriodConfig
+    )
     billing: BillingConfig = Field(default_factory=BillingConfig)
     # contract A11: alert rules' defaults and webhook delivery (gateway/config/alerts.py).
     alerts: AlertsConfig | None = None
@@ -334,7 +361,7 @@ class Config(_Strict):
     # keeps them in the instance __dict__, which model_copy() copies: drop them there, or
     # a copy with updated features or plans would answer from the original's lookups.
     _DERIVED: ClassVar[tuple[str, ...]] = (
-        "_bucket_map", "buckets", "_rate_limits", "prices", "_cost_specs",
+        "_bucket_map", "buckets", "_rate_limits", "prices", "_cost_specs", "calendar",
     )  # fmt: skip
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
@@ -343,6 +370,12 @@ class Config(_Strict):
         for name in self._DERIVED:
             copied.__dict__.pop(name, None)
         return copied
+
+    @cached_property
+    def calendar(self) -> Calendar:
+        """The period calendar (contract A12): ``period`` as a :class:`Calendar`."""
+        p = self.period
+        return Calendar(p.every, p.anchor, p.timezone)
 
     @cached_property
     def _bucket_map(self) -> dict[str, str]:

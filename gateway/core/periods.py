@@ -4,6 +4,9 @@ Periods are calendar periods in UTC: ``monthly`` (id ``2026-11``), ``weekly`` (I
 Monday 00:00 UTC, id ``2026-W48``) and ``daily`` (id ``2026-11-23``). A period's end is the
 next reset, which is what clients see as ``refresh_at``.
 
+Per-org periods (contract A12) are in :mod:`gateway.core.anchors`: a :class:`Calendar` may
+move the calendar's midnight to a time zone and give each org its own anchor day.
+
 All times are integer milliseconds since the Unix epoch. The gateway never calls
 ``time.time()`` directly: it reads a :class:`Clock`, so tests (and the simulator) can run it
 on a :class:`FixedClock`.

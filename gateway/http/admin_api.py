@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from gateway.core.timefmt import iso, utc_date
 from gateway.http.admin_levels import LEVEL_OPERATIONS, key_levels_changed, valid_caps
 from gateway.http.endpoint import Call, Doc, Operation, Reply
-from gateway.http.errors import ApiError, bad_request, unknown_org
+from gateway.http.errors import ApiError, bad_request, invalid, unknown_org
 from gateway.http.models.admin import (
     MAX_WINDOW_DAYS,
     ApiKey,
@@ -75,10 +75,30 @@ def _period_start(gate: CreditGate) -> datetime:
 
 async def put_org(call: Call) -> Reply:
     """``PUT /admin/orgs/{org}``: create the org or change its plan."""
-    org, plan = call.parsed(OrgPath).org, call.parsed(PlanRequest).plan
-    previous = await call.gate.set_plan(org, plan)
-    result = PlanResult(org=org, plan=plan, previous_plan=previous, created=previous is None)
+    gate, org, body = call.gate, call.parsed(OrgPath).org, call.parsed(PlanRequest)
+    if body.plan is None and body.period_anchor is None:
+        raise invalid([{"field": "plan", "message": "give plan, period_anchor or both"}])
+    if body.period_anchor is not None and not gate.config.calendar.anchored:
+        raise invalid([{"field": "period_anchor", "message": _NOT_ANCHORED}])
+    if body.plan is not None:
+        plan, previous = body.plan, await gate.set_plan(org, body.plan)
+    else:
+        existed = await _org_exists(gate, org)
+        plan = (await gate.balance(org)).plan
+        previous = plan if existed else None
+    anchor = None
+    if body.period_anchor is not None:
+        anchor = await gate.set_period_anchor(org, body.period_anchor.day)
+    elif gate.config.calendar.anchored:
+        anchor = await gate.period_anchor(org) or None
+    result = PlanResult(
+        org=org, plan=plan, previous_plan=previous, created=previous is None,
+        period_anchor=anchor,
+    )  # fmt: skip
     return Reply(result, status=201 if previous is None else 200)
+
+
+_NOT_ANCHORED = "needs period.anchor subscription or created in the config (contract A12)"
 
 
 async def get_org(call: Call) -> Reply:

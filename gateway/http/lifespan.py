@@ -90,6 +90,7 @@ class SyncJob:
             keyspace=self.gate.keys,
             default_plan=config.default_plan,
             alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
+            timezone=config.period.timezone,  # refresh_date at local midnight (A12)
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )

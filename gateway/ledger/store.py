@@ -8,11 +8,12 @@ timestamp is timezone-aware (UTC).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from types import TracebackType
 
 import asyncpg
 
+from gateway.core.anchors import format_anchor
 from gateway.identity.api_keys import (
     display_prefix,
     generate_api_key,
@@ -124,6 +125,7 @@ class OrgSnapshot:
     plan: str | None
     seq: int
     buckets: dict[str, BucketSnapshot]
+    anchor: str = ""  # the org's period anchor (contract A12, gateway/core/anchors.py)
 
 
 def _ms(when: datetime | None) -> int:
@@ -244,6 +246,20 @@ class Store:
             )
             previous: str | None = row["plan"] if row["configured_at"] is not None else None
             return previous
+
+    async def set_period_anchor(self, org: str, day: int, since: date, plan: str) -> None:
+        """Record the org's period anchor (contract A12); creates the org on ``plan`` when
+        it has no row yet."""
+        await self.pool.execute(
+            "INSERT INTO organizations (id, plan, configured_at, period_anchor_day,"
+            " period_anchor_since) VALUES ($1, $2, now(), $3, $4)"
+            " ON CONFLICT (id) DO UPDATE SET period_anchor_day = $3, period_anchor_since = $4,"
+            " updated_at = now()",
+            org,
+            plan,
+            day,
+            since,
+        )
 
     async def list_orgs(self) -> list[OrgRow]:
         """Every org, by id."""
@@ -381,9 +397,12 @@ class Store:
             self.pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            plan: str | None = await conn.fetchval(
-                "SELECT plan FROM organizations WHERE id = $1", org
+            org_row = await conn.fetchrow(
+                "SELECT plan, period_anchor_day, period_anchor_since FROM organizations"
+                " WHERE id = $1",
+                org,
             )
+            plan: str | None = None if org_row is None else org_row["plan"]
             rows = await conn.fetch(
                 "SELECT token_type, balance, extra, total_allocated, used, period, seq"
                 " FROM ai_tokens WHERE organization_id = $1 ORDER BY token_type",
@@ -411,4 +430,7 @@ class Store:
             for r in rows
         }
         seq = max((r["seq"] for r in rows), default=0)
-        return OrgSnapshot(org=org, plan=plan, seq=seq, buckets=buckets)
+        anchor = ""
+        if org_row is not None and org_row["period_anchor_day"] is not None:
+            anchor = format_anchor(org_row["period_anchor_day"], org_row["period_anchor_since"])
+        return OrgSnapshot(org=org, plan=plan, seq=seq, buckets=buckets, anchor=anchor)

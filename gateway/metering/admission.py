@@ -306,7 +306,7 @@ class Admitter:
         # this is every metered request (each Python call costs ~0.1 µs here).
         period = args.current
         if not period[1] <= now < period[2]:
-            period = args.period(now)
+            period = args.period(now, org)  # per-org periods always come here
         refresh_at = period[2]
         now_s, total_s, hold_s = str(now), str(total), str(now + self._hold_ms)
         if idempotency_key:
@@ -338,9 +338,20 @@ class Admitter:
             status = _text(reply[0])
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
-        adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
         if status != "ok":
+            if status == "anchor":
+                # Per-org periods (off the admitted path): the org's anchor moved (admin
+                # API, Stripe, another process): charge.lua changed nothing; learn it and
+                # charge again.
+                args.set_anchor(org, _text(reply[1]))
+                return await self.admit(
+                    org, feature, user=user, quantity=quantity, cost=cost,
+                    idempotency_key=idempotency_key, request_id=rid, method=method,
+                    route=route, fingerprint=fingerprint, key_id=key_id, team=team,
+                )  # fmt: skip
+            adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
             return admission_of(reply, adm)
+        adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
         # admission_of's "ok" branch, inlined: this is every admitted request.
         adm.remaining = int(reply[1])
         limit = int(reply[2])
@@ -375,7 +386,7 @@ class Admitter:
         fa = self._features[feature]
         rid = request_id or new_request_id()
         now = self._now_ms()
-        refresh_at = self.args.period(now)[2]
+        refresh_at = self.args.period(now, org)[2]
         idem_key = self.keys.idempotency(org, idempotency_key) if idempotency_key else None
         keys, args = self.args.reservation_call(
             org, user, feature, idem_key,
@@ -392,6 +403,13 @@ class Admitter:
             status = _text(reply[0])
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
+        if status == "anchor":  # as in admit: learn the org's anchor, then once more
+            self.args.set_anchor(org, _text(reply[1]))
+            return await self.reserve(
+                org, feature, user=user, cost=cost, cap=cap, ttl_ms=ttl_ms,
+                result_ttl_ms=result_ttl_ms, idempotency_key=idempotency_key,
+                fingerprint=fingerprint, request_id=rid, key_id=key_id, team=team,
+            )  # fmt: skip
         adm = Admission(status, rid, org, feature, fa.bucket, cost, refresh_at_ms=refresh_at)
         return admission_of(reply, adm), now + ttl_ms
 

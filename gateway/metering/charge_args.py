@@ -19,6 +19,8 @@ The layout (lua/charge.lua's header is the reference)::
           then, only when they apply: the request's fingerprint (an Idempotency-Key's
           request, :meth:`ChargeArgs.fingerprinted`), and for a reservation its result
           ttl, result key and cap (:meth:`ChargeArgs.reservation_call`)
+
+With per-org periods (contract A12) the period id argument is ``"<period id> <anchor>"``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.config import Config
-from gateway.core.periods import period_bounds, period_id
+from gateway.core.anchors import org_period
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.resp import SLOT, ArgTemplate, ScriptArg
 
@@ -92,6 +94,12 @@ class ChargeArgs:
     expiry)``; one with, with ``(idempotency key, now, cost, request id, hold expiry)``
     (see :meth:`template`). Templates embed the period: :meth:`period` drops them when
     it ends.
+
+    Per-org periods (contract A12, a calendar with ``anchor: subscription`` or ``created``):
+    each org's anchor is cached here (:attr:`anchors`, ``""`` = calendar periods until
+    charge.lua says otherwise) with its period; its templates carry the anchor they were
+    built from, charge.lua answers ``anchor`` when the org's hash holds another, and
+    :meth:`set_anchor` re-templates. Calendar deployments never take these paths.
     """
 
     def __init__(self, config: Config, keys: KeySpace) -> None:
@@ -99,6 +107,11 @@ class ChargeArgs:
         self.keys = keys
         self.features = {name: feature_args(config, name) for name in config.features}
         self._idem_ttl_ms = str(config.idempotency_ttl_seconds * 1000)
+        self.calendar = config.calendar
+        self.anchored = self.calendar.anchored
+        self.anchors: dict[str, str] = {}
+        """Per-org periods only: each org's anchor as last seen (see lua/charge.lua)."""
+        self._org_periods: dict[str, tuple[str, int, int]] = {}
         self.current: tuple[str, int, int] = ("", 0, -1)
         """The period (id, start ms, end ms) of the last :meth:`period` call; the hot path
         reads it without a call while ``start <= now < end``."""
@@ -108,16 +121,48 @@ class ChargeArgs:
         self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
         self._fingerprinted: dict[_TemplateKey, ArgTemplate] = {}
 
-    def period(self, now: int) -> tuple[str, int, int]:
-        """The period (id, start ms, end ms) at ``now``, cached until it ends."""
+    def period(self, now: int, org: str | None = None) -> tuple[str, int, int]:
+        """The period (id, start ms, end ms) at ``now``, cached until it ends: ``org``'s
+        own with per-org periods (the calendar's without an org)."""
+        if self.anchored and org is not None:
+            return self._org_period(org, now)
         current = self.current
         if not current[1] <= now < current[2]:
-            start, end = period_bounds(self.config.period, now)
-            current = self.current = (period_id(self.config.period, now), start, end)
-            self.plain.clear()
-            self._idempotent.clear()
-            self._fingerprinted.clear()
+            start, end, pid = org_period(self.calendar, "", now)
+            current = (pid, start, end)
+            if not self.anchored:
+                # Per-org deployments keep current empty: their hot path always asks
+                # for the org's own period.
+                self.current = current
+                self._drop_templates()
         return current
+
+    def _org_period(self, org: str, now: int) -> tuple[str, int, int]:
+        cached = self._org_periods.get(org)
+        if cached is not None and cached[1] <= now < cached[2]:
+            return cached
+        start, end, pid = org_period(self.calendar, self.anchors.get(org, ""), now)
+        if cached is not None or len(self._org_periods) >= _CACHE_SIZE:
+            # The org's templates embed its old period. Templates are not indexed by org,
+            # so all go: orgs roll over together on the same anchor day, and a rebuild
+            # costs microseconds.
+            self._drop_templates()
+            if len(self._org_periods) >= _CACHE_SIZE:
+                self._org_periods.clear()
+                self.anchors.clear()
+        result = self._org_periods[org] = (pid, start, end)
+        return result
+
+    def set_anchor(self, org: str, anchor: str) -> None:
+        """Record the org's anchor as charge.lua reported it; its period is recomputed."""
+        self.anchors[org] = anchor
+        if self._org_periods.pop(org, None) is not None:
+            self._drop_templates()
+
+    def _drop_templates(self) -> None:
+        self.plain.clear()
+        self._idempotent.clear()
+        self._fingerprinted.clear()
 
     def template(
         self,
@@ -205,7 +250,11 @@ class ChargeArgs:
         """charge.lua's KEYS and ARGV, SLOT where a request fills in a value."""
         org, user, key_id, team, feature, method, route = key
         fa = self.features[feature]
-        period, _, refresh_at = self.current
+        if self.anchored:
+            pid, _, refresh_at = self._org_periods[org]
+            period = f"{pid} {self.anchors.get(org, '')}"  # charge.lua compares the anchor
+        else:
+            period, _, refresh_at = self.current
         org_keys = self.keys.of_org(org)
         shard = org_keys.shard
         # Per-user limiters are keyed by the user inside the org; without a user there are

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from gateway.config import Config, load_config
+from gateway.core.anchors import format_anchor, local_date, parse_anchor
 from gateway.core.balances import Balance, BucketBalance
 from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.errors import DatabaseUnavailable, LedgerUnavailable, NoDatabase, RedisUnavailable
@@ -204,8 +205,9 @@ class CreditGate:
             for b in snapshot.buckets.values()
         ]  # fmt: skip
         seeded = await self.meter.seed_state(
-            org, snapshot.plan or self.config.default_plan, snapshot.seq, buckets, levels
-        )
+            org, snapshot.plan or self.config.default_plan, snapshot.seq, buckets, levels,
+            snapshot.anchor,
+        )  # fmt: skip
         if seeded:
             log.info("seeded org %s from the ledger (seq %d)", org, snapshot.seq)
 
@@ -230,7 +232,7 @@ class CreditGate:
         check_id(org)
         state = await self._ensure_state(org)
         now = self.clock.now_ms()
-        pid, start, end = self.meter.period(now)
+        pid, start, end = self.meter.period_of(state.get("pa", ""), now)  # contract A12
         plan = state.get("plan", self.config.default_plan)
         result = Balance(org, plan, pid, start, end)
         for bucket in self.config.buckets:
@@ -408,25 +410,79 @@ class CreditGate:
             for b in self.config.buckets
         }
         keys = [self.keys.org(org), self.keys.shard(org).events]
-        pid, _, _ = self.meter.period(self.clock.now_ms())
-        args: list[str | int] = [
-            self.clock.now_ms(),
-            pid,
-            plan,
-            uuid.uuid4().hex,
-            org,
-            json.dumps(allocations),
-        ]
-        reply = await self.redis.runner.run(load("set_plan"), keys, args)
-        if (reply[0].decode() if isinstance(reply[0], bytes) else reply[0]) == "missing":
-            await self.meter.seed(org)
+        op = uuid.uuid4().hex
+        seeded = False
+        while True:
+            # Proration compares each bucket's period with the org's own (contract A12):
+            # its anchor is read from its state, seeded first when missing.
+            now = self.clock.now_ms()
+            pid, _, _ = self.meter.period_of(await self.period_anchor(org), now)
+            args: list[str | int] = [now, pid, plan, op, org, json.dumps(allocations)]
             reply = await self.redis.runner.run(load("set_plan"), keys, args)
+            if (reply[0].decode() if isinstance(reply[0], bytes) else reply[0]) != "missing":
+                break
+            if seeded:
+                raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
+            await self.meter.seed(org)
+            seeded = True
         old: str | None = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
         store = await self.store()
         if store is not None:
             # The organizations table knows whether the org is new (None).
             old = await store.set_plan(org, plan)
+        created = old is None if store is not None else seeded
+        if created and self.config.calendar.anchor == "created":
+            # contract A12: an org created on purpose starts its periods that day.
+            await self.set_period_anchor(org, local_date(now, self.config.calendar.zone).day)
         return old
+
+    async def period_anchor(self, org: str) -> str:
+        """The org's period anchor as its Redis state holds it ("" = none or no state)."""
+        if not self.config.calendar.anchored:
+            return ""
+        try:
+            raw = await self.redis.client.hget(self.keys.org(org), "pa")
+        except Exception as exc:  # redis-py raises many types; all mean "unavailable" here
+            raise RedisUnavailable(str(exc)) from exc
+        return "" if raw is None else (raw.decode() if isinstance(raw, bytes) else str(raw))
+
+    async def set_period_anchor(self, org: str, day: int) -> str:
+        """Start ``org``'s periods on ``day`` of each month (contract A12); returns the
+        anchor (``"<day>:<since>"``). Another day starts a new period today, ending on the
+        next anchor day (the bucket resets lazily on the next charge); the org's own day
+        again changes nothing, so a renewal's webhook is a no-op. Postgres first (the
+        seed's source), then the org's Redis hash, which every process's next charge
+        reads (lua/charge.lua answers ``anchor``).
+
+        ``ValueError`` when the config's period is not anchored or ``day`` is not 1-31.
+        """
+        check_id(org)
+        cal = self.config.calendar
+        if not cal.anchored:
+            raise ValueError(
+                "period anchors need period.anchor subscription or created in the config"
+            )
+        if not 1 <= day <= 31:
+            raise ValueError(f"an anchor day is 1-31, got {day}")
+        await self._ensure_state(org)
+        current = await self.period_anchor(org)
+        parsed = parse_anchor(current)
+        if parsed is not None and parsed[0] == day:
+            return current
+        now = self.clock.now_ms()
+        since = local_date(now, cal.zone)
+        anchor = format_anchor(day, since)
+        store = await self.store()
+        if store is not None:
+            try:
+                plan = (await self._ensure_state(org)).get("plan", self.config.default_plan)
+                await store.set_period_anchor(org, day, since, plan)
+            except _PG_DOWN as exc:
+                raise LedgerUnavailable(f"cannot set the anchor of org {org!r}: {exc}") from exc
+        await self.redis.runner.run(load("set_anchor"), [self.keys.org(org)], [anchor])
+        # This process learns it now; the others from their next charge of the org.
+        self.meter.admission.args.set_anchor(org, anchor)
+        return anchor
 
     async def grant(
         self,

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, overload
 
 from gateway.config import Config
+from gateway.core.anchors import org_period
 from gateway.core.counters import METRICS, HotMetrics
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.admission import (
@@ -107,8 +108,17 @@ class Meter:
         """The largest response body kept for an Idempotency-Key replay (contract A9)."""
 
     def period(self, now: int) -> tuple[str, int, int]:
-        """The current period (id, start ms, end ms), cached until it ends."""
+        """The calendar's current period (id, start ms, end ms), cached until it ends."""
         return self.admission.args.period(now)
+
+    def period_of(self, anchor: str, now: int) -> tuple[str, int, int]:
+        """The period (id, start ms, end ms) of an org whose anchor is ``anchor`` (its
+        hash's ``pa``: contract A12); the calendar's when periods are not per org."""
+        args = self.admission.args
+        if not args.anchored:
+            return args.period(now)
+        start, end, pid = org_period(args.calendar, anchor, now)
+        return pid, start, end
 
     def admit(
         self,
@@ -239,7 +249,9 @@ class Meter:
         seq: int,
         buckets: Sequence[Sequence[str | int]],
         levels: Mapping[str, str] | None = None,
+        anchor: str = "",
     ) -> bool:
         """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua),
-        ``levels`` the org's level fields (gateway.core.caps)."""
-        return await self.seeding.seed_state(org, plan, seq, buckets, levels)
+        ``levels`` the org's level fields (gateway.core.caps), ``anchor`` its period
+        anchor (contract A12)."""
+        return await self.seeding.seed_state(org, plan, seq, buckets, levels, anchor)

@@ -68,17 +68,21 @@ class Seeding:
         seq: int,
         buckets: Sequence[Sequence[str | int]],
         levels: Mapping[str, str] | None = None,
+        anchor: str = "",
     ) -> bool:
         """Run seed.lua with explicit state: buckets are 7-tuples (see lua/seed.lua);
-        ``levels`` the org hash fields of its teams, members and cap overrides.
+        ``levels`` the org hash fields of its teams, members and cap overrides;
+        ``anchor`` the org's period anchor (contract A12, ``""``: none).
 
         Returns False when the org already had state (seed.lua then writes nothing)."""
         args: list[str | int] = [plan, seq, len(buckets)]
         for b in buckets:
             args.extend(b)
-        if levels:
-            args.append(len(levels))
-            for name, value in levels.items():
+        if levels or anchor:
+            args.append(len(levels or ()))
+            for name, value in (levels or {}).items():
                 args += [name, value]
+        if anchor:
+            args.append(anchor)  # the org's period anchor (contract A12)
         reply = await self.redis.runner.run(self.script, [self.keys.org(org)], args)
         return int(reply) == 1

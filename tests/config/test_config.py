@@ -34,6 +34,7 @@ from gateway.config import (
     parse_rate,
     resolve_config_path,
 )
+from gateway.core.anchors import Calendar
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -131,7 +132,7 @@ def test_example_without_environment_names_every_variable() -> None:
 def test_minimal_good_file_uses_defaults() -> None:
     config = load_config(CONFIGS / "good" / "minimal.yaml")
     assert config.default_plan == "starter"
-    assert config.period == "monthly"
+    assert config.calendar == Calendar("month", "calendar", "UTC")
     assert config.shards == 16 and config.key_prefix == "cg"
     assert config.routes[0].method == "POST"  # normalised from "post"
     assert config.identity.api_keys is True and config.identity.jwt is None
@@ -147,7 +148,7 @@ def test_full_good_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.admin_token == "${not_a_var}-admin"
     assert config.shards == 128  # from the environment, coerced to int
     assert config.key_prefix == "cgx"
-    assert config.period == "weekly" and config.routes_ignore_case
+    assert config.calendar.kind == "weekly" and config.routes_ignore_case
     assert config.bucket_of("chat") == config.bucket_of("chat_long") == "messages"
     assert config.bucket_of("image") == "image"
     assert config.buckets == ("image", "messages")

@@ -64,7 +64,10 @@ async def test_wrong_admin_tokens_are_throttled() -> None:
 async def test_orgs_and_plans(env: Env) -> None:
     r = await env.http.put("/admin/orgs/acme", json={"plan": "pro"}, headers=ADMIN)
     assert r.status_code == 201
-    assert r.json() == {"org": "acme", "plan": "pro", "previous_plan": None, "created": True}
+    assert r.json() == {
+        "org": "acme", "plan": "pro", "previous_plan": None, "created": True,
+        "period_anchor": None,  # calendar periods (contract A12)
+    }  # fmt: skip
     await env.gate.charge("acme", "goal_generation")  # 20 -> 17
     r = await env.http.put("/admin/orgs/acme", json={"plan": "enterprise"}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["previous_plan"] == "pro"

@@ -88,16 +88,23 @@ class KeyPath(BaseModel):
 class PlanRequest(Request):
     """``PUT /admin/orgs/{org}``."""
 
-    plan: Annotated[str, Text(MAX_KEY_LENGTH), ConfigName("plans")]
+    plan: Annotated[str, Text(MAX_KEY_LENGTH), ConfigName("plans")] | None = None
+    period_anchor: date | None = Field(
+        None,
+        description="Start the org's periods on this date's day of each month (contract"
+        " A12; needs period.anchor subscription or created): a new period starts today",
+    )
 
 
 class PlanResult(Answer):
-    """The org's plan now and before (``created``: the org did not exist before)."""
+    """The org's plan now and before (``created``: the org did not exist before), and its
+    period anchor (``"<day>:<since>"``, contract A12; null: calendar periods)."""
 
     org: str
     plan: str
     previous_plan: str | None
     created: bool
+    period_anchor: str | None = None
 
 
 class OrgDetail(OrgBalance):
