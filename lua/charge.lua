@@ -80,8 +80,12 @@ local request_id = ARGV[6]
 local idem_ttl = tonumber(ARGV[8])
 local org, user, feature, method, route = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local key_id, req_team = ARGV[14], ARGV[15]
-local nplans = tonumber(ARGV[16])
-local PLANS_AT = 17
+-- The level fields (see "Levels" below): absent ("0") until this process has seen the org
+-- has levels; then read in the first HMGET, with no name built here.
+local nlevel = tonumber(ARGV[16])
+local LEVELS_AT = 17  -- ARGV index of the expected team; the 8 field names follow it
+local nplans = tonumber(ARGV[LEVELS_AT + nlevel])
+local PLANS_AT = LEVELS_AT + nlevel + 1
 
 -- The org's state and its per-org limiters (KEYS index 0, fields of the org hash) in one
 -- read: the org's plan is not known yet, so every plan's per-org limiter fields are read.
@@ -89,6 +93,12 @@ local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
   'b:' .. bucket, 'a:' .. bucket, 'u:' .. bucket, 'p:' .. bucket, 'x:' .. bucket, 'l:' .. bucket
 -- lv: whether the org has teams, members or cap overrides (lua/levels.lua sets it).
 local fields = {'plan', f_bal, f_per, f_extra, f_lots, f_used, 'seq', 'lv'}
+if nlevel > 0 then
+  -- st[9..16]: Lm:k:<key>, Lm:u:<user>, then Lc/Ln of the expected team, user and key.
+  for j = LEVELS_AT + 1, LEVELS_AT + 8 do
+    fields[#fields + 1] = ARGV[j]
+  end
+end
 local field_of = {}  -- ARGV index of a per-org limiter spec -> {field, index in the reply}
 local i = PLANS_AT
 for _ = 1, nplans do
@@ -272,64 +282,98 @@ end
 -- (a counter of another period reads 0: the lazy reset). Checked broadest first (team,
 -- user, key) after the org's balance; all are charged together with the org, or none is.
 -- An org without overrides (no lv) on a plan without default caps skips all of this.
+--
+-- The field names come precomputed from the caller's cached template (ARGV[17..25]: the
+-- expected team, then Lm:k:<key>, Lm:u:<user>, Lc/Ln of the expected team, Lc/Ln of the
+-- user, Lc/Ln of the key; "" where there is no such level) and were read with the org's
+-- state above. The team is the API key's own, else the request's (JWT claim, scope), else
+-- the user's; only when it is not the expected one (a key moved to another team, a
+-- template without the names) are its fields read here, and the reply then carries the
+-- team found (6th value, "" for none) so that the caller's next template expects it.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, team = nil, nil
+local lv_hold, team, hint = nil, nil, nil
 if st[8] or plan_caps ~= '' then
-  local dflt = {-1, -1, -1}
-  if plan_caps ~= '' then
-    local a, b, c = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
-    dflt = {tonumber(a), tonumber(b), tonumber(c)}
+  -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
+  local tc, tn, tv, uc, un, uv, kc, kn, kv, rk, ru
+  if nlevel > 0 then
+    rk, ru = st[9], st[10]
+    tn, un, kn = ARGV[LEVELS_AT + 4], ARGV[LEVELS_AT + 6], ARGV[LEVELS_AT + 8]
+    tc, tv, uc, uv, kc, kv = st[11], st[12], st[13], st[14], st[15], st[16]
+  else
+    local p = ':' .. bucket .. ':'
+    tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
+      'Ln' .. p .. 'k:' .. key_id
+    local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
+      'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
+      'Lc' .. p .. 'k:' .. key_id, kn)
+    rk, ru = r[1], r[2]
+    tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
   end
-  local ids = {'', user, key_id}
-  local function names(l, id)
-    return 'Lc:' .. bucket .. ':' .. l .. ':' .. id, 'Ln:' .. bucket .. ':' .. l .. ':' .. id
-  end
-  local tc, tn = names('t', req_team)
-  local uc, un = names('u', user)
-  local kc, kn = names('k', key_id)
-  local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
-    tc, tn, uc, un, kc, kn)
-  -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
-  team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
-  local got = {{r[3], r[4], tn}, {r[5], r[6], un}, {r[7], r[8], kn}}
-  if team and team ~= req_team then
-    tc, tn = names('t', team)
-    local t = redis_call('HMGET', org_key, tc, tn)
-    got[1] = {t[1], t[2], tn}
-  end
-  ids[1] = team or ''
-  local level_names = {'team', 'user', 'key'}
-  for l = 1, 3 do
-    if ids[l] ~= '' then
-      local ov, cap = got[l][1], nil
-      if ov then
-        if string.byte(ov, 1) == 112 then  -- "p": a share of the allocation
-          cap = math.floor(alloc * tonumber(string.sub(ov, 2)) / 10000)
-        else
-          cap = tonumber(ov)
-        end
-      elseif dflt[l] >= 0 then
-        cap = dflt[l]
-      end
-      if cap then
-        local lused = 0
-        local raw = got[l][2]
-        if raw then
-          local u, p = string.match(raw, '^(%d+)@(.*)$')
-          if p == period then lused = tonumber(u) end
-        end
-        if lused + cost > cap then
-          if #org_tats > 0 then
-            redis_call('HSET', org_key, unpack(org_tats))
-          end
-          return {'insufficient', math.max(0, cap - lused), plan, level_names[l], cap, lused,
-            bal + extra, ids[l]}
-        end
-        if cap - lused - cost < room then room = cap - lused - cost end
-        lv_hold = lv_hold or {}
-        lv_hold[#lv_hold + 1] = {got[l][3], cap, lused + cost}
-      end
+  team = rk or (req_team ~= '' and req_team) or ru or nil
+  local expected = nlevel > 0 and ARGV[LEVELS_AT] or req_team
+  if (team or '') ~= expected then
+    tc, tv = nil, nil
+    if team then
+      tn = 'Ln:' .. bucket .. ':t:' .. team
+      local t = redis_call('HMGET', org_key, 'Lc:' .. bucket .. ':t:' .. team, tn)
+      tc, tv = t[1], t[2]
     end
+  end
+  if nlevel == 0 or (team or '') ~= expected then hint = team or '' end
+  -- The plan's default caps of this bucket, as strings ("-1": none at that level).
+  local d1, d2, d3 = '-1', '-1', '-1'
+  if plan_caps ~= '' then
+    d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+  end
+  local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
+  -- Up to three times per request, so written for Lua 5.1's costs: library functions as
+  -- locals, no string made where a plain find does (a counter of this period ends with
+  -- sfx), numbers turned into strings by string.format only (concatenating a number
+  -- costs ~2x as much).
+  local sbyte, ssub, sfind, sformat = string.byte, string.sub, string.find, string.format
+  local sfx = '@' .. period
+  local nsfx = #sfx
+  -- One level: its cap (override ov, else the default dflt), what its counter (field
+  -- counter, value raw: "<used>@<period>") drew this period; a refusal, or nil with the
+  -- counter's new value and the hold's "<counter> <cap>" pair added.
+  local function level(name, id, ov, dflt, counter, raw)
+    local cap, cap_s = nil, ov
+    if ov then
+      if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
+        cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
+        cap_s = sformat('%.0f', cap)
+      else
+        cap = tonumber(ov)
+      end
+    elseif dflt ~= '-1' then
+      cap, cap_s = tonumber(dflt), dflt
+    else
+      return nil
+    end
+    local lused = 0
+    if raw then
+      -- A counter of another period reads 0: the lazy reset.
+      local m = #raw - nsfx
+      if m > 0 and sfind(raw, sfx, m + 1, true) then lused = tonumber(ssub(raw, 1, m)) end
+    end
+    if lused + cost > cap then
+      return {'insufficient', math.max(0, cap - lused), plan, name, cap, lused, bal + extra, id}
+    end
+    if cap - lused - cost < room then room = cap - lused - cost end
+    org_tats[#org_tats + 1] = counter  -- written with the org's state below
+    org_tats[#org_tats + 1] = sformat('%.0f@%s', lused + cost, period)
+    lv_hold = (lv_hold and (lv_hold .. ' ') or '') .. counter .. ' ' .. cap_s
+    return nil
+  end
+  -- Broadest first: the first refusal is the one reported.
+  local refused = team and level('team', team, tc, d1, tn, tv)
+  refused = refused or (user ~= '' and level('user', user, uc, d2, un, uv))
+    or (key_id ~= '' and level('key', key_id, kc, d3, kn, kv))
+  if refused then
+    if ntats > 0 then
+      redis_call('HSET', org_key, unpack(org_tats, 1, ntats))
+    end
+    return refused
   end
 elseif req_team ~= '' then
   team = req_team  -- no caps to check, but the audit row still names the team
@@ -367,13 +411,6 @@ if from_extra > 0 then
   org_tats[#org_tats + 1] = f_lots
   org_tats[#org_tats + 1] = #lots > 0 and cjson_encode(lots) or '[]'
 end
-if lv_hold then
-  for k, lv in ipairs(lv_hold) do
-    org_tats[#org_tats + 1] = lv[1]
-    org_tats[#org_tats + 1] = lv[3] .. '@' .. period
-    lv_hold[k] = {lv[1], lv[2]}
-  end
-end
 redis_call('HSET', org_key, unpack(org_tats))
 
 local ik = ''
@@ -404,4 +441,7 @@ end
 redis_call('HSET', holds_key, request_id, cjson_encode(hold))
 redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
+if hint then
+  return {'ok', room, limit, limit_remaining, limit_reset, hint}
+end
 return {'ok', room, limit, limit_remaining, limit_reset}

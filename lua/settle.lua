@@ -40,7 +40,8 @@
 -- when nothing is known of it, -2 when the hold is not a reservation of that org.
 --
 -- Levels (contract A10): a hold that drew from team, user or key caps lists their counters
--- (hold field lv, lua/charge.lua). A refund gives the hold back to every one of them, an
+-- and caps (hold field lv, "<counter field> <cap> ...", lua/charge.lua); a charge of the
+-- hold (the common case) leaves them as charge.lua set them and never parses lv. A refund gives the hold back to every one of them, an
 -- actual below the hold gives back the difference, both only to counters still in the
 -- hold's period (a reset already forgot them). An actual above the hold takes the extra
 -- from the org only as far as every level's cap (as recorded in the hold) leaves room: a
@@ -170,15 +171,23 @@ local function take_more(org_key, h, more)
 end
 
 -- The levels' counters of hold h (field lv), in the hold's period, as {field, cap, used}.
+-- lv is "<counter field> <cap> ..." (fields and caps never contain spaces: ids and bucket
+-- names do not); a hold written before that format lists [[field, cap], ...] instead.
 local function levels_of(org_key, h)
-  local names, out = {}, {}
-  for k, l in ipairs(h.lv) do names[k] = l[1] end
+  local names, caps, out = {}, {}, {}
+  if type(h.lv) == 'table' then
+    for k, l in ipairs(h.lv) do names[k], caps[k] = l[1], l[2] end
+  else
+    for f, c in string.gmatch(h.lv, '(%S+) (%S+)') do
+      names[#names + 1], caps[#caps + 1] = f, tonumber(c)
+    end
+  end
   local got = redis.call('HMGET', org_key, unpack(names))
-  for k, l in ipairs(h.lv) do
+  for k, name in ipairs(names) do
     local v = got[k]
     if v then
       local u, p = string.match(v, '^(%d+)@(.*)$')
-      if p == h.per then out[#out + 1] = {l[1], l[2], tonumber(u)} end
+      if p == h.per then out[#out + 1] = {name, caps[k], tonumber(u)} end
     end
   end
   return out
