@@ -291,7 +291,7 @@ end
 -- template without the names) are its fields read here, and the reply then carries the
 -- team found (6th value, "" for none) so that the caller's next template expects it.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, team, hint = nil, nil, nil
+local lv_hold, lv_key, team, hint = nil, nil, nil, nil
 if st[8] or plan_caps ~= '' then
   -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
   local tc, tn, tv, uc, un, uv, kc, kn, kv, rk, ru
@@ -326,22 +326,23 @@ if st[8] or plan_caps ~= '' then
     d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
   end
   local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
-  -- Up to three times per request, so written for Lua 5.1's costs: library functions as
-  -- locals, no string made where a plain find does (a counter of this period ends with
-  -- sfx), numbers turned into strings by string.format only (concatenating a number
-  -- costs ~2x as much).
+  -- Up to three times per request, so written for Lua 5.1's costs (measured: see
+  -- BENCHMARKS.md, "Team/user/key caps"): library functions as locals, no string made
+  -- where a plain find does (a counter of this period ends with sfx), integers turned into
+  -- strings by string.format('%d') (Lua's own conversion and '%.0f' go through the C
+  -- library's floating-point formatting, ~0.5 µs each).
   local sbyte, ssub, sfind, sformat = string.byte, string.sub, string.find, string.format
   local sfx = '@' .. period
   local nsfx = #sfx
   -- One level: its cap (override ov, else the default dflt), what its counter (field
-  -- counter, value raw: "<used>@<period>") drew this period; a refusal, or nil with the
-  -- counter's new value and the hold's "<counter> <cap>" pair added.
+  -- counter, value raw: "<used>@<period>") drew this period. Returns a refusal, or nil and
+  -- the cap as a string (nil: the level has no cap) with the counter's new value added.
   local function level(name, id, ov, dflt, counter, raw)
     local cap, cap_s = nil, ov
     if ov then
       if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
         cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
-        cap_s = sformat('%.0f', cap)
+        cap_s = sformat('%d', cap)
       else
         cap = tonumber(ov)
       end
@@ -361,19 +362,25 @@ if st[8] or plan_caps ~= '' then
     end
     if cap - lused - cost < room then room = cap - lused - cost end
     org_tats[#org_tats + 1] = counter  -- written with the org's state below
-    org_tats[#org_tats + 1] = sformat('%.0f@%s', lused + cost, period)
-    lv_hold = (lv_hold and (lv_hold .. ' ') or '') .. counter .. ' ' .. cap_s
-    return nil
+    org_tats[#org_tats + 1] = sformat('%d@%s', lused + cost, period)
+    return nil, cap_s
   end
   -- Broadest first: the first refusal is the one reported.
-  local refused = team and level('team', team, tc, d1, tn, tv)
-  refused = refused or (user ~= '' and level('user', user, uc, d2, un, uv))
-    or (key_id ~= '' and level('key', key_id, kc, d3, kn, kv))
+  local refused, ct, cu, ck
+  if team then refused, ct = level('team', team, tc, d1, tn, tv) end
+  if not refused and user ~= '' then refused, cu = level('user', user, uc, d2, un, uv) end
+  if not refused and key_id ~= '' then refused, ck = level('key', key_id, kc, d3, kn, kv) end
   if refused then
     if ntats > 0 then
       redis_call('HSET', org_key, unpack(org_tats, 1, ntats))
     end
     return refused
+  end
+  if ct or cu or ck then
+    -- The hold's caps of team, user and key ("-": not capped); settle.lua names their
+    -- counters from the hold's b, tm, u and k (the key, kept only when it is capped).
+    lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' ' .. (ck or '-')
+    if ck then lv_key = key_id end
   end
 elseif req_team ~= '' then
   team = req_team  -- no caps to check, but the audit row still names the team
@@ -433,7 +440,7 @@ if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
 if team then hold.tm = team end
-if lv_hold then hold.lv = lv_hold end
+if lv_hold then hold.lv, hold.k = lv_hold, lv_key end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])
