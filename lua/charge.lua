@@ -15,7 +15,13 @@
 -- ARGV[12] method               ARGV[13] route template
 -- ARGV[14] API key id ("" = none) ARGV[15] the request's team ("" = none: a JWT claim or
 --          the middleware's scope; an API key's own team, from the org hash, comes first)
--- ARGV[16] number of plans P, then P groups of:
+-- ARGV[16] the number of level arguments: 0 (the caller has not seen this org with levels:
+--          nothing more here), or 9: the team the caller expects the request to have ("" =
+--          none), then the org-hash fields of its levels (gateway/core/caps.py), "" where
+--          there is no such level: Lm:k:<key>, Lm:u:<user>, Lc:<bucket>:t:<expected team>,
+--          Ln:<bucket>:t:<expected team>, Lc/Ln of the user, Lc/Ln of the key
+--          (gateway/metering/charge_args.py builds them once per cached template)
+-- then the number of plans P, then P groups of:
 --            plan name, allocation of this bucket (-1 = not in the plan), the plan's
 --            default caps for this bucket ("" = none, else "<team>,<user>,<key>" in tokens,
 --            -1 = no default at that level), limiter count L, then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
@@ -29,6 +35,11 @@
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
+--   {"ok", remaining, limit, limit_remaining, limit_reset_ms, team}
+--                               the same, and the org has levels the arguments did not name
+--                               (no level arguments, or another team than the expected
+--                               one): the request's team ("" = none) for the caller's next
+--                               arguments (ChargeArgs.learn)
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
 --   {"not_in_plan", plan}
 --   {"rate_limited", retry_after_ms, limit, limit_reset_ms}
@@ -58,8 +69,10 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
--- when they apply: tm (the request's team), lv ([[counter field, cap], ...]: the level
--- counters the hold drew from, see "Levels" below), fp (the request's fingerprint, with ik), and for a reservation v (how
+-- when they apply: tm (the request's team), lv ("<team cap> <user cap> <key cap>", "-" for
+-- a level without a cap: the caps of the level counters the hold drew from, named
+-- Ln:<b>:t:<tm>, Ln:<b>:u:<u>, Ln:<b>:k:<k>; see "Levels" below), k (the API key, only when
+-- its level is capped), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
