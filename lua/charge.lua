@@ -15,13 +15,7 @@
 -- ARGV[12] method               ARGV[13] route template
 -- ARGV[14] API key id ("" = none) ARGV[15] the request's team ("" = none: a JWT claim or
 --          the middleware's scope; an API key's own team, from the org hash, comes first)
--- ARGV[16] the number of level arguments: 0 (the caller has not seen this org with levels:
---          nothing more here), or 9: the team the caller expects the request to have ("" =
---          none), then the org-hash fields of its levels (gateway/core/caps.py), "" where
---          there is no such level: Lm:k:<key>, Lm:u:<user>, Lc:<bucket>:t:<expected team>,
---          Ln:<bucket>:t:<expected team>, Lc/Ln of the user, Lc/Ln of the key
---          (gateway/metering/charge_args.py builds them once per cached template)
--- then the number of plans P, then P groups of:
+-- ARGV[16] number of plans P, then P groups of:
 --            plan name, allocation of this bucket (-1 = not in the plan), the plan's
 --            default caps for this bucket ("" = none, else "<team>,<user>,<key>" in tokens,
 --            -1 = no default at that level), limiter count L, then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
@@ -35,11 +29,6 @@
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
---   {"ok", remaining, limit, limit_remaining, limit_reset_ms, team}
---                               the same, and the org has levels the arguments did not name
---                               (no level arguments, or another team than the expected
---                               one): the request's team ("" = none) for the caller's next
---                               arguments (ChargeArgs.learn)
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
 --   {"not_in_plan", plan}
 --   {"rate_limited", retry_after_ms, limit, limit_reset_ms}
@@ -93,12 +82,8 @@ local request_id = ARGV[6]
 local idem_ttl = tonumber(ARGV[8])
 local org, user, feature, method, route = ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]
 local key_id, req_team = ARGV[14], ARGV[15]
--- The level fields (see "Levels" below): absent ("0") until this process has seen the org
--- has levels; then read in the first HMGET, with no name built here.
-local nlevel = tonumber(ARGV[16])
-local LEVELS_AT = 17  -- ARGV index of the expected team; the 8 field names follow it
-local nplans = tonumber(ARGV[LEVELS_AT + nlevel])
-local PLANS_AT = LEVELS_AT + nlevel + 1
+local nplans = tonumber(ARGV[16])
+local PLANS_AT = 17
 
 -- The org's state and its per-org limiters (KEYS index 0, fields of the org hash) in one
 -- read: the org's plan is not known yet, so every plan's per-org limiter fields are read.
@@ -106,12 +91,6 @@ local f_bal, f_alloc, f_used, f_per, f_extra, f_lots =
   'b:' .. bucket, 'a:' .. bucket, 'u:' .. bucket, 'p:' .. bucket, 'x:' .. bucket, 'l:' .. bucket
 -- lv: whether the org has teams, members or cap overrides (lua/levels.lua sets it).
 local fields = {'plan', f_bal, f_per, f_extra, f_lots, f_used, 'seq', 'lv'}
-if nlevel > 0 then
-  -- st[9..16]: Lm:k:<key>, Lm:u:<user>, then Lc/Ln of the expected team, user and key.
-  for j = LEVELS_AT + 1, LEVELS_AT + 8 do
-    fields[#fields + 1] = ARGV[j]
-  end
-end
 local field_of = {}  -- ARGV index of a per-org limiter spec -> {field, index in the reply}
 local i = PLANS_AT
 for _ = 1, nplans do
@@ -296,43 +275,31 @@ end
 -- user, key) after the org's balance; all are charged together with the org, or none is.
 -- An org without overrides (no lv) on a plan without default caps skips all of this.
 --
--- The field names come precomputed from the caller's cached template (ARGV[17..25]: the
--- expected team, then Lm:k:<key>, Lm:u:<user>, Lc/Ln of the expected team, Lc/Ln of the
--- user, Lc/Ln of the key; "" where there is no such level) and were read with the org's
--- state above. The team is the API key's own, else the request's (JWT claim, scope), else
--- the user's; only when it is not the expected one (a key moved to another team, a
--- template without the names) are its fields read here, and the reply then carries the
--- team found (6th value, "" for none) so that the caller's next template expects it.
+-- Their fields are read only here, for an org that has levels (lv) or a plan with default
+-- caps: one HMGET for the key's and the user's team and the caps and counters of the
+-- request's team, user and key, and a second one for the team's when the team is not the
+-- request's (the key's own or the user's, known only after the first). Names are built
+-- here rather than passed in: measured (bench/lua_instructions.py), nine precomputed
+-- names read with the org's state cost the levels path as much as building them, and one
+-- more argument costs every request without levels ~1.5% more Redis instructions.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, lv_key, team, hint = nil, nil, nil, nil
+local lv_hold, lv_key, team = nil, nil, nil
 if st[8] or plan_caps ~= '' then
   -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
-  local tc, tn, tv, uc, un, uv, kc, kn, kv, rk, ru
-  if nlevel > 0 then
-    rk, ru = st[9], st[10]
-    tn, un, kn = ARGV[LEVELS_AT + 4], ARGV[LEVELS_AT + 6], ARGV[LEVELS_AT + 8]
-    tc, tv, uc, uv, kc, kv = st[11], st[12], st[13], st[14], st[15], st[16]
-  else
-    local p = ':' .. bucket .. ':'
-    tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
-      'Ln' .. p .. 'k:' .. key_id
-    local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
-      'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
-      'Lc' .. p .. 'k:' .. key_id, kn)
-    rk, ru = r[1], r[2]
-    tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
+  local p = ':' .. bucket .. ':'
+  local tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
+    'Ln' .. p .. 'k:' .. key_id
+  local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
+    'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
+    'Lc' .. p .. 'k:' .. key_id, kn)
+  local tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
+  -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
+  team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
+  if team and team ~= req_team then
+    tn = 'Ln' .. p .. 't:' .. team
+    local t = redis_call('HMGET', org_key, 'Lc' .. p .. 't:' .. team, tn)
+    tc, tv = t[1], t[2]
   end
-  team = rk or (req_team ~= '' and req_team) or ru or nil
-  local expected = nlevel > 0 and ARGV[LEVELS_AT] or req_team
-  if (team or '') ~= expected then
-    tc, tv = nil, nil
-    if team then
-      tn = 'Ln:' .. bucket .. ':t:' .. team
-      local t = redis_call('HMGET', org_key, 'Lc:' .. bucket .. ':t:' .. team, tn)
-      tc, tv = t[1], t[2]
-    end
-  end
-  if nlevel == 0 or (team or '') ~= expected then hint = team or '' end
   -- The plan's default caps of this bucket, as strings ("-1": none at that level).
   local d1, d2, d3 = '-1', '-1', '-1'
   if plan_caps ~= '' then
@@ -461,7 +428,4 @@ end
 redis_call('HSET', holds_key, request_id, cjson_encode(hold))
 redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
-if hint then
-  return {'ok', room, limit, limit_remaining, limit_reset, hint}
-end
 return {'ok', room, limit, limit_remaining, limit_reset}

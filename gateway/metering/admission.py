@@ -346,10 +346,6 @@ class Admitter:
         limit = int(reply[2])
         if limit >= 0:  # -1: no limiter applies
             adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
-        if len(reply) > 5:
-            # The org has levels the template did not name (contract A10): the next
-            # templates of this caller name them (ChargeArgs.learn).
-            args.learn(org, user, key_id, team, _text(reply[5]))
         return adm
 
     async def reserve(
@@ -397,8 +393,6 @@ class Admitter:
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
         adm = Admission(status, rid, org, feature, fa.bucket, cost, refresh_at_ms=refresh_at)
-        if status == "ok" and len(reply) > 5:
-            self.args.learn(org, user, key_id, team, _text(reply[5]))  # as in admit
         return admission_of(reply, adm), now + ttl_ms
 
 

@@ -13,9 +13,7 @@ The layout (lua/charge.lua's header is the reference)::
           (or the shard's never-written placeholder), then the per-user limiters
     ARGV  now, period id, refresh_at, bucket, cost, request id, hold expiry,
           idempotency ttl (0 = none), org, user, feature, method, route, API key id,
-          the request's team, the level fields (0, or 9: the expected team, then the
-          org-hash fields charge.lua reads for the request's levels, see
-          :meth:`ChargeArgs.learn`), number of plans, then per plan: name, allocation (-1 = not
+          the request's team, number of plans, then per plan: name, allocation (-1 = not
           in the plan), default caps ("" = none, else "team,user,key" tokens), limiter
           count, then per limiter: KEYS index (0 = per org), count, period ms;
           then, only when they apply: the request's fingerprint (an Idempotency-Key's
@@ -26,10 +24,8 @@ The layout (lua/charge.lua's header is the reference)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 from gateway.config import Config
-from gateway.core.caps import cap_field, membership_field, used_field
 from gateway.core.periods import period_bounds, period_id
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.resp import SLOT, ArgTemplate, ScriptArg
@@ -44,8 +40,6 @@ _FIXED_KEYS = 5
 
 # (org, user, key id, team, feature, method, route): what a template is cached by.
 _TemplateKey = tuple[str, str | None, str | None, str | None, str, str, str]
-# (org, user, key id, team): whose levels a template names.
-_LevelsKey = tuple[str, str | None, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,31 +107,6 @@ class ChargeArgs:
         route): the hot path looks its template up here first, without a call."""
         self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
         self._fingerprinted: dict[_TemplateKey, ArgTemplate] = {}
-        self._teams: dict[_LevelsKey, str] = {}
-        """The team charge.lua found for a caller of an org with levels ("" = none), by
-        (org, user, key id, team): :meth:`learn`."""
-
-    def learn(
-        self, org: str, user: str | None, key_id: str | None, team: str | None, found: str
-    ) -> None:
-        """charge.lua found that ``org`` has levels and that this caller's team is
-        ``found`` ("" = none) while its template did not expect that (its 6th reply value).
-
-        The caller's templates are dropped, so the next ones carry the names of its
-        levels' org-hash fields: charge.lua then reads them in its first HMGET instead of
-        building them and reading them in more calls. An org never seen with levels keeps
-        templates without them, so its charges do no level work at all. This is only a
-        hint: the script checks the team it finds against the expected one on every call
-        (a key moved to another team is charged against the new one at once) and answers
-        with another hint when they differ.
-        """
-        if len(self._teams) >= _CACHE_SIZE:
-            self._teams.clear()
-        self._teams[(org, user, key_id, team)] = found
-        for cache in (self.plain, self._idempotent, self._fingerprinted):
-            stale = [k for k in cache if k[0] == org and k[1:4] == (user, key_id, team)]
-            for k in stale:
-                del cache[k]
 
     def period(self, now: int) -> tuple[str, int, int]:
         """The period (id, start ms, end ms) at ``now``, cached until it ends."""
@@ -255,30 +224,6 @@ class ChargeArgs:
             SLOT, SLOT, SLOT,  # cost, request id, hold expiry
             self._idem_ttl_ms if idempotent else "0",
             org, user or "", feature, method, route, key_id or "", team or "",
-            *self._level_fields(org, user, key_id, team, fa.bucket),
             *(fa.tail_user if user else fa.tail_anon),
         ]  # fmt: skip
         return keys, argv
-
-    def _level_fields(
-        self, org: str, user: str | None, key_id: str | None, team: str | None, bucket: str
-    ) -> list[str]:
-        """charge.lua's level arguments: ``["0"]`` until :meth:`learn` heard of the
-        caller's levels, then 9: the expected team, the key's and the user's membership
-        fields, and the cap and counter fields of the expected team, the user and the key
-        ("" where there is no such level: a field nobody writes)."""
-        expected = self._teams.get((org, user, key_id, team))
-        if expected is None:
-            return ["0"]
-
-        def pair(level: Literal["team", "user", "key"], ident: str | None) -> list[str]:
-            if not ident:
-                return ["", ""]
-            return [cap_field(bucket, level, ident), used_field(bucket, level, ident)]
-
-        return [
-            "9", expected,
-            membership_field("key", key_id) if key_id else "",
-            membership_field("user", user) if user else "",
-            *pair("team", expected), *pair("user", user), *pair("key", key_id),
-        ]  # fmt: skip

@@ -179,40 +179,6 @@ async def test_org_isolation_of_levels(gate: CreditGate) -> None:
     assert (await gate.meter.admit("acme", BUCKET, user="u1")).level == "team"
 
 
-async def test_a_learned_template_follows_a_moved_key_at_once(gate: CreditGate) -> None:
-    args = gate.meter.admission.args
-    await put(gate, "acme", "team", "red", {BUCKET: 6})
-    await put(gate, "acme", "team", "blue", {BUCKET: 30})
-    await put(gate, "acme", "key", "key_a", team="red")
-    caller = ("acme", "u1", "key_a", None)
-    # The first charge finds the levels (the template named none) and teaches the team.
-    assert (await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")).ok
-    assert args._level_fields(*caller, BUCKET)[:2] == ["9", "red"]
-    # The learned template reads the levels with the org's state and still refuses.
-    assert (await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")).ok
-    refused = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
-    assert (refused.level, refused.level_id, refused.level_used) == ("team", "red", 6)
-    # The key moves to blue: charged against blue on the very next request, not red.
-    await put(gate, "acme", "key", "key_a", team="blue")
-    assert (await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")).ok
-    assert await level_used(gate, "acme", "team", "blue") == 3
-    assert await level_used(gate, "acme", "team", "red") == 6
-    assert args._level_fields(*caller, BUCKET)[:2] == ["9", "blue"]
-    assert (await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")).ok
-    assert await level_used(gate, "acme", "team", "blue") == 6
-    # Out of every team: no team counter moves, and the hold names none.
-    await put(gate, "acme", "key", "key_a")
-    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
-    assert adm.ok and args._level_fields(*caller, BUCKET)[:2] == ["9", ""]
-    hold = json.loads(await gate.redis.client.hget(gate.keys.shard("acme").holds, adm.request_id))
-    assert "tm" not in hold
-    assert await level_used(gate, "acme", "team", "blue") == 6
-    # An org never seen with levels keeps templates without level fields.
-    await gate.set_plan("plain-org", "teams")
-    assert (await gate.meter.admit("plain-org", BUCKET, user="u1", key_id="key_a")).ok
-    assert args._level_fields("plain-org", "u1", "key_a", None, BUCKET) == ["0"]
-
-
 async def test_the_hold_lists_caps_compactly_and_old_holds_still_settle(
     gate: CreditGate,
 ) -> None:
@@ -221,12 +187,17 @@ async def test_the_hold_lists_caps_compactly_and_old_holds_still_settle(
     await put(gate, "acme", "key", "key_a", {BUCKET: 9})
     holds = gate.keys.shard("acme").holds
     fields = [f"Ln:{BUCKET}:t:red", f"Ln:{BUCKET}:u:u1", f"Ln:{BUCKET}:k:key_a"]
-    for _ in range(2):  # the first teaches the template, the second uses it
-        adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
-        hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
-        assert (hold["tm"], hold["u"], hold["k"]) == ("red", "u1", "key_a")
-        assert hold["lv"] == "50 30 9"  # the caps of team, user and key
-        assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    assert (hold["tm"], hold["u"], hold["k"]) == ("red", "u1", "key_a")
+    assert hold["lv"] == "50 30 9"  # the caps of team, user and key
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    # Only capped levels are named: a key without a cap leaves "-" and no k.
+    await put(gate, "acme", "key", "key_b")
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_b")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    assert hold["lv"] == "50 30 -" and "k" not in hold
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
     # A hold written before the compact form ([[counter, cap], ...]) is refunded the same.
     adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
     hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))

@@ -107,7 +107,6 @@ def expected(
         now, period, refresh_at, "lead_generation", cost, request_id, now + HOLD_MS,
         IDEM_TTL_MS if idempotency_key else 0, org, user or "", feature, method, route,
         "", "",  # API key id, the request's team (none here)
-        "0",  # no level fields: the org was never seen with levels
         *(LEAD_WITH_USER if user else LEAD_WITHOUT_USER),
     )  # fmt: skip
     return pack_command(("EVALSHA", gate.meter.admission.script.sha, len(keys), *keys, *args))
