@@ -140,12 +140,27 @@ LEVEL_FIELDS = {
 KEY_ID: str | None = None
 
 
-async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False) -> None:
-    """Seed every org on the bench plan and grant it one large purchased lot."""
+def member_fields(members: int) -> dict[str, str]:
+    """``members`` more users and keys of team t1, each with a cap and a counter: the
+    fields a real org with levels has besides the bench caller's."""
+    fields: dict[str, str] = {}
+    for n in range(members):
+        for letter in ("u", "k"):
+            ident = f"m{n}"
+            fields[f"Lm:{letter}:{ident}"] = "t1"
+            fields[f"Lc:{FEATURE}:{letter}:{ident}"] = str(TOKENS)
+            fields[f"Ln:{FEATURE}:{letter}:{ident}"] = "0@2000-01"
+    return fields
+
+
+async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False, members: int = 0) -> None:
+    """Seed every org on the bench plan and grant it one large purchased lot; with
+    ``levels``, the bench caller's levels and ``members`` other members' fields."""
     grant = load("grant")
     now = int(time.time() * 1000)
+    fields = {**LEVEL_FIELDS, **member_fields(members)} if levels else None
     for org in orgs:
-        await meter.seed_state(org, "bench", 0, [], LEVEL_FIELDS if levels else None)
+        await meter.seed_state(org, "bench", 0, [], fields)
         shard = meter.keys.shard(org)
         await meter.redis.runner.run(
             grant, [meter.keys.org(org), shard.events],
@@ -247,7 +262,7 @@ async def main(args: argparse.Namespace) -> None:
     try:
         await setup_orgs(meter, many)
         if args.levels:
-            await setup_orgs(meter, levelled, levels=True)
+            await setup_orgs(meter, levelled, levels=True, members=args.members)
         for charge_script, settle_script in variants.values():
             # Loaded up front: a NOSCRIPT reply would count as a call.
             for script in (charge_script, settle_script):
@@ -322,6 +337,11 @@ def cli() -> None:
         "--levels", action="store_true",
         help="each workload also on orgs whose requests have a capped team, user and API"
         " key (contract A10), in the same run; prints the levels/none ratios",
+    )  # fmt: skip
+    parser.add_argument(
+        "--members", type=int, default=0,
+        help="with --levels: this many more users and keys in the levelled orgs (3 fields"
+        " each): 22+ make the org hash a hash table instead of a listpack",
     )  # fmt: skip
     parser.add_argument(
         "--redis-py",

@@ -73,7 +73,7 @@ async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) ->
     meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
     orgs = {"none": "bench-org-0000", "levels": "bench-lv-org-0000"}
     await setup_orgs(meter, [orgs["none"]])
-    await setup_orgs(meter, [orgs["levels"]], levels=True)
+    await setup_orgs(meter, [orgs["levels"]], levels=True, members=args.members)
     seen: set[str] = set()
     charge: dict[str, list[float]] = {"none": [], "levels": []}
     settle: dict[str, list[float]] = {"none": [], "levels": []}
@@ -96,14 +96,17 @@ async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) ->
         _callgrind(pid, "-z")
         for start in range(0, n, BURST):
             await asyncio.gather(
-                *(meter.settle(a, ok=True, status=200, latency_ms=3) for a in adms[start : start + BURST])
+                *(
+                    meter.settle(a, ok=True, status=200, latency_ms=3)
+                    for a in adms[start : start + BURST]
+                )
             )
         _callgrind(pid, "-d")
         s = _last_total(workdir, seen)
         return c / n, s / n, (time.process_time() - cpu) * 1e6 / n
 
     try:
-        for name, org in orgs.items():
+        for org in orgs.values():
             await phase(org, BURST * 2)  # warm up: templates learned, scripts loaded
         for rep in range(args.reps):
             order = list(orgs.items())
@@ -128,12 +131,13 @@ async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) ->
         print(f"{name:<8} {med(charge[name]):>10.0f} {med(settle[name]):>10.0f} "
               f"{med(own[name]):>15.1f}   charge {min(charge[name]):.0f}..{max(charge[name]):.0f}"
               f", settle {min(settle[name]):.0f}..{max(settle[name]):.0f}")  # fmt: skip
+    both = {name: med(charge[name]) + med(settle[name]) for name in orgs}
     print(
         f"levels/none: charge {med(charge['levels']) / med(charge['none']):.3f}, settle "
         f"{med(settle['levels']) / med(settle['none']):.3f}, charge+settle "
-        f"{(med(charge['levels']) + med(settle['levels'])) / (med(charge['none']) + med(settle['none'])):.3f}, "
+        f"{both['levels'] / both['none']:.3f}, "
         f"gateway CPU {med(own['levels']) / med(own['none']):.3f}"
-    )  # fmt: skip
+    )
 
 
 def cli() -> None:
@@ -141,6 +145,13 @@ def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="per org and repetition")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--members", type=int, default=0,
+        help="this many more users and keys in the levelled org (bench/lua_cpu.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep", help="copy callgrind's dumps here (callgrind_annotate shows where they go)"
+    )
     args = parser.parse_args()
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="cg-luains-")
@@ -170,6 +181,8 @@ def cli() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if args.keep:
+            shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -285,6 +285,10 @@ end
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
 local lv_hold, lv_key, team = nil, nil, nil
 if st[8] or plan_caps ~= '' then
+  if st[8] and #st[8] < 128 then
+    -- Levels written before lv was 128 bytes (lua/levels.lua): make the hash a hash table.
+    redis_call('HSET', org_key, 'lv', '1' .. string.rep('.', 127))
+  end
   -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
   local p = ':' .. bucket .. ':'
   local tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,

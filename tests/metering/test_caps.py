@@ -209,3 +209,28 @@ async def test_the_hold_lists_caps_compactly_and_old_holds_still_settle(
     assert [await level_used(gate, "acme", lv, i) for lv, i in
             (("team", "red"), ("user", "u1"), ("key", "key_a"))] == [0, 0, 0]  # fmt: skip
     assert await available(gate) == 100
+
+
+async def test_an_org_with_levels_is_a_hash_table_and_old_flags_are_upgraded(
+    gate: CreditGate, request: pytest.FixtureRequest
+) -> None:
+    if "memory" in request.node.name:
+        pytest.skip("encodings are real Redis's")
+    org_key = gate.keys.org("acme")
+    client = gate.redis.client
+
+    async def encoding() -> str:
+        raw = await client.object("encoding", org_key)
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    assert await encoding() == "listpack"  # no levels: small and cheap as before
+    await put(gate, "acme", "user", "u1", {BUCKET: 9})
+    # Field lookups in a listpack scan every field; an org with levels has many.
+    assert await encoding() == "hashtable"
+    # Levels written with the old one-byte flag: the first charge with levels upgrades it.
+    await client.delete(org_key)
+    await gate.set_plan("acme", "teams")  # seeded again, without levels
+    await client.hset(org_key, mapping={f"Lc:{BUCKET}:u:u1": "9", "lv": "1"})
+    assert await encoding() == "listpack"
+    assert (await gate.meter.admit("acme", BUCKET, user="u1")).remaining == 6
+    assert await encoding() == "hashtable"
