@@ -22,6 +22,13 @@ By default a private redis-server is started (no other client pollutes its count
 ``--url`` the given Redis is used under a unique key prefix, which is deleted afterwards,
 and the figures include whatever else that server runs meanwhile.
 
+``--levels`` (contract A10) runs every workload twice in each repetition, alternating: on
+orgs without levels and on orgs whose every request has a capped team (its API key's), user
+and key; both send the same API key id, so the only difference is the org's levels. It
+prints the levels/none ratio of the medians, and this process's CPU per request (the
+gateway's side of admit and settle: the meter's Python, the Redis client, the event loop),
+so both ratios come from one run on one machine state.
+
 ``--baseline DIR`` A/B-tests: DIR holds another charge.lua and settle.lua with the same
 KEYS/ARGV interface (e.g. a copy of the previous version); the two variants alternate
 within every repetition, and each is reported as a range over the repetitions.
@@ -62,8 +69,10 @@ class Figures:
     """µs per request of one variant and workload, one value per repetition."""
 
     charge: list[float] = field(default_factory=list)
+    gateway: list[float] = field(default_factory=list)  # this process's CPU, per request
     settle: list[float] = field(default_factory=list)
     server: list[float] = field(default_factory=list)  # used_cpu (user+sys), per request
+    charge_cpu: list[float] = field(default_factory=list)  # used_cpu of the admit phase
     batch: list[float] = field(default_factory=list)  # settle requests per settle call
 
 
@@ -131,12 +140,27 @@ LEVEL_FIELDS = {
 KEY_ID: str | None = None
 
 
-async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False) -> None:
-    """Seed every org on the bench plan and grant it one large purchased lot."""
+def member_fields(members: int) -> dict[str, str]:
+    """``members`` more users and keys of team t1, each with a cap and a counter: the
+    fields a real org with levels has besides the bench caller's."""
+    fields: dict[str, str] = {}
+    for n in range(members):
+        for letter in ("u", "k"):
+            ident = f"m{n}"
+            fields[f"Lm:{letter}:{ident}"] = "t1"
+            fields[f"Lc:{FEATURE}:{letter}:{ident}"] = str(TOKENS)
+            fields[f"Ln:{FEATURE}:{letter}:{ident}"] = "0@2000-01"
+    return fields
+
+
+async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False, members: int = 0) -> None:
+    """Seed every org on the bench plan and grant it one large purchased lot; with
+    ``levels``, the bench caller's levels and ``members`` other members' fields."""
     grant = load("grant")
     now = int(time.time() * 1000)
+    fields = {**LEVEL_FIELDS, **member_fields(members)} if levels else None
     for org in orgs:
-        await meter.seed_state(org, "bench", 0, [], LEVEL_FIELDS if levels else None)
+        await meter.seed_state(org, "bench", 0, [], fields)
         shard = meter.keys.shard(org)
         await meter.redis.runner.run(
             grant, [meter.keys.org(org), shard.events],
@@ -146,10 +170,14 @@ async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False) -> Non
 
 async def run_rounds(
     meter: Meter, orgs: list[str], requests: int, burst: int, rng: random.Random
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float, float]:
     """Admit+settle ``requests`` requests in bursts; return µs/request (charge, settle,
-    server CPU) and the mean settle batch."""
-    charge_us = settle_us = cpu_s = 0.0
+    server CPU), the mean settle batch, this process's CPU µs/request (the INFO round
+    trips between the phases included: the same for every variant) and the server's CPU
+    µs/request of the admit phase alone (CPU time: unlike the evalsha usec, not inflated
+    while a loaded machine has Redis waiting for a core)."""
+    charge_us = settle_us = cpu_s = charge_cpu_s = 0.0
+    own_cpu = time.process_time()
     settle_calls = 0
     done = 0
     handles = meter.redis
@@ -175,13 +203,22 @@ async def run_rounds(
         settle_us += u2 - u1
         settle_calls += c2 - c1
         cpu_s += (cpu1 - cpu0) + (cpu2 - cpu1)
+        charge_cpu_s += cpu1 - cpu0
         done += n
+    own_cpu = time.process_time() - own_cpu
     return (
         charge_us / requests,
         settle_us / requests,
         cpu_s * 1e6 / requests,
         requests / max(settle_calls, 1),
+        own_cpu * 1e6 / requests,
+        charge_cpu_s * 1e6 / requests,
     )
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    return s[len(s) // 2]
 
 
 def _range(values: list[float]) -> str:
@@ -214,10 +251,18 @@ async def main(args: argparse.Namespace) -> None:
         }
     many = [f"bench-org-{n:04d}" for n in range(args.orgs)]
     workloads = {"1 org": many[:1], f"{args.orgs} orgs": many}
+    levelled = [f"bench-lv-org-{n:04d}" for n in range(args.orgs)]
+    if args.levels:
+        workloads = {
+            "1 org": many[:1], "1 org lv": levelled[:1],
+            f"{args.orgs} orgs": many, f"{args.orgs} orgs lv": levelled,
+        }  # fmt: skip
     rng = random.Random(1)
     results: dict[tuple[str, str], Figures] = {}
     try:
-        await setup_orgs(meter, many, args.levels)
+        await setup_orgs(meter, many)
+        if args.levels:
+            await setup_orgs(meter, levelled, levels=True, members=args.members)
         for charge_script, settle_script in variants.values():
             # Loaded up front: a NOSCRIPT reply would count as a call.
             for script in (charge_script, settle_script):
@@ -226,14 +271,19 @@ async def main(args: argparse.Namespace) -> None:
             order = list(variants.items())
             if rep % 2:
                 order.reverse()  # alternate which variant runs first
-            for wname, orgs in workloads.items():
+            # Alternate the workloads' order too (levels after none, then before).
+            for wname, orgs in list(workloads.items())[:: -1 if rep % 2 else 1]:
                 burst = args.burst if len(orgs) == 1 else args.burst * 16
                 for vname, (charge, settle) in order:
                     meter.admission.script, meter.settlement.script = charge, settle
                     # Warm up: scripts loaded, connections open, branch caches.
                     await run_rounds(meter, orgs, burst, burst, rng)
-                    c, s, cpu, batch = await run_rounds(meter, orgs, args.requests, burst, rng)
+                    c, s, cpu, batch, own, ccpu = await run_rounds(
+                        meter, orgs, args.requests, burst, rng
+                    )
                     fig = results.setdefault((wname, vname), Figures())
+                    fig.gateway.append(own)
+                    fig.charge_cpu.append(ccpu)
                     fig.charge.append(c)
                     fig.settle.append(s)
                     fig.server.append(cpu)
@@ -250,8 +300,23 @@ async def main(args: argparse.Namespace) -> None:
     print(f"{'workload':<12} {'variant':<9} {'charge (evalsha)':<30} "
           f"{'settle/request (evalsha)':<30} {'server CPU/request':<30} batch")  # fmt: skip
     for (wname, vname), fig in results.items():
-        print(f"{wname:<12} {vname:<9} {_range(fig.charge):<30} {_range(fig.settle):<30} "
+        print(f"{wname:<15} {vname:<9} {_range(fig.charge):<30} {_range(fig.settle):<30} "
               f"{_range(fig.server):<30} {sum(fig.batch) / len(fig.batch):.1f}")  # fmt: skip
+    print("\nserver CPU of the admit phase (charge), and this process's CPU (the gateway's"
+          " side of admit + settle), µs per request")  # fmt: skip
+    for (wname, vname), fig in results.items():
+        print(f"{wname:<15} {vname:<9} {_range(fig.charge_cpu):<30} {_range(fig.gateway)}")
+    if args.levels:
+        print("\nlevels / none, ratio of the medians")
+        for (wname, vname), fig in results.items():
+            none = results.get((wname.removesuffix(" lv"), vname))
+            if not wname.endswith(" lv") or none is None:
+                continue
+            ratios = "  ".join(
+                f"{name} {_median(getattr(fig, name)) / _median(getattr(none, name)):.2f}"
+                for name in ("charge", "charge_cpu", "settle", "server", "gateway")
+            )
+            print(f"{wname.removesuffix(' lv'):<15} {vname:<9} {ratios}")
 
 
 def cli() -> None:
@@ -270,7 +335,13 @@ def cli() -> None:
     parser.add_argument("--baseline", help="directory with another charge.lua/settle.lua")
     parser.add_argument(
         "--levels", action="store_true",
-        help="every request with a capped team, user and API key (contract A10)",
+        help="each workload also on orgs whose requests have a capped team, user and API"
+        " key (contract A10), in the same run; prints the levels/none ratios",
+    )  # fmt: skip
+    parser.add_argument(
+        "--members", type=int, default=0,
+        help="with --levels: this many more users and keys in the levelled orgs (3 fields"
+        " each): 22+ make the org hash a hash table instead of a listpack",
     )  # fmt: skip
     parser.add_argument(
         "--redis-py",
@@ -280,7 +351,7 @@ def cli() -> None:
     )
     args = parser.parse_args()
     global KEY_ID
-    KEY_ID = "key_bench" if args.levels else None
+    KEY_ID = "key_bench" if args.levels else None  # the same key with levels or none
     if args.url:
         args.private = False
         asyncio.run(main(args))

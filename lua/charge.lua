@@ -62,8 +62,10 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
--- when they apply: tm (the request's team), lv ([[counter field, cap], ...]: the level
--- counters the hold drew from, see "Levels" below), fp (the request's fingerprint, with ik), and for a reservation v (how
+-- when they apply: tm (the request's team), lv ("<team cap> <user cap> <key cap>", "-" for
+-- a level without a cap: the caps of the level counters the hold drew from, named
+-- Ln:<b>:t:<tm>, Ln:<b>:u:<u>, Ln:<b>:k:<k>; see "Levels" below), k (the API key, only when
+-- its level is capped), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
@@ -291,64 +293,97 @@ end
 -- (a counter of another period reads 0: the lazy reset). Checked broadest first (team,
 -- user, key) after the org's balance; all are charged together with the org, or none is.
 -- An org without overrides (no lv) on a plan without default caps skips all of this.
+--
+-- Their fields are read only here, for an org that has levels (lv) or a plan with default
+-- caps: one HMGET for the key's and the user's team and the caps and counters of the
+-- request's team, user and key, and a second one for the team's when the team is not the
+-- request's (the key's own or the user's, known only after the first). Names are built
+-- here rather than passed in: measured (bench/lua_instructions.py), nine precomputed
+-- names read with the org's state cost the levels path as much as building them, and one
+-- more argument costs every request without levels ~1.5% more Redis instructions.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, team = nil, nil
+local lv_hold, lv_key, team = nil, nil, nil
 if st[8] or plan_caps ~= '' then
-  local dflt = {-1, -1, -1}
-  if plan_caps ~= '' then
-    local a, b, c = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
-    dflt = {tonumber(a), tonumber(b), tonumber(c)}
+  if st[8] and #st[8] < 128 then
+    -- Levels written before lv was 128 bytes (lua/levels.lua): make the hash a hash table.
+    redis_call('HSET', org_key, 'lv', '1' .. string.rep('.', 127))
   end
-  local ids = {'', user, key_id}
-  local function names(l, id)
-    return 'Lc:' .. bucket .. ':' .. l .. ':' .. id, 'Ln:' .. bucket .. ':' .. l .. ':' .. id
-  end
-  local tc, tn = names('t', req_team)
-  local uc, un = names('u', user)
-  local kc, kn = names('k', key_id)
+  -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
+  local p = ':' .. bucket .. ':'
+  local tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
+    'Ln' .. p .. 'k:' .. key_id
   local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
-    tc, tn, uc, un, kc, kn)
+    'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
+    'Lc' .. p .. 'k:' .. key_id, kn)
+  local tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
   -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
   team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
-  local got = {{r[3], r[4], tn}, {r[5], r[6], un}, {r[7], r[8], kn}}
   if team and team ~= req_team then
-    tc, tn = names('t', team)
-    local t = redis_call('HMGET', org_key, tc, tn)
-    got[1] = {t[1], t[2], tn}
+    tn = 'Ln' .. p .. 't:' .. team
+    local t = redis_call('HMGET', org_key, 'Lc' .. p .. 't:' .. team, tn)
+    tc, tv = t[1], t[2]
   end
-  ids[1] = team or ''
-  local level_names = {'team', 'user', 'key'}
-  for l = 1, 3 do
-    if ids[l] ~= '' then
-      local ov, cap = got[l][1], nil
-      if ov then
-        if string.byte(ov, 1) == 112 then  -- "p": a share of the allocation
-          cap = math.floor(alloc * tonumber(string.sub(ov, 2)) / 10000)
-        else
-          cap = tonumber(ov)
-        end
-      elseif dflt[l] >= 0 then
-        cap = dflt[l]
+  -- The plan's default caps of this bucket, as strings ("-1": none at that level).
+  local d1, d2, d3 = '-1', '-1', '-1'
+  if plan_caps ~= '' then
+    d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+  end
+  local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
+  -- Up to three times per request, so written for Lua 5.1's costs (measured: see
+  -- BENCHMARKS.md, "Team/user/key caps"): library functions as locals, no string made
+  -- where a plain find does (a counter of this period ends with sfx), integers turned into
+  -- strings by string.format('%d') (Lua's own conversion and '%.0f' go through the C
+  -- library's floating-point formatting, ~0.5 µs each).
+  local sbyte, ssub, sfind, sformat = string.byte, string.sub, string.find, string.format
+  local sfx = '@' .. period
+  local nsfx = #sfx
+  -- One level: its cap (override ov, else the default dflt), what its counter (field
+  -- counter, value raw: "<used>@<period>") drew this period. Returns a refusal, or nil and
+  -- the cap as a string (nil: the level has no cap) with the counter's new value added.
+  local function level(name, id, ov, dflt, counter, raw)
+    local cap, cap_s = nil, ov
+    if ov then
+      if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
+        cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
+        cap_s = sformat('%d', cap)
+      else
+        cap = tonumber(ov)
       end
-      if cap then
-        local lused = 0
-        local raw = got[l][2]
-        if raw then
-          local u, p = string.match(raw, '^(%d+)@(.*)$')
-          if p == period then lused = tonumber(u) end
-        end
-        if lused + cost > cap then
-          if #org_tats > 0 then
-            redis_call('HSET', org_key, unpack(org_tats))
-          end
-          return {'insufficient', math.max(0, cap - lused), plan, level_names[l], cap, lused,
-            bal + extra, ids[l]}
-        end
-        if cap - lused - cost < room then room = cap - lused - cost end
-        lv_hold = lv_hold or {}
-        lv_hold[#lv_hold + 1] = {got[l][3], cap, lused + cost}
-      end
+    elseif dflt ~= '-1' then
+      cap, cap_s = tonumber(dflt), dflt
+    else
+      return nil
     end
+    local lused = 0
+    if raw then
+      -- A counter of another period reads 0: the lazy reset.
+      local m = #raw - nsfx
+      if m > 0 and sfind(raw, sfx, m + 1, true) then lused = tonumber(ssub(raw, 1, m)) end
+    end
+    if lused + cost > cap then
+      return {'insufficient', math.max(0, cap - lused), plan, name, cap, lused, bal + extra, id}
+    end
+    if cap - lused - cost < room then room = cap - lused - cost end
+    org_tats[#org_tats + 1] = counter  -- written with the org's state below
+    org_tats[#org_tats + 1] = sformat('%d@%s', lused + cost, period)
+    return nil, cap_s
+  end
+  -- Broadest first: the first refusal is the one reported.
+  local refused, ct, cu, ck
+  if team then refused, ct = level('team', team, tc, d1, tn, tv) end
+  if not refused and user ~= '' then refused, cu = level('user', user, uc, d2, un, uv) end
+  if not refused and key_id ~= '' then refused, ck = level('key', key_id, kc, d3, kn, kv) end
+  if refused then
+    if ntats > 0 then
+      redis_call('HSET', org_key, unpack(org_tats, 1, ntats))
+    end
+    return refused
+  end
+  if ct or cu or ck then
+    -- The hold's caps of team, user and key ("-": not capped); settle.lua names their
+    -- counters from the hold's b, tm, u and k (the key, kept only when it is capped).
+    lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' ' .. (ck or '-')
+    if ck then lv_key = key_id end
   end
 elseif req_team ~= '' then
   team = req_team  -- no caps to check, but the audit row still names the team
@@ -386,13 +421,6 @@ if from_extra > 0 then
   org_tats[#org_tats + 1] = f_lots
   org_tats[#org_tats + 1] = #lots > 0 and cjson_encode(lots) or '[]'
 end
-if lv_hold then
-  for k, lv in ipairs(lv_hold) do
-    org_tats[#org_tats + 1] = lv[1]
-    org_tats[#org_tats + 1] = lv[3] .. '@' .. period
-    lv_hold[k] = {lv[1], lv[2]}
-  end
-end
 redis_call('HSET', org_key, unpack(org_tats))
 
 local ik = ''
@@ -415,7 +443,7 @@ if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
 if team then hold.tm = team end
-if lv_hold then hold.lv = lv_hold end
+if lv_hold then hold.lv, hold.k = lv_hold, lv_key end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])

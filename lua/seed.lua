@@ -32,7 +32,8 @@ for j = 0, m - 1 do
   redis.call('HSET', org_key, ARGV[at + 1 + 2 * j], ARGV[at + 2 + 2 * j])
 end
 if m > 0 then
-  redis.call('HSET', org_key, 'lv', '1')
+  -- 128 bytes: the org's hash is a hash table, not a listpack (see lua/levels.lua).
+  redis.call('HSET', org_key, 'lv', '1' .. string.rep('.', 127))
 end
 local anchor = ARGV[at + 1 + 2 * m]
 if anchor and anchor ~= '' then

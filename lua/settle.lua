@@ -39,15 +39,17 @@
 -- gateway/metering/reservations.py) when it was settled, released or expired before, -1
 -- when nothing is known of it, -2 when the hold is not a reservation of that org.
 --
--- Levels (contract A10): a hold that drew from team, user or key caps lists their counters
--- (hold field lv, lua/charge.lua). A refund gives the hold back to every one of them, an
--- actual below the hold gives back the difference, both only to counters still in the
--- hold's period (a reset already forgot them). An actual above the hold takes the extra
--- from the org only as far as every level's cap (as recorded in the hold) leaves room: a
--- cap is a balance of its own, so like the org's balance it is never exceeded, and what a
--- level cannot cover is overage as well (ov), never taken. Every level is moved by the same
--- net tokens as the org, so at every moment a level's counter is the sum of what its
--- requests were charged this period.
+-- Levels (contract A10): a hold that drew from team, user or key caps lists their caps
+-- (hold field lv, lua/charge.lua; the counters are named from the hold's b, tm, u and k).
+-- A charge of the hold (the common case) leaves the counters as charge.lua set them and
+-- never reads lv. A refund gives the hold back to every one of them, an actual below the
+-- hold gives back the difference, both only to counters still in the hold's period (a
+-- reset already forgot them). An actual above the hold takes the extra from the org only
+-- as far as every level's cap (as recorded in the hold) leaves room: a cap is a balance of
+-- its own, so like the org's balance it is never exceeded, and what a level cannot cover
+-- is overage as well (ov), never taken. Every level is moved by the same net tokens as
+-- the org, so at every moment a level's counter is the sum of what its requests were
+-- charged this period.
 --
 -- Cost: the batch's holds are read with one HMGET and removed with one HDEL and one ZREM;
 -- each org's seq is read once and written once per call, and each org bucket's snapshot
@@ -170,15 +172,27 @@ local function take_more(org_key, h, more)
 end
 
 -- The levels' counters of hold h (field lv), in the hold's period, as {field, cap, used}.
+-- lv is "<team cap> <user cap> <key cap>" ("-": that level is not capped) and the counters
+-- are named from the hold's bucket, team (tm), user (u) and key (k); a hold written before
+-- that form lists [[counter field, cap], ...] instead.
 local function levels_of(org_key, h)
-  local names, out = {}, {}
-  for k, l in ipairs(h.lv) do names[k] = l[1] end
+  local names, caps, out = {}, {}, {}
+  local lv = h.lv
+  if type(lv) == 'table' then
+    for k, l in ipairs(lv) do names[k], caps[k] = l[1], l[2] end
+  else
+    local t, u, k = string.match(lv, '^(%S+) (%S+) (%S+)$')
+    local prefix = 'Ln:' .. h.b .. ':'
+    if t ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 't:' .. h.tm, tonumber(t) end
+    if u ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'u:' .. h.u, tonumber(u) end
+    if k ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'k:' .. h.k, tonumber(k) end
+  end
   local got = redis.call('HMGET', org_key, unpack(names))
-  for k, l in ipairs(h.lv) do
-    local v = got[k]
+  for j, name in ipairs(names) do
+    local v = got[j]
     if v then
-      local u, p = string.match(v, '^(%d+)@(.*)$')
-      if p == h.per then out[#out + 1] = {l[1], l[2], tonumber(u)} end
+      local used, p = string.match(v, '^(%d+)@(.*)$')
+      if p == h.per then out[#out + 1] = {name, caps[j], tonumber(used)} end
     end
   end
   return out

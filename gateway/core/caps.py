@@ -12,7 +12,9 @@ The Redis fields of the levels live in the org's hash (one hash tag: atomic on R
 Cluster) and are named here only (lua/charge.lua and lua/settle.lua spell the same names):
 
 ==========================  ==========================================================
-``lv``                      "1": the org has teams, members or overrides in Redis
+``lv``                      the org has teams, members or overrides in Redis ("1" and
+                            127 dots: longer than hash-max-listpack-value, so the hash
+                            is a hash table, see lua/levels.lua)
 ``Lm:k:<key id>``           the team of an API key (absent: none)
 ``Lm:u:<user>``             the team of a user (absent: none)
 ``Lc:<bucket>:<l>:<id>``    a cap override (stored form) of level l = t | u | k

@@ -177,3 +177,60 @@ async def test_org_isolation_of_levels(gate: CreditGate) -> None:
         assert (await gate.meter.admit("other", BUCKET, user="u1", team="red")).ok
     assert (await gate.meter.admit("acme", BUCKET, user="u1")).ok
     assert (await gate.meter.admit("acme", BUCKET, user="u1")).level == "team"
+
+
+async def test_the_hold_lists_caps_compactly_and_old_holds_still_settle(
+    gate: CreditGate,
+) -> None:
+    await put(gate, "acme", "team", "red", {BUCKET: "50%"})
+    await put(gate, "acme", "user", "u1", {BUCKET: 30}, team="red")
+    await put(gate, "acme", "key", "key_a", {BUCKET: 9})
+    holds = gate.keys.shard("acme").holds
+    fields = [f"Ln:{BUCKET}:t:red", f"Ln:{BUCKET}:u:u1", f"Ln:{BUCKET}:k:key_a"]
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    assert (hold["tm"], hold["u"], hold["k"]) == ("red", "u1", "key_a")
+    assert hold["lv"] == "50 30 9"  # the caps of team, user and key
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    # Only capped levels are named: a key without a cap leaves "-" and no k.
+    await put(gate, "acme", "key", "key_b")
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_b")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    assert hold["lv"] == "50 30 -" and "k" not in hold
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    # A hold written before the compact form ([[counter, cap], ...]) is refunded the same.
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    hold["lv"] = [[fields[0], 50], [fields[1], 30], [fields[2], 9]]
+    await gate.redis.client.hset(holds, adm.request_id, json.dumps(hold))
+    assert [await level_used(gate, "acme", lv, i) for lv, i in
+            (("team", "red"), ("user", "u1"), ("key", "key_a"))] == [3, 3, 3]  # fmt: skip
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    assert [await level_used(gate, "acme", lv, i) for lv, i in
+            (("team", "red"), ("user", "u1"), ("key", "key_a"))] == [0, 0, 0]  # fmt: skip
+    assert await available(gate) == 100
+
+
+async def test_an_org_with_levels_is_a_hash_table_and_old_flags_are_upgraded(
+    gate: CreditGate, request: pytest.FixtureRequest
+) -> None:
+    if "memory" in request.node.name:
+        pytest.skip("encodings are real Redis's")
+    org_key = gate.keys.org("acme")
+    client = gate.redis.client
+
+    async def encoding() -> str:
+        raw = await client.object("encoding", org_key)
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    assert await encoding() == "listpack"  # no levels: small and cheap as before
+    await put(gate, "acme", "user", "u1", {BUCKET: 9})
+    # Field lookups in a listpack scan every field; an org with levels has many.
+    assert await encoding() == "hashtable"
+    # Levels written with the old one-byte flag: the first charge with levels upgrades it.
+    await client.delete(org_key)
+    await gate.set_plan("acme", "teams")  # seeded again, without levels
+    await client.hset(org_key, mapping={f"Lc:{BUCKET}:u:u1": "9", "lv": "1"})
+    assert await encoding() == "listpack"
+    assert (await gate.meter.admit("acme", BUCKET, user="u1")).remaining == 6
+    assert await encoding() == "hashtable"

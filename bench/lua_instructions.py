@@ -1,0 +1,190 @@
+"""Redis instructions per charge and per settle, with team/user/key levels and without.
+
+    .venv/bin/python bench/lua_instructions.py [--requests 2000] [--reps 3]
+
+The load-independent companion of bench/lua_cpu.py --levels: a private redis-server runs
+under valgrind's callgrind, which counts the instructions Redis executes (Ir) whatever
+else the machine runs, so the levels/none ratio does not swing with other work. Two orgs
+on the benchmarks' plan (bench/run_all.py): one without levels, one whose requests have a
+capped team (their API key's), user and key; both send the same user and API key id, so the
+only difference is the org's levels. Each repetition admits ``--requests`` requests of
+each org in bursts of 64 through the gateway's own ``Meter`` (so KEYS/ARGV are built as in
+production, templates warmed up first) and then settles them; callgrind's counters are
+zeroed before and dumped after every phase (``callgrind_control``). Printed: instructions
+per request of the charge phase and of the settle phase (the whole server: parsing,
+networking and the script), their levels/none ratios, and this process's CPU µs per
+request of admit + settle (the gateway's side: wall-clock CPU, so it does move with load).
+
+Instructions are not time (cache misses, branch mispredictions), but the levels path and
+the no-levels path run the same kind of code (Lua, hash lookups), so the ratio tracks the
+CPU ratio; bench/lua_cpu.py gives the µs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.lua_cpu import FEATURE, TOKENS, _free_port, setup_orgs
+from bench.run_all import CONFIG
+from gateway.config import parse_config
+from gateway.metering.meter import Meter
+from gateway.redisio.connect import connect_redis
+
+BURST = 64
+
+
+def _callgrind(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def _last_total(workdir: str, seen: set[str]) -> int:
+    """The instruction total of the newest callgrind dump not read before."""
+    for _ in range(200):
+        new = sorted(set(glob.glob(os.path.join(workdir, "cg.out*"))) - seen)
+        for path in new:
+            text = Path(path).read_text()
+            for line in text.splitlines():
+                if line.startswith(("totals:", "summary:")):
+                    seen.add(path)
+                    return int(line.split()[1])
+        time.sleep(0.05)
+    raise SystemExit("callgrind wrote no dump")
+
+
+async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) -> None:
+    """Run the phases against the Redis under callgrind at ``url`` and print the table."""
+    prefix = "cgluains" + uuid.uuid4().hex[:8]
+    config = parse_config(
+        CONFIG.format(redis_url=url, dsn="", prefix=prefix, tokens=TOKENS), "<bench>"
+    )
+    handles = connect_redis(url, fast=True)
+    meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
+    orgs = {"none": "bench-org-0000", "levels": "bench-lv-org-0000"}
+    await setup_orgs(meter, [orgs["none"]])
+    await setup_orgs(meter, [orgs["levels"]], levels=True, members=args.members)
+    seen: set[str] = set()
+    charge: dict[str, list[float]] = {"none": [], "levels": []}
+    settle: dict[str, list[float]] = {"none": [], "levels": []}
+    own: dict[str, list[float]] = {"none": [], "levels": []}
+
+    async def phase(org: str, n: int) -> tuple[float, float, float]:
+        adms = []
+        cpu = time.process_time()
+        _callgrind(pid, "-z")
+        for start in range(0, n, BURST):
+            burst = min(BURST, n - start)
+            got = await asyncio.gather(
+                *(meter.admit(org, FEATURE, user="u1", key_id="key_bench") for _ in range(burst))
+            )
+            if any(not a.ok for a in got):
+                raise SystemExit(f"refused: {[a.status for a in got if not a.ok][:3]}")
+            adms += got
+        _callgrind(pid, "-d")
+        c = _last_total(workdir, seen)
+        _callgrind(pid, "-z")
+        for start in range(0, n, BURST):
+            await asyncio.gather(
+                *(
+                    meter.settle(a, ok=True, status=200, latency_ms=3)
+                    for a in adms[start : start + BURST]
+                )
+            )
+        _callgrind(pid, "-d")
+        s = _last_total(workdir, seen)
+        return c / n, s / n, (time.process_time() - cpu) * 1e6 / n
+
+    try:
+        for org in orgs.values():
+            await phase(org, BURST * 2)  # warm up: templates learned, scripts loaded
+        for rep in range(args.reps):
+            order = list(orgs.items())
+            if rep % 2:
+                order.reverse()
+            for name, org in order:
+                c, s, g = await phase(org, args.requests)
+                charge[name].append(c)
+                settle[name].append(s)
+                own[name].append(g)
+            print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    finally:
+        await meter.drain()
+        await handles.close()
+
+    def med(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    print(f"Redis instructions per request (callgrind; {args.reps} x {args.requests} requests)")
+    print(f"{'org':<8} {'charge':>10} {'settle':>10} {'gateway CPU µs':>15}")
+    for name in orgs:
+        print(f"{name:<8} {med(charge[name]):>10.0f} {med(settle[name]):>10.0f} "
+              f"{med(own[name]):>15.1f}   charge {min(charge[name]):.0f}..{max(charge[name]):.0f}"
+              f", settle {min(settle[name]):.0f}..{max(settle[name]):.0f}")  # fmt: skip
+    both = {name: med(charge[name]) + med(settle[name]) for name in orgs}
+    print(
+        f"levels/none: charge {med(charge['levels']) / med(charge['none']):.3f}, settle "
+        f"{med(settle['levels']) / med(settle['none']):.3f}, charge+settle "
+        f"{both['levels'] / both['none']:.3f}, "
+        f"gateway CPU {med(own['levels']) / med(own['none']):.3f}"
+    )
+
+
+def cli() -> None:
+    """Start redis-server under callgrind on a free port, measure, stop it."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="per org and repetition")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--members", type=int, default=0,
+        help="this many more users and keys in the levelled org (bench/lua_cpu.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--keep", help="copy callgrind's dumps here (callgrind_annotate shows where they go)"
+    )
+    args = parser.parse_args()
+    port = _free_port()
+    workdir = tempfile.mkdtemp(prefix="cg-luains-")
+    proc = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out.%p",
+         shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(600):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.1)
+        client.close()
+        # The dumps of the phases; the one written at exit is not read.
+        asyncio.run(measure(f"redis://127.0.0.1:{port}/0", proc.pid, workdir, args))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if args.keep:
+            shutil.copytree(workdir, args.keep, dirs_exist_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    cli()
