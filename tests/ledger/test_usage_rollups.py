@@ -76,14 +76,15 @@ async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
         " AND day = '2026-11-14' AND user_id = 'alice'"
     )
     assert tuple(alice) == (6, 28)  # 5 lead (25 tokens) + 1 goal (3); the refund is on the 15th
+
     # The writer's rollups are exactly what a rebuild from the ledger computes.
-    before = {
-        t: [tuple(r) for r in await pool.fetch(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")]
-        for t in ("usage_daily", "usage_daily_user", "usage_daily_feature")
-    }
+    async def table(name: str) -> list[tuple[object, ...]]:
+        return [tuple(r) for r in await pool.fetch(f"SELECT * FROM {name} ORDER BY 1, 2, 3, 4")]
+
+    before = {t: await table(t) for t in ("usage_daily", "usage_daily_user", "usage_daily_feature")}
     assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
     for t, rows in before.items():
-        assert [tuple(r) for r in await pool.fetch(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")] == rows
+        assert await table(t) == rows
     # No trigger since 0010: a hand-written change reaches the derived tables when derived.
     await pool.execute("DELETE FROM usage_daily WHERE organization_id = 'globex'")
     assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 5
@@ -92,4 +93,4 @@ async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
     # ... and a rebuild from the ledger brings globex back.
     assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
     for t, rows in before.items():
-        assert [tuple(r) for r in await pool.fetch(f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")] == rows
+        assert await table(t) == rows
