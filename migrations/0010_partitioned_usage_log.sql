@@ -45,39 +45,11 @@ ALTER INDEX ai_token_usage_log_pkey RENAME TO ai_token_usage_log_unpartitioned_p
 ALTER INDEX ai_token_usage_log_event_id_key RENAME TO ai_token_usage_log_unpartitioned_event_id;
 ALTER INDEX usage_log_org_created RENAME TO usage_log_unpartitioned_org_created;
 
--- The same columns in the same order (0001, 0006, 0007), so rows copy as they are.
+-- The same columns in the same order, with their defaults (the id's sequence included),
+-- NOT NULLs and CHECKs (LIKE: whatever columns earlier migrations added), so rows copy as
+-- they are. Indexes are not copied: the new key and the one index are below.
 CREATE TABLE ai_token_usage_log (
-    id               bigint NOT NULL DEFAULT nextval('ai_token_usage_log_id_seq'),
-    event_id         text NOT NULL,
-    organization_id  text NOT NULL,
-    user_id          text,
-    feature_used     text,
-    token_type       text NOT NULL,
-    tokens_deducted  bigint NOT NULL,
-    kind             text NOT NULL CHECK (kind IN ('charge', 'refund', 'expired_hold', 'grant',
-                        'grant_expired', 'plan_change', 'reset', 'repair')),
-    request_id       text,
-    method           text,
-    route            text,
-    upstream_status  integer,
-    latency_ms       integer,
-    balance_after    bigint,
-    extra_after      bigint,
-    seq              bigint NOT NULL,
-    plan             text,
-    reference        text,
-    created_at       timestamptz NOT NULL,
-    synced_at        timestamptz NOT NULL DEFAULT now(),
-    model               text,
-    input_tokens        bigint,
-    cached_input_tokens bigint,
-    output_tokens       bigint,
-    reasoning_tokens    bigint,
-    reserved            bigint,
-    overage             bigint NOT NULL DEFAULT 0,
-    cost_source         text,
-    usage_missing       boolean NOT NULL DEFAULT false,
-    team_id          text,
+    LIKE ai_token_usage_log_unpartitioned INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
     PRIMARY KEY (event_id, created_at)
 ) PARTITION BY RANGE (created_at);
 ALTER SEQUENCE ai_token_usage_log_id_seq OWNED BY ai_token_usage_log.id;

@@ -94,7 +94,8 @@ async def test_migration_0010_keeps_every_row_the_rollups_and_the_reads(tmp_path
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
             try:
                 pages_before = [await usage_page(pool, o, None, 100) for o in ("org0", "org2")]
-                assert await migrate(dsn) == ["0010_partitioned_usage_log"]
+                # (migrations numbered after 0008 other than 0010 may come along)
+                assert "0010_partitioned_usage_log" in await migrate(dsn)
                 assert await _snapshot(conn) == before
                 assert [await usage_page(pool, o, None, 100) for o in ("org0", "org2")] == (
                     pages_before
