@@ -114,38 +114,6 @@ def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
     )  # fmt: skip
 
 
-def derived_rollups(roll: Columns) -> Columns:
-    """The ``rollups`` columns followed by what they add to ``usage_daily_user`` (org, day,
-    user, requests, tokens) and ``usage_daily_feature`` (org, day, feature, min bucket,
-    requests, tokens), each in key order (the order 0002's triggers upserted in).
-
-    The same sums 0002's triggers took of the rows a statement upserted: the increments
-    are the ``usage_daily`` increments, summed per coarser key."""
-    users: dict[tuple[str, str, str], list[int]] = {}
-    features: dict[tuple[str, str, str], list[Any]] = {}
-    for org, day, feature, user, bucket, count, total in zip(*roll, strict=True):
-        n, t = int(count), int(total)
-        cell = users.get((org, day, user))
-        if cell is None:
-            users[(org, day, user)] = [n, t]
-        else:
-            cell[0] += n
-            cell[1] += t
-        fcell = features.get((org, day, feature))
-        if fcell is None:
-            features[(org, day, feature)] = [bucket, n, t]
-        else:
-            fcell[1] += n
-            fcell[2] += t
-            if bucket < fcell[0]:
-                fcell[0] = bucket
-    user_rows = [(*k, str(v[0]), str(v[1])) for k, v in sorted(users.items())]
-    feature_rows = [(*k, v[0], str(v[1]), str(v[2])) for k, v in sorted(features.items())]
-    if not user_rows:
-        return (*roll, *((),) * 11)
-    return (*roll, *zip(*user_rows, strict=True), *zip(*feature_rows, strict=True))
-
-
 def _model_sums(v: Flat) -> list[int]:
     return [
         1, int(v[TOKENS] or 0), int(v[IN_TOKENS] or 0), int(v[CACHED_TOKENS] or 0),

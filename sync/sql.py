@@ -72,38 +72,37 @@ WHERE NOT EXISTS (
 ON CONFLICT (organization_id, token_type) DO NOTHING
 """
 
-# usage_daily and the two coarser rollups derived from it (0002), in one statement: this
-# replaced 0002's statement triggers (migration 0010), which captured every upserted row in
-# a transition table and re-aggregated it in PL/pgSQL. The derived rows come reduced from
-# the batch (sync/aggregate.py derived_rollups, in key order, as the triggers upserted
-# them), so Postgres neither captures nor groups nor sorts anything.
+# usage_daily and the two coarser rollups derived from it (0002), in one statement from
+# the same batch rows: this replaced 0002's statement triggers (migration 0010), which
+# captured every upserted row in a transition table and re-aggregated it in PL/pgSQL.
+# Derived rows are upserted in key order, as the triggers did (the shard's advisory lock
+# already serialises writers of the same keys; the order costs a sort of a few rows).
 _ROLLUP = """
-WITH daily AS (
+WITH r AS (
+    SELECT * FROM {rows} AS r(organization_id, day, feature, user_id, token_type, requests,
+        tokens)
+), daily AS (
     INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type,
         requests, tokens)
-    SELECT * FROM {rows}
+    SELECT * FROM r
     ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
         SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
 ), users AS (
     INSERT INTO usage_daily_user AS u (organization_id, day, user_id, requests, tokens)
-    SELECT * FROM {users}
+    SELECT organization_id, day, user_id, sum(requests), sum(tokens)
+    FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (organization_id, day, user_id) DO UPDATE
         SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens
 )
 INSERT INTO usage_daily_feature AS f (organization_id, day, feature, token_type, requests,
     tokens)
-SELECT * FROM {features}
+SELECT organization_id, day, feature, min(token_type), sum(requests), sum(tokens)
+FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 ON CONFLICT (organization_id, day, feature) DO UPDATE
     SET requests = f.requests + EXCLUDED.requests, tokens = f.tokens + EXCLUDED.tokens
 """
-# usage_daily's 7 columns, then usage_daily_user's 5, then usage_daily_feature's 6.
-_ROLLUP_TYPES = (
-    "text", "date", "text", "text", "text", "bigint", "bigint",
-    "text", "date", "text", "bigint", "bigint",
-    "text", "date", "text", "text", "bigint", "bigint",
-)  # fmt: skip
-_ROLLUP_NULLABLE = (False,) * 18
-_ROLLUP_PARTS = (("rows", 7), ("users", 5), ("features", 6))
+_ROLLUP_TYPES = ("text", "date", "text", "text", "text", "bigint", "bigint")
+_ROLLUP_NULLABLE = (False,) * 7
 
 _MODEL_ROLLUP = """
 INSERT INTO usage_daily_model AS d (organization_id, day, model, requests, tokens,
@@ -159,17 +158,11 @@ _KINDS = {
     "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE),
     "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True)),
 }
-# The row sources of each statement (placeholder, columns): one, except the rollup's three
-# tables of different lengths.
-_PARTS = {
-    kind: _ROLLUP_PARTS if kind == "rollup" else (("rows", len(types)),)
-    for kind, (_, types, _) in _KINDS.items()
-}
 
 
-def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool, first: int = 1) -> str:
+def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool) -> str:
     cols = []
-    for i, (typ, null) in enumerate(zip(types, nullable, strict=True), start=first):
+    for i, (typ, null) in enumerate(zip(types, nullable, strict=True), start=1):
         if packed:
             null_arg = ", ''" if null else ""
             cols.append(f"trim_array(string_to_array(${i}, E'\\x1f'{null_arg}), 1)::{typ}[]")
@@ -178,25 +171,11 @@ def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool, first:
     return "unnest(" + ", ".join(cols) + ")"
 
 
-def _format(kind: str, packed: bool) -> str:
-    text, types, nullable = _KINDS[kind]
-    sources, at = {}, 0
-    for name, width in _PARTS[kind]:
-        sources[name] = _unnest(types[at : at + width], nullable[at : at + width], packed, at + 1)
-        at += width
-    return text.format(**sources)
-
-
-_STATEMENTS = {(kind, packed): _format(kind, packed) for kind in _KINDS for packed in (True, False)}
-
-
-def _lengths(kind: str, columns: Columns) -> list[int]:
-    """Each column's row count: that of the first column of its row source."""
-    out, at = [], 0
-    for _, width in _PARTS[kind]:
-        out += [len(columns[at])] * width
-        at += width
-    return out
+_STATEMENTS = {
+    (kind, packed): sql.format(rows=_unnest(types, nullable, packed))
+    for kind, (sql, types, nullable) in _KINDS.items()
+    for packed in (True, False)
+}
 
 
 def _typed(value: str, typ: str, nullable: bool) -> Any:
@@ -212,12 +191,12 @@ def _typed(value: str, typ: str, nullable: bool) -> Any:
 
 
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
-    """The ``"rollup"`` (usage_daily's columns, then the derived rollups', see
-    sync/aggregate.py derived_rollups), ``"model_rollup"``, ``"snapshots"`` or
-    ``"alert_snapshots"`` (the snapshots' columns plus the arm column; it returns one row:
-    snapshots moved, alerts inserted) statement and its parameters for ``columns``."""
+    """The ``"rollup"``, ``"model_rollup"``, ``"snapshots"`` or ``"alert_snapshots"`` (the
+    snapshots' columns plus the arm column; it returns one row: snapshots moved, alerts
+    inserted) statement and its parameters for ``columns``."""
+    n = len(columns[0])
     packed = [SEP.join(col) + SEP for col in columns]
-    if all(p.count(SEP) == n for p, n in zip(packed, _lengths(kind, columns), strict=True)):
+    if all(p.count(SEP) == n for p in packed):
         return _STATEMENTS[(kind, True)], packed
     _, types, nullable = _KINDS[kind]
     arrays = [

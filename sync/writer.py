@@ -9,9 +9,9 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 delivery into exactly-once rows either way.
 
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
-in Python): ``usage_daily`` gets one upsert per (org, day, feature, user), with
-``usage_daily_user`` and ``usage_daily_feature`` upserted by the same statement (since
-migration 0010; triggers did it before) and, for the
+in Python): ``usage_daily`` gets one upsert per (org, day, feature, user), and the same
+statement upserts ``usage_daily_user`` and ``usage_daily_feature`` grouped from those rows
+(since migration 0010; triggers did it before), and, for the
 events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
 ``organizations`` rows (an event's org, with its newest event's plan) and seq-0
 ``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
@@ -56,7 +56,6 @@ from sync import sql
 from sync.aggregate import (
     MODEL_ROLLUP_WIDTH,
     arm_column,
-    derived_rollups,
     model_rollups,
     plans,
     rollups,
@@ -262,7 +261,7 @@ class BatchWriter:
                 if rows.usage:
                     models = model_rollups(new_flats, new_days)
             if roll[0]:
-                await conn.execute(*_call(sql.statement("rollup", derived_rollups(roll))))
+                await conn.execute(*_call(sql.statement("rollup", roll)))
             if models[0]:
                 await conn.execute(*_call(sql.statement("model_rollup", models)))
             if new_orgs or new_rows:
