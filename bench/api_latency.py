@@ -91,8 +91,13 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SET synchronous_commit = off; SET maintenance_work_mem = '512MB'")
+        # The ledger is partitioned by month (migration 0010): the window's months first.
         await conn.execute(
-            "ALTER TABLE ai_token_usage_log DROP CONSTRAINT ai_token_usage_log_event_id_key;"
+            "SELECT creditgate_usage_log_partition(d::date) FROM generate_series("
+            f"now() - {args.days + 1} * interval '1 day', now(), interval '1 day') AS d"
+        )
+        await conn.execute(
+            "ALTER TABLE ai_token_usage_log DROP CONSTRAINT ai_token_usage_log_pkey;"
             " DROP INDEX usage_log_org_created"
         )
         every = max(1, round(1 / args.heavy_share))
@@ -126,12 +131,12 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
             log(f"  {hi:,} audit rows ({time.perf_counter() - started:.0f} s)")
         log("building the log's indexes")
         await conn.execute(
-            "ALTER TABLE ai_token_usage_log ADD CONSTRAINT ai_token_usage_log_event_id_key"
-            " UNIQUE (event_id);"
+            "ALTER TABLE ai_token_usage_log ADD CONSTRAINT ai_token_usage_log_pkey"
+            " PRIMARY KEY (event_id, created_at);"
             " CREATE INDEX usage_log_org_created ON ai_token_usage_log"
             " (organization_id, created_at DESC, id DESC)"
         )
-        log("rollups (usage_daily, and by trigger usage_daily_user/_feature) from the log")
+        log("rollups (usage_daily, then usage_daily_user/_feature) from the log")
         await conn.execute(
             """
             INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type,
@@ -141,6 +146,7 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
             FROM ai_token_usage_log GROUP BY 1, 2, 3, 4
             """
         )
+        await conn.execute("SELECT creditgate_derive_usage_rollups()")
         await conn.execute(
             "INSERT INTO organizations (id, plan) SELECT DISTINCT organization_id, 'enterprise'"
             " FROM usage_daily ON CONFLICT DO NOTHING"

@@ -36,11 +36,20 @@ CREATE_TEMP = (
     + ") ON COMMIT DROP"
 )
 _COLS = ", ".join(COPY_COLUMNS)
-# The safe path: rows whose event id is in the ledger already are skipped.
+# The safe path: rows whose event is in the ledger already are skipped. The key is
+# (event_id, created_at) since the ledger is partitioned by created_at (migration 0010):
+# created_at is the event's own ts, so a redelivery has the same key.
 INSERT_FROM_TEMP = (
     f"INSERT INTO {LOG} ({_COLS}) SELECT {_COLS} FROM {TEMP}"
-    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    " ON CONFLICT (event_id, created_at) DO NOTHING RETURNING event_id"
 )
+
+# The ledger's partition of the month of a day (created when missing; migration 0010).
+# lock_timeout: creating a partition locks the ledger's parent table, so a long reader in
+# the way fails this (the worker retries the batch later) instead of queueing every
+# writer and reader of the ledger behind it.
+PARTITION_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '5s'"
+ENSURE_PARTITION = "SELECT creditgate_usage_log_partition($1::date)"
 
 # Taken first by every batch transaction: writers of one shard take turns.
 LOCK = "SELECT pg_advisory_xact_lock($1, $2)"
@@ -63,12 +72,34 @@ WHERE NOT EXISTS (
 ON CONFLICT (organization_id, token_type) DO NOTHING
 """
 
+# usage_daily and the two coarser rollups derived from it (0002), in one statement from
+# the same batch rows: this replaced 0002's statement triggers (migration 0010), which
+# captured every upserted row in a transition table and re-aggregated it in PL/pgSQL.
+# Derived rows are upserted in key order, as the triggers did (the shard's advisory lock
+# already serialises writers of the same keys; the order costs a sort of a few rows).
 _ROLLUP = """
-INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type, requests,
+WITH r AS (
+    SELECT * FROM {rows} AS r(organization_id, day, feature, user_id, token_type, requests,
+        tokens)
+), daily AS (
+    INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type,
+        requests, tokens)
+    SELECT * FROM r
+    ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
+        SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
+), users AS (
+    INSERT INTO usage_daily_user AS u (organization_id, day, user_id, requests, tokens)
+    SELECT organization_id, day, user_id, sum(requests), sum(tokens)
+    FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (organization_id, day, user_id) DO UPDATE
+        SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens
+)
+INSERT INTO usage_daily_feature AS f (organization_id, day, feature, token_type, requests,
     tokens)
-SELECT * FROM {rows}
-ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
-    SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
+SELECT organization_id, day, feature, min(token_type), sum(requests), sum(tokens)
+FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+ON CONFLICT (organization_id, day, feature) DO UPDATE
+    SET requests = f.requests + EXCLUDED.requests, tokens = f.tokens + EXCLUDED.tokens
 """
 _ROLLUP_TYPES = ("text", "date", "text", "text", "text", "bigint", "bigint")
 _ROLLUP_NULLABLE = (False,) * 7

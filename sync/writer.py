@@ -9,13 +9,22 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 delivery into exactly-once rows either way.
 
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
-in Python): ``usage_daily`` gets one upsert per (org, day, feature, user) and, for the
+in Python): ``usage_daily`` gets one upsert per (org, day, feature, user), and the same
+statement upserts ``usage_daily_user`` and ``usage_daily_feature`` grouped from those rows
+(since migration 0010; triggers did it before), and, for the
 events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
 ``organizations`` rows (an event's org, with its newest event's plan) and seq-0
 ``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
 snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
 re-checks its condition against the newest committed row version, which keeps this right
 when two workers touch the same bucket.
+
+The ledger is partitioned by month of ``created_at`` (migration 0010). Before a batch's
+transaction, each month its events fall in that this writer has not seen yet gets its
+partition, and the month after it too, created if missing in a short transaction of
+its own: normally that creates next month's partition weeks ahead, and an event of an
+unusual month (a late one, a clock far off) never reaches ``COPY`` without a partition
+(which Postgres would reject as a constraint violation, dead-lettering the batch).
 
 Every transaction first takes a transaction-level advisory lock on its shard. An org's
 events all live in one shard, so writers of different shards never touch the same rollup,
@@ -34,8 +43,9 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -106,6 +116,17 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+def months_of(days: Iterable[str]) -> set[str]:
+    """The months (``YYYY-MM``) of ISO days, each with the month after it: the partitions a
+    batch of events of these days needs, and the next one created ahead."""
+    out: set[str] = set()
+    for month in {day[:7] for day in set(days)}:
+        year, mon = int(month[:4]), int(month[5:7])
+        nxt = f"{year + 1:04d}-01" if mon == 12 else f"{year:04d}-{mon + 1:02d}"
+        out.update((month, nxt))
+    return out
+
+
 def lock_space(prefix: str) -> int:
     """The advisory-lock class of a key prefix (an int4: crc32, signed)."""
     value = zlib.crc32(prefix.encode("utf-8"))
@@ -147,6 +168,7 @@ class BatchWriter:
         self._known_max = known_max
         self._known_since = time.monotonic()
         self._alerts = alerts
+        self._months: set[str] = set()  # months whose ledger partition is known to exist
         self.fallbacks = 0  # fast-path batches that met a duplicate and were redone
 
     def _forget(self) -> None:
@@ -169,6 +191,9 @@ class BatchWriter:
             or len(self._known_rows) > self._known_max
         ):
             self._forget()
+        months = months_of(rows.days) - self._months
+        if months:
+            await self._ensure_partitions(months)
         fallback = False
         for attempt in range(6):
             try:
@@ -191,6 +216,18 @@ class BatchWriter:
                     raise
                 self._forget()  # an org we remembered is gone: create what is missing
         raise AssertionError("unreachable")
+
+    async def _ensure_partitions(self, months: set[str]) -> None:
+        """Create the ledger partitions of ``months`` (``YYYY-MM``) that are missing."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(sql.PARTITION_LOCK_TIMEOUT)
+            for month in sorted(months):
+                created = await conn.fetchval(
+                    sql.ENSURE_PARTITION, date.fromisoformat(month + "-01")
+                )
+                if created:
+                    log.info("created ledger partition %s", created)
+        self._months.update(months)
 
     async def _write_once(
         self, rows: Rows, shard: int, *, direct: bool, fallback: bool = False

@@ -241,6 +241,56 @@ def deliver(config_path: Path | None, once: bool) -> None:
 
 
 @main.group()
+def ledger() -> None:
+    """The ledger's monthly partitions (retention)."""
+
+
+@ledger.command("prune")
+@config_option
+@click.option(
+    "--before",
+    "before",
+    required=True,
+    metavar="YYYY-MM",
+    help="Drop every month of audit rows before this one (at most the current month).",
+)
+def ledger_prune(config_path: Path | None, before: str) -> None:
+    """Drop whole months of ai_token_usage_log (retention); refuses an incomplete month.
+
+    The daily rollups keep the dropped months, so /stats and usage by day keep their
+    history; the audit rows of those months are gone.
+    """
+    from gateway.ledger.migrate import connect
+    from gateway.ledger.partitions import parse_month, partitions, prune
+
+    config = _load(config_path)
+    if not config.database_url:
+        click.echo("error: no database_url in the config", err=True)
+        raise SystemExit(1)
+    try:
+        first = parse_month(before)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--before") from None
+    database_url = config.database_url
+
+    async def body() -> None:
+        conn = await connect(database_url)
+        try:
+            dropped = await prune(conn, first, datetime.now(UTC).date())
+            kept = await partitions(conn)
+        finally:
+            await conn.close()
+        for part in dropped:
+            click.echo(f"dropped {part.label} ({part.name}): {part.rows} rows")
+        if not dropped:
+            click.echo(f"nothing to drop: no month before {before}")
+        span = f"{kept[0].label} to {kept[-1].label}" if kept else "no months"
+        click.echo(f"kept: {span}; the daily rollups keep the history of dropped months")
+
+    _run(body())
+
+
+@main.group()
 def orgs() -> None:
     """Organizations and their plans."""
 

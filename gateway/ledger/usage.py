@@ -1,15 +1,17 @@
 """Usage statistics and the audit trail, read from Postgres for the token and admin APIs.
 
 Aggregates come from the daily rollups, never from scanning ``ai_token_usage_log``: the
-sync job maintains ``usage_daily`` (org, day, feature, user), and migration 0002 derives
-``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user) from
-it in the same transaction. A window of one org is then an index-only scan of at most
-days x features plus days x users rows, whatever its request volume or its number of
-features x users. Usage by model (requests whose cost came from the call, contract A8) is
-read from ``usage_daily_model`` (org, day, model; migration 0006, kept by the sync job in
-the same transaction too): at most days x models rows. The log itself is only read a
+sync job maintains ``usage_daily`` (org, day, feature, user) and, in the same statement,
+``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user)
+(tables of migration 0002; triggers kept them until 0010). A window of one org is then
+an index-only scan of at most days x features plus days x users rows, whatever its
+request volume or its number of features x users. Usage by model (requests whose cost
+came from the call, contract A8) is read from ``usage_daily_model`` (org, day, model;
+migration 0006, kept by the sync job in the same transaction too): at most days x models
+rows. The log itself is only read a
 page at a time, newest first, by keyset over ``(created_at, id)`` (the
-``usage_log_org_created`` index).
+``usage_log_org_created`` index, one per monthly partition since 0010: the newest months
+are read first and older ones only as far as the page needs).
 
 Reads acting for one org run in a read-only transaction that sets ``creditgate.org_id``
 (row-level security applies when the gateway connects as a restricted role) and every

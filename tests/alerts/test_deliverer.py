@@ -187,6 +187,8 @@ async def test_a_pass_sweeps_forecasts_and_delivers_them(
             " requests, tokens) VALUES ('acme', $1, 'f', '', 'b', 1, 200)",
             now.date() - timedelta(days=days_ago),
         )  # fmt: skip
+    # usage_daily written by hand: its derived rollups too (no trigger since 0010).
+    await pool.execute("SELECT creditgate_derive_usage_rollups()")
     receiver = Receiver(free_port(), SECRET, tmp_path / "log")
     await receiver.start()
     try:

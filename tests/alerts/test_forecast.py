@@ -92,6 +92,8 @@ async def _bucket(pool: asyncpg.Pool, org: str, used: int, per_day: list[int]) -
             " requests, tokens) VALUES ($1, $2, 'lead_generation', '', 'lead_generation', 1, $3)",
             org, date(2026, 11, 1) + timedelta(days=i), tokens,
         )  # fmt: skip
+    # usage_daily written by hand: its derived rollups too (no trigger since 0010).
+    await pool.execute("SELECT creditgate_derive_usage_rollups()")
 
 
 @requires_postgres

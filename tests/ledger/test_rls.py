@@ -35,6 +35,8 @@ ORGS = ("a", "b")
 async def _seed(conn: asyncpg.Connection) -> None:
     """Two rows per table for each org (one in organizations), inserted as the owner."""
     now = datetime(2026, 6, 1, tzinfo=UTC)
+    # The ledger is partitioned by month (0010): a hand-written row needs its month's.
+    await conn.execute("SELECT creditgate_usage_log_partition($1)", now.date())
     for org in ORGS:
         await conn.execute("INSERT INTO organizations (id, plan) VALUES ($1, 'pro')", org)
         for i in range(2):

@@ -1,5 +1,7 @@
-"""Migration 0002: usage_daily_user / usage_daily_feature stay equal to sums of usage_daily,
-through the sync job's upserts (insert and update paths), deletes and truncation."""
+"""usage_daily_user / usage_daily_feature (0002) stay equal to sums of usage_daily through the
+sync job's upserts (insert and update paths; the writer upserts all three since 0010), and
+creditgate_derive_usage_rollups() / creditgate_rebuild_usage_rollups() (0010) recompute
+them for hand-written rollups and from the ledger."""
 
 from __future__ import annotations
 
@@ -74,17 +76,21 @@ async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
         " AND day = '2026-11-14' AND user_id = 'alice'"
     )
     assert tuple(alice) == (6, 28)  # 5 lead (25 tokens) + 1 goal (3); the refund is on the 15th
-    # A redelivered batch inserts nothing into the log, so nothing is added twice.
-    await pool.execute(
-        "INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type, requests,"
-        " tokens) SELECT organization_id, day, feature, user_id, token_type, 0, 0 FROM usage_daily"
-        " ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE"
-        " SET requests = usage_daily.requests + 0"
-    )
-    assert await _consistent(pool) == (5, 4)
-    # Deletes subtract; truncation empties both.
+
+    # The writer's rollups are exactly what a rebuild from the ledger computes.
+    async def table(name: str) -> list[tuple[object, ...]]:
+        return [tuple(r) for r in await pool.fetch(f"SELECT * FROM {name} ORDER BY 1, 2, 3, 4")]
+
+    before = {t: await table(t) for t in ("usage_daily", "usage_daily_user", "usage_daily_feature")}
+    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
+    for t, rows in before.items():
+        assert await table(t) == rows
+    # No trigger since 0010: a hand-written change reaches the derived tables when derived.
     await pool.execute("DELETE FROM usage_daily WHERE organization_id = 'globex'")
+    assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 5
+    assert await pool.fetchval("SELECT creditgate_derive_usage_rollups()") == 4 + 3
     assert await _consistent(pool) == (4, 3)
-    await pool.execute("TRUNCATE usage_daily")
-    assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 0
-    assert await pool.fetchval("SELECT count(*) FROM usage_daily_feature") == 0
+    # ... and a rebuild from the ledger brings globex back.
+    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
+    for t, rows in before.items():
+        assert await table(t) == rows
