@@ -745,16 +745,16 @@ def run(
 
         def serve_cg(name: str, path: str) -> None:
             port = free_port()
-            # --profile: the same server under cProfile (it dumps when SIGTERM ends uvicorn).
+            # --profile: the same server under cProfile (see profile_serve).
+            me = str(Path(__file__).resolve())
             prof = (
-                [sys.executable, "-m", "cProfile", "-o", str(profile / f"{port}.prof")]
+                [sys.executable, me, "profile-serve", str(profile / f"{port}.prof")]
                 if profile is not None
-                else []
+                else [creditgate]
             )
             proc = Proc(
                 [
                     *prof,
-                    *(["-m", "gateway.commands.cli"] if prof else [creditgate]),
                     "serve",
                     "--config",
                     settings.config,
@@ -995,7 +995,26 @@ def report(targets: list[Target], steps: Sequence[int], window: float) -> list[s
     return lines
 
 
+def profile_serve(out: str, argv: list[str]) -> None:
+    """``creditgate ARGV`` under cProfile, dumped to ``out`` when SIGTERM stops it.
+
+    uvicorn re-raises the SIGTERM it caught once it has shut down; with the default
+    handler that would kill the process before cProfile writes, so the handler installed
+    here (the one uvicorn restores) exits through SystemExit instead."""
+    import cProfile
+    import signal
+
+    from gateway.commands.cli import main as cli
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    sys.argv = ["creditgate", *argv]
+    cProfile.runctx("cli()", {"cli": cli}, {}, out)
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["profile-serve"]:  # its arguments are creditgate's, not ours
+        profile_serve(sys.argv[2], sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
     up = sub.add_parser("upstream", help="the SSE upstream")
