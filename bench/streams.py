@@ -860,7 +860,7 @@ def cpu_per_event_us(r: dict[str, Any], n: int) -> float:
 def per_event(r: dict[str, Any], n: int) -> str:
     """CPU per event with its system (kernel) share."""
     share = r["server_system"] / r["server_core"] if r["server_core"] else 0.0
-    return f"{cpu_per_event_us(r, n):.1f} ({share:.0%} system)"
+    return f"{cpu_per_event_us(r, n):.1f} µs ({share:.0%} system)"
 
 
 def dump(targets: list[Target], path: Path) -> None:
@@ -922,8 +922,8 @@ def report(targets: list[Target], steps: Sequence[int], window: float) -> list[s
             else f"{fmt_ms(r['ttfb_p50_ms'] - b['ttfb_p50_ms'])} / "
             f"{fmt_ms(r['ttfb_p99_ms'] - b['ttfb_p99_ms'])}"
         )
-        vs_aio = f"{n / aio:.2f}x" if aio else ""
-        vs_ngx = f"{n / ngx:.2f}x" if ngx else ""
+        vs_aio = f"{n / aio:.2f}x" if aio and not is_base else ""
+        vs_ngx = f"{n / ngx:.2f}x" if ngx and not is_base else ""
         more = "" if t.fail else " (no miss: ramp ended)"
         lines.append(
             f"| {t.name} | **{n:,}**{more} | {'raw ' if is_base else ''}{fmt_ms(added)} | "
@@ -957,7 +957,12 @@ def report(targets: list[Target], steps: Sequence[int], window: float) -> list[s
                 cells.append("")
                 continue
             r = t.steps[n]
-            cells.append(f"{per_event(r, n)} µs, {(r['rss_kib'] - t.idle_rss_kib) / n:.1f} KiB")
+            # A server that falls behind has not opened all N streams (nor sent every
+            # event): its figures at that N are marked.
+            behind = " (behind)" if r["events"] < 0.95 * r["expected"] else ""
+            cells.append(
+                f"{per_event(r, n)}, {(r['rss_kib'] - t.idle_rss_kib) / n:.1f} KiB{behind}"
+            )
         p = projected.get(t.name, 0.0)
         lines.append(
             f"| {t.name} | {t.idle_ttfb.get('cpu_us', 0):.0f} µs | "
@@ -1011,6 +1016,23 @@ def profile_serve(out: str, argv: list[str]) -> None:
     cProfile.runctx("cli()", {"cli": cli}, {}, out)
 
 
+def render(path: Path, window: float) -> str:
+    """The markdown report again from a run's raw JSON (``--out``'s .json)."""
+    targets = []
+    for d in json.loads(path.read_text()):
+        t = Target(d["name"], 0, "", 1 if d["name"].split(" ")[0] != "upstream" else None)
+        t.idle_rss_kib, t.idle_ttfb, t.fail, t.out = (
+            d["idle_rss_kib"],
+            d["idle_ttfb"],
+            d["fail"],
+            d["out"],
+        )
+        t.steps = {int(n): r for n, r in d["steps"].items()}
+        targets.append(t)
+    steps = sorted({n for t in targets for n in t.steps} | set(STEPS))
+    return "\n".join(report(targets, steps, window))
+
+
 def main() -> None:
     if sys.argv[1:2] == ["profile-serve"]:  # its arguments are creditgate's, not ours
         profile_serve(sys.argv[2], sys.argv[3:])
@@ -1030,6 +1052,9 @@ def main() -> None:
     cl.add_argument("--ramp", type=float, required=True)
     cl.add_argument("--margin", type=float, default=0.5)
     pr.add_argument("--count", type=int, default=30)
+    rd = sub.add_parser("render", help="the report again from a run's JSON")
+    rd.add_argument("json", type=Path)
+    rd.add_argument("--window", type=float, default=6.0)
     rn = sub.add_parser("run", help="the whole benchmark (the default)")
     for p in (parser, rn):
         p.add_argument(
@@ -1075,6 +1100,8 @@ def main() -> None:
             ),
             flush=True,
         )
+    elif args.cmd == "render":
+        print(render(args.json, args.window))
     elif args.cmd == "probe":
         print(json.dumps(run_probe(args.port, args.path, args.key, args.count)), flush=True)
     else:
