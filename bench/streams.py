@@ -614,6 +614,9 @@ def measure_idle(target: Target, key: str, env: dict[str, str], probes: int) -> 
     """TTFB one stream at a time (``probes`` short streams of 2 events each, in sequence
     through one client process), then the server's idle RSS."""
     samples: list[dict[str, Any]] = []
+    # First calls (lazy imports, script loads, the key cache, the upstream pool) are not
+    # what a stream costs: 5 uncounted streams first.
+    client_probe(target, key, env, 5)
     cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
     for _ in range(3):  # three client processes of probes/3 sequential streams
         samples.append(client_probe(target, key, env, max(1, probes // 3)))
