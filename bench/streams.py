@@ -233,7 +233,11 @@ def serve_upstream(port: int) -> None:
         loop = asyncio.get_running_loop()
         clock = _Clock(loop)
         server = await loop.create_server(
-            lambda: _UpstreamConn(clock), "127.0.0.1", port, backlog=4096
+            lambda: _UpstreamConn(clock),
+            "127.0.0.1",
+            port,
+            backlog=4096,
+            reuse_port=True,  # one upstream process per harness core share the port
         )
         async with server:
             await server.serve_forever()
@@ -347,7 +351,14 @@ def _percentile(values: list[int], q: float) -> float:
 
 
 def run_client(
-    port: int, path: str, key: str, streams: int, ramp: float, events: int, margin: float
+    port: int,
+    path: str,
+    key: str,
+    streams: int,
+    ramp: float,
+    events: int,
+    margin: float,
+    start_ns: int = 0,
 ) -> dict[str, Any]:
     """Open ``streams`` streams over ``ramp`` seconds, each of ``events`` events; measure
     while all are open (from ramp + margin to the first stream's end minus margin)."""
@@ -361,7 +372,8 @@ def run_client(
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        start = time.monotonic_ns() + 50_000_000
+        # Several clients (one per harness core) share one start, hence one window.
+        start = start_ns or time.monotonic_ns() + 50_000_000
         length_ns = events * INTERVAL_MS * 1_000_000
         window = (start + int((ramp + margin) * 1e9), start + length_ns - int(margin * 1e9))
         run = _Run(request, window, total=streams, done=loop.create_future())
@@ -393,11 +405,9 @@ def run_client(
             "error_kinds": run.error_kinds,
             "events": run.events,
             "expected": streams * seconds * 1000 / INTERVAL_MS,
-            "p50_ms": _percentile_hist(run.hist, 0.50),
-            "p99_ms": _percentile_hist(run.hist, 0.99),
-            "p999_ms": _percentile_hist(run.hist, 0.999),
-            "ttfb_p50_ms": _percentile(run.ttfb, 0.50),
-            "ttfb_p99_ms": _percentile(run.ttfb, 0.99),
+            # Raw, for merge(): the histogram's non-empty buckets and every TTFB.
+            "hist": {b: c for b, c in enumerate(run.hist) if c},
+            "ttfb_ns": run.ttfb,
             "client_cpu_s": time.process_time() - cpu0,
         }
 
@@ -536,6 +546,31 @@ http {{
     return conf
 
 
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One step's figures from its clients' raw results (one client per harness core)."""
+    hist = [0] * (HIST_MAX + 1)
+    ttfb: list[int] = []
+    kinds: dict[str, int] = {}
+    for part in parts:
+        for bucket, count in part["hist"].items():
+            hist[int(bucket)] += count
+        ttfb += part["ttfb_ns"]
+        for kind, count in part["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return {
+        "streams": sum(p["streams"] for p in parts),
+        "errors": sum(p["errors"] for p in parts),
+        "error_kinds": kinds,
+        "events": sum(p["events"] for p in parts),
+        "expected": sum(p["expected"] for p in parts),
+        "p50_ms": _percentile_hist(hist, 0.50),
+        "p99_ms": _percentile_hist(hist, 0.99),
+        "p999_ms": _percentile_hist(hist, 0.999),
+        "ttfb_p50_ms": _percentile(ttfb, 0.50),
+        "ttfb_p99_ms": _percentile(ttfb, 0.99),
+    }
+
+
 def client_step(
     target: Target,
     key: str,
@@ -543,39 +578,50 @@ def client_step(
     events: int,
     ramp: float,
     env: dict[str, str],
-    upstream_pid: int,
+    upstream_pids: Sequence[int],
+    aux_cores: Sequence[int],
 ) -> dict[str, Any]:
-    """One step: the client on core 1, while this samples the server's RSS and the CPU of
-    the server and of core 1's processes inside the client's window."""
-    cmd = [
-        "taskset",
-        "-c",
-        str(AUX_CORE),
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "client",
-        "--port",
-        str(target.port),
-        "--path",
-        target.path,
-        "--key",
-        key,
-        "--streams",
-        str(streams),
-        "--events",
-        str(events),
-        "--ramp",
-        str(ramp),
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
+    """One step: a client per harness core (the streams split evenly, one shared start),
+    while this samples the server's RSS and the CPU of the server, the clients and the
+    upstreams inside the window."""
+    start_ns = time.monotonic_ns() + 1_000_000_000  # time for the clients to start up
+    procs = []
+    for i, core in enumerate(aux_cores):
+        share = streams // len(aux_cores) + (i < streams % len(aux_cores))
+        cmd = [
+            "taskset",
+            "-c",
+            str(core),
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "client",
+            "--port",
+            str(target.port),
+            "--path",
+            target.path,
+            "--key",
+            key,
+            "--streams",
+            str(share),
+            "--events",
+            str(events),
+            "--ramp",
+            str(ramp),
+            "--start-ns",
+            str(start_ns),
+        ]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True))
     try:
-        window = json.loads(proc.stdout.readline())["window"]
+        windows = []
+        for proc in procs:
+            assert proc.stdout is not None
+            windows.append(json.loads(proc.stdout.readline())["window"])
+        window = windows[0]  # all the same: one start, one ramp, one stream length
         while time.monotonic_ns() < window[0]:
             time.sleep(0.02)
         user0, sys0 = cpu_split(target.pid) if target.pid else (0.0, 0.0)
-        client0 = cpu_seconds(proc.pid)
-        up0 = cpu_seconds(upstream_pid)
+        client0 = sum(cpu_seconds(p.pid) for p in procs)
+        up0 = sum(cpu_seconds(pid) for pid in upstream_pids)
         t0 = time.monotonic()
         peak = 0
         while time.monotonic_ns() < window[1]:
@@ -586,11 +632,16 @@ def client_step(
         user1, sys1 = cpu_split(target.pid) if target.pid else (0.0, 0.0)
         cpu = (user1 - user0 + sys1 - sys0) / elapsed
         system = (sys1 - sys0) / elapsed
-        client_cpu = (cpu_seconds(proc.pid) - client0) / elapsed
-        upstream_cpu = (cpu_seconds(upstream_pid) - up0) / elapsed
-        result: dict[str, Any] = json.loads(proc.stdout.read())
+        client_cpu = (sum(cpu_seconds(p.pid) for p in procs) - client0) / elapsed
+        upstream_cpu = (sum(cpu_seconds(pid) for pid in upstream_pids) - up0) / elapsed
+        parts = []
+        for proc in procs:
+            assert proc.stdout is not None
+            parts.append(json.loads(proc.stdout.read()))
     finally:
-        proc.wait(timeout=120)
+        for proc in procs:
+            proc.wait(timeout=120)
+    result = merge(parts)
     result.update(
         rss_kib=peak,
         server_core=cpu,
@@ -610,16 +661,18 @@ def step_shape(streams: int, window: float) -> tuple[float, int]:
     return ramp, events
 
 
-def measure_idle(target: Target, key: str, env: dict[str, str], probes: int) -> None:
+def measure_idle(
+    target: Target, key: str, env: dict[str, str], probes: int, core: int = AUX_CORE
+) -> None:
     """TTFB one stream at a time (``probes`` short streams of 2 events each, in sequence
     through one client process), then the server's idle RSS."""
     samples: list[dict[str, Any]] = []
     # First calls (lazy imports, script loads, the key cache, the upstream pool) are not
     # what a stream costs: 5 uncounted streams first.
-    client_probe(target, key, env, 5)
+    client_probe(target, key, env, 5, core)
     cpu0 = cpu_seconds(target.pid) if target.pid else 0.0
     for _ in range(3):  # three client processes of probes/3 sequential streams
-        samples.append(client_probe(target, key, env, max(1, probes // 3)))
+        samples.append(client_probe(target, key, env, max(1, probes // 3), core))
     streams = 3 * max(1, probes // 3)
     ttfbs = sorted(x for s in samples for x in s["ttfb_ns"])
     target.idle_ttfb = {
@@ -634,12 +687,14 @@ def measure_idle(target: Target, key: str, env: dict[str, str], probes: int) -> 
         target.idle_rss_kib = rss_kib(target.pid)
 
 
-def client_probe(target: Target, key: str, env: dict[str, str], count: int) -> dict[str, Any]:
+def client_probe(
+    target: Target, key: str, env: dict[str, str], count: int, core: int = AUX_CORE
+) -> dict[str, Any]:
     """``count`` streams one after another (client subcommand ``probe``)."""
     cmd = [
         "taskset",
         "-c",
-        str(AUX_CORE),
+        str(core),
         sys.executable,
         str(Path(__file__).resolve()),
         "probe",
@@ -704,6 +759,7 @@ def run(
     strict: bool = False,
     json_out: Path | None = None,
     profile: Path | None = None,
+    aux_cores: Sequence[int] = (AUX_CORE,),
 ) -> list[str]:
     """The whole benchmark; returns the markdown report (and writes the raw figures to
     ``json_out``)."""
@@ -711,7 +767,8 @@ def run(
     from bench.run_all import prepare
 
     nofile = raise_nofile()
-    os.sched_setaffinity(0, {AUX_CORE})
+    aux = aux_cores[0]  # Redis, Postgres, this orchestrator and the idle probes
+    os.sched_setaffinity(0, {aux})
     if nice:
         os.nice(nice)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -719,18 +776,22 @@ def run(
     load_before = os.getloadavg()[0]
     lines: list[str] = []
     with contextlib.ExitStack() as stack:
-        redis = stack.enter_context(own_redis(AUX_CORE))
-        pg = stack.enter_context(own_postgres(AUX_CORE))
+        redis = stack.enter_context(own_redis(aux))
+        pg = stack.enter_context(own_postgres(aux))
         workdir = Path(tempfile.mkdtemp(prefix="cg-streams-"))
         stack.callback(shutil.rmtree, workdir, True)
         up_port = free_port()
-        upstream = Proc(
-            [sys.executable, str(Path(__file__).resolve()), "upstream", "--port", str(up_port)],
-            AUX_CORE,
-            up_port,
-            env,
-        )
-        stack.callback(upstream.stop)
+        upstreams = []
+        for core in aux_cores:  # one per harness core, sharing the port (SO_REUSEPORT)
+            upstream = Proc(
+                [sys.executable, str(Path(__file__).resolve()), "upstream", "--port", str(up_port)],
+                core,
+                up_port,
+                env,
+            )
+            stack.callback(upstream.stop)
+            upstreams.append(upstream)
+        time.sleep(0.5)  # a second upstream binds after the port already answers
         config = (
             CONFIG.replace("@UPSTREAM@", f"http://127.0.0.1:{up_port}")
             .replace("{path}", PATH)
@@ -804,7 +865,7 @@ def run(
 
         print(f"[streams] RLIMIT_NOFILE {nofile}; idle TTFB probes", flush=True)
         for t in targets:
-            measure_idle(t, key, env, probes)
+            measure_idle(t, key, env, probes, aux)
             print(
                 f"  {t.name:<55} idle TTFB p50 {fmt_ms(t.idle_ttfb['p50_ms'])}"
                 f" p99 {fmt_ms(t.idle_ttfb['p99_ms'])}  RSS {t.idle_rss_kib / 1024:.1f} MiB"
@@ -819,7 +880,7 @@ def run(
             ramp, events = step_shape(n, window)
             order = racing[i % len(racing) :] + racing[: i % len(racing)]
             for t in order:
-                r = client_step(t, key, n, events, ramp, env, upstream.pid)
+                r = client_step(t, key, n, events, ramp, env, [u.pid for u in upstreams], aux_cores)
                 t.steps[n] = r
                 print(
                     f"  N={n:<5} {t.name:<55} p50 {fmt_ms(r['p50_ms'])} p99 {fmt_ms(r['p99_ms'])}"
@@ -1054,6 +1115,7 @@ def main() -> None:
     cl.add_argument("--events", type=int, required=True)
     cl.add_argument("--ramp", type=float, required=True)
     cl.add_argument("--margin", type=float, default=0.5)
+    cl.add_argument("--start-ns", type=int, default=0, help="shared start (monotonic ns)")
     pr.add_argument("--count", type=int, default=30)
     rd = sub.add_parser("render", help="the report again from a run's JSON")
     rd.add_argument("json", type=Path)
@@ -1071,6 +1133,12 @@ def main() -> None:
             action="append",
             choices=("creditgate", "creditgate-usage", "aiohttp", "nginx"),
             help="measure only these (the baseline always runs; repeatable)",
+        )
+        p.add_argument(
+            "--aux-cores",
+            default=str(AUX_CORE),
+            help="harness cores, e.g. 1,2,3: a client and an upstream process on each "
+            "(default: 1; the server under test is always on core 0)",
         )
         p.add_argument(
             "--profile",
@@ -1099,6 +1167,7 @@ def main() -> None:
                     args.ramp,
                     args.events,
                     args.margin,
+                    args.start_ns,
                 )
             ),
             flush=True,
@@ -1120,6 +1189,7 @@ def main() -> None:
                 args.strict,
                 json_out,
                 args.profile,
+                [int(c) for c in args.aux_cores.split(",")],
             )
         )
         print("\n" + text, flush=True)
