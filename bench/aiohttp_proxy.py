@@ -43,15 +43,19 @@ _HOP = frozenset(
 )
 
 
-def aiohttp_proxy_app(settings: Settings, upstream: str) -> web.Application:
-    """The proxy as an aiohttp Application (run it with ``web.run_app``)."""
+def aiohttp_proxy_app(settings: Settings, upstream: str, limit: int = 1000) -> web.Application:
+    """The proxy as an aiohttp Application (run it with ``web.run_app``).
+
+    ``limit``: upstream connections at once (aiohttp's ``TCPConnector(limit=)``; 0 = no
+    limit). 1,000 suits the request benchmarks; bench/streams.py passes 0 because every
+    open stream holds a connection and a cap would queue streams, not measure them."""
     digests = settings.key_digests()
     events = naive_events_key(settings.prefix)
     state: dict[str, Any] = {}
 
     async def startup(app: web.Application) -> None:
         state["session"] = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=1000),
+            connector=aiohttp.TCPConnector(limit=limit),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )

@@ -14,6 +14,8 @@ this run. Sections (``--only`` picks some):
 3. postgres: one Postgres transaction per request on one org's row (bench/pg_peer.py) vs
    creditgate.
 4. upstream-clients: bench/upstream_clients.py (httpx vs aiohttp inside UpstreamProxy).
+5. streams (only with ``--only streams``: ~10 minutes): bench/streams.py, concurrent SSE
+   streams through creditgate serve, the aiohttp peer and nginx (its own services).
 
 Identity: API keys (``Authorization: Bearer cg_...``) created in this run's database and
 served from the gateway's in-process key cache. Each org has a plan of 10^9 tokens plus a
@@ -53,7 +55,8 @@ from bench.services import (
 )
 
 SUT_CORE, AUX_CORE = 0, 1
-SECTIONS = ("middleware", "proxy", "postgres", "upstream-clients")
+SECTIONS = ("middleware", "proxy", "postgres", "upstream-clients", "streams")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # streams takes longer than all the others together
 PLAN_TOKENS = 10**9
 CONFIG = """\
 redis_url: {redis_url}
@@ -71,8 +74,13 @@ routes:
 """
 
 
-async def prepare(workdir: Path, redis_url: str, admin_dsn: str, orgs: int) -> Settings:
-    """Create the database, config, orgs (plan, grant, API key) and the peers' state."""
+async def prepare(
+    workdir: Path, redis_url: str, admin_dsn: str, orgs: int, config_template: str = CONFIG
+) -> Settings:
+    """Create the database, config, orgs (plan, grant, API key) and the peers' state.
+
+    ``config_template`` is CONFIG or another config with the same placeholders
+    (bench/streams.py adds an upstream and a usage-cost feature)."""
     from bench.pg_peer import create_schema
     from gateway.config import load_config
     from gateway.ledger.migrate import migrate
@@ -83,7 +91,7 @@ async def prepare(workdir: Path, redis_url: str, admin_dsn: str, orgs: int) -> S
     prefix = "cgb" + uuid.uuid4().hex[:8]
     config_path = workdir / "creditgate.yaml"
     config_path.write_text(
-        CONFIG.format(redis_url=redis_url, dsn=dsn, prefix=prefix, tokens=PLAN_TOKENS)
+        config_template.format(redis_url=redis_url, dsn=dsn, prefix=prefix, tokens=PLAN_TOKENS)
     )
     gate = CreditGate(load_config(config_path))
     names = [f"bench-org-{n:04d}" for n in range(orgs + 1)]
@@ -419,7 +427,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     args = parser.parse_args()
-    sections = args.only or list(SECTIONS)
+    sections = args.only or list(DEFAULT_SECTIONS)
     os.sched_setaffinity(0, {AUX_CORE})
     if args.nice:
         os.nice(args.nice)  # inherited by every process started from here
@@ -427,7 +435,7 @@ def main() -> None:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
-        http = [s for s in sections if s != "upstream-clients"]
+        http = [s for s in sections if s not in ("upstream-clients", "streams")]
         if http:
             redis = (
                 Service(args.redis_url, None)
@@ -465,6 +473,13 @@ def main() -> None:
                 "```",
                 "",
             ]
+    if "streams" in sections:
+        from bench import streams
+
+        print("[streams]", flush=True)
+        report += ["### 5. Concurrent SSE streams (bench/streams.py)", ""]
+        # Its own Redis, Postgres and upstream; the niceness set above is inherited.
+        report += streams.run(streams.STEPS, 6.0, 60, 0, None)
     report.append(
         f"(run took {time.monotonic() - started:.0f} s; 1-minute load average "
         f"before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f})"

@@ -73,6 +73,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--settings", required=True)
     parser.add_argument("--upstream")
+    parser.add_argument(
+        "--upstream-limit",
+        type=int,
+        default=1000,
+        help="aiohttp-proxy: upstream connections at once (0: no limit)",
+    )
     args = parser.parse_args()
     settings = Settings.load(args.settings)
     if args.kind == "aiohttp-proxy":
@@ -83,7 +89,7 @@ def main() -> None:
 
         assert args.upstream, "aiohttp-proxy needs --upstream"
         web.run_app(
-            aiohttp_proxy_app(settings, args.upstream),
+            aiohttp_proxy_app(settings, args.upstream, args.upstream_limit),
             host="127.0.0.1",
             port=args.port,
             access_log=None,
