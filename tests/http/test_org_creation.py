@@ -45,12 +45,19 @@ async def test_a_new_org_is_created_even_when_the_sync_job_wrote_it_first(
     await _sync_before_the_ledger_write(env, monkeypatch)
     r = await env.http.put("/admin/orgs/fresh", json={"plan": "pro"}, headers=ADMIN)
     assert r.status_code == 201, r.text
-    assert r.json() == {"org": "fresh", "plan": "pro", "previous_plan": None, "created": True}
+    assert r.json() == {
+        "org": "fresh",
+        "plan": "pro",
+        "previous_plan": None,
+        "created": True,
+        "period_anchor": None,
+    }
     # The next PUT changes an existing org.
     r = await env.http.put("/admin/orgs/fresh", json={"plan": "enterprise"}, headers=ADMIN)
     assert r.status_code == 200
     assert r.json() == {
         "org": "fresh", "plan": "enterprise", "previous_plan": "pro", "created": False,
+        "period_anchor": None,
     }  # fmt: skip
 
 

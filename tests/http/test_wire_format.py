@@ -119,8 +119,8 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 
 RECORDED: list[tuple[str, int, str, str]] = [
-    ('put_org_new', 201, JSON, '{"org":"acme","plan":"pro","previous_plan":null,"created":true}'),
-    ('put_org_change', 200, JSON, '{"org":"acme","plan":"pro","previous_plan":"pro","created":false}'),
+    ('put_org_new', 201, JSON, '{"org":"acme","plan":"pro","previous_plan":null,"created":true,"period_anchor":null}'),
+    ('put_org_change', 200, JSON, '{"org":"acme","plan":"pro","previous_plan":"pro","created":false,"period_anchor":null}'),
     ('put_org_bad', 422, PROBLEM, '{"type":"https://creditgate.dev/problems/invalid_request","title":"Invalid request","status":422,"detail":"org: must be 1-200 printable ASCII characters without spaces","code":"invalid_request","errors":[{"field":"org","message":"must be 1-200 printable ASCII characters without spaces"}]}'),
     ('post_key', 201, JSON, '{"id":"*","org":"acme","user":null,"name":"ci","prefix":"*","created_at":"*","revoked_at":null,"key":"*","team":null,"caps":{}}'),
     ('post_key_bad', 422, PROBLEM, '{"type":"https://creditgate.dev/problems/invalid_request","title":"Invalid request","status":422,"detail":"org: must be a string; user: must be 1-200 printable ASCII characters without spaces","code":"invalid_request","errors":[{"field":"org","message":"must be a string"},{"field":"user","message":"must be 1-200 printable ASCII characters without spaces"}]}'),
