@@ -15,8 +15,8 @@ ways, for each workload:
    admit bursts of ``--burst`` requests concurrently (what the pipelined client sends when
    that many requests arrive in one loop turn) and settle each right after. Every step
    offers a total rate (``0``: as fast as the clients go) for ``--seconds``; reported per
-   step: achieved charges/s, Redis's CPU utilisation (its ``/proc`` user+sys over wall
-   time; 100 % = the core is saturated), Redis CPU µs per request (charge + its share of
+   step: achieved charges/s, Redis's CPU utilisation (``INFO cpu`` used_cpu_user + sys
+   over wall time; 100 % = the core is saturated), Redis CPU µs per request (charge + its share of
    the settle batch), the clients' CPU and the load average. On this 2-core machine the
    Python load generator on one core usually runs out before Redis does: that is why (2)
    and (3) exist.
@@ -68,7 +68,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.lua_cpu import FEATURE, TOKENS, setup_orgs
-from bench.services import cpu_seconds, free_port, own_redis, stop_process, wait_listening
+from bench.services import free_port, own_redis, stop_process, wait_listening
 from gateway.config import Config, parse_config
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.meter import Actual, Admission, Meter
@@ -228,9 +228,13 @@ class Step:
         return 1e6 / self.redis_cpu_us if self.redis_cpu_us else 0.0
 
 
-def _redis_counters(client: Any) -> tuple[int, int]:
+def _redis_counters(client: Any) -> tuple[int, int, float]:
+    """(evalsha calls, evalsha usec, Redis's CPU seconds: ``INFO cpu`` user + sys, i.e.
+    its getrusage, µs resolution where /proc has the clock tick's 10 ms)."""
     stats = client.info("commandstats").get("cmdstat_evalsha", {"calls": 0, "usec": 0})
-    return int(stats["calls"]), int(stats["usec"])
+    cpu = client.info("cpu")
+    used = float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return int(stats["calls"]), int(stats["usec"]), used
 
 
 def _loadavg() -> str:
@@ -299,7 +303,7 @@ async def seed(workload: str, url: str, prefix: str) -> None:
         await handles.close()
 
 
-def ramp(args: argparse.Namespace, url: str, pid: int, workload: str) -> list[Step]:
+def ramp(args: argparse.Namespace, url: str, workload: str) -> list[Step]:
     """Every offered rate of ``args.steps`` for ``workload``, on a fresh key prefix."""
     import redis
 
@@ -313,12 +317,12 @@ def ramp(args: argparse.Namespace, url: str, pid: int, workload: str) -> list[St
     try:
         clients.step(2000, 1.0, args.workers, args.burst)  # warm-up: scripts, templates
         for rate in args.steps:
-            calls0, usec0 = _redis_counters(info)
             rows0 = int(info.xlen(events))
-            cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+            calls0, usec0, cpu0 = _redis_counters(info)
+            wall0 = time.monotonic()
             got = clients.step(rate, args.seconds, args.workers, args.burst)
-            cpu1, wall1 = cpu_seconds(pid), time.monotonic()
-            calls1, usec1 = _redis_counters(info)
+            wall1 = time.monotonic()
+            calls1, usec1, cpu1 = _redis_counters(info)
             wall = wall1 - wall0
             n = sum(g["admitted"] for g in got)
             # Every admitted request was settled within its step: one charge event each
@@ -365,8 +369,9 @@ HEADER = (
 
 
 @contextlib.contextmanager
-def callgrind_redis(core: int) -> Iterator[tuple[str, int, str]]:
-    """A redis-server under callgrind pinned to ``core``: (url, pid, dump directory)."""
+def callgrind_redis(core: int, keep: str | None = None) -> Iterator[tuple[str, int, str]]:
+    """A redis-server under callgrind pinned to ``core``: (url, pid, dump directory);
+    ``keep``: copy the dumps there at the end (for ``callgrind_annotate``)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="cg-ceiling-ir-")
     proc = subprocess.Popen(
@@ -382,6 +387,8 @@ def callgrind_redis(core: int) -> Iterator[tuple[str, int, str]]:
         yield f"redis://127.0.0.1:{port}/0", proc.pid, workdir
     finally:
         stop_process(proc, timeout=30)
+        if keep:
+            shutil.copytree(workdir, keep, dirs_exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -477,19 +484,18 @@ def main(args: argparse.Namespace) -> None:
     fixed_us = args.fixed_cpu_us
     if fixed_us is None:
         with own_redis(args.redis_core) as redis_service:
-            assert redis_service.pid is not None
             print(HEADER)
             for round_ in range(args.rounds):
                 order = args.workloads if round_ % 2 == 0 else args.workloads[::-1]
                 for workload in order:
-                    steps = ramp(args, redis_service.url, redis_service.pid, workload)
+                    steps = ramp(args, redis_service.url, workload)
                     results.setdefault(workload, []).extend(steps)
         summary(results)
         if "fixed" in results:
             fixed_us = max(results["fixed"], key=lambda s: s.achieved).redis_cpu_us
     counted: dict[str, tuple[float, float]] = {}
     if args.callgrind:
-        with callgrind_redis(args.redis_core) as (url, pid, workdir):
+        with callgrind_redis(args.redis_core, args.keep) as (url, pid, workdir):
             seen: set[str] = set()
             for workload in ("fixed", *(w for w in args.workloads if w != "fixed")):
                 counted[workload] = asyncio.run(
@@ -539,6 +545,10 @@ def cli() -> None:
     parser.add_argument("--client-core", type=int, default=1)
     parser.add_argument("--callgrind", action="store_true", help="also count instructions")
     parser.add_argument("--ir-requests", type=int, default=2048)
+    parser.add_argument(
+        "--keep", help="copy callgrind's dumps here (per workload: warm-up charge and"
+        " settle, then charge and settle; callgrind_annotate --inclusive=yes shows where)",
+    )  # fmt: skip
     parser.add_argument(
         "--fixed-cpu-us", type=float,
         help="skip the ramp; calibrate --callgrind's instructions/s on this Redis CPU µs"
