@@ -22,7 +22,9 @@ Metrics (all prefixed ``creditgate_``):
 - ``admit_seconds`` (histogram of the admission round trip to Redis);
 - ``sync_backlog_events{shard}``, ``sync_oldest_unsynced_seconds``; when a sync worker runs
   in this process, ``sync_last_success_timestamp_seconds`` and
-  ``sync_events_total{result}``; ``redis_up``.
+  ``sync_events_total{result}`` (``swept_usage_missing``: expired holds of calls whose cost
+  was to be read after them, whose usage therefore never came; the gateway's own
+  ``usage_missing_total`` counts only the settles it ran); ``redis_up``.
 
 Several worker processes (``serve --workers N``): every process has its own counters and
 answers ``/metrics`` with them, so a scrape sees whichever worker took the connection.
@@ -266,7 +268,9 @@ class _Collector(Collector):
             "What this process's sync worker did with events.",
             labels=["result"],
         )
-        for name in ("inserted", "duplicates", "dead_lettered", "swept", "acked"):
+        for name in (
+            "inserted", "duplicates", "dead_lettered", "swept", "swept_usage_missing", "acked",
+        ):  # fmt: skip
             events.add_metric([name], getattr(totals, name))
         yield events
         if lag is not None and lag.last_success_at is not None:
