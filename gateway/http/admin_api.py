@@ -44,7 +44,7 @@ from gateway.http.models.admin import (
     WindowUsage,
 )
 from gateway.http.models.fields import storable
-from gateway.http.token_api import balance_model
+from gateway.http.token_api import balance_model, bucket_overage
 from gateway.ledger.levels import LevelStore, UnknownTeam
 from gateway.ledger.store import ApiKeyRow, GrantConflict
 from gateway.ledger.usage import orgs_by_id, top_spenders, window_usage
@@ -109,8 +109,9 @@ async def get_org(call: Call) -> Reply:
     if row is None and (store is not None or not await _org_exists(gate, org)):
         raise unknown_org(org)
     keys = [] if store is None else await store.list_api_keys(org)
+    bal = await gate.balance(org)
     detail = OrgDetail(
-        **balance_model(await gate.balance(org)).model_dump(exclude={"levels"}),
+        **balance_model(bal, await bucket_overage(gate, bal)).model_dump(exclude={"levels"}),
         created_at=None if row is None else iso(row.created_at),
         keys=[k.id for k in keys if k.revoked_at is None],
     )

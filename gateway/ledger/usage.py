@@ -337,6 +337,25 @@ GROUP BY p.id, p.plan ORDER BY p.id
 """
 
 
+_PERIOD_OVERAGE = """
+SELECT token_type, sum(overage) AS overage FROM ai_token_usage_log
+WHERE organization_id = $1 AND created_at >= $2 AND created_at < $3 AND overage > 0
+GROUP BY token_type
+"""
+
+
+async def period_overage(
+    pool: asyncpg.Pool, org: str, start: datetime, end: datetime
+) -> dict[str, int]:
+    """``org``'s overage per bucket over [start, end) (its period): the tokens its calls
+    cost beyond what the balances could cover, from the audit rows (so as of the sync
+    lag). Buckets without any are left out. Reads only the rows with overage, through the
+    partial index ``usage_log_overage`` (migration 0011)."""
+    async with org_reader(pool, org) as conn:
+        rows = await conn.fetch(_PERIOD_OVERAGE, org, start, end)
+    return {r["token_type"]: int(r["overage"]) for r in rows}
+
+
 def _org_item(r: asyncpg.Record) -> dict[str, Any]:
     return {
         "org": r["org"], "plan": r["plan"],

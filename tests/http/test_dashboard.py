@@ -345,6 +345,11 @@ async def test_org_dashboard_shows_usage_by_model_and_overage(
         assert await page.inner_text("#overage") == "Overage 5 tokens · 30 days"
         colour = await page.eval_on_selector("#overage", "el => getComputedStyle(el).color")
         assert colour == RED  # some overage: shown in red
+        # The bucket's card says its overage this period (GET /balance, per bucket); the
+        # other buckets, with none, say nothing of it.
+        card = ".card[data-bucket='general_insights']"
+        assert await page.inner_text(f"{card} .overage") == "Overage 5 tokens this period"
+        assert await page.eval_on_selector_all(".card .overage", "els => els.length") == 1
         # Recent activity names the model and the overage of each request.
         activity = await page.eval_on_selector_all(
             "#activity tbody tr",
