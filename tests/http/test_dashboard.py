@@ -198,6 +198,10 @@ async def test_admin_dashboard(served: tuple[str, str, CreditGate]) -> None:
             "rows => rows.map(r => [r.cells[0].textContent, r.cells[2].textContent])",
         )
         assert spenders == [["acme", str(sum(USED.values()))], ["globex", "3"]]
+        since = await page.eval_on_selector_all(
+            "#spenders tbody tr", "rows => rows.map(r => r.cells[4].textContent)"
+        )
+        assert since == ["2026-11-01", "2026-11-01"]  # each org's own period's first day
         assert await page.inner_text("[data-tile='orgs'] .value") == "2"
         features = await page.eval_on_selector_all(".hbar", "els => els.map(e => e.dataset.key)")
         assert features[0] == "general_insights" and len(features) == 5
