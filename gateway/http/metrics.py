@@ -20,6 +20,11 @@ Metrics (all prefixed ``creditgate_``):
   ``usage_missing_total{feature}``: settles whose usage never came (the feature's
   ``on_missing_usage`` policy decided the charge);
 - ``admit_seconds`` (histogram of the admission round trip to Redis);
+- with ``alerts``: ``alert_deliveries{status}`` (gauge: pending and failed events in the
+  outbox now), ``alert_deliveries_completed_total{outcome}`` (counter: deliveries that
+  ended delivered or failed, kept in Postgres apart from the outbox, so retention never
+  lowers it), ``alert_endpoints_disabled``; read without counting the outbox
+  (gateway/alerts/deliveries.py ``delivery_counts``);
 - ``sync_backlog_events{shard}``, ``sync_oldest_unsynced_seconds``; when a sync worker runs
   in this process, ``sync_last_success_timestamp_seconds`` and
   ``sync_events_total{result}`` (``swept_usage_missing``: expired holds of calls whose cost
@@ -225,12 +230,20 @@ class _Collector(Collector):
             return
         deliveries = GaugeMetricFamily(
             "creditgate_alert_deliveries",
-            "Alert webhook deliveries in the outbox, by status (pending, delivered, failed).",
+            "Alert webhook deliveries in the outbox now, by status (pending, failed).",
             labels=["status"],
         )
-        for status in ("pending", "delivered", "failed"):
+        for status in ("pending", "failed"):
             deliveries.add_metric([status], getattr(counts, status))
         yield deliveries
+        completed = CounterMetricFamily(
+            "creditgate_alert_deliveries_completed",
+            "Alert webhook deliveries that ended, by outcome (delivered, failed), ever.",
+            labels=["outcome"],
+        )
+        completed.add_metric(["delivered"], counts.delivered_total)
+        completed.add_metric(["failed"], counts.failed_total)
+        yield completed
         yield GaugeMetricFamily(
             "creditgate_alert_endpoints_disabled",
             "Webhook endpoints disabled after failing continuously (alerts.disable_after_days).",
