@@ -327,7 +327,9 @@ for j = 1, n do
     o.seq = seq
     local cs = extended and ARGV[a + 5] or ''
     if extended and (cs ~= '' or actual ~= '') then
-      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', ''
+      -- A reservation settled past its expiry: the app's actual came too late to count,
+      -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
+      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
       if kind ~= 'expired_hold' then
         mdl, ui, uc, uo, ur, um =
           ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 6]

@@ -26,7 +26,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,10 @@ class SyncWorker:
     transaction (gateway/alerts/evaluation.py); None: no alerts are evaluated.
     ``timezone`` is the config's ``period.timezone`` (contract A12): snapshots'
     ``refresh_date`` (and so alerts' and forecasts' ``refresh_at``) is local midnight there.
+    ``variable_features`` is the config's ``Config.variable_features`` (contract A8): the
+    sweep records an expired hold of one of them with its usage missing (its reserve,
+    ``usage_missing``), as a settle whose usage never came; other expired holds are plain
+    charges of their cost.
     ``run`` and ``run_once`` close the connection the worker opened when they return.
     """
 
@@ -128,6 +132,7 @@ class SyncWorker:
         now_ms: Callable[[], int] | None = None,
         alerts: AlertDefaults | None = None,
         timezone: str = "UTC",
+        variable_features: Collection[str] = (),
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -137,6 +142,7 @@ class SyncWorker:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.sweep_every_s = sweep_every_s
+        self._variable_features = tuple(sorted(set(variable_features)))
         self.max_batches_per_pass = max_batches_per_pass
         self._now_ms = now_ms or _wall_ms
         self._own_fast: FastClient | None = None
@@ -247,7 +253,7 @@ class SyncWorker:
     async def _pass(self, *, block: bool, eager_trim: bool = False) -> SyncPassResult:
         result = SyncPassResult()
         if time.monotonic() >= self._next_sweep:
-            result.swept = await self._sweep()
+            result.swept, result.swept_usage_missing = await self._sweep()
             # A full sweep means more holds are due: sweep again next pass.
             full = result.swept >= _SWEEP_MAX
             self._next_sweep = time.monotonic() + (0 if full else self.sweep_every_s)
@@ -305,19 +311,20 @@ class SyncWorker:
             await shard.stream.ensure_group()
             shard.group_ready = True
 
-    async def _sweep(self) -> int:
+    async def _sweep(self) -> tuple[int, int]:
+        """Sweep every shard's expired holds; returns (swept, of which usage missing)."""
         now_ms = self._now_ms()
         replies = await asyncio.gather(
             *(
                 self._sweep_script(
                     keys=[s.stream.keys.holds, s.stream.keys.holdexp, s.stream.keys.events],
-                    args=[now_ms, _SWEEP_MAX],
+                    args=[now_ms, _SWEEP_MAX, *self._variable_features],
                 )
                 for s in self._shards
             ),
             return_exceptions=True,
         )
-        swept = 0
+        swept = missing = 0
         for shard, reply in zip(self._shards, replies, strict=True):
             if isinstance(reply, ResponseError):
                 # A script error (say, a hold that is not JSON) must not stop the sync.
@@ -325,10 +332,11 @@ class SyncWorker:
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                swept += int(reply)
+                swept += int(reply[0])
+                missing += int(reply[1])
         if swept:
-            log.info("swept %d expired holds", swept)
-        return swept
+            log.info("swept %d expired holds (%d with their usage missing)", swept, missing)
+        return swept, missing
 
     async def _wait_for_entries(self, result: SyncPassResult) -> None:
         """Block up to block_ms for new entries on any shard, and handle what arrives."""
@@ -526,4 +534,5 @@ async def run_sync(config_path: str) -> None:
         default_plan=config.default_plan,
         alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
         timezone=config.period.timezone,
+        variable_features=config.variable_features,
     )

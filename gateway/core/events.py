@@ -46,9 +46,12 @@ them has the 21 fields above only (lua/_prelude.lua, ``audit_event``):
 ``ui``      uncached input tokens; ``uc`` cached input tokens; ``uo`` output
             tokens; ``ur`` reasoning tokens (gateway.usage.model.Usage; "" when
             no usage was read)
-``cs``      cost source: usage | header | app | policy | reservation
+``cs``      cost source: usage | header | app | policy | reservation (an
+            expired hold of a usage or header cost says policy)
 ``um``      "1" when the usage never came (``t`` then follows the feature's
-            on_missing_usage policy), else ""
+            on_missing_usage policy, or for an ``expired_hold`` is the reserve:
+            the call's gateway never settled it, or a reservation's app never
+            reported), else ""
 ==========  =================================================================
 
 ``t`` stays the net tokens taken from the balance: the actual charge minus the overage.

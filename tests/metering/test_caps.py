@@ -161,7 +161,7 @@ async def test_expired_hold_keeps_levels_charged_and_names_the_team(
     swept = await gate.redis.runner.run(
         load("sweep_holds"), [keys.holds, keys.holdexp, keys.events], [clock.now_ms(), 100]
     )
-    assert int(swept) == 1
+    assert int(swept[0]) == 1
     assert await level_used(gate, "acme", "user", "u1") == 3
     rows = [decode(f) for _, f in await gate.redis.client.xrange(keys.events)]
     expired = [e for e in rows if e.kind == "expired_hold"]
