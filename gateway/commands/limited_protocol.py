@@ -24,6 +24,10 @@ and dropped for a moment) so that the client reads the status instead of a reset
 
 The usual request, whole in one read, costs two overridden callbacks and no timer: about
 1 µs of CPU more than uvicorn's protocol alone (~15 µs per request with uvloop).
+Each request's scope also gets the response splice (``scope["extensions"]``; see
+gateway/core/splice.py and gateway/commands/splice.py), through which a stream's body
+pieces can reach the connection without one ASGI ``send`` each.
+
 It relies on uvicorn's ``HttpToolsProtocol`` (its callbacks ``on_message_begin`` and
 ``on_headers_complete``, its ``headers`` and ``url``; its ``data_received`` is repeated
 here to tell our refusals from parser errors), which tests/e2e/test_connection_limits.py

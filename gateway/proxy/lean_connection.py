@@ -6,10 +6,11 @@ body pieces are queued on the response as they arrive; past ``_HIGH_WATER`` unre
 the transport stops reading until the consumer takes the queue. A response
 on a connection that closes before its end fails with :class:`UpstreamClosed`.
 
-Or, once :meth:`LeanResponse.splice` gave it a sink, each body piece goes to the sink from
-inside ``data_received`` as it is parsed: no queue, no future, no task step per piece (the
-proxy's stream fast path: gateway/core/splice.py). A sink that reports its consumer full
-pauses reading until :meth:`LeanResponse.resume_reading`.
+Or, once :meth:`LeanResponse.splice` gave it a sink, the body pieces of each read go to
+the sink together from inside ``data_received``, once the read is parsed: one call (one
+client write) per read, no future, no task step (the proxy's stream fast path:
+gateway/core/splice.py). A sink that reports its consumer full pauses reading until
+:meth:`LeanResponse.resume_reading`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Connection(asyncio.Protocol):
                 if isinstance(cause, UpstreamError)
                 else UpstreamError(f"malformed upstream response: {exc}")
             )
+        if resp.sink is not None and resp.pieces:
+            resp.spill()  # after the parse, also a failed one: what was valid goes out
 
     def eof_received(self) -> bool | None:
         resp = self.resp
@@ -185,14 +188,10 @@ class Connection(asyncio.Protocol):
         assert resp is not None
         if resp.complete:
             raise UpstreamError("upstream sent a body after a bodiless response")
-        sink = resp.sink
-        if sink is not None:  # spliced: straight on, no queue and no wake-up
-            resp.progress_at = self.loop.time()  # the gap timeout counts from here
-            if not sink(body) and not resp.reading_paused:
-                resp.reading_paused = True  # the consumer is full: read no more for now
-                assert self.transport is not None
-                self.transport.pause_reading()
-                resp.wake()  # its owner waits for the consumer to drain, then resumes
+        if resp.sink is not None:
+            # Spliced: no wake-up; data_received hands the read's pieces to the sink once
+            # it is parsed, so a read of several chunks costs the client one write.
+            resp.pieces.append(body)
             return
         resp.pieces.append(body)
         resp.buffered += len(body)
@@ -338,8 +337,8 @@ class LeanResponse:
         return _Chunks(self)
 
     def splice(self, sink: Callable[[bytes], bool]) -> None:
-        """Hand every body piece from now on to ``sink`` as it is parsed, inside the
-        connection's ``data_received``; what is already queued goes first.
+        """Hand the body pieces from now on to ``sink``, those of one read joined, from
+        inside the connection's ``data_received``; what is already queued goes first.
 
         ``sink`` takes a non-empty piece and returns False when its consumer is full:
         reading from the upstream then pauses and a :meth:`wait` in progress returns; the
@@ -347,9 +346,19 @@ class LeanResponse:
         waits for the end with :meth:`wait` (which raises as for any exchange: the
         upstream failed or fell silent for the timeout) until ``complete``, and sets
         ``sink`` back to None when it stops (an abandoned response is then closed)."""
-        if self.pieces and not sink(self._take()) and not self.reading_paused:
-            self._pause()
         self.sink = sink
+        if self.pieces:
+            self.spill()
+
+    def spill(self) -> None:
+        """Hand every queued piece to the sink at once (the connection calls this after
+        each read it parsed); a full sink pauses reading and wakes the owner."""
+        sink = self.sink
+        assert sink is not None
+        self.progress_at = self._loop.time()  # the gap the timeout bounds starts again
+        if not sink(self._take()) and not self.reading_paused:
+            self._pause()
+            self.wake()  # its owner waits for the sink's consumer to drain, then resumes
 
     def resume_reading(self) -> None:
         """Read from the upstream again after a full sink paused it (no-op otherwise)."""

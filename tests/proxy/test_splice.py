@@ -26,6 +26,8 @@ from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 from gateway.commands.splice import UvicornSplice
 from gateway.core.splice import RESPONSE_SPLICE, SEND_PASSES_BODY, splice_for
 from gateway.proxy.app import UpstreamProxy
+from gateway.proxy.lean_connection import Connection, LeanResponse
+from gateway.proxy.lean_pool import Origin
 from tests.support import upstream_app
 from tests.support.reference import reference_config
 from tests.support.served_gateway import served
@@ -151,6 +153,65 @@ async def test_splice_for_needs_the_server_send_or_a_declared_wrapper() -> None:
     assert splice_for(scope, wrapper) is None
 
 
+class _UpstreamTransport:
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        pass
+
+
+class _Pool:
+    def lost(self, conn: Connection) -> None:
+        pass
+
+    def release(self, conn: Connection) -> None:
+        pass
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+async def test_the_pieces_of_one_read_reach_the_sink_in_one_call() -> None:
+    """One client write per upstream read, however many chunks it held; a full sink
+    pauses the upstream's reading and wakes the response's owner."""
+    loop = asyncio.get_running_loop()
+    conn = Connection(_Pool(), Origin("http", "u", 80, "u"), loop)  # type: ignore[arg-type]
+    transport = _UpstreamTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    resp = conn.resp = LeanResponse(conn, False, 5.0)
+    conn.data_received(HEAD + b"3\r\nabc\r\n")  # the headers and a first piece
+    assert resp.headers_done and list(resp.pieces) == [b"abc"]
+    calls: list[bytes] = []
+    room = [True]
+
+    def sink(data: bytes) -> bool:
+        calls.append(data)
+        return room[0]
+
+    resp.splice(sink)
+    assert calls == [b"abc"] and not resp.pieces  # what was queued goes first
+    conn.data_received(b"2\r\nde\r\n1\r\nf\r\n4\r\nghij\r\n")
+    assert calls == [b"abc", b"defghij"]  # three chunks, one call
+    room[0] = False
+    waiting = asyncio.create_task(resp.wait())
+    await asyncio.sleep(0)
+    conn.data_received(b"1\r\nk\r\n")
+    await asyncio.wait_for(waiting, 1)  # woken: the sink is full
+    assert resp.reading_paused and transport.paused
+    resp.resume_reading()
+    assert not resp.reading_paused and not transport.paused
+    conn.data_received(b"1\r\nl\r\n0\r\n\r\n")
+    assert calls[-1] == b"l" and resp.complete
+    resp.close()
+
+
 # --- served as `creditgate serve` serves it -------------------------------------------
 
 
@@ -245,7 +306,8 @@ def test_sse_through_serve_is_spliced_event_by_event(upstream: str, spy: SpliceS
     with served(UpstreamProxy(upstream), reference_config()) as port:
         body, chunks = _dechunk(_read_all(_request(port, "/sse?n=5&delay=0.02")))
     assert body == b"".join(f"id: {i}\ndata: {i}\n\n".encode() for i in range(5))
-    assert chunks == 5 and spy.pieces >= 4  # the first may come with the headers
+    # One chunk per upstream read: events that arrive together share one.
+    assert 1 <= chunks <= 5 and chunks == spy.pieces
 
 
 def test_a_slow_client_pauses_the_upstream_and_memory_stays_bounded(
