@@ -47,6 +47,7 @@ from gateway.core.scope_keys import (
     UPSTREAM_STATUS,
     USAGE_DRAIN_SECONDS,
 )
+from gateway.core.splice import SEND_PASSES_BODY
 from gateway.identity.identifier import Identity, IdentityFailure
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
@@ -234,6 +235,8 @@ class CreditGateMiddleware:
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        # It looks only at the start: the proxy may splice a stream's body around it.
+        state[SEND_PASSES_BODY] = (send_wrapper, send)
         ok = False
         try:
             await self.app(inner, receive, send_wrapper)
