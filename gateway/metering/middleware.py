@@ -300,8 +300,9 @@ class CreditGateMiddleware:
                 replay, body = read.messages, read.body
         if cost.usage:
             # A compressed answer could not be read: ask for none. An OpenAI stream that
-            # would not report its usage: ask for it (README). (A body without the key
-            # cannot be a stream: spared the JSON decode.)
+            # would not report its usage: ask for it (README). A body without the key
+            # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
+            # recognised and gets no usage: the missing-usage policy.)
             base = list(scope["headers"]) if headers is None else headers
             if body is not None and cost.asks_stream_usage and b'"stream"' in body:
                 changed = ensure_stream_usage(body)

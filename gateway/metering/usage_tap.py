@@ -49,7 +49,7 @@ from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERRO
 from gateway.metering.admission import Admission
 from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
 from gateway.metering.meter import Actual
-from gateway.usage import PriceTable, StreamTap, Usage, ensure_stream_usage, usage_from_json
+from gateway.usage import PriceTable, StreamTap, Usage, usage_from_json
 from gateway.usage.sse import DEFAULT_MAX_LINE
 
 __all__ = [
@@ -157,15 +157,6 @@ class VariableCost:
             return spec.maximum
         model = gemini_model(path) if self.provider in ("gemini", "auto") else None
         return spec.reserve_for(body, self.prices, model=model)
-
-    def with_stream_usage(self, body: bytes) -> bytes | None:
-        """``body`` with ``stream_options.include_usage`` added when it is an OpenAI Chat
-        Completions stream that does not ask for usage; ``None`` when unchanged."""
-        # A body without the key cannot be a stream: spare it the JSON decode. (A key spelt
-        # with escapes is not recognised and gets no usage: the missing-usage policy.)
-        if not self.asks_stream_usage or b'"stream"' not in body:
-            return None
-        return ensure_stream_usage(body)
 
 
 class RequestRead:
