@@ -6,6 +6,7 @@ batches of its own."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -169,3 +170,30 @@ async def test_a_backlogged_shard_drains_in_full_batches_while_the_rest_fold(
     assert got["snapshots"] == expected_snapshots(events)
     assert await pending_count(redis, keyspace) == 0
     await w.close()
+
+
+async def test_a_trickle_is_written_in_few_transactions(
+    redis: Any, keyspace: KeySpace, pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run`` at a steady trickle: after a pass that found a little, it lingers, so an event
+    every 10 ms for 1.5 s lands in a handful of transactions (with ``linger_ms=0``: one or
+    more per pass, dozens), each exactly once."""
+    orgs = orgs_on_every_shard(keyspace)
+    events = scenario(orgs, 20)
+    w = worker(redis, pool, keyspace, batch_size=5000, linger_ms=300)
+    calls = spy(w, monkeypatch)
+    task = asyncio.create_task(w.run())
+    for e in events[:150]:
+        await xadd_all(redis, keyspace, [e])
+        await asyncio.sleep(0.01)
+    for _ in range(300):  # up to 15 s
+        if sum(rows for _, rows in calls) >= 150:
+            break
+        await asyncio.sleep(0.05)
+    w.stop()
+    await task
+    assert sum(rows for _, rows in calls) == 150
+    assert len(calls) <= 12, calls
+    got = await ledger(pool)
+    assert len(got["rows"]) == 150
+    assert await pending_count(redis, keyspace) == 0
