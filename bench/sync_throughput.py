@@ -16,7 +16,13 @@
    key id, unique event_id); (b) a plain COPY into another fresh copy (the ledger's
    shape). The best of each is the ratio's denominator.
 3. Lag: a producer process XADDs at ``--lag-rate`` events/s for ``--lag-seconds`` while the
-   worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max.
+   worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max and the rate
+   the producer reached (``--lag-only``: only this part, on a fresh database).
+
+Each part also reports CPU µs per event of this process (the worker, or the floor's
+client) and of the Postgres backends serving it (``CpuMeter``), and the floor's CPU per
+event over the end-to-end run's: the ratio to read on a loaded machine, where rows/s
+swing with everything else that runs.
 
 ``--usage-ab R`` instead: R rounds of (1) on fixed-cost events and then on events that carry
 the usage fields of a usage-charged request (contract A8: hold, model, token counts, cost

@@ -365,6 +365,8 @@ class SyncWorker:
                 for i in group:
                     if isinstance(outcome, BaseException):
                         failed(i, outcome)
+                    else:  # committed and acked: nothing of ours to re-read next pass
+                        shards[i].own_pending = False
             ok = [i for i in range(len(shards)) if i not in errors]
             trimmed = await asyncio.gather(
                 *(self._trim(shards[i], eager_trim) for i in ok), return_exceptions=True

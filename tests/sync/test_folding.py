@@ -82,6 +82,7 @@ async def test_small_reads_of_every_shard_share_one_transaction(
     shards, rows = calls[0]
     assert sorted(shards) == list(range(keyspace.shards)) and rows == len(events)
     assert (result.inserted, result.acked, result.duplicates) == (len(events), len(events), 0)
+    assert not any(s.own_pending for s in w._shards)  # all acked: no re-read next pass
     got = await ledger(pool)
     assert len(got["rows"]) == len(events)
     assert got["daily"] == expected_daily(events)
