@@ -52,6 +52,21 @@ class Rows:
     def __len__(self) -> int:
         return len(self.flats)
 
+    @classmethod
+    def concat(cls, parts: Sequence[Rows]) -> Rows:
+        """The rows of ``parts``, one after the other (several shards' reads written in
+        one transaction, see sync/worker.py)."""
+        out = cls()
+        for part in parts:
+            out.entry_ids.extend(part.entry_ids)
+            out.fields.extend(part.fields)
+            out.flats.extend(part.flats)
+            out.lines.extend(part.lines)
+            out.days.extend(part.days)
+            out.empty_bucket = out.empty_bucket or part.empty_bucket
+            out.usage = out.usage or part.usage
+        return out
+
     def slice(self, start: int, stop: int) -> Rows:
         """Entries ``start:stop`` (the worker bisects a batch Postgres rejects)."""
         part = Rows(
