@@ -172,39 +172,56 @@ local function take_more(org_key, h, more)
 end
 
 -- The levels' counters of hold h (field lv), in the hold's period, as {field, cap, used}.
--- lv is "<team cap> <user cap> <key cap>" ("-": that level is not capped) and the counters
--- are named from the hold's bucket, team (tm), user (u) and key (k); a hold written before
--- that form lists [[counter field, cap], ...] instead.
+-- lv is "<team cap> <user cap> <key cap>" ("-": that level is not capped), then the key
+-- when its level is capped; the counters are named from the hold's bucket, team (tm),
+-- user (u) and that key. Holds written before list the key in k, or [[counter field,
+-- cap], ...] in lv. A counter is a plain integer of the period in the bucket's Lp (see
+-- lua/charge.lua, "Levels"): one of another period was reset and is left alone. Without
+-- Lp (an org not charged since counters were "<used>@<period>") the value names its own.
 local function levels_of(org_key, h)
   local names, caps, out = {}, {}, {}
   local lv = h.lv
   if type(lv) == 'table' then
     for k, l in ipairs(lv) do names[k], caps[k] = l[1], l[2] end
   else
-    local t, u, k = string.match(lv, '^(%S+) (%S+) (%S+)$')
+    local t, u, k, key = string.match(lv, '^(%S+) (%S+) (%S+) ?(.*)$')
+    if key == '' then key = h.k end
     local prefix = 'Ln:' .. h.b .. ':'
     if t ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 't:' .. h.tm, tonumber(t) end
     if u ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'u:' .. h.u, tonumber(u) end
-    if k ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'k:' .. h.k, tonumber(k) end
+    if k ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'k:' .. key, tonumber(k) end
   end
+  names[#names + 1] = 'Lp:' .. h.b
   local got = redis.call('HMGET', org_key, unpack(names))
-  for j, name in ipairs(names) do
+  local lp = got[#names]
+  if lp and lp ~= h.per then return out, true end
+  for j = 1, #names - 1 do
     local v = got[j]
     if v then
-      local used, p = string.match(v, '^(%d+)@(.*)$')
-      if p == h.per then out[#out + 1] = {name, caps[j], tonumber(used)} end
+      local used = lp and tonumber(v)
+      if not used then
+        -- "<used>@<period>": written before Lp, or by a process not yet upgraded.
+        local u, p = string.match(v, '^(%d+)@(.*)$')
+        if p == h.per then used = tonumber(u) end
+      end
+      if used then out[#out + 1] = {names[j], caps[j], used} end
     end
   end
-  return out
+  return out, lp ~= nil
 end
 
 -- Move every level counter of hold h by delta tokens (never below zero).
 local function levels_move(org_key, h, delta)
   if not h.lv or delta == 0 then return end
   local set = {}
-  for _, l in ipairs(levels_of(org_key, h)) do
+  local levels, plain = levels_of(org_key, h)
+  for _, l in ipairs(levels) do
     set[#set + 1] = l[1]
-    set[#set + 1] = math.max(0, l[3] + delta) .. '@' .. h.per
+    if plain then
+      set[#set + 1] = string.format('%d', math.max(0, l[3] + delta))
+    else
+      set[#set + 1] = string.format('%d@%s', math.max(0, l[3] + delta), h.per)
+    end
   end
   if #set > 0 then redis.call('HSET', org_key, unpack(set)) end
 end
