@@ -24,9 +24,10 @@
 --            limiter, kept in the org hash as field rl:o:<count>/<period> (no key of its
 --            own: one HMGET and one HSET serve the org's state and its limiters).
 -- then, optionally: the caller's levels as its template caches them (contract A10; see
---          "Levels" below): the org's levels version they were resolved for (field lv,
---          always "v..."; neither "" nor hex, so not a fingerprint), the org's plan, the
---          team ("" = none), then the caps of team, user and key in tokens ("-" = none)
+--          "Levels" below): "<version> <plan>", the org's levels version (field lv, always
+--          "v...": neither "" nor hex, so not a fingerprint) and plan they were resolved
+--          for, the team ("" = none), then the caps of team, user and key in tokens ("-" =
+--          none)
 -- then, optionally (absent on the fixed-cost path: nothing to read, nothing to write):
 --          the request's fingerprint (64 hex digits of sha256 over what makes it the same
 --          request, or "" for none), then, for a reservation (DESIGN A9) only: how long its
@@ -35,7 +36,7 @@
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
---                               followed, when the levels were read in full, by the 6
+--                               followed, when the levels were read in full, by the 5
 --                               values of the levels group for the caller to cache (see
 --                               "Levels" below)
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
@@ -127,7 +128,7 @@ if anchor then
   fields[#fields + 1] = 'pa'
   anchor_at = #fields
 end
--- The caller's levels as its template caches them (6 values from a version, "v...", on;
+-- The caller's levels as its template caches them (5 values from a version, "v...", on;
 -- absent until a charge of this caller reported them, see "Levels" below): their counters
 -- are read with the org's state.
 local cached, counters_at, tn, un, kn = nil, nil, nil, nil, nil
@@ -320,20 +321,21 @@ end
 -- lv is the org's levels version: every change of its teams, members or overrides
 -- (lua/levels.lua, lua/seed.lua) and every reset of its counters (below) writes a new one.
 -- Two ways to a level's team and cap:
--- * cached: the caller's template carries them (ARGV: the version and plan they were
+-- * cached: the caller's template carries them (ARGV: "<version> <plan>" they were
 --   resolved for, the team, the caps of team, user and key) and the counters were read
 --   with the org's state. Used only while lv and the org's plan are still those: anything
 --   else (an admin change on any process, a plan change, a reset, a re-seed) takes the full
 --   read below in this same call, so a stale cache can never admit what the current caps
 --   refuse. A version also implies the period of the counters: Lp changes only with a new
 --   one, and templates are per period.
--- * full read: first the lazy reset (Lp is not this period: every counter of the bucket
---   goes, or in the older "<used>@<period>" form becomes a plain integer), then one HMGET
+-- * full read: first the lazy reset (Lp is not this period: every counter of another
+--   period goes, one of this period in the older "<used>@<period>" form becomes a plain
+--   integer), then one HMGET
 --   for the key's and the user's team and the caps and counters of the request's team,
 --   user and key, and a second one for the team's when the team is not the request's (the
 --   key's own or the user's, known only after the first). An admitted request then returns
---   what it resolved (after the "ok" reply's 5 values: version, plan, team, caps) for the
---   caller to cache.
+--   what it resolved (after the "ok" reply's 5 values: "<version> <plan>", team, caps) for
+--   the caller to cache.
 -- Measured (bench/lua_instructions.py, BENCHMARKS.md "Team/user/key caps"): the cached way
 -- saves the membership and cap lookups, the second HMGET and the names of 8 fields; a
 -- plain counter saves parsing "@<period>" and formatting it. Each ARGV value costs Redis

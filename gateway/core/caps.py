@@ -112,7 +112,8 @@ def cap_field(bucket: str, level: Level, ident: str) -> str:
 
 
 def used_field(bucket: str, level: Level, ident: str) -> str:
-    """The org-hash field holding what a level drew from ``bucket`` (``<used>@<period>``)."""
+    """The org-hash field holding what a level drew from ``bucket`` in the period of
+    :func:`counters_period_field` (a plain integer)."""
     return f"Ln:{bucket}:{LEVEL_LETTER[level]}:{ident}"
 
 

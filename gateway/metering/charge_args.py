@@ -16,8 +16,8 @@ The layout (lua/charge.lua's header is the reference)::
           the request's team, number of plans, then per plan: name, allocation (-1 = not
           in the plan), default caps ("" = none, else "team,user,key" tokens), limiter
           count, then per limiter: KEYS index (0 = per org), count, period ms;
-          then, once a charge reported them, the caller's levels (version, plan, team,
-          caps of team, user and key: :meth:`ChargeArgs.learn_levels`); then, only when
+          then, once a charge reported them, the caller's levels ("<version> <plan>",
+          team, caps of team, user and key: :meth:`ChargeArgs.learn_levels`); then, only when
           they apply: the request's fingerprint (an Idempotency-Key's request,
           :meth:`ChargeArgs.fingerprinted`), and for a reservation its result ttl, result
           key and cap (:meth:`ChargeArgs.reservation_call`)
@@ -175,8 +175,8 @@ class ChargeArgs:
 
     def learn_levels(self, key: _TemplateKey, group: tuple[str, ...]) -> None:
         """Cache a caller's levels as charge.lua reported them after reading them in full
-        (the ``"ok"`` reply's values after the 5th: version, plan, team and the caps of
-        team, user and key) for the template ``key``; its templates are rebuilt with them
+        (the ``"ok"`` reply's values after the 5th: ``"<version> <plan>"``, team and the
+        caps of team, user and key) for the template ``key``; its templates are rebuilt with them
         (those of the caller's other routes pick them up when they are built, or learn
         them at their own next charge).
 
