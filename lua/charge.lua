@@ -26,8 +26,8 @@
 -- then, optionally: the caller's levels as its template caches them (contract A10; see
 --          "Levels" below): "<version> <plan>", the org's levels version (field lv, always
 --          "v...": neither "" nor hex, so not a fingerprint) and plan they were resolved
---          for, the team ("" = none), then the caps of team, user and key in tokens ("-" =
---          none)
+--          for, the team ("" = none), then the caps of team, user and key in tokens,
+--          hexadecimal ("-" = none)
 -- then, optionally (absent on the fixed-cost path: nothing to read, nothing to write):
 --          the request's fingerprint (64 hex digits of sha256 over what makes it the same
 --          request, or "" for none), then, for a reservation (DESIGN A9) only: how long its
@@ -70,10 +70,10 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
--- when they apply: tm (the request's team), lv ("<team cap> <user cap> <key cap>", "-" for
--- a level without a cap, then " <API key>" when its level is capped: the caps of the level
--- counters the hold drew from, named Ln:<b>:t:<tm>, Ln:<b>:u:<u>, Ln:<b>:k:<key>; see
--- "Levels" below), fp (the request's fingerprint, with ik), and for a reservation v (how
+-- when they apply: tm (the request's team), lx ("<team cap> <user cap> <key cap>" in
+-- hexadecimal, "-" for a level without a cap, then " <API key>" when its level is capped:
+-- the caps of the level counters the hold drew from, named Ln:<b>:t:<tm>, Ln:<b>:u:<u>,
+-- Ln:<b>:k:<key>; see "Levels" below; holds written before have lv, decimal), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
@@ -313,8 +313,8 @@ end
 -- Levels (contract A10): the request's team, user and API key may each have a cap on what
 -- they draw from this bucket per period: an override in the org hash (Lc:<bucket>:<l>:<id>,
 -- "N" tokens or "p<hundredths of a percent>" of the allocation) or the plan's default
--- (ARGV). Each capped level counts what it drew in Ln:<bucket>:<l>:<id>, a plain integer
--- of the period in Lp:<bucket> (field names: gateway/core/caps.py). Checked broadest first
+-- (ARGV). Each capped level counts what it drew in Ln:<bucket>:<l>:<id>, a hexadecimal
+-- integer, in the period in Lp:<bucket> (field names: gateway/core/caps.py). Checked broadest first
 -- (team, user, key) after the org's balance; all are charged together with the org, or
 -- none is. An org without levels (no lv) on a plan without default caps skips all of this.
 --
@@ -329,8 +329,8 @@ end
 --   refuse. A version also implies the period of the counters: Lp changes only with a new
 --   one, and templates are per period.
 -- * full read: first the lazy reset (Lp is not this period: every counter of another
---   period goes, one of this period in the older "<used>@<period>" form becomes a plain
---   integer), then one HMGET
+--   period goes, one of this period in the older "<used>@<period>" form becomes
+--   hexadecimal), then one HMGET
 --   for the key's and the user's team and the caps and counters of the request's team,
 --   user and key, and a second one for the team's when the team is not the request's (the
 --   key's own or the user's, known only after the first). An admitted request then returns
@@ -338,7 +338,7 @@ end
 --   the caller to cache.
 -- Measured (bench/lua_instructions.py, BENCHMARKS.md "Team/user/key caps"): the cached way
 -- saves the membership and cap lookups, the second HMGET and the names of 8 fields; a
--- plain counter saves parsing "@<period>" and formatting it. Each ARGV value costs Redis
+-- hexadecimal counter saves parsing "@<period>" and strtod. Each ARGV value costs Redis
 -- ~1.3k instructions, so the group has only what cannot be built here for less.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
 local lv_hold, team, learned = nil, nil, nil
@@ -346,13 +346,14 @@ if st[8] or plan_caps ~= '' then
   local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
   -- Up to three times per request, so written for Lua 5.1's costs (measured: see
   -- BENCHMARKS.md, "Team/user/key caps"): library functions as locals, no closure made on
-  -- the cached way, integers turned into strings by string.format('%d') (Lua's own
-  -- conversion and '%.0f' go through the C library's floating-point formatting, ~0.5 µs
-  -- each). A counter that is not a plain integer is in the form written before Lp,
-  -- "<used>@<period>" (a process not yet upgraded may still write one): it counts only in
-  -- its own period.
+  -- the cached way. Counters and the caps passed in ARGV are hexadecimal: tonumber(s, 16)
+  -- is the C library's strtoul, half the cost of tonumber(s), which is strtod; integers
+  -- become strings through string.format('%x') (Lua's own conversion and '%.0f' go
+  -- through the C library's floating-point formatting). A counter that is not hexadecimal
+  -- is in the form written before Lp, "<used>@<period>" in decimal (a process not yet
+  -- upgraded may still write one): it counts only in its own period.
   local sformat = string.format
-  local refused, ct, cu, ck  -- the caps as strings of tokens (nil: not capped)
+  local refused, ct, cu, ck  -- the caps as hexadecimal strings (nil: not capped)
   -- One string for version and plan: the concatenation costs less than an argument more.
   if cached and st[8] and st[8] .. ' ' .. plan == ARGV[cached] then
     -- Cached: per level j (0 team, 1 user, 2 key) its cap ARGV[cached + 2 + j], counter
@@ -364,9 +365,9 @@ if st[8] or plan_caps ~= '' then
     for j = 0, 2 do
       local c = ARGV[cached + 2 + j]
       if c ~= '-' then
-        local cap, raw, lused = tonumber(c), st[counters_at + j], 0
+        local cap, raw, lused = tonumber(c, 16), st[counters_at + j], 0
         if raw then
-          lused = tonumber(raw)
+          lused = tonumber(raw, 16)
           if not lused then
             local u, per = string.match(raw, '^(%d+)@(.*)$')
             lused = per == period and tonumber(u) or 0
@@ -387,7 +388,7 @@ if st[8] or plan_caps ~= '' then
         else
           ck, org_tats[nt + 1] = c, kn
         end
-        org_tats[nt + 2] = sformat('%d', lused + cost)
+        org_tats[nt + 2] = sformat('%x', lused + cost)
         nt = nt + 2
       end
     end
@@ -398,7 +399,7 @@ if st[8] or plan_caps ~= '' then
     local function level(name, id, cap, counter, raw)
       local lused = 0
       if raw then
-        lused = tonumber(raw)
+        lused = tonumber(raw, 16)
         if not lused then
           local u, per = string.match(raw, '^(%d+)@(.*)$')
           lused = per == period and tonumber(u) or 0
@@ -409,7 +410,7 @@ if st[8] or plan_caps ~= '' then
       end
       if cap - lused - cost < room then room = cap - lused - cost end
       org_tats[#org_tats + 1] = counter  -- written with the org's state below
-      org_tats[#org_tats + 1] = sformat('%d', lused + cost)
+      org_tats[#org_tats + 1] = sformat('%x', lused + cost)
       return nil
     end
     local sbyte, ssub = string.byte, string.sub
@@ -433,7 +434,7 @@ if st[8] or plan_caps ~= '' then
           local u, per = string.match(kv[j + 1], '^(%d+)@(.*)$')
           if per == period and u ~= '0' then
             local n = #set
-            set[n + 1], set[n + 2] = kv[j], u
+            set[n + 1], set[n + 2] = kv[j], string.format('%x', tonumber(u))
           else
             del[#del + 1] = kv[j]
           end
@@ -474,18 +475,20 @@ if st[8] or plan_caps ~= '' then
     if plan_caps ~= '' then
       d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
     end
-    -- A level's cap in tokens and as a string: its override ov, else the default dflt
-    -- (nil: the level has no cap).
+    -- A level's cap in tokens and as a hexadecimal string: its override ov, else the
+    -- default dflt (nil: the level has no cap).
     local function cap_of(ov, dflt)
+      local cap = nil
       if ov then
         if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
-          local cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
-          return cap, sformat('%d', cap)
+          cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
+        else
+          cap = tonumber(ov)
         end
-        return tonumber(ov), ov
       elseif dflt ~= '-1' then
-        return tonumber(dflt), dflt
+        cap = tonumber(dflt)
       end
+      if cap then return cap, sformat('%x', cap) end
       return nil, nil
     end
     -- Broadest first: the first refusal is the one reported.
@@ -579,7 +582,7 @@ if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
 if team then hold.tm = team end
-if lv_hold then hold.lv = lv_hold end
+if lv_hold then hold.lx = lv_hold end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])

@@ -26,9 +26,11 @@ Cluster) and are named here only (lua/charge.lua and lua/settle.lua spell the sa
 ``Lm:u:<user>``             the team of a user (absent: none)
 ``Lc:<bucket>:<l>:<id>``    a cap override (stored form) of level l = t | u | k
 ``Lp:<bucket>``             the period the bucket's level counters count
-``Ln:<bucket>:<l>:<id>``    what the level drew in that period, a plain integer (absent:
-                            0); ``<used>@<period id>`` in an org whose bucket has no
-                            ``Lp`` yet (written before it), converted at its next charge
+``Ln:<bucket>:<l>:<id>``    what the level drew in that period, a hexadecimal integer
+                            (absent: 0; hexadecimal because Lua's tonumber(s, 16) is
+                            strtoul, half the cost of strtod); ``<used>@<period id>``
+                            (decimal) in an org whose bucket has no ``Lp`` yet (written
+                            before it), converted at its next charge
 ==========================  ==========================================================
 
 Buckets never contain ``:`` (config names), so the id after it may be any valid id.
@@ -113,7 +115,7 @@ def cap_field(bucket: str, level: Level, ident: str) -> str:
 
 def used_field(bucket: str, level: Level, ident: str) -> str:
     """The org-hash field holding what a level drew from ``bucket`` in the period of
-    :func:`counters_period_field` (a plain integer)."""
+    :func:`counters_period_field` (a hexadecimal integer)."""
     return f"Ln:{bucket}:{LEVEL_LETTER[level]}:{ident}"
 
 
@@ -123,13 +125,14 @@ def counters_period_field(bucket: str) -> str:
 
 
 def used_of(raw: str | None, period: str, counted: str | None) -> int:
-    """A level's used tokens in ``period`` from its counter ``raw`` and the period its
-    bucket's counters count (``counted``, field ``Lp:<bucket>``; ``None`` when absent):
-    0 when they counted another period (counters reset lazily, like the org's balance).
-    A counter in the older form ``<used>@<period>`` names its own period."""
+    """A level's used tokens in ``period`` from its counter ``raw`` (hexadecimal) and the
+    period its bucket's counters count (``counted``, field ``Lp:<bucket>``; ``None`` when
+    absent): 0 when they counted another period (counters reset lazily, like the org's
+    balance). A counter in the older form ``<used>@<period>`` (decimal) names its own
+    period."""
     if not raw:
         return 0
     used, at, per = raw.partition("@")
     if at:
         return int(used) if per == period else 0
-    return int(used) if counted == period else 0
+    return int(used, 16) if counted == period else 0

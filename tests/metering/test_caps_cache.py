@@ -70,7 +70,7 @@ async def test_the_second_charge_uses_the_cached_levels(gate: CreditGate) -> Non
     assert (refused.level, refused.level_cap, refused.level_used) == ("user", 9, 9)
     assert [await level_used(gate, "acme", lv, i) for lv, i in
             (("team", "red"), ("user", "u1"))] == [9, 9]  # fmt: skip
-    # The counters are plain integers of the period named once per bucket.
+    # The counters are hexadecimal integers of the period named once per bucket.
     fields = await org_fields(gate)
     assert fields[f"Ln:{BUCKET}:u:u1"] == "9" and fields[f"Ln:{BUCKET}:t:red"] == "9"
     assert fields[f"Lp:{BUCKET}"] == gate.meter.period(gate.clock.now_ms())[0]
@@ -155,7 +155,7 @@ async def test_an_org_written_with_the_old_counters_is_converted_without_losing_
     fields = await org_fields(gate)
     assert fields["lv"].startswith("v") and len(fields["lvp"]) == 128
     assert fields[f"Lp:{BUCKET}"] == period
-    assert (fields[f"Ln:{BUCKET}:t:red"], fields[f"Ln:{BUCKET}:u:u1"]) == ("24", "9")
+    assert (fields[f"Ln:{BUCKET}:t:red"], fields[f"Ln:{BUCKET}:u:u1"]) == ("18", "9")  # 24, 9
     assert f"Ln:{BUCKET}:u:u2" not in fields and f"Ln:{BUCKET}:u:gone" not in fields
     assert fields["Ln:research:u:u1"] == f"4@{period}" and "Lp:research" not in fields
     # u2 starts from 0: 6 more fit the team's 30 (24 + 6), then the team refuses.
@@ -197,7 +197,7 @@ async def test_a_refund_after_the_reset_leaves_the_new_period_alone(
     assert await gate.meter.settle(old, ok=False, status=500, latency_ms=1) == 0
     assert await level_used(gate, "acme", "user", "u1") == 3
     hold_raw = await gate.redis.client.hget(gate.keys.shard("acme").holds, new.request_id)
-    assert json.loads(hold_raw)["lv"] == "- 9 -"
+    assert json.loads(hold_raw)["lx"] == "- 9 -"
     assert await gate.meter.settle(new, ok=False, status=500, latency_ms=1) == 0
     assert await level_used(gate, "acme", "user", "u1") == 0
 
