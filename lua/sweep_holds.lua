@@ -36,9 +36,9 @@
 -- the same shard, hence of the same cluster slot as KEYS), which is what a late settle
 -- or release of it answers.
 --
--- A hold that drew from team, user or key caps (hold field lv) keeps them charged: their
--- counters already include its tokens, exactly as the org's balance does; the event names
--- the request's team (tm) when it had one.
+-- A hold that drew from team, user or key caps (hold field lx, lv before) keeps them
+-- charged: their counters already include its tokens, exactly as the org's balance does;
+-- the event names the request's team (tm) when it had one.
 --
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
