@@ -26,8 +26,11 @@ and the figures include whatever else that server runs meanwhile.
 orgs without levels and on orgs whose every request has a capped team (its API key's), user
 and key; both send the same API key id, so the only difference is the org's levels. It
 prints the levels/none ratio of the medians, and this process's CPU per request (the
-gateway's side of admit and settle: the meter's Python, the Redis client, the event loop),
-so both ratios come from one run on one machine state.
+gateway's side of admit and settle: the meter's Python, the Redis client, the event loop;
+process time around the admits and the settles only, not the INFO round trips), so both
+ratios come from one run on one machine state. That CPU time moves with the machine's
+load; bench/levels_gateway_instructions.py counts the same workloads' gateway
+instructions under callgrind instead.
 
 ``--baseline DIR`` A/B-tests: DIR holds another charge.lua and settle.lua with the same
 KEYS/ARGV interface (e.g. a copy of the previous version); the two variants alternate
@@ -39,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import random
 import shutil
@@ -174,12 +178,13 @@ async def run_rounds(
     meter: Meter, orgs: list[str], requests: int, burst: int, rng: random.Random
 ) -> tuple[float, float, float, float, float, float]:
     """Admit+settle ``requests`` requests in bursts; return µs/request (charge, settle,
-    server CPU), the mean settle batch, this process's CPU µs/request (the INFO round
-    trips between the phases included: the same for every variant) and the server's CPU
+    server CPU), the mean settle batch, this process's CPU µs/request of the admits and
+    settles (not of the INFO round trips between them: redis-py parsing two INFO replies
+    per phase costs about as much per 64-request burst as the requests themselves, and
+    would dilute a levels/none ratio towards 1) and the server's CPU
     µs/request of the admit phase alone (CPU time: unlike the evalsha usec, not inflated
     while a loaded machine has Redis waiting for a core)."""
-    charge_us = settle_us = cpu_s = charge_cpu_s = 0.0
-    own_cpu = time.process_time()
+    charge_us = settle_us = cpu_s = charge_cpu_s = own_cpu = 0.0
     settle_calls = 0
     done = 0
     handles = meter.redis
@@ -187,15 +192,19 @@ async def run_rounds(
         n = min(burst, requests - done)
         picks = [orgs[0]] * n if len(orgs) == 1 else [rng.choice(orgs) for _ in range(n)]
         c0, u0, cpu0 = await _counters(handles)
+        own0 = time.process_time()
         adms = await asyncio.gather(
             *(meter.admit(o, FEATURE, user="u1", key_id=KEY_ID) for o in picks)
         )
+        own_cpu += time.process_time() - own0
         c1, u1, cpu1 = await _counters(handles)
         bad = [a.status for a in adms if a.status != "ok"]
         if bad:
             raise SystemExit(f"admission refused: {bad[:3]}")
+        own0 = time.process_time()
         futs = [meter.settle(a, ok=True, status=200, latency_ms=3) for a in adms]
         charged = await asyncio.gather(*futs)
+        own_cpu += time.process_time() - own0
         c2, u2, cpu2 = await _counters(handles)
         if any(c != 1 for c in charged):
             raise SystemExit(f"settle returned {[c for c in charged if c != 1][:3]}")
@@ -207,7 +216,6 @@ async def run_rounds(
         cpu_s += (cpu1 - cpu0) + (cpu2 - cpu1)
         charge_cpu_s += cpu1 - cpu0
         done += n
-    own_cpu = time.process_time() - own_cpu
     return (
         charge_us / requests,
         settle_us / requests,
@@ -278,8 +286,11 @@ async def main(args: argparse.Namespace) -> None:
                 burst = args.burst if len(orgs) == 1 else args.burst * 16
                 for vname, (charge, settle) in order:
                     meter.admission.script, meter.settlement.script = charge, settle
-                    # Warm up: scripts loaded, connections open, branch caches.
-                    await run_rounds(meter, orgs, burst, burst, rng)
+                    # Warm up: scripts loaded, connections open, branch caches; two
+                    # bursts, so that a levelled caller's levels are learned and its
+                    # templates rebuilt (once per caller) before the measured rounds.
+                    await run_rounds(meter, orgs, 2 * burst, burst, rng)
+                    gc.collect()  # every workload starts from the same collector state
                     c, s, cpu, batch, own, ccpu = await run_rounds(
                         meter, orgs, args.requests, burst, rng
                     )
