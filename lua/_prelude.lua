@@ -20,10 +20,30 @@
 -- A request's team (contract A10) is the 31st parameter, tm, after the usage fields (pass
 -- nil for those when it has none): the entry then ends with 'tm', <team>. A nil tm writes
 -- nothing more, so events without a team are the same entries as before.
+--
+-- A request event whose hold had capped levels passes their figures after the event as the
+-- 32nd parameter, lv (level_figures below): the entry then ends with 'tm', <team or ''>,
+-- 'lv', <figures>. The sync job reads them for the cap alerts (contract A11) and strips
+-- them before anything else sees the entry (sync/levels.py); the ledger row is unchanged.
 
 local function audit_event(stream_key,
     id, k, o, u, f, b, t, bal, x, a, used, per, s, ts, rq, st, lat, m, r, p, ref,
-    rs, ov, mdl, ui, uc, uo, ur, cs, um, tm)
+    rs, ov, mdl, ui, uc, uo, ur, cs, um, tm, lv)
+  if lv ~= nil then
+    if rs == nil then
+      return redis.call('XADD', stream_key, '*',
+        'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+        'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+        'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref, 'tm', tm or '',
+        'lv', lv)
+    end
+    return redis.call('XADD', stream_key, '*',
+      'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+      'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+      'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
+      'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um,
+      'tm', tm or '', 'lv', lv)
+  end
   if rs == nil then
     if tm == nil then
       return redis.call('XADD', stream_key, '*',
@@ -49,4 +69,39 @@ local function audit_event(stream_key,
     'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
     'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um,
     'tm', tm)
+end
+
+-- level_figures(org_key, h): what the capped levels of hold h (field lv, lua/charge.lua:
+-- "<team cap> <user cap> <key cap>", '-' for a level without a cap) have drawn in the
+-- hold's period, read after the event moved them: "<team cap> <team used> <user cap>
+-- <user used> <key cap> <key used> <key id>", '-' for a level without a cap (and for the
+-- key id when the key is not capped). nil for a hold without levels, or one written before
+-- lv had that form (no alert figures for those few). The counters are the ones charge.lua
+-- checks, so an alert sees exactly what admission enforces.
+local function level_figures(org_key, h)
+  local lv = h.lv
+  if type(lv) ~= 'string' then
+    return nil
+  end
+  local tc, uc, kc = string.match(lv, '^(%S+) (%S+) (%S+)$')
+  local p = 'Ln:' .. h.b .. ':'
+  local got = redis.call('HMGET', org_key, p .. 't:' .. (h.tm or ''), p .. 'u:' .. (h.u or ''),
+    p .. 'k:' .. (h.k or ''))
+  local sfx = '@' .. h.per
+  local n = #sfx
+  local out = {}
+  for i, cap in ipairs({tc, uc, kc}) do
+    local used = '-'
+    if cap ~= '-' then
+      -- A counter of another period reads 0 (the lazy reset).
+      used = '0'
+      local v = got[i]
+      if v and #v > n and string.sub(v, -n) == sfx then
+        used = string.sub(v, 1, #v - n)
+      end
+    end
+    out[2 * i - 1], out[2 * i] = cap, used
+  end
+  out[7] = (kc ~= '-' and h.k) or '-'
+  return table.concat(out, ' ')
 end

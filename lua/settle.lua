@@ -58,7 +58,9 @@
 -- one by one.
 --
 -- Audit events are written by audit_event (with the usage fields or without), defined in
--- lua/_prelude.lua (the loader prepends it).
+-- lua/_prelude.lua (the loader prepends it). A hold with capped levels adds their figures
+-- after the event (level_figures, also in the prelude: one HMGET of its three counters),
+-- which the sync job's cap alerts read; holds without levels pay nothing for it.
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -326,6 +328,8 @@ for j = 1, n do
     local seq = o.seq + 1
     o.seq = seq
     local cs = extended and ARGV[a + 5] or ''
+    -- The capped levels' figures after this event, for the cap alerts (nil: none).
+    local lvf = h.lv and level_figures(org_key, h) or nil
     if extended and (cs ~= '' or actual ~= '') then
       local mdl, ui, uc, uo, ur, um = '', '', '', '', '', ''
       if kind ~= 'expired_hold' then
@@ -336,13 +340,13 @@ for j = 1, n do
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm)  -- rs .. tm
+        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm, lvf)  -- rs .. lv
     else
       audit_event(stream_key,
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
     end
     if extended then
       local refunded = math.max(0, h.c - charged - overage)

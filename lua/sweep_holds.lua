@@ -24,7 +24,8 @@
 --
 -- A hold that drew from team, user or key caps (hold field lv) keeps them charged: their
 -- counters already include its tokens, exactly as the org's balance does; the event names
--- the request's team (tm) when it had one.
+-- the request's team (tm) when it had one, and the levels' figures (lv, for the cap
+-- alerts) when the org's state is there to read them from.
 --
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
@@ -49,12 +50,15 @@ for _, request_id in ipairs(ids) do
       snap = {st[1] or '0', st[2] or '0', st[3] or '0', st[4] or '0', st[5] or h.per,
         redis.call('HINCRBY', org_key, 'seq', 1)}
     end
+    -- The capped levels' figures (nil: none); the counters need the org's state.
+    local lvf = nil
+    if h.lv and snap[6] ~= '' then lvf = level_figures(org_key, h) end
     if h.v then
       audit_event(stream_key,
         request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, '', '', '', '', '', '', 'reservation', '', h.tm)  -- rs, ov, mdl .. ur, cs, um, tm
+        h.c, '', '', '', '', '', '', 'reservation', '', h.tm, lvf)  -- rs .. um, tm, lv
       redis.call('SET', h.rk, cjson.encode({id = request_id, reserved = h.c, charged = h.c,
         refunded = 0, overage = 0, remaining = -1, outcome = 'expired'}), 'PX', h.v)
     else
@@ -62,7 +66,7 @@ for _, request_id in ipairs(ids) do
         request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage; tm, lv
     end
     swept = swept + 1
   end

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.core.events import KINDS
+from sync.levels import without_levels
 from sync.records import (
     BUCKET,
     FIELD_LIST,
@@ -48,6 +49,8 @@ class Rows:
     days: list[str] = field(default_factory=list)  # UTC day of each event, ISO
     empty_bucket: bool = False  # some entry has b = "" (the fast rendering cannot say it)
     usage: bool = False  # some entry has the usage fields (sync/records.py)
+    # The capped levels' figures of request events (sync/levels.py): (index in flats, lv).
+    levels: list[tuple[int, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.flats)
@@ -63,6 +66,7 @@ class Rows:
         )
         part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
         part.usage = self.usage and any(len(f) > USAGE_AT for f in part.flats)
+        part.levels = [(i - start, lv) for i, lv in self.levels if start <= i < stop]
         return part
 
 
@@ -95,6 +99,7 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         if not fields:
             vanished += 1
             continue
+        figures = None
         try:
             f: Flat
             if type(fields) is list and (
@@ -114,7 +119,10 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                 ):
                     f = reference_flat(fields)
             else:
-                f = canonical(fields)
+                # An entry with capped levels ends with their figures (lv): set aside,
+                # the rest is an entry like any other (sync/levels.py).
+                core, figures = without_levels(fields)
+                f = canonical(core)
             hit = cached(f[27]) or times[f[27]]
         except Exception as exc:  # any decode failure is the entry's, not ours
             bad.append((entry_id, fields, f"decode: {type(exc).__name__}: {exc}"))
@@ -124,6 +132,8 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         add_id(entry_id)
         add_fields(fields)
         add_flat(f)
+        if figures is not None:
+            rows.levels.append((len(rows.flats) - 1, figures))
         # copy_line(f, hit[0]), inlined.
         if len(f) > USAGE_AT:
             usage = True

@@ -1,0 +1,120 @@
+"""The capped levels' figures that request events carry, for the cap alerts (contract A11).
+
+A request event whose hold drew from team, user or API-key caps (contract A10) ends with
+``lv``: what each capped level has drawn in the event's period after it, and its cap as
+charge.lua applied it (``lua/_prelude.lua`` ``level_figures``)::
+
+    lv = "<team cap> <team used> <user cap> <user used> <key cap> <key used> <key id>"
+
+``-`` for a level without a cap (and for the key id when the key is not capped). The team
+is the event's ``tm``, the user its ``u``. The field is not a ledger column: the decoder
+(sync/batch.py) takes it off the entry with :func:`without_levels` before the entry is
+canonicalised, so the ledger row, the fast ``COPY`` path and every other reader see the
+entry they always did, and keeps it aside in ``Rows.levels``. Events without caps carry
+no ``lv``, so an org without caps costs nothing here.
+
+:func:`level_columns` reduces a batch's figures to one row per (org, level, id, bucket,
+period, cap), the highest used, which ``gateway/alerts/levels.py`` evaluates against the
+thresholds in the batch's transaction (:func:`write_cap_alerts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from gateway.alerts.evaluation import AlertDefaults
+from gateway.alerts.levels import CAP_ALERTS
+from gateway.core.events import LEVELS_FIELD
+from sync.records import BUCKET, ORG, PERIOD, TEAM, USER, Fields, Flat
+
+__all__ = ["LEVELS_FIELD", "level_columns", "without_levels", "write_cap_alerts"]
+
+_LEVELS_BYTES = LEVELS_FIELD.encode()
+# Caps and counters are integers below 2**53 (gateway/core/caps.py MAX_CAP): 16 digits.
+_MAX_DIGITS = 18
+
+LevelColumns = tuple[list[str], list[str], list[str], list[str], list[str], list[int], list[int]]
+
+
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
+
+
+def without_levels(fields: Fields) -> tuple[Fields, str | None]:
+    """The entry without its trailing ``lv`` field, and that field's value (None when the
+    entry has none: then ``fields`` itself is returned)."""
+    if isinstance(fields, Mapping):
+        for name in (LEVELS_FIELD, _LEVELS_BYTES):
+            if name in fields:
+                rest = {k: v for k, v in fields.items() if k != name}
+                return rest, _text(fields[name])
+        return fields, None
+    if len(fields) >= 2 and fields[-2] in (LEVELS_FIELD, _LEVELS_BYTES):
+        return list(fields[:-2]), _text(fields[-1])
+    return fields, None
+
+
+def _count(text: str) -> int | None:
+    return int(text) if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS else None
+
+
+def level_columns(
+    flats: Sequence[Flat], levels: Sequence[tuple[int, str]], enabled: frozenset[str]
+) -> LevelColumns:
+    """Per (org, level, id, bucket, period, cap) the highest used of the batch's figures
+    (``levels``: index into ``flats``, ``lv`` value), for the levels in ``enabled``, as the
+    statement's columns. Malformed figures are skipped: an alert is never worth failing
+    the batch (the ledger rows) over."""
+    best: dict[tuple[str, str, str, str, str, int], int] = {}
+    for index, figures in levels:
+        parts = figures.split(" ")
+        if len(parts) != 7:
+            continue
+        f = flats[index]
+        team = f[-1] if f[-2] == TEAM else ""
+        for level, ident, cap_text, used_text in (
+            ("team", team, parts[0], parts[1]),
+            ("user", f[USER], parts[2], parts[3]),
+            ("key", parts[6], parts[4], parts[5]),
+        ):
+            if cap_text == "-" or not ident or ident == "-" or level not in enabled:
+                continue
+            cap, used = _count(cap_text), _count(used_text)
+            if cap is None or used is None:
+                continue
+            key = (f[ORG], level, ident, f[BUCKET], f[PERIOD], cap)
+            if used > best.get(key, -1):
+                best[key] = used
+    cols: LevelColumns = ([], [], [], [], [], [], [])
+    for (org, level, ident, bucket, period, cap), used in best.items():
+        cols[0].append(org)
+        cols[1].append(level)
+        cols[2].append(ident)
+        cols[3].append(bucket)
+        cols[4].append(period)
+        cols[5].append(cap)
+        cols[6].append(used)
+    return cols
+
+
+async def write_cap_alerts(
+    conn: asyncpg.Connection | PoolConnectionProxy,
+    flats: Sequence[Flat],
+    levels: Sequence[tuple[int, str]],
+    alerts: AlertDefaults,
+) -> int:
+    """Evaluate a batch's level figures (``Rows.flats``, ``Rows.levels``) in the batch's
+    transaction (``conn``); returns the alert events inserted. Call it after the snapshot
+    update (the payload's ``refresh_at`` is the bucket's snapshot)."""
+    if not levels or not alerts.cap_levels:
+        return 0
+    cols = level_columns(flats, levels, alerts.cap_levels)
+    if not cols[0]:
+        return 0
+    pct, abs_, has_url = alerts.params()[:3]
+    inserted = await conn.fetchval(CAP_ALERTS, *cols, pct, abs_, has_url)
+    return int(inserted or 0)

@@ -1,0 +1,77 @@
+"""The capped levels' figures (``lv``) of request events: set aside by the decoder, the
+rest decoded as before, and reduced per level for the cap alerts (no servers needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sync.batch import decode_entries
+from sync.levels import level_columns, without_levels
+from sync.records import Times
+from tests.sync.test_sync import event
+
+ALL = frozenset({"team", "user", "key"})
+
+
+def entry(lv: str | None = None, team: str | None = "red", **f: Any) -> list[str]:
+    """A request event as the fast client returns it: a flat list, tm then lv last."""
+    fields = event("acme", "charge", u="ann", t=3, bal=70, x=0, a=100, used=30, s=1, **f)
+    if team is not None or lv is not None:
+        fields["tm"] = team or ""
+    if lv is not None:
+        fields["lv"] = lv
+    return [x for pair in fields.items() for x in pair]
+
+
+def test_without_levels_takes_only_a_trailing_lv_off_lists_and_mappings() -> None:
+    flat = entry("30 24 - - - - -")
+    rest, lv = without_levels(flat)
+    assert lv == "30 24 - - - - -" and rest == flat[:-2]
+    plain = entry()
+    assert without_levels(plain) == (plain, None)
+    as_bytes = {k.encode(): v.encode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
+    rest_map, lv_map = without_levels(as_bytes)
+    assert lv_map == "30 24 - - - - -" and b"lv" not in rest_map and b"tm" in rest_map
+
+
+def test_decoded_entries_with_figures_make_the_same_rows_and_keep_the_figures_aside() -> None:
+    times = Times()
+    entries = [
+        ("1-0", entry()),
+        ("2-0", entry("30 24 10 9 - - -")),
+        ("3-0", entry("- - 10 10 15 12 key_k", team=None)),
+    ]
+    plain = decode_entries([(i, entry()) for i, _ in entries], times).rows
+    rows = decode_entries(entries, times).rows
+    # The ledger rows' COPY lines do not change with the figures (ids aside).
+    assert [line.split("\t", 1)[1] for line in rows.lines[:2]] == [
+        line.split("\t", 1)[1] for line in plain.lines[:2]
+    ]
+    assert rows.levels == [(1, "30 24 10 9 - - -"), (2, "- - 10 10 15 12 key_k")]
+    assert rows.lines[2].endswith("\t")  # tm '' is a NULL team, as for no team
+    assert rows.slice(1, 3).levels == [(0, "30 24 10 9 - - -"), (1, "- - 10 10 15 12 key_k")]
+    assert rows.slice(0, 1).levels == []
+
+
+def test_level_columns_keep_the_highest_used_per_level_and_cap() -> None:
+    times = Times()
+    entries = [
+        ("1-0", entry("30 21 10 7 - - -")),
+        ("2-0", entry("30 24 10 8 15 3 key_k")),
+        ("3-0", entry("30 18 10 6 - - -")),  # a refund moved them down: the max stays
+        ("4-0", entry("60 27 10 9 - - -")),  # the team's cap raised: its own row
+        ("5-0", entry("30 24 garbage")),  # malformed: skipped, never fails the batch
+        ("6-0", entry("- - x9 9 - - -")),  # malformed numbers: skipped
+    ]
+    rows = decode_entries(entries, times).rows
+    cols = level_columns(rows.flats, rows.levels, ALL)
+    got = sorted(zip(*cols, strict=True))
+    assert got == [
+        ("acme", "key", "key_k", "lead_generation", "2026-11", 15, 3),
+        ("acme", "team", "red", "lead_generation", "2026-11", 30, 24),
+        ("acme", "team", "red", "lead_generation", "2026-11", 60, 27),
+        ("acme", "user", "ann", "lead_generation", "2026-11", 10, 9),
+    ]
+    only_users = level_columns(rows.flats, rows.levels, frozenset({"user"}))
+    assert only_users[1] == ["user"] and only_users[6] == [9]
+    assert level_columns(rows.flats, rows.levels, frozenset()) == ([],) * 7
