@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.events import KINDS
+from gateway.core.events import KINDS, LEVELS_FIELD
 from sync.levels import without_levels
 from sync.records import (
     BUCKET,
@@ -94,6 +94,7 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     ext_names, no_usage = FIELD_LIST_EXT, NO_USAGE
     # With a team (contract A10): one more list comparison, only for those entries.
     team_names, ext_team_names, team = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM, TEAM
+    levels_name = LEVELS_FIELD
     empty_bucket = usage = False
     for entry_id, fields in entries:
         if not fields:
@@ -118,9 +119,12 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                     and len(digits) <= MAX_DIGITS
                 ):
                     f = reference_flat(fields)
-            else:
+            elif type(fields) is list and got[-1] == levels_name:
                 # An entry with capped levels ends with their figures (lv): set aside,
                 # the rest is an entry like any other (sync/levels.py).
+                figures = fields[-1]
+                f = canonical(fields[:-2])
+            else:
                 core, figures = without_levels(fields)
                 f = canonical(core)
             hit = cached(f[27]) or times[f[27]]

@@ -34,8 +34,10 @@ from sync.records import BUCKET, ORG, PERIOD, TEAM, USER, Fields, Flat
 __all__ = ["LEVELS_FIELD", "level_columns", "without_levels", "write_cap_alerts"]
 
 _LEVELS_BYTES = LEVELS_FIELD.encode()
-# Caps and counters are integers below 2**53 (gateway/core/caps.py MAX_CAP): 16 digits.
+# Caps and counters are integers below 2**53 (gateway/core/caps.py MAX_CAP): 16 digits;
+# anything longer is not a figure the scripts wrote (and would overflow a bigint).
 _MAX_DIGITS = 18
+_MAX_USED = 10**_MAX_DIGITS
 
 LevelColumns = tuple[list[str], list[str], list[str], list[str], list[str], list[int], list[int]]
 
@@ -47,6 +49,11 @@ def _text(raw: Any) -> str:
 def without_levels(fields: Fields) -> tuple[Fields, str | None]:
     """The entry without its trailing ``lv`` field, and that field's value (None when the
     entry has none: then ``fields`` itself is returned)."""
+    # A list (the fast client's reply) first: isinstance of an ABC costs more than the rest.
+    if type(fields) is list:
+        if len(fields) >= 2 and fields[-2] in (LEVELS_FIELD, _LEVELS_BYTES):
+            return fields[:-2], _text(fields[-1])
+        return fields, None
     if isinstance(fields, Mapping):
         for name in (LEVELS_FIELD, _LEVELS_BYTES):
             if name in fields:
@@ -69,28 +76,41 @@ def level_columns(
     (``levels``: index into ``flats``, ``lv`` value), for the levels in ``enabled``, as the
     statement's columns. Malformed figures are skipped: an alert is never worth failing
     the batch (the ledger rows) over."""
-    best: dict[tuple[str, str, str, str, str, int], int] = {}
+    # Once per capped event: caps stay strings in the key (checked once per key at the
+    # end), used is compared as an int.
+    best: dict[tuple[str, str, str, str, str, str], int] = {}
+    get = best.get
+    team_on, user_on, key_on = "team" in enabled, "user" in enabled, "key" in enabled
     for index, figures in levels:
         parts = figures.split(" ")
         if len(parts) != 7:
             continue
+        tc, tu, uc, uu, kc, ku, key_id = parts
         f = flats[index]
-        team = f[-1] if f[-2] == TEAM else ""
-        for level, ident, cap_text, used_text in (
-            ("team", team, parts[0], parts[1]),
-            ("user", f[USER], parts[2], parts[3]),
-            ("key", parts[6], parts[4], parts[5]),
-        ):
-            if cap_text == "-" or not ident or ident == "-" or level not in enabled:
-                continue
-            cap, used = _count(cap_text), _count(used_text)
-            if cap is None or used is None:
-                continue
-            key = (f[ORG], level, ident, f[BUCKET], f[PERIOD], cap)
-            if used > best.get(key, -1):
-                best[key] = used
+        org, bucket, period = f[ORG], f[BUCKET], f[PERIOD]
+        try:
+            if team_on and tc != "-" and f[-2] == TEAM and f[-1]:
+                k = (org, "team", f[-1], bucket, period, tc)
+                used = int(tu)
+                if used > get(k, -1):
+                    best[k] = used
+            if user_on and uc != "-" and f[USER]:
+                k = (org, "user", f[USER], bucket, period, uc)
+                used = int(uu)
+                if used > get(k, -1):
+                    best[k] = used
+            if key_on and kc != "-" and key_id != "-":
+                k = (org, "key", key_id, bucket, period, kc)
+                used = int(ku)
+                if used > get(k, -1):
+                    best[k] = used
+        except ValueError:
+            continue
     cols: LevelColumns = ([], [], [], [], [], [], [])
-    for (org, level, ident, bucket, period, cap), used in best.items():
+    for (org, level, ident, bucket, period, cap_text), used in best.items():
+        cap = _count(cap_text)
+        if cap is None or used > _MAX_USED:
+            continue
         cols[0].append(org)
         cols[1].append(level)
         cols[2].append(ident)
