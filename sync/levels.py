@@ -1,13 +1,15 @@
 """The capped levels' figures that request events carry, for the cap alerts (contract A11).
 
 A request event whose hold drew from team, user or API-key caps (contract A10) ends with
-``lv``: what each capped level has drawn in the event's period after it, and its cap as
-charge.lua applied it (``lua/_prelude.lua`` ``level_figures``)::
+``lv``: each level's cap as charge.lua applied it and its counter read after the event
+(``lua/_prelude.lua`` ``level_figures``)::
 
-    lv = "<team cap> <team used> <user cap> <user used> <key cap> <key used> <key id>"
+    lv = "<team cap> <user cap> <key cap> <team counter> <user counter> <key counter> <key id>"
 
-``-`` for a level without a cap (and for the key id when the key is not capped). The team
-is the event's ``tm``, the user its ``u``. The field is not a ledger column: the decoder
+A counter is charge.lua's ``<used>@<period>`` (``0`` when there is none); one of another
+period than the event's counts 0 (the lazy reset). A cap is ``-`` for a level without one
+(and the key id is ``-`` when the key is not capped). The team is the event's ``tm``, the
+user its ``u``. The field is not a ledger column: the decoder
 (sync/batch.py) takes it off the entry with :func:`without_levels` before the entry is
 canonicalised, so the ledger row, the fast ``COPY`` path and every other reader see the
 entry they always did, and keeps it aside in ``Rows.levels``. Events without caps carry
@@ -69,6 +71,15 @@ def _count(text: str) -> int | None:
     return int(text) if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS else None
 
 
+def _used(counter: str, period: str) -> int:
+    """What a level drew in ``period`` from its counter ``<used>@<period>`` (``0``: none;
+    another period's: 0). Raises ValueError for a malformed one."""
+    used, at, per = counter.partition("@")
+    if not at:
+        return int(used)
+    return int(used) if per == period else 0
+
+
 def level_columns(
     flats: Sequence[Flat], levels: Sequence[tuple[int, str]], enabled: frozenset[str]
 ) -> LevelColumns:
@@ -85,23 +96,23 @@ def level_columns(
         parts = figures.split(" ")
         if len(parts) != 7:
             continue
-        tc, tu, uc, uu, kc, ku, key_id = parts
+        tc, uc, kc, tn, un, kn, key_id = parts
         f = flats[index]
         org, bucket, period = f[ORG], f[BUCKET], f[PERIOD]
         try:
             if team_on and tc != "-" and f[-2] == TEAM and f[-1]:
                 k = (org, "team", f[-1], bucket, period, tc)
-                used = int(tu)
+                used = _used(tn, period)
                 if used > get(k, -1):
                     best[k] = used
             if user_on and uc != "-" and f[USER]:
                 k = (org, "user", f[USER], bucket, period, uc)
-                used = int(uu)
+                used = _used(un, period)
                 if used > get(k, -1):
                     best[k] = used
             if key_on and kc != "-" and key_id != "-":
                 k = (org, "key", key_id, bucket, period, kc)
-                used = int(ku)
+                used = _used(kn, period)
                 if used > get(k, -1):
                     best[k] = used
         except ValueError:

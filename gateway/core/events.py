@@ -59,8 +59,9 @@ id, after the 21 fields or after the usage fields; events without a team do not 
 
 A request event whose hold drew from capped levels then ends with :data:`LEVELS_FIELD`
 ``lv`` (after ``tm``, which is ``""`` when the request had no team): the capped levels'
-figures after the event, ``"<team cap> <team used> <user cap> <user used> <key cap> <key
-used> <key id>"`` (``-`` where a level is not capped), for the cap alerts (contract A11).
+figures after the event, ``"<team cap> <user cap> <key cap> <team counter> <user counter>
+<key counter> <key id>"`` (a cap ``-`` where a level is not capped; a counter is
+``<used>@<period>`` or ``0``), for the cap alerts (contract A11).
 It is not a ledger column and :func:`decode` ignores it; the sync job sets it aside
 (sync/levels.py).
 

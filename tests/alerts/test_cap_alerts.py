@@ -283,13 +283,13 @@ async def test_request_events_carry_the_capped_levels_figures_after_them(
     got = [(e["k"], e.get("tm"), e.get("lv")) for e in await raw_events_of(gate, "acme")]
     assert got[1:] == [
         ("reset", None, None),
-        ("charge", "red", "30 3 - - 12 3 key_k"),
-        ("charge", "red", "30 6 - - 12 6 key_k"),
-        ("refund", "red", "30 6 - - 12 6 key_k"),
-        ("expired_hold", "red", "30 9 - - 12 9 key_k"),
+        ("charge", "red", "30 - 12 3@2026-11 0 3@2026-11 key_k"),
+        ("charge", "red", "30 - 12 6@2026-11 0 6@2026-11 key_k"),
+        ("refund", "red", "30 - 12 6@2026-11 0 6@2026-11 key_k"),
+        ("expired_hold", "red", "30 - 12 9@2026-11 0 9@2026-11 key_k"),
     ]
     # A user cap without a team: tm is empty, the user's figures are there.
     await put(gate, "acme", "user", "bob", {BUCKET: 9})
     await spend(gate, "acme", 1, user="bob")
     last = (await raw_events_of(gate, "acme"))[-1]
-    assert (last["tm"], last["lv"]) == ("", "- - 9 3 - - -")
+    assert (last["tm"], last["lv"]) == ("", "- 9 - 0 3@2026-11 0 -")

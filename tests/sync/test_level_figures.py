@@ -24,22 +24,22 @@ def entry(lv: str | None = None, team: str | None = "red", **f: Any) -> list[str
 
 
 def test_without_levels_takes_only_a_trailing_lv_off_lists_and_mappings() -> None:
-    flat = entry("30 24 - - - - -")
+    flat = entry("30 - - 24@2026-11 0 0 -")
     rest, lv = without_levels(flat)
-    assert lv == "30 24 - - - - -" and rest == flat[:-2]
+    assert lv == "30 - - 24@2026-11 0 0 -" and rest == flat[:-2]
     plain = entry()
     assert without_levels(plain) == (plain, None)
     as_bytes = {k.encode(): v.encode() for k, v in zip(flat[::2], flat[1::2], strict=True)}
     rest_map, lv_map = without_levels(as_bytes)
-    assert lv_map == "30 24 - - - - -" and b"lv" not in rest_map and b"tm" in rest_map
+    assert lv_map == "30 - - 24@2026-11 0 0 -" and b"lv" not in rest_map and b"tm" in rest_map
 
 
 def test_decoded_entries_with_figures_make_the_same_rows_and_keep_the_figures_aside() -> None:
     times = Times()
     entries = [
         ("1-0", entry()),
-        ("2-0", entry("30 24 10 9 - - -")),
-        ("3-0", entry("- - 10 10 15 12 key_k", team=None)),
+        ("2-0", entry("30 10 - 24@2026-11 9@2026-11 0 -")),
+        ("3-0", entry("- 10 15 0 10@2026-11 12@2026-11 key_k", team=None)),
     ]
     plain = decode_entries([(i, entry()) for i, _ in entries], times).rows
     rows = decode_entries(entries, times).rows
@@ -47,21 +47,25 @@ def test_decoded_entries_with_figures_make_the_same_rows_and_keep_the_figures_as
     assert [line.split("\t", 1)[1] for line in rows.lines[:2]] == [
         line.split("\t", 1)[1] for line in plain.lines[:2]
     ]
-    assert rows.levels == [(1, "30 24 10 9 - - -"), (2, "- - 10 10 15 12 key_k")]
+    assert rows.levels == [
+        (1, "30 10 - 24@2026-11 9@2026-11 0 -"),
+        (2, "- 10 15 0 10@2026-11 12@2026-11 key_k"),
+    ]
     assert rows.lines[2].endswith("\t")  # tm '' is a NULL team, as for no team
-    assert rows.slice(1, 3).levels == [(0, "30 24 10 9 - - -"), (1, "- - 10 10 15 12 key_k")]
+    assert [i for i, _ in rows.slice(1, 3).levels] == [0, 1]
     assert rows.slice(0, 1).levels == []
 
 
 def test_level_columns_keep_the_highest_used_per_level_and_cap() -> None:
     times = Times()
     entries = [
-        ("1-0", entry("30 21 10 7 - - -")),
-        ("2-0", entry("30 24 10 8 15 3 key_k")),
-        ("3-0", entry("30 18 10 6 - - -")),  # a refund moved them down: the max stays
-        ("4-0", entry("60 27 10 9 - - -")),  # the team's cap raised: its own row
+        ("1-0", entry("30 10 - 21@2026-11 7@2026-11 0 -")),
+        ("2-0", entry("30 10 15 24@2026-11 8@2026-11 3@2026-11 key_k")),
+        ("3-0", entry("30 10 - 18@2026-11 6@2026-11 0 -")),  # a refund: the max stays
+        ("4-0", entry("60 10 - 27@2026-11 9@2026-11 0 -")),  # cap raised: its own row
         ("5-0", entry("30 24 garbage")),  # malformed: skipped, never fails the batch
-        ("6-0", entry("- - x9 9 - - -")),  # malformed numbers: skipped
+        ("6-0", entry("- 10 - 0 30@2026-10 0 -")),  # last period's counter: 0 now
+        ("7-0", entry("- 10 - 0 x9@2026-11 0 -")),  # malformed numbers: skipped
     ]
     rows = decode_entries(entries, times).rows
     cols = level_columns(rows.flats, rows.levels, ALL)
