@@ -101,7 +101,7 @@ class SmallBudgets(Producer):
             return False
         self.level_used[tkey], self.level_used[ukey] = tused, uused
         e["tm"] = team
-        e["lv"] = f"{self.team_cap} {tused} {self.user_cap} {uused} - - -"
+        e["lv"] = f"{self.team_cap} {self.user_cap} - {tused}@{e['per']} {uused}@{e['per']} 0 -"
         return True
 
 

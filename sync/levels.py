@@ -22,6 +22,7 @@ thresholds in the batch's transaction (:func:`write_cap_alerts`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ _LEVELS_BYTES = LEVELS_FIELD.encode()
 # anything longer is not a figure the scripts wrote (and would overflow a bigint).
 _MAX_DIGITS = 18
 _MAX_USED = 10**_MAX_DIGITS
+
+log = logging.getLogger("creditgate.sync")
 
 LevelColumns = tuple[list[str], list[str], list[str], list[str], list[str], list[int], list[int]]
 
@@ -92,9 +95,11 @@ def level_columns(
     best: dict[tuple[str, str, str, str, str, str], int] = {}
     get = best.get
     team_on, user_on, key_on = "team" in enabled, "user" in enabled, "key" in enabled
+    malformed = 0
     for index, figures in levels:
         parts = figures.split(" ")
         if len(parts) != 7:
+            malformed += 1
             continue
         tc, uc, kc, tn, un, kn, key_id = parts
         f = flats[index]
@@ -116,7 +121,11 @@ def level_columns(
                 if used > get(k, -1):
                     best[k] = used
         except ValueError:
+            malformed += 1
             continue
+    if malformed:
+        # Not the batch's failure (its rows are fine), but cap alerts are being missed.
+        log.warning("%d events' capped-level figures (lv) were malformed; skipped", malformed)
     cols: LevelColumns = ([], [], [], [], [], [], [])
     for (org, level, ident, bucket, period, cap_text), used in best.items():
         cap = _count(cap_text)

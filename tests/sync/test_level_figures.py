@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from sync.batch import decode_entries
 from sync.levels import level_columns, without_levels
 from sync.records import Times
@@ -56,7 +58,9 @@ def test_decoded_entries_with_figures_make_the_same_rows_and_keep_the_figures_as
     assert rows.slice(0, 1).levels == []
 
 
-def test_level_columns_keep_the_highest_used_per_level_and_cap() -> None:
+def test_level_columns_keep_the_highest_used_per_level_and_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     times = Times()
     entries = [
         ("1-0", entry("30 10 - 21@2026-11 7@2026-11 0 -")),
@@ -69,6 +73,8 @@ def test_level_columns_keep_the_highest_used_per_level_and_cap() -> None:
     ]
     rows = decode_entries(entries, times).rows
     cols = level_columns(rows.flats, rows.levels, ALL)
+    # The malformed ones are said, not silently dropped.
+    assert "2 events' capped-level figures (lv) were malformed" in caplog.text
     got = sorted(zip(*cols, strict=True))
     assert got == [
         ("acme", "key", "key_k", "lead_generation", "2026-11", 15, 3),
