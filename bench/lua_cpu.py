@@ -140,16 +140,17 @@ LEVEL_FIELDS = {
 KEY_ID: str | None = None
 
 
-def member_fields(members: int) -> dict[str, str]:
-    """``members`` more users and keys of team t1, each with a cap and a counter: the
-    fields a real org with levels has besides the bench caller's."""
-    fields: dict[str, str] = {}
+def member_fields(members: int, period: str) -> dict[str, str]:
+    """``members`` more users and keys of team t1, each with a cap and a counter of
+    ``period`` (gateway/core/caps.py): the fields a real org with levels has besides the
+    bench caller's."""
+    fields: dict[str, str] = {f"Lp:{FEATURE}": period} if members else {}
     for n in range(members):
         for letter in ("u", "k"):
             ident = f"m{n}"
             fields[f"Lm:{letter}:{ident}"] = "t1"
             fields[f"Lc:{FEATURE}:{letter}:{ident}"] = str(TOKENS)
-            fields[f"Ln:{FEATURE}:{letter}:{ident}"] = "0@2000-01"
+            fields[f"Ln:{FEATURE}:{letter}:{ident}"] = "1"
     return fields
 
 
@@ -158,7 +159,8 @@ async def setup_orgs(meter: Meter, orgs: list[str], levels: bool = False, member
     ``levels``, the bench caller's levels and ``members`` other members' fields."""
     grant = load("grant")
     now = int(time.time() * 1000)
-    fields = {**LEVEL_FIELDS, **member_fields(members)} if levels else None
+    period = meter.period(now)[0]
+    fields = {**LEVEL_FIELDS, **member_fields(members, period)} if levels else None
     for org in orgs:
         await meter.seed_state(org, "bench", 0, [], fields)
         shard = meter.keys.shard(org)

@@ -760,9 +760,11 @@ def run(
     json_out: Path | None = None,
     profile: Path | None = None,
     aux_cores: Sequence[int] = (AUX_CORE,),
+    before: Path | None = None,
 ) -> list[str]:
     """The whole benchmark; returns the markdown report (and writes the raw figures to
-    ``json_out``)."""
+    ``json_out``). ``before``: another source tree of creditgate (e.g. ``git archive`` of
+    an older commit) served as one more fixed-cost target, for old vs new in one run."""
     from bench.apps import Settings
     from bench.run_all import prepare
 
@@ -807,7 +809,7 @@ def run(
 
         targets: list[Target] = [Target("upstream direct (baseline)", up_port, PATH, None)]
 
-        def serve_cg(name: str, path: str) -> None:
+        def serve_cg(name: str, path: str, tree: Path = ROOT) -> None:
             port = free_port()
             # --profile: the same server under cProfile (see profile_serve).
             me = str(Path(__file__).resolve())
@@ -830,7 +832,7 @@ def run(
                 ],
                 SUT_CORE,
                 port,
-                env,
+                {**env, "PYTHONPATH": str(tree)},
             )
             stack.callback(proc.stop)
             targets.append(Target(name, port, path, proc.pid))
@@ -838,6 +840,8 @@ def run(
         wanted = set(only or ("creditgate", "creditgate-usage", "aiohttp", "nginx"))
         if "creditgate" in wanted:
             serve_cg("creditgate serve, fixed cost", PATH)
+        if before is not None:
+            serve_cg(f"creditgate serve, fixed cost, before ({before.name})", PATH, before)
         if "creditgate-usage" in wanted:
             serve_cg("creditgate serve, usage cost (read from the stream)", USAGE_PATH)
         if "aiohttp" in wanted:
@@ -1153,6 +1157,13 @@ def main() -> None:
         p.add_argument(
             "--out", type=Path, help="also write the markdown report here (raw figures: .json)"
         )
+        p.add_argument(
+            "--before",
+            type=Path,
+            help="another creditgate source tree (e.g. git archive of the previous commit "
+            "unpacked in a directory) served as one more fixed-cost target: old vs new in "
+            "one run",
+        )
     args = parser.parse_args()
     if args.cmd == "upstream":
         serve_upstream(args.port)
@@ -1190,6 +1201,7 @@ def main() -> None:
                 json_out,
                 args.profile,
                 [int(c) for c in args.aux_cores.split(",")],
+                args.before,
             )
         )
         print("\n" + text, flush=True)

@@ -101,7 +101,7 @@ class SmallBudgets(Producer):
             return False
         self.level_used[tkey], self.level_used[ukey] = tused, uused
         e["tm"] = team
-        e["lv"] = f"{self.team_cap} {self.user_cap} - {tused}@{e['per']} {uused}@{e['per']} 0 -"
+        e["lv"] = f"{tused:x} {uused:x} - {self.team_cap:x} {self.user_cap:x} -"
         return True
 
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sync_throughput.py [--events 500000] [--shards 16] [--orgs 5000]
         [--batch-size 20000] [--concurrency 4] [--processes 2] [--lag-rate 2000]
-        [--lag-seconds 20] [--usage-ab ROUNDS]
+        [--lag-seconds 20] [--lag-only] [--usage-ab ROUNDS]
 
 1. Throughput: pre-fill the shard streams with ``--events`` events, then time one worker
    from start until every event is a committed ledger row and acked (rows/s). The worker
@@ -16,7 +16,13 @@
    key id, unique event_id); (b) a plain COPY into another fresh copy (the ledger's
    shape). The best of each is the ratio's denominator.
 3. Lag: a producer process XADDs at ``--lag-rate`` events/s for ``--lag-seconds`` while the
-   worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max.
+   worker's poll loop runs; lag = commit time - event ts; reports p50/p99/max and the rate
+   the producer reached (``--lag-only``: only this part, on a fresh database).
+
+Each part also reports CPU µs per event of this process (the worker, or the floor's
+client) and of the Postgres backends serving it (``CpuMeter``), and the floor's CPU per
+event over the end-to-end run's: the ratio to read on a loaded machine, where rows/s
+swing with everything else that runs.
 
 ``--usage-ab R`` instead: R rounds of (1) on fixed-cost events and then on events that carry
 the usage fields of a usage-charged request (contract A8: hold, model, token counts, cost
@@ -46,6 +52,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.services import cpu_seconds
 from gateway.core.events import decode
 from gateway.core.redis_keys import KeySpace
 from gateway.ledger.migrate import migrate
@@ -71,6 +78,61 @@ LOG_TYPES = (
 
 def dsn_for(database: str) -> str:
     return ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
+
+
+class CpuMeter:
+    """CPU seconds used by this process plus the Postgres backends serving the bench
+    database, between ``start`` and ``stop``: a load-robust measure on a shared machine.
+
+    Wall-clock rates swing with whatever else runs on the machine; CPU time per event
+    moves much less (it still rises somewhat with cache pressure). Backends are the
+    ``client backend`` rows of ``pg_stat_activity`` for the database (their pids from
+    there, CPU from ``/proc/<pid>/stat``); the pool should hold its connections open for
+    the whole measurement (``min_size == max_size``), since the CPU of a backend that
+    exits in between is not seen. A backend that appears in between counts from its start.
+    Postgres's own background processes (WAL writer, checkpointer) serve every database
+    on the server and are not counted.
+    """
+
+    def __init__(self, admin: asyncpg.Connection, database: str) -> None:
+        self._admin = admin
+        self._database = database
+        self._base: dict[int, float] = {}
+        self._proc0 = 0.0
+
+    async def _backends(self) -> list[int]:
+        rows = await self._admin.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1"
+            " AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            self._database,
+        )
+        return [r["pid"] for r in rows]
+
+    @staticmethod
+    def _cpu(pid: int) -> float | None:
+        try:
+            return cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
+    async def start(self) -> None:
+        """Take the starting readings."""
+        self._base = {}
+        for pid in await self._backends():
+            cpu = self._cpu(pid)
+            if cpu is not None:
+                self._base[pid] = cpu
+        self._proc0 = time.process_time()
+
+    async def stop(self) -> tuple[float, float]:
+        """(this process's CPU seconds, the backends' CPU seconds) since ``start``."""
+        proc = time.process_time() - self._proc0
+        backends = 0.0
+        for pid in await self._backends():
+            cpu = self._cpu(pid)
+            if cpu is not None:
+                backends += cpu - self._base.get(pid, 0.0)
+        return proc, backends
 
 
 class Producer:
@@ -166,8 +228,15 @@ async def drain(worker: SyncWorker) -> int:
 
 
 async def run_throughput(
-    redis: Any, pool: asyncpg.Pool, ks: KeySpace, n: int, args: argparse.Namespace
-) -> tuple[float, SyncWorker]:
+    redis: Any,
+    pool: asyncpg.Pool,
+    ks: KeySpace,
+    n: int,
+    args: argparse.Namespace,
+    meter: CpuMeter | None = None,
+) -> tuple[float, SyncWorker, tuple[float, float]]:
+    """Drain ``n`` pre-filled events with one worker in this process: (seconds, the worker,
+    the CPU seconds of this process and of the Postgres backends if ``meter``)."""
     worker = SyncWorker(
         redis=redis,
         pool=pool,
@@ -176,14 +245,17 @@ async def run_throughput(
         concurrency=args.concurrency,
         max_batches_per_pass=1000,
     )
+    if meter is not None:
+        await meter.start()
     started = time.perf_counter()
     await drain(worker)
     elapsed = time.perf_counter() - started
+    cpu = await meter.stop() if meter is not None else (0.0, 0.0)
     await worker.close()
     async with pool.acquire() as c:
         rows = await c.fetchval("SELECT count(*) FROM ai_token_usage_log")
     assert rows == n, f"{rows} rows for {n} events"
-    return elapsed, worker
+    return elapsed, worker, cpu
 
 
 def _process_worker(dsn: str, prefix: str, shards: int, args: Any, ready: Any, go: Any) -> None:
@@ -260,8 +332,10 @@ async def floor(
     concurrency: int,
     mode: str,
     shape: str = "partitioned",
-) -> float:
-    """Seconds to write ``records`` into a fresh copy of the log, the bare way."""
+    meter: CpuMeter | None = None,
+) -> tuple[float, tuple[float, float]]:
+    """Seconds to write ``records`` into a fresh copy of the log, the bare way, and the
+    CPU seconds of this process and of the Postgres backends if ``meter``."""
     table = f"floor_{mode}_{shape}_{concurrency}"
     async with pool.acquire() as c:
         target = await _floor_table(c, table, shape)
@@ -289,14 +363,17 @@ async def floor(
                         f" ON CONFLICT {target} DO NOTHING"
                     )
 
+    if meter is not None:
+        await meter.start()
     started = time.perf_counter()
     await asyncio.gather(*(one() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
+    cpu = await meter.stop() if meter is not None else (0.0, 0.0)
     async with pool.acquire() as c:
         count = await c.fetchval(f"SELECT count(*) FROM {table}")
         await c.execute(f"DROP TABLE {table}")
     assert count == len(records)
-    return elapsed
+    return elapsed, cpu
 
 
 def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs: int) -> None:
@@ -306,18 +383,19 @@ def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs
     client = sync_redis.Redis.from_url(url)
     producer = Producer(orgs, seed=2)
     tick = 0.005
-    per_tick = rate * tick
-    owed = 0.0
+    sent = 0
     start = time.perf_counter()
     next_at = start
-    while time.perf_counter() - start < seconds:
-        owed += per_tick
+    while (elapsed := time.perf_counter() - start) < seconds:
+        # What is owed by now, from the clock (not per tick): on a loaded machine a late
+        # tick sends more, so the rate holds as long as this process gets the CPU for it.
+        owed = int(rate * elapsed) - sent
         pipe = client.pipeline(transaction=False)
-        while owed >= 1:
-            owed -= 1
+        for _ in range(owed):
             e = producer.event(int(time.time() * 1000))
             pipe.xadd(ks.shard(e["o"]).events, e)
         pipe.execute()
+        sent += max(owed, 0)
         next_at += tick
         time.sleep(max(0.0, next_at - time.perf_counter()))
     client.close()
@@ -357,6 +435,26 @@ async def run_lag(
     return lags
 
 
+async def measure_lag(
+    redis: Any, pool: asyncpg.Pool, ks: KeySpace, args: argparse.Namespace, meter: CpuMeter
+) -> None:
+    """Print the sync lag at ``--lag-rate`` events/s (the rate reached too: the producer
+    shares the machine) and the CPU per event of the worker and its Postgres backends."""
+    await meter.start()
+    lags = await run_lag(redis, pool, ks, args)
+    lag_cpu = await meter.stop()
+    lags_ms = sorted(x * 1000 for x in lags)
+    p = statistics.quantiles(lags_ms, n=100)
+    print(
+        f"\nlag at {args.lag_rate} events/s for {args.lag_seconds} s "
+        f"({len(lags_ms)} events, {len(lags_ms) / args.lag_seconds:,.0f}/s):"
+        f" p50 {p[49]:.1f} ms, p99 {p[98]:.1f} ms, "
+        f"max {lags_ms[-1]:.1f} ms; CPU us/event: worker"
+        f" {lag_cpu[0] / len(lags_ms) * 1e6:.1f}, Postgres backends"
+        f" {lag_cpu[1] / len(lags_ms) * 1e6:.1f}; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
 async def cleanup_redis(redis: Any, prefix: str) -> None:
     async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
         await redis.delete(key)
@@ -377,6 +475,36 @@ def table(rows: list[tuple[str, float]], insert_floor: float, copy_floor: float)
     return "\n".join(lines)
 
 
+def cpu_table(
+    n: int,
+    e2e_cpu: tuple[float, float],
+    floor_cpu: dict[tuple[str, str, int], tuple[float, float]],
+) -> str:
+    """A Markdown table: CPU µs per event of this process (the worker, or the floor's
+    client) and of the Postgres backends, and the ratio of the cheapest COPY + INSERT
+    floor's total to each row's (the load-robust counterpart of the rows/s ratio)."""
+
+    def per_event(cpu: tuple[float, float]) -> tuple[float, float, float]:
+        return cpu[0] / n * 1e6, cpu[1] / n * 1e6, (cpu[0] + cpu[1]) / n * 1e6
+
+    cheapest = min(per_event(c)[2] for (m, _, _), c in floor_cpu.items() if m == "insert")
+    rows = [("end-to-end sync, 1 worker process (headline)", per_event(e2e_cpu))]
+    for (mode, shape, conc), cpu in sorted(floor_cpu.items()):
+        what = "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
+        rows.append((f"{what}, {shape}, concurrency {conc}", per_event(cpu)))
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"| {'CPU us/event':<{width}} | client | Postgres | total | floor/this |",
+        f"|{'-' * (width + 2)}|-------:|---------:|------:|-----------:|",
+    ]
+    for name, (client, backends, total) in rows:
+        lines.append(
+            f"| {name:<{width}} | {client:>6.1f} | {backends:>8.1f} | {total:>5.1f}"
+            f" | {cheapest / total:>9.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.Namespace) -> None:
     """``--usage-ab R``: R rounds of the 1-process throughput on fixed-cost events, then on
     events with usage fields (model, counts, hold: a per-model rollup too), each on an
@@ -393,7 +521,7 @@ async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.N
                 )
             await prefill(redis, ks, args.events, args.orgs, usage=usage)
             try:
-                elapsed, _ = await run_throughput(redis, pool, ks, args.events, args)
+                elapsed, _, _ = await run_throughput(redis, pool, ks, args.events, args)
             finally:
                 await cleanup_redis(redis, ks.prefix)
             rates[usage] = args.events / elapsed
@@ -418,12 +546,17 @@ async def main(args: argparse.Namespace) -> None:
     pool: asyncpg.Pool | None = None
     try:
         await migrate(dsn)
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=args.concurrency + 1)
+        # Every connection open from the start: the CPU meter sees all their backends.
+        size = args.concurrency + 1
+        pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size)
         print(
             f"{args.events:,} events, {args.shards} shards, {args.orgs} orgs, batch"
             f" {args.batch_size}, concurrency {args.concurrency};"
             f" load average {os.getloadavg()[0]:.2f}"
         )
+        if args.lag_only:
+            await measure_lag(redis, pool, lag_ks, args, CpuMeter(admin, database))
+            return
         t = time.perf_counter()
         events = await prefill(redis, ks, args.events, args.orgs)
         # The garbage collector as `creditgate sync` sets it (this also keeps it from
@@ -436,14 +569,15 @@ async def main(args: argparse.Namespace) -> None:
             await usage_ab(redis, pool, ks.prefix, args)
             return
 
-        cpu0 = time.process_time()
-        elapsed, worker = await run_throughput(redis, pool, ks, args.events, args)
-        cpu = time.process_time() - cpu0
+        meter = CpuMeter(admin, database)
+        elapsed, worker, e2e_cpu = await run_throughput(redis, pool, ks, args.events, args, meter)
         e2e = args.events / elapsed
         print(
-            f"  1 process: {elapsed:.2f} s; worker CPU {cpu:.2f} s ({cpu / elapsed:.0%} of a core,"
-            f" {cpu / args.events * 1e6:.1f} us/event); fast-path fallbacks:"
-            f" {worker._writer.fallbacks}"
+            f"  1 process: {elapsed:.2f} s; worker CPU {e2e_cpu[0]:.2f} s"
+            f" ({e2e_cpu[0] / elapsed:.0%} of a core, {e2e_cpu[0] / args.events * 1e6:.1f}"
+            f" us/event); Postgres backends {e2e_cpu[1] / args.events * 1e6:.1f} us/event;"
+            f" fast-path fallbacks: {worker._writer.fallbacks}; load average"
+            f" {os.getloadavg()[0]:.2f}"
         )
         multi = None
         if args.processes > 0:
@@ -462,11 +596,13 @@ async def main(args: argparse.Namespace) -> None:
         records = [log_record(e) for e in events]
         del events
         floors: dict[tuple[str, str, int], float] = {}
+        floor_cpu: dict[tuple[str, str, int], tuple[float, float]] = {}
         for mode, shape in (("insert", "partitioned"), ("insert", "unpartitioned"),
                             ("copy", "partitioned")):  # fmt: skip
             for conc in sorted({1, args.concurrency}):
-                secs = await floor(pool, records, args.batch_size, conc, mode, shape)
+                secs, cpu = await floor(pool, records, args.batch_size, conc, mode, shape, meter)
                 floors[(mode, shape, conc)] = len(records) / secs
+                floor_cpu[(mode, shape, conc)] = cpu
         # The best floor of either shape: the ratio never flatters the worker.
         best_insert = max(v for (m, _, _), v in floors.items() if m == "insert")
         best_copy = max(v for (m, _, _), v in floors.items() if m == "copy")
@@ -478,16 +614,12 @@ async def main(args: argparse.Namespace) -> None:
             rows.append((f"{what}, {shape}, concurrency {conc}", rate))
         print()
         print(table(rows, best_insert, best_copy))
+        print(f"load average {os.getloadavg()[0]:.2f} after the floors")
+        print()
+        print(cpu_table(args.events, e2e_cpu, floor_cpu))
 
         if args.lag_seconds > 0:
-            lags = await run_lag(redis, pool, lag_ks, args)
-            lags_ms = sorted(x * 1000 for x in lags)
-            p = statistics.quantiles(lags_ms, n=100)
-            print(
-                f"\nlag at {args.lag_rate} events/s for {args.lag_seconds} s "
-                f"({len(lags_ms)} events): p50 {p[49]:.1f} ms, p99 {p[98]:.1f} ms, "
-                f"max {lags_ms[-1]:.1f} ms"
-            )
+            await measure_lag(redis, pool, lag_ks, args, meter)
     finally:
         if pool is not None:
             await pool.close()
@@ -508,6 +640,9 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--lag-rate", type=int, default=2000)
     parser.add_argument("--lag-seconds", type=float, default=20)
+    parser.add_argument(
+        "--lag-only", action="store_true", help="only the lag run (no pre-fill, no floors)"
+    )
     parser.add_argument(
         "--usage-ab",
         type=int,

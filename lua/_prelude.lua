@@ -71,24 +71,37 @@ local function audit_event(stream_key,
     'tm', tm)
 end
 
--- level_figures(org_key, h): the figures of hold h's capped levels after its event, for
--- the sync job's cap alerts: "<team cap> <user cap> <key cap> <team counter> <user
--- counter> <key counter> <key id>". The caps are the hold's lv (lua/charge.lua: '-' for a
--- level without a cap); each counter is its raw "<used>@<period>" field (the one
--- charge.lua checks; '0' when absent), read after the event moved it, with the period
--- left for the sync job to compare (a counter of another period reads 0, the lazy
--- reset); the key id is '-' when the key is not capped. nil for a hold without levels or
--- written before lv had that form. One HMGET and one concatenation: measured
--- (bench/lua_instructions.py), splitting and rebuilding the figures here cost Redis
--- more than the HMGET itself.
-local function level_figures(org_key, h)
-  local lv = h.lv
-  if type(lv) ~= 'string' then
+-- level_figures(org_key, h, per): the figures of hold h's capped levels after its event in
+-- period per (the event's), for the sync job's cap alerts (sync/levels.py):
+-- "<team counter> <user counter> <key counter> " followed by the hold's lx, "<team cap>
+-- <user cap> <key cap>[ <key id>]" (lua/charge.lua), all hexadecimal, '-' for a level
+-- without a cap. nil for a hold without levels or from before lf, and when the event's
+-- period is not the hold's (its counters were reset since; the caps were the old period's).
+-- org_key nil: the counters as the hold's charge left them (its lf), for an event that did
+-- not move them (a charge of the hold, an expiry): the common settle reads nothing more
+-- and concatenates two strings. An event that moved them (a refund, an actual other
+-- than the hold) passes org_key and they are read again, after the move: one HMGET, with
+-- the bucket's Lp (a counter of another period than per is not this period's: nil).
+-- Measured (bench/lua_instructions.py, BENCHMARKS.md section 10): reading the counters in
+-- every settle cost a capped settle ~+19k instructions (+22%); lf costs it ~+6k (its
+-- decoding, the concatenation, two more XADD values) and the charge ~+1k.
+local function level_figures(org_key, h, per)
+  local lx = h.lx
+  if lx == nil or per ~= h.per then
     return nil
   end
+  if org_key == nil then
+    local lf = h.lf
+    if lf == nil then
+      return nil
+    end
+    return lf .. ' ' .. lx
+  end
   local p = 'Ln:' .. h.b .. ':'
-  local got = redis.call('HMGET', org_key, p .. 't:' .. (h.tm or ''), p .. 'u:' .. (h.u or ''),
-    p .. 'k:' .. (h.k or ''))
-  return lv .. ' ' .. (got[1] or '0') .. ' ' .. (got[2] or '0') .. ' ' .. (got[3] or '0') ..
-    ' ' .. (h.k or '-')
+  local got = redis.call('HMGET', org_key, 'Lp:' .. h.b, p .. 't:' .. (h.tm or ''),
+    p .. 'u:' .. h.u, p .. 'k:' .. (string.match(lx, '^%S+ %S+ %S+ (.+)$') or ''))
+  if got[1] ~= per then
+    return nil
+  end
+  return (got[2] or '0') .. ' ' .. (got[3] or '0') .. ' ' .. (got[4] or '0') .. ' ' .. lx
 end

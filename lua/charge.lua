@@ -23,6 +23,11 @@
 --            -1 = no default at that level), limiter count L, then L triples: KEYS index, count, period (ms). KEYS index 0 = a per-org
 --            limiter, kept in the org hash as field rl:o:<count>/<period> (no key of its
 --            own: one HMGET and one HSET serve the org's state and its limiters).
+-- then, optionally: the caller's levels as its template caches them (contract A10; see
+--          "Levels" below): "<version> <plan>", the org's levels version (field lv, always
+--          "v...": neither "" nor hex, so not a fingerprint) and plan they were resolved
+--          for, the team ("" = none), then the caps of team, user and key in tokens,
+--          hexadecimal ("-" = none)
 -- then, optionally (absent on the fixed-cost path: nothing to read, nothing to write):
 --          the request's fingerprint (64 hex digits of sha256 over what makes it the same
 --          request, or "" for none), then, for a reservation (DESIGN A9) only: how long its
@@ -31,6 +36,9 @@
 --
 -- Returns one of:
 --   {"ok", remaining, limit, limit_remaining, limit_reset_ms}  (limit = -1: no limiter)
+--                               followed, when the levels were read in full, by the 5
+--                               values of the levels group for the caller to cache (see
+--                               "Levels" below)
 --   {"missing"}                 no state for this org: seed it (seed.lua), then call again
 --   {"anchor", anchor}          the org's anchor (field pa) is not the one ARGV[2] assumed:
 --                               nothing was written; compute the period again and call again
@@ -62,10 +70,15 @@
 -- settle.lua can refund them exactly: {o, u, f, b, c (cost), pp (from plan tokens),
 -- lt ([[reference, n, expires_ms], ...] from purchased lots), per (period), rq, t0, m, r,
 -- ik (idempotency key or ""), p (plan), s0 (the org's seq when the hold was taken)}, and
--- when they apply: tm (the request's team), lv ("<team cap> <user cap> <key cap>", "-" for
--- a level without a cap: the caps of the level counters the hold drew from, named
--- Ln:<b>:t:<tm>, Ln:<b>:u:<u>, Ln:<b>:k:<k>; see "Levels" below), k (the API key, only when
--- its level is capped), fp (the request's fingerprint, with ik), and for a reservation v (how
+-- when they apply: tm (the request's team), lx ("<team cap> <user cap> <key cap>" in
+-- hexadecimal, "-" for a level without a cap, then " <API key>" when its level is capped:
+-- the caps of the level counters the hold drew from, named Ln:<b>:t:<tm>, Ln:<b>:u:<u>,
+-- Ln:<b>:k:<key>; see "Levels" below; holds written before have lv, decimal), lf (with
+-- lx: "<team> <user> <key>", those counters as this charge left them, in hexadecimal, "-"
+-- for a level without a cap: the cap alerts' figures with lx, which settle.lua and
+-- sweep_holds.lua pass on unless they moved the counters, see level_figures in
+-- lua/_prelude.lua; counters only, as each character of the hold costs its encoding
+-- here and its decoding there), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
@@ -119,6 +132,22 @@ local anchor_at = nil  -- the org's anchor field pa, read with its state (per-or
 if anchor then
   fields[#fields + 1] = 'pa'
   anchor_at = #fields
+end
+-- The caller's levels as its template caches them (5 values from a version, "v...", on;
+-- absent until a charge of this caller reported them, see "Levels" below): their counters
+-- are read with the org's state.
+local cached, counters_at, tn, un, kn = nil, nil, nil, nil, nil
+do
+  local a = ARGV[i]
+  if a and string.byte(a, 1) == 118 then
+    cached = i  -- "<version> <plan>", team, team cap, user cap, key cap
+    i = i + 5
+    local p = 'Ln:' .. bucket .. ':'
+    tn, un, kn = p .. 't:' .. ARGV[cached + 1], p .. 'u:' .. user, p .. 'k:' .. key_id
+    local n = #fields
+    fields[n + 1], fields[n + 2], fields[n + 3] = tn, un, kn
+    counters_at = n + 1
+  end
 end
 -- The optional arguments after the plans (nil when absent).
 local fingerprint, reservation = ARGV[i], ARGV[i + 1]
@@ -289,90 +318,205 @@ end
 -- Levels (contract A10): the request's team, user and API key may each have a cap on what
 -- they draw from this bucket per period: an override in the org hash (Lc:<bucket>:<l>:<id>,
 -- "N" tokens or "p<hundredths of a percent>" of the allocation) or the plan's default
--- (ARGV). Each capped level counts what it drew in Ln:<bucket>:<l>:<id> = "<used>@<period>"
--- (a counter of another period reads 0: the lazy reset). Checked broadest first (team,
--- user, key) after the org's balance; all are charged together with the org, or none is.
--- An org without overrides (no lv) on a plan without default caps skips all of this.
+-- (ARGV). Each capped level counts what it drew in Ln:<bucket>:<l>:<id>, a hexadecimal
+-- integer, in the period in Lp:<bucket> (field names: gateway/core/caps.py). Checked broadest first
+-- (team, user, key) after the org's balance; all are charged together with the org, or
+-- none is. An org without levels (no lv) on a plan without default caps skips all of this.
 --
--- Their fields are read only here, for an org that has levels (lv) or a plan with default
--- caps: one HMGET for the key's and the user's team and the caps and counters of the
--- request's team, user and key, and a second one for the team's when the team is not the
--- request's (the key's own or the user's, known only after the first). Names are built
--- here rather than passed in: measured (bench/lua_instructions.py), nine precomputed
--- names read with the org's state cost the levels path as much as building them, and one
--- more argument costs every request without levels ~1.5% more Redis instructions.
+-- lv is the org's levels version: every change of its teams, members or overrides
+-- (lua/levels.lua, lua/seed.lua) and every reset of its counters (below) writes a new one.
+-- Two ways to a level's team and cap:
+-- * cached: the caller's template carries them (ARGV: "<version> <plan>" they were
+--   resolved for, the team, the caps of team, user and key) and the counters were read
+--   with the org's state. Used only while lv and the org's plan are still those: anything
+--   else (an admin change on any process, a plan change, a reset, a re-seed) takes the full
+--   read below in this same call, so a stale cache can never admit what the current caps
+--   refuse. A version also implies the period of the counters: Lp changes only with a new
+--   one, and templates are per period.
+-- * full read: first the lazy reset (Lp is not this period: every counter of another
+--   period goes, one of this period in the older "<used>@<period>" form becomes
+--   hexadecimal), then one HMGET
+--   for the key's and the user's team and the caps and counters of the request's team,
+--   user and key, and a second one for the team's when the team is not the request's (the
+--   key's own or the user's, known only after the first). An admitted request then returns
+--   what it resolved (after the "ok" reply's 5 values: "<version> <plan>", team, caps) for
+--   the caller to cache.
+-- Measured (bench/lua_instructions.py, BENCHMARKS.md "Team/user/key caps"): the cached way
+-- saves the membership and cap lookups, the second HMGET and the names of 8 fields; a
+-- hexadecimal counter saves parsing "@<period>" and strtod. Each ARGV value costs Redis
+-- ~1.3k instructions, so the group has only what cannot be built here for less.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, lv_key, team = nil, nil, nil
+local lv_hold, lf_hold, team, learned = nil, nil, nil, nil
 if st[8] or plan_caps ~= '' then
-  if st[8] and #st[8] < 128 then
-    -- Levels written before lv was 128 bytes (lua/levels.lua): make the hash a hash table.
-    redis_call('HSET', org_key, 'lv', '1' .. string.rep('.', 127))
-  end
-  -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
-  local p = ':' .. bucket .. ':'
-  local tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
-    'Ln' .. p .. 'k:' .. key_id
-  local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
-    'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
-    'Lc' .. p .. 'k:' .. key_id, kn)
-  local tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
-  -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
-  team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
-  if team and team ~= req_team then
-    tn = 'Ln' .. p .. 't:' .. team
-    local t = redis_call('HMGET', org_key, 'Lc' .. p .. 't:' .. team, tn)
-    tc, tv = t[1], t[2]
-  end
-  -- The plan's default caps of this bucket, as strings ("-1": none at that level).
-  local d1, d2, d3 = '-1', '-1', '-1'
-  if plan_caps ~= '' then
-    d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
-  end
   local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
   -- Up to three times per request, so written for Lua 5.1's costs (measured: see
-  -- BENCHMARKS.md, "Team/user/key caps"): library functions as locals, no string made
-  -- where a plain find does (a counter of this period ends with sfx), integers turned into
-  -- strings by string.format('%d') (Lua's own conversion and '%.0f' go through the C
-  -- library's floating-point formatting, ~0.5 µs each).
-  local sbyte, ssub, sfind, sformat = string.byte, string.sub, string.find, string.format
-  local sfx = '@' .. period
-  local nsfx = #sfx
-  -- One level: its cap (override ov, else the default dflt), what its counter (field
-  -- counter, value raw: "<used>@<period>") drew this period. Returns a refusal, or nil and
-  -- the cap as a string (nil: the level has no cap) with the counter's new value added.
-  local function level(name, id, ov, dflt, counter, raw)
-    local cap, cap_s = nil, ov
-    if ov then
-      if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
-        cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
-        cap_s = sformat('%d', cap)
-      else
-        cap = tonumber(ov)
+  -- BENCHMARKS.md, "Team/user/key caps"): library functions as locals, no closure made on
+  -- the cached way. Counters and the caps passed in ARGV are hexadecimal: tonumber(s, 16)
+  -- is the C library's strtoul, half the cost of tonumber(s), which is strtod; integers
+  -- become strings through string.format('%x') (Lua's own conversion and '%.0f' go
+  -- through the C library's floating-point formatting). A counter that is not hexadecimal
+  -- is in the form written before Lp, "<used>@<period>" in decimal (a process not yet
+  -- upgraded may still write one): it counts only in its own period.
+  local sformat = string.format
+  local refused, ct, cu, ck  -- the caps as hexadecimal strings (nil: not capped)
+  local after_t, after_u, after_k  -- the counters' new values, hexadecimal (the hold's lf)
+  -- One string for version and plan: the concatenation costs less than an argument more.
+  if cached and st[8] and st[8] .. ' ' .. plan == ARGV[cached] then
+    -- Cached: per level j (0 team, 1 user, 2 key) its cap ARGV[cached + 2 + j], counter
+    -- field tn, un or kn and value st[counters_at + j]. Inline, not through level()
+    -- below: a closure made per call costs more than the loop.
+    local tm = ARGV[cached + 1]
+    if tm ~= '' then team = tm end
+    local nt = ntats
+    for j = 0, 2 do
+      local c = ARGV[cached + 2 + j]
+      if c ~= '-' then
+        local cap, raw, lused = tonumber(c, 16), st[counters_at + j], 0
+        if raw then
+          lused = tonumber(raw, 16)
+          if not lused then
+            local u, per = string.match(raw, '^(%d+)@(.*)$')
+            lused = per == period and tonumber(u) or 0
+          end
+        end
+        if lused + cost > cap then
+          local name, id = 'team', team
+          if j == 1 then name, id = 'user', user elseif j == 2 then name, id = 'key', key_id end
+          refused = {'insufficient', math.max(0, cap - lused), plan, name, cap, lused,
+            bal + extra, id}
+          break
+        end
+        if cap - lused - cost < room then room = cap - lused - cost end
+        local nv = sformat('%x', lused + cost)
+        if j == 0 then
+          ct, after_t, org_tats[nt + 1] = c, nv, tn
+        elseif j == 1 then
+          cu, after_u, org_tats[nt + 1] = c, nv, un
+        else
+          ck, after_k, org_tats[nt + 1] = c, nv, kn
+        end
+        org_tats[nt + 2] = nv
+        nt = nt + 2
       end
-    elseif dflt ~= '-1' then
-      cap, cap_s = tonumber(dflt), dflt
-    else
-      return nil
     end
-    local lused = 0
-    if raw then
-      -- A counter of another period reads 0: the lazy reset.
-      local m = #raw - nsfx
-      if m > 0 and sfind(raw, sfx, m + 1, true) then lused = tonumber(ssub(raw, 1, m)) end
+  else
+    -- One capped level: its cap (tokens), what its counter (field counter, value raw)
+    -- drew this period. Returns a refusal, or nil and the counter's new value (hexadecimal),
+    -- which it adds to the org's HSET.
+    local function level(name, id, cap, counter, raw)
+      local lused = 0
+      if raw then
+        lused = tonumber(raw, 16)
+        if not lused then
+          local u, per = string.match(raw, '^(%d+)@(.*)$')
+          lused = per == period and tonumber(u) or 0
+        end
+      end
+      if lused + cost > cap then
+        return {'insufficient', math.max(0, cap - lused), plan, name, cap, lused, bal + extra, id}
+      end
+      if cap - lused - cost < room then room = cap - lused - cost end
+      local nv = sformat('%x', lused + cost)
+      org_tats[#org_tats + 1] = counter  -- written with the org's state below
+      org_tats[#org_tats + 1] = nv
+      return nil, nv
     end
-    if lused + cost > cap then
-      return {'insufficient', math.max(0, cap - lused), plan, name, cap, lused, bal + extra, id}
+    local sbyte, ssub = string.byte, string.sub
+    local version = st[8]
+    local f_lp = 'Lp:' .. bucket
+    local lp = redis_call('HGET', org_key, f_lp)
+    if lp ~= period then
+      -- The bucket's counters count another period (or are in the form written before
+      -- Lp): the lazy reset of every level at once. Each counter of this period in the
+      -- old form becomes a plain integer, every other one goes (nothing to count: its
+      -- level starts the period at 0), once per bucket per period and org, in time
+      -- proportional to the org's level fields (HSCAN's MATCH keeps them in C). Then a new
+      -- version: every cached group of the org was resolved with counters of the old period.
+      local match = 'Ln:' .. string.gsub(bucket, '[%*%?%[%]\\]', '\\%0') .. ':*'
+      local cursor, set, del = '0', {}, {}
+      repeat
+        local page = redis_call('HSCAN', org_key, cursor, 'MATCH', match, 'COUNT', 1000)
+        cursor = page[1]
+        local kv = page[2]
+        for j = 1, #kv, 2 do
+          local u, per = string.match(kv[j + 1], '^(%d+)@(.*)$')
+          if per == period and u ~= '0' then
+            local n = #set
+            set[n + 1], set[n + 2] = kv[j], string.format('%x', tonumber(u))
+          else
+            del[#del + 1] = kv[j]
+          end
+        end
+      until cursor == '0'
+      for j = 1, #del, 4000 do
+        redis_call('HDEL', org_key, unpack(del, j, math.min(j + 3999, #del)))
+      end
+      for j = 1, #set, 4000 do
+        redis_call('HSET', org_key, unpack(set, j, math.min(j + 3999, #set)))
+      end
     end
-    if cap - lused - cost < room then room = cap - lused - cost end
-    org_tats[#org_tats + 1] = counter  -- written with the org's state below
-    org_tats[#org_tats + 1] = sformat('%d@%s', lused + cost, period)
-    return nil, cap_s
+    if lp ~= period or not version or sbyte(version, 1) ~= 118 then
+      -- A new version after a reset, or for lv written before versions ("1" and dots:
+      -- old lua/levels.lua), as lua/levels.lua makes them; 128 bytes of lvp keep the hash
+      -- a hash table.
+      local t = redis_call('TIME')
+      version = 'v' .. t[1] .. '.' .. t[2] .. '.' .. redis_call('HINCRBY', org_key, 'lvn', 1)
+      redis_call('HSET', org_key, f_lp, period, 'lv', version, 'lvp', string.rep('.', 128))
+    end
+    -- Per level (t team, u user, k key): cap override ?c, counter field ?n and value ?v.
+    local p = ':' .. bucket .. ':'
+    local tn, un, kn = 'Ln' .. p .. 't:' .. req_team, 'Ln' .. p .. 'u:' .. user,
+      'Ln' .. p .. 'k:' .. key_id
+    local r = redis_call('HMGET', org_key, 'Lm:k:' .. key_id, 'Lm:u:' .. user,
+      'Lc' .. p .. 't:' .. req_team, tn, 'Lc' .. p .. 'u:' .. user, un,
+      'Lc' .. p .. 'k:' .. key_id, kn)
+    local tc, tv, uc, uv, kc, kv = r[3], r[4], r[5], r[6], r[7], r[8]
+    -- The team: the API key's own, else the request's (JWT claim, scope), else the user's.
+    team = r[1] or (req_team ~= '' and req_team) or r[2] or nil
+    if team and team ~= req_team then
+      tn = 'Ln' .. p .. 't:' .. team
+      local t = redis_call('HMGET', org_key, 'Lc' .. p .. 't:' .. team, tn)
+      tc, tv = t[1], t[2]
+    end
+    -- The plan's default caps of this bucket, as strings ("-1": none at that level).
+    local d1, d2, d3 = '-1', '-1', '-1'
+    if plan_caps ~= '' then
+      d1, d2, d3 = string.match(plan_caps, '^(%-?%d+),(%-?%d+),(%-?%d+)$')
+    end
+    -- A level's cap in tokens and as a hexadecimal string: its override ov, else the
+    -- default dflt (nil: the level has no cap).
+    local function cap_of(ov, dflt)
+      local cap = nil
+      if ov then
+        if sbyte(ov, 1) == 112 then  -- "p": a share of the allocation
+          cap = math.floor(alloc * tonumber(ssub(ov, 2)) / 10000)
+        else
+          cap = tonumber(ov)
+        end
+      elseif dflt ~= '-1' then
+        cap = tonumber(dflt)
+      end
+      if cap then return cap, sformat('%x', cap) end
+      return nil, nil
+    end
+    -- Broadest first: the first refusal is the one reported.
+    local cap
+    if team then
+      cap, ct = cap_of(tc, d1)
+      if cap then refused, after_t = level('team', team, cap, tn, tv) end
+    end
+    if not refused and user ~= '' then
+      cap, cu = cap_of(uc, d2)
+      if cap then refused, after_u = level('user', user, cap, un, uv) end
+    end
+    if not refused and key_id ~= '' then
+      cap, ck = cap_of(kc, d3)
+      if cap then refused, after_k = level('key', key_id, cap, kn, kv) end
+    end
+    if not refused then
+      learned = {version .. ' ' .. plan, team or '', ct or '-', cu or '-', ck or '-'}
+    end
   end
-  -- Broadest first: the first refusal is the one reported.
-  local refused, ct, cu, ck
-  if team then refused, ct = level('team', team, tc, d1, tn, tv) end
-  if not refused and user ~= '' then refused, cu = level('user', user, uc, d2, un, uv) end
-  if not refused and key_id ~= '' then refused, ck = level('key', key_id, kc, d3, kn, kv) end
   if refused then
     if ntats > 0 then
       redis_call('HSET', org_key, unpack(org_tats, 1, ntats))
@@ -380,10 +524,14 @@ if st[8] or plan_caps ~= '' then
     return refused
   end
   if ct or cu or ck then
-    -- The hold's caps of team, user and key ("-": not capped); settle.lua names their
-    -- counters from the hold's b, tm, u and k (the key, kept only when it is capped).
-    lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' ' .. (ck or '-')
-    if ck then lv_key = key_id end
+    -- The hold's caps of team, user and key ("-": not capped), then the key when it is
+    -- capped; settle.lua names their counters from the hold's b, tm, u and that key.
+    if ck then
+      lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' ' .. ck .. ' ' .. key_id
+    else
+      lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' -'
+    end
+    lf_hold = (after_t or '-') .. ' ' .. (after_u or '-') .. ' ' .. (after_k or '-')
   end
 elseif req_team ~= '' then
   team = req_team  -- no caps to check, but the audit row still names the team
@@ -443,7 +591,7 @@ if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
 if team then hold.tm = team end
-if lv_hold then hold.lv, hold.k = lv_hold, lv_key end
+if lv_hold then hold.lx, hold.lf = lv_hold, lf_hold end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])
@@ -451,4 +599,8 @@ end
 redis_call('HSET', holds_key, request_id, cjson_encode(hold))
 redis_call('ZADD', holdexp_key, ARGV[7], request_id)
 
+if learned then
+  -- The levels as resolved here, for the caller's template (see "Levels" above).
+  return {'ok', room, limit, limit_remaining, limit_reset, unpack(learned)}
+end
 return {'ok', room, limit, limit_remaining, limit_reset}

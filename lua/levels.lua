@@ -7,8 +7,10 @@
 --          (field names: gateway/core/caps.py)
 --
 -- Returns "missing" when the org has no state in Redis (nothing written: seeding it from
--- the ledger brings the change along), else "ok". Sets lv, the flag that makes charge.lua
--- read the levels of the org's requests (a 128-byte value: see below).
+-- the ledger brings the change along), else "ok". Sets lv to a new levels version: it makes
+-- charge.lua read the levels of the org's requests, and the levels every gateway process
+-- cached for this org (in its charge.lua templates) stale, so the next charge of each
+-- reads them in full (lua/charge.lua, "Levels"; fields: gateway/core/caps.py).
 
 local unpack = unpack or table.unpack
 local org_key = KEYS[1]
@@ -16,12 +18,17 @@ if redis.call('HEXISTS', org_key, 'plan') == 0 then
   return 'missing'
 end
 local s = tonumber(ARGV[1])
--- lv's value is 128 bytes, longer than Redis's hash-max-listpack-value (64 by default): the
--- org's hash becomes (and, through restarts, stays) a hash table. In a listpack every
+-- lvp's value is 128 bytes, longer than Redis's hash-max-listpack-value (64 by default):
+-- the org's hash becomes (and, through restarts, stays) a hash table. In a listpack every
 -- field lookup scans the whole hash, and an org with levels has fields per team, member
 -- and cap: charge.lua's dozen lookups then cost more than the rest of the charge
 -- (BENCHMARKS.md, "Team/user/key caps").
-local set = {'lv', '1' .. string.rep('.', 127)}
+-- The version is unique per org without a clock or counter of the gateway's: the server's
+-- time (µs) and a counter of the org's (lvn), so neither a clock step back nor a counter
+-- restarted by a re-seed after Redis lost the org repeats an older one.
+local t = redis.call('TIME')
+local v = 'v' .. t[1] .. '.' .. t[2] .. '.' .. redis.call('HINCRBY', org_key, 'lvn', 1)
+local set = {'lv', v, 'lvp', string.rep('.', 128)}
 for j = 2, 1 + 2 * s do
   set[#set + 1] = ARGV[j]
 end

@@ -8,7 +8,7 @@
 --          used, period id, extra, lots JSON ([[reference, expires_ms, remaining], ...])
 -- then, optionally: the number of level fields M (teams, members and cap overrides of
 --          contract A10, named in gateway/core/caps.py), then M field/value pairs; M > 0
---          also sets lv (the org has levels: charge.lua reads them).
+--          also sets lv, a new levels version (the org has levels: charge.lua reads them).
 -- then, optionally: the org's period anchor (contract A12, field pa; "" = none).
 --
 -- Returns 1 when seeded, 0 when the org already had state (nothing written).
@@ -32,8 +32,11 @@ for j = 0, m - 1 do
   redis.call('HSET', org_key, ARGV[at + 1 + 2 * j], ARGV[at + 2 + 2 * j])
 end
 if m > 0 then
-  -- 128 bytes: the org's hash is a hash table, not a listpack (see lua/levels.lua).
-  redis.call('HSET', org_key, 'lv', '1' .. string.rep('.', 127))
+  -- A new levels version (as lua/levels.lua writes it: 128 bytes, the org's hash is a hash
+  -- table, not a listpack): templates cached before Redis lost the org do not match it.
+  local t = redis.call('TIME')
+  local v = 'v' .. t[1] .. '.' .. t[2] .. '.' .. redis.call('HINCRBY', org_key, 'lvn', 1)
+  redis.call('HSET', org_key, 'lv', v, 'lvp', string.rep('.', 128))
 end
 local anchor = ARGV[at + 1 + 2 * m]
 if anchor and anchor ~= '' then

@@ -40,11 +40,11 @@
 -- when nothing is known of it, -2 when the hold is not a reservation of that org.
 --
 -- Levels (contract A10): a hold that drew from team, user or key caps lists their caps
--- (hold field lv, lua/charge.lua; the counters are named from the hold's b, tm, u and k).
--- A charge of the hold (the common case) leaves the counters as charge.lua set them and
--- never reads lv. A refund gives the hold back to every one of them, an actual below the
--- hold gives back the difference, both only to counters still in the hold's period (a
--- reset already forgot them). An actual above the hold takes the extra from the org only
+-- (hold field lx, or lv in holds written before: lua/charge.lua; the counters are named
+-- from the hold's b, tm, u and key). A charge of the hold (the common case) leaves the
+-- counters as charge.lua set them and never reads lx. A refund gives the hold back to
+-- every one of them, an actual below the hold gives back the difference, both only to
+-- counters still in the hold's period (a reset already forgot them). An actual above the hold takes the extra from the org only
 -- as far as every level's cap (as recorded in the hold) leaves room: a cap is a balance of
 -- its own, so like the org's balance it is never exceeded, and what a level cannot cover
 -- is overage as well (ov), never taken. Every level is moved by the same net tokens as
@@ -59,8 +59,10 @@
 --
 -- Audit events are written by audit_event (with the usage fields or without), defined in
 -- lua/_prelude.lua (the loader prepends it). A hold with capped levels adds their figures
--- after the event (level_figures, also in the prelude: one HMGET of its three counters),
--- which the sync job's cap alerts read; holds without levels pay nothing for it.
+-- after the event (level_figures, also in the prelude), which the sync job's cap alerts
+-- read: a charge of the hold passes on the counters as its charge left them (the hold's
+-- lf, nothing read), an event that moved them reads them again; holds without levels pay
+-- nothing for it.
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -173,47 +175,72 @@ local function take_more(org_key, h, more)
   return rest
 end
 
--- The levels' counters of hold h (field lv), in the hold's period, as {field, cap, used}.
--- lv is "<team cap> <user cap> <key cap>" ("-": that level is not capped) and the counters
--- are named from the hold's bucket, team (tm), user (u) and key (k); a hold written before
--- that form lists [[counter field, cap], ...] instead.
+-- The levels' counters of hold h (field lx), in the hold's period, as {field, cap, used}.
+-- lx is "<team cap> <user cap> <key cap>" in hexadecimal ("-": that level is not capped),
+-- then the key when its level is capped; the counters are named from the hold's bucket,
+-- team (tm), user (u) and that key. Holds written before have lv instead: the same in
+-- decimal (the key in k when it is not there), or [[counter field, cap], ...]. A counter
+-- is a hexadecimal integer of the period in the bucket's Lp (see lua/charge.lua,
+-- "Levels"): one of another period was reset and is left alone. Without Lp (an org not
+-- charged since counters were "<used>@<period>", decimal) the value names its own.
 local function levels_of(org_key, h)
   local names, caps, out = {}, {}, {}
-  local lv = h.lv
+  local lv, base = h.lx, 16
+  if not lv then lv, base = h.lv, 10 end
   if type(lv) == 'table' then
     for k, l in ipairs(lv) do names[k], caps[k] = l[1], l[2] end
   else
-    local t, u, k = string.match(lv, '^(%S+) (%S+) (%S+)$')
+    local t, u, k, key = string.match(lv, '^(%S+) (%S+) (%S+) ?(.*)$')
+    if key == '' then key = h.k end
     local prefix = 'Ln:' .. h.b .. ':'
-    if t ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 't:' .. h.tm, tonumber(t) end
-    if u ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'u:' .. h.u, tonumber(u) end
-    if k ~= '-' then names[#names + 1], caps[#caps + 1] = prefix .. 'k:' .. h.k, tonumber(k) end
-  end
-  local got = redis.call('HMGET', org_key, unpack(names))
-  for j, name in ipairs(names) do
-    local v = got[j]
-    if v then
-      local used, p = string.match(v, '^(%d+)@(.*)$')
-      if p == h.per then out[#out + 1] = {name, caps[j], tonumber(used)} end
+    if t ~= '-' then
+      names[#names + 1], caps[#caps + 1] = prefix .. 't:' .. h.tm, tonumber(t, base)
+    end
+    if u ~= '-' then
+      names[#names + 1], caps[#caps + 1] = prefix .. 'u:' .. h.u, tonumber(u, base)
+    end
+    if k ~= '-' then
+      names[#names + 1], caps[#caps + 1] = prefix .. 'k:' .. key, tonumber(k, base)
     end
   end
-  return out
+  names[#names + 1] = 'Lp:' .. h.b
+  local got = redis.call('HMGET', org_key, unpack(names))
+  local lp = got[#names]
+  if lp and lp ~= h.per then return out, true end
+  for j = 1, #names - 1 do
+    local v = got[j]
+    if v then
+      local used = lp and tonumber(v, 16)
+      if not used then
+        -- "<used>@<period>": written before Lp, or by a process not yet upgraded.
+        local u, p = string.match(v, '^(%d+)@(.*)$')
+        if p == h.per then used = tonumber(u) end
+      end
+      if used then out[#out + 1] = {names[j], caps[j], used} end
+    end
+  end
+  return out, lp ~= nil
 end
 
 -- Move every level counter of hold h by delta tokens (never below zero).
 local function levels_move(org_key, h, delta)
-  if not h.lv or delta == 0 then return end
+  if not (h.lx or h.lv) or delta == 0 then return end
   local set = {}
-  for _, l in ipairs(levels_of(org_key, h)) do
+  local levels, current = levels_of(org_key, h)
+  for _, l in ipairs(levels) do
     set[#set + 1] = l[1]
-    set[#set + 1] = math.max(0, l[3] + delta) .. '@' .. h.per
+    if current then
+      set[#set + 1] = string.format('%x', math.max(0, l[3] + delta))
+    else
+      set[#set + 1] = string.format('%d@%s', math.max(0, l[3] + delta), h.per)
+    end
   end
   if #set > 0 then redis.call('HSET', org_key, unpack(set)) end
 end
 
 -- How many more tokens every level of hold h still allows (nil: no level).
 local function levels_room(org_key, h)
-  if not h.lv then return nil end
+  if not (h.lx or h.lv) then return nil end
   local room = nil
   for _, l in ipairs(levels_of(org_key, h)) do
     local r = math.max(0, l[2] - l[3])
@@ -264,6 +291,7 @@ for j = 1, n do
       org_order[#org_order + 1] = org_key
     end
     local kind, charged, overage = 'charge', h.c, 0
+    local moved = false  -- the levels' counters changed here (their figures are read again)
     local actual = extended and ARGV[a + 4] or ''
     if rsv_org ~= '' and h.e and h.e <= now then
       -- A reservation past its expiry is charged its reserve, as the sweep would have.
@@ -272,6 +300,7 @@ for j = 1, n do
       kind, charged = 'refund', 0
       give_back(org_key, h, h.pp, h.lt, h.c)
       levels_move(org_key, h, -h.c)
+      moved = true
       o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
@@ -296,6 +325,7 @@ for j = 1, n do
           end
           give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
           levels_move(org_key, h, charged - h.c)
+          moved = true
           o.snaps[b] = nil
         elseif charged > h.c then
           local more = charged - h.c
@@ -303,6 +333,7 @@ for j = 1, n do
           if allowed > more then allowed = more end
           local uncovered = allowed > 0 and take_more(org_key, h, allowed) or 0
           levels_move(org_key, h, allowed - uncovered)
+          moved = true
           overage = more - allowed + uncovered
           charged = charged - overage
           o.snaps[b] = nil
@@ -329,9 +360,12 @@ for j = 1, n do
     o.seq = seq
     local cs = extended and ARGV[a + 5] or ''
     -- The capped levels' figures after this event, for the cap alerts (nil: none).
-    local lvf = h.lv and level_figures(org_key, h) or nil
+    local lvf = nil
+    if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
     if extended and (cs ~= '' or actual ~= '') then
-      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', ''
+      -- A reservation settled past its expiry: the app's actual came too late to count,
+      -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
+      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
       if kind ~= 'expired_hold' then
         mdl, ui, uc, uo, ur, um =
           ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 6]

@@ -3,6 +3,7 @@
     python -m sync --config creditgate.yaml
     python -m sync --redis-url redis://... --database-url postgresql://... [--prefix cg]
                    [--shards 16] [--consumer NAME] [--batch-size N] [--claim-idle-ms MS]
+                   [--variable-features summarize,research]
 
 SIGTERM/SIGINT stop it after the batch in flight; it then exits 0.
 """
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-ms", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--timezone", default="UTC", help="the config's period.timezone (refresh dates)")
+    p.add_argument(
+        "--variable-features",
+        default="",
+        help="comma-separated features whose cost is read after the call (usage or header"
+        " costs): their expired holds are recorded with usage missing",
+    )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -52,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             block_ms=args.block_ms,
             concurrency=args.concurrency,
             timezone=args.timezone,
+            variable_features=[f for f in args.variable_features.split(",") if f],
         )
     )
 

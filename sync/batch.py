@@ -55,6 +55,24 @@ class Rows:
     def __len__(self) -> int:
         return len(self.flats)
 
+    @classmethod
+    def concat(cls, parts: Sequence[Rows]) -> Rows:
+        """The rows of ``parts``, one after the other (several shards' reads written in
+        one transaction, see sync/worker.py)."""
+        out = cls()
+        for part in parts:
+            # The figures' indices are into the part's flats: shifted past the parts before.
+            at = len(out.flats)
+            out.levels.extend([(at + i, lv) for i, lv in part.levels] if at else part.levels)
+            out.entry_ids.extend(part.entry_ids)
+            out.fields.extend(part.fields)
+            out.flats.extend(part.flats)
+            out.lines.extend(part.lines)
+            out.days.extend(part.days)
+            out.empty_bucket = out.empty_bucket or part.empty_bucket
+            out.usage = out.usage or part.usage
+        return out
+
     def slice(self, start: int, stop: int) -> Rows:
         """Entries ``start:stop`` (the worker bisects a batch Postgres rejects)."""
         part = Rows(

@@ -1,15 +1,18 @@
 """The capped levels' figures that request events carry, for the cap alerts (contract A11).
 
 A request event whose hold drew from team, user or API-key caps (contract A10) ends with
-``lv``: each level's cap as charge.lua applied it and its counter read after the event
-(``lua/_prelude.lua`` ``level_figures``)::
+``lv``: each level's counter after the event and its cap as charge.lua applied it
+(``lua/_prelude.lua`` ``level_figures``; the caps part is the hold's ``lx``)::
 
-    lv = "<team cap> <user cap> <key cap> <team counter> <user counter> <key counter> <key id>"
+    lv = "<team counter> <user counter> <key counter> <team cap> <user cap> <key cap>[ <key id>]"
 
-A counter is charge.lua's ``<used>@<period>`` (``0`` when there is none); one of another
-period than the event's counts 0 (the lazy reset). A cap is ``-`` for a level without one
-(and the key id is ``-`` when the key is not capped). The team is the event's ``tm``, the
-user its ``u``. The field is not a ledger column: the decoder
+Counters and caps are hexadecimal integers, as the org hash holds them (lua/charge.lua
+"Levels"); a cap is ``-`` for a level without one, and then its counter means nothing
+(``-``, ``0`` or a value). The key id follows when the key is capped. The counters are
+those of the event's period (the scripts send no figures when the counters count another
+one); a counter in the form written before, ``<used>@<period>`` in decimal, counts only
+in its own period. The team is the event's ``tm``, the user its ``u``. The field is not a
+ledger column: the decoder
 (sync/batch.py) takes it off the entry with :func:`without_levels` before the entry is
 canonicalised, so the ledger row, the fast ``COPY`` path and every other reader see the
 entry they always did, and keeps it aside in ``Rows.levels``. Events without caps carry
@@ -37,10 +40,10 @@ from sync.records import BUCKET, ORG, PERIOD, TEAM, USER, Fields, Flat
 __all__ = ["LEVELS_FIELD", "level_columns", "without_levels", "write_cap_alerts"]
 
 _LEVELS_BYTES = LEVELS_FIELD.encode()
-# Caps and counters are integers below 2**53 (gateway/core/caps.py MAX_CAP): 16 digits;
-# anything longer is not a figure the scripts wrote (and would overflow a bigint).
-_MAX_DIGITS = 18
-_MAX_USED = 10**_MAX_DIGITS
+# Caps and counters are integers below 2**53 (gateway/core/caps.py MAX_CAP): 14 hexadecimal
+# digits; anything longer is not a figure the scripts wrote (and could overflow a bigint).
+_MAX_HEX = 15
+_MAX_USED = 16**_MAX_HEX
 
 log = logging.getLogger("creditgate.sync")
 
@@ -70,16 +73,27 @@ def without_levels(fields: Fields) -> tuple[Fields, str | None]:
     return fields, None
 
 
-def _count(text: str) -> int | None:
-    return int(text) if text.isdigit() and text.isascii() and len(text) <= _MAX_DIGITS else None
+def _cap(text: str) -> int | None:
+    """A cap's tokens from its hexadecimal figure (None: not one the scripts write)."""
+    if len(text) > _MAX_HEX or not text.isalnum() or not text.isascii():
+        return None
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
 
 
 def _used(counter: str, period: str) -> int:
-    """What a level drew in ``period`` from its counter ``<used>@<period>`` (``0``: none;
-    another period's: 0). Raises ValueError for a malformed one."""
-    used, at, per = counter.partition("@")
-    if not at:
-        return int(used)
+    """What a level drew in ``period`` (the event's) from its counter: hexadecimal, or
+    ``<used>@<period>`` in decimal as written before (another period's: 0). Raises
+    ValueError for a malformed one."""
+    if "@" not in counter:
+        if len(counter) > _MAX_HEX or not counter.isalnum():
+            raise ValueError(counter)
+        return int(counter, 16)
+    used, _, per = counter.partition("@")
+    if not used.isdigit() or not used.isascii():
+        raise ValueError(counter)
     return int(used) if per == period else 0
 
 
@@ -98,10 +112,14 @@ def level_columns(
     malformed = 0
     for index, figures in levels:
         parts = figures.split(" ")
-        if len(parts) != 7:
+        if len(parts) == 7:
+            tn, un, kn, tc, uc, kc, key_id = parts
+        elif len(parts) == 6 and parts[5] == "-":
+            tn, un, kn, tc, uc, kc = parts
+            key_id = ""
+        else:
             malformed += 1
             continue
-        tc, uc, kc, tn, un, kn, key_id = parts
         f = flats[index]
         org, bucket, period = f[ORG], f[BUCKET], f[PERIOD]
         try:
@@ -115,7 +133,7 @@ def level_columns(
                 used = _used(un, period)
                 if used > get(k, -1):
                     best[k] = used
-            if key_on and kc != "-" and key_id != "-":
+            if key_on and kc != "-" and key_id:
                 k = (org, "key", key_id, bucket, period, kc)
                 used = _used(kn, period)
                 if used > get(k, -1):
@@ -128,7 +146,7 @@ def level_columns(
         log.warning("%d events' capped-level figures (lv) were malformed; skipped", malformed)
     cols: LevelColumns = ([], [], [], [], [], [], [])
     for (org, level, ident, bucket, period, cap_text), used in best.items():
-        cap = _count(cap_text)
+        cap = _cap(cap_text)
         if cap is None or used > _MAX_USED:
             continue
         cols[0].append(org)

@@ -19,6 +19,9 @@ class SyncPassResult:
     acked: int = 0
     trimmed: int = 0
     swept: int = 0  # expired holds turned into events by sweep_holds.lua
+    # of which holds of calls whose cost was to be read after them (or reservations): their
+    # rows say usage missing, like a settle whose usage never came
+    swept_usage_missing: int = 0
     alerts: int = 0  # alert events written to the outbox (gateway/alerts/evaluation.py)
 
     def add(self, other: SyncPassResult) -> None:

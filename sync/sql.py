@@ -53,6 +53,13 @@ ENSURE_PARTITION = "SELECT creditgate_usage_log_partition($1::date)"
 
 # Taken first by every batch transaction: writers of one shard take turns.
 LOCK = "SELECT pg_advisory_xact_lock($1, $2)"
+# The same for a batch folding several shards' entries (sync/worker.py): every shard's
+# lock, in shard order (the subquery's sort runs before the aggregate takes them), so two
+# such transactions never wait for each other in a cycle.
+LOCK_MANY = (
+    "SELECT count(pg_advisory_xact_lock($1, s))"
+    " FROM (SELECT unnest($2::int[]) AS s ORDER BY 1) AS q"
+)
 
 # Orgs first (ai_tokens references them; the FK check runs at the end of the statement
 # and sees the CTE's rows), then seq-0 placeholders for buckets the ledger lacks. The

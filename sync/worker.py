@@ -6,6 +6,12 @@ write the batch in one transaction, ack, trim. Entries are acked only after thei
 committed, so a crash anywhere redelivers them, and the ledger's unique event id makes the
 redelivery write nothing twice.
 
+At a steady rate each shard's read of new entries is small, and a transaction per shard
+made the commits (16 per pass, each with its fsync and its statements' planning) most of
+the cost of an event. So the short reads of all shards without a backlog are folded into
+one transaction (``SyncWorker._sync_shards``, ``fold``), which takes every shard's lock;
+a backlogged shard is still drained in full batches of its own.
+
 New entries take the writer's fast path (COPY straight into the ledger); re-read and
 claimed entries, which may be in the ledger already, take its safe path (sync/writer.py).
 
@@ -26,7 +32,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +61,9 @@ log = logging.getLogger("creditgate.sync")
 
 DEFAULT_BATCH_SIZE = 20_000
 _WAKE_COUNT = 1000
+# A shard whose read of new entries returns fewer than this has no backlog: such reads of
+# several shards are written in one transaction (see SyncWorker._sync_shards).
+_FOLD_BELOW = 1000
 _MAX_BACKOFF_S = 5.0
 _MIN_BACKOFF_S = 0.1
 _SWEEP_MAX = 1000
@@ -106,6 +115,14 @@ class SyncWorker:
     transaction (gateway/alerts/evaluation.py); None: no alerts are evaluated.
     ``timezone`` is the config's ``period.timezone`` (contract A12): snapshots'
     ``refresh_date`` (and so alerts' and forecasts' ``refresh_at``) is local midnight there.
+    ``variable_features`` is the config's ``Config.variable_features`` (contract A8): the
+    sweep records an expired hold of one of them with its usage missing (its reserve,
+    ``usage_missing``), as a settle whose usage never came; other expired holds are plain
+    charges of their cost.
+    ``linger_ms``: after a pass that found a little but no backlog, ``run`` waits this long
+    before the next one, so that a steady trickle is written in fewer, larger transactions
+    (each costs about a millisecond of Postgres CPU whatever its size); it adds at most
+    this much to the sync lag. 0 turns it off.
     ``run`` and ``run_once`` close the connection the worker opened when they return.
     """
 
@@ -119,6 +136,7 @@ class SyncWorker:
         group: str = "creditgate-sync",
         batch_size: int = DEFAULT_BATCH_SIZE,
         block_ms: int = 200,
+        linger_ms: int = 20,
         claim_idle_ms: int = 30000,
         sweep_every_s: float = 1.0,
         concurrency: int = 4,
@@ -128,6 +146,7 @@ class SyncWorker:
         now_ms: Callable[[], int] | None = None,
         alerts: AlertDefaults | None = None,
         timezone: str = "UTC",
+        variable_features: Collection[str] = (),
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -135,8 +154,10 @@ class SyncWorker:
         self.group = group
         self.batch_size = batch_size
         self.block_ms = block_ms
+        self.linger_ms = linger_ms
         self.claim_idle_ms = claim_idle_ms
         self.sweep_every_s = sweep_every_s
+        self._variable_features = tuple(sorted(set(variable_features)))
         self.max_batches_per_pass = max_batches_per_pass
         self._now_ms = now_ms or _wall_ms
         self._own_fast: FastClient | None = None
@@ -160,7 +181,8 @@ class SyncWorker:
         ]
         self._by_stream = {s.stream.key: s for s in self._shards}
         self._first = secrets.randbelow(len(self._shards)) if self._shards else 0
-        self._sem = asyncio.Semaphore(max(1, concurrency))
+        self._concurrency = max(1, concurrency)
+        self._sem = asyncio.Semaphore(self._concurrency)
         self._stop = asyncio.Event()
         self._sweep_script = redis.register_script(load_script("sweep_holds").source)
         self._next_sweep = float("-inf")
@@ -205,6 +227,9 @@ class SyncWorker:
                 log.info("sync resumed")
             backoff = _MIN_BACKOFF_S
             idle = result.read == 0
+            if self.linger_ms and 0 < result.read < _FOLD_BELOW:
+                # A trickle, not a backlog: let entries gather for the next transaction.
+                await self._sleep(self.linger_ms / 1000)
         await self._leave_group()
         await self.close()
         log.info("sync worker %s stopped", self.consumer)
@@ -247,7 +272,7 @@ class SyncWorker:
     async def _pass(self, *, block: bool, eager_trim: bool = False) -> SyncPassResult:
         result = SyncPassResult()
         if time.monotonic() >= self._next_sweep:
-            result.swept = await self._sweep()
+            result.swept, result.swept_usage_missing = await self._sweep()
             # A full sweep means more holds are due: sweep again next pass.
             full = result.swept >= _SWEEP_MAX
             self._next_sweep = time.monotonic() + (0 if full else self.sweep_every_s)
@@ -289,9 +314,85 @@ class SyncWorker:
     async def _sync_shards(
         self, shards: list[_Shard], eager_trim: bool
     ) -> list[SyncPassResult | BaseException]:
-        return await asyncio.gather(
-            *(self._sync_shard(s, eager_trim) for s in shards), return_exceptions=True
-        )
+        """One pass over ``shards``: the result of each, or the error that stopped it.
+
+        Each shard first takes over idle entries and re-reads its own un-acked ones (the
+        safe path, on its own). Then every shard is read for new entries with a probe of
+        at most ``_FOLD_BELOW`` entries: a shard whose probe came back short has no
+        backlog, and the short reads of all such shards are written in one transaction
+        (``fold``: a pass then costs one commit, not one per shard, which is what sync
+        lag at a steady rate is made of); a shard whose probe came back full is drained
+        in full-size batches of its own, as before. Both kinds run ``concurrency`` at a
+        time.
+        """
+        results = [SyncPassResult() for _ in shards]
+        errors: dict[int, BaseException] = {}
+
+        def failed(i: int, exc: BaseException) -> None:
+            shards[i].own_pending = True  # what it read may be un-acked: re-read it first
+            errors.setdefault(i, exc)
+
+        async with contextlib.AsyncExitStack() as stack:
+            # In shard order, as everywhere: no two holders of several locks wait in a cycle.
+            for shard in sorted(shards, key=lambda s: s.stream.keys.shard):
+                await stack.enter_async_context(shard.lock)
+            recovered = await asyncio.gather(
+                *(self._recover(s, r) for s, r in zip(shards, results, strict=True)),
+                return_exceptions=True,
+            )
+            live = []
+            for i, outcome in enumerate(recovered):
+                if isinstance(outcome, BaseException):
+                    failed(i, outcome)
+                elif not self.stopping:
+                    live.append(i)
+            probe = min(self.batch_size, _FOLD_BELOW)
+            reads = await asyncio.gather(
+                *(shards[i].stream.read(">", probe) for i in live), return_exceptions=True
+            )
+            got: dict[int, list[Entry]] = {}
+            for i, read in zip(live, reads, strict=True):
+                if isinstance(read, BaseException):
+                    failed(i, read)
+                elif read:
+                    shards[i].own_pending = True  # until acked
+                    got[i] = read
+            short = [i for i, read in got.items() if len(read) < probe]
+            jobs: list[tuple[list[int], Awaitable[None]]] = []
+            for group in self._groups([(i, len(got[i])) for i in short]):
+                pairs = [(shards[i], got[i]) for i in group]
+                handle = self._handle_group(pairs, results[group[0]])
+                jobs.append((group, self._limited(handle)))
+            for i, read in got.items():
+                if len(read) >= probe:
+                    jobs.append(([i], self._limited(self._drain(shards[i], read, results[i]))))
+            outcomes = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+            for (group, _), outcome in zip(jobs, outcomes, strict=True):
+                for i in group:
+                    if isinstance(outcome, BaseException):
+                        failed(i, outcome)
+                    else:  # committed and acked: nothing of ours to re-read next pass
+                        shards[i].own_pending = False
+            ok = [i for i in range(len(shards)) if i not in errors]
+            trimmed = await asyncio.gather(
+                *(self._trim(shards[i], eager_trim) for i in ok), return_exceptions=True
+            )
+            for i, trim in zip(ok, trimmed, strict=True):
+                if isinstance(trim, BaseException):
+                    failed(i, trim)
+                else:
+                    results[i].trimmed += trim
+        return [errors.get(i, result) for i, result in enumerate(results)]
+
+    def _groups(self, sizes: list[tuple[int, int]]) -> list[list[int]]:
+        """Reads (key, entries) folded into transactions (``fold``, ``fold_limit``)."""
+        total = sum(n for _, n in sizes)
+        return fold(sizes, fold_limit(total, self.batch_size, self._concurrency))
+
+    async def _limited(self, job: Awaitable[None]) -> None:
+        """Run ``job`` once fewer than ``concurrency`` batches are being written."""
+        async with self._sem:
+            await job
 
     def _check_nogroup(self, exc: BaseException) -> None:
         if is_nogroup(exc):
@@ -305,19 +406,20 @@ class SyncWorker:
             await shard.stream.ensure_group()
             shard.group_ready = True
 
-    async def _sweep(self) -> int:
+    async def _sweep(self) -> tuple[int, int]:
+        """Sweep every shard's expired holds; returns (swept, of which usage missing)."""
         now_ms = self._now_ms()
         replies = await asyncio.gather(
             *(
                 self._sweep_script(
                     keys=[s.stream.keys.holds, s.stream.keys.holdexp, s.stream.keys.events],
-                    args=[now_ms, _SWEEP_MAX],
+                    args=[now_ms, _SWEEP_MAX, *self._variable_features],
                 )
                 for s in self._shards
             ),
             return_exceptions=True,
         )
-        swept = 0
+        swept = missing = 0
         for shard, reply in zip(self._shards, replies, strict=True):
             if isinstance(reply, ResponseError):
                 # A script error (say, a hold that is not JSON) must not stop the sync.
@@ -325,10 +427,11 @@ class SyncWorker:
             elif isinstance(reply, BaseException):
                 raise reply
             else:
-                swept += int(reply)
+                swept += int(reply[0])
+                missing += int(reply[1])
         if swept:
-            log.info("swept %d expired holds", swept)
-        return swept
+            log.info("swept %d expired holds (%d with their usage missing)", swept, missing)
+        return swept, missing
 
     async def _wait_for_entries(self, result: SyncPassResult) -> None:
         """Block up to block_ms for new entries on any shard, and handle what arrives."""
@@ -345,60 +448,77 @@ class SyncWorker:
             count=min(self.batch_size, _WAKE_COUNT),
             block=self.block_ms,
         )
-        for name, entries in streams_in(reply):
-            shard = self._by_stream[name]
-            async with shard.lock:
-                shard.own_pending = True
-                await self._handle(shard, entries, result)
+        pairs = sorted(
+            ((self._by_stream[name], entries) for name, entries in streams_in(reply)),
+            key=lambda pair: pair[0].stream.keys.shard,
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            for shard, _ in pairs:
+                await stack.enter_async_context(shard.lock)
+                shard.own_pending = True  # until acked
+            # What a wake-up brings is small: the shards' entries share transactions.
+            groups = self._groups([(k, len(e)) for k, (_, e) in enumerate(pairs)])
+            outcomes = await asyncio.gather(
+                *(self._limited(self._handle_group([pairs[k] for k in g], result)) for g in groups),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:  # every group finished first: none is left running
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            for shard, _ in pairs:
                 shard.own_pending = False
 
-    async def _sync_shard(self, shard: _Shard, eager_trim: bool) -> SyncPassResult:
-        result = SyncPassResult()
-        async with self._sem, shard.lock:
-            try:
-                await self._drain(shard, result)
-                now = time.monotonic()
-                # Trimming costs three commands: at low rates, once a second is enough.
-                if shard.untrimmed and (
-                    eager_trim
-                    or shard.untrimmed >= self.batch_size
-                    or now - shard.last_trim >= _TRIM_EVERY_S
-                ):
-                    result.trimmed = await shard.stream.trim()
-                    shard.untrimmed, shard.last_trim = 0, now
-            except Exception:
-                shard.own_pending = True
-                raise
-        return result
+    async def _trim(self, shard: _Shard, eager_trim: bool) -> int:
+        """Trim the shard's stream if due; returns the entries trimmed."""
+        now = time.monotonic()
+        # Trimming costs three commands: at low rates, once a second is enough.
+        if shard.untrimmed and (
+            eager_trim
+            or shard.untrimmed >= self.batch_size
+            or now - shard.last_trim >= _TRIM_EVERY_S
+        ):
+            trimmed = await shard.stream.trim()
+            shard.untrimmed, shard.last_trim = 0, now
+            return trimmed
+        return 0
 
-    async def _drain(self, shard: _Shard, result: SyncPassResult) -> None:
+    async def _recover(self, shard: _Shard, result: SyncPassResult) -> None:
+        """Take over entries left idle by other consumers (when due) and re-read our own
+        un-acked ones; both go the safe way, one batch per read."""
         stream, n = shard.stream, self.batch_size
         now = time.monotonic()
-        if now - shard.last_claim >= self._claim_every_s:
-            shard.last_claim = now
-            claimed = await stream.claim(self.claim_idle_ms, n)
-            if claimed:
-                log.info("shard %d: claimed %d idle entries", stream.keys.shard, len(claimed))
-                result.claimed += len(claimed)
-                shard.own_pending = True
-                await self._handle(shard, claimed, result, direct=False)
-        while shard.own_pending and not self.stopping:
-            entries = await stream.read("0", n)
-            if entries:
-                await self._handle(shard, entries, result, direct=False)
-            if len(entries) < n:
-                shard.own_pending = False
+        async with self._sem:
+            if now - shard.last_claim >= self._claim_every_s:
+                shard.last_claim = now
+                claimed = await stream.claim(self.claim_idle_ms, n)
+                if claimed:
+                    log.info("shard %d: claimed %d idle entries", stream.keys.shard, len(claimed))
+                    result.claimed += len(claimed)
+                    shard.own_pending = True
+                    await self._handle(shard, claimed, result, direct=False)
+            while shard.own_pending and not self.stopping:
+                entries = await stream.read("0", n)
+                if entries:
+                    await self._handle(shard, entries, result, direct=False)
+                if len(entries) < n:
+                    shard.own_pending = False
+
+    async def _drain(self, shard: _Shard, first: list[Entry], result: SyncPassResult) -> None:
+        """Write a backlogged shard's new entries in full batches: ``first`` (a full probe
+        read) completed to ``batch_size``, then up to ``max_batches_per_pass`` in all."""
+        stream, n = shard.stream, self.batch_size
+        entries = first
+        if len(entries) < n:
+            entries = entries + await stream.read(">", n - len(entries))
         for _ in range(self.max_batches_per_pass):
-            if self.stopping:
+            await self._handle(shard, entries, result)
+            shard.own_pending = False
+            if len(entries) < n or self.stopping:
                 break
             entries = await stream.read(">", n)
             if not entries:
                 break
             shard.own_pending = True
-            await self._handle(shard, entries, result)
-            shard.own_pending = False
-            if len(entries) < n:
-                break
 
     # -- one batch ------------------------------------------------------------------
 
@@ -419,6 +539,54 @@ class SyncWorker:
         bad.extend(rejected)
         result.inserted += inserted
         result.duplicates += len(rows) - len(rejected) - inserted
+        await self._settle(shard, entries, bad, result)
+
+    async def _handle_group(
+        self, pairs: list[tuple[_Shard, list[Entry]]], result: SyncPassResult
+    ) -> None:
+        """Like ``_handle``, for the new entries of several shards (``fold``): decoded per
+        shard, written in one transaction, then each shard's dead-lettered and acked.
+
+        If Postgres rejects the batch's content, nothing was written: each shard's entries
+        are then handled on their own, where ``_write_isolating`` finds the culprits and
+        they are dead-lettered in their own shard.
+        """
+        if len(pairs) == 1:
+            await self._handle(pairs[0][0], pairs[0][1], result)
+            return
+        decoded = [decode_entries(entries, self._times) for _, entries in pairs]
+        rows = Rows.concat([d.rows for d in decoded])
+        if len(rows):
+            shards = [shard.stream.keys.shard for shard, _ in pairs]
+            try:
+                res = await self._writer.write(rows, shard=shards)
+            except DATA_ERRORS:
+                for shard, entries in pairs:
+                    await self._handle(shard, entries, result)
+                return
+            result.inserted += res.inserted
+            result.duplicates += len(rows) - res.inserted
+            result.fallbacks += res.fallback
+            result.alerts += res.alerts
+        for (_, entries), one in zip(pairs, decoded, strict=True):
+            result.read += len(entries)
+            result.vanished += one.vanished
+        await asyncio.gather(
+            *(
+                self._settle(shard, entries, one.bad, result)
+                for (shard, entries), one in zip(pairs, decoded, strict=True)
+            )
+        )
+
+    async def _settle(
+        self,
+        shard: _Shard,
+        entries: list[Entry],
+        bad: list[tuple[str, Fields, str]],
+        result: SyncPassResult,
+    ) -> None:
+        """After the batch committed: dead-letter the shard's malformed entries, then ack
+        every entry read (only now: a crash before this redelivers them)."""
         if bad:
             for entry_id, _, error in bad:
                 n = shard.stream.keys.shard
@@ -475,6 +643,31 @@ class SyncWorker:
                 return
 
 
+def fold_limit(total: int, batch_size: int, concurrency: int) -> int:
+    """The most entries one folded transaction takes when ``total`` are to be folded: all
+    of them up to ``_FOLD_BELOW`` (at low rates the commits are the cost), else spread
+    over ``concurrency`` transactions (one transaction is one Postgres backend: a larger
+    backlog keeps both cores busy); never more than ``batch_size``."""
+    spread = -(-total // max(1, concurrency))
+    return min(batch_size, max(_FOLD_BELOW, spread))
+
+
+def fold(sizes: list[tuple[int, int]], limit: int) -> list[list[int]]:
+    """Pack reads (key, entries) into groups of at most ``limit`` entries in all, each
+    written in one transaction; keys keep their order, and a read larger than ``limit``
+    (none is: reads ask for at most ``limit``) would still get a group of its own."""
+    groups: list[list[int]] = []
+    total = 0
+    for key, size in sizes:
+        if groups and total + size <= limit:
+            groups[-1].append(key)
+            total += size
+        else:
+            groups.append([key])
+            total = size
+    return groups
+
+
 async def run_worker(
     *,
     redis_url: str,
@@ -526,4 +719,5 @@ async def run_sync(config_path: str) -> None:
         default_plan=config.default_plan,
         alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
         timezone=config.period.timezone,
+        variable_features=config.variable_features,
     )

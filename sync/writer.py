@@ -26,10 +26,12 @@ its own: normally that creates next month's partition weeks ahead, and an event 
 unusual month (a late one, a clock far off) never reaches ``COPY`` without a partition
 (which Postgres would reject as a constraint violation, dead-lettering the batch).
 
-Every transaction first takes a transaction-level advisory lock on its shard. An org's
-events all live in one shard, so writers of different shards never touch the same rollup,
-snapshot or event rows, and writers of the same shard (two workers, a claim racing a slow
-worker) take turns: no deadlocks, without sorting every batch's keys.
+Every transaction first takes a transaction-level advisory lock on its shard (on each of
+its shards, in shard order, for a batch that folds the entries of several shards: see
+sync/worker.py). An org's events all live in one shard, so writers of different shards
+never touch the same rollup, snapshot or event rows, and writers of the same shard (two
+workers, a claim racing a slow worker) take turns: no deadlocks, without sorting every
+batch's keys.
 
 Test hook: the environment variable ``CREDITGATE_SYNC_CRASH`` (``before_commit`` or
 ``after_commit``, optionally ``:N`` to fire on the N-th batch written by this process)
@@ -43,7 +45,7 @@ import os
 import signal
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -177,8 +179,11 @@ class BatchWriter:
         self._known_rows.clear()
         self._known_since = time.monotonic()
 
-    async def write(self, rows: Rows, *, shard: int, direct: bool = True) -> WriteResult:
-        """Write ``rows`` (of ``shard``'s stream) in one transaction; on return, committed.
+    async def write(
+        self, rows: Rows, *, shard: int | Sequence[int], direct: bool = True
+    ) -> WriteResult:
+        """Write ``rows`` (of ``shard``'s stream, or of these shards' streams) in one
+        transaction; on return, committed.
 
         ``direct=False`` skips the fast path (for entries likely written before). Raises
         one of ``DATA_ERRORS`` when the batch's content is rejected (nothing is written),
@@ -231,7 +236,7 @@ class BatchWriter:
         self._months.update(months)
 
     async def _write_once(
-        self, rows: Rows, shard: int, *, direct: bool, fallback: bool = False
+        self, rows: Rows, shard: int | Sequence[int], *, direct: bool, fallback: bool = False
     ) -> WriteResult:
         payload = fast_payload(rows.lines, rows.empty_bucket)
         null: str | None = ""
@@ -248,7 +253,10 @@ class BatchWriter:
         no_models = ((),) * MODEL_ROLLUP_WIDTH
         models = model_rollups(rows.flats, rows.days) if direct and rows.usage else no_models
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(sql.LOCK, self._lock_space, shard)
+            if isinstance(shard, int):
+                await conn.execute(sql.LOCK, self._lock_space, shard)
+            else:
+                await conn.execute(sql.LOCK_MANY, self._lock_space, list(shard))
             if direct:
                 await conn.copy_to_table(
                     sql.LOG, source=_once(payload), columns=COPY_COLUMNS, null=null

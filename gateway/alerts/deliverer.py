@@ -19,6 +19,9 @@ CPU), and the two scale and restart independently.
 - **Retry**: exponential backoff with jitter, ``retry_first_seconds * 2**(n-1)`` capped at
   ``retry_max_seconds``, each delay drawn from [50%, 100%] of that; an event still not
   delivered ``retry_hours`` after it was created (or resent) is ``failed``.
+- **Retention**: at most hourly (and on every ``run_once``), delivered and failed events
+  older than ``retention_days`` whose period ended are deleted
+  (gateway/alerts/retention.py); the /metrics counters are kept apart and never drop.
 - **Endpoints**: one failing continuously (no success since) for ``disable_after_days``
   is disabled, logged, shown by the admin API and counted in /metrics; its events fail
   without being sent until ``PUT /admin/orgs/{org}/alerts`` or a resend enables it again.
@@ -33,13 +36,14 @@ import random
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import asyncpg
 from standardwebhooks import Webhook
 
 from gateway.alerts.evaluation import AlertDefaults
+from gateway.alerts.retention import PRUNE_EVERY_S, prune_outbox
 from gateway.alerts.sweep import forecast_sweep
 from gateway.config.alerts import AlertsConfig
 
@@ -116,6 +120,7 @@ class DeliveryPass:
     delivered: int = 0
     failed: int = 0  # attempts that failed (the event may be retried)
     forecast: int = 0  # forecast alerts the sweep put in the outbox
+    pruned: int = 0  # old delivered/failed events deleted (retention)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,7 @@ class Deliverer:
     rand: random.Random = field(default_factory=random.Random)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _next_forecast: float = float("-inf")
+    _next_prune: float = float("-inf")
     _session: aiohttp.ClientSession | None = None
 
     def stop(self) -> None:
@@ -179,6 +185,12 @@ class Deliverer:
             if defaults.forecast or await self._any_forecast_override():
                 result.forecast = await forecast_sweep(self.pool, defaults, datetime.now(UTC))
             self._next_forecast = time.monotonic() + self.alerts.forecast_every_seconds
+        days = self.alerts.retention_days
+        if days is not None and time.monotonic() >= self._next_prune:
+            result.pruned = await prune_outbox(self.pool, timedelta(days=days), datetime.now(UTC))
+            if result.pruned:
+                log.info("deleted %d alert events older than %s days", result.pruned, days)
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
         lease = self.alerts.timeout_seconds + 60
         rows = await self.pool.fetch(_CLAIM, self.batch, lease, self.alerts.webhook_url)
         result.claimed = len(rows)

@@ -198,7 +198,9 @@ def sync(config_path: Path | None) -> None:
 @main.command()
 @config_option
 @click.option(
-    "--once", is_flag=True, help="One pass (forecast sweep and due deliveries), then exit."
+    "--once",
+    is_flag=True,
+    help="One pass (forecast sweep, due deliveries, outbox retention), then exit.",
 )
 def deliver(config_path: Path | None, once: bool) -> None:
     """Run the alert deliverer (contract A11): signed webhooks from the outbox, at least once.
@@ -230,7 +232,8 @@ def deliver(config_path: Path | None, once: bool) -> None:
             finally:
                 await pool.close()
             _echo_json({"claimed": result.claimed, "delivered": result.delivered,
-                        "failed": result.failed, "forecast": result.forecast})  # fmt: skip
+                        "failed": result.failed, "forecast": result.forecast,
+                        "pruned": result.pruned})  # fmt: skip
 
         _run(one_pass())
         return

@@ -216,6 +216,7 @@ async def _final_sync(config: Config) -> None:
         worker = SyncWorker(
             redis=handles.client, pool=pool, keyspace=KeySpace(config.key_prefix, config.shards),
             default_plan=config.default_plan, timezone=config.period.timezone,
+            variable_features=config.variable_features,
         )  # fmt: skip
         for _ in range(20):
             result = await worker.run_once()

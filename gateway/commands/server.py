@@ -118,6 +118,7 @@ class GatewayApp:
                 keyspace=self.gate.keys,
                 default_plan=self.gate.config.default_plan,
                 timezone=self.gate.config.period.timezone,  # contract A12
+                variable_features=self.gate.config.variable_features,  # contract A8
                 concurrency=2,
                 batch_size=5000,  # bounds the server's memory while catching up a backlog
             )

@@ -57,6 +57,9 @@ class AlertsConfig(BaseModel):
     poll_seconds: float = 1.0
     forecast_every_seconds: float = 300.0
     concurrency: int = 16
+    # Delivered and failed events older than this are deleted by the deliverer
+    # (gateway/alerts/retention.py); null keeps them forever.
+    retention_days: float | None = 30.0
 
     @field_validator("webhook_url")
     @classmethod
@@ -198,6 +201,9 @@ def alerts_errors(alerts: AlertsConfig) -> list[tuple[str, str]]:
                 f" got {alerts.retry_first_seconds}",
             )
         )
+    days = alerts.retention_days
+    if days is not None and not (days > 0 and math.isfinite(days)):
+        errors.append(("alerts.retention_days", f"must be positive (or null: keep), got {days}"))
     if not 1 <= alerts.concurrency <= 1000:
         errors.append(("alerts.concurrency", f"must be 1 to 1000, got {alerts.concurrency}"))
     return errors

@@ -362,6 +362,7 @@ class Config(_Strict):
     # a copy with updated features or plans would answer from the original's lookups.
     _DERIVED: ClassVar[tuple[str, ...]] = (
         "_bucket_map", "buckets", "_rate_limits", "prices", "_cost_specs", "calendar",
+        "variable_features",
     )  # fmt: skip
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
@@ -431,6 +432,13 @@ class Config(_Strict):
         """Whether ``feature``'s charge is decided after the response (usage or header);
         ``KeyError`` for an unknown feature."""
         return self.features[feature].variable is not None
+
+    @cached_property
+    def variable_features(self) -> tuple[str, ...]:
+        """The features whose charge is decided after the response (usage or header costs),
+        sorted: the ones whose expired holds the sync job's sweep records with their usage
+        missing (lua/sweep_holds.lua)."""
+        return tuple(sorted(n for n, f in self.features.items() if f.variable is not None))
 
     def reserve_for(self, feature: str, body: bytes, *, model: str | None = None) -> int:
         """The tokens to hold before a call of ``feature`` with request ``body``: the cost,

@@ -40,6 +40,7 @@ __all__ = [
     "ANCHORS",
     "EVERY",
     "Calendar",
+    "anchor_day_starts",
     "anchor_of",
     "format_anchor",
     "local_date",
@@ -189,6 +190,19 @@ def org_period(cal: Calendar, anchor: str, now_ms: int) -> Period:
         _midnight_ms(start, zone),
         _midnight_ms(end, zone),
         f"{start.isoformat()}..{end.isoformat()}",
+    )
+
+
+def anchor_day_starts(cal: Calendar, now_ms: int) -> tuple[date, ...]:
+    """The local date the current period starts on, for each anchor day 1..31 (index 0 is
+    day 1), of an org whose anchor was set before that period: what the ledger's listings
+    need to find every org's period start in SQL without a row per org. An org whose
+    anchor was set later (``since`` after that date, and not in the future) starts on its
+    ``since`` instead, as :func:`org_period` says."""
+    zone = cal.zone
+    return tuple(
+        local_date(org_period(cal, format_anchor(day, date(1970, 1, 1)), now_ms)[0], zone)
+        for day in range(1, 32)
     )
 
 

@@ -12,13 +12,25 @@ The Redis fields of the levels live in the org's hash (one hash tag: atomic on R
 Cluster) and are named here only (lua/charge.lua and lua/settle.lua spell the same names):
 
 ==========================  ==========================================================
-``lv``                      the org has teams, members or overrides in Redis ("1" and
-                            127 dots: longer than hash-max-listpack-value, so the hash
-                            is a hash table, see lua/levels.lua)
+``lv``                      the org's levels version, ``v<s>.<µs>.<n>``: present when
+                            the org has teams, members or overrides in Redis or its
+                            counters were reset; every change of them (lua/levels.lua),
+                            a seed with levels and a reset of the counters write a new
+                            one, which makes the levels cached in charge.lua's argument
+                            templates stale (an older ``"1"`` and dots predates versions
+                            and is replaced by charge.lua)
+``lvn``                     the org's counter of versions (part of each version)
+``lvp``                     128 dots: longer than hash-max-listpack-value, so the hash is
+                            a hash table (see lua/levels.lua)
 ``Lm:k:<key id>``           the team of an API key (absent: none)
 ``Lm:u:<user>``             the team of a user (absent: none)
 ``Lc:<bucket>:<l>:<id>``    a cap override (stored form) of level l = t | u | k
-``Ln:<bucket>:<l>:<id>``    ``<used>@<period id>``: what the level drew this period
+``Lp:<bucket>``             the period the bucket's level counters count
+``Ln:<bucket>:<l>:<id>``    what the level drew in that period, a hexadecimal integer
+                            (absent: 0; hexadecimal because Lua's tonumber(s, 16) is
+                            strtoul, half the cost of strtod); ``<used>@<period id>``
+                            (decimal) in an org whose bucket has no ``Lp`` yet (written
+                            before it), converted at its next charge
 ==========================  ==========================================================
 
 Buckets never contain ``:`` (config names), so the id after it may be any valid id.
@@ -36,6 +48,7 @@ __all__ = [
     "Level",
     "cap_field",
     "cap_tokens",
+    "counters_period_field",
     "membership_field",
     "parse_cap",
     "shown_cap",
@@ -101,14 +114,25 @@ def cap_field(bucket: str, level: Level, ident: str) -> str:
 
 
 def used_field(bucket: str, level: Level, ident: str) -> str:
-    """The org-hash field holding what a level drew from ``bucket`` (``<used>@<period>``)."""
+    """The org-hash field holding what a level drew from ``bucket`` in the period of
+    :func:`counters_period_field` (a hexadecimal integer)."""
     return f"Ln:{bucket}:{LEVEL_LETTER[level]}:{ident}"
 
 
-def used_of(raw: str | None, period: str) -> int:
-    """A level's used tokens in ``period`` from its counter (0 when it counted another
-    period: counters reset lazily, like the org's balance)."""
+def counters_period_field(bucket: str) -> str:
+    """The org-hash field holding the period the level counters of ``bucket`` count."""
+    return f"Lp:{bucket}"
+
+
+def used_of(raw: str | None, period: str, counted: str | None) -> int:
+    """A level's used tokens in ``period`` from its counter ``raw`` (hexadecimal) and the
+    period its bucket's counters count (``counted``, field ``Lp:<bucket>``; ``None`` when
+    absent): 0 when they counted another period (counters reset lazily, like the org's
+    balance). A counter in the older form ``<used>@<period>`` (decimal) names its own
+    period."""
     if not raw:
         return 0
-    used, _, per = raw.partition("@")
-    return int(used) if per == period else 0
+    used, at, per = raw.partition("@")
+    if at:
+        return int(used) if per == period else 0
+    return int(used, 16) if counted == period else 0

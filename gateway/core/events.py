@@ -46,9 +46,12 @@ them has the 21 fields above only (lua/_prelude.lua, ``audit_event``):
 ``ui``      uncached input tokens; ``uc`` cached input tokens; ``uo`` output
             tokens; ``ur`` reasoning tokens (gateway.usage.model.Usage; "" when
             no usage was read)
-``cs``      cost source: usage | header | app | policy | reservation
+``cs``      cost source: usage | header | app | policy | reservation (an
+            expired hold of a usage or header cost says policy)
 ``um``      "1" when the usage never came (``t`` then follows the feature's
-            on_missing_usage policy), else ""
+            on_missing_usage policy, or for an ``expired_hold`` is the reserve:
+            the call's gateway never settled it, or a reservation's app never
+            reported), else ""
 ==========  =================================================================
 
 ``t`` stays the net tokens taken from the balance: the actual charge minus the overage.
@@ -59,9 +62,10 @@ id, after the 21 fields or after the usage fields; events without a team do not 
 
 A request event whose hold drew from capped levels then ends with :data:`LEVELS_FIELD`
 ``lv`` (after ``tm``, which is ``""`` when the request had no team): the capped levels'
-figures after the event, ``"<team cap> <user cap> <key cap> <team counter> <user counter>
-<key counter> <key id>"`` (a cap ``-`` where a level is not capped; a counter is
-``<used>@<period>`` or ``0``), for the cap alerts (contract A11).
+figures after the event, ``"<team counter> <user counter> <key counter> <team cap> <user
+cap> <key cap>[ <key id>]"`` (hexadecimal; a cap ``-`` where a level is not capped, the key
+id only when its level is capped; the counters are of the event's period), for the cap
+alerts (contract A11).
 It is not a ledger column and :func:`decode` ignores it; the sync job sets it aside
 (sync/levels.py).
 

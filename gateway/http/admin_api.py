@@ -44,10 +44,10 @@ from gateway.http.models.admin import (
     WindowUsage,
 )
 from gateway.http.models.fields import storable
-from gateway.http.token_api import balance_model
+from gateway.http.token_api import balance_model, bucket_overage
 from gateway.ledger.levels import LevelStore, UnknownTeam
 from gateway.ledger.store import ApiKeyRow, GrantConflict
-from gateway.ledger.usage import orgs_by_id, top_spenders, window_usage
+from gateway.ledger.usage import OrgPeriods, orgs_by_id, top_spenders, window_usage
 from gateway.metering.gate import CreditGate
 
 __all__ = ["OPERATIONS"]
@@ -109,8 +109,9 @@ async def get_org(call: Call) -> Reply:
     if row is None and (store is not None or not await _org_exists(gate, org)):
         raise unknown_org(org)
     keys = [] if store is None else await store.list_api_keys(org)
+    bal = await gate.balance(org)
     detail = OrgDetail(
-        **balance_model(await gate.balance(org)).model_dump(exclude={"levels"}),
+        **balance_model(bal, await bucket_overage(gate, bal)).model_dump(exclude={"levels"}),
         created_at=None if row is None else iso(row.created_at),
         keys=[k.id for k in keys if k.revoked_at is None],
     )
@@ -118,16 +119,18 @@ async def get_org(call: Call) -> Reply:
 
 
 async def list_orgs(call: Call) -> Reply:
-    """``GET /admin/orgs``: top spenders this period, or every org by id."""
+    """``GET /admin/orgs``: top spenders this period, or every org by id; with per-org
+    periods (contract A12) each org's usage is over its own current period."""
     gate, query = call.gate, call.parsed(OrgsQuery)
     store = await gate.require_store()
-    start, today = _period_start(gate).date(), utc_date(gate.clock.now_ms())
+    periods = OrgPeriods.at(gate.config.calendar, gate.clock.now_ms())  # contract A12
     if query.sort == "spend":
-        items = await top_spenders(store.pool, start, today, query.limit)
+        items = await top_spenders(store.pool, periods, query.limit)
     else:
-        items = await orgs_by_id(store.pool, query.after or "", query.limit, start, today)
+        items = await orgs_by_id(store.pool, query.after or "", query.limit, periods)
     return Reply(OrgList.model_validate({
-        "sort": query.sort, "from": start.isoformat(), "to": today.isoformat(), "items": items,
+        "sort": query.sort, "from": periods.start.isoformat(), "to": periods.today.isoformat(),
+        "items": items,
     }))  # fmt: skip
 
 

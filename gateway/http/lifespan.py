@@ -91,6 +91,7 @@ class SyncJob:
             default_plan=config.default_plan,
             alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
             timezone=config.period.timezone,  # refresh_date at local midnight (A12)
+            variable_features=config.variable_features,  # expired holds: usage missing
             concurrency=self.concurrency,
             batch_size=self.batch_size,
         )

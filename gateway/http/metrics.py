@@ -20,9 +20,16 @@ Metrics (all prefixed ``creditgate_``):
   ``usage_missing_total{feature}``: settles whose usage never came (the feature's
   ``on_missing_usage`` policy decided the charge);
 - ``admit_seconds`` (histogram of the admission round trip to Redis);
+- with ``alerts``: ``alert_deliveries{status}`` (gauge: pending and failed events in the
+  outbox now), ``alert_deliveries_completed_total{outcome}`` (counter: deliveries that
+  ended delivered or failed, kept in Postgres apart from the outbox, so retention never
+  lowers it), ``alert_endpoints_disabled``; read without counting the outbox
+  (gateway/alerts/deliveries.py ``delivery_counts``);
 - ``sync_backlog_events{shard}``, ``sync_oldest_unsynced_seconds``; when a sync worker runs
   in this process, ``sync_last_success_timestamp_seconds`` and
-  ``sync_events_total{result}``; ``redis_up``.
+  ``sync_events_total{result}`` (``swept_usage_missing``: expired holds of calls whose cost
+  was to be read after them, whose usage therefore never came; the gateway's own
+  ``usage_missing_total`` counts only the settles it ran); ``redis_up``.
 
 Several worker processes (``serve --workers N``): every process has its own counters and
 answers ``/metrics`` with them, so a scrape sees whichever worker took the connection.
@@ -223,12 +230,20 @@ class _Collector(Collector):
             return
         deliveries = GaugeMetricFamily(
             "creditgate_alert_deliveries",
-            "Alert webhook deliveries in the outbox, by status (pending, delivered, failed).",
+            "Alert webhook deliveries in the outbox now, by status (pending, failed).",
             labels=["status"],
         )
-        for status in ("pending", "delivered", "failed"):
+        for status in ("pending", "failed"):
             deliveries.add_metric([status], getattr(counts, status))
         yield deliveries
+        completed = CounterMetricFamily(
+            "creditgate_alert_deliveries_completed",
+            "Alert webhook deliveries that ended, by outcome (delivered, failed), ever.",
+            labels=["outcome"],
+        )
+        completed.add_metric(["delivered"], counts.delivered_total)
+        completed.add_metric(["failed"], counts.failed_total)
+        yield completed
         yield GaugeMetricFamily(
             "creditgate_alert_endpoints_disabled",
             "Webhook endpoints disabled after failing continuously (alerts.disable_after_days).",
@@ -266,7 +281,9 @@ class _Collector(Collector):
             "What this process's sync worker did with events.",
             labels=["result"],
         )
-        for name in ("inserted", "duplicates", "dead_lettered", "swept", "acked"):
+        for name in (
+            "inserted", "duplicates", "dead_lettered", "swept", "swept_usage_missing", "acked",
+        ):  # fmt: skip
             events.add_metric([name], getattr(totals, name))
         yield events
         if lag is not None and lag.last_success_at is not None:

@@ -31,9 +31,20 @@ Each handler is a module-level function of one :class:`~gateway.http.endpoint.Ca
 :data:`OPERATIONS` declares them with their models (gateway.http.models.token), and is
 both their route table and their part of the OpenAPI document. The dashboard page and the
 document itself are declared in gateway.http.dashboard and gateway.http.openapi.
+
+``GET /balance`` shows each bucket's ``overage`` this period (contract A8: what calls cost
+beyond what the balance could cover; recorded, never owed). Redis does not keep it: it is
+summed from the ledger's rows (:func:`bucket_overage`), so it follows the sync lag, and is
+null when there is no ledger or the ledger did not answer (the rest of the balance, read
+from Redis, is still served).
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from gateway.core.balances import Balance as BalanceState
 from gateway.core.timefmt import iso_ms
@@ -63,7 +74,7 @@ from gateway.http.models.token import (
     UsagePage,
     UsageQuery,
 )
-from gateway.ledger.usage import usage_page
+from gateway.ledger.usage import period_overage, usage_page
 from gateway.ledger.usage_groups import Group
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission
@@ -71,11 +82,34 @@ from gateway.metering.refusals import describe_refusal, seconds
 from gateway.metering.reservations import Reservation, ReservationNotFound, ReservationRefused
 from gateway.metering.reservations import SettleResult as Settled
 
-__all__ = ["OPERATIONS", "balance_model", "refusal"]
+__all__ = ["OPERATIONS", "balance_model", "bucket_overage", "refusal"]
+
+log = logging.getLogger(__name__)
+
+# /balance serves Redis' figures even when the ledger is slow: the overage waits this long.
+OVERAGE_TIMEOUT_S = 2.0
 
 
-def balance_model(bal: BalanceState) -> Balance:
-    """``GET /balance`` (the admin's org view adds to it): plan, period, buckets, features."""
+async def bucket_overage(gate: CreditGate, bal: BalanceState) -> dict[str, int] | None:
+    """The org's overage per bucket over its current period (its own period: contract
+    A12), from the ledger; None without a ledger or when it does not answer in time."""
+    try:
+        store = await gate.store()
+        if store is None:
+            return None
+        start = datetime.fromtimestamp(bal.period_start_ms / 1000, UTC)
+        end = datetime.fromtimestamp(bal.period_end_ms / 1000, UTC)
+        return await asyncio.wait_for(
+            period_overage(store.pool, bal.org, start, end), OVERAGE_TIMEOUT_S
+        )
+    except Exception as exc:  # the ledger down: the balance itself still answers
+        log.warning("overage of %s not read from the ledger: %s", bal.org, exc)
+        return None
+
+
+def balance_model(bal: BalanceState, overage: Mapping[str, int] | None = None) -> Balance:
+    """``GET /balance`` (the admin's org view adds to it): plan, period, buckets, features;
+    ``overage`` per bucket (:func:`bucket_overage`; None: unknown, each bucket's is null)."""
     return Balance(
         org=bal.org,
         plan=bal.plan,
@@ -87,6 +121,7 @@ def balance_model(bal: BalanceState) -> Balance:
             name: Bucket(
                 allocated=b.allocated, balance=b.balance, extra=b.extra, used=b.used,
                 available=b.available, in_plan=b.in_plan,
+                overage=None if overage is None else overage.get(name, 0),
             )
             for name, b in bal.buckets.items()
         },
@@ -113,7 +148,7 @@ async def balance(call: Call) -> Reply:
     """``GET /balance``, with the caller's team, user and key caps (contract A10)."""
     gate, ident = call.gate, call.identity
     bal = await gate.balance(ident.org)
-    model = balance_model(bal)
+    model = balance_model(bal, await bucket_overage(gate, bal))
     views = await gate.levels.caller(
         ident.org, bal.plan, bal.period, user=ident.user, key_id=ident.key_id, team=ident.team
     )

@@ -352,6 +352,13 @@ class Admitter:
             adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
             return admission_of(reply, adm)
         adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
+        if len(reply) > 5:
+            # charge.lua read the caller's levels in full (contract A10): cache them in
+            # the template for the next charge (charge_args.ChargeArgs.learn_levels).
+            args.learn_levels(
+                (org, user, key_id, team, feature, method, route),
+                tuple(_text(v) for v in reply[5:]),
+            )
         # admission_of's "ok" branch, inlined: this is every admitted request.
         adm.remaining = int(reply[1])
         limit = int(reply[2])
@@ -410,6 +417,11 @@ class Admitter:
                 result_ttl_ms=result_ttl_ms, idempotency_key=idempotency_key,
                 fingerprint=fingerprint, request_id=rid, key_id=key_id, team=team,
             )  # fmt: skip
+        if status == "ok" and len(reply) > 5:  # as in admit: the caller's levels
+            self.args.learn_levels(
+                (org, user, key_id, team, feature, "", "reservation"),
+                tuple(_text(v) for v in reply[5:]),
+            )
         adm = Admission(status, rid, org, feature, fa.bucket, cost, refresh_at_ms=refresh_at)
         return admission_of(reply, adm), now + ttl_ms
 

@@ -16,9 +16,11 @@ The layout (lua/charge.lua's header is the reference)::
           the request's team, number of plans, then per plan: name, allocation (-1 = not
           in the plan), default caps ("" = none, else "team,user,key" tokens), limiter
           count, then per limiter: KEYS index (0 = per org), count, period ms;
-          then, only when they apply: the request's fingerprint (an Idempotency-Key's
-          request, :meth:`ChargeArgs.fingerprinted`), and for a reservation its result
-          ttl, result key and cap (:meth:`ChargeArgs.reservation_call`)
+          then, once a charge reported them, the caller's levels ("<version> <plan>",
+          team, caps of team, user and key: :meth:`ChargeArgs.learn_levels`); then, only when
+          they apply: the request's fingerprint (an Idempotency-Key's request,
+          :meth:`ChargeArgs.fingerprinted`), and for a reservation its result ttl, result
+          key and cap (:meth:`ChargeArgs.reservation_call`)
 
 With per-org periods (contract A12) the period id argument is ``"<period id> <anchor>"``.
 """
@@ -42,6 +44,9 @@ _FIXED_KEYS = 5
 
 # (org, user, key id, team, feature, method, route): what a template is cached by.
 _TemplateKey = tuple[str, str | None, str | None, str | None, str, str, str]
+# (org, user, key id, team, feature): whose levels a charge reported (the feature names
+# the bucket).
+_CallerKey = tuple[str, str | None, str | None, str | None, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +125,9 @@ class ChargeArgs:
         route): the hot path looks its template up here first, without a call."""
         self._idempotent: dict[_TemplateKey, ArgTemplate] = {}
         self._fingerprinted: dict[_TemplateKey, ArgTemplate] = {}
+        self._levels: dict[_CallerKey, tuple[str, ...]] = {}
+        """Each caller's levels as charge.lua last resolved them in full (the arguments it
+        takes them back as); charge.lua checks them against the org's levels version."""
 
     def period(self, now: int, org: str | None = None) -> tuple[str, int, int]:
         """The period (id, start ms, end ms) at ``now``, cached until it ends: ``org``'s
@@ -163,6 +171,27 @@ class ChargeArgs:
         self.plain.clear()
         self._idempotent.clear()
         self._fingerprinted.clear()
+        self._levels.clear()
+
+    def learn_levels(self, key: _TemplateKey, group: tuple[str, ...]) -> None:
+        """Cache a caller's levels as charge.lua reported them after reading them in full
+        (the ``"ok"`` reply's values after the 5th: ``"<version> <plan>"``, team and the
+        caps of team, user and key) for the template ``key``; its templates are rebuilt with them
+        (those of the caller's other routes pick them up when they are built, or learn
+        them at their own next charge).
+
+        Not a cache to expire: charge.lua uses the group only while the org's levels
+        version and plan are the ones it names, and otherwise reads the levels in full in
+        the same call (and reports them again), so a change on any process applies to the
+        very next charge without a round trip.
+        """
+        org, user, key_id, team, feature, _, _ = key
+        if len(self._levels) >= _CACHE_SIZE:
+            self._levels.clear()
+        self._levels[(org, user, key_id, team, feature)] = group
+        self.plain.pop(key, None)
+        self._idempotent.pop(key, None)
+        self._fingerprinted.pop(key, None)
 
     def template(
         self,
@@ -275,4 +304,7 @@ class ChargeArgs:
             org, user or "", feature, method, route, key_id or "", team or "",
             *(fa.tail_user if user else fa.tail_anon),
         ]  # fmt: skip
+        group = self._levels.get((org, user, key_id, team, feature))
+        if group is not None:
+            argv += group
         return keys, argv

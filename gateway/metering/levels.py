@@ -20,6 +20,7 @@ from gateway.core.caps import (
     Level,
     cap_field,
     cap_tokens,
+    counters_period_field,
     membership_field,
     parse_cap,
     used_field,
@@ -186,12 +187,14 @@ class Levels:
         resolved = (key_team if key_id else None) or team or (user_team if user else None)
         ids: dict[Level, str | None] = {"team": resolved, "user": user, "key": key_id}
         present = [(lv, i) for lv in LEVELS if (i := ids[lv])]
-        names: list[str] = []
+        buckets_counted = [counters_period_field(b) for b in self.config.buckets]
+        names: list[str] = list(buckets_counted) if present else []
         for lv, ident in present:
             for bucket in self.config.buckets:
                 names += [cap_field(bucket, lv, ident), used_field(bucket, lv, ident)]
         values = [_text(v) for v in await client.hmget(org_key, names)] if names else []
-        views, at = [], 0
+        counted = dict(zip(self.config.buckets, values, strict=False))
+        views, at = [], len(buckets_counted) if present else 0
         for lv, ident in present:
             buckets: dict[str, LevelCap] = {}
             for bucket in self.config.buckets:
@@ -199,7 +202,7 @@ class Levels:
                 at += 2
                 cap = self._cap(plan, bucket, lv, override)
                 if cap is not None:
-                    buckets[bucket] = LevelCap(cap, used_of(used, period))
+                    buckets[bucket] = LevelCap(cap, used_of(used, period, counted[bucket]))
             views.append(LevelView(lv, ident, buckets))
         return views
 

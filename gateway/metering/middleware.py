@@ -47,7 +47,9 @@ from gateway.core.scope_keys import (
     UPSTREAM_STATUS,
     USAGE_DRAIN_SECONDS,
 )
+from gateway.core.splice import SEND_PASSES_BODY
 from gateway.identity.identifier import Identity, IdentityFailure
+from gateway.metering.cost_headers import refunded_headers
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
 from gateway.metering.refusals import describe_refusal, seconds
@@ -69,13 +71,12 @@ from gateway.metering.usage_tap import (
 )
 from gateway.routing.paths import AmbiguousPath, BadPath, normalize_path, strip_path_params
 from gateway.routing.router import RouteMatch
+from gateway.usage import ensure_stream_usage
 
 log = logging.getLogger("creditgate.middleware")
 
 Header = tuple[bytes, bytes]
 _UNAVAILABLE = (IdentityUnavailable, RedisUnavailable, LedgerUnavailable)
-_REFUNDED_COST = (b"x-tokens-cost", b"0")
-_RESERVED = (b"x-tokens-cost-status", b"reserved")
 
 
 class CreditGateMiddleware:
@@ -228,12 +229,14 @@ class CreditGateMiddleware:
                 status = message["status"]
                 # A status that refunds is known here: the headers say nothing was charged.
                 if status in refund_on or UPSTREAM_ERROR in state:
-                    extra = self._refunded_headers(charged, adm)
+                    extra = refunded_headers(charged, adm)
                 else:
                     extra = charged
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 
+        # It looks only at the start: the proxy may splice a stream's body around it.
+        state[SEND_PASSES_BODY] = (send_wrapper, send)
         ok = False
         try:
             await self.app(inner, receive, send_wrapper)
@@ -273,8 +276,13 @@ class CreditGateMiddleware:
         response watched, settle the actual cost.
 
         ``pre_read`` and ``fingerprint``: the body already read for an Idempotency-Key's
-        fingerprint (:meth:`_idempotent_call`); the response is then kept for a replay."""
-        replay: list[Message] = []
+        fingerprint (:meth:`_idempotent_call`); the response is then kept for a replay.
+
+        Every usage-charged request comes through here, so it is written as the fixed-cost
+        path is: one coroutine, the per-feature decisions made once in :class:`VariableCost`,
+        no closures, and the app's ``receive`` wrapped only when a message must be replayed
+        or a disconnect held back (bench/usage_instructions.py counts what each costs)."""
+        replay: list[Message] | None = None
         body: bytes | None = None
         if pre_read is not None:
             replay = pre_read.messages
@@ -293,17 +301,20 @@ class CreditGateMiddleware:
                 if read.disconnected:
                     return  # gone before anything was held: nothing to answer or charge
                 replay, body = read.messages, read.body
-        if body is not None:
-            changed = cost.with_stream_usage(body)
-            if changed is not None:
-                # An OpenAI stream that would not report its usage: ask for it (README).
-                body = changed
-                replay = [{"type": "http.request", "body": changed, "more_body": False}]
-                base = list(scope["headers"]) if headers is None else headers
-                headers = replaced_body_headers(base, len(changed))
-        if cost.usage:  # a compressed answer could not be read
-            headers = identity_encoding(list(scope["headers"]) if headers is None else headers)
-        hold = cost.hold(body, path)
+        if cost.usage:
+            # A compressed answer could not be read: ask for none. An OpenAI stream that
+            # would not report its usage: ask for it (README). A body without the key
+            # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
+            # recognised and gets no usage: the missing-usage policy.)
+            base = list(scope["headers"]) if headers is None else headers
+            if body is not None and cost.asks_stream_usage and b'"stream"' in body:
+                changed = ensure_stream_usage(body)
+                if changed is not None:
+                    body = changed
+                    replay = [{"type": "http.request", "body": changed, "more_body": False}]
+                    base = replaced_body_headers(base, len(changed))
+            headers = identity_encoding(base)
+        hold = cost.reserve if cost.reserve is not None else cost.hold(body, path)
 
         request_id = new_request_id()
         REQUEST_ID.set(request_id)
@@ -311,38 +322,26 @@ class CreditGateMiddleware:
         inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         state = inner["state"]
         try:
-            adm = await self.meter.admit(
+            adm = await self._admit(
                 ident.org, match.feature, user=ident.user, cost=hold,
                 idempotency_key=idem_key, request_id=request_id, method=scope["method"],
                 route=match.template, fingerprint=fingerprint, key_id=ident.key_id,
                 team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
-            replayed = TapReceive(replay, receive, None, 0.0)
+            replayed = receive if replay is None else TapReceive(replay, receive, None, 0.0)
             await self._unavailable(inner, replayed, send, match, ident, str(exc))
             return
         if adm.status != "ok":
             await self._not_admitted(scope, send, match, ident, adm)
             return
 
-        charged = self._charged_headers(adm, rid)
         refund_on = self._refund_on[match.feature]
-
-        def refunded(status: int) -> bool:
-            return status in refund_on or UPSTREAM_ERROR in state
-
-        def headers_for(status: int, actual: int | None) -> list[Header]:
-            if refunded(status):
-                return self._refunded_headers(charged, adm)
-            if actual is None:  # only the hold can be told yet (a stream)
-                return [*charged, _RESERVED]
-            return self._actual_headers(charged, adm, actual)
-
         # An Idempotency-Key's response is kept as the client gets it, for a replay.
         capture = None if fingerprint is None else ResponseCapture(send, self.meter.max_replay_body)
         tap = ResponseTap(
-            cost, send if capture is None else capture.send, state, hold=adm.cost,
-            headers_for=headers_for, refunded=refunded, stream_path=cost.json_stream(path),
+            cost, send if capture is None else capture.send, state, adm,
+            self._charged_headers(adm, rid), refund_on, path,
         )  # fmt: skip
         drain = cost.drain_s
         if drain > 0:
@@ -351,7 +350,7 @@ class CreditGateMiddleware:
                 drain = 0.0  # the proxy keeps reading by itself
         # The app's receive: the body read before the call first, and (an app that does
         # not drain by itself) the client's disconnect held back while its answer goes on.
-        tapped = TapReceive(replay, receive, tap, drain) if replay or drain > 0 else receive
+        tapped = TapReceive(replay or [], receive, tap, drain) if replay or drain > 0 else receive
         started = time.perf_counter()
         ok = False
         try:
@@ -363,13 +362,12 @@ class CreditGateMiddleware:
         finally:
             status = tap.status
             actual = tap.actual() if ok else None
-            upstream_status = state.get(UPSTREAM_STATUS, status or None)
             latency = state.get(UPSTREAM_LATENCY_MS)
             if latency is None:
                 latency = (time.perf_counter() - started) * 1000
             self.meter.settle_nowait(
-                adm, ok=ok, status=upstream_status, latency_ms=round(latency),
-                idempotency_key=idem_key, actual=actual,
+                adm, ok=ok, status=state.get(UPSTREAM_STATUS, status or None),
+                latency_ms=round(latency), idempotency_key=idem_key, actual=actual,
                 response=capture.stored() if ok and capture is not None else None,
             )  # fmt: skip
             tokens = 0
@@ -446,7 +444,7 @@ class CreditGateMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 if status in refund_on or UPSTREAM_ERROR in state:
-                    extra = self._refunded_headers(charged, adm)
+                    extra = refunded_headers(charged, adm)
                 else:
                     extra = charged
                 message["headers"] = [*message.get("headers", ()), *extra]
@@ -485,16 +483,6 @@ class CreditGateMiddleware:
                 return
         self.counters.count(match.feature, "refused_" + adm.status)
         await self._refuse(scope, send, match, ident, adm)
-
-    @staticmethod
-    def _actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
-        """``charged`` as the actual charge tells it: ``actual`` instead of the hold, and
-        what is left once the difference is refunded or taken (never below zero)."""
-        cost = (b"x-tokens-cost", str(actual).encode())
-        if adm.remaining is None:
-            return [cost, *charged[1:]]
-        left = max(0, adm.remaining + adm.cost - actual)
-        return [cost, (b"x-tokens-remaining", str(left).encode()), *charged[2:]]
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -566,14 +554,6 @@ class CreditGateMiddleware:
             (b"ratelimit-remaining", str(adm.limit_remaining).encode()),
             (b"ratelimit-reset", str(seconds(adm.limit_reset_ms)).encode()),
         ]  # fmt: skip
-
-    @staticmethod
-    def _refunded_headers(charged: list[Header], adm: Admission) -> list[Header]:
-        """``charged`` as a refund tells it: nothing charged, the held tokens back."""
-        if adm.remaining is None:
-            return [_REFUNDED_COST, *charged[1:]]
-        restored = (b"x-tokens-remaining", str(adm.remaining + adm.cost).encode())
-        return [_REFUNDED_COST, restored, *charged[2:]]
 
     @staticmethod
     def _log_access(

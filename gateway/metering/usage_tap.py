@@ -38,7 +38,7 @@ import asyncio
 import contextlib
 import re
 from collections import deque
-from collections.abc import Callable, MutableMapping
+from collections.abc import Container, MutableMapping
 from typing import Any, Final
 
 from starlette.types import Message, Receive, Send
@@ -46,8 +46,10 @@ from starlette.types import Message, Receive, Send
 from gateway.config.costs import CostSpec
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERROR
+from gateway.metering.admission import Admission
+from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
 from gateway.metering.meter import Actual
-from gateway.usage import PriceTable, StreamTap, Usage, ensure_stream_usage, usage_from_json
+from gateway.usage import PriceTable, StreamTap, Usage, usage_from_json
 from gateway.usage.sse import DEFAULT_MAX_LINE
 
 __all__ = [
@@ -63,7 +65,6 @@ __all__ = [
 ]
 
 Header = tuple[bytes, bytes]
-HeadersFor = Callable[[int, int | None], list[Header]]
 
 REQUEST_BODY_LIMIT: Final = 1 << 20
 """The largest request body read before the call (for ``reserve: auto`` and
@@ -117,7 +118,17 @@ def gemini_model(path: str) -> str | None:
 class VariableCost:
     """One ``usage`` or ``header`` feature as the middleware uses it (built once)."""
 
-    __slots__ = ("drain_s", "header_key", "prices", "provider", "reads_body", "spec", "usage")
+    __slots__ = (
+        "asks_stream_usage",
+        "drain_s",
+        "header_key",
+        "prices",
+        "provider",
+        "reads_body",
+        "reserve",
+        "spec",
+        "usage",
+    )
 
     def __init__(self, spec: CostSpec, prices: PriceTable | None, drain_s: float) -> None:
         self.spec = spec
@@ -129,7 +140,12 @@ class VariableCost:
         self.drain_s = drain_s if self.usage else 0.0
         # The body decides the hold (reserve: auto), or may be an OpenAI chat stream that
         # needs include_usage: read it before the call.
-        self.reads_body = spec.reserve_auto or (self.usage and self.provider in ("openai", "auto"))
+        # An OpenAI Chat Completions stream reports its usage only when asked
+        # (``stream_options.include_usage``): the request is read to ask for it.
+        self.asks_stream_usage = self.usage and self.provider in ("openai", "auto")
+        self.reads_body = spec.reserve_auto or self.asks_stream_usage
+        # The hold when it does not depend on the request (None: reserve: auto).
+        self.reserve: int | None = spec.reserve
 
     def hold(self, body: bytes | None, path: str) -> int:
         """The tokens to hold: the reserve, or for ``reserve: auto`` the estimate from
@@ -141,21 +157,6 @@ class VariableCost:
             return spec.maximum
         model = gemini_model(path) if self.provider in ("gemini", "auto") else None
         return spec.reserve_for(body, self.prices, model=model)
-
-    @staticmethod
-    def json_stream(path: str) -> bool:
-        """Whether a request to ``path`` is answered by a JSON body that streams (Gemini's
-        ``streamGenerateContent`` without ``alt=sse``): passed on as it comes, not held."""
-        return _GEMINI_STREAM in path
-
-    def with_stream_usage(self, body: bytes) -> bytes | None:
-        """``body`` with ``stream_options.include_usage`` added when it is an OpenAI Chat
-        Completions stream that does not ask for usage; ``None`` when unchanged."""
-        # A body without the key cannot be a stream: spare it the JSON decode. (A key spelt
-        # with escapes is not recognised and gets no usage: the missing-usage policy.)
-        if not self.usage or self.provider not in ("openai", "auto") or b'"stream"' not in body:
-            return None
-        return ensure_stream_usage(body)
 
 
 class RequestRead:
@@ -220,7 +221,10 @@ def replaced_body_headers(headers: list[Header], length: int) -> list[Header]:
 
 def identity_encoding(headers: list[Header]) -> list[Header]:
     """``headers`` asking for an uncompressed answer: a usage cannot be read from gzip."""
-    return [*(h for h in headers if h[0] != _ACCEPT_ENCODING), _IDENTITY]
+    # A list comprehension, not a generator: every usage-charged request comes here.
+    out = [h for h in headers if h[0] != _ACCEPT_ENCODING]
+    out.append(_IDENTITY)
+    return out
 
 
 class SseUsageTap:
@@ -340,26 +344,28 @@ _MARKS: Final[dict[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]]] = {
 class ResponseTap:
     """Wraps ``send`` for one admitted request of a variable-cost feature.
 
-    ``headers_for(status, actual)`` gives the X-Tokens-* headers for the response start:
-    ``actual`` is the charge when it is known before the headers go out, ``None`` when only
-    the hold can be told. ``refunded(status)`` says whether the status refunds (then the
-    body is not read). ``stream_path``: the request asked for Gemini's JSON stream.
+    ``adm`` is the request's admission and ``charged`` the X-Tokens-* headers it was
+    admitted with (gateway/metering/cost_headers.py); ``refund_on`` the feature's refunding
+    statuses (a refunded response's body is not read). ``path``: the request's path (tells
+    Gemini's JSON stream). Built once per request: what the response start needs is kept
+    in its slots, not in closures.
     """
 
     __slots__ = (
+        "_adm",
         "_buffer",
         "_buffered",
         "_charged",
+        "_charged_headers",
         "_cost",
         "_gone",
         "_header_cost",
-        "_headers_for",
         "_mode",
-        "_refunded",
+        "_path",
+        "_refund_on",
         "_send",
         "_start",
         "_state",
-        "_stream_path",
         "_tap",
         "_usage",
         "complete",
@@ -372,19 +378,19 @@ class ResponseTap:
         cost: VariableCost,
         send: Send,
         state: MutableMapping[str, Any],
-        *,
-        hold: int,
-        headers_for: HeadersFor,
-        refunded: Callable[[int], bool],
-        stream_path: bool = False,
+        adm: Admission,
+        charged: list[Header],
+        refund_on: Container[int],
+        path: str = "",
     ) -> None:
         self._cost = cost
         self._send = send
         self._state = state
-        self.hold = hold
-        self._headers_for = headers_for
-        self._refunded = refunded
-        self._stream_path = stream_path
+        self._adm = adm
+        self.hold = adm.cost
+        self._charged_headers = charged
+        self._refund_on = refund_on
+        self._path = path
         self._mode = _PASS
         self._tap: SseUsageTap | None = None
         # The body's chunks so far (_HOLD, _COPY), joined once at its end: no copy per chunk.
@@ -397,6 +403,19 @@ class ResponseTap:
         self._gone: asyncio.Event | None = None
         self.status = 0
         self.complete = False
+
+    def refunded(self, status: int) -> bool:
+        """Whether the response refunds: a ``refund_on`` status, or the upstream failed."""
+        return status in self._refund_on or UPSTREAM_ERROR in self._state
+
+    def _headers_for(self, status: int, actual: int | None) -> list[Header]:
+        """The X-Tokens-* headers of the response start: the refund, the ``actual`` charge,
+        or (``None``: only the hold can be told yet, a stream) the hold marked reserved."""
+        if status in self._refund_on or UPSTREAM_ERROR in self._state:
+            return refunded_headers(self._charged_headers, self._adm)
+        if actual is None:
+            return [*self._charged_headers, RESERVED]
+        return actual_headers(self._charged_headers, self._adm, actual)
 
     # -- send ------------------------------------------------------------------------------
 
@@ -439,7 +458,7 @@ class ResponseTap:
         if cost.header_key is not None:
             headers = self._take_cost_header(list(headers), cost.header_key)
         actual: int | None = None
-        if self._refunded(status):
+        if status in self._refund_on or UPSTREAM_ERROR in self._state:
             pass  # refunded: nothing to read
         elif not cost.usage:
             reported = self._header_cost
@@ -460,7 +479,7 @@ class ResponseTap:
                 actual = self._missing_charge()  # compressed: not read (we asked for none)
             elif content_type.startswith(b"text/event-stream"):
                 self._mode, self._tap = _TAP, SseUsageTap(cost.provider)
-            elif self._stream_path:
+            elif _GEMINI_STREAM in self._path:  # a JSON stream: passed on as it comes
                 self._mode, self._buffer = _COPY, []
             else:
                 # Held until the body is complete: the headers then give the actual charge.

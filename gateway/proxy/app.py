@@ -21,6 +21,15 @@ from the usage at the stream's end): then the relay goes on for at most that man
 after the client left, still handing every chunk to ``send`` (the middleware's tap reads
 it and, the client being gone, forwards nothing), so the usage arrives and is charged.
 
+Streams on the lean client take a fast path when the server offers the response splice
+(gateway/core/splice.py: ``creditgate serve`` does) and nothing between here and the
+server needs the body pieces (unmetered requests, fixed-cost routes; not a usage-cost
+route, whose tap reads them, nor an ``Idempotency-Key``'s, whose response is kept): the
+start and the end still go through ``send``, but each upstream body piece is written to
+the client from inside the upstream connection's ``data_received``, with reading from the
+upstream paused while the client's buffer is full. Disconnects, upstream errors and
+timeouts are handled as on the ASGI path, with the same outcomes.
+
 Request headers: hop-by-hop ones are dropped here, and so are the method/path override
 headers of the one header policy (gateway/core/headers.py), which the middleware in front
 applies in full; every name is compared ignoring case and ``_``/``-``.
@@ -51,6 +60,7 @@ from gateway.core.scope_keys import (
     UPSTREAM_STATUS,
     USAGE_DRAIN_SECONDS,
 )
+from gateway.core.splice import ResponseSplice, splice_for
 from gateway.proxy.lean_client import LeanBackend, LeanResponse
 
 if TYPE_CHECKING:
@@ -508,7 +518,11 @@ class UpstreamProxy:
                 state[UPSTREAM_ERROR] = error
                 log.warning("upstream response cut short after the headers: %s", error)
             return
-        relay = asyncio.create_task(self._relay(resp, backend, send))
+        splice = splice_for(scope, send) if isinstance(resp, LeanResponse) else None
+        if splice is not None and splice.ready():
+            relay = asyncio.create_task(self._splice(resp, splice))  # type: ignore[arg-type]
+        else:
+            relay = asyncio.create_task(self._relay(resp, backend, send))
         # Once the request body is in, receive() can only return http.disconnect: watch for
         # it so an idle stream (an SSE pause) is dropped at once, not at its next chunk.
         watch = asyncio.create_task(_wait_disconnect(receive)) if upload.done else None
@@ -562,6 +576,30 @@ class UpstreamProxy:
                         return _CLIENT
                     if not left.done():
                         left.set_result(None)
+
+    @staticmethod
+    async def _splice(resp: LeanResponse, splice: ResponseSplice) -> str | None:
+        """The body through the response splice; return None or an error description.
+
+        Every piece goes to the client from the upstream connection's ``data_received``;
+        this coroutine only wakes up at the end, on a failure, or when the client's buffer
+        is full (reading from the upstream is then paused until it drains, so a slow
+        client holds at most its transport's buffer plus one read in memory)."""
+        resp.splice(splice.write)
+        try:
+            while not resp.complete:
+                if resp.reading_paused:
+                    await splice.drain()
+                    resp.resume_reading()
+                else:
+                    await resp.wait()
+        except TimeoutError:  # the lean client's TIMEOUT
+            return "timeout between chunks of the upstream's response body"
+        except OSError as exc:  # its FAILURE
+            return f"upstream body failed: {type(exc).__name__}: {exc}"
+        finally:
+            resp.sink = None  # cancelled (the client left) or done: no more pieces to it
+        return None
 
     async def _respond_draining(
         self,

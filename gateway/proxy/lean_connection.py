@@ -5,13 +5,19 @@ carries one exchange at a time, whose state lives in a :class:`LeanResponse`. Re
 body pieces are queued on the response as they arrive; past ``_HIGH_WATER`` unread bytes
 the transport stops reading until the consumer takes the queue. A response
 on a connection that closes before its end fails with :class:`UpstreamClosed`.
+
+Or, once :meth:`LeanResponse.splice` gave it a sink, the body pieces of each read go to
+the sink together from inside ``data_received``, once the read is parsed: one call (one
+client write) per read, no future, no task step (the proxy's stream fast path:
+gateway/core/splice.py). A sink that reports its consumer full pauses reading until
+:meth:`LeanResponse.resume_reading`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import httptools
 
@@ -72,6 +78,8 @@ class Connection(asyncio.Protocol):
                 if isinstance(cause, UpstreamError)
                 else UpstreamError(f"malformed upstream response: {exc}")
             )
+        if resp.sink is not None and resp.pieces:
+            resp.spill()  # after the parse, also a failed one: what was valid goes out
 
     def eof_received(self) -> bool | None:
         resp = self.resp
@@ -180,6 +188,11 @@ class Connection(asyncio.Protocol):
         assert resp is not None
         if resp.complete:
             raise UpstreamError("upstream sent a body after a bodiless response")
+        if resp.sink is not None:
+            # Spliced: no wake-up; data_received hands the read's pieces to the sink once
+            # it is parsed, so a read of several chunks costs the client one write.
+            resp.pieces.append(body)
+            return
         resp.pieces.append(body)
         resp.buffered += len(body)
         if resp.buffered > _HIGH_WATER and not resp.reading_paused:
@@ -207,7 +220,6 @@ class LeanResponse:
         "_loop",
         "_timeout",
         "_timer",
-        "_wait_since",
         "_waiter",
         "buffered",
         "complete",
@@ -217,9 +229,11 @@ class LeanResponse:
         "headers_done",
         "keep_alive",
         "pieces",
+        "progress_at",
         "raw_headers",
         "reading_paused",
         "received",
+        "sink",
         "status",
         "until_eof",
         "uploader",
@@ -231,7 +245,9 @@ class LeanResponse:
         self._conn: Connection | None = conn
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._wait_since = 0.0
+        # When the exchange last made progress (a wait began, a spliced piece came): the
+        # gap that the timeout bounds starts here.
+        self.progress_at = 0.0
         self._error: BaseException | None = None
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
@@ -243,6 +259,7 @@ class LeanResponse:
         self.headers_done = self.complete = self.keep_alive = self.until_eof = False
         self.reading_paused = self.received = False
         self.uploader: asyncio.Task[None] | None = None  # the rest of a full-duplex upload
+        self.sink: Callable[[bytes], bool] | None = None  # set by splice()
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -262,7 +279,7 @@ class LeanResponse:
             raise self._error
         loop = self._loop
         waiter = self._waiter = loop.create_future()
-        self._wait_since = now = loop.time()
+        self.progress_at = now = loop.time()
         if self._timer is None:  # one timer per exchange, re-armed only when it fires
             self._timer = loop.call_at(now + self._timeout, self._check_timeout)
         try:
@@ -276,7 +293,7 @@ class LeanResponse:
         if waiter is None or waiter.done():
             return  # not waiting now: the next wait re-arms
         loop = self._loop
-        due = self._wait_since + self._timeout
+        due = self.progress_at + self._timeout
         if loop.time() < due:
             self._timer = loop.call_at(due, self._check_timeout)
             return
@@ -318,6 +335,41 @@ class LeanResponse:
     def chunks(self) -> AsyncIterator[bytes]:
         """Body pieces as they arrive (whatever is buffered, joined)."""
         return _Chunks(self)
+
+    def splice(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the body pieces from now on to ``sink``, those of one read joined, from
+        inside the connection's ``data_received``; what is already queued goes first.
+
+        ``sink`` takes a non-empty piece and returns False when its consumer is full:
+        reading from the upstream then pauses and a :meth:`wait` in progress returns; the
+        owner resumes with :meth:`resume_reading` once the consumer has room. The owner
+        waits for the end with :meth:`wait` (which raises as for any exchange: the
+        upstream failed or fell silent for the timeout) until ``complete``, and sets
+        ``sink`` back to None when it stops (an abandoned response is then closed)."""
+        self.sink = sink
+        if self.pieces:
+            self.spill()
+
+    def spill(self) -> None:
+        """Hand every queued piece to the sink at once (the connection calls this after
+        each read it parsed); a full sink pauses reading and wakes the owner."""
+        sink = self.sink
+        assert sink is not None
+        self.progress_at = self._loop.time()  # the gap the timeout bounds starts again
+        if not sink(self._take()) and not self.reading_paused:
+            self._pause()
+            self.wake()  # its owner waits for the sink's consumer to drain, then resumes
+
+    def resume_reading(self) -> None:
+        """Read from the upstream again after a full sink paused it (no-op otherwise)."""
+        if self.reading_paused:
+            self._resume()
+
+    def _pause(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed and conn.transport is not None:
+            self.reading_paused = True
+            conn.transport.pause_reading()
 
     async def aclose(self) -> None:
         """Pool the connection if the response was read to its end cleanly, else close it."""

@@ -101,6 +101,32 @@ def is_count(value: object) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= MAX_TOKENS
 
 
+_new = object.__new__
+_set = object.__setattr__  # a frozen dataclass's fields are set the way its __init__ does
+
+
+def checked_usage(
+    provider: Provider,
+    model: str | None,
+    input_tokens: int,
+    cached_input_tokens: int,
+    output_tokens: int,
+    reasoning_tokens: int,
+) -> Usage:
+    """A :class:`Usage` of values the caller has already checked (a provider of
+    :data:`PROVIDERS`, a model from :func:`clean_model`, four ``int`` counts from 0 to
+    :data:`MAX_TOKENS`), without ``__post_init__`` checking them again: the same object,
+    for a third of the CPU (one is built on every usage-charged request)."""
+    usage: Usage = _new(Usage)
+    _set(usage, "provider", provider)
+    _set(usage, "model", model)
+    _set(usage, "input_tokens", input_tokens)
+    _set(usage, "cached_input_tokens", cached_input_tokens)
+    _set(usage, "output_tokens", output_tokens)
+    _set(usage, "reasoning_tokens", reasoning_tokens)
+    return usage
+
+
 def clean_model(value: object) -> str | None:
     """The model name if it is a plausible one, else ``None`` (unknown model)."""
     if isinstance(value, str) and 0 < len(value) <= MAX_MODEL_LENGTH and value.isprintable():

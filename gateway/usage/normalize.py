@@ -23,10 +23,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from gateway.usage.model import (
+    MAX_MODEL_LENGTH,
     MAX_TOKENS,
     InvalidUsageError,
     Provider,
     Usage,
+    checked_usage,
     clean_model,
 )
 
@@ -68,6 +70,12 @@ def _make(
 
 def from_openai(usage: object, model: object = None) -> Usage | None:
     """An OpenAI ``usage`` object, Chat Completions or Responses shape (told by its keys)."""
+    fast = _openai_chat(usage, model)
+    return fast if fast is not None else _openai_any(usage, model)
+
+
+def _openai_any(usage: object, model: object) -> Usage | None:
+    """:func:`from_openai` of any object: the general reading (and refusals)."""
     obj = _object(usage, "usage")
     if obj is None:
         return None
@@ -88,6 +96,54 @@ def from_openai(usage: object, model: object = None) -> Usage | None:
     prompt = prompt or 0
     completion = completion or 0
     return _make("openai", model, prompt - cached, cached, completion - reasoning, reasoning)
+
+
+def _openai_chat(usage: object, model: object) -> Usage | None:
+    """:func:`from_openai` of the usual Chat Completions usage (both counts, details absent
+    or objects with believable counts, a plain model name) in plain statements, as it
+    comes on every usage-charged request; ``None`` for anything else, which the general
+    code reads (and refuses) the same way as before."""
+    if type(usage) is not dict:
+        return None
+    prompt = usage.get("prompt_tokens")
+    completion = usage.get("completion_tokens")
+    if (
+        type(prompt) is not int
+        or type(completion) is not int
+        or not 0 <= prompt <= MAX_TOKENS
+        or not 0 <= completion <= MAX_TOKENS
+    ):
+        return None
+    details = usage.get("prompt_tokens_details")
+    if details is None:
+        cached = 0
+    elif type(details) is dict:
+        cached = details.get("cached_tokens", 0)
+        if cached is None:
+            cached = 0
+    else:
+        return None
+    details = usage.get("completion_tokens_details")
+    if details is None:
+        reasoning = 0
+    elif type(details) is dict:
+        reasoning = details.get("reasoning_tokens", 0)
+        if reasoning is None:
+            reasoning = 0
+    else:
+        return None
+    # Parts within their wholes (so every difference is a count too).
+    if type(cached) is not int or type(reasoning) is not int:
+        return None
+    if not 0 <= cached <= prompt or not 0 <= reasoning <= completion:
+        return None
+    if model is not None and not (
+        isinstance(model, str) and 0 < len(model) <= MAX_MODEL_LENGTH and model.isprintable()
+    ):
+        model = None  # clean_model's answer for anything else
+    return checked_usage(
+        "openai", model, prompt - cached, cached, completion - reasoning, reasoning
+    )
 
 
 def from_anthropic(usage: object, model: object = None) -> Usage | None:

@@ -51,7 +51,7 @@ def usage_from_json(body: bytes, provider: str) -> Usage | None:
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
         return None
     try:
-        return usage_from_document(doc, mode)
+        return _from_document(doc, mode)
     except InvalidUsageError:
         return None
 
@@ -61,7 +61,11 @@ def usage_from_document(doc: object, provider: str) -> Usage | None:
 
     Raises :class:`~gateway.usage.model.InvalidUsageError` for unbelievable counts.
     """
-    mode = provider_mode(provider)
+    return _from_document(doc, provider_mode(provider))
+
+
+def _from_document(doc: object, mode: str) -> Usage | None:
+    """:func:`usage_from_document` of a checked provider ``mode``."""
     if isinstance(doc, list):
         if mode not in ("auto", "gemini"):
             return None

@@ -94,8 +94,13 @@ async def test_usage_crossing_80_percent_is_one_signed_webhook(
     )  # fmt: skip
 
     r = await env.http.get("/metrics")
-    assert 'creditgate_alert_deliveries{status="delivered"} 1.0' in r.text
+    # Outcomes are counters (delivered twice: the resend too), the outbox's states gauges.
+    assert 'creditgate_alert_deliveries_completed_total{outcome="delivered"} 2.0' in r.text
+    assert 'creditgate_alert_deliveries_completed_total{outcome="failed"} 0.0' in r.text
+    assert "# TYPE creditgate_alert_deliveries_completed_total counter" in r.text
     assert 'creditgate_alert_deliveries{status="pending"} 0.0' in r.text
+    assert 'creditgate_alert_deliveries{status="failed"} 0.0' in r.text
+    assert 'creditgate_alert_deliveries{status="delivered"}' not in r.text
     assert "creditgate_alert_endpoints_disabled 0.0" in r.text
 
 

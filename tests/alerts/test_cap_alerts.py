@@ -19,6 +19,7 @@ from gateway.alerts.deliverer import Deliverer
 from gateway.alerts.evaluation import AlertDefaults
 from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
+from gateway.metering.meter import Actual
 from sync.worker import SyncWorker
 from tests.alerts.test_deliverer import free_port, settings
 from tests.support.actual_costs import raw_events_of, sweep
@@ -279,17 +280,62 @@ async def test_request_events_carry_the_capped_levels_figures_after_them(
     # Charged by the sweep at expiry: the counters keep its tokens.
     await gate.meter.admit("acme", BUCKET, user="ann", team="red", key_id="key_k")
     clock.advance(gate.config.hold_ttl_seconds * 1000 + 1)
-    assert await sweep(gate, "acme", clock.now_ms()) == 1
+    assert await sweep(gate, "acme", clock.now_ms()) == (1, 0)
     got = [(e["k"], e.get("tm"), e.get("lv")) for e in await raw_events_of(gate, "acme")]
+    # Counters then caps (30 = 1e, 12 = c), hexadecimal; a charge passes on what its
+    # charge.lua left (the hold's lf: "-" where not capped), a refund reads them after it
+    # moved them (the uncapped user's counter does not exist: "0").
     assert got[1:] == [
         ("reset", None, None),
-        ("charge", "red", "30 - 12 3@2026-11 0 3@2026-11 key_k"),
-        ("charge", "red", "30 - 12 6@2026-11 0 6@2026-11 key_k"),
-        ("refund", "red", "30 - 12 6@2026-11 0 6@2026-11 key_k"),
-        ("expired_hold", "red", "30 - 12 9@2026-11 0 9@2026-11 key_k"),
+        ("charge", "red", "3 - 3 1e - c key_k"),
+        ("charge", "red", "6 - 6 1e - c key_k"),
+        ("refund", "red", "6 0 6 1e - c key_k"),
+        ("expired_hold", "red", "9 - 9 1e - c key_k"),
     ]
     # A user cap without a team: tm is empty, the user's figures are there.
     await put(gate, "acme", "user", "bob", {BUCKET: 9})
     await spend(gate, "acme", 1, user="bob")
     last = (await raw_events_of(gate, "acme"))[-1]
-    assert (last["tm"], last["lv"]) == ("", "- 9 - 0 3@2026-11 0 -")
+    assert (last["tm"], last["lv"]) == ("", "- 3 - - 9 -")
+
+
+async def test_figures_of_moved_counters_are_read_again_and_expired_usage_holds_keep_them(
+    gate: CreditGate, clock: FixedClock
+) -> None:
+    # research: a cost read after the call, reserve 10 (tests/support/actual_costs.py).
+    await gate.set_plan("acme", "teams")
+    await put(gate, "acme", "team", "red", {"research": 40})  # 28 in hexadecimal
+    await put(gate, "acme", "key", "key_a", {"research": 25})  # 19
+    who = {"user": "u1", "team": "red", "key_id": "key_a"}
+    adm = await gate.meter.admit("acme", "research", **who)
+    settled = await gate.meter.settle(adm, ok=True, status=200, latency_ms=1, actual=Actual(4))
+    assert settled.charged == 4
+    # The hold's charge left 10 (a); the settle gave 6 back, so the figures are read
+    # again after that (the uncapped user's counter does not exist: "0").
+    last = (await raw_events_of(gate, "acme"))[-1]
+    assert (last["k"], last["lv"]) == ("charge", "4 0 4 28 - 19 key_a")
+    # A usage hold that expires: the sweep flags its usage missing and keeps its figures.
+    await gate.meter.admit("acme", "research", **who)
+    clock.advance(gate.config.hold_ttl_seconds * 1000 + 1)
+    assert await sweep(gate, "acme", clock.now_ms()) == (1, 1)
+    last = (await raw_events_of(gate, "acme"))[-1]
+    assert (last["k"], last["cs"], last["um"], last["lv"]) == (
+        "expired_hold", "policy", "1", "e - e 28 - 19 key_a",
+    )  # fmt: skip
+
+
+async def test_a_hold_settled_in_a_later_period_carries_no_figures(
+    gate: CreditGate, clock: FixedClock
+) -> None:
+    """Its counters were reset since and its caps were the old period's: nothing to say."""
+    await gate.set_plan("acme", "teams")
+    await put(gate, "acme", "team", "red", {BUCKET: 30})
+    late = await gate.meter.admit("acme", BUCKET, user="ann", team="red")
+    clock.set(DECEMBER_MS)
+    await spend(gate, "acme", 1, user="ann", team="red")  # resets the bucket
+    assert await gate.meter.settle(late, ok=True, status=200, latency_ms=1) == 3
+    events = [e for e in await raw_events_of(gate, "acme") if e["k"] == "charge"]
+    assert [(e["per"], e.get("lv")) for e in events] == [
+        ("2026-12", "3 - - 1e - -"),
+        ("2026-12", None),
+    ]

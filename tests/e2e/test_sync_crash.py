@@ -204,6 +204,32 @@ async def test_kill_at_commit_then_restart_writes_each_row_once(
     await assert_exact(pool, events)
 
 
+@pytest.mark.parametrize("point", ["before_commit:1", "after_commit:1"])
+async def test_kill_at_the_commit_of_a_folded_batch_then_restart_writes_each_row_once(
+    redis: Any, keyspace: KeySpace, pool: asyncpg.Pool, pg_dsn: str, point: str
+) -> None:
+    """A few events on every shard: the first pass writes all shards' reads in one
+    transaction (sync/worker.py, folding). Killed just before or just after its commit, so
+    that no shard's entries were acked, a new worker writes each row once."""
+    events = scenario([f"org{i}" for i in range(12)], 5)
+    assert len({keyspace.shard(e["o"]).shard for e in events}) > 1
+    await fill(redis, keyspace, events)
+    url = redis_url()
+    crashed = spawn(url, pg_dsn, keyspace, crash=point)
+    assert await wait_exit(crashed) == -signal.SIGKILL
+    assert await row_count(pool) == (len(events) if point.startswith("after") else 0)
+    assert await pending_count(redis, keyspace) == len(events)  # nothing acked
+
+    survivor = spawn(url, pg_dsn, keyspace, consumer="survivor")
+    try:
+        await wait_joined(redis, keyspace, "survivor")
+        await wait_synced(pool, redis, keyspace, len(events))
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert await wait_exit(survivor) == 0
+    await assert_exact(pool, events)
+
+
 async def test_random_sigkills_during_big_batches(
     redis: Any, keyspace: KeySpace, pool: asyncpg.Pool, pg_dsn: str
 ) -> None:

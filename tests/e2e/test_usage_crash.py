@@ -287,7 +287,7 @@ def sync_worker(s: Setup, *, crash: str | None = None) -> subprocess.Popen[bytes
         [sys.executable, "-m", "sync", "--redis-url", s.config.redis_url,
          "--database-url", str(s.config.database_url), "--prefix", s.config.key_prefix,
          "--shards", str(SHARDS), "--consumer", f"w-{uuid.uuid4().hex[:6]}",
-         "--claim-idle-ms", "300", "--log-level", "WARNING"],
+         "--claim-idle-ms", "300", "--variable-features", FEATURE, "--log-level", "WARNING"],
         env={"CREDITGATE_SYNC_CRASH": crash} if crash else {"CREDITGATE_SYNC_CRASH": ""},
     )  # fmt: skip
 
@@ -391,6 +391,10 @@ async def test_sigkill_mid_stream_expires_into_the_reserve_once(
         assert row["kind"] == "expired_hold"
         assert row["tokens_deducted"] == RESERVE
         assert row["overage"] == 0 and row["upstream_status"] is None
+        # Its usage never came: the row says so, as a settle's by on_missing_usage would.
+        assert (row["reserved"], row["usage_missing"], row["cost_source"]) == (
+            RESERVE, True, "policy",
+        )  # fmt: skip
         assert (row["organization_id"], row["feature_used"]) == (ORG, FEATURE)
         assert await s.balance() == start - RESERVE  # the reserve, and nothing more
 
@@ -451,6 +455,7 @@ async def test_sigkill_after_the_stream_before_the_settle_reached_redis(
             assert (row["kind"], row["tokens_deducted"], row["overage"]) == (
                 "expired_hold", RESERVE, 0,
             )  # fmt: skip
+            assert (row["reserved"], row["usage_missing"]) == (RESERVE, True)
             assert await s.balance() == start - RESERVE  # the reserve, not the actual usage
             assert not await s.hold_open(rid)
             await stop(worker)

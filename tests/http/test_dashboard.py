@@ -198,6 +198,10 @@ async def test_admin_dashboard(served: tuple[str, str, CreditGate]) -> None:
             "rows => rows.map(r => [r.cells[0].textContent, r.cells[2].textContent])",
         )
         assert spenders == [["acme", str(sum(USED.values()))], ["globex", "3"]]
+        since = await page.eval_on_selector_all(
+            "#spenders tbody tr", "rows => rows.map(r => r.cells[4].textContent)"
+        )
+        assert since == ["2026-11-01", "2026-11-01"]  # each org's own period's first day
         assert await page.inner_text("[data-tile='orgs'] .value") == "2"
         features = await page.eval_on_selector_all(".hbar", "els => els.map(e => e.dataset.key)")
         assert features[0] == "general_insights" and len(features) == 5
@@ -345,6 +349,11 @@ async def test_org_dashboard_shows_usage_by_model_and_overage(
         assert await page.inner_text("#overage") == "Overage 5 tokens · 30 days"
         colour = await page.eval_on_selector("#overage", "el => getComputedStyle(el).color")
         assert colour == RED  # some overage: shown in red
+        # The bucket's card says its overage this period (GET /balance, per bucket); the
+        # other buckets, with none, say nothing of it.
+        card = ".card[data-bucket='general_insights']"
+        assert await page.inner_text(f"{card} .overage") == "Overage 5 tokens this period"
+        assert await page.eval_on_selector_all(".card .overage", "els => els.length") == 1
         # Recent activity names the model and the overage of each request.
         activity = await page.eval_on_selector_all(
             "#activity tbody tr",

@@ -125,7 +125,7 @@ async def test_an_expired_reservation_is_409_and_charged_its_reserve(env: Env) -
                             headers=auth(key))  # fmt: skip
     rid = r.json()["id"]
     env.clock.advance(6_000)
-    assert await sweep(env.gate, "acme", env.clock.now_ms()) == 1
+    assert await sweep(env.gate, "acme", env.clock.now_ms()) == (1, 1)
     for path in (f"{URL}/{rid}/settle", f"{URL}/{rid}/release"):
         body = problem(await env.http.post(path, json={"actual": 1}, headers=auth(key)),
                        409, "reservation_expired")  # fmt: skip

@@ -40,6 +40,7 @@ async def test_balance_and_the_seed_smoke_test(env: Env) -> None:
     goal = bal["buckets"]["goal_generation"]
     assert goal == {
         "allocated": 20, "balance": 20, "extra": 0, "used": 0, "available": 20, "in_plan": True,
+        "overage": 0,
     }  # fmt: skip
     assert bal["features"]["goal_generation"] == {
         "cost": 3, "bucket": "goal_generation", "allowed": True,

@@ -34,7 +34,7 @@ async def test_no_levels_charges_as_before_and_holds_no_levels(gate: CreditGate)
     assert adm.ok and adm.remaining == 97
     raw = await gate.redis.client.hget(gate.keys.shard("acme").holds, adm.request_id)
     hold = json.loads(raw)
-    assert "lv" not in hold and "tm" not in hold
+    assert "lx" not in hold and "tm" not in hold
     assert "lv" not in {
         (k.decode() if isinstance(k, bytes) else k)
         for k in await gate.redis.client.hkeys(gate.keys.org("acme"))
@@ -161,7 +161,7 @@ async def test_expired_hold_keeps_levels_charged_and_names_the_team(
     swept = await gate.redis.runner.run(
         load("sweep_holds"), [keys.holds, keys.holdexp, keys.events], [clock.now_ms(), 100]
     )
-    assert int(swept) == 1
+    assert int(swept[0]) == 1
     assert await level_used(gate, "acme", "user", "u1") == 3
     rows = [decode(f) for _, f in await gate.redis.client.xrange(keys.events)]
     expired = [e for e in rows if e.kind == "expired_hold"]
@@ -189,18 +189,30 @@ async def test_the_hold_lists_caps_compactly_and_old_holds_still_settle(
     fields = [f"Ln:{BUCKET}:t:red", f"Ln:{BUCKET}:u:u1", f"Ln:{BUCKET}:k:key_a"]
     adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
     hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
-    assert (hold["tm"], hold["u"], hold["k"]) == ("red", "u1", "key_a")
-    assert hold["lv"] == "50 30 9"  # the caps of team, user and key
+    assert (hold["tm"], hold["u"]) == ("red", "u1") and "k" not in hold
+    # The caps of team, user and key (hexadecimal: 50, 30, 9), and the key.
+    assert hold["lx"] == "32 1e 9 key_a"
     assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
-    # Only capped levels are named: a key without a cap leaves "-" and no k.
+    # Only capped levels are named: a key without a cap leaves "-" and no key.
     await put(gate, "acme", "key", "key_b")
     adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_b")
     hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
-    assert hold["lv"] == "50 30 -" and "k" not in hold
+    assert hold["lx"] == "32 1e -" and "k" not in hold
     assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    # A hold written when the caps were decimal in lv and the key its own field k is
+    # refunded the same.
+    adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
+    hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    del hold["lx"]
+    hold["lv"], hold["k"] = "50 30 9", "key_a"
+    await gate.redis.client.hset(holds, adm.request_id, json.dumps(hold))
+    assert await level_used(gate, "acme", "key", "key_a") == 3
+    assert await gate.meter.settle(adm, ok=False, status=500, latency_ms=1) == 0
+    assert await level_used(gate, "acme", "key", "key_a") == 0
     # A hold written before the compact form ([[counter, cap], ...]) is refunded the same.
     adm = await gate.meter.admit("acme", BUCKET, user="u1", key_id="key_a")
     hold = json.loads(await gate.redis.client.hget(holds, adm.request_id))
+    del hold["lx"]
     hold["lv"] = [[fields[0], 50], [fields[1], 30], [fields[2], 9]]
     await gate.redis.client.hset(holds, adm.request_id, json.dumps(hold))
     assert [await level_used(gate, "acme", lv, i) for lv, i in

@@ -145,7 +145,7 @@ async def test_an_expired_reservation_is_charged_its_reserve_once(
 ) -> None:
     r = await gate.reserve("acme", "research", estimate=12, ttl_seconds=30)
     clock.advance(31_000)
-    assert await sweep(gate, "acme", clock.now_ms()) == 1
+    assert await sweep(gate, "acme", clock.now_ms()) == (1, 1)
     [ev] = await request_events(gate)
     assert (ev.kind, ev.tokens, ev.reserved, ev.cost_source) == (
         "expired_hold",
@@ -158,7 +158,7 @@ async def test_an_expired_reservation_is_charged_its_reserve_once(
     assert await gate.release(r) == got
     assert await left(gate) == RESEARCH_ALLOCATION - 12
     assert len(await request_events(gate)) == 1
-    assert await sweep(gate, "acme", clock.now_ms() + HOLD_MS) == 0
+    assert await sweep(gate, "acme", clock.now_ms() + HOLD_MS) == (0, 0)
 
 
 async def test_a_settle_after_the_expiry_but_before_the_sweep_is_the_same_expiry(
@@ -168,7 +168,7 @@ async def test_a_settle_after_the_expiry_but_before_the_sweep_is_the_same_expiry
     clock.advance(30_000)
     got = await gate.settle(r, 3)
     assert (got.outcome, got.charged, got.refunded) == ("expired", 12, 0)
-    assert await sweep(gate, "acme", clock.now_ms()) == 0
+    assert await sweep(gate, "acme", clock.now_ms()) == (0, 0)
     [ev] = await request_events(gate)
     assert (ev.kind, ev.tokens) == ("expired_hold", 12)
     assert await gate.settle(r, 3) == got
@@ -234,7 +234,7 @@ async def test_reservations_on_a_redis_cluster(cluster: Cluster, clock: FixedClo
             again = await gate.reserve(org, "research", estimate=9, idempotency_key="k")
             assert again.replayed and again.id == released.id
             clock.advance(10_001)
-            assert await sweep(gate, org, clock.now_ms()) == 1  # writes the result key
+            assert await sweep(gate, org, clock.now_ms()) == (1, 1)  # writes the result key
             assert (await gate.settle(expiring, 1)).outcome == "expired"
             assert await left(gate, org) == RESEARCH_ALLOCATION - 15 - 7
             st = await bucket_state(gate, org, "research")

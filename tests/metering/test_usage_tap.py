@@ -31,6 +31,7 @@ from gateway import CreditGate, CreditGateMiddleware
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.counters import METRICS
 from gateway.core.scope_keys import CLIENT_DISCONNECTED, UPSTREAM_ERROR, USAGE_DRAIN_SECONDS
+from gateway.metering.admission import Admission
 from gateway.metering.usage_tap import (
     RESPONSE_BODY_LIMIT,
     ResponseTap,
@@ -212,6 +213,20 @@ class Sent:
     def headers(self) -> dict[bytes, bytes]:
         return dict(self.messages[0]["headers"])
 
+    @property
+    def told(self) -> bytes:
+        """What the response start told of the charge: the cost, or b"reserved" (a hold)."""
+        headers = self.headers
+        if headers.get(b"x-tokens-cost-status") == b"reserved":
+            return b"reserved"
+        return headers[b"x-tokens-cost"]
+
+
+def admitted(feature: str, hold: int = 30) -> tuple[Admission, list[tuple[bytes, bytes]]]:
+    """An admission holding ``hold`` tokens (balance unknown) and its charged headers."""
+    adm = Admission("ok", "req-1", "org", feature, feature, hold)
+    return adm, [(b"x-tokens-cost", str(hold).encode()), (b"x-creditgate-request-id", b"req-1")]
+
 
 def tap_for(
     feature: str, state: dict[str, Any] | None = None, *, refunded: bool = False
@@ -219,13 +234,9 @@ def tap_for(
     config = make_config()
     cost = VariableCost(config.cost_spec(feature), config.prices, 15.0)
     sent, state = Sent(), ({} if state is None else state)
-
-    def headers_for(status: int, actual: int | None) -> list[tuple[bytes, bytes]]:
-        return [(b"x-actual", b"reserved" if actual is None else str(actual).encode())]
-
-    tap = ResponseTap(
-        cost, sent, state, hold=30, headers_for=headers_for, refunded=lambda s: refunded or s >= 500
-    )
+    adm, charged = admitted(feature)
+    refund_on = range(100, 600) if refunded else range(500, 600)
+    tap = ResponseTap(cost, sent, state, adm, charged, refund_on)
     return tap, sent, state
 
 
@@ -258,7 +269,7 @@ async def test_a_json_answer_is_held_until_read_and_headed_with_its_charge() -> 
     assert sent.messages == []  # held: the headers must say the actual charge
     await tap.send(body(CHAT_JSON[10:].encode()))
     assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
-    assert sent.headers[b"x-actual"] == str(CHAT_PRICE).encode()
+    assert sent.told == str(CHAT_PRICE).encode()
     assert sent.messages[1]["body"] == CHAT_JSON.encode()
     actual = tap.actual()
     assert (actual.tokens, actual.missing, actual.source) == (CHAT_PRICE, False, "usage")
@@ -278,7 +289,7 @@ async def test_a_json_answer_in_many_pieces_is_sent_whole_once(size: int) -> Non
     await tap.send(body(b""))
     assert [m["type"] for m in sent.messages] == ["http.response.start", "http.response.body"]
     assert sent.messages[1]["body"] == data and not sent.messages[1].get("more_body")
-    assert sent.headers[b"x-actual"] == str(CHAT_PRICE).encode()
+    assert sent.told == str(CHAT_PRICE).encode()
     assert tap.actual().tokens == CHAT_PRICE
 
 
@@ -289,10 +300,9 @@ def gemini_stream_tap() -> tuple[ResponseTap, Sent]:
     config = parse_config(yaml.safe_dump(data), "usage-tap.yaml")
     cost = VariableCost(config.cost_spec("gem"), config.prices, 15.0)
     sent = Sent()
-    tap = ResponseTap(
-        cost, sent, {}, hold=30, refunded=lambda s: s >= 500, stream_path=True,
-        headers_for=lambda s, a: [(b"x-actual", b"reserved" if a is None else b"%d" % a)],
-    )  # fmt: skip
+    adm, charged = admitted("gem")
+    path = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+    tap = ResponseTap(cost, sent, {}, adm, charged, range(500, 600), path)
     return tap, sent
 
 
@@ -306,7 +316,7 @@ async def test_a_gemini_json_stream_goes_on_as_it_comes_and_is_read_at_its_end()
     ]
     data = json.dumps(items).encode()
     await tap.send(start())
-    assert sent.headers[b"x-actual"] == b"reserved"
+    assert sent.told == b"reserved"
     for at in range(0, len(data), 7):
         message = body(data[at : at + 7], more=True)
         await tap.send(message)
@@ -330,7 +340,7 @@ async def test_a_gemini_json_stream_too_long_to_read_is_missing() -> None:
 async def test_every_stream_chunk_goes_on_at_once_and_the_usage_is_read() -> None:
     tap, sent, _ = tap_for("chat")
     await tap.send(start(b"text/event-stream; charset=utf-8"))
-    assert sent.headers[b"x-actual"] == b"reserved"
+    assert sent.told == b"reserved"
     for event in sse_events(CHAT_USAGE):
         for piece in (event[:7], event[7:]):  # split anywhere
             message = body(piece, more=True)
@@ -355,7 +365,7 @@ async def test_an_explicit_zero_is_not_missing() -> None:
     zero = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     await tap.send(start())
     await tap.send(body(json.dumps({"object": "chat.completion", "usage": zero}).encode()))
-    assert sent.headers[b"x-actual"] == b"0"
+    assert sent.told == b"0"
     assert (tap.actual().tokens, tap.actual().missing) == (0, False)
 
 
@@ -365,7 +375,7 @@ async def test_a_json_answer_too_large_to_hold_passes_with_the_hold_in_its_heade
     await tap.send(body(b"x" * RESPONSE_BODY_LIMIT, more=True))
     assert sent.messages == []
     await tap.send(body(b"yy", more=True))
-    assert sent.headers[b"x-actual"] == b"reserved" and len(sent.messages) == 2
+    assert sent.told == b"reserved" and len(sent.messages) == 2
     await tap.send(body(CHAT_JSON.encode()))
     assert sent.messages[-1]["body"] == CHAT_JSON.encode()
     assert tap.actual().missing
@@ -374,7 +384,7 @@ async def test_a_json_answer_too_large_to_hold_passes_with_the_hold_in_its_heade
 async def test_compressed_and_refunded_answers_are_not_read() -> None:
     tap, sent, _ = tap_for("chat")
     await tap.send(start(b"application/json", (b"content-encoding", b"gzip")))
-    assert sent.headers[b"x-actual"] == b"30"  # no usage can be read: the policy, known now
+    assert sent.told == b"30"  # no usage can be read: the policy, known now
     await tap.send(body(b"\x1f\x8b..."))
     assert tap.actual().missing
     refunded, sent, _ = tap_for("chat", refunded=True)
@@ -429,7 +439,7 @@ async def test_a_header_cost_is_taken_and_removed(
     assert b"x-creditgate-cost" not in names and b"x-other" in names
     actual = tap.actual()
     assert (actual.tokens, actual.source, actual.missing) == expected
-    said = sent.headers[b"x-actual"]
+    said = sent.told
     assert said == (b"reserved" if expected[1] == "policy" else str(expected[0]).encode())
 
 

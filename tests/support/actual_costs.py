@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -122,10 +122,15 @@ async def raw_events_of(gate: CreditGate, org: str) -> list[dict[str, str]]:
     return out
 
 
-async def sweep(gate: CreditGate, org: str, now_ms: int) -> int:
-    """Run the sync job's hold sweep on ``org``'s shard at ``now_ms``."""
+async def sweep(
+    gate: CreditGate, org: str, now_ms: int, *, features: Iterable[str] | None = None
+) -> tuple[int, int]:
+    """Run the sync job's hold sweep on ``org``'s shard at ``now_ms``, naming ``features``
+    (default: the config's variable-cost features) as the sync job does; returns (holds
+    swept, of which with their usage missing)."""
     shard = gate.keys.shard(org)
-    swept = await gate.redis.runner.run(
-        load("sweep_holds"), [shard.holds, shard.holdexp, shard.events], [now_ms, 1000]
+    names = gate.config.variable_features if features is None else tuple(features)
+    swept, missing = await gate.redis.runner.run(
+        load("sweep_holds"), [shard.holds, shard.holdexp, shard.events], [now_ms, 1000, *names]
     )
-    return int(swept)
+    return int(swept), int(missing)

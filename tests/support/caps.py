@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from gateway.core.caps import parse_cap, used_field, used_of
+from gateway.core.caps import counters_period_field, parse_cap, used_field, used_of
 from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
 from tests.support.actual_costs import actual_cost_gate, actual_cost_overrides
@@ -57,6 +57,12 @@ async def level_used(
     gate: CreditGate, org: str, level: str, ident: str, bucket: str = BUCKET
 ) -> int:
     """What a level drew from ``bucket`` this period."""
-    raw = await gate.redis.client.hget(gate.keys.org(org), used_field(bucket, level, ident))  # type: ignore[arg-type]
+    raw, counted = (
+        v.decode() if isinstance(v, bytes) else v
+        for v in await gate.redis.client.hmget(
+            gate.keys.org(org),
+            [used_field(bucket, level, ident), counters_period_field(bucket)],  # type: ignore[arg-type]
+        )
+    )
     pid = gate.meter.period(gate.clock.now_ms())[0]
-    return used_of(raw.decode() if isinstance(raw, bytes) else raw, pid)
+    return used_of(raw, pid, counted)

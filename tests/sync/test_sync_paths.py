@@ -56,8 +56,9 @@ async def test_a_redelivered_batch_takes_the_safe_path_and_doubles_nothing(
     result = await w.run_once()
     assert result.inserted == len(second)
     assert result.duplicates == len(first[::3])
-    shards_hit = {keyspace.shard(e["o"]).shard for e in first[::3]}
-    assert result.fallbacks == len(shards_hit) > 0
+    # These small reads of every shard are folded into one transaction (sync/worker.py):
+    # it met the duplicates and was redone the safe way, once.
+    assert result.fallbacks == 1
     got = await ledger(pool)
     assert len(got["rows"]) == len(first) + len(second)
     assert got["daily"] == expected_daily(first + second)  # not doubled

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.usage import MAX_TOKENS, InvalidUsageError, Usage
-from gateway.usage.normalize import from_anthropic, from_gemini, from_openai, normalize
+from gateway.usage.model import checked_usage
+from gateway.usage.normalize import (
+    _openai_any,
+    _openai_chat,
+    from_anthropic,
+    from_gemini,
+    from_openai,
+    normalize,
+)
 
 
 def test_usage_rejects_bad_counts() -> None:
@@ -161,3 +172,82 @@ def test_normalize_dispatches() -> None:
     assert normalize("gemini", {"promptTokenCount": 4}) == Usage("gemini", None, 4)
     assert normalize("anthropic", {"input_tokens": 4}) == Usage("anthropic", None, 4)
     assert normalize("openai", {"prompt_tokens": 4}) == Usage("openai", None, 4)
+
+
+# -- the fast path of from_openai (the usual Chat Completions usage) ---------------------------
+_COUNT = st.one_of(
+    st.none(),
+    st.integers(min_value=-2, max_value=MAX_TOKENS + 2),
+    st.sampled_from([True, False, 1.0, 2.5, "7", [], {}]),
+)
+_DETAILS = st.one_of(
+    st.none(),
+    st.sampled_from([[], "x", 3]),
+    st.dictionaries(
+        st.sampled_from(["cached_tokens", "reasoning_tokens", "audio_tokens"]), _COUNT, max_size=3
+    ),
+)
+_USAGE = st.one_of(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "prompt_tokens_details",
+                "completion_tokens_details",
+                "input_tokens",
+                "output_tokens",
+            ]
+        ),
+        st.one_of(_COUNT, _DETAILS),
+        max_size=7,
+    ),
+    st.fixed_dictionaries(
+        {"prompt_tokens": _COUNT, "completion_tokens": _COUNT},
+        optional={"prompt_tokens_details": _DETAILS, "completion_tokens_details": _DETAILS},
+    ),
+    st.sampled_from([None, [], "usage", 5]),
+)
+_MODEL = st.one_of(
+    st.none(), st.text(max_size=3), st.sampled_from(["gpt-4o", "x" * 257, "a\nb", 7, ["m"]])
+)
+
+
+def _outcome(fn: Any, usage: object, model: object) -> object:
+    try:
+        return fn(usage, model)
+    except InvalidUsageError as exc:
+        return ("refused", str(exc))
+
+
+@settings(max_examples=600, deadline=None)
+@given(usage=_USAGE, model=_MODEL)
+def test_the_openai_fast_path_reads_and_refuses_as_the_general_reading(
+    usage: object, model: object
+) -> None:
+    """from_openai answers the usual shape without the general code: for any object, the
+    same Usage (or the same refusal) as the general reading alone."""
+    assert _outcome(from_openai, usage, model) == _outcome(_openai_any, usage, model)
+
+
+def test_the_openai_fast_path_takes_the_usual_answer() -> None:
+    usage = {
+        "prompt_tokens": 41,
+        "completion_tokens": 22,
+        "total_tokens": 63,
+        "prompt_tokens_details": {"cached_tokens": 5, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 2, "audio_tokens": 0},
+    }
+    fast = _openai_chat(usage, "gpt-4o-mini")
+    assert fast == Usage("openai", "gpt-4o-mini", 36, 5, 20, 2) == _openai_any(usage, "gpt-4o-mini")
+    assert _openai_chat({"input_tokens": 3, "output_tokens": 4}, None) is None  # Responses
+
+
+def test_checked_usage_is_the_usage_the_constructor_builds() -> None:
+    built = checked_usage("anthropic", "claude-x", 1, 2, 3, 4)
+    assert built == Usage("anthropic", "claude-x", 1, 2, 3, 4)
+    assert hash(built) == hash(Usage("anthropic", "claude-x", 1, 2, 3, 4))
+    assert type(built) is Usage and built.total_tokens == 10
+    with pytest.raises(FrozenInstanceError):
+        built.input_tokens = 5  # type: ignore[misc]

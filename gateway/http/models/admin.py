@@ -121,13 +121,22 @@ class OrgUsage(Answer):
     plan: str | None
     tokens: int
     requests: Count
+    from_: Day = Field(
+        alias="from",
+        description="The first day of the org's own current period (contract A12: its"
+        " anchor, in the config's period time zone, as the UTC day of the rollups)",
+    )
 
 
 class OrgList(Answer):
-    """``GET /admin/orgs``."""
+    """``GET /admin/orgs``: each org's usage over its own current period, up to ``to``."""
 
     sort: Literal["spend", "id"]
-    from_: Day = Field(alias="from")
+    from_: Day = Field(
+        alias="from",
+        description="The first day of the calendar's current period: every org's without"
+        " per-org periods; with them, each item's own ``from`` says where its window starts",
+    )
     to: Day
     items: list[OrgUsage]
 

@@ -76,6 +76,12 @@ class Bucket(Answer):
     used: int
     available: Count
     in_plan: bool
+    overage: Count | None = Field(
+        None,
+        description="Tokens this period's calls cost beyond what the bucket could cover"
+        " (contract A8; recorded, never owed), from the ledger, so as of the sync lag;"
+        " null when there is no ledger or it did not answer",
+    )
 
 
 class FeatureInfo(Answer):

@@ -62,6 +62,8 @@
       { label: "Plan", value: (o) => o.plan || "" },
       { label: "Tokens", num: true, value: (o) => fmt(o.tokens) },
       { label: "Requests", num: true, value: (o) => fmt(o.requests) },
+      // Each org's own period (anchored periods start on the org's own day).
+      { label: "Period from", value: (o) => o.from },
     ], spent, "No usage this period");
 
     table(document.getElementById("users"), [

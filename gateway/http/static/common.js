@@ -215,6 +215,12 @@
           el("span", { class: "used", text: "Used " + fmt(b.used) }),
           el("span", { text: b.extra > 0 ? "incl. " + fmt(b.extra) + " purchased" : "" }))
       );
+      // Calls that cost more than the bucket could cover this period (recorded, not owed;
+      // null when the ledger is not there to say).
+      if (b.overage > 0) {
+        card.append(el("div", { class: "overage overage-some", "data-overage": String(b.overage),
+          text: "Overage " + fmt(b.overage) + " tokens this period" }));
+      }
       if (forecasts) {
         const [text, urgent] = forecastText(forecasts[name]);
         card.append(el("div", { class: "forecast" + (urgent ? " urgent" : ""), text }));

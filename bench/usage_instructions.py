@@ -1,0 +1,180 @@
+"""Instructions per request of a fixed, a header and a usage cost, counted by valgrind.
+
+    .venv/bin/python bench/usage_instructions.py                     # this tree
+    .venv/bin/python bench/usage_instructions.py --tree /tmp/before  # another checkout
+    .venv/bin/python bench/usage_instructions.py --modes proxy --body openai30k
+
+Issue 8's target is a ratio of server CPU (a usage cost at most 1.10x a fixed one), and on
+a shared 2-core machine CPU-time ratios move by ±10 % with the load (bench/usage_tap.py).
+Callgrind's instruction counts do not: this is bench/instructions.py's method applied to
+bench/usage_tap.py's requests. Per tree and mode, one child process under callgrind per
+run; every run warms every variant up the same way (``--warm`` requests each), then drives
+``--small`` requests of each variant, except one variant that gets ``--large`` (multiples
+of 32: 32 concurrent tasks drive them). The
+difference between a run's total and the all-small run's, divided by ``large - small``, is
+that variant's cost of one request, without start-up, imports and warm-up.
+
+Modes (both call the ASGI app in process, as bench/usage_tap.py's ``inprocess`` and
+``streams`` parts do; the HTTP server in front, the same for every variant, is not
+counted):
+
+- ``inprocess``: the Starlette app answering the body itself behind ``CreditGateMiddleware``;
+- ``proxy``: ``GatewayApp`` (middleware + ``UpstreamProxy`` with the lean client) in front of
+  bench/usage_tap.py's upstream process (not counted: ``--trace-children=no``, and it is a
+  process of its own), which answers the same body with its Content-Length.
+
+Variants, on the same answer (``--body``, default the 2 KB pretty-printed OpenAI chat
+completion): ``fixed`` (``cost: 1``), ``header`` (``header: X-Cost``; the answer has no
+such header, so the missing-usage policy charges), ``usage`` (``usage: auto``, numeric
+reserve: the request is read for include_usage, the answer held, its usage read and
+priced).
+
+Needs ``valgrind``. Python's hash seed is fixed (PYTHONHASHSEED=0) so runs repeat. Kernel
+time (socket reads and writes) is not counted, and the settle batching depends on timing
+under valgrind (~50x slower): expect ±1 % between identical runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+VARIANTS = {"fixed": "fixed", "header": "hdr", "usage": "any"}
+"""Variant -> the path prefix of its route in bench/usage_tap.py's CONFIG."""
+MODES = ("inprocess", "proxy")
+
+
+def _child(mode: str, config: Path, body: str, counts: dict[str, int], warm: int) -> None:
+    """Under callgrind: warm every variant up, then drive ``counts`` requests of each."""
+    import asyncio
+
+    import uvloop
+
+    from bench.usage_tap import CHAT_REQUEST, chat_app, drive
+
+    async def main() -> None:
+        if mode == "proxy":
+            from gateway.commands.server import GatewayApp
+            from gateway.config import load_config
+            from gateway.metering.gate import CreditGate
+
+            app: Any = GatewayApp(CreditGate(load_config(config)), sync=False)
+            gate = app.gate
+        else:
+            app = chat_app(config)
+            gate = next(m.kwargs["gate"] for m in app.user_middleware)
+        paths = {v: f"/{prefix}/{body}/v1/chat/completions" for v, prefix in VARIANTS.items()}
+        for variant in counts:
+            await drive(app, paths[variant], CHAT_REQUEST, warm, 32)
+            await gate.meter.drain()
+        for variant, n in counts.items():
+            await drive(app, paths[variant], CHAT_REQUEST, n, 32)
+            await gate.meter.drain()
+        if mode == "proxy" and app.proxy is not None:
+            await app.proxy.aclose()
+        await gate.close()
+        await asyncio.sleep(0)
+
+    uvloop.run(main())
+
+
+def _count(
+    tree: Path, mode: str, config: Path, body: str, counts: dict[str, int], warm: int
+) -> int:
+    """Total instructions of one child run under callgrind."""
+    with tempfile.TemporaryDirectory(prefix="cg-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
+        spec = ",".join(f"{v}={n}" for v, n in counts.items())
+        subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", "--trace-children=no",
+                f"--callgrind-out-file={out}", sys.executable, str(_HERE / "usage_instructions.py"),
+                "--child", mode, str(config), body, spec, str(warm),
+            ],
+            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
+        if match is None:
+            raise RuntimeError("callgrind wrote no totals")
+        return int(match.group(1))
+
+
+def per_request(tree: Path, mode: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Instructions per request of each variant (see the module docstring)."""
+    small = dict.fromkeys(VARIANTS, args.small)
+    base = _count(tree, mode, config, args.body, small, args.warm)
+    out: dict[str, float] = {}
+    for variant in VARIANTS:
+        total = _count(tree, mode, config, args.body, {**small, variant: args.large}, args.warm)
+        out[variant] = (total - base) / (args.large - args.small)
+    return out
+
+
+def main() -> None:
+    """Print instructions per request per tree, mode and variant, with the ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--tree", action="append", type=Path, help="a checkout (repeatable)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--body", default="openai2k", help="a key of bench.usage_tap.BODIES")
+    parser.add_argument("--warm", type=int, default=128)
+    parser.add_argument("--small", type=int, default=64)
+    parser.add_argument("--large", type=int, default=576)
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        mode, config, body, spec, warm = args.child
+        sys.path.insert(0, os.getcwd())  # the tree under test
+        counts = {v: int(n) for v, n in (part.split("=") for part in spec.split(","))}
+        _child(mode, Path(config), body, counts, int(warm))
+        return
+
+    sys.path.insert(0, str(_HERE.parent))
+    from bench.services import free_port, own_redis, stop_process, wait_listening
+    from bench.usage_tap import CONFIG
+
+    trees = args.tree or [_HERE.parent]
+    modes = args.modes.split(",")
+    print(f"instructions per request (callgrind; {args.body}; lower is better)")
+    with own_redis(1) as redis:
+        port = free_port()
+        upstream = subprocess.Popen(
+            [sys.executable, str(_HERE / "usage_tap.py"), "--serve-upstream", str(port)],
+            start_new_session=True,
+        )
+        try:
+            wait_listening(port, upstream)
+            workdir = Path(tempfile.mkdtemp(prefix="cg-usage-ir-"))
+            for mode in modes:
+                for tree in trees:
+                    config = workdir / f"{mode}-{uuid.uuid4().hex[:6]}.yaml"
+                    config.write_text(
+                        CONFIG.format(
+                            redis_url=redis.url,
+                            upstream=f"http://127.0.0.1:{port}",
+                            prefix="cgir" + uuid.uuid4().hex[:8],
+                        )
+                    )
+                    ir = per_request(tree, mode, config, args)
+                    fixed = ir["fixed"]
+                    print(
+                        f"  {mode:<9} {tree!s:<28} "
+                        + "  ".join(
+                            f"{v} {n / 1000:7.1f} k ({n / fixed:.3f}x)" for v, n in ir.items()
+                        ),
+                        flush=True,
+                    )
+        finally:
+            stop_process(upstream)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The response splice (gateway/core/splice.py) over uvicorn's httptools protocol.
+
+``creditgate serve``'s protocol (gateway/commands/limited_protocol.py) gives each request
+one :class:`UvicornSplice` over its ``RequestResponseCycle``. A piece is written the way
+the cycle's own ``send`` writes a ``http.response.body`` message with ``more_body=True``
+under chunked framing (``<hex length>\\r\\n<bytes>\\r\\n``, one ``transport.write``), so
+a spliced stream is byte for byte what the ASGI path sends; the start and the final chunk
+still go through ``send``, which keeps the cycle's state (started, complete, keep-alive)
+its own. Flow control is uvicorn's: the protocol's ``pause_writing`` sets
+``flow.write_paused`` inside ``transport.write`` when the client's buffer passes its high
+water mark, and ``flow.drain()`` waits for ``resume_writing`` (which a lost connection
+also calls).
+
+It relies on uvicorn internals that uvicorn's ``send`` itself uses (the cycle's
+``transport``, ``flow``, ``disconnected``, ``response_started``, ``response_complete``,
+``chunked_encoding``); tests/proxy/test_splice.py checks the bytes against ``send``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+__all__ = ["UvicornSplice"]
+
+
+class UvicornSplice:
+    """A :class:`gateway.core.splice.ResponseSplice` for one uvicorn request cycle."""
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self._cycle = cycle
+
+    def is_server_send(self, send: Callable[..., Awaitable[None]]) -> bool:
+        """Whether ``send`` is this cycle's ``send`` (a bound method: equal, not identical)."""
+        return send == self._cycle.send
+
+    def ready(self) -> bool:
+        """Started with chunked framing, not complete, the client still there, not HEAD."""
+        cycle = self._cycle
+        return bool(
+            cycle.response_started
+            and cycle.chunked_encoding
+            and not cycle.response_complete
+            and not cycle.disconnected
+            and cycle.scope["method"] != "HEAD"
+        )
+
+    def write(self, data: bytes) -> bool:
+        """One chunk, as ``send`` frames it; False once the client's buffer is full."""
+        cycle = self._cycle
+        if cycle.disconnected:
+            return True  # dropped, as send drops it; the app hears of it from receive()
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return not cycle.flow.write_paused
+
+    async def drain(self) -> None:
+        """Until the client's buffer is below its low water mark, or the client is gone."""
+        cycle = self._cycle
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()

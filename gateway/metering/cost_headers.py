@@ -1,0 +1,39 @@
+"""The ``X-Tokens-*`` headers an admitted request's response carries, as the outcome changes
+them: the one place both the fixed-cost path (gateway/metering/middleware.py) and the usage
+tap (gateway/metering/usage_tap.py) build them from.
+
+``charged`` is the list the middleware builds once per admitted request: ``X-Tokens-Cost``
+(the hold) first, then ``X-Tokens-Remaining`` (when the balance is known), the request id
+and the rate-limit headers. The functions here only replace its first one or two entries.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from gateway.metering.admission import Admission
+
+Header = tuple[bytes, bytes]
+
+REFUNDED_COST: Final[Header] = (b"x-tokens-cost", b"0")
+RESERVED: Final[Header] = (b"x-tokens-cost-status", b"reserved")
+"""Marks a response whose ``X-Tokens-Cost`` is the hold: the actual charge comes after the
+body (a stream's usage)."""
+
+
+def refunded_headers(charged: list[Header], adm: Admission) -> list[Header]:
+    """``charged`` as a refund tells it: nothing charged, the held tokens back."""
+    if adm.remaining is None:
+        return [REFUNDED_COST, *charged[1:]]
+    restored = (b"x-tokens-remaining", str(adm.remaining + adm.cost).encode())
+    return [REFUNDED_COST, restored, *charged[2:]]
+
+
+def actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
+    """``charged`` as the actual charge tells it: ``actual`` instead of the hold, and what is
+    left once the difference is refunded or taken (never below zero)."""
+    cost = (b"x-tokens-cost", str(actual).encode())
+    if adm.remaining is None:
+        return [cost, *charged[1:]]
+    left = max(0, adm.remaining + adm.cost - actual)
+    return [cost, (b"x-tokens-remaining", str(left).encode()), *charged[2:]]
