@@ -20,10 +20,30 @@
 -- A request's team (contract A10) is the 31st parameter, tm, after the usage fields (pass
 -- nil for those when it has none): the entry then ends with 'tm', <team>. A nil tm writes
 -- nothing more, so events without a team are the same entries as before.
+--
+-- A request event whose hold had capped levels passes their figures after the event as the
+-- 32nd parameter, lv (level_figures below): the entry then ends with 'tm', <team or ''>,
+-- 'lv', <figures>. The sync job reads them for the cap alerts (contract A11) and strips
+-- them before anything else sees the entry (sync/levels.py); the ledger row is unchanged.
 
 local function audit_event(stream_key,
     id, k, o, u, f, b, t, bal, x, a, used, per, s, ts, rq, st, lat, m, r, p, ref,
-    rs, ov, mdl, ui, uc, uo, ur, cs, um, tm)
+    rs, ov, mdl, ui, uc, uo, ur, cs, um, tm, lv)
+  if lv ~= nil then
+    if rs == nil then
+      return redis.call('XADD', stream_key, '*',
+        'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+        'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+        'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref, 'tm', tm or '',
+        'lv', lv)
+    end
+    return redis.call('XADD', stream_key, '*',
+      'id', id, 'k', k, 'o', o, 'u', u, 'f', f, 'b', b, 't', t,
+      'bal', bal, 'x', x, 'a', a, 'used', used, 'per', per, 's', s, 'ts', ts,
+      'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
+      'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um,
+      'tm', tm or '', 'lv', lv)
+  end
   if rs == nil then
     if tm == nil then
       return redis.call('XADD', stream_key, '*',
@@ -49,4 +69,39 @@ local function audit_event(stream_key,
     'rq', rq, 'st', st, 'lat', lat, 'm', m, 'r', r, 'p', p, 'ref', ref,
     'rs', rs, 'ov', ov, 'mdl', mdl, 'ui', ui, 'uc', uc, 'uo', uo, 'ur', ur, 'cs', cs, 'um', um,
     'tm', tm)
+end
+
+-- level_figures(org_key, h, per): the figures of hold h's capped levels after its event in
+-- period per (the event's), for the sync job's cap alerts (sync/levels.py):
+-- "<team counter> <user counter> <key counter> " followed by the hold's lx, "<team cap>
+-- <user cap> <key cap>[ <key id>]" (lua/charge.lua), all hexadecimal, '-' for a level
+-- without a cap. nil for a hold without levels or from before lf, and when the event's
+-- period is not the hold's (its counters were reset since; the caps were the old period's).
+-- org_key nil: the counters as the hold's charge left them (its lf), for an event that did
+-- not move them (a charge of the hold, an expiry): the common settle reads nothing more
+-- and concatenates two strings. An event that moved them (a refund, an actual other
+-- than the hold) passes org_key and they are read again, after the move: one HMGET, with
+-- the bucket's Lp (a counter of another period than per is not this period's: nil).
+-- Measured (bench/lua_instructions.py, BENCHMARKS.md section 10): reading the counters in
+-- every settle cost a capped settle ~+19k instructions (+22%); lf costs it ~+6k (its
+-- decoding, the concatenation, two more XADD values) and the charge ~+1k.
+local function level_figures(org_key, h, per)
+  local lx = h.lx
+  if lx == nil or per ~= h.per then
+    return nil
+  end
+  if org_key == nil then
+    local lf = h.lf
+    if lf == nil then
+      return nil
+    end
+    return lf .. ' ' .. lx
+  end
+  local p = 'Ln:' .. h.b .. ':'
+  local got = redis.call('HMGET', org_key, 'Lp:' .. h.b, p .. 't:' .. (h.tm or ''),
+    p .. 'u:' .. h.u, p .. 'k:' .. (string.match(lx, '^%S+ %S+ %S+ (.+)$') or ''))
+  if got[1] ~= per then
+    return nil
+  end
+  return (got[2] or '0') .. ' ' .. (got[3] or '0') .. ' ' .. (got[4] or '0') .. ' ' .. lx
 end

@@ -73,7 +73,12 @@
 -- when they apply: tm (the request's team), lx ("<team cap> <user cap> <key cap>" in
 -- hexadecimal, "-" for a level without a cap, then " <API key>" when its level is capped:
 -- the caps of the level counters the hold drew from, named Ln:<b>:t:<tm>, Ln:<b>:u:<u>,
--- Ln:<b>:k:<key>; see "Levels" below; holds written before have lv, decimal), fp (the request's fingerprint, with ik), and for a reservation v (how
+-- Ln:<b>:k:<key>; see "Levels" below; holds written before have lv, decimal), lf (with
+-- lx: "<team> <user> <key>", those counters as this charge left them, in hexadecimal, "-"
+-- for a level without a cap: the cap alerts' figures with lx, which settle.lua and
+-- sweep_holds.lua pass on unless they moved the counters, see level_figures in
+-- lua/_prelude.lua; counters only, as each character of the hold costs its encoding
+-- here and its decoding there), fp (the request's fingerprint, with ik), and for a reservation v (how
 -- long its settle result is kept, ms), rk (the key it is kept under), e (its expiry, ms)
 -- and mx (the most it can be settled at).
 --
@@ -341,7 +346,7 @@ end
 -- hexadecimal counter saves parsing "@<period>" and strtod. Each ARGV value costs Redis
 -- ~1.3k instructions, so the group has only what cannot be built here for less.
 local room = bal + extra - cost  -- what the request leaves; the tightest level lowers it
-local lv_hold, team, learned = nil, nil, nil
+local lv_hold, lf_hold, team, learned = nil, nil, nil, nil
 if st[8] or plan_caps ~= '' then
   local ntats = #org_tats  -- the limiters only: a refusal writes no level counter
   -- Up to three times per request, so written for Lua 5.1's costs (measured: see
@@ -354,6 +359,7 @@ if st[8] or plan_caps ~= '' then
   -- upgraded may still write one): it counts only in its own period.
   local sformat = string.format
   local refused, ct, cu, ck  -- the caps as hexadecimal strings (nil: not capped)
+  local after_t, after_u, after_k  -- the counters' new values, hexadecimal (the hold's lf)
   -- One string for version and plan: the concatenation costs less than an argument more.
   if cached and st[8] and st[8] .. ' ' .. plan == ARGV[cached] then
     -- Cached: per level j (0 team, 1 user, 2 key) its cap ARGV[cached + 2 + j], counter
@@ -381,21 +387,22 @@ if st[8] or plan_caps ~= '' then
           break
         end
         if cap - lused - cost < room then room = cap - lused - cost end
+        local nv = sformat('%x', lused + cost)
         if j == 0 then
-          ct, org_tats[nt + 1] = c, tn
+          ct, after_t, org_tats[nt + 1] = c, nv, tn
         elseif j == 1 then
-          cu, org_tats[nt + 1] = c, un
+          cu, after_u, org_tats[nt + 1] = c, nv, un
         else
-          ck, org_tats[nt + 1] = c, kn
+          ck, after_k, org_tats[nt + 1] = c, nv, kn
         end
-        org_tats[nt + 2] = sformat('%x', lused + cost)
+        org_tats[nt + 2] = nv
         nt = nt + 2
       end
     end
   else
     -- One capped level: its cap (tokens), what its counter (field counter, value raw)
-    -- drew this period. Returns a refusal, or nil and adds the counter's new value to the
-    -- org's HSET.
+    -- drew this period. Returns a refusal, or nil and the counter's new value (hexadecimal),
+    -- which it adds to the org's HSET.
     local function level(name, id, cap, counter, raw)
       local lused = 0
       if raw then
@@ -409,9 +416,10 @@ if st[8] or plan_caps ~= '' then
         return {'insufficient', math.max(0, cap - lused), plan, name, cap, lused, bal + extra, id}
       end
       if cap - lused - cost < room then room = cap - lused - cost end
+      local nv = sformat('%x', lused + cost)
       org_tats[#org_tats + 1] = counter  -- written with the org's state below
-      org_tats[#org_tats + 1] = sformat('%x', lused + cost)
-      return nil
+      org_tats[#org_tats + 1] = nv
+      return nil, nv
     end
     local sbyte, ssub = string.byte, string.sub
     local version = st[8]
@@ -495,15 +503,15 @@ if st[8] or plan_caps ~= '' then
     local cap
     if team then
       cap, ct = cap_of(tc, d1)
-      if cap then refused = level('team', team, cap, tn, tv) end
+      if cap then refused, after_t = level('team', team, cap, tn, tv) end
     end
     if not refused and user ~= '' then
       cap, cu = cap_of(uc, d2)
-      if cap then refused = level('user', user, cap, un, uv) end
+      if cap then refused, after_u = level('user', user, cap, un, uv) end
     end
     if not refused and key_id ~= '' then
       cap, ck = cap_of(kc, d3)
-      if cap then refused = level('key', key_id, cap, kn, kv) end
+      if cap then refused, after_k = level('key', key_id, cap, kn, kv) end
     end
     if not refused then
       learned = {version .. ' ' .. plan, team or '', ct or '-', cu or '-', ck or '-'}
@@ -523,6 +531,7 @@ if st[8] or plan_caps ~= '' then
     else
       lv_hold = (ct or '-') .. ' ' .. (cu or '-') .. ' -'
     end
+    lf_hold = (after_t or '-') .. ' ' .. (after_u or '-') .. ' ' .. (after_k or '-')
   end
 elseif req_team ~= '' then
   team = req_team  -- no caps to check, but the audit row still names the team
@@ -582,7 +591,7 @@ if fingerprint and ik ~= '' then
   hold.fp = fingerprint
 end
 if team then hold.tm = team end
-if lv_hold then hold.lx = lv_hold end
+if lv_hold then hold.lx, hold.lf = lv_hold, lf_hold end
 if reservation then
   hold.v, hold.rk, hold.e, hold.mx =
     tonumber(reservation), ARGV[i + 2], tonumber(ARGV[7]), tonumber(ARGV[i + 3])

@@ -58,7 +58,11 @@
 -- one by one.
 --
 -- Audit events are written by audit_event (with the usage fields or without), defined in
--- lua/_prelude.lua (the loader prepends it).
+-- lua/_prelude.lua (the loader prepends it). A hold with capped levels adds their figures
+-- after the event (level_figures, also in the prelude), which the sync job's cap alerts
+-- read: a charge of the hold passes on the counters as its charge left them (the hold's
+-- lf, nothing read), an event that moved them reads them again; holds without levels pay
+-- nothing for it.
 
 local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
@@ -287,6 +291,7 @@ for j = 1, n do
       org_order[#org_order + 1] = org_key
     end
     local kind, charged, overage = 'charge', h.c, 0
+    local moved = false  -- the levels' counters changed here (their figures are read again)
     local actual = extended and ARGV[a + 4] or ''
     if rsv_org ~= '' and h.e and h.e <= now then
       -- A reservation past its expiry is charged its reserve, as the sweep would have.
@@ -295,6 +300,7 @@ for j = 1, n do
       kind, charged = 'refund', 0
       give_back(org_key, h, h.pp, h.lt, h.c)
       levels_move(org_key, h, -h.c)
+      moved = true
       o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
@@ -319,6 +325,7 @@ for j = 1, n do
           end
           give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
           levels_move(org_key, h, charged - h.c)
+          moved = true
           o.snaps[b] = nil
         elseif charged > h.c then
           local more = charged - h.c
@@ -326,6 +333,7 @@ for j = 1, n do
           if allowed > more then allowed = more end
           local uncovered = allowed > 0 and take_more(org_key, h, allowed) or 0
           levels_move(org_key, h, allowed - uncovered)
+          moved = true
           overage = more - allowed + uncovered
           charged = charged - overage
           o.snaps[b] = nil
@@ -351,6 +359,9 @@ for j = 1, n do
     local seq = o.seq + 1
     o.seq = seq
     local cs = extended and ARGV[a + 5] or ''
+    -- The capped levels' figures after this event, for the cap alerts (nil: none).
+    local lvf = nil
+    if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
     if extended and (cs ~= '' or actual ~= '') then
       -- A reservation settled past its expiry: the app's actual came too late to count,
       -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
@@ -363,13 +374,13 @@ for j = 1, n do
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm)  -- rs .. tm
+        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm, lvf)  -- rs .. lv
     else
       audit_event(stream_key,
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
     end
     if extended then
       local refunded = math.max(0, h.c - charged - overage)

@@ -38,7 +38,9 @@
 --
 -- A hold that drew from team, user or key caps (hold field lx, lv before) keeps them
 -- charged: their counters already include its tokens, exactly as the org's balance does;
--- the event names the request's team (tm) when it had one.
+-- the event names the request's team (tm) when it had one, and the levels' figures (lv,
+-- for the cap alerts: level_figures in lua/_prelude.lua, the counters as the hold's charge
+-- left them) when the hold has them and the bucket is still in the hold's period.
 --
 -- Audit events are written by audit_event, defined in lua/_prelude.lua (the loader
 -- prepends it).
@@ -64,6 +66,9 @@ for _, request_id in ipairs(ids) do
       snap = {st[1] or '0', st[2] or '0', st[3] or '0', st[4] or '0', st[5] or h.per,
         redis.call('HINCRBY', org_key, 'seq', 1)}
     end
+    -- The capped levels' figures (nil: none), as the hold's charge left them.
+    local lvf = nil
+    if h.lx then lvf = level_figures(nil, h, snap[5]) end
     if variable == nil then
       variable = {}
       for i = 3, #ARGV do variable[ARGV[i]] = true end
@@ -75,7 +80,7 @@ for _, request_id in ipairs(ids) do
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
         h.c, '', '', '', '', '', '', h.v and 'reservation' or 'policy', '1',  -- rs .. um
-        h.tm)
+        h.tm, lvf)  -- tm, lv
       if h.v then
         redis.call('SET', h.rk, cjson.encode({id = request_id, reserved = h.c, charged = h.c,
           refunded = 0, overage = 0, remaining = -1, outcome = 'expired'}), 'PX', h.v)
@@ -85,7 +90,7 @@ for _, request_id in ipairs(ids) do
         request_id, 'expired_hold', h.o, h.u, h.f, b, h.c,  -- id, k, o, u, f, b, t
         snap[1], snap[2], snap[3], snap[4], snap[5], snap[6], now,  -- bal .. ts
         request_id, '', now - h.t0, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm)  -- no usage fields; tm
+        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage; tm, lv
     end
     swept = swept + 1
   end

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.events import KINDS
+from gateway.core.events import KINDS, LEVELS_FIELD
+from sync.levels import without_levels
 from sync.records import (
     BUCKET,
     FIELD_LIST,
@@ -48,6 +49,8 @@ class Rows:
     days: list[str] = field(default_factory=list)  # UTC day of each event, ISO
     empty_bucket: bool = False  # some entry has b = "" (the fast rendering cannot say it)
     usage: bool = False  # some entry has the usage fields (sync/records.py)
+    # The capped levels' figures of request events (sync/levels.py): (index in flats, lv).
+    levels: list[tuple[int, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.flats)
@@ -58,6 +61,9 @@ class Rows:
         one transaction, see sync/worker.py)."""
         out = cls()
         for part in parts:
+            # The figures' indices are into the part's flats: shifted past the parts before.
+            at = len(out.flats)
+            out.levels.extend([(at + i, lv) for i, lv in part.levels] if at else part.levels)
             out.entry_ids.extend(part.entry_ids)
             out.fields.extend(part.fields)
             out.flats.extend(part.flats)
@@ -78,6 +84,7 @@ class Rows:
         )
         part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
         part.usage = self.usage and any(len(f) > USAGE_AT for f in part.flats)
+        part.levels = [(i - start, lv) for i, lv in self.levels if start <= i < stop]
         return part
 
 
@@ -105,11 +112,13 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     ext_names, no_usage = FIELD_LIST_EXT, NO_USAGE
     # With a team (contract A10): one more list comparison, only for those entries.
     team_names, ext_team_names, team = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM, TEAM
+    levels_name = LEVELS_FIELD
     empty_bucket = usage = False
     for entry_id, fields in entries:
         if not fields:
             vanished += 1
             continue
+        figures = None
         try:
             f: Flat
             if type(fields) is list and (
@@ -128,8 +137,14 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                     and len(digits) <= MAX_DIGITS
                 ):
                     f = reference_flat(fields)
+            elif type(fields) is list and got[-1] == levels_name:
+                # An entry with capped levels ends with their figures (lv): set aside,
+                # the rest is an entry like any other (sync/levels.py).
+                figures = fields[-1]
+                f = canonical(fields[:-2])
             else:
-                f = canonical(fields)
+                core, figures = without_levels(fields)
+                f = canonical(core)
             hit = cached(f[27]) or times[f[27]]
         except Exception as exc:  # any decode failure is the entry's, not ours
             bad.append((entry_id, fields, f"decode: {type(exc).__name__}: {exc}"))
@@ -139,6 +154,8 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         add_id(entry_id)
         add_fields(fields)
         add_flat(f)
+        if figures is not None:
+            rows.levels.append((len(rows.flats) - 1, figures))
         # copy_line(f, hit[0]), inlined.
         if len(f) > USAGE_AT:
             usage = True

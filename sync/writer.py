@@ -64,6 +64,7 @@ from sync.aggregate import (
     snapshots,
 )
 from sync.batch import Rows, first_of_each
+from sync.levels import write_cap_alerts
 from sync.records import COPY_COLUMNS, Times, careful_payload, fast_payload
 
 log = logging.getLogger("creditgate.sync")
@@ -287,7 +288,7 @@ class BatchWriter:
                 )
             moved = fired = 0
             alerts = self._alerts
-            if snaps[0] and alerts is None:
+            if snaps[0] and (alerts is None or not alerts.org_level):
                 status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
                 moved = int(status.rsplit(" ", 1)[-1])
             elif snaps[0] and alerts is not None:
@@ -298,6 +299,9 @@ class BatchWriter:
                 counts = await conn.fetchrow(text, *params, *alerts.params())
                 assert counts is not None
                 moved, fired = counts[0], counts[1]
+            if alerts is not None and rows.levels:
+                # Team, user and key caps: after the snapshots (payloads read refresh_date).
+                fired += await write_cap_alerts(conn, rows.flats, rows.levels, alerts)
             self._crash.check("before_commit")
         self._known_orgs.update(new_orgs)
         self._known_rows.update(new_rows)

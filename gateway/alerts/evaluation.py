@@ -17,8 +17,9 @@ bucket the batch touched, compared set-based, with no extra round trip. A bucket
 its lowest threshold, not depleted and not re-armed costs a hash-join probe of the rules
 and a few comparisons; only the others read their before state, only crossings insert.
 
-When an alert fires (per bucket, at the org level; team/user/key caps are not evaluated
-yet, but the outbox key and payload have their ``level`` and ``scope_id``):
+When an alert fires (per bucket, at the org level; the caps of teams, users and API keys
+are evaluated by gateway/alerts/levels.py, in the same transaction, into the same outbox
+with their own ``level`` and ``scope_id``):
 
 - ``threshold_crossed`` (each threshold): used reaches the threshold now and did not
   before in the same generation (percent of used + remaining, or tokens used);
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from gateway.config.alerts import AlertsConfig, parse_thresholds
+from gateway.config.alerts import ALERT_LEVELS, AlertsConfig, parse_thresholds
 
 __all__ = ["AlertDefaults", "alerting_statement", "payload_sql"]
 
@@ -53,6 +54,9 @@ class AlertDefaults:
     abs: tuple[int, ...]
     has_url: bool
     forecast: bool
+    # The levels threshold alerts watch (``alerts.levels``): org buckets and/or the caps of
+    # teams, users and API keys (gateway/alerts/levels.py).
+    levels: frozenset[str] = frozenset(ALERT_LEVELS)
 
     @classmethod
     def of(cls, alerts: AlertsConfig) -> AlertDefaults:
@@ -63,7 +67,18 @@ class AlertDefaults:
             abs=tuple(int(t.value) for t in parsed if t.unit == "tokens"),
             has_url=alerts.webhook_url is not None,
             forecast=alerts.forecast,
+            levels=frozenset(alerts.levels),
         )
+
+    @property
+    def org_level(self) -> bool:
+        """Whether org buckets are evaluated (this module's statement)."""
+        return "org" in self.levels
+
+    @property
+    def cap_levels(self) -> frozenset[str]:
+        """The cap levels evaluated (``team``, ``user``, ``key``; gateway/alerts/levels.py)."""
+        return self.levels - {"org"}
 
     def params(self) -> list[Any]:
         """Default percents, default token thresholds, whether a default URL exists, and

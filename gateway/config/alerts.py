@@ -22,9 +22,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["DEFAULT_THRESHOLDS", "AlertsConfig", "Threshold", "alerts_errors", "parse_thresholds"]
+__all__ = [
+    "ALERT_LEVELS",
+    "DEFAULT_THRESHOLDS",
+    "AlertsConfig",
+    "Threshold",
+    "alerts_errors",
+    "parse_thresholds",
+]
 
 DEFAULT_THRESHOLDS: tuple[Any, ...] = (80, 100)
+# What threshold alerts can watch: an org's buckets, and the caps of its teams, users and
+# API keys (contract A10). All by default: the contract's thresholds are "of each bucket
+# and each cap", and an org without caps has no cap to alert on.
+ALERT_LEVELS: tuple[str, ...] = ("org", "team", "user", "key")
 SECRET_PREFIX = "whsec_"
 
 
@@ -36,6 +47,7 @@ class AlertsConfig(BaseModel):
     webhook_url: str | None = None
     webhook_secret: str
     thresholds: list[Any] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    levels: list[Any] = Field(default_factory=lambda: list(ALERT_LEVELS))
     forecast: bool = True
     timeout_seconds: float = 10.0
     retry_hours: float = 24.0
@@ -144,6 +156,25 @@ def secret_problem(secret: str) -> str | None:
     return None
 
 
+def levels_errors(levels: Sequence[Any]) -> list[tuple[str, str]]:
+    """Problems of ``alerts.levels`` as (key path, message): each one of
+    :data:`ALERT_LEVELS`, none twice, at least one."""
+    errors: list[tuple[str, str]] = []
+    if not levels:
+        errors.append(("alerts.levels", f"name at least one of {', '.join(ALERT_LEVELS)}"))
+    seen: set[str] = set()
+    for i, level in enumerate(levels):
+        if not isinstance(level, str) or level not in ALERT_LEVELS:
+            errors.append(
+                (f"alerts.levels[{i}]", f"must be one of {', '.join(ALERT_LEVELS)}, got {level!r}")
+            )
+        elif level in seen:
+            errors.append((f"alerts.levels[{i}]", f"duplicate level {level}"))
+        else:
+            seen.add(level)
+    return errors
+
+
 def alerts_errors(alerts: AlertsConfig) -> list[tuple[str, str]]:
     """Meaning checks of the section, as (key path, message); URL syntax is the caller's."""
     errors: list[tuple[str, str]] = []
@@ -154,6 +185,7 @@ def alerts_errors(alerts: AlertsConfig) -> list[tuple[str, str]]:
     parse_thresholds(
         alerts.thresholds, lambda i, msg: errors.append((f"alerts.thresholds[{i}]", msg))
     )
+    errors.extend(levels_errors(alerts.levels))
     for key in (
         "timeout_seconds", "retry_hours", "retry_first_seconds", "retry_max_seconds",
         "disable_after_days", "poll_seconds", "forecast_every_seconds",

@@ -60,6 +60,15 @@ A request event of a request with a team (contract A10: an API key's team, a JWT
 the middleware scope, or its user's team) ends with :data:`TEAM_FIELD` ``tm``, the team
 id, after the 21 fields or after the usage fields; events without a team do not have it.
 
+A request event whose hold drew from capped levels then ends with :data:`LEVELS_FIELD`
+``lv`` (after ``tm``, which is ``""`` when the request had no team): the capped levels'
+figures after the event, ``"<team counter> <user counter> <key counter> <team cap> <user
+cap> <key cap>[ <key id>]"`` (hexadecimal; a cap ``-`` where a level is not capped, the key
+id only when its level is capped; the counters are of the event's period), for the cap
+alerts (contract A11).
+It is not a ledger column and :func:`decode` ignores it; the sync job sets it aside
+(sync/levels.py).
+
 Invariant (per org and bucket): the plan balance plus extra at sequence ``s1`` equals the
 same at ``s0`` minus the sum of ``t`` over events with ``s0 < s <= s1``, minus the tokens of
 holds still open at ``s1`` (those are taken at admission and written at settle).
@@ -82,6 +91,8 @@ FIELDS = (
 USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
 # The request's team, last when present (contract A10).
 TEAM_FIELD = "tm"
+# The capped levels' figures, after tm, when the request drew from capped levels.
+LEVELS_FIELD = "lv"
 # What ``cs`` may say.
 COST_SOURCES = frozenset({"usage", "header", "app", "policy", "reservation"})
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.core.events import FIELDS, TEAM_FIELD, USAGE_FIELDS
+from gateway.core.events import FIELDS, LEVELS_FIELD, TEAM_FIELD, USAGE_FIELDS
 from gateway.redisio.connect import connect_redis
 from gateway.redisio.lua_scripts import SCRIPT_NAMES, assemble, load, prelude_code
 from gateway.redisio.pipelined import RedisReplyError
@@ -53,11 +53,16 @@ def test_prelude_code_is_one_line_without_comments() -> None:
 def test_the_prelude_writes_the_event_format_in_order() -> None:
     params = re.search(r"audit_event\(stream_key, ([^)]*)\)", prelude_code())
     xadds = prelude_code().split("'XADD', stream_key, '*',")[1:]
-    assert params is not None and len(xadds) == 4
+    assert params is not None and len(xadds) == 6
     # The fields, then the optional usage fields (events.USAGE_FIELDS) of some request
-    # events, then the optional team (contract A10): one XADD per combination.
-    assert tuple(params.group(1).split(", ")) == (*FIELDS, *USAGE_FIELDS, TEAM_FIELD)
+    # events, then the optional team (contract A10), then the optional capped levels'
+    # figures (after the team, then always written): one XADD per combination.
+    assert tuple(params.group(1).split(", ")) == (
+        *FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD,
+    )  # fmt: skip
     shapes = (
+        (*FIELDS, TEAM_FIELD, LEVELS_FIELD),
+        (*FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD),
         FIELDS,
         (*FIELDS, TEAM_FIELD),
         FIELDS + USAGE_FIELDS,
