@@ -1,7 +1,7 @@
 """Where a metered short request's CPU goes, part by part, in instructions (callgrind).
 
     .venv/bin/python bench/hotpath_parts.py ladder [--only NAME ...] [--tree DIR]
-    .venv/bin/python bench/hotpath_parts.py opcodes [--requests 2000]
+    .venv/bin/python bench/hotpath_parts.py opcodes [--requests 1920] [--uvicorn]
 
 ``ladder`` counts, under valgrind's callgrind, the instructions per request of a series of
 apps that each add one part to the one before (the same request and the same difference
@@ -34,8 +34,14 @@ bytecodes executed per request (``sys.settrace`` opcode events, no valgrind), gr
 source file. It attributes the Python part of a ladder step to the functions in it; C work
 (hiredis, uvloop, httptools) is not in these counts, the ladder has it.
 
-Needs ``valgrind``. Each ladder step runs twice under callgrind (~1-2 minutes per step on
-this box).
+``opcodes --uvicorn`` does the same for the bare and the metered app behind uvicorn.
+
+Needs ``valgrind``. Each ladder step runs twice under callgrind (3-6 minutes per step on
+this box at load 7-11). The steps with canned Redis replies repeat within ~0.5 k
+instructions; the ones talking to the real Redis (``floor``, ``metered``, ``metered64``,
+``proxy``) depend on how replies and settles batch, which changes with the run's speed, and
+moved by up to ~12 k between runs (BENCHMARKS.md section 1, "Where a metered request's CPU
+goes").
 """
 
 from __future__ import annotations
