@@ -91,10 +91,11 @@ class ApiKeyResolver:
         self._unknown: TtlCache[bytes, bool] = TtlCache(10_000)
         self._inflight: dict[bytes, asyncio.Future[Identity | None]] = {}
         self._redis_warned_at = -1e18
-
-    def cached(self, digest: bytes, now: float) -> Identity | None:
-        """The in-process answer for a known good key (no I/O)."""
-        return self._keys.get(digest, now)
+        # cached(digest, now): the in-process answer for a known good key (no I/O). Bound
+        # to the cache's own get rather than a forwarding method: every metered request
+        # calls it, and a Python call costs ~1,000 instructions (BENCHMARKS.md section 1,
+        # "Where a metered request's CPU goes").
+        self.cached: Callable[[bytes, float], Identity | None] = self._keys.get
 
     def known_unknown(self, digest: bytes, now: float) -> bool:
         """Whether the key was found unknown or revoked moments ago (no I/O)."""

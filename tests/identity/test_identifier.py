@@ -201,6 +201,42 @@ async def test_repeated_identity_header_is_401(
     assert "more than one" in result.detail
 
 
+# Names that are not identity headers, next to ones that are (the header loop skips
+# every name outside its set first; these must neither count nor shadow the real ones).
+_OTHER_HEADERS = [
+    (b"host", b"gw"),
+    (b"x-api-keys", b"cg_not_this"),
+    (b"authorization2", b"Bearer cg_not_this"),
+    (b"content-type", b"application/json"),
+]
+
+
+async def test_identity_headers_found_among_other_headers(
+    make: MakeIdentifier, store: FakeStore
+) -> None:
+    key, row = store.add()
+    headers = [*_OTHER_HEADERS[:2], (b"authorization", b"Bearer " + key.encode())]
+    identifier = make()
+    result = await identifier.identify(scope([*headers, *_OTHER_HEADERS[2:]]))
+    assert result == Identity("org-1", "user-1", "api_key", row.id)
+    # The cached answer (identify_nowait's fast path) is the same identity.
+    assert identifier.identify_nowait(scope([*headers, *_OTHER_HEADERS[2:]])) == result
+    trusted = await make(trusted_headers=True).identify(
+        scope([*_OTHER_HEADERS, (b"x-org-id", b"org-9"), (b"x-user-id", b"u9")])
+    )
+    assert trusted == Identity("org-9", "u9", "header")
+
+
+async def test_repeated_identity_header_among_other_headers_is_401(
+    make: MakeIdentifier, store: FakeStore
+) -> None:
+    key, _ = store.add()
+    value = b"Bearer " + key.encode()
+    headers = [(b"authorization", value), *_OTHER_HEADERS, (b"authorization", value)]
+    result = await make().identify(scope(headers))
+    assert isinstance(result, IdentityFailure) and "more than one" in result.detail
+
+
 async def test_scope_without_client_or_headers(make: MakeIdentifier) -> None:
     result = await make().identify({"type": "http", "client": None, "headers": []})
     assert isinstance(result, IdentityFailure) and result.status == 401
