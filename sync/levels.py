@@ -33,7 +33,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from gateway.alerts.evaluation import AlertDefaults
-from gateway.alerts.levels import CAP_ALERTS
+from gateway.alerts.levels import CAP_ALERTS, CAP_LEVELS
 from gateway.core.events import LEVELS_FIELD
 from sync.records import BUCKET, ORG, PERIOD, TEAM, USER, Fields, Flat
 
@@ -168,11 +168,13 @@ async def write_cap_alerts(
     """Evaluate a batch's level figures (``Rows.flats``, ``Rows.levels``) in the batch's
     transaction (``conn``); returns the alert events inserted. Call it after the snapshot
     update (the payload's ``refresh_at`` is the bucket's snapshot)."""
-    if not levels or not alerts.cap_levels:
+    if not levels:
         return 0
-    cols = level_columns(flats, levels, alerts.cap_levels)
+    # Every cap level, whatever the config's default: an org's rule may watch one the
+    # default leaves out; the statement keeps each row by its own org's levels.
+    cols = level_columns(flats, levels, CAP_LEVELS)
     if not cols[0]:
         return 0
     pct, abs_, has_url = alerts.params()[:3]
-    inserted = await conn.fetchval(CAP_ALERTS, *cols, pct, abs_, has_url)
+    inserted = await conn.fetchval(CAP_ALERTS, *cols, pct, abs_, has_url, alerts.default_levels)
     return int(inserted or 0)

@@ -288,7 +288,9 @@ class BatchWriter:
                 )
             moved = fired = 0
             alerts = self._alerts
-            if snaps[0] and (alerts is None or not alerts.org_level):
+            # With alerts, always the alerting statement: an org's rule may watch its
+            # buckets when the config's levels leave `org` out (and the reverse).
+            if snaps[0] and alerts is None:
                 status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
                 moved = int(status.rsplit(" ", 1)[-1])
             elif snaps[0] and alerts is not None:

@@ -33,14 +33,16 @@ class Unset:
 UNSET = Unset()
 
 _PUT = """
-INSERT INTO alert_rules AS r (organization_id, webhook_url, thresholds, pct, abs, forecast)
-VALUES ($1, $2, $3::jsonb, $4, $5, $6)
+INSERT INTO alert_rules AS r (organization_id, webhook_url, thresholds, pct, abs, forecast,
+    levels)
+VALUES ($1, $2, $3::jsonb, $4, $5, $6, $10)
 ON CONFLICT (organization_id) DO UPDATE SET
     webhook_url = CASE WHEN $7 THEN EXCLUDED.webhook_url ELSE r.webhook_url END,
     thresholds = CASE WHEN $8 THEN EXCLUDED.thresholds ELSE r.thresholds END,
     pct = CASE WHEN $8 THEN EXCLUDED.pct ELSE r.pct END,
     abs = CASE WHEN $8 THEN EXCLUDED.abs ELSE r.abs END,
     forecast = CASE WHEN $9 THEN EXCLUDED.forecast ELSE r.forecast END,
+    levels = CASE WHEN $11 THEN EXCLUDED.levels ELSE r.levels END,
     updated_at = now()
 """
 
@@ -52,8 +54,10 @@ async def put_rules(
     webhook_url: str | Unset = UNSET,
     thresholds: list[Threshold] | Unset = UNSET,
     forecast: bool | Unset = UNSET,
+    levels: list[str] | Unset | None = UNSET,
 ) -> None:
-    """Override the given fields of ``org``'s rules (``webhook_url=""``: the default again).
+    """Override the given fields of ``org``'s rules (``webhook_url=""``, ``levels=None``:
+    the default again). ``levels`` must already be checked (``levels_errors``).
 
     Naming a URL enables its endpoint again if it was disabled (the operator has looked)."""
     url = None if isinstance(webhook_url, Unset) or not webhook_url else webhook_url
@@ -68,6 +72,7 @@ async def put_rules(
             None if isinstance(forecast, Unset) else forecast,
             not isinstance(webhook_url, Unset), not isinstance(thresholds, Unset),
             not isinstance(forecast, Unset),
+            None if isinstance(levels, Unset) else levels, not isinstance(levels, Unset),
         )  # fmt: skip
         if url is not None:
             await _enable(conn, url)
@@ -82,7 +87,8 @@ async def _enable(conn: Any, url: str) -> None:
 async def get_rules(pool: asyncpg.Pool, org: str, defaults: AlertsConfig) -> dict[str, Any]:
     """``org``'s effective rules, each with where it comes from, and its endpoint's state."""
     row = await pool.fetchrow(
-        "SELECT webhook_url, thresholds, forecast FROM alert_rules WHERE organization_id = $1",
+        "SELECT webhook_url, thresholds, forecast, levels FROM alert_rules"
+        " WHERE organization_id = $1",
         org,
     )
     url = (row and row["webhook_url"]) or defaults.webhook_url
@@ -92,6 +98,11 @@ async def get_rules(pool: asyncpg.Pool, org: str, defaults: AlertsConfig) -> dic
         else [parse_threshold(t).as_json() for t in defaults.thresholds]
     )
     forecast = row["forecast"] if row is not None and row["forecast"] is not None else None
+    levels = (
+        list(row["levels"])
+        if row is not None and row["levels"] is not None
+        else list(defaults.levels)
+    )
     endpoint = None
     if url:
         endpoint = await pool.fetchrow(
@@ -103,9 +114,10 @@ async def get_rules(pool: asyncpg.Pool, org: str, defaults: AlertsConfig) -> dic
         "org": org,
         "webhook_url": url,
         "thresholds": thresholds,
+        "levels": levels,
         "forecast": defaults.forecast if forecast is None else forecast,
         "overrides": [
-            k for k in ("forecast", "thresholds", "webhook_url")
+            k for k in ("forecast", "levels", "thresholds", "webhook_url")
             if row is not None and row[k] is not None
         ],
         "endpoint_disabled_at": endpoint and endpoint["disabled_at"],

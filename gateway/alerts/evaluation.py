@@ -54,8 +54,9 @@ class AlertDefaults:
     abs: tuple[int, ...]
     has_url: bool
     forecast: bool
-    # The levels threshold alerts watch (``alerts.levels``): org buckets and/or the caps of
-    # teams, users and API keys (gateway/alerts/levels.py).
+    # The levels alerts watch by default (``alerts.levels``; an org's rule may override
+    # them): org buckets (this module) and/or the caps of teams, users and API keys
+    # (gateway/alerts/levels.py).
     levels: frozenset[str] = frozenset(ALERT_LEVELS)
 
     @classmethod
@@ -71,21 +72,21 @@ class AlertDefaults:
         )
 
     @property
-    def org_level(self) -> bool:
-        """Whether org buckets are evaluated (this module's statement)."""
-        return "org" in self.levels
-
-    @property
-    def cap_levels(self) -> frozenset[str]:
-        """The cap levels evaluated (``team``, ``user``, ``key``; gateway/alerts/levels.py)."""
-        return self.levels - {"org"}
+    def default_levels(self) -> list[str]:
+        """The default levels as the statements' ``text[]`` parameter (in a fixed order)."""
+        return [level for level in ALERT_LEVELS if level in self.levels]
 
     def params(self) -> list[Any]:
-        """Default percents, default token thresholds, whether a default URL exists, and
-        the lowest of each kind (None: none)."""
+        """Default percents, default token thresholds, whether a default URL exists, the
+        lowest of each kind (None: none) and the default levels.
+
+        The levels are a parameter, not a choice of statement: an org's rule may watch a
+        level the config does not (``alert_rules.levels``, migration 0013), so both
+        statements always run and each row is kept or dropped by its own org's levels."""
         return [
             list(self.pct), list(self.abs), self.has_url,
             min(self.pct, default=None), min(self.abs, default=None),
+            self.default_levels,
         ]  # fmt: skip
 
 
@@ -127,7 +128,9 @@ def payload_sql(
 # {update} is sync/sql.py's snapshot UPDATE (which also keeps alert_arm); ${..} are this
 # module's parameters. `pre` keeps only rows that can fire anything, judged on the after
 # state alone (over the lowest threshold, depleted, or re-armed in this batch), so a bucket
-# crossing nothing never costs the join with its before state.
+# crossing nothing never costs the join with its before state; and only rows of orgs
+# whose levels (their rule's, else the config's) include `org`: threshold, depleted and
+# recovered alerts of buckets all belong to that level.
 _TAIL = """
 WITH upd AS (
     {update}
@@ -140,6 +143,7 @@ pre AS (
     FROM upd u
     LEFT JOIN alert_rules r ON r.organization_id = u.org
     WHERE (r.webhook_url IS NOT NULL OR ${has_url}::boolean)
+      AND 'org' = ANY(coalesce(r.levels, ${levels}::text[]))
       AND (u.armed IS NOT NULL
            OR (u.used + u.balance + u.extra > 0
                AND (u.balance + u.extra = 0
@@ -207,5 +211,6 @@ def alerting_statement(update_sql: str, first: int) -> str:
         has_url=first + 2,
         min_pct=first + 3,
         min_abs=first + 4,
+        levels=first + 5,
         payload=payload_sql(),
     )

@@ -8,8 +8,9 @@ those admission used, and an org without caps has no such events and pays nothin
 sync/levels.py reduces a batch to one row per (org, level, id, bucket, period, cap) with
 the highest used; :data:`CAP_ALERTS` takes those rows and, in one statement:
 
-- joins the org's rule (``alert_rules``: its thresholds and URL override the config's,
-  never another org's: the join is on the row's own org);
+- joins the org's rule (``alert_rules``: its thresholds, URL and levels override the
+  config's, never another org's: the join is on the row's own org) and keeps the rows of
+  the levels the org watches;
 - keeps the thresholds the level has reached: percent of the cap (``used * 100 >= p *
   cap``, a cap of 0 reaches none) or tokens used (``used >= N``);
 - skips those already in the outbox (an index probe of its unique key), builds the
@@ -28,7 +29,11 @@ is reached"; depleted, recovered and forecast stay org-level (contract A11).
 
 from __future__ import annotations
 
-__all__ = ["CAP_ALERTS", "level_payload_sql"]
+__all__ = ["CAP_ALERTS", "CAP_LEVELS", "level_payload_sql"]
+
+# The levels with caps (contract A10): what :data:`CAP_ALERTS` evaluates; ``org`` (buckets)
+# is gateway/alerts/evaluation.py's.
+CAP_LEVELS: frozenset[str] = frozenset({"team", "user", "key"})
 
 _ISO = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
 
@@ -56,9 +61,10 @@ def level_payload_sql(alias: str = "c") -> str:
             'period', {a}.period, 'refresh_at', {_ISO.format(f"{a}.refresh_date")})))"""
 
 
-# $1..$7: the batch's level rows (sync/levels.py level_columns); $8, $9, $10: the config's
-# default percents, token thresholds and whether a default URL exists
-# (AlertDefaults.params). An org without a URL (its own or the default) fires nothing.
+# $1..$7: the batch's level rows (sync/levels.py level_columns); $8, $9, $10, $11: the
+# config's default percents, token thresholds, whether a default URL exists and levels
+# (AlertDefaults.params). An org without a URL (its own or the default) fires nothing, nor
+# a level its levels (its own or the default) leave out.
 CAP_ALERTS = f"""
 WITH f AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
@@ -68,7 +74,8 @@ pre AS (
     SELECT f.*, coalesce(r.pct, $8::numeric[]) AS pct, coalesce(r.abs, $9::bigint[]) AS abs
     FROM f
     LEFT JOIN alert_rules r ON r.organization_id = f.org
-    WHERE r.webhook_url IS NOT NULL OR $10::boolean
+    WHERE (r.webhook_url IS NOT NULL OR $10::boolean)
+      AND f.level = ANY(coalesce(r.levels, $11::text[]))
 ),
 crossed AS (
     SELECT 'msg_' || replace(gen_random_uuid()::text, '-', '') AS id, p.org, p.level,

@@ -28,6 +28,7 @@ __all__ = [
     "AlertsConfig",
     "Threshold",
     "alerts_errors",
+    "levels_errors",
     "parse_thresholds",
 ]
 
@@ -156,20 +157,20 @@ def secret_problem(secret: str) -> str | None:
     return None
 
 
-def levels_errors(levels: Sequence[Any]) -> list[tuple[str, str]]:
-    """Problems of ``alerts.levels`` as (key path, message): each one of
-    :data:`ALERT_LEVELS`, none twice, at least one."""
+def levels_errors(levels: Sequence[Any], path: str = "alerts.levels") -> list[tuple[str, str]]:
+    """Problems of a list of levels (``alerts.levels``, or an org's rule under ``path``) as
+    (key path, message): each one of :data:`ALERT_LEVELS`, none twice, at least one."""
     errors: list[tuple[str, str]] = []
     if not levels:
-        errors.append(("alerts.levels", f"name at least one of {', '.join(ALERT_LEVELS)}"))
+        errors.append((path, f"name at least one of {', '.join(ALERT_LEVELS)}"))
     seen: set[str] = set()
     for i, level in enumerate(levels):
         if not isinstance(level, str) or level not in ALERT_LEVELS:
             errors.append(
-                (f"alerts.levels[{i}]", f"must be one of {', '.join(ALERT_LEVELS)}, got {level!r}")
+                (f"{path}[{i}]", f"must be one of {', '.join(ALERT_LEVELS)}, got {level!r}")
             )
         elif level in seen:
-            errors.append((f"alerts.levels[{i}]", f"duplicate level {level}"))
+            errors.append((f"{path}[{i}]", f"duplicate level {level}"))
         else:
             seen.add(level)
     return errors

@@ -13,8 +13,15 @@ from typing import Any
 
 import asyncpg
 
-from gateway.alerts.deliveries import UNSET, get_rules, list_deliveries, put_rules, resend
-from gateway.config.alerts import AlertsConfig, parse_thresholds
+from gateway.alerts.deliveries import (
+    UNSET,
+    Unset,
+    get_rules,
+    list_deliveries,
+    put_rules,
+    resend,
+)
+from gateway.config.alerts import AlertsConfig, levels_errors, parse_thresholds
 from gateway.core.timefmt import iso
 from gateway.http.endpoint import Call, Doc, Operation, Reply
 from gateway.http.errors import ApiError, invalid, unknown_org
@@ -56,6 +63,13 @@ async def put_alerts(call: Call) -> Reply:
             body.thresholds,
             lambda i, msg: errors.append({"field": f"thresholds[{i}]", "message": msg}),
         )
+    # Unlike the other members, an explicit null is given: the config's levels again.
+    levels: list[str] | Unset | None = UNSET
+    if "levels" in body.model_fields_set:
+        levels = body.levels
+        if body.levels is not None:
+            problems = levels_errors(body.levels, "levels")
+            errors.extend({"field": field, "message": msg} for field, msg in problems)
     url = body.webhook_url
     if url and not url.startswith(("http://", "https://")):
         errors.append({"field": "webhook_url", "message": "must be an http(s) URL"})
@@ -65,7 +79,7 @@ async def put_alerts(call: Call) -> Reply:
         raise unknown_org(org)
     await put_rules(
         pool, org, webhook_url=UNSET if url is None else url, thresholds=thresholds,
-        forecast=UNSET if body.forecast is None else body.forecast,
+        forecast=UNSET if body.forecast is None else body.forecast, levels=levels,
     )  # fmt: skip
     return await _rules_reply(pool, org, alerts)
 
@@ -113,7 +127,7 @@ _COMMON = (401, 429, 501, 503)
 OPERATIONS: list[Operation] = [
     Operation(
         "PUT", "/admin/orgs/{org}/alerts", put_alerts, "putOrgAlerts",
-        "Override an org's alert rules (webhook_url, thresholds, forecast)",
+        "Override an org's alert rules (webhook_url, thresholds, levels, forecast)",
         {200: Doc("The effective rules", AlertRules)}, (*_COMMON, 400, 404, 413, 422),
         security="admin", tag="admin", path_params=OrgPath, body=AlertRulesRequest,
     ),

@@ -3,16 +3,18 @@ admin API (rules, deliveries with attempts, resend) and /metrics around them."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.alerts.deliverer import Deliverer
 from gateway.alerts.evaluation import AlertDefaults
 from sync.worker import SyncWorker
 from tests.alerts.test_deliverer import SECRET, free_port
-from tests.support.api_support import ADMIN, Env, make_env, problem
+from tests.support.api_support import ADMIN, PREFIX, Env, make_env, problem
 from tests.support.pg import requires_postgres
 from tests.support.webhook_receiver import Receiver
 
@@ -37,13 +39,17 @@ async def env(receiver: Receiver) -> AsyncIterator[Env]:
         yield e
 
 
-async def sync(env: Env) -> int:
+async def sync(env: Env, levels: frozenset[str] | None = None) -> int:
+    """One sync pass with the env's alerts config (its default ``levels`` replaced if
+    given); returns the alerts written."""
     await env.gate.meter.drain()
     store = await env.gate.require_store()
     assert env.gate.config.alerts is not None
+    defaults = AlertDefaults.of(env.gate.config.alerts)
+    if levels is not None:
+        defaults = dataclasses.replace(defaults, levels=levels)
     worker = SyncWorker(
-        redis=env.gate.redis.client, pool=store.pool, keyspace=env.gate.keys,
-        alerts=AlertDefaults.of(env.gate.config.alerts),
+        redis=env.gate.redis.client, pool=store.pool, keyspace=env.gate.keys, alerts=defaults,
     )  # fmt: skip
     return (await worker.run_once()).alerts
 
@@ -113,8 +119,9 @@ async def test_org_rules_override_the_defaults(env: Env, receiver: Receiver) -> 
     await sync(env)  # the org row
     r = await env.http.get("/admin/orgs/acme/alerts", headers=ADMIN)
     assert r.json() | {"webhook_url": None} == {
-        "org": "acme", "webhook_url": None, "thresholds": [80, 100], "forecast": False,
-        "overrides": [], "endpoint_disabled_at": None, "endpoint_failing_since": None,
+        "org": "acme", "webhook_url": None, "thresholds": [80, 100],
+        "levels": ["org", "team", "user", "key"], "forecast": False, "overrides": [],
+        "endpoint_disabled_at": None, "endpoint_failing_since": None,
     }  # fmt: skip
     bad = await env.http.put(
         "/admin/orgs/acme/alerts", json={"thresholds": [50, "120%", {"tokens": 0}]}, headers=ADMIN
@@ -136,3 +143,91 @@ async def test_org_rules_override_the_defaults(env: Env, receiver: Receiver) -> 
     await deliver(env)
     thresholds = sorted(g["payload"]["data"]["threshold"] for g in receiver.received())
     assert thresholds == [20, 50]
+
+
+async def test_org_rules_levels_round_trip_validate_and_clear_with_null(env: Env) -> None:
+    await env.gate.set_plan("acme", "pro")
+    await sync(env)  # the org row
+
+    async def put(body: object) -> httpx.Response:
+        return await env.http.put("/admin/orgs/acme/alerts", json=body, headers=ADMIN)
+
+    for bad, fields in (
+        ({"levels": ["org", "teams", "org", 3]}, ["levels[1]", "levels[2]", "levels[3]"]),
+        ({"levels": []}, ["levels"]),
+        ({"levels": "org"}, ["levels"]),
+        ({"levels": ["key"], "webhook_url": "ftp://x"}, ["webhook_url"]),
+    ):
+        body = problem(await put(bad), 422, "invalid_request")
+        assert [e["field"] for e in body["errors"]] == fields, body
+    # Nothing refused was stored.
+    assert (await env.http.get("/admin/orgs/acme/alerts", headers=ADMIN)).json()["overrides"] == []
+
+    r = await put({"levels": ["user", "org"]})
+    assert r.status_code == 200, r.text
+    assert (r.json()["levels"], r.json()["overrides"]) == (["user", "org"], ["levels"])
+    # Absent leaves it; GET shows the same.
+    assert (await put({"forecast": True})).status_code == 200
+    got = (await env.http.get("/admin/orgs/acme/alerts", headers=ADMIN)).json()
+    assert (got["levels"], got["overrides"]) == (["user", "org"], ["forecast", "levels"])
+    # null: the config's levels again.
+    r = await put({"levels": None})
+    assert r.status_code == 200, r.text
+    assert (r.json()["levels"], r.json()["overrides"]) == (
+        ["org", "team", "user", "key"], ["forecast"]
+    )  # fmt: skip
+
+    # The OpenAPI document shows the member, with what it accepts, and the answer's.
+    doc = (await env.http.get(f"{PREFIX}/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    asked = schemas["AlertRulesRequest"]["properties"]["levels"]
+    assert {
+        "type": "array",
+        "items": {"type": "string", "enum": ["org", "team", "user", "key"]},
+    } in asked["anyOf"]
+    assert "null: the config's default" in asked["description"]
+    assert schemas["AlertRules"]["properties"]["levels"]["type"] == "array"
+    assert "levels" in schemas["AlertRules"]["required"]
+
+
+async def test_org_levels_decide_the_org_buckets_alerts(env: Env) -> None:
+    for org in ("acme", "beta"):
+        await env.gate.set_plan(org, "pro")  # lead_generation: 60 tokens, cost 5
+    await sync(env)
+    # acme watches its team caps only: its buckets fire nothing while beta's (the
+    # config's levels, all) do.
+    r = await env.http.put("/admin/orgs/acme/alerts", json={"levels": ["team"]}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    for org in ("acme", "beta"):
+        for _ in range(10):  # 50 of 60
+            assert (await env.gate.charge(org, "lead_generation")).ok
+    assert await sync(env) == 1
+    store = await env.gate.require_store()
+    orgs = "SELECT organization_id, kind, threshold FROM alert_events ORDER BY 1, 2, 3"
+    assert [tuple(x) for x in await store.pool.fetch(orgs)] == [
+        ("beta", "threshold_crossed", "80%")
+    ]
+    # Cleared: acme is on the config's levels again and its next crossings fire.
+    r = await env.http.put("/admin/orgs/acme/alerts", json={"levels": None}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    for _ in range(2):  # 60 of 60
+        assert (await env.gate.charge("acme", "lead_generation")).ok
+    assert await sync(env) == 2
+    assert [tuple(x) for x in await store.pool.fetch(orgs)] == [
+        ("acme", "depleted", ""), ("acme", "threshold_crossed", "100%"),
+        ("beta", "threshold_crossed", "80%"),
+    ]  # fmt: skip
+    # A config whose levels leave the buckets out still evaluates an org whose own
+    # levels name them (and not the others).
+    r = await env.http.put("/admin/orgs/beta/alerts", json={"levels": ["org"]}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    await env.gate.set_plan("gamma", "pro")
+    for org in ("beta", "gamma"):
+        for _ in range(12):  # beta: the 2 it has left (60 of 60); gamma: 60 of 60
+            await env.gate.charge(org, "lead_generation")
+    assert await sync(env, levels=frozenset({"team"})) == 2
+    rows = await store.pool.fetch(orgs)
+    assert [tuple(x) for x in rows if x[0] != "acme"] == [
+        ("beta", "depleted", ""), ("beta", "threshold_crossed", "100%"),
+        ("beta", "threshold_crossed", "80%"),
+    ]  # fmt: skip

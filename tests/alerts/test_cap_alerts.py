@@ -5,6 +5,7 @@ the deliverer posts to a real HTTP receiver that verifies with ``standardwebhook
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ import asyncpg
 import pytest
 
 from gateway.alerts.deliverer import Deliverer
+from gateway.alerts.deliveries import put_rules
 from gateway.alerts.evaluation import AlertDefaults
 from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
@@ -266,6 +268,38 @@ async def test_token_thresholds_and_levels_left_out_of_the_config(
     await spend(gate, "acme", 4, user="ann", team="red")  # 12 each
     assert await sync(redis, pool, gate, users_only) == 1
     assert await outbox(pool) == [("acme", "user", "ann", "2026-11", "12", 0)]
+
+
+async def test_an_orgs_levels_override_the_configs_and_null_returns_to_them(
+    gate: CreditGate, redis: Any, pool: asyncpg.Pool
+) -> None:
+    for org in ("acme", "other", "solo"):
+        await pool.execute("INSERT INTO organizations (id, plan) VALUES ($1, 'teams')", org)
+        await gate.set_plan(org, "teams")
+        await put(gate, org, "team", "red", {BUCKET: 30})
+    # acme watches its buckets only; other is on the config's levels (all).
+    await put_rules(pool, "acme", levels=["org"])
+    for org in ("acme", "other"):
+        await spend(gate, org, 9, team="red")  # 27 of 30: 90%
+    assert await sync(redis, pool, gate) == 1
+    assert await outbox(pool) == [("other", "team", "red", "2026-11", "80%", 30)]
+    # Cleared (NULL): acme is on the config's levels again; its team has reached both.
+    await put_rules(pool, "acme", levels=None)
+    await spend(gate, "acme", 1, team="red")  # 30 of 30
+    assert await sync(redis, pool, gate) == 2
+    assert await outbox(pool, "acme") == [
+        ("acme", "team", "red", "2026-11", "100%", 30),
+        ("acme", "team", "red", "2026-11", "80%", 30),
+    ]
+    # A config that watches no cap still evaluates the caps an org's own levels name.
+    await put_rules(pool, "solo", levels=["team"])
+    buckets_only = dataclasses.replace(DEFAULTS, levels=frozenset({"org"}))
+    for org in ("other", "solo"):
+        await spend(gate, org, 1, team="red")  # other: 30 of 30; solo: 3 of 30
+    await spend(gate, "solo", 8, team="red")  # 27 of 30
+    assert await sync(redis, pool, gate, buckets_only) == 1
+    assert await outbox(pool, "solo") == [("solo", "team", "red", "2026-11", "80%", 30)]
+    assert len(await outbox(pool, "other")) == 1  # its 100% is not watched
 
 
 async def test_request_events_carry_the_capped_levels_figures_after_them(

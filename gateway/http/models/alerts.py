@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
+from gateway.config.alerts import ALERT_LEVELS
 from gateway.http.models.fields import OneOf, QueryInt, Storable
 from gateway.http.models.token import Answer, DateTime, Id, Request
 
@@ -21,13 +22,27 @@ __all__ = [
 ]
 
 
+_Level = Annotated[Any, WithJsonSchema({"type": "string", "enum": list(ALERT_LEVELS)})]
+
+
 class AlertRulesRequest(Request):
     """``PUT /admin/orgs/{org}/alerts``: each given member overrides the config's default;
-    ``webhook_url: ""`` goes back to the default URL."""
+    ``webhook_url: ""`` goes back to the default URL, ``levels: null`` to the default
+    levels (the one member where ``null`` is not the same as absent)."""
+
+    NULL_MEMBERS: ClassVar[frozenset[str]] = frozenset({"levels"})
 
     webhook_url: Annotated[str, Field(max_length=2000)] | None = None
     thresholds: list[Any] | None = Field(
         None, description='percent used (80, "87.5%") or {"tokens": N}; [] for none'
+    )
+    # Items are checked by the handler (levels_errors), which names each refused one
+    # (levels[1]); the document still shows what is accepted.
+    levels: list[_Level] | None = Field(
+        None,
+        description="what threshold alerts watch, distinct values of org (the buckets), team,"
+        " user, key (their caps), at least one; null: the config's default (alerts.levels);"
+        " absent: unchanged",
     )
     forecast: bool | None = None
 
@@ -38,6 +53,7 @@ class AlertRules(Answer):
     org: str
     webhook_url: str | None
     thresholds: list[Any]
+    levels: list[str]
     forecast: bool
     overrides: list[str]
     endpoint_disabled_at: DateTime | None
