@@ -20,12 +20,14 @@ the host app answers elsewhere; routes the host app lists first win.
 from __future__ import annotations
 
 from dataclasses import replace
+from urllib.parse import unquote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.billing.stripe_webhook import StripeWebhook
 from gateway.http.dashboard import asset_route
@@ -46,11 +48,45 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _api_app(operations: list[Operation], api: Api, mounted_at: str = "") -> Starlette:
+# An encoded slash inside a path segment stands for no character an id may hold: it
+# becomes this one (outside the id alphabet of gateway.core.ids), so the segment stays one
+# segment and the id check answers 422 naming the parameter, as for any other bad id.
+_SLASH_IN_SEGMENT = "\ufffd"
+
+
+class _SegmentSlashes:
+    """Routes a path whose segments hold an encoded slash (``%2F``) by its segments.
+
+    ASGI's ``path`` is percent-decoded, so ``/admin/orgs/a%2Fb`` would be routed as
+    ``/admin/orgs/a/b``: a 404 "no such endpoint", a 405 for a lone ``%2F``, or another
+    operation's route when the rest of the id spells one (``acme%2Fgrants``). The path is
+    rebuilt from ``raw_path`` with the slash kept inside its segment (as
+    :data:`_SLASH_IN_SEGMENT`); any other path passes untouched (one bytes search)."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """The wrapped app's routes (what ``Mount.routes`` and ``url_path_for`` look at)."""
+        return self.app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        if scope["type"] == "http" and raw and (b"%2f" in raw or b"%2F" in raw) and raw.isascii():
+            segments = raw.decode("latin-1").split("/")
+            path = "/".join(
+                unquote(s, errors="replace").replace("/", _SLASH_IN_SEGMENT) for s in segments
+            )
+            scope = {**scope, "path": path}
+        await self.app(scope, receive, send)
+
+
+def _api_app(operations: list[Operation], api: Api, mounted_at: str = "") -> ASGIApp:
     """The operations (paths made relative to ``mounted_at``) and the pages' assets."""
     relative = [replace(op, path=op.path.removeprefix(mounted_at)) for op in operations]
     routes: list[BaseRoute] = [*routes_of(relative, api), asset_route()]
-    return Starlette(routes=routes, exception_handlers=_PROBLEM_HANDLERS)
+    return _SegmentSlashes(Starlette(routes=routes, exception_handlers=_PROBLEM_HANDLERS))
 
 
 def creditgate_routes(gate: CreditGate) -> list[BaseRoute]:

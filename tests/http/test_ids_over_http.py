@@ -14,6 +14,9 @@ from tests.support.pg import requires_postgres
 pytestmark = requires_postgres
 
 BAD = ["", "x" * 300, "nul\x00byte", "has space", "caf\u00e9", "tab\there"]
+# In a path the id is percent-encoded: an encoded slash must not split the segment (it
+# did: 404 "No such endpoint", or 405 for a lone "/", found by the OpenAPI fuzz test).
+PATH_BAD = [*BAD[1:], "a/b", "/", "acme/grants"]  # "" is no path segment
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ async def _nothing_created(env: Env) -> None:
     assert await store.pool.fetchval("SELECT count(*) FROM api_keys") == 0
 
 
-@pytest.mark.parametrize("bad", BAD[1:], ids=lambda v: repr(v)[:12])  # "" is no path segment
+@pytest.mark.parametrize("bad", PATH_BAD, ids=lambda v: repr(v)[:12])
 async def test_an_org_id_in_an_admin_path(env: Env, bad: str) -> None:
     org = urllib.parse.quote(bad, safe="")
     grant = {"bucket": "goal_generation", "amount": 5, "reference": "r"}
