@@ -114,6 +114,8 @@ def _openai_chat(usage: object, model: object) -> Usage | None:
         or not 0 <= completion <= MAX_TOKENS
     ):
         return None
+    # The two details are read by the same lines, written out twice on purpose: a helper
+    # call per detail costs more than the rest of this fast path (bench/usage_instructions.py).
     details = usage.get("prompt_tokens_details")
     if details is None:
         cached = 0
