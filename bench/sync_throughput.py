@@ -139,6 +139,7 @@ class Producer:
     """Builds realistic charge events: per org a running seq and balance per bucket."""
 
     def __init__(self, orgs: int, seed: int = 1, usage: bool = False) -> None:
+        self.seed = seed
         self.rng = random.Random(seed)
         self.usage = usage  # events of usage-charged requests: the A8 fields too
         self.orgs = [f"org{i:05d}" for i in range(orgs)]
@@ -201,20 +202,40 @@ def log_record(fields: dict[str, str]) -> tuple[Any, ...]:
     )  # fmt: skip
 
 
+def make_events(producer: Producer, n: int, start: int) -> list[dict[str, str]]:
+    """``n`` events of ``producer``, timestamps spread from ``start`` as if produced at 100k
+    events/s."""
+    return [producer.event(start + i // 100) for i in range(n)]
+
+
+async def xadd_all(redis: Any, ks: KeySpace, events: list[dict[str, str]]) -> None:
+    """XADD ``events`` to their shards' streams, 10,000 per pipeline."""
+    for first in range(0, len(events), 10_000):
+        pipe = redis.pipeline(transaction=False)
+        for e in events[first : first + 10_000]:
+            pipe.xadd(ks.shard(e["o"]).events, e)
+        await pipe.execute()
+
+
 async def prefill(
     redis: Any, ks: KeySpace, n: int, orgs: int, usage: bool = False
 ) -> list[dict[str, str]]:
     """XADD ``n`` events (``usage``: with the A8 usage fields); their timestamps spread as
     if produced at 100k events/s."""
     producer = Producer(orgs, usage=usage)
-    start = int(time.time() * 1000) - n // 100
-    events = [producer.event(start + i // 100) for i in range(n)]
-    for first in range(0, n, 10_000):
-        pipe = redis.pipeline(transaction=False)
-        for e in events[first : first + 10_000]:
-            pipe.xadd(ks.shard(e["o"]).events, e)
-        await pipe.execute()
+    events = make_events(producer, n, int(time.time() * 1000) - n // 100)
+    await xadd_all(redis, ks, events)
     return events
+
+
+def warm_pass(producer: Producer, cold: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The steady-state pass: the cold pass's keys again, event for event (the same org,
+    bucket, feature, user and timestamp, so the same UTC day), with new event ids and the
+    orgs' seqs and balances continuing after the cold pass. Written after the cold pass,
+    it finds every ``ai_tokens`` row, every org and every rollup key there already, as a
+    deployment that has run all day does (its writes are updates, not insertions)."""
+    producer.rng = random.Random(producer.seed)
+    return [producer.event(int(e["ts"])) for e in cold]
 
 
 async def drain(worker: SyncWorker) -> int:
@@ -234,17 +255,22 @@ async def run_throughput(
     n: int,
     args: argparse.Namespace,
     meter: CpuMeter | None = None,
+    worker: SyncWorker | None = None,
+    total_rows: int | None = None,
 ) -> tuple[float, SyncWorker, tuple[float, float]]:
-    """Drain ``n`` pre-filled events with one worker in this process: (seconds, the worker,
-    the CPU seconds of this process and of the Postgres backends if ``meter``)."""
-    worker = SyncWorker(
-        redis=redis,
-        pool=pool,
-        keyspace=ks,
-        batch_size=args.batch_size,
-        concurrency=args.concurrency,
-        max_batches_per_pass=1000,
-    )
+    """Drain ``n`` pre-filled events with one worker in this process (``worker``: go on
+    with that one, as a long-running worker would; ``total_rows``: the ledger's rows
+    expected after, default ``n``): (seconds, the worker, the CPU seconds of this process
+    and of the Postgres backends if ``meter``)."""
+    if worker is None:
+        worker = SyncWorker(
+            redis=redis,
+            pool=pool,
+            keyspace=ks,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            max_batches_per_pass=1000,
+        )
     if meter is not None:
         await meter.start()
     started = time.perf_counter()
@@ -254,11 +280,16 @@ async def run_throughput(
     await worker.close()
     async with pool.acquire() as c:
         rows = await c.fetchval("SELECT count(*) FROM ai_token_usage_log")
-    assert rows == n, f"{rows} rows for {n} events"
+    expected = n if total_rows is None else total_rows
+    assert rows == expected, f"{rows} rows, {expected} expected"
     return elapsed, worker, cpu
 
 
-def _process_worker(dsn: str, prefix: str, shards: int, args: Any, ready: Any, go: Any) -> None:
+def _process_worker(
+    dsn: str, prefix: str, shards: int, args: Any, events: Any, cpu_out: Any
+) -> None:
+    ready, go, done, release = events
+
     async def main() -> None:
         tune_gc()
         handles = connect_redis(REDIS_URL, timeout=30)
@@ -275,7 +306,12 @@ def _process_worker(dsn: str, prefix: str, shards: int, args: Any, ready: Any, g
             await worker._ensure_group(shard)
         ready.set()
         await asyncio.to_thread(go.wait)
+        cpu0 = time.process_time()
         await drain(worker)
+        cpu_out.put(time.process_time() - cpu0)
+        # Keep the pool's backends alive until the parent has read their CPU time.
+        done.set()
+        await asyncio.to_thread(release.wait)
         await worker.close()
         await pool.close()
         await handles.close()
@@ -283,23 +319,35 @@ def _process_worker(dsn: str, prefix: str, shards: int, args: Any, ready: Any, g
     asyncio.run(main())
 
 
-async def run_processes(dsn: str, ks: KeySpace, n: int, args: argparse.Namespace) -> float:
+async def run_processes(
+    dsn: str, ks: KeySpace, n: int, args: argparse.Namespace, meter: CpuMeter
+) -> tuple[float, tuple[float, float]]:
+    """Drain with ``--processes`` worker processes at once: (seconds, CPU seconds of the
+    worker processes and of their Postgres backends)."""
     ctx = multiprocessing.get_context("spawn")
-    go = ctx.Event()
-    readies = [ctx.Event() for _ in range(args.processes)]
+    go, release = ctx.Event(), ctx.Event()
+    cpu_out = ctx.Queue()
+    signals = [(ctx.Event(), go, ctx.Event(), release) for _ in range(args.processes)]
     procs = [
-        ctx.Process(target=_process_worker, args=(dsn, ks.prefix, ks.shards, args, r, go))
-        for r in readies
+        ctx.Process(target=_process_worker, args=(dsn, ks.prefix, ks.shards, args, e, cpu_out))
+        for e in signals
     ]
     for p in procs:
         p.start()
-    for r in readies:
-        await asyncio.to_thread(r.wait)
+    for ready, _, _, _ in signals:
+        await asyncio.to_thread(ready.wait)
+    await meter.start()
     started = time.perf_counter()
     go.set()
+    for _, _, done, _ in signals:
+        await asyncio.to_thread(done.wait)
+    elapsed = time.perf_counter() - started
+    _, backends = await meter.stop()
+    workers = sum(cpu_out.get() for _ in procs)
+    release.set()
     for p in procs:
         await asyncio.to_thread(p.join)
-    return time.perf_counter() - started
+    return elapsed, (workers, backends)
 
 
 async def _floor_table(c: asyncpg.Connection, table: str, shape: str) -> str:
@@ -327,53 +375,63 @@ async def _floor_table(c: asyncpg.Connection, table: str, shape: str) -> str:
 
 async def floor(
     pool: asyncpg.Pool,
-    records: list[tuple[Any, ...]],
+    phases: list[list[tuple[Any, ...]]],
     batch: int,
     concurrency: int,
     mode: str,
     shape: str = "partitioned",
     meter: CpuMeter | None = None,
-) -> tuple[float, tuple[float, float]]:
-    """Seconds to write ``records`` into a fresh copy of the log, the bare way, and the
-    CPU seconds of this process and of the Postgres backends if ``meter``."""
+) -> list[tuple[float, tuple[float, float]]]:
+    """Write each phase's records into one fresh copy of the log, the bare way, one phase
+    after the other (the second finds the first's rows there: the steady state's ledger);
+    per phase, the seconds and the CPU seconds of this process and of the Postgres
+    backends if ``meter``."""
     table = f"floor_{mode}_{shape}_{concurrency}"
     async with pool.acquire() as c:
         target = await _floor_table(c, table, shape)
-    batches = [records[i : i + batch] for i in range(0, len(records), batch)]
     cols = ", ".join(LOG_COLUMNS)
     shape_sql = ", ".join(f"{c} {t}" for c, t in zip(LOG_COLUMNS, LOG_TYPES, strict=True))
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(len(batches)):
-        queue.put_nowait(i)
+    out: list[tuple[float, tuple[float, float]]] = []
+    for records in phases:
+        batches = [records[i : i + batch] for i in range(0, len(records), batch)]
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(batches)):
+            queue.put_nowait(i)
 
-    async def one() -> None:
-        async with pool.acquire() as c:
-            while not queue.empty():
-                i = queue.get_nowait()
-                if mode == "copy":
-                    await c.copy_records_to_table(table, records=batches[i], columns=LOG_COLUMNS)
-                    continue
-                async with c.transaction():
-                    await c.execute(f"CREATE TEMP TABLE floor_in ({shape_sql}) ON COMMIT DROP")
-                    await c.copy_records_to_table(
-                        "floor_in", records=batches[i], columns=LOG_COLUMNS
-                    )
-                    await c.execute(
-                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM floor_in"
-                        f" ON CONFLICT {target} DO NOTHING"
-                    )
+        async def one(
+            batches: list[list[tuple[Any, ...]]] = batches,
+            queue: asyncio.Queue[int] = queue,
+        ) -> None:
+            async with pool.acquire() as c:
+                while not queue.empty():
+                    i = queue.get_nowait()
+                    if mode == "copy":
+                        await c.copy_records_to_table(
+                            table, records=batches[i], columns=LOG_COLUMNS
+                        )
+                        continue
+                    async with c.transaction():
+                        await c.execute(f"CREATE TEMP TABLE floor_in ({shape_sql}) ON COMMIT DROP")
+                        await c.copy_records_to_table(
+                            "floor_in", records=batches[i], columns=LOG_COLUMNS
+                        )
+                        await c.execute(
+                            f"INSERT INTO {table} ({cols}) SELECT {cols} FROM floor_in"
+                            f" ON CONFLICT {target} DO NOTHING"
+                        )
 
-    if meter is not None:
-        await meter.start()
-    started = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    cpu = await meter.stop() if meter is not None else (0.0, 0.0)
+        if meter is not None:
+            await meter.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu = await meter.stop() if meter is not None else (0.0, 0.0)
+        out.append((elapsed, cpu))
     async with pool.acquire() as c:
         count = await c.fetchval(f"SELECT count(*) FROM {table}")
         await c.execute(f"DROP TABLE {table}")
-    assert count == len(records)
-    return elapsed, cpu
+    assert count == sum(len(p) for p in phases)
+    return out
 
 
 def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs: int) -> None:
@@ -460,47 +518,55 @@ async def cleanup_redis(redis: Any, prefix: str) -> None:
         await redis.delete(key)
 
 
-def table(rows: list[tuple[str, float]], insert_floor: float, copy_floor: float) -> str:
-    """A Markdown table: rows/s and the ratio to each floor."""
-    width = max(len(name) for name, _ in rows)
+PHASES = ("cold", "warm")
+
+
+def table(
+    rows: list[tuple[str, str, float]],
+    insert_floor: dict[str, float],
+    copy_floor: dict[str, float],
+) -> str:
+    """A Markdown table: rows/s of each (name, phase) and its ratio to the same phase's
+    best floors."""
+    width = max(len(name) for name, _, _ in rows)
     lines = [
-        f"| {'measured in this run':<{width}} |    rows/s | vs COPY+INSERT floor | vs plain COPY |",
-        f"|{'-' * (width + 2)}|----------:|---------------------:|--------------:|",
+        f"| {'measured in this run':<{width}} | phase |    rows/s | vs COPY+INSERT floor"
+        " | vs plain COPY |",
+        f"|{'-' * (width + 2)}|-------|----------:|---------------------:|--------------:|",
     ]
-    for name, rate in rows:
+    for name, phase, rate in rows:
         lines.append(
-            f"| {name:<{width}} | {rate:>9,.0f} | {rate / insert_floor:>19.2f}x"
-            f" | {rate / copy_floor:>12.2f}x |"
+            f"| {name:<{width}} | {phase:<5} | {rate:>9,.0f}"
+            f" | {rate / insert_floor[phase]:>19.2f}x | {rate / copy_floor[phase]:>12.2f}x |"
         )
     return "\n".join(lines)
 
 
-def cpu_table(
-    n: int,
-    e2e_cpu: tuple[float, float],
-    floor_cpu: dict[tuple[str, str, int], tuple[float, float]],
-) -> str:
-    """A Markdown table: CPU µs per event of this process (the worker, or the floor's
-    client) and of the Postgres backends, and the ratio of the cheapest COPY + INSERT
-    floor's total to each row's (the load-robust counterpart of the rows/s ratio)."""
+def cpu_table(rows: list[tuple[str, str, int, tuple[float, float]]]) -> str:
+    """A Markdown table: CPU µs per event of the client (the worker, or the floor's
+    client) and of the Postgres backends for each (name, phase, events, CPU seconds), and
+    the ratio of the same phase's cheapest COPY + INSERT floor's total to each row's (the
+    load-robust counterpart of the rows/s ratio)."""
 
-    def per_event(cpu: tuple[float, float]) -> tuple[float, float, float]:
+    def per_event(n: int, cpu: tuple[float, float]) -> tuple[float, float, float]:
         return cpu[0] / n * 1e6, cpu[1] / n * 1e6, (cpu[0] + cpu[1]) / n * 1e6
 
-    cheapest = min(per_event(c)[2] for (m, _, _), c in floor_cpu.items() if m == "insert")
-    rows = [("end-to-end sync, 1 worker process (headline)", per_event(e2e_cpu))]
-    for (mode, shape, conc), cpu in sorted(floor_cpu.items()):
-        what = "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
-        rows.append((f"{what}, {shape}, concurrency {conc}", per_event(cpu)))
-    width = max(len(name) for name, _ in rows)
+    cheapest = {
+        phase: min(
+            per_event(n, c)[2] for name, ph, n, c in rows if ph == phase and "INSERT" in name
+        )
+        for phase in PHASES
+    }
+    width = max(len(name) for name, _, _, _ in rows)
     lines = [
-        f"| {'CPU us/event':<{width}} | client | Postgres | total | floor/this |",
-        f"|{'-' * (width + 2)}|-------:|---------:|------:|-----------:|",
+        f"| {'CPU us/event':<{width}} | phase | client | Postgres | total | floor/this |",
+        f"|{'-' * (width + 2)}|-------|-------:|---------:|------:|-----------:|",
     ]
-    for name, (client, backends, total) in rows:
+    for name, phase, n, cpu in rows:
+        client, backends, total = per_event(n, cpu)
         lines.append(
-            f"| {name:<{width}} | {client:>6.1f} | {backends:>8.1f} | {total:>5.1f}"
-            f" | {cheapest / total:>9.2f}x |"
+            f"| {name:<{width}} | {phase:<5} | {client:>6.1f} | {backends:>8.1f} | {total:>5.1f}"
+            f" | {cheapest[phase] / total:>9.2f}x |"
         )
     return "\n".join(lines)
 
@@ -534,6 +600,17 @@ async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.N
     print(f"  median ratio {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
 
 
+def report_pass(
+    phase: str, n: int, elapsed: float, cpu: tuple[float, float], worker: SyncWorker
+) -> None:
+    print(
+        f"  1 process, {phase}: {elapsed:.2f} s; worker CPU {cpu[0]:.2f} s"
+        f" ({cpu[0] / elapsed:.0%} of a core, {cpu[0] / n * 1e6:.1f} us/event);"
+        f" Postgres backends {cpu[1] / n * 1e6:.1f} us/event; fast-path fallbacks:"
+        f" {worker._writer.fallbacks}; load average {os.getloadavg()[0]:.2f}"
+    )
+
+
 async def main(args: argparse.Namespace) -> None:
     database = f"creditgate_bench_{uuid.uuid4().hex[:10]}"
     dsn = dsn_for(database)
@@ -558,7 +635,9 @@ async def main(args: argparse.Namespace) -> None:
             await measure_lag(redis, pool, lag_ks, args, CpuMeter(admin, database))
             return
         t = time.perf_counter()
-        events = await prefill(redis, ks, args.events, args.orgs)
+        producer = Producer(args.orgs)
+        events = make_events(producer, args.events, int(time.time() * 1000) - args.events // 100)
+        await xadd_all(redis, ks, events)
         # The garbage collector as `creditgate sync` sets it (this also keeps it from
         # rescanning the pre-filled events, kept in memory for the floors).
         tune_gc()
@@ -570,53 +649,68 @@ async def main(args: argparse.Namespace) -> None:
             return
 
         meter = CpuMeter(admin, database)
-        elapsed, worker, e2e_cpu = await run_throughput(redis, pool, ks, args.events, args, meter)
-        e2e = args.events / elapsed
-        print(
-            f"  1 process: {elapsed:.2f} s; worker CPU {e2e_cpu[0]:.2f} s"
-            f" ({e2e_cpu[0] / elapsed:.0%} of a core, {e2e_cpu[0] / args.events * 1e6:.1f}"
-            f" us/event); Postgres backends {e2e_cpu[1] / args.events * 1e6:.1f} us/event;"
-            f" fast-path fallbacks: {worker._writer.fallbacks}; load average"
-            f" {os.getloadavg()[0]:.2f}"
+        n = args.events
+        rates: list[tuple[str, str, float]] = []
+        cpus: list[tuple[str, str, int, tuple[float, float]]] = []
+        headline = "end-to-end sync, 1 worker process (headline)"
+        # Cold: a fresh ledger; every org, bucket and rollup key is new.
+        elapsed, worker, e2e_cpu = await run_throughput(redis, pool, ks, n, args, meter)
+        report_pass("cold", n, elapsed, e2e_cpu, worker)
+        rates.append((headline, "cold", n / elapsed))
+        cpus.append((headline, "cold", n, e2e_cpu))
+        # Warm (the steady state): the same keys again with the same worker.
+        warm_events = warm_pass(producer, events)
+        await xadd_all(redis, ks, warm_events)
+        elapsed, worker, e2e_cpu = await run_throughput(
+            redis, pool, ks, n, args, meter, worker=worker, total_rows=2 * n
         )
-        multi = None
+        report_pass("warm", n, elapsed, e2e_cpu, worker)
+        rates.append((headline, "warm", n / elapsed))
+        cpus.append((headline, "warm", n, e2e_cpu))
         if args.processes > 0:
             async with pool.acquire() as c:
                 await c.execute(
-                    "TRUNCATE ai_token_usage_log, usage_daily, ai_tokens, organizations CASCADE"
+                    "TRUNCATE ai_token_usage_log, usage_daily, usage_daily_user,"
+                    " usage_daily_feature, ai_tokens, organizations CASCADE"
                 )
-            await prefill(redis, multi_ks, args.events, args.orgs)
-            secs = await run_processes(dsn, multi_ks, args.events, args)
+            await xadd_all(redis, multi_ks, events)
+            secs, multi_cpu = await run_processes(dsn, multi_ks, n, args, meter)
             async with pool.acquire() as c:
                 count = await c.fetchval("SELECT count(*) FROM ai_token_usage_log")
-            assert count == args.events, f"{count} rows for {args.events} events"
-            multi = args.events / secs
-            print(f"  {args.processes} processes: {secs:.2f} s")
+            assert count == n, f"{count} rows for {n} events"
+            name = f"end-to-end sync, {args.processes} worker processes"
+            rates.append((name, "cold", n / secs))
+            cpus.append((name, "cold", n, multi_cpu))
+            print(
+                f"  {args.processes} processes (cold): {secs:.2f} s; CPU us/event: workers"
+                f" {multi_cpu[0] / n * 1e6:.1f}, Postgres {multi_cpu[1] / n * 1e6:.1f};"
+                f" load average {os.getloadavg()[0]:.2f}"
+            )
 
-        records = [log_record(e) for e in events]
-        del events
-        floors: dict[tuple[str, str, int], float] = {}
-        floor_cpu: dict[tuple[str, str, int], tuple[float, float]] = {}
+        phases = [[log_record(e) for e in events], [log_record(e) for e in warm_events]]
+        del events, warm_events
+        insert_floor = dict.fromkeys(PHASES, 0.0)
+        copy_floor = dict.fromkeys(PHASES, 0.0)
         for mode, shape in (("insert", "partitioned"), ("insert", "unpartitioned"),
                             ("copy", "partitioned")):  # fmt: skip
             for conc in sorted({1, args.concurrency}):
-                secs, cpu = await floor(pool, records, args.batch_size, conc, mode, shape, meter)
-                floors[(mode, shape, conc)] = len(records) / secs
-                floor_cpu[(mode, shape, conc)] = cpu
-        # The best floor of either shape: the ratio never flatters the worker.
-        best_insert = max(v for (m, _, _), v in floors.items() if m == "insert")
-        best_copy = max(v for (m, _, _), v in floors.items() if m == "copy")
-        rows = [("end-to-end sync, 1 worker process (headline)", e2e)]
-        if multi is not None:
-            rows.append((f"end-to-end sync, {args.processes} worker processes", multi))
-        for (mode, shape, conc), rate in sorted(floors.items()):
-            what = "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
-            rows.append((f"{what}, {shape}, concurrency {conc}", rate))
+                what = (
+                    "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
+                )
+                name = f"{what}, {shape}, concurrency {conc}"
+                runs = await floor(pool, phases, args.batch_size, conc, mode, shape, meter)
+                for phase, (secs, cpu) in zip(PHASES, runs, strict=True):
+                    rate = n / secs
+                    best = insert_floor if mode == "insert" else copy_floor
+                    # The best floor of either shape: the ratio never flatters the worker.
+                    best[phase] = max(best[phase], rate)
+                    rates.append((name, phase, rate))
+                    cpus.append((name, phase, n, cpu))
         print()
-        print(table(rows, best_insert, best_copy))
+        print(table(rates, insert_floor, copy_floor))
         print(f"load average {os.getloadavg()[0]:.2f} after the floors")
         print()
-        print(cpu_table(args.events, e2e_cpu, floor_cpu))
+        print(cpu_table(cpus))
 
         if args.lag_seconds > 0:
             await measure_lag(redis, pool, lag_ks, args, meter)
