@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 
+from sync import sql
 from tests.support.api_support import Env, make_env
 from tests.support.pg import requires_postgres
 
@@ -94,3 +95,38 @@ async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
     assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
     for t, rows in before.items():
         assert await table(t) == rows
+
+
+async def test_rollup_increments_are_hot_updates(env: Env) -> None:
+    """Migration 0014: no index holds a sum, and the pages have room, so the writer's
+    rollup statement increments existing rows of all three tables as HOT updates (on its
+    page, no new index entry): the steady state's cheap case. With 0002's INCLUDE (sums)
+    keys, not one increment of usage_daily_user or usage_daily_feature was HOT."""
+    pool = (await env.gate.require_store()).pool
+    users = [f"u{i}" for i in range(40)]
+    columns = (
+        ["hot-org"] * 40, ["2026-11-14"] * 40, ["f1", "f2"] * 20, users, ["b"] * 40,
+        ["1"] * 40, ["5"] * 40,
+    )  # fmt: skip
+    text, params = sql.statement("rollup", columns)
+    await pool.execute(text, *params)  # the keys' first rows: insertions
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(text, *params)  # the same keys again: increments
+        rows = await conn.fetch(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
+            " WHERE relname IN ('usage_daily', 'usage_daily_user', 'usage_daily_feature')"
+        )
+    updates = {r["relname"]: (r["n_tup_upd"], r["n_tup_hot_upd"]) for r in rows}
+    assert updates == {
+        "usage_daily": (40, 40),
+        "usage_daily_user": (40, 40),
+        "usage_daily_feature": (2, 2),
+    }
+    assert (
+        await pool.fetchval(
+            "SELECT requests FROM usage_daily_feature WHERE organization_id = 'hot-org'"
+            " AND feature = 'f1'"
+        )
+        == 40
+    )
+    assert (await _consistent(pool)) == (40, 2)
