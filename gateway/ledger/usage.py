@@ -4,8 +4,9 @@ Aggregates come from the daily rollups, never from scanning ``ai_token_usage_log
 sync job maintains ``usage_daily`` (org, day, feature, user) and, in the same statement,
 ``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user)
 (tables of migration 0002; triggers kept them until 0010). A window of one org is then
-an index-only scan of at most days x features plus days x users rows, whatever its
-request volume or its number of features x users. Usage by model (requests whose cost
+an index scan of at most days x features plus days x users rows, whatever its request
+volume or its number of features x users (the sums are read from the heap: migration
+0014 took them out of the keys so that the sync job's increments are HOT updates). Usage by model (requests whose cost
 came from the call, contract A8) is read from ``usage_daily_model`` (org, day, model;
 migration 0006, kept by the sync job in the same transaction too): at most days x models
 rows. The log itself is only read a
