@@ -6,10 +6,17 @@
 
 1. Throughput: pre-fill the shard streams with ``--events`` events, then time one worker
    from start until every event is a committed ledger row and acked (rows/s). The worker
-   runs in this process with the settings ``creditgate sync`` uses (``tune_gc``). Then the
-   same with ``--processes`` worker processes at once (0 to skip), on a fresh ledger.
+   runs in this process with the settings ``creditgate sync`` uses (``tune_gc``). Two
+   passes, each timed on its own: **cold**, on a fresh ledger (every org, ``ai_tokens``
+   row and rollup key is new: a first start), then **warm**, the steady state: the same
+   keys again event for event (``warm_pass``: new event ids, later seqs, the same days),
+   drained by the same worker, so everything it writes but the ledger rows is an update,
+   as in a deployment that has run all day. Then the cold pass with ``--processes``
+   worker processes at once (0 to skip), on a fresh ledger, with their CPU per event.
 2. The floors, in the same run and on the same rows (already decoded, so no Redis and no
-   Python decoding), each at concurrency 1 and at the worker's concurrency: (a) per
+   Python decoding), cold and warm the same way (the warm pass's rows written after the
+   cold pass's into the same table, and timed apart; each phase's ratio is to its own
+   floors), each at concurrency 1 and at the worker's concurrency: (a) per
    batch, binary COPY into a temp table + ``INSERT ... ON CONFLICT ... DO NOTHING`` into
    a fresh copy of ai_token_usage_log: the ledger's shape (partitioned by month, key
    (event_id, created_at), migration 0010) and the shape before 0010 (one table, primary
