@@ -6,11 +6,11 @@ sync job maintains ``usage_daily`` (org, day, feature, user) and, in the same st
 (tables of migration 0002; triggers kept them until 0010). A window of one org is then
 an index scan of at most days x features plus days x users rows, whatever its request
 volume or its number of features x users (the sums are read from the heap: migration
-0014 took them out of the keys so that the sync job's increments are HOT updates). Usage by model (requests whose cost
-came from the call, contract A8) is read from ``usage_daily_model`` (org, day, model;
-migration 0006, kept by the sync job in the same transaction too): at most days x models
-rows. The log itself is only read a
-page at a time, newest first, by keyset over ``(created_at, id)`` (the
+0014 took them out of the keys so that the sync job's increments are HOT updates).
+Usage by model (requests whose cost came from the call, contract A8) is read from
+``usage_daily_model`` (org, day, model; migration 0006, kept by the sync job in the same
+transaction too): at most days x models rows. The log itself is only read a page at a
+time, newest first, by keyset over ``(created_at, id)`` (the
 ``usage_log_org_created`` index, one per monthly partition since 0010: the newest months
 are read first and older ones only as far as the page needs).
 
