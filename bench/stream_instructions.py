@@ -34,8 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.apps import PATH
 from bench.services import ROOT, free_port, own_postgres, own_redis, stop_process
-from bench.streams import CONFIG, PATH, USAGE_PATH, run_client
+from bench.streams import CONFIG, USAGE_PATH, run_client
 
 ROUTES = {"fixed": PATH, "usage": USAGE_PATH}
 _TOTALS = re.compile(rb"^(?:summary|totals):\s*(\d+)", re.M)
@@ -54,8 +55,9 @@ def _wait(port: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
     raise RuntimeError(f"nothing listening on {port} after {timeout:g} s")
 
 
-def _dump(pid: int, outdir: Path) -> int:
-    """Dump callgrind's counters (which zeroes them) and return the dump's total."""
+def _dump(pid: int, outdir: Path, keep: Path | None = None) -> int:
+    """Dump callgrind's counters (which zeroes them) and return the dump's total; the dump
+    is moved to ``keep`` (for callgrind_annotate), else deleted."""
     before = set(outdir.iterdir())
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(200):
@@ -64,7 +66,10 @@ def _dump(pid: int, outdir: Path) -> int:
             time.sleep(0.3)  # let it finish writing
             found = _TOTALS.search(new[0].read_bytes())
             if found:
-                new[0].unlink()
+                if keep is None:
+                    new[0].unlink()
+                else:
+                    shutil.move(new[0], keep)
                 return int(found.group(1))
         time.sleep(0.1)
     raise RuntimeError("callgrind wrote no dump")
@@ -76,7 +81,9 @@ def _stream(port: int, path: str, key: str, streams: int, events: int) -> None:
         raise RuntimeError(f"stream errors: {result.get('error_kinds')}")
 
 
-def measure(tree: Path, config: str, key: str, args: argparse.Namespace) -> dict[str, float]:
+def measure(
+    tree: Path, config: str, key: str, args: argparse.Namespace, label: str
+) -> dict[str, float]:
     """Instructions per event of each route, for ``creditgate serve`` from ``tree``."""
     port = free_port()
     outdir = Path(tempfile.mkdtemp(prefix="cg-stream-callgrind-"))
@@ -115,7 +122,8 @@ def measure(tree: Path, config: str, key: str, args: argparse.Namespace) -> dict
                 _dump(proc.pid, outdir)  # zero
                 _stream(port, path, key, args.streams, events)
                 time.sleep(0.5)  # the settles after the last stream's end
-                totals.append(_dump(proc.pid, outdir))
+                keep = None if args.keep is None else args.keep / f"{label}-{name}-{events}.out"
+                totals.append(_dump(proc.pid, outdir, keep))
             out[name] = (totals[1] - totals[0]) / (args.streams * (args.long - args.short))
         return out
     finally:
@@ -130,6 +138,9 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=20, help="events per stream, short run")
     parser.add_argument("--long", type=int, default=120, help="events per stream, long run")
     parser.add_argument("--routes", nargs="+", default=list(ROUTES), choices=list(ROUTES))
+    parser.add_argument(
+        "--keep", type=Path, help="keep the dumps here, for callgrind_annotate (diagnosis)"
+    )
     args = parser.parse_args()
     from bench.apps import Settings
     from bench.run_all import prepare
@@ -163,15 +174,17 @@ def main() -> None:
             prepare(workdir, redis.url, pg.url, 0, config_template=template)
         )
         key = next(iter(settings.keys))
-        trees = [("this tree", ROOT)]
+        trees = [("this tree", ROOT, "new")]
         if args.before is not None:
-            trees.append((f"before ({args.before})", args.before))
+            trees.append((f"before ({args.before})", args.before, "before"))
         print(
             f"instructions per event (callgrind, user space; {args.streams} streams, "
             f"{args.long} - {args.short} events each; lower is better)"
         )
-        for label, tree in trees:
-            figures = measure(tree, settings.config, key, args)
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+        for label, tree, short in trees:
+            figures = measure(tree, settings.config, key, args, short)
             shown = ", ".join(f"{name} {value:,.0f}" for name, value in figures.items())
             print(f"{label}: {shown}", flush=True)
 
