@@ -764,7 +764,8 @@ def run(
 ) -> list[str]:
     """The whole benchmark; returns the markdown report (and writes the raw figures to
     ``json_out``). ``before``: another source tree of creditgate (e.g. ``git archive`` of
-    an older commit) served as one more fixed-cost target, for old vs new in one run."""
+    an older commit) served as one more target per creditgate target measured (fixed
+    cost, usage cost), for old vs new in one run."""
     from bench.apps import Settings
     from bench.run_all import prepare
 
@@ -840,10 +841,12 @@ def run(
         wanted = set(only or ("creditgate", "creditgate-usage", "aiohttp", "nginx"))
         if "creditgate" in wanted:
             serve_cg("creditgate serve, fixed cost", PATH)
-        if before is not None:
+        if before is not None and "creditgate" in wanted:
             serve_cg(f"creditgate serve, fixed cost, before ({before.name})", PATH, before)
         if "creditgate-usage" in wanted:
             serve_cg("creditgate serve, usage cost (read from the stream)", USAGE_PATH)
+        if before is not None and "creditgate-usage" in wanted:
+            serve_cg(f"creditgate serve, usage cost, before ({before.name})", USAGE_PATH, before)
         if "aiohttp" in wanted:
             peer = Server(
                 "aiohttp-proxy",
@@ -1161,8 +1164,8 @@ def main() -> None:
             "--before",
             type=Path,
             help="another creditgate source tree (e.g. git archive of the previous commit "
-            "unpacked in a directory) served as one more fixed-cost target: old vs new in "
-            "one run",
+            "unpacked in a directory) served as one more target per creditgate target "
+            "(fixed cost, usage cost): old vs new in one run",
         )
     args = parser.parse_args()
     if args.cmd == "upstream":

@@ -22,16 +22,19 @@ from collections.abc import Awaitable, Callable
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
+from gateway.core.splice import BodyObserver
+
 __all__ = ["UvicornSplice"]
 
 
 class UvicornSplice:
     """A :class:`gateway.core.splice.ResponseSplice` for one uvicorn request cycle."""
 
-    __slots__ = ("_cycle",)
+    __slots__ = ("_cycle", "_observer")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
         self._cycle = cycle
+        self._observer: BodyObserver | None = None
 
     def is_server_send(self, send: Callable[..., Awaitable[None]]) -> bool:
         """Whether ``send`` is this cycle's ``send`` (a bound method: equal, not identical)."""
@@ -49,12 +52,21 @@ class UvicornSplice:
         )
 
     def write(self, data: bytes) -> bool:
-        """One chunk, as ``send`` frames it; False once the client's buffer is full."""
+        """One chunk, as ``send`` frames it; False once the client's buffer is full. The
+        observer, if any, sees it first, also when the client is gone (a drained stream's
+        usage must still be read)."""
+        observer = self._observer
+        if observer is not None:
+            observer(data)
         cycle = self._cycle
         if cycle.disconnected:
             return True  # dropped, as send drops it; the app hears of it from receive()
         cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return not cycle.flow.write_paused
+
+    def observe(self, observer: BodyObserver) -> None:
+        """Every piece written from now on goes to ``observer`` first."""
+        self._observer = observer
 
     async def drain(self) -> None:
         """Until the client's buffer is below its low water mark, or the client is gone."""

@@ -18,6 +18,12 @@ may use it only when its ``send`` reaches the server's unchanged, or through wra
 declared they need no body piece: :func:`splice_for` checks that. The response's start and
 its end still go through ``send`` (the middleware sees the status, adds its headers and
 sees the end), only the pieces in between are spliced.
+
+A wrapper that must read the body without changing it (the usage tap of a usage-cost
+stream: it scans the SSE events for the usage) declares an observer instead of giving up
+the splice: a synchronous callable the splice hands every piece to, in order, before the
+client's transport gets it, also after the client left (a drained stream's usage still
+counts).
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Protocol
 
-__all__ = ["RESPONSE_SPLICE", "SEND_PASSES_BODY", "ResponseSplice", "splice_for"]
+__all__ = [
+    "RESPONSE_SPLICE",
+    "SEND_PASSES_BODY",
+    "BodyObserver",
+    "ObserverFor",
+    "ResponseSplice",
+    "splice_for",
+]
 
 RESPONSE_SPLICE = "creditgate.response_splice"
 """The name of the extension in ``scope["extensions"]``; its value is a ResponseSplice."""
@@ -34,7 +47,20 @@ SEND_PASSES_BODY = "creditgate.send_passes_body"
 """``scope["state"]`` key: ``(wrapper, wrapped)``, set by a middleware whose ``send``
 wrapper hands every ``http.response.body`` message with ``more_body=True`` to ``wrapped``
 unchanged and needs to see none of them (the metering middleware's fixed-cost path: it
-looks only at the start). The app may then splice around ``wrapper``."""
+looks only at the start). The app may then splice around ``wrapper``.
+
+Or ``(wrapper, wrapped, observer_for)``: a wrapper that must see the pieces but changes
+none of them (the usage tap). ``observer_for()`` is called once, after the response's start
+went through ``wrapper``, and says what the wrapper needs of the body from then on: True
+(nothing: splice freely), False (every piece through ``send``: no splice), or a
+:data:`BodyObserver` the splice must hand every piece to."""
+
+BodyObserver = Callable[[bytes], None]
+"""Sees each body piece, in order, before the client does (also once the client left); it
+must not raise: it runs inside the upstream connection's ``data_received``."""
+
+ObserverFor = Callable[[], "BodyObserver | bool"]
+"""The third element of a ``SEND_PASSES_BODY`` declaration (see there)."""
 
 
 class ResponseSplice(Protocol):
@@ -55,13 +81,20 @@ class ResponseSplice(Protocol):
     async def drain(self) -> None:
         """Until the client's buffer has room again (or the client left)."""
 
+    def observe(self, observer: BodyObserver) -> None:
+        """Hand every piece written from now on to ``observer`` first (one observer)."""
+
 
 def splice_for(scope: MutableMapping[str, Any], send: Callable[..., Awaitable[None]]) -> (
     ResponseSplice | None
 ):  # fmt: skip
     """The request's splice when the server offers one and ``send`` passes body pieces
     through unchanged (the server's own, or a wrapper declared in ``SEND_PASSES_BODY``
-    around it), else None: the app then sends every piece through ``send``."""
+    around it), else None: the app then sends every piece through ``send``.
+
+    Call it once the response's start went through ``send``: a declared observer is asked
+    for then (the wrapper knows from the start what it needs of the body) and, when there
+    is one, installed on the splice returned."""
     extensions = scope.get("extensions")
     if not extensions:
         return None
@@ -71,6 +104,12 @@ def splice_for(scope: MutableMapping[str, Any], send: Callable[..., Awaitable[No
     if splice.is_server_send(send):
         return splice
     declared = scope.get("state", {}).get(SEND_PASSES_BODY)
-    if declared is not None and declared[0] is send and splice.is_server_send(declared[1]):
-        return splice
-    return None
+    if declared is None or declared[0] is not send or not splice.is_server_send(declared[1]):
+        return None
+    if len(declared) > 2:
+        observer = declared[2]()
+        if observer is False:
+            return None  # the wrapper needs every piece through send (it holds or copies)
+        if observer is not True:
+            splice.observe(observer)
+    return splice

@@ -343,6 +343,11 @@ class CreditGateMiddleware:
             cost, send if capture is None else capture.send, state, adm,
             self._charged_headers(adm, rid), refund_on, path,
         )  # fmt: skip
+        tap_send = tap.send  # one bound method: the declaration below names this object
+        if capture is None:
+            # The tap changes no piece: the proxy may splice a stream's body around it,
+            # handing each piece to the tap's observer (ResponseTap.splice_observer).
+            state[SEND_PASSES_BODY] = (tap_send, send, tap.splice_observer)
         drain = cost.drain_s
         if drain > 0:
             state[USAGE_DRAIN_SECONDS] = drain
@@ -354,7 +359,7 @@ class CreditGateMiddleware:
         started = time.perf_counter()
         ok = False
         try:
-            await self.app(inner, tapped, tap.send)
+            await self.app(inner, tapped, tap_send)
             if tap.held:
                 await tap.close()
             status = tap.status

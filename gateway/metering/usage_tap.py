@@ -46,6 +46,7 @@ from starlette.types import Message, Receive, Send
 from gateway.config.costs import CostSpec
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERROR
+from gateway.core.splice import BodyObserver
 from gateway.metering.admission import Admission
 from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
 from gateway.metering.meter import Actual
@@ -612,6 +613,23 @@ class ResponseTap:
 
     def _missing_charge(self) -> int:
         return self._cost.spec.missing_charge(self.hold)
+
+    # -- the response splice (gateway/core/splice.py) ------------------------------------
+
+    def splice_observer(self) -> BodyObserver | bool:
+        """What this tap needs of the body once the start went out, for a server that
+        splices the pieces around :meth:`send` (the middleware declares it in
+        ``SEND_PASSES_BODY``): an event stream's pieces go to the :class:`SseUsageTap` as
+        :meth:`send` would hand them (in order, every one, also while draining after the
+        client left); a body that is passed on untouched needs nothing (True); one that is
+        held or copied must come through :meth:`send` (False). The end still comes through
+        :meth:`send`, which marks the response complete."""
+        mode = self._mode
+        if mode == _TAP:
+            tap = self._tap
+            assert tap is not None
+            return tap.feed
+        return mode == _PASS
 
     # -- the client leaves ------------------------------------------------------------------
 

@@ -23,12 +23,14 @@ it and, the client being gone, forwards nothing), so the usage arrives and is ch
 
 Streams on the lean client take a fast path when the server offers the response splice
 (gateway/core/splice.py: ``creditgate serve`` does) and nothing between here and the
-server needs the body pieces (unmetered requests, fixed-cost routes; not a usage-cost
-route, whose tap reads them, nor an ``Idempotency-Key``'s, whose response is kept): the
-start and the end still go through ``send``, but each upstream body piece is written to
-the client from inside the upstream connection's ``data_received``, with reading from the
-upstream paused while the client's buffer is full. Disconnects, upstream errors and
-timeouts are handled as on the ASGI path, with the same outcomes.
+server needs the body pieces through ``send`` (unmetered requests, fixed-cost routes, and
+usage-cost event streams, whose tap observes each piece as the splice writes it; not an
+``Idempotency-Key``'s, whose response is kept, nor a usage-cost JSON answer, held for its
+usage): the start and the end still go through ``send``, but each upstream body piece is
+written to the client from inside the upstream connection's ``data_received``, with
+reading from the upstream paused while the client's buffer is full. Disconnects (with the
+drain of a usage-cost stream), upstream errors and timeouts are handled as on the ASGI
+path, with the same outcomes.
 
 Request headers: hop-by-hop ones are dropped here, and so are the method/path override
 headers of the one header policy (gateway/core/headers.py), which the middleware in front
@@ -506,9 +508,15 @@ class UpstreamProxy:
             return
 
         await send(start)
+        # After the start: a usage tap in between says only now what it needs of the body.
+        splice = splice_for(scope, send) if isinstance(resp, LeanResponse) else None
+        if splice is not None and not splice.ready():
+            splice = None
         drain = state.get(USAGE_DRAIN_SECONDS)
-        if drain:  # a usage-metered request: the rare branch
-            error = await self._respond_draining(resp, backend, receive, send, upload, state, drain)
+        if drain:  # a usage-metered request
+            error = await self._respond_draining(
+                resp, backend, receive, send, upload, state, drain, splice
+            )
             if error is None:  # the end, also when the client left: the tap reads it
                 with contextlib.suppress(OSError):
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -518,8 +526,7 @@ class UpstreamProxy:
                 state[UPSTREAM_ERROR] = error
                 log.warning("upstream response cut short after the headers: %s", error)
             return
-        splice = splice_for(scope, send) if isinstance(resp, LeanResponse) else None
-        if splice is not None and splice.ready():
+        if splice is not None:
             relay = asyncio.create_task(self._splice(resp, splice))  # type: ignore[arg-type]
         else:
             relay = asyncio.create_task(self._relay(resp, backend, send))
@@ -610,15 +617,24 @@ class UpstreamProxy:
         upload: _Upload,
         state: dict[str, Any],
         drain: float,
+        splice: ResponseSplice | None = None,
     ) -> str | None:
         """The relay of a request that wants draining (``USAGE_DRAIN_SECONDS``): a client
         that leaves (seen by ``receive``, or by ``send`` raising) sets
         ``CLIENT_DISCONNECTED`` and leaves the relay ``drain`` more seconds instead of
         ending it. Returns None (the body ended), ``_CLIENT`` (the drain ran out first) or
         an error description. The relay runs in a task of its own, as in ``_respond``: a
-        resume of the request's task passes through every frame of the middleware."""
+        resume of the request's task passes through every frame of the middleware.
+
+        With ``splice`` the pieces go through it instead (the tap observes each one, also
+        after the client left: the splice drops only the write), and ``left`` stays unset:
+        the watcher on ``receive`` tells the disconnect, as for a server that drops the
+        sends to a gone client."""
         left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        relay = asyncio.create_task(self._relay(resp, backend, send, left))
+        if splice is not None:
+            relay = asyncio.create_task(self._splice(resp, splice))  # type: ignore[arg-type]
+        else:
+            relay = asyncio.create_task(self._relay(resp, backend, send, left))
         watch = asyncio.create_task(_wait_disconnect(receive)) if upload.done else None
         waiting: list[asyncio.Future[Any]] = (
             [relay, left] if watch is None else [relay, left, watch]

@@ -7,6 +7,11 @@ upstream after the client left, so the provider finishes its stream (the fake re
 ``finished``, not ``client-gone``) and the request is settled from the usage at its end:
 exactly one settle and one audit event. When no usage comes, or the drain runs out first,
 the feature's ``on_missing_usage`` policy decides.
+
+Each test runs twice: served as ``creditgate serve`` serves (its protocol offers the
+response splice, gateway/core/splice.py: a usage-cost stream's pieces then go to the client
+from the upstream connection's ``data_received``, the usage tap observing each one) and
+with uvicorn's own protocol (every piece through ASGI ``send``): the outcomes are the same.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.fake_providers import FakeProviders, fake_headers, serve_fake_providers
+from gateway.commands.splice import UvicornSplice
+from tests.support.fake_providers import FakeProviders, fake_headers, harness, serve_fake_providers
 from tests.support.fake_providers.clients import CLAUDE_USAGE, USAGE, request_for, usage_for
 from tests.support.fake_providers.harness import Gateway, identity_headers, serve_gateway
 from tests.support.usage_charging import (
@@ -31,6 +37,27 @@ from tests.support.usage_charging import (
     spy_on_settles,
     usage_config,
 )
+
+
+@pytest.fixture(autouse=True, params=["splice", "asgi"])
+def protocol(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Serve with the splice or without; with it, check that the stream took it (and, for a
+    usage-cost stream, that the tap observed the spliced pieces)."""
+    spliced = {"observed": 0, "plain": 0}
+    write = UvicornSplice.write
+
+    def counting(splice: UvicornSplice, data: bytes) -> bool:
+        spliced["plain" if splice._observer is None else "observed"] += 1
+        return write(splice, data)
+
+    monkeypatch.setattr(UvicornSplice, "write", counting)
+    monkeypatch.setattr(harness, "SERVE_PROTOCOL", request.param == "splice")
+    yield request.param
+    if request.param == "splice":
+        fixed = "fixed_cost" in request.node.name
+        assert spliced["plain" if fixed else "observed"] > 0, spliced
+    else:
+        assert spliced == {"observed": 0, "plain": 0}
 
 
 @pytest.fixture

@@ -350,6 +350,29 @@ async def test_every_stream_chunk_goes_on_at_once_and_the_usage_is_read() -> Non
     assert tap.actual().tokens == CHAT_PRICE and not tap.actual().missing
 
 
+async def test_a_spliced_stream_is_read_by_the_observer_as_send_would_read_it() -> None:
+    """Around a server that splices the body (gateway/core/splice.py): after the start, an
+    event stream's tap hands out its observer, which reads the pieces as send would; the end
+    still comes through send. A held JSON answer needs send (False); a refunded or
+    compressed body needs nothing (True)."""
+    tap, sent, _ = tap_for("chat")
+    await tap.send(start(b"text/event-stream"))
+    observe = tap.splice_observer()
+    assert callable(observe)
+    for event in sse_events(CHAT_USAGE):
+        observe(event[:5])
+        observe(event[5:])
+    assert len(sent.messages) == 1  # the pieces went around send
+    await tap.send(body(b""))
+    assert tap.actual().tokens == CHAT_PRICE and not tap.actual().missing
+    held, _, _ = tap_for("chat")
+    await held.send(start())
+    assert held.splice_observer() is False
+    refunded, _, _ = tap_for("chat", refunded=True)
+    await refunded.send(start(b"text/event-stream"))
+    assert refunded.splice_observer() is True
+
+
 async def test_a_stream_that_ends_before_its_usage_is_missing() -> None:
     tap, _, _ = tap_for("chat")
     await tap.send(start(b"text/event-stream"))

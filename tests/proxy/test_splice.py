@@ -153,6 +153,38 @@ async def test_splice_for_needs_the_server_send_or_a_declared_wrapper() -> None:
     assert splice_for(scope, wrapper) is None
 
 
+async def test_a_declared_observer_sees_every_piece_in_order_also_after_the_client_left() -> (
+    None
+):  # fmt: skip
+    """A wrapper that reads the body without changing it (the usage tap) declares an
+    observer: the splice hands it each piece before the client's transport, and keeps
+    handing it the pieces once the client is gone (a drained stream's usage still counts),
+    while the client gets nothing more; False keeps the body to send, True needs none."""
+    cycle, transport = _cycle()
+    await cycle.send(START)  # type: ignore[arg-type]
+    splice = UvicornSplice(cycle)
+    scope: dict[str, Any] = {"extensions": {RESPONSE_SPLICE: splice}, "state": {}}
+    seen: list[bytes] = []
+
+    async def wrapper(message: Any) -> None:
+        await cycle.send(message)
+
+    scope["state"][SEND_PASSES_BODY] = (wrapper, cycle.send, lambda: False)
+    assert splice_for(scope, wrapper) is None  # it holds or copies the body: via send
+    scope["state"][SEND_PASSES_BODY] = (wrapper, cycle.send, lambda: True)
+    assert splice_for(scope, wrapper) is splice and splice._observer is None
+    scope["state"][SEND_PASSES_BODY] = (wrapper, cycle.send, lambda: seen.append)
+    assert splice_for(scope, wrapper) is splice
+    for piece in (b"data: 1\n\n", b"data: 2\n\n"):
+        assert splice.write(piece) is True
+    assert seen == [b"data: 1\n\n", b"data: 2\n\n"]
+    assert transport.out.endswith(b"9\r\ndata: 2\n\n\r\n")
+    cycle.disconnected = True
+    before = len(transport.out)
+    assert splice.write(b"data: usage\n\n") is True
+    assert seen[-1] == b"data: usage\n\n" and len(transport.out) == before
+
+
 class _UpstreamTransport:
     def __init__(self) -> None:
         self.paused = False

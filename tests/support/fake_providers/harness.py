@@ -31,6 +31,7 @@ from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import connect_redis
 from tests.support.reference import MID_NOVEMBER_MS, REFERENCE_YAML
+from tests.support.served_gateway import served
 from tests.support.services import redis_url
 from tests.support.upstream_app import serve_in_thread
 
@@ -132,21 +133,32 @@ class Gateway:
         spend.after = after
 
 
+SERVE_PROTOCOL = True
+"""Whether :func:`serve_gateway` serves with ``creditgate serve``'s HTTP protocol (which
+offers the response splice: gateway/core/splice.py), else with uvicorn's own (every body
+piece through ASGI ``send``). Tests that cover both paths flip it (monkeypatch)."""
+
+
 @asynccontextmanager
 async def serve_gateway(
     data: dict[str, Any], *, clock: FixedClock | None = None, plan: str | None = PLAN
 ) -> AsyncIterator[Gateway]:
     """Serve GatewayApp for the config ``data`` over TCP, org :data:`ORG` on ``plan``; on exit
-    stop it and delete its Redis keys."""
+    stop it and delete its Redis keys. The HTTP protocol is ``creditgate serve``'s (see
+    :data:`SERVE_PROTOCOL`)."""
     clock = clock or FixedClock(MID_NOVEMBER_MS)
     config = parse_config(yaml.safe_dump(data), "provider-sdks.yaml")
     inspect = CreditGate(config, clock=clock)
     try:
         if plan is not None:
             await inspect.set_plan(ORG, plan)
-        served = GatewayApp(CreditGate(config, clock=clock), sync=False)
-        with serve_in_thread(served) as url:
-            yield Gateway(url, inspect, config)
+        app = GatewayApp(CreditGate(config, clock=clock), sync=False)
+        if SERVE_PROTOCOL:
+            with served(app, config) as port:
+                yield Gateway(f"http://127.0.0.1:{port}", inspect, config)
+        else:
+            with serve_in_thread(app) as url:
+                yield Gateway(url, inspect, config)
     finally:
         await inspect.close()
         client = connect_redis(config.redis_url).client
