@@ -10,9 +10,10 @@ the body went out in two ``transport.write`` calls: two send() system calls per 
 :class:`FastCycle` (the protocol of gateway/commands/limited_protocol.py makes each
 keep-alive request's cycle one) sends the same bytes more cheaply:
 
-- every header is still checked, all names with one regex match and all values with
-  another, by a rule *stricter* than uvicorn's: a name must be a lowercase RFC 9110 token,
-  a value visible ASCII, space or obs-text (no control character, not even a tab);
+- every header is still checked, all names with one ``bytes.translate`` and all lines
+  with another (C loops over the bytes, no regex), by a rule *stricter* than uvicorn's: a
+  name must be a lowercase RFC 9110 token, a value visible ASCII, space or obs-text (no
+  control character, not even a tab), and no CR or LF but the ones ending each line;
 - a head whose body has a Content-Length of at most 64 KiB is held until the first body
   message and written with it, in one ``transport.write`` (an app that sends such a head
   and then nothing, which uvicorn answers by closing the connection, leaves the client
@@ -35,7 +36,6 @@ It relies on the cycle's attributes that uvicorn's ``send`` itself uses (``trans
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from uvicorn._types import ASGISendEvent
@@ -43,11 +43,11 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCy
 
 __all__ = ["FastCycle", "fast_cycle_allowed"]
 
-# Lowercase RFC 9110 tokens, all names joined; values: VCHAR, SP, obs-text, all joined. Both
-# are character classes, so joining the parts checks each part.
-_NAMES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]*")
-_VALUES = re.compile(rb"[\x20-\x7e\x80-\xff]*")
-_LINE = b"%b: %b\r\n".__mod__  # a 2-tuple of bytes-likes, else TypeError
+# Lowercase RFC 9110 tokens; VCHAR, SP and obs-text: what a name and a value may hold here
+# (``bytes.translate`` deletes them, in C: what is left is what is not allowed).
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+_VISIBLE = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_CRLF = b"\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _CLOSE = (b"connection", b"close")
 # Larger bodies are not copied to join them to the head: two writes are cheaper then.
@@ -55,10 +55,17 @@ _JOIN_MAX = 65536
 
 
 def fast_cycle_allowed(cycle: RequestResponseCycle, request_headers: list[Any]) -> bool:
-    """Whether ``cycle`` may become a :class:`FastCycle`: it keeps the connection open and
-    the request did not ask to close it (uvicorn 0.30 answers that request's exact
-    ``connection: close`` with a header of its own, later versions with another)."""
-    return bool(cycle.keep_alive) and _CLOSE not in request_headers
+    """Whether ``cycle`` may become a :class:`FastCycle`: it keeps the connection open, the
+    request did not ask to close it (uvicorn 0.30 answers that request's exact
+    ``connection: close`` with a header of its own, later versions with another), and
+    there is no access log and no default header of uvicorn's own (both fixed for the
+    cycle's life: ``serve`` has neither)."""
+    return (
+        bool(cycle.keep_alive)
+        and _CLOSE not in request_headers
+        and not cycle.access_log
+        and not cycle.default_headers
+    )
 
 
 class FastCycle(RequestResponseCycle):
@@ -82,9 +89,7 @@ class FastCycle(RequestResponseCycle):
             or msg["type"] != "http.response.start"
             or self.flow.write_paused
             or self.disconnected
-            or self.access_log
             or not self.keep_alive
-            or self.default_headers
         ):
             await super().send(message)
             return
@@ -94,36 +99,45 @@ class FastCycle(RequestResponseCycle):
             await super().send(message)
             return
         try:
-            block = b"".join(map(_LINE, headers))
-        except TypeError:  # not 2-tuples of bytes: uvicorn's send says what is wrong
+            # Each header a pair (dict() says so), of bytes (join() says so); the lines
+            # made without a format per header.
+            fields = dict(headers)
+            names = b"".join(fields)
+            block = b"\r\n".join(map(b": ".join, headers))
+        except (TypeError, ValueError):  # uvicorn's send says what is wrong
             await super().send(message)
             return
-        names: tuple[bytes, ...] = ()
-        values: tuple[bytes, ...] = ()
-        if headers:
-            names, values = zip(*headers, strict=True)  # 2-tuples: _LINE took them
-            if (
-                not _NAMES.fullmatch(b"".join(names))
-                or not _VALUES.fullmatch(b"".join(values))
-                or b"transfer-encoding" in names
-                or b"connection" in names
-            ):
-                await super().send(message)
-                return
+        count = len(headers)
+        if (
+            # Every name a lowercase token (a repeated name is the same bytes: its first
+            # spelling in the dict checks it), and nothing but visible characters, spaces
+            # and the CRLFs between the lines in the block: no control character, no CR or
+            # LF in a name or value.
+            names.translate(None, _TOKEN)
+            or block.translate(None, _VISIBLE) != _CRLF * (count - 1)
+            or b"transfer-encoding" in fields
+            or b"connection" in fields
+            or (count != len(fields) and b"content-length" in fields)  # which one counts?
+        ):
+            await super().send(message)
+            return
         self.response_started = True
         self.waiting_for_100_continue = False
-        if b"content-length" in names:  # the first one counts, as in uvicorn's loop
-            self.expected_content_length = int(values[names.index(b"content-length")].decode())
+        status_line = STATUS_LINE[status]
+        if count:
+            status_line += block + _CRLF
+        if b"content-length" in fields:
+            self.expected_content_length = int(fields[b"content-length"].decode())
             self.chunked_encoding = False
-            head = b"%b%b\r\n" % (STATUS_LINE[status], block)
+            head = status_line + _CRLF
             if 0 < self.expected_content_length <= _JOIN_MAX and self.scope["method"] != "HEAD":
                 self._held = head  # written with the body's first bytes
                 return
         elif self.scope["method"] != "HEAD" and status not in (204, 304):
             self.chunked_encoding = True
-            head = STATUS_LINE[status] + block + _CHUNKED
+            head = status_line + _CHUNKED
         else:
-            head = b"%b%b\r\n" % (STATUS_LINE[status], block)
+            head = status_line + _CRLF
         self.transport.write(head)
 
     async def _send_held(self, head: bytes, msg: dict[str, Any]) -> None:

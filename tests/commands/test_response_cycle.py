@@ -107,9 +107,12 @@ def _run(cls: type[RequestResponseCycle], messages: list[Message], **kw: Any) ->
         "closed": transport.closing,
         "completed": completed,
         "state": (
-            cycle.response_started, cycle.response_complete, cycle.chunked_encoding,
-            cycle.expected_content_length, cycle.keep_alive,
-        ),  # fmt: skip
+            cycle.response_started,
+            cycle.response_complete,
+            cycle.chunked_encoding,
+            cycle.expected_content_length,
+            cycle.keep_alive,
+        ),
         "writes": len(transport.writes),
     }
 
@@ -125,6 +128,7 @@ class _Headers:
 
 
 OK = [(b"content-type", b"application/json"), (b"content-length", b"5")]
+COOKIES = [*OK, (b"set-cookie", b"a=1"), (b"set-cookie", b"b=2")]
 PROXIED = [
     (b"server", b"uvicorn"),
     (b"date", b"Sat, 05 Dec 2026 23:00:00 GMT"),
@@ -162,6 +166,10 @@ CASES: list[tuple[str, list[Message], dict[str, Any]]] = [
     ("CR in a value", [_start([(b"x-a", b"1\rx-b: 2"), *OK]), _body(b"hello")], {}),
     ("LF in a value", [_start([(b"x-a", b"1\nx-b: 2"), *OK]), _body(b"hello")], {}),
     ("CRLF in a value", [_start([(b"x-a", b"1\r\nx-b: 2"), *OK]), _body(b"hello")], {}),
+    ("CR ending a value", [_start([(b"x-a", b"1\r"), *OK]), _body(b"hello")], {}),
+    ("LF ending a value", [_start([(b"x-a", b"1\n"), *OK]), _body(b"hello")], {}),
+    ("LF starting a value", [_start([*OK, (b"x-a", b"\n1")]), _body(b"hello")], {}),
+    ("two cookies", [_start(COOKIES), _body(b"hello")], {}),
     ("NUL in a value", [_start([(b"x-a", b"1\x002"), *OK]), _body(b"hello")], {}),
     ("DEL in a value", [_start([(b"x-a", b"1\x7f"), *OK]), _body(b"hello")], {}),
     ("tab in a value", [_start([(b"x-a", b"1\t2"), *OK]), _body(b"hello")], {}),
@@ -179,7 +187,7 @@ CASES: list[tuple[str, list[Message], dict[str, Any]]] = [
     ("another iterable", [_start(_Headers(OK)), _body(b"hello")], {}),
     ("connection close", [_start([*OK, (b"connection", b"close")]), _body(b"hello")], {}),
     ("connection keep-alive", [_start([*OK, (b"connection", b"keep-alive")]), _body(b"hello")], {}),
-    ("chunked header", [_start([(b"transfer-encoding", b"chunked")]), _body(b"ab", True), _body()], {}),
+    ("chunked", [_start([(b"transfer-encoding", b"chunked")]), _body(b"a", True), _body()], {}),
     ("closing connection", [_start(OK), _body(b"hello")], {"keep_alive": False}),
     ("defaults", [_start(OK), _body(b"hello")], {"default_headers": [(b"server", b"x")]}),
     (
@@ -218,6 +226,10 @@ def test_the_protocol_uses_it_only_for_a_connection_kept_open() -> None:
     assert not fast_cycle_allowed(cycle, [(b"host", b"x"), (b"connection", b"close")])
     closing, _, _ = _cycle(RequestResponseCycle, keep_alive=False)
     assert not fast_cycle_allowed(closing, [])
+    defaults, _, _ = _cycle(RequestResponseCycle, default_headers=[(b"server", b"x")])
+    assert not fast_cycle_allowed(defaults, [])
+    cycle.access_log = True
+    assert not fast_cycle_allowed(cycle, [])
 
 
 def test_a_head_without_its_body_is_not_written() -> None:
