@@ -7,12 +7,15 @@ with the httptools parser (the one uvicorn uses) over pooled keep-alive connecti
 url, headers, body)`` returns a :class:`LeanResponse` once the response headers are in;
 ``TIMEOUT`` / ``FAILURE`` name the exceptions the proxy maps to 504 / 502.
 
-Request: the head and a ``bytes`` body go out in one write. An async-iterator body is sent
-by a writer task as it comes (so a full-duplex upstream can answer while it reads), with
-the given Content-Length or else chunked; its writes are corked until the end of the loop
-iteration, and it waits whenever the transport asks the writer to pause, so a large upload
-never piles up in memory. If the upstream answers 3xx-5xx (or ``Connection: close``)
-before the upload is done, the upload stops and the connection is not reused.
+Request: the head and a ``bytes`` body go out in one write. ``open`` takes str headers;
+a caller that has the header lines in bytes already (the proxy) makes the head with
+:func:`frame` and sends it with ``exchange``, skipping a decode and an encode per header.
+An async-iterator body is sent by a writer task as it comes (so a full-duplex upstream
+can answer while it reads), with the given Content-Length or else chunked; its writes are
+corked until the end of the loop iteration, and it waits whenever the transport asks the
+writer to pause, so a large upload never piles up in memory. If the upstream answers
+3xx-5xx (or ``Connection: close``) before the upload is done, the upload stops and the
+connection is not reused.
 
 Response (gateway/proxy/lean_connection.py): 1xx responses are skipped; HEAD, 204 and 304 have no
 body; bodies may be Content-Length, chunked, or read until the connection closes. Pieces
