@@ -5,7 +5,8 @@ pg-peer-async, aiohttp-proxy (see bench/apps.py, bench/pg_peer.py, bench/aiohttp
 Diagnostics: ``cg-stub`` is the metered app with Redis replaced by canned replies (what the
 middleware's own Python costs); ``gateway-aiohttp`` is GatewayApp with aiohttp's client
 (``upstream_client: aiohttp``) instead of the default lean one. Everything but aiohttp-proxy runs
-under uvicorn: 1 worker (this process), uvloop, httptools, no access log. bench/run_all.py
+under uvicorn: 1 worker (this process), uvloop, httptools, no access log; the gateway kinds
+with ``creditgate serve``'s protocol and options. bench/run_all.py
 starts these pinned to a core and stops them with SIGTERM.
 """
 
@@ -99,15 +100,30 @@ def main() -> None:
         return
     import uvicorn
 
+    app = build(args.kind, settings, args.upstream)
+    options: dict[str, Any] = {"http": "httptools"}
+    if args.kind in ("gateway", "gateway-aiohttp"):
+        # The proxy is served as `creditgate serve` serves it (gateway/commands/cli.py): its
+        # HTTP protocol with the `server:` limits and the cheaper response head, uvicorn's
+        # proxy headers off, and no Server/Date headers of its own (the upstream's pass
+        # through). The other kinds keep plain uvicorn: the baseline is unchanged.
+        from gateway.commands.server import server_options
+
+        options = {
+            **server_options(app.gate.config),
+            "proxy_headers": False,
+            "server_header": False,
+            "date_header": False,
+        }
     uvicorn.run(
-        build(args.kind, settings, args.upstream),
+        app,
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",
-        http="httptools",
         log_level="warning",
         access_log=False,
         lifespan="on",
+        **options,
     )
 
 

@@ -24,7 +24,9 @@ and dropped for a moment) so that the client reads the status instead of a reset
 
 The usual request, whole in one read, costs two overridden callbacks and no timer: about
 1 µs of CPU more than uvicorn's protocol alone (~15 µs per request with uvloop).
-Each request's scope also gets the response splice (``scope["extensions"]``; see
+Each keep-alive request's cycle sends its response head the cheaper way of
+gateway/commands/response_cycle.py (the same bytes, every header still checked). Each
+request's scope also gets the response splice (``scope["extensions"]``; see
 gateway/core/splice.py and gateway/commands/splice.py), through which a stream's body
 pieces can reach the connection without one ASGI ``send`` each.
 
@@ -44,6 +46,7 @@ from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.commands.response_cycle import FastCycle, fast_cycle_allowed
 from gateway.commands.splice import UvicornSplice
 from gateway.config.schema import ServerConfig
 from gateway.core.splice import RESPONSE_SPLICE
@@ -165,6 +168,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not None and cycle.scope is self.scope:  # a request for the app
+            # The cheaper response head (gateway/commands/response_cycle.py). The task that
+            # runs the app has not started yet: it looks ``send`` up on the cycle when it
+            # does, and finds FastCycle's.
+            if fast_cycle_allowed(cycle, self.headers):
+                cycle.__class__ = FastCycle
             # The response splice (gateway/core/splice.py): a stream's body pieces can
             # reach this connection without one ASGI send each. (uvicorn types an
             # extension's value as a dict, as the ASGI spec's own are; ours is an object.)

@@ -34,7 +34,12 @@ path, with the same outcomes.
 
 Request headers: hop-by-hop ones are dropped here, and so are the method/path override
 headers of the one header policy (gateway/core/headers.py), which the middleware in front
-applies in full; every name is compared ignoring case and ``_``/``-``.
+applies in full; every name is compared ignoring case and ``_``/``-``. With the lean client
+the usual request (lowercase names, no underscore) takes a cheaper road to the same bytes:
+the head is built here in bytes with set, dict and join operations (``_lean_lines``,
+``lean_client.frame``), and the response's names, lowercased by the connection in one go,
+are paired with their values in C when no hop-by-hop header came (tests/proxy/
+test_lean_fast_path.py compares both roads).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import contextlib
 import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urlsplit
@@ -63,7 +68,7 @@ from gateway.core.scope_keys import (
     USAGE_DRAIN_SECONDS,
 )
 from gateway.core.splice import ResponseSplice, splice_for
-from gateway.proxy.lean_client import LeanBackend, LeanResponse
+from gateway.proxy.lean_client import LeanBackend, LeanResponse, Origin, frame, origin_of
 
 if TYPE_CHECKING:
     import httpx
@@ -100,6 +105,11 @@ _REQUEST_DROP = (
         b"x-forwarded-host",
     }
 )
+# What the lean client's fast path leaves out of the forwarded lines: the same, and
+# Content-Length, which the client writes itself from the body it sends.
+_LEAN_DROP = _REQUEST_DROP | {b"content-length"}
+_USUAL_DROP = frozenset({b"host", b"content-length"})
+_PROTO_LINES = {s: b"x-forwarded-proto: %b\r\n" % s.encode() for s in ("http", "https")}
 # Below the keep-alive of common upstream servers (uvicorn: 5 s), so the pool does not reuse
 # a connection the upstream is closing (a spurious 502 on a POST otherwise).
 _KEEPALIVE_S = 4.0
@@ -325,6 +335,13 @@ class UpstreamProxy:
         self._client_args = (timeout, connect_timeout, max_connections, pool_wait)
         self._retry_after = retry_after
         self._backends: dict[asyncio.AbstractEventLoop, _Backend] = {}
+        # The lean client's fast path builds the request head here, in bytes: the target's
+        # base path and the Host line are the same for every request.
+        self._origin: Origin | None = None
+        if client == "lean":
+            self._origin = origin_of(parts.scheme, parts.netloc)
+            self._base_path = parts.path.rstrip("/").encode("latin-1")
+            self._host = self._origin.host_header.encode("latin-1")
 
     def _backend(self) -> _Backend:
         loop = asyncio.get_running_loop()
@@ -401,9 +418,88 @@ class UpstreamProxy:
             out.append(("x-forwarded-host", host))
         return out, declared
 
+    @staticmethod
+    def _lean_lines(scope: Scope) -> tuple[bytes, int, int | None] | None:
+        """What :meth:`_request_headers` forwards, for the lean client: the header lines
+        as bytes (``name: value\\r\\n``, no Content-Length), their number, and the declared
+        Content-Length (None if unknown). The same headers in the same order, found with
+        set, tuple and dict operations (C) instead of a Python loop per header; None (use
+        :meth:`_request_headers`) when a name is not lowercase, has an underscore, a
+        header is not a 2-tuple of bytes, or Content-Length comes twice."""
+        raw: RawHeaders = scope["headers"]
+        try:
+            names, values = zip(*raw, strict=True) if raw else ((), ())
+            joined = b"\n".join(names)
+            if b"_" in joined or joined.lower() != joined:
+                return None
+            drop = _LEAN_DROP.intersection(names)
+            forwarded_for: list[bytes] = []
+            fields = dict(raw)
+            if drop <= _USUAL_DROP and len(fields) == len(raw):
+                # The usual request: no name twice, and of the dropped ones only Host and
+                # Content-Length. A dict keeps the order and takes them out in C.
+                host = fields.pop(b"host", None)
+                length = fields.pop(b"content-length", None)
+                kept: Iterable[tuple[bytes, bytes]] = fields.items()
+                count = len(fields)
+            else:
+                if names.count(b"content-length") > 1:
+                    return None  # the general path says which one counts, for what
+                length = host = None
+                by_connection = False
+                if b"connection" in drop:
+                    # Named in Connection: hop-by-hop, except the middleware's own headers.
+                    named = _connection_tokens(raw)
+                    drop = drop.union(n for n in named if not n.startswith(OURS_PREFIX))
+                    by_connection = b"content-length" in named
+                if b"content-length" in drop and not by_connection:
+                    length = values[names.index(b"content-length")]
+                if b"x-forwarded-for" in drop:
+                    forwarded_for = [v for n, v in raw if n == b"x-forwarded-for"]
+                if b"host" in drop:
+                    host = values[len(names) - 1 - names[::-1].index(b"host")]
+                kept = [h for h in raw if h[0] not in drop]
+                count = len(kept)
+            # The lines without a format per header; frame() checks every CR and LF.
+            block = [b"\r\n".join(map(b": ".join, kept)) + b"\r\n"] if count else []
+            if host is not None:
+                host_line = b"x-forwarded-host: %b\r\n" % host
+        except (TypeError, ValueError, AttributeError):
+            return None
+        declared = int(length) if length is not None and length.isdigit() else None
+        if b"transfer-encoding" in drop:
+            # Both framings at once is a smuggling attempt: the body we relay was framed by
+            # chunking, so the upstream must not be told a Content-Length.
+            declared = None
+        if client := scope.get("client"):
+            forwarded_for.append(str(client[0]).encode("latin-1"))
+        if forwarded_for:
+            block.append(b"x-forwarded-for: %b\r\n" % b", ".join(forwarded_for))
+            count += 1
+        scheme = scope.get("scheme", "http")
+        block.append(
+            _PROTO_LINES.get(scheme) or b"x-forwarded-proto: %b\r\n" % str(scheme).encode("latin-1")
+        )
+        if host is not None:
+            block.append(host_line)
+            count += 1
+        return b"".join(block), count + 1, declared
+
+    def _lean_target(self, scope: Scope) -> bytes:
+        """The request target for the lean client: what :meth:`_url` gives after the origin."""
+        raw_path: bytes | None = scope.get("raw_path")
+        path = raw_path or quote(scope["path"], safe="/:@!$&'()*+,;=~").encode("latin-1")
+        query: bytes = scope.get("query_string", b"")
+        target = self._base_path + path + b"?" + query if query else self._base_path + path
+        return target if target.startswith(b"/") else b"/" + target
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
-        headers, declared = self._request_headers(scope)
+        lean = self._lean_lines(scope) if self._origin is not None else None
+        if lean is None:
+            headers, declared = self._request_headers(scope)
+        else:
+            declared = lean[2]
         first = await receive()
         if first["type"] == "http.disconnect":
             state[CLIENT_DISCONNECTED] = True
@@ -428,7 +524,15 @@ class UpstreamProxy:
         backend = self._backend()
         started = time.perf_counter()
         try:
-            resp = await backend.open(scope["method"], self._url(scope), headers, body)
+            if lean is None:
+                resp = await backend.open(scope["method"], self._url(scope), headers, body)
+            else:
+                assert isinstance(backend, LeanBackend) and self._origin is not None
+                method: str = scope["method"]
+                head, length = frame(
+                    method, self._lean_target(scope), lean[0], lean[1], self._host, declared, body
+                )
+                resp = await backend.exchange(self._origin, method, head, length, body)
         except backend.BUSY as exc:  # before TIMEOUT: httpx's PoolTimeout is one
             state[UPSTREAM_ERROR] = f"upstream connections busy: {exc}"
             await send_problem(
@@ -481,12 +585,17 @@ class UpstreamProxy:
         upload: _Upload,
     ) -> None:
         state = scope["state"]
-        named = _connection_tokens(resp.raw_headers)
-        headers = [
-            (lname, value)
-            for name, value in resp.raw_headers
-            if (lname := name.lower()) not in HOP_BY_HOP and lname not in named
-        ]
+        if isinstance(resp, LeanResponse) and HOP_BY_HOP.isdisjoint(resp.lower_names):
+            # The usual answer (no Connection header, so nothing named in it either): the
+            # lean client lowercased the names already; pair them with the values in C.
+            headers = list(zip(resp.lower_names, resp.values, strict=True))
+        else:
+            named = _connection_tokens(resp.raw_headers)
+            headers = [
+                (lname, value)
+                for name, value in resp.raw_headers
+                if (lname := name.lower()) not in HOP_BY_HOP and lname not in named
+            ]
         start = {"type": "http.response.start", "status": resp.status, "headers": headers}
         if scope["method"] == "HEAD" or resp.status in (204, 304) or resp.status < 200:
             await send(start)

@@ -7,12 +7,15 @@ with the httptools parser (the one uvicorn uses) over pooled keep-alive connecti
 url, headers, body)`` returns a :class:`LeanResponse` once the response headers are in;
 ``TIMEOUT`` / ``FAILURE`` name the exceptions the proxy maps to 504 / 502.
 
-Request: the head and a ``bytes`` body go out in one write. An async-iterator body is sent
-by a writer task as it comes (so a full-duplex upstream can answer while it reads), with
-the given Content-Length or else chunked; its writes are corked until the end of the loop
-iteration, and it waits whenever the transport asks the writer to pause, so a large upload
-never piles up in memory. If the upstream answers 3xx-5xx (or ``Connection: close``)
-before the upload is done, the upload stops and the connection is not reused.
+Request: the head and a ``bytes`` body go out in one write. ``open`` takes str headers;
+a caller that has the header lines in bytes already (the proxy) makes the head with
+:func:`frame` and sends it with ``exchange``, skipping a decode and an encode per header.
+An async-iterator body is sent by a writer task as it comes (so a full-duplex upstream
+can answer while it reads), with the given Content-Length or else chunked; its writes are
+corked until the end of the loop iteration, and it waits whenever the transport asks the
+writer to pause, so a large upload never piles up in memory. If the upstream answers
+3xx-5xx (or ``Connection: close``) before the upload is done, the upload stops and the
+connection is not reused.
 
 Response (gateway/proxy/lean_connection.py): 1xx responses are skipped; HEAD, 204 and 304 have no
 body; bodies may be Content-Length, chunked, or read until the connection closes. Pieces
@@ -56,6 +59,59 @@ _MANAGED = frozenset({"content-length", "transfer-encoding", "host"})
 _URL = re.compile(r"(https?)://([^/?#]+)(.*)", re.DOTALL)
 
 
+def origin_of(scheme: str, netloc: str) -> Origin:
+    """The :class:`Origin` of ``scheme://netloc`` (``netloc`` without credentials)."""
+    if "@" in netloc:
+        raise ValueError("the lean client does not take credentials in the URL")
+    host, sep, port = netloc.rpartition(":")
+    if not sep or host.endswith(":") or "]" in port:  # no port, or a bare IPv6 host
+        host, port = netloc, ""
+    default = 443 if scheme == "https" else 80
+    number = int(port) if port else default
+    header = host if number == default else f"{host}:{number}"
+    return Origin(scheme, host.strip("[]"), number, header)
+
+
+def frame(
+    method: str,
+    target: bytes,
+    block: bytes,
+    lines: int,
+    host: bytes,
+    length: int | None,
+    body: bytes | AsyncIterator[bytes] | None,
+) -> tuple[bytes, int | None]:
+    """A request head: the request line, ``block`` (``lines`` header lines, each
+    ``name: value\\r\\n``, none of Host, Content-Length or Transfer-Encoding), Host, and
+    the body's framing; and the body length it declares (None for chunked). ``length``:
+    the Content-Length the caller was given for a streamed body, if any.
+
+    Raises ValueError when a CR or LF is anywhere but at the end of a line: it would let a
+    header value start a header (or a request) of its own."""
+    if body is None or isinstance(body, bytes | bytearray | memoryview):
+        size = len(body) if body else 0
+        if size or length is not None or method in _BODY_METHODS:
+            framing = b"content-length: %d\r\n\r\n" % size
+            ends = lines + 4  # the request line, the block, host, content-length, the end
+        else:
+            framing = b"\r\n"
+            ends = lines + 3
+        length = size
+    else:
+        framing = (
+            b"content-length: %d\r\n\r\n" % length
+            if length is not None
+            else b"transfer-encoding: chunked\r\n\r\n"
+        )
+        ends = lines + 4
+    head = b"%b %b HTTP/1.1\r\n%bhost: %b\r\n%b" % (
+        method.encode("latin-1"), target, block, host, framing,
+    )  # fmt: skip
+    if head.count(b"\n") != ends or head.count(b"\r") != ends:
+        raise ValueError("CR or LF in a request header name, value, method or target")
+    return head, length
+
+
 class LeanBackend:
     """Pooled keep-alive HTTP/1.1 connections for one event loop; ``open`` sends a request.
 
@@ -86,19 +142,12 @@ class LeanBackend:
         self._ssl = ssl_context
         self._origins: dict[str, Origin] = {}
 
-    def _origin(self, scheme: str, netloc: str) -> Origin:
+    def origin(self, scheme: str, netloc: str) -> Origin:
+        """The pool key of ``scheme://netloc`` (cached for up to 64 of them)."""
         key = f"{scheme}://{netloc}"
         origin = self._origins.get(key)
         if origin is None:
-            if "@" in netloc:
-                raise ValueError("the lean client does not take credentials in the URL")
-            host, sep, port = netloc.rpartition(":")
-            if not sep or host.endswith(":") or "]" in port:  # no port, or a bare IPv6 host
-                host, port = netloc, ""
-            default = 443 if scheme == "https" else 80
-            number = int(port) if port else default
-            header = host if number == default else f"{host}:{number}"
-            origin = Origin(scheme, host.strip("[]"), number, header)
+            origin = origin_of(scheme, netloc)
             if len(self._origins) < 64:
                 self._origins[key] = origin
         return origin
@@ -129,7 +178,7 @@ class LeanBackend:
         body: bytes | AsyncIterator[bytes] | None,
     ) -> tuple[bytes, int | None]:
         """The request head, and the body length it declares (None for chunked)."""
-        lines = [f"{method} {target} HTTP/1.1\r\n"]
+        lines = []
         host = length = None
         for name, value in headers:
             lname = name.lower()
@@ -140,23 +189,15 @@ class LeanBackend:
                     length = int(value)
                 continue
             lines.append(f"{name}: {value}\r\n")
-        lines.append(f"host: {host or origin.host_header}\r\n")
-        if body is None or isinstance(body, bytes | bytearray | memoryview):
-            size = len(body or b"")
-            if size or length is not None or method in _BODY_METHODS:
-                lines.append(f"content-length: {size}\r\n")
-            length = size
-        elif length is not None:
-            lines.append(f"content-length: {length}\r\n")
-        else:
-            lines.append("transfer-encoding: chunked\r\n")
-        lines.append("\r\n")
-        text = "".join(lines)
-        # Each line ends in the one CRLF added here: any other CR or LF would let a header
-        # value start a header (or a request) of its own.
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
-            raise ValueError("CR or LF in a request header name, value, method or target")
-        return text.encode("latin-1"), length
+        return frame(
+            method,
+            target.encode("latin-1"),
+            "".join(lines).encode("latin-1"),
+            len(lines),
+            (host or origin.host_header).encode("latin-1"),
+            length,
+            body,
+        )
 
     async def open(
         self,
@@ -172,8 +213,20 @@ class LeanBackend:
         scheme, netloc, target = match.groups()
         if not target.startswith("/"):
             target = "/" + target
-        origin = self._origin(scheme, netloc)
+        origin = self.origin(scheme, netloc)
         head, length = self._head(method, target, origin, headers, body)
+        return await self.exchange(origin, method, head, length, body)
+
+    async def exchange(
+        self,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        length: int | None,
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> LeanResponse:
+        """Send a request whose head :func:`frame` made (``length``: the body length it
+        declares); return once the final response's headers are in."""
         streamed = body is not None and not isinstance(body, bytes | bytearray | memoryview)
         if not streamed and body:
             head += body  # type: ignore[operator]  # one write, one segment
@@ -312,4 +365,13 @@ async def _close_body(body: AsyncIterator[bytes]) -> None:
         await aclose()
 
 
-__all__ = ["LeanBackend", "LeanResponse", "PoolBusy", "UpstreamClosed", "UpstreamError"]
+__all__ = [
+    "LeanBackend",
+    "LeanResponse",
+    "Origin",
+    "PoolBusy",
+    "UpstreamClosed",
+    "UpstreamError",
+    "frame",
+    "origin_of",
+]

@@ -48,6 +48,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.resp: LeanResponse | None = None
+        self.headers: list[tuple[bytes, bytes]] = []  # the raw headers of the message parsed
         self.closed = False
         self.dirty = False  # the parser is mid-message (HEAD) or the stream is out of step
         self.drain: asyncio.Future[None] | None = None  # set while writing is paused
@@ -67,6 +68,7 @@ class Connection(asyncio.Protocol):
             self.abort(UpstreamError("upstream sent data between responses"))
             return
         resp.received = True
+        counting = not resp.headers_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -80,6 +82,13 @@ class Connection(asyncio.Protocol):
             )
         if resp.sink is not None and resp.pieces:
             resp.spill()  # after the parse, also a failed one: what was valid goes out
+        if counting and not resp.headers_done and not self.closed:
+            # A read that began and ended inside the headers is all header bytes: this
+            # bounds a huge header (held by the parser until it is complete) to the limit
+            # plus one read, without a count per header.
+            resp.head_bytes += len(data)
+            if resp.head_bytes > _MAX_HEAD:
+                self.abort(UpstreamError("upstream response headers too large"))
 
     def eof_received(self) -> bool | None:
         resp = self.resp
@@ -135,16 +144,11 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         if resp is None or resp.complete:
             raise UpstreamError("upstream sent more than one response")
-        resp.raw_headers = []
+        self.headers = resp.raw_headers = []
         resp.head_bytes = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        resp = self.resp
-        assert resp is not None
-        resp.head_bytes += len(name) + len(value)
-        if resp.head_bytes > _MAX_HEAD:
-            raise UpstreamError("upstream response headers too large")
-        resp.raw_headers.append((name, value))
+        self.headers.append((name, value))  # their size: see data_received
 
     def on_headers_complete(self) -> None:
         resp = self.resp
@@ -156,17 +160,32 @@ class Connection(asyncio.Protocol):
             raise UpstreamError("upstream switched protocols, which was not asked for")
         resp.status = status
         resp.keep_alive = self.parser.should_keep_alive()
+        # The names lowercased in one go (C), kept for the proxy's own filtering.
+        raw = resp.raw_headers
+        if raw:
+            names, values = zip(*raw, strict=True)
+            lnames = b"\n".join(names).lower().split(b"\n")  # a name holds no LF: parsed
+        else:
+            lnames, values = [], ()
+        resp.lower_names, resp.values = lnames, values
         length = None
         te = chunked = conn_close = False
-        for name, value in resp.raw_headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                length = int(value) if value.strip().isdigit() else None
-            elif lname == b"transfer-encoding":  # chunked only if it is the final coding
-                te = True
-                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
-            elif lname == b"connection":
-                conn_close = conn_close or b"close" in value.lower()
+        if (
+            b"transfer-encoding" in lnames
+            or b"connection" in lnames
+            or lnames.count(b"content-length") > 1
+        ):
+            for lname, value in zip(lnames, values, strict=True):
+                if lname == b"content-length":
+                    length = int(value) if value.strip().isdigit() else None
+                elif lname == b"transfer-encoding":  # chunked only if it is the final coding
+                    te = True
+                    chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
+                elif lname == b"connection":
+                    conn_close = conn_close or b"close" in value.lower()
+        elif b"content-length" in lnames:  # the usual answer: one length, nothing else
+            value = values[lnames.index(b"content-length")]
+            length = int(value) if value.strip().isdigit() else None
         if te:
             length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
         resp.content_length = length
@@ -228,6 +247,7 @@ class LeanResponse:
         "head_only",
         "headers_done",
         "keep_alive",
+        "lower_names",
         "pieces",
         "progress_at",
         "raw_headers",
@@ -237,6 +257,7 @@ class LeanResponse:
         "status",
         "until_eof",
         "uploader",
+        "values",
     )
 
     def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
@@ -251,6 +272,9 @@ class LeanResponse:
         self._error: BaseException | None = None
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # Once the headers are in: their names lowercased, and their values, in order.
+        self.lower_names: list[bytes] = []
+        self.values: tuple[bytes, ...] = ()
         self.content_length: int | None = None
         self.pieces: collections.deque[bytes] = collections.deque()
         self.buffered = 0

@@ -23,13 +23,12 @@ import collections
 import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a pooled connection goes: the pool key, plus what connecting needs."""
+class Origin(NamedTuple):
+    """Where a pooled connection goes: the pool key, plus what connecting needs. (A named
+    tuple: it is hashed on every pool lookup, which a tuple does in C.)"""
 
     scheme: str
     host: str  # without IPv6 brackets: what the socket layer and TLS SNI want

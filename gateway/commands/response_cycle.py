@@ -1,0 +1,170 @@
+"""uvicorn's request cycle with a cheaper response head, for ``creditgate serve``.
+
+uvicorn's ``RequestResponseCycle.send`` checks each response header in a Python loop: a
+regex search of the name, another of the value, a ``lower()``, three comparisons. A
+proxied short answer carries ten headers (the upstream's four, the metering middleware's
+six), so that loop was ~600 bytecodes and 20 regex calls per response, the largest single
+item of uvicorn's share of a metered request (BENCHMARKS.md section 2b). And the head and
+the body went out in two ``transport.write`` calls: two send() system calls per response.
+
+:class:`FastCycle` (the protocol of gateway/commands/limited_protocol.py makes each
+keep-alive request's cycle one) sends the same bytes more cheaply:
+
+- every header is still checked, all names with one ``bytes.translate`` and all lines
+  with another (C loops over the bytes, no regex), by a rule *stricter* than uvicorn's: a
+  name must be a lowercase RFC 9110 token, a value visible ASCII, space or obs-text (no
+  control character, not even a tab), and no CR or LF but the ones ending each line;
+- a head whose body has a Content-Length of at most 64 KiB is held until the first body
+  message and written with it, in one ``transport.write`` (an app that sends such a head
+  and then nothing, which uvicorn answers by closing the connection, leaves the client
+  without the head too).
+
+Whatever the fast path does not take goes to uvicorn's own ``send``, unchanged: a header
+outside the stricter rule (uvicorn then accepts or refuses it as its version does), a
+Connection or Transfer-Encoding header, headers that are not a list or tuple of 2-tuples
+of bytes, default headers of uvicorn's own, an access log, a connection that is closing
+(uvicorn versions differ there), a client that is slow or gone. So the client receives
+exactly the bytes uvicorn's ``send`` would write (tests/commands/test_response_cycle.py
+compares them, and runs against the oldest uvicorn ``pyproject.toml`` allows too).
+
+It relies on the cycle's attributes that uvicorn's ``send`` itself uses (``transport``,
+``flow``, ``scope``, ``keep_alive``, ``default_headers``, ``access_log``,
+``response_started``, ``response_complete``, ``chunked_encoding``,
+``expected_content_length``, ``waiting_for_100_continue``, ``message_event``,
+``on_response``, ``disconnected``), the same in every uvicorn since 0.30.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
+
+__all__ = ["FastCycle", "fast_cycle_allowed"]
+
+# Lowercase RFC 9110 tokens; VCHAR, SP and obs-text: what a name and a value may hold here
+# (``bytes.translate`` deletes them, in C: what is left is what is not allowed).
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
+_VISIBLE = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_CRLF = b"\r\n"
+_CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
+_CLOSE = (b"connection", b"close")
+# Larger bodies are not copied to join them to the head: two writes are cheaper then.
+_JOIN_MAX = 65536
+
+
+def fast_cycle_allowed(cycle: RequestResponseCycle, request_headers: list[Any]) -> bool:
+    """Whether ``cycle`` may become a :class:`FastCycle`: it keeps the connection open, the
+    request did not ask to close it (uvicorn 0.30 answers that request's exact
+    ``connection: close`` with a header of its own, later versions with another), and
+    there is no access log and no default header of uvicorn's own (both fixed for the
+    cycle's life: ``serve`` has neither)."""
+    return (
+        bool(cycle.keep_alive)
+        and _CLOSE not in request_headers
+        and not cycle.access_log
+        and not cycle.default_headers
+    )
+
+
+class FastCycle(RequestResponseCycle):
+    """A ``RequestResponseCycle`` whose ``send`` takes the common response the cheap way
+    (see the module docstring); anything else is uvicorn's own ``send``."""
+
+    # The head waiting for its Content-Length body (a class default: uvicorn's __init__
+    # knows nothing of it, and a cycle becomes a FastCycle after it was made).
+    _held: bytes | None = None
+
+    async def send(self, message: ASGISendEvent) -> None:
+        """Send one ASGI message: the fast path, or uvicorn's ``send``."""
+        msg: dict[str, Any] = message  # type: ignore[assignment]
+        held = self._held
+        if held is not None:
+            self._held = None
+            await self._send_held(held, msg)
+            return
+        if (
+            self.response_started
+            or msg["type"] != "http.response.start"
+            or self.flow.write_paused
+            or self.disconnected
+            or not self.keep_alive
+        ):
+            await super().send(message)
+            return
+        headers = msg.get("headers", ())
+        status = msg["status"]
+        if type(headers) not in (list, tuple) or status not in STATUS_LINE:
+            await super().send(message)
+            return
+        try:
+            # Each header a pair (dict() says so), of bytes (join() says so); the lines
+            # made without a format per header.
+            fields = dict(headers)
+            names = b"".join(fields)
+            block = b"\r\n".join(map(b": ".join, headers))
+        except (TypeError, ValueError):  # uvicorn's send says what is wrong
+            await super().send(message)
+            return
+        count = len(headers)
+        if (
+            # Every name a lowercase token (a repeated name is the same bytes: its first
+            # spelling in the dict checks it), and nothing but visible characters, spaces
+            # and the CRLFs between the lines in the block: no control character, no CR or
+            # LF in a name or value.
+            names.translate(None, _TOKEN)
+            or block.translate(None, _VISIBLE) != _CRLF * (count - 1)
+            or b"transfer-encoding" in fields
+            or b"connection" in fields
+            or (count != len(fields) and b"content-length" in fields)  # which one counts?
+        ):
+            await super().send(message)
+            return
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status_line = STATUS_LINE[status]
+        if count:
+            status_line += block + _CRLF
+        if b"content-length" in fields:
+            self.expected_content_length = int(fields[b"content-length"].decode())
+            self.chunked_encoding = False
+            head = status_line + _CRLF
+            if 0 < self.expected_content_length <= _JOIN_MAX and self.scope["method"] != "HEAD":
+                self._held = head  # written with the body's first bytes
+                return
+        elif self.scope["method"] != "HEAD" and status not in (204, 304):
+            self.chunked_encoding = True
+            head = status_line + _CHUNKED
+        else:
+            head = status_line + _CRLF
+        self.transport.write(head)
+
+    async def _send_held(self, head: bytes, msg: dict[str, Any]) -> None:
+        """The message after a held head: a body that fits goes out with it in one write;
+        anything else gets the head written first, then uvicorn's ``send``."""
+        if (
+            msg["type"] != "http.response.body"
+            or self.flow.write_paused
+            or self.disconnected
+            or not self.keep_alive
+        ):
+            if not self.disconnected:  # uvicorn drops what is sent to a gone client
+                self.transport.write(head)
+            await super().send(msg)  # type: ignore[arg-type]
+            return
+        body = msg.get("body", b"")
+        size = len(body)
+        if size > self.expected_content_length or size > _JOIN_MAX:
+            self.transport.write(head)
+            await super().send(msg)  # type: ignore[arg-type]  # which raises if too long
+            return
+        self.expected_content_length -= size
+        self.transport.write(head + body)
+        if not msg.get("more_body", False):
+            # As uvicorn's send ends a response.
+            if self.expected_content_length != 0:
+                raise RuntimeError("Response content shorter than Content-Length")
+            self.response_complete = True
+            self.message_event.set()
+            self.on_response()

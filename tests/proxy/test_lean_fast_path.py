@@ -1,0 +1,214 @@
+"""The proxy's lean fast path: the request head built in bytes (``UpstreamProxy._lean_lines``
+and ``gateway.proxy.lean_client.frame``) and the response headers taken from the names the
+lean connection lowercased. Each is compared with the general path it replaces, which
+stays for the other clients and for the requests the fast path declines: the upstream
+must receive the same bytes and the client the same headers."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.proxy.app import UpstreamProxy
+from gateway.proxy.lean_client import LeanBackend, frame, origin_of
+from gateway.proxy.lean_connection import Connection, LeanResponse
+
+ORIGIN = origin_of("http", "upstream:8000")
+USUAL = [
+    (b"host", b"127.0.0.1:8080"),
+    (b"user-agent", b"wrk"),
+    (b"content-type", b"application/json"),
+    (b"authorization", b"Bearer cg_x"),
+    (b"content-length", b"15"),
+    (b"x-creditgate-org", b"acme"),
+    (b"x-creditgate-user", b""),
+    (b"x-creditgate-feature", b"lead_generation"),
+    (b"x-creditgate-request-id", b"req_1"),
+]
+POOL = [
+    *USUAL,
+    (b"host", b"other"),
+    (b"content-length", b"7"),
+    (b"content-length", b"abc"),
+    (b"accept", b"*/*"),
+    (b"accept", b"text/html"),
+    (b"connection", b"keep-alive"),
+    (b"connection", b"close, x-hop, X-Creditgate-Org"),
+    (b"connection", b"content-length"),
+    (b"x-hop", b"1"),
+    (b"transfer-encoding", b"chunked"),
+    (b"te", b"trailers"),
+    (b"upgrade", b"websocket"),
+    (b"proxy-authorization", b"x"),
+    (b"expect", b"100-continue"),
+    (b"x-forwarded-for", b"10.0.0.1"),
+    (b"x-forwarded-for", b"10.0.0.2, 10.0.0.3"),
+    (b"x-forwarded-host", b"spoofed"),
+    (b"x-forwarded-proto", b"https"),
+    (b"x-http-method-override", b"DELETE"),
+    (b"x-method-override", b"DELETE"),
+    (b"cookie", b"a=1; b=2"),
+    (b"x-empty", b""),
+]
+
+
+def _scope(headers: list[Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "http", "method": "POST", "path": "/v1/x", "raw_path": b"/v1/x",
+        "query_string": b"", "headers": headers, "client": ("10.1.2.3", 5555),
+        "scheme": "http", **extra,
+    }  # fmt: skip
+
+
+async def _streamed() -> AsyncIterator[bytes]:
+    yield b"x"
+
+
+def _both(scope: dict[str, Any], body: Any, method: str = "POST") -> tuple[Any, Any]:
+    """(general path's head and length, fast path's), or the exception each raised."""
+
+    async def general() -> Any:
+        backend = LeanBackend(5.0, 5.0, 10)
+        headers, declared = UpstreamProxy._request_headers(scope)
+        try:
+            return backend._head(method, "/v1/x", ORIGIN, headers, body), declared
+        except ValueError as exc:
+            return type(exc), declared
+
+    def fast() -> Any:
+        lean = UpstreamProxy._lean_lines(scope)
+        if lean is None:
+            return None  # declined: the proxy takes the general path
+        block, count, declared = lean
+        host = ORIGIN.host_header.encode()
+        try:
+            return frame(method, b"/v1/x", block, count, host, declared, body), declared
+        except ValueError as exc:
+            return type(exc), declared
+
+    return asyncio.run(general()), fast()
+
+
+@pytest.mark.parametrize("body", [b"", b"hello", None, "streamed"])
+def test_the_usual_request_gives_the_same_head(body: Any) -> None:
+    body = _streamed() if body == "streamed" else body
+    old, new = _both(_scope(list(USUAL)), body)
+    assert new == old
+
+
+def test_random_header_sets_give_the_same_head() -> None:
+    rng = random.Random(20261205)
+    for _ in range(400):
+        headers = rng.sample(POOL, rng.randint(0, 12))
+        extra: dict[str, Any] = rng.choice(
+            [{}, {"client": None}, {"scheme": "https"}, {"client": ("::1", 1)}]
+        )
+        for body in (b"", b"abc", None):
+            for method in ("POST", "GET", "HEAD"):
+                old, new = _both(_scope(headers, **extra), body, method)
+                if new is None:  # declined only for a repeated Content-Length
+                    assert [n for n, _ in headers].count(b"content-length") > 1
+                    continue
+                assert new == old, (headers, extra, body, method)
+
+
+@pytest.mark.parametrize(
+    "value", [b"1\r\nx-evil: 1", b"1\nx-evil: 1", b"1\rx-evil: 1"], ids=["crlf", "lf", "cr"]
+)
+def test_a_cr_or_lf_in_a_value_is_refused_on_both_paths(value: bytes) -> None:
+    old, new = _both(_scope([*USUAL, (b"x-a", value)]), b"hi")
+    assert old == new and old[0] is ValueError
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Host", b"x")],
+        [(b"x_http_method_override", b"DELETE")],
+        [("host", "x")],
+        [(b"host", b"x", b"y")],
+        [(b"host", "x")],
+    ],
+    ids=["uppercase", "underscore", "str", "three items", "str value"],
+)
+def test_the_fast_path_declines_what_it_does_not_normalise(headers: list[Any]) -> None:
+    assert UpstreamProxy._lean_lines(_scope(headers)) is None
+
+
+class _Pool:
+    def lost(self, conn: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nServer: u\r\nContent-Length: 2\r\nContent-Type: a/b\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nconnection: x-hop, Keep-Alive\r\nX-Hop: 1\r\nkeep-alive: 5\r\n"
+        b"content-length: 2\r\n\r\nhi",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nContent-Length: 2\r\n\r\nhi",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ],
+    ids=["usual", "connection", "chunked", "two lengths (refused)", "no headers"],
+)
+def test_response_headers_are_what_the_general_filter_gives(head: bytes) -> None:
+    """The proxy's fast pairing of lowercased names (no hop-by-hop header) and its general
+    filter give the client the same headers; the length is read the same way."""
+    from gateway.proxy.app import HOP_BY_HOP, _connection_tokens
+
+    async def parse() -> LeanResponse:
+        loop = asyncio.get_running_loop()
+        conn = Connection(_Pool(), ORIGIN, loop)  # type: ignore[arg-type]
+        resp = conn.resp = LeanResponse(conn, False, 5.0)
+        conn.data_received(head)
+        return resp
+
+    resp = asyncio.run(parse())
+    if resp._error is not None:  # httptools refused it (two lengths): nothing is forwarded
+        assert not resp.headers_done
+        return
+    named = _connection_tokens(resp.raw_headers)
+    general = [
+        (n.lower(), v)
+        for n, v in resp.raw_headers
+        if n.lower() not in HOP_BY_HOP and n.lower() not in named
+    ]
+    assert resp.lower_names == [n.lower() for n, _ in resp.raw_headers]
+    assert list(resp.values) == [v for _, v in resp.raw_headers]
+    if HOP_BY_HOP.isdisjoint(resp.lower_names):
+        assert list(zip(resp.lower_names, resp.values, strict=True)) == general
+    lengths = [v for n, v in resp.raw_headers if n.lower() == b"content-length"]
+    chunked = any(n.lower() == b"transfer-encoding" for n, _ in resp.raw_headers)
+    expected = None if chunked or not lengths else int(lengths[-1])
+    assert resp.content_length == expected
+
+
+def test_huge_response_headers_are_refused() -> None:
+    """The header size limit (counted per read now, not per header) still holds."""
+    from gateway.proxy.lean_connection import _MAX_HEAD
+
+    async def parse() -> BaseException | None:
+        loop = asyncio.get_running_loop()
+        conn = Connection(_Pool(), ORIGIN, loop)  # type: ignore[arg-type]
+
+        class _T:
+            def abort(self) -> None:
+                pass
+
+        conn.transport = _T()  # type: ignore[assignment]
+        resp = conn.resp = LeanResponse(conn, False, 5.0)
+        conn.data_received(b"HTTP/1.1 200 OK\r\n")
+        line = b"x-big: " + b"a" * 8000 + b"\r\n"
+        for _ in range(_MAX_HEAD // len(line) + 2):
+            conn.data_received(line)
+            if conn.closed:
+                break
+        return resp._error
+
+    error = asyncio.run(parse())
+    assert error is not None and "too large" in str(error)
