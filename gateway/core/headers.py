@@ -99,6 +99,7 @@ _FULL_PLAN: _Plan = (_FULL_PASS, _FULL_PASS)
 _NOTHING: Cleaned = (None, None, False)
 _PLANS = 256  # sequences of header names remembered per policy
 _PLAN_MAX_NAMES = 64  # longer sequences are planned on every request, never kept
+_PLAN_MAX_BYTES = 4096  # nor sequences of longer names: the plans hold at most ~1 MiB
 _name_of = itemgetter(0)
 
 
@@ -170,7 +171,8 @@ class HeaderPolicy:
         plans = self._plans
         if len(plans) >= _PLANS:
             plans.clear()
-        if len(names) <= _PLAN_MAX_NAMES:
+        # (Only on a miss: the sum is not on the usual path.)
+        if len(names) <= _PLAN_MAX_NAMES and sum(map(len, names)) <= _PLAN_MAX_BYTES:
             plans[names] = plan
         return plan
 

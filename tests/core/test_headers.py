@@ -221,5 +221,10 @@ def test_plans_are_bounded_and_unhashable_names_take_the_full_pass() -> None:
     for n in range(1000):
         policy.clean([(b"h%d" % n, b"v")])
     assert len(policy._plans) <= 256
+    policy._plans.clear()
+    long = [(b"h" * 5000, b"v")]
+    assert policy.clean(long) == (None, None, False)
+    assert policy.clean([(b"h%d" % n, b"v") for n in range(65)]) == (None, None, False)
+    assert policy._plans == {}  # planned, not kept
     raw: list[Any] = [(bytearray(b"x-creditgate-org"), b"v"), (b"host", b"h")]
     assert policy.clean(raw) == ([(b"host", b"h")], None, False)
