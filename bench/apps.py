@@ -34,6 +34,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from gateway.redisio.lua_scripts import LuaScript
+from gateway.redisio.resp import decode_args
 
 PATH = "/api/v1/leads/generate"
 FEATURE = "lead_generation"
@@ -127,8 +128,12 @@ class StubRunner:
         return await self._answer(reply)
 
     async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
-        """Return the canned reply of ``script`` (charge.lua: the only one sent encoded)."""
-        return await self._answer(["ok", 999, 10**9, 10**9 - 1, 1])
+        """Return the canned reply of ``script`` (a settle's: one 1 per item; settle.lua's
+        item count follows its keys, the first argument)."""
+        if script.name == "charge":
+            return await self._answer(["ok", 999, 10**9, 10**9 - 1, 1])
+        numkeys = int(decode_args(encoded, 1)[0])
+        return await self._answer([1] * int(decode_args(encoded, numkeys + 3)[-1]))
 
     async def _answer(self, reply: Any) -> Any:
         if self.sync:

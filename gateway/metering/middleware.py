@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -52,7 +52,7 @@ from gateway.identity.identifier import Identity, IdentityFailure
 from gateway.metering.cost_headers import refunded_headers
 from gateway.metering.gate import CreditGate
 from gateway.metering.meter import Admission, new_request_id
-from gateway.metering.refusals import describe_refusal, seconds
+from gateway.metering.refusals import describe_refusal
 from gateway.metering.replay import (
     ResponseCapture,
     fingerprint_of,
@@ -223,7 +223,9 @@ class CreditGateMiddleware:
         status = 0
         started = time.perf_counter()
 
-        async def send_wrapper(message: Message) -> None:
+        # A plain function handing back the server's awaitable, not a coroutine: no
+        # coroutine object, frame and await level of its own for each message the app sends.
+        def send_wrapper(message: Message) -> Awaitable[None]:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -233,7 +235,7 @@ class CreditGateMiddleware:
                 else:
                     extra = charged
                 message["headers"] = [*message.get("headers", ()), *extra]
-            await send(message)
+            return send(message)
 
         # It looks only at the start: the proxy may splice a stream's body around it.
         state[SEND_PASSES_BODY] = (send_wrapper, send)
@@ -545,7 +547,9 @@ class CreditGateMiddleware:
         cost_header = self._cost_header.get(adm.cost)
         if cost_header is None:
             cost_header = self._cost_header[adm.cost] = (b"x-tokens-cost", str(adm.cost).encode())
-        remaining = (b"x-tokens-remaining", str(adm.remaining).encode())
+        # b"%d" % n: one bytes object, where str(n).encode() makes a str first.
+        left = adm.remaining
+        remaining = (b"x-tokens-remaining", str(left).encode() if left is None else b"%d" % left)
         limit = adm.limit
         if limit is None:
             return [cost_header, remaining, rid]
@@ -554,10 +558,13 @@ class CreditGateMiddleware:
             limit_header = (b"ratelimit-limit", str(limit).encode())
             if len(self._limit_header) < 1000:
                 self._limit_header[limit] = limit_header
+        limit_left, reset_ms = adm.limit_remaining, adm.limit_reset_ms
         return [
             cost_header, remaining, rid, limit_header,
-            (b"ratelimit-remaining", str(adm.limit_remaining).encode()),
-            (b"ratelimit-reset", str(seconds(adm.limit_reset_ms)).encode()),
+            (b"ratelimit-remaining",
+             str(limit_left).encode() if limit_left is None else b"%d" % limit_left),
+            # refusals.seconds, inlined: milliseconds to whole seconds, rounded up.
+            (b"ratelimit-reset", b"%d" % -(-reset_ms // 1000) if reset_ms else b"0"),
         ]  # fmt: skip
 
     @staticmethod

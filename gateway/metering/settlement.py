@@ -43,7 +43,15 @@ from gateway.redisio.connect import RedisHandles, ScriptRunner, connect_redis
 from gateway.redisio.lua_scripts import load
 from gateway.usage.model import Usage
 
-__all__ = ["COST_SOURCES", "SETTLE_WINDOW_S", "Actual", "Settled", "Settlement", "extension"]
+__all__ = [
+    "COST_SOURCES",
+    "SETTLE_WINDOW_S",
+    "Actual",
+    "Settled",
+    "Settlement",
+    "encode_fixed",
+    "extension",
+]
 
 COST_SOURCES = ("usage", "header", "app", "policy", "reservation")
 
@@ -132,6 +140,47 @@ _DURABLE_MAX_PAUSE_S = 1.0
 _Settle = tuple[
     str, str, str, str, str, str, "asyncio.Future[Any] | None", "tuple[str, ...] | None"
 ]
+
+
+# "$<n>\r\n", the head of a RESP bulk string of n bytes, for the lengths a settle's values
+# have (a key, a request id, a status...): indexing this costs less than formatting n.
+_BULK = tuple(f"${n}\r\n" for n in range(256))
+
+
+def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int, bytes] | None:
+    """settle.lua's keys and arguments for a batch of fixed-cost items, as ``run_encoded``
+    takes them (the count, the RESP bulk strings), built as one string: hiredis'
+    ``pack_command`` of the same ~6 arguments per item, with the lists it is given, cost
+    ~10 k instructions per request, this ~4.3 k (callgrind, batches of 64). None when an item
+    is extended (``ext``), a value is not ASCII (a length written here would not be a byte
+    length) or longer than 255: the caller packs those.
+    """
+    bulk = _BULK
+    n = len(items)
+    count, holds, holdexp, events = str(3 + 2 * n), shard.holds, shard.holdexp, shard.events
+    now_s, n_s = str(now), str(n)
+    parts = [
+        f"{bulk[len(count)]}{count}\r\n{bulk[len(holds)]}{holds}\r\n"
+        f"{bulk[len(holdexp)]}{holdexp}\r\n{bulk[len(events)]}{events}\r\n"
+    ]
+    values = [f"{bulk[len(now_s)]}{now_s}\r\n{bulk[len(n_s)]}{n_s}\r\n"]
+    key, value = parts.append, values.append
+    try:
+        for org, second, rid, outcome, status, latency, _done, ext in items:
+            if ext is not None:
+                return None
+            key(f"{bulk[len(org)]}{org}\r\n{bulk[len(second)]}{second}\r\n")
+            value(
+                f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
+                f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
+            )
+    except IndexError:  # a value of 256 characters or more
+        return None
+    parts += values
+    text = "".join(parts)
+    if not text.isascii():
+        return None
+    return 6 + 6 * n, text.encode()
 
 
 class Settlement:
@@ -280,21 +329,29 @@ class Settlement:
                 task.add_done_callback(self._inflight.discard)
 
     async def _run(self, shard: ShardKeys, items: list[_Settle]) -> None:
-        keys = [shard.holds, shard.holdexp, shard.events]
-        args: list[str | int] = [self._now_ms(), len(items)]
-        for it in items:
-            keys += it[:2]
-            args += it[2:6]
-            ext = it[7]
-            if ext is not None:
-                args += ext
-        if self.wait_replicas:
-            await self._run_durable(shard, items, keys, args)
-            return
+        now = self._now_ms()
+        encoded = None if self.wait_replicas else encode_fixed(shard, items, now)
+        keys: list[str] = []
+        args: list[str | int] = []
+        if encoded is None:
+            keys += (shard.holds, shard.holdexp, shard.events)
+            args += (now, len(items))
+            for it in items:
+                keys += it[:2]
+                args += it[2:6]
+                ext = it[7]
+                if ext is not None:
+                    args += ext
+            if self.wait_replicas:
+                await self._run_durable(shard, items, keys, args)
+                return
         delay = 0.05
         for attempt in range(_RETRIES):
             try:
-                reply = await self.runner.run(self.script, keys, args)
+                if encoded is None:
+                    reply = await self.runner.run(self.script, keys, args)
+                else:
+                    reply = await self.runner.run_encoded(self.script, *encoded)
             except RedisUnavailable as exc:
                 # Settling twice is harmless (the hold is gone the second time), so unlike a
                 # debit it can be retried. If Redis stays away the hold expires into a charge.

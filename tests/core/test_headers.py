@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -183,3 +185,46 @@ def test_the_first_pass_agrees_with_the_full_pass(
     cleaned, idem, duplicate = policy.clean(raw)
     full = policy._filter(raw)
     assert (raw if cleaned is None else cleaned, idem, duplicate) == full
+
+
+# One policy per setting for every example: its plans, learnt from earlier examples' names,
+# are applied to later examples with the same names and other values.
+_SHARED = {
+    (t, f): HeaderPolicy(trusted_headers=t, forward_credentials=f) for t in (0, 1) for f in (0, 1)
+}
+
+
+@given(st.lists(_header(), max_size=8), st.booleans(), st.booleans())
+def test_a_plan_learnt_from_other_values_agrees_with_the_full_pass(
+    raw: list[tuple[bytes, bytes]], trusted: bool, forward: bool
+) -> None:
+    policy = _SHARED[(trusted, forward)]
+    for values in (
+        raw,
+        [(n, v) for (n, _), v in zip(raw, reversed([v for _, v in raw]), strict=True)],
+    ):
+        cleaned, idem, duplicate = policy.clean(values)
+        assert (values if cleaned is None else cleaned, idem, duplicate) == policy._filter(values)
+
+
+def test_the_same_names_with_another_credential_are_decided_by_the_value() -> None:
+    policy = HeaderPolicy()
+    jwt = [(b"host", b"h"), (b"authorization", b"Bearer eyJ.jwt"), (b"idempotency-key", b"k1")]
+    ours = [(b"host", b"h"), (b"authorization", b"Bearer " + KEY), (b"idempotency-key", b"k2")]
+    assert policy.clean(jwt) == (None, "k1", False)
+    assert policy.clean(ours) == ([(b"host", b"h"), (b"idempotency-key", b"k2")], "k2", False)
+    assert policy.clean(jwt) == (None, "k1", False)
+
+
+def test_plans_are_bounded_and_unhashable_names_take_the_full_pass() -> None:
+    policy = HeaderPolicy()
+    for n in range(1000):
+        policy.clean([(b"h%d" % n, b"v")])
+    assert len(policy._plans) <= 256
+    policy._plans.clear()
+    long = [(b"h" * 5000, b"v")]
+    assert policy.clean(long) == (None, None, False)
+    assert policy.clean([(b"h%d" % n, b"v") for n in range(65)]) == (None, None, False)
+    assert policy._plans == {}  # planned, not kept
+    raw: list[Any] = [(bytearray(b"x-creditgate-org"), b"v"), (b"host", b"h")]
+    assert policy.clean(raw) == ([(b"host", b"h")], None, False)

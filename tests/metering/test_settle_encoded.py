@@ -1,0 +1,102 @@
+"""The fixed-cost settle batch, encoded by hand (``encode_fixed``), is byte for byte the
+EVALSHA of lua/settle.lua's KEYS and ARGV that hiredis packs, and falls back to packing
+when an item is extended or a value is not ASCII; settles sent that way charge and refund
+on a real script runner as before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.core.redis_keys import KeySpace
+from gateway.metering.gate import CreditGate
+from gateway.metering.settlement import encode_fixed
+from gateway.redisio.resp import decode_args, encode_args
+
+KEYS = KeySpace("P", 16)
+
+
+def _item(
+    org: str, idem: str | None, rid: str, outcome: str, status: str, latency: str
+) -> tuple[Any, ...]:
+    org_keys = KEYS.of_org(org)
+    second = KEYS.idempotency(org, idem) if idem else org_keys.shard.no_idempotency
+    return (org_keys.state, second, rid, outcome, status, latency, None, None)
+
+
+def _packed(items: list[tuple[Any, ...]], now: int) -> bytes:
+    """What Settlement._run packs with hiredis for the same batch."""
+    shard = KEYS.of_org("a").shard
+    keys = [shard.holds, shard.holdexp, shard.events]
+    args: list[Any] = [now, len(items)]
+    for it in items:
+        keys += it[:2]
+        args += it[2:6]
+    return encode_args([len(keys), *keys, *args])
+
+
+def test_a_fixed_batch_is_what_hiredis_packs() -> None:
+    shard = KEYS.of_org("a").shard
+    items = [
+        _item("a", None, "f" * 32, "c", "200", "12"),
+        _item("a", "key-1", "0" * 32, "r", "", ""),  # no status, no latency: empty strings
+        _item("a", None, "rid", "r", "502", "30000"),
+    ]
+    encoded = encode_fixed(shard, items, 1_796_083_200_000)
+    assert encoded is not None
+    count, raw = encoded
+    assert raw == _packed(items, 1_796_083_200_000)
+    assert count == len(decode_args(raw)) == 6 + 6 * len(items)
+
+
+def test_extended_items_and_non_ascii_values_are_left_to_hiredis() -> None:
+    shard = KEYS.of_org("a").shard
+    extended = (*_item("a", None, "r1", "C", "200", "1")[:7], ("5",) + ("",) * 9)
+    assert encode_fixed(shard, [_item("a", None, "r0", "c", "200", "1"), extended], 1) is None
+    # A key's length in characters is not its length in bytes: never written by hand.
+    assert encode_fixed(shard, [_item("clé", None, "r0", "c", "200", "1")], 1) is None
+
+
+async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> None:
+    meter = memgate.meter
+    sent: list[int] = []
+    runner = memgate.redis.runner
+    real = runner.run_encoded
+
+    async def run_encoded(script: Any, count: int, encoded: bytes) -> Any:
+        if script.name == "settle":
+            sent.append(count)
+        return await real(script, count, encoded)
+
+    runner.run_encoded = run_encoded  # type: ignore[method-assign]
+    await memgate.set_plan("org-enc", "pro")
+    charged = await meter.admit("org-enc", "general_insights", user="u1")
+    refunded = await meter.admit("org-enc", "general_insights", user="u1")
+    assert charged.ok and refunded.ok
+    first = meter.settle(charged, ok=True, status=200, latency_ms=5)
+    second = meter.settle(refunded, ok=False, status=503, latency_ms=7)
+    assert await first == charged.cost
+    assert await second == 0
+    assert sent == [6 + 6 * 2]  # both in one encoded batch
+    # The refund gave its hold back: the next admission sees one token fewer than before,
+    # not two.
+    after = await meter.admit("org-enc", "general_insights", user="u1")
+    assert after.remaining == refunded.remaining
+
+
+@pytest.mark.parametrize("ok", [True, False])
+async def test_a_settle_of_an_unknown_hold_is_gone(memgate: CreditGate, ok: bool) -> None:
+    await memgate.set_plan("org-gone", "pro")
+    adm = await memgate.meter.admit("org-gone", "general_insights", user="u1")
+    assert await memgate.meter.settle(adm, ok=ok, status=200, latency_ms=1) == (
+        adm.cost if ok else 0
+    )
+    # The same hold again: gone, nothing charged twice.
+    assert await memgate.meter.settle(adm, ok=ok, status=200, latency_ms=1) == -1
+
+
+def test_a_value_of_256_characters_or_more_is_left_to_hiredis() -> None:
+    shard = KEYS.of_org("a").shard
+    assert encode_fixed(shard, [_item("a", None, "r" * 255, "c", "200", "1")], 1) is not None
+    assert encode_fixed(shard, [_item("a", None, "r" * 256, "c", "200", "1")], 1) is None
