@@ -27,7 +27,10 @@ Variants, on the same answer (``--body``, default the 2 KB pretty-printed OpenAI
 completion): ``fixed`` (``cost: 1``), ``header`` (``header: X-Cost``; the answer has no
 such header, so the missing-usage policy charges), ``usage`` (``usage: auto``, numeric
 reserve: the request is read for include_usage, the answer held, its usage read and
-priced).
+priced). ``--variants`` picks among those and, on the ~900-byte answer of
+bench/usage_tap.py's ``proxy`` part, ``fixed900``, ``numeric`` (``usage: openai``, reserve
+5) and ``auto`` (``reserve: auto``: the request decoded for its estimate too); ratios are
+to the first variant named.
 
 Needs ``valgrind``. Python's hash seed is fixed (PYTHONHASHSEED=0) so runs repeat. Kernel
 time (socket reads and writes) is not counted, and the settle batching depends on timing
@@ -48,7 +51,14 @@ from typing import Any
 
 _HERE = Path(__file__).resolve().parent
 VARIANTS = {"fixed": "fixed", "header": "hdr", "usage": "any"}
-"""Variant -> the path prefix of its route in bench/usage_tap.py's CONFIG."""
+"""Variant -> the path prefix of its route in bench/usage_tap.py's CONFIG (on ``--body``)."""
+SMALL_VARIANTS = {
+    "fixed900": "/fixed/v1/chat/completions",
+    "numeric": "/usage/v1/chat/completions",
+    "auto": "/auto/v1/chat/completions",
+}
+"""``--variants`` on the ~900-byte answer (bench/usage_tap.py's ``proxy`` part): a fixed
+cost, ``usage: openai`` with a numeric reserve, and with ``reserve: auto``."""
 MODES = ("inprocess", "proxy")
 
 
@@ -72,6 +82,7 @@ def _child(mode: str, config: Path, body: str, counts: dict[str, int], warm: int
             app = chat_app(config)
             gate = next(m.kwargs["gate"] for m in app.user_middleware)
         paths = {v: f"/{prefix}/{body}/v1/chat/completions" for v, prefix in VARIANTS.items()}
+        paths.update(SMALL_VARIANTS)
         for variant in counts:
             await drive(app, paths[variant], CHAT_REQUEST, warm, 32)
             await gate.meter.drain()
@@ -94,14 +105,16 @@ def _count(
         out = Path(tmp) / "callgrind.out"
         env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
         spec = ",".join(f"{v}={n}" for v, n in counts.items())
-        subprocess.run(
+        done = subprocess.run(
             [
                 "valgrind", "--tool=callgrind", "--trace-children=no",
                 f"--callgrind-out-file={out}", sys.executable, str(_HERE / "usage_instructions.py"),
                 "--child", mode, str(config), body, spec, str(warm),
             ],
-            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"child run failed ({spec}):\n{done.stderr[-4000:]}")
         match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
         if match is None:
             raise RuntimeError("callgrind wrote no totals")
@@ -110,10 +123,11 @@ def _count(
 
 def per_request(tree: Path, mode: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
     """Instructions per request of each variant (see the module docstring)."""
-    small = dict.fromkeys(VARIANTS, args.small)
+    variants = args.variants.split(",")
+    small = dict.fromkeys(variants, args.small)
     base = _count(tree, mode, config, args.body, small, args.warm)
     out: dict[str, float] = {}
-    for variant in VARIANTS:
+    for variant in variants:
         total = _count(tree, mode, config, args.body, {**small, variant: args.large}, args.warm)
         out[variant] = (total - base) / (args.large - args.small)
     return out
@@ -125,6 +139,11 @@ def main() -> None:
     parser.add_argument("--tree", action="append", type=Path, help="a checkout (repeatable)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--body", default="openai2k", help="a key of bench.usage_tap.BODIES")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"of {', '.join([*VARIANTS, *SMALL_VARIANTS])}; ratios are to the first",
+    )
     parser.add_argument("--warm", type=int, default=128)
     parser.add_argument("--small", type=int, default=64)
     parser.add_argument("--large", type=int, default=576)
@@ -164,7 +183,7 @@ def main() -> None:
                         )
                     )
                     ir = per_request(tree, mode, config, args)
-                    fixed = ir["fixed"]
+                    fixed = next(iter(ir.values()))
                     print(
                         f"  {mode:<9} {tree!s:<28} "
                         + "  ".join(

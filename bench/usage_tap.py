@@ -273,7 +273,13 @@ def serve_upstream(port: int, gap: float) -> None:
             await asyncio.sleep(gap)  # paced like a model: one event per write
         await send({"type": "http.response.body", "body": b""})
 
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    # Idle connections kept for long: under valgrind (bench/usage_instructions.py) on a loaded
+    # machine the gateway may leave its pooled connection idle past uvicorn's default 5 s,
+    # and a connection closed as it is reused is a 502 that fails the run.
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+        timeout_keep_alive=600,
+    )  # fmt: skip
 
 
 def chat_app(config_path: Path) -> Any:

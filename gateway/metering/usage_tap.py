@@ -51,6 +51,7 @@ from gateway.metering.admission import Admission
 from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
 from gateway.metering.meter import Actual
 from gateway.usage import PriceTable, StreamTap, Usage, usage_from_json
+from gateway.usage.requests import estimate_reserve
 from gateway.usage.sse import DEFAULT_MAX_LINE
 
 __all__ = [
@@ -157,7 +158,11 @@ class VariableCost:
         if body is None:
             return spec.maximum
         model = gemini_model(path) if self.provider in ("gemini", "auto") else None
-        return spec.reserve_for(body, self.prices, model=model)
+        prices = self.prices
+        if prices is None or spec.provider is None:  # not a checked config: reserve_for says so
+            return spec.reserve_for(body, prices, model=model)
+        # spec.reserve_for's estimate, one call less (every reserve: auto request).
+        return estimate_reserve(body, spec.provider, prices, model=model, cap=spec.maximum)
 
 
 class RequestRead:
@@ -222,7 +227,11 @@ def replaced_body_headers(headers: list[Header], length: int) -> list[Header]:
 
 def identity_encoding(headers: list[Header]) -> list[Header]:
     """``headers`` asking for an uncompressed answer: a usage cannot be read from gzip."""
-    # A list comprehension, not a generator: every usage-charged request comes here.
+    # Every usage-charged request comes here. Without an Accept-Encoding (told by a dict
+    # built in C) the list is copied with one more header, no Python loop; else filtered
+    # by a list comprehension, not a generator.
+    if _ACCEPT_ENCODING not in dict(headers):
+        return [*headers, _IDENTITY]
     out = [h for h in headers if h[0] != _ACCEPT_ENCODING]
     out.append(_IDENTITY)
     return out
@@ -470,12 +479,11 @@ class ResponseTap:
         elif status < 200 or status in (204, 304):
             actual = self._missing_charge()  # no body, so no usage: known now
         else:
-            content_type = content_encoding = b""
-            for name, value in headers:
-                if name == _CONTENT_TYPE:
-                    content_type = value.lower()
-                elif name == _CONTENT_ENCODING:
-                    content_encoding = value.strip().lower()
+            # The last of each header wins, as in a dict built from the list (in C: no
+            # Python loop over the headers on every usage-charged answer).
+            named = dict(headers)
+            content_type = named.get(_CONTENT_TYPE, b"").lower()
+            content_encoding = named.get(_CONTENT_ENCODING, b"").strip().lower()
             if content_encoding not in (b"", b"identity"):
                 actual = self._missing_charge()  # compressed: not read (we asked for none)
             elif content_type.startswith(b"text/event-stream"):

@@ -39,7 +39,8 @@ module docstring): it handles this depth wherever the readers run, and real answ
 less than 10 levels. It is orjson's own serialisation limit, which makes the check cheap."""
 
 _WALK_FROM: Final = 16 * 1024
-"""Bodies this long are checked for depth by walking their containers; shorter ones by
+"""Bodies this long are checked for depth by counting their brackets (:func:`_few_brackets`)
+and, past :data:`_ORJSON_MAX_DEPTH` of them, by walking their containers; shorter ones by
 re-encoding them with orjson (~0.5 µs for 2 KB, but ~4 µs for 30 KB of text)."""
 
 _orjson_loads: Callable[[bytes], object] | None = None
@@ -70,12 +71,14 @@ def _loads_orjson(body: bytes) -> object:
     except ValueError:  # orjson.JSONDecodeError: let the standard library decide
         return json.loads(body)
     # Each level takes two bytes ([ and ]), so a short body cannot nest too deep. Counting
-    # the brackets of a longer one would cost ~1 µs per KB; instead the document is
-    # re-encoded, which orjson refuses past _ORJSON_MAX_DEPTH levels (a walk over the
-    # containers is cheaper for long bodies of long strings).
+    # the brackets of a longer one with bytes.count would cost ~1 µs per KB; instead the
+    # document is re-encoded, which orjson refuses past _ORJSON_MAX_DEPTH levels (~12 k
+    # instructions for 2 KB). Long bodies: their brackets found one by one, else a walk.
     if len(body) > 2 * _ORJSON_MAX_DEPTH:
         if len(body) >= _WALK_FROM:
-            if _deeper_than(doc, _ORJSON_MAX_DEPTH):
+            # A long answer is mostly text: its few brackets are counted first (nesting
+            # needs one per level), and only a body with many is walked.
+            if not _few_brackets(body, _ORJSON_MAX_DEPTH) and _deeper_than(doc, _ORJSON_MAX_DEPTH):
                 return json.loads(body)
         else:
             try:
@@ -83,6 +86,27 @@ def _loads_orjson(body: bytes) -> object:
             except TypeError:  # orjson.JSONEncodeError: "Recursion limit reached"
                 return json.loads(body)
     return doc
+
+
+def _few_brackets(body: bytes, limit: int) -> bool:
+    """Whether ``body`` holds at most ``limit`` opening brackets (``{`` and ``[``, in strings
+    too): then nothing in it nests deeper than ``limit``.
+
+    Found by ``find`` from one bracket to the next (memchr: it skips the text between them
+    at a fraction of an instruction per byte), so this costs per bracket, ~1 k instructions
+    each, not per byte: ``bytes.count`` is a plain loop over every byte (~5.6 instructions
+    per byte: 306 k for both brackets of a 30 KB answer, against ~25 k this way;
+    bench/usage_pieces.py, BENCHMARKS.md issue 8)."""
+    find = body.find
+    left = limit
+    for bracket in (b"{", b"["):
+        at = find(bracket)
+        while at >= 0:
+            left -= 1
+            if left < 0:
+                return False
+            at = find(bracket, at + 1)
+    return True
 
 
 def _deeper_than(doc: object, limit: int) -> bool:

@@ -196,6 +196,20 @@ class PriceTable:
                 self._memo[model] = price
         return price
 
+    def terms_for(self, model: str | None) -> tuple[int, int, int, int]:
+        """The price of ``model`` (:meth:`price_for`) in :func:`charge`'s integer form: the
+        input, cached input and output prices over one common denominator, and 1000 x that
+        denominator, so that ``ceil((input x i + cached x c + output x o) / scale)`` is the
+        exact charge. Remembered per model (up to a bound)."""
+        if model is None:
+            return self._default_terms
+        found = self._terms_memo.get(model)
+        if found is None:
+            found = _terms(self.price_for(model))
+            if len(self._terms_memo) < _MEMO_LIMIT:
+                self._terms_memo[model] = found
+        return found
+
     def cost(self, usage: Usage, maximum: int | None) -> int:
         """What ``usage`` costs in creditgate tokens, at most ``maximum`` (``None``: no cap).
 
@@ -209,11 +223,7 @@ class PriceTable:
             terms = self._default_terms
         else:
             found = self._terms_memo.get(model)
-            if found is None:
-                found = _terms(self.price_for(model))
-                if len(self._terms_memo) < _MEMO_LIMIT:
-                    self._terms_memo[model] = found
-            terms = found
+            terms = self.terms_for(model) if found is None else found
         inp, cached, out, scale = terms
         numerator = (
             usage.input_tokens * inp

@@ -7,14 +7,13 @@ end of a stream (it does not unless told to).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from gateway.usage.jsonload import loads
-from gateway.usage.model import clean_model, is_count, provider_mode
-from gateway.usage.prices import PriceTable, charge
+from gateway.usage.model import MAX_TOKENS, clean_model, is_count, provider_mode
+from gateway.usage.prices import PriceTable
 
 DEFAULT_OUTPUT_TOKENS: Final = 4096
 """The output allowance reserved for a request that names no output cap."""
@@ -120,18 +119,47 @@ def estimate_reserve(
     (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens`` or
     ``generationConfig.maxOutputTokens``) or ``default_output``, times its choices. The result
     is at least 1 and at most ``cap`` (``None``: uncapped); ``cap`` must be at least 1.
+
+    The same reading as :func:`inspect_request` priced by :func:`charge`, in plain statements
+    (every ``reserve: auto`` request comes here: no :class:`RequestInfo`, no list of caps,
+    the price in :meth:`PriceTable.terms_for`'s integer form); tests/usage/test_requests.py
+    checks both give the same answer on random bodies.
     """
     if cap is not None and (type(cap) is not int or cap < 1):
         raise ValueError("cap: must be a positive integer or None")
     if not is_count(default_output):
         raise ValueError("default_output: must be a non-negative integer")
-    info = inspect_request(body, provider)
-    output = info.max_output_tokens
-    if output is None:
-        output = default_output * info.choices
-    prompt = math.ceil(info.size / BYTES_PER_TOKEN)
-    price = prices.price_for(model if model is not None else info.model)
-    return max(1, charge(price, prompt, 0, output, cap))
+    keys = _OUTPUT_KEYS[provider_mode(provider)]
+    doc = _decode(body)
+    top: int | None = None  # the largest positive output cap named
+    choices = 1
+    if doc is not None:
+        for key in keys:
+            value = doc.get(key)
+            if type(value) is int and 0 < value <= MAX_TOKENS and (top is None or value > top):
+                top = value
+        if provider != "anthropic" and provider != "gemini":  # openai, auto: n
+            value = doc.get("n")
+            if type(value) is int and 1 <= value <= _MAX_CHOICES:
+                choices = value
+        if provider == "gemini" or provider == "auto":
+            config = doc.get("generationConfig", doc.get("generation_config"))
+            if isinstance(config, Mapping):
+                value = config.get("maxOutputTokens", config.get("max_output_tokens"))
+                if type(value) is int and 0 < value <= MAX_TOKENS and (top is None or value > top):
+                    top = value
+                value = config.get("candidateCount", config.get("candidate_count"))
+                if type(value) is int and 1 <= value <= _MAX_CHOICES and value > choices:
+                    choices = value
+        if model is None:
+            model = clean_model(doc.get("model"))
+    output = default_output * choices if top is None else top * choices
+    prompt = -(-len(body) // BYTES_PER_TOKEN)  # ceil(size / 4)
+    inp, _, out, scale = prices.terms_for(model)
+    cost = -(-(prompt * inp + output * out) // scale)  # ceil: charge()'s exact sum
+    if cap is not None and cost > cap:
+        cost = cap
+    return cost if cost > 1 else 1
 
 
 def ensure_stream_usage(body: bytes) -> bytes | None:

@@ -38,6 +38,7 @@ from gateway.metering.usage_tap import (
     SseUsageTap,
     VariableCost,
     gemini_model,
+    identity_encoding,
     parse_cost_value,
     read_request,
 )
@@ -414,6 +415,48 @@ async def test_compressed_and_refunded_answers_are_not_read() -> None:
     await refunded.send(start())
     await refunded.send(body(CHAT_JSON.encode()))
     assert sent.messages[1]["body"] == CHAT_JSON.encode()  # passed, not held
+
+
+@pytest.mark.parametrize(
+    ("extra", "read"),
+    [
+        # The last of a repeated header decides, in any case of its value.
+        (((b"content-encoding", b"gzip"), (b"content-encoding", b" Identity ")), True),
+        (((b"content-encoding", b"identity"), (b"content-encoding", b"br")), False),
+        (((b"content-type", b"application/json"), (b"content-type", b"Text/Event-Stream")), None),
+        (((b"content-type", b"text/event-stream"), (b"content-type", b"application/json")), True),
+    ],
+)
+async def test_the_last_content_type_and_encoding_decide(
+    extra: tuple[tuple[bytes, bytes], ...], read: bool | None
+) -> None:
+    """``read``: the answer held and its usage read (True), not read (False), or tapped as
+    an event stream (None)."""
+    tap, sent, _ = tap_for("chat")
+    await tap.send({"type": "http.response.start", "status": 200, "headers": list(extra)})
+    if read is None:
+        assert sent.told == b"reserved"
+        return
+    assert sent.messages == [] if read else sent.told == b"30"
+    await tap.send(body(CHAT_JSON.encode()))
+    assert tap.actual().missing is not read
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        [(b"host", b"h"), (b"content-type", b"application/json")],
+        [(b"accept-encoding", b"gzip, br"), (b"host", b"h")],
+        [(b"host", b"h"), (b"accept-encoding", b"gzip"), (b"x", b"1"), (b"accept-encoding", b"br")],
+    ],
+)
+def test_identity_encoding_replaces_every_accept_encoding(given: list[tuple[bytes, bytes]]) -> None:
+    before = list(given)
+    out = identity_encoding(given)
+    assert out == [h for h in given if h[0] != b"accept-encoding"] + [
+        (b"accept-encoding", b"identity")
+    ]
+    assert given == before  # the caller's list is not changed
 
 
 async def test_an_upstream_failure_while_held_becomes_a_502() -> None:

@@ -281,3 +281,44 @@ def test_request_bodies_read_as_with_the_plain_decode(
     monkeypatch.setattr(requests_module, "loads", jsonload.loads_exact)
     plain = [(inspect_request(body, p), request_model(body)) for p in PROVIDERS]
     assert fast == plain
+
+
+@needs_orjson
+@pytest.mark.parametrize(
+    ("in_text", "depth", "walked", "plain"),
+    [
+        (0, 252, False, False),  # 254 opening brackets, the 2 objects included: not walked
+        (1, 252, True, False),  # 255, one of them in a string: walked, not too deep
+        (300, 2, True, False),  # many in the text: walked, not too deep
+        (0, 253, True, False),  # 255: walked; 254 levels with the outer object: not too deep
+        (0, 254, True, True),  # walked, 255 levels: the standard library decides
+    ],
+)
+def test_long_bodies_count_their_brackets_before_a_walk(
+    monkeypatch: pytest.MonkeyPatch, in_text: int, depth: int, walked: bool, plain: bool
+) -> None:
+    """Past jsonload._WALK_FROM bytes, a body with at most 254 opening brackets (``{`` and
+    ``[``, in strings too) cannot nest deeper than 254 and is not walked; one with more is,
+    and only a deep one goes to the standard library."""
+    body = (
+        b'{"object":"chat.completion","pad":"' + b"p" * 20_000 + b"[" * in_text + b'",'
+        + b'"x":' + b"[" * depth + b"]" * depth + b',"usage":{"prompt_tokens":4}}'
+    )  # fmt: skip
+    assert len(body) >= jsonload._WALK_FROM
+    walks: list[int] = []
+    plains: list[int] = []
+    real_walk, real_plain = jsonload._deeper_than, json.loads
+
+    def walk(doc: object, limit: int) -> bool:
+        walks.append(1)
+        return real_walk(doc, limit)
+
+    def plain_loads(raw: bytes) -> object:
+        plains.append(1)
+        return real_plain(raw)
+
+    monkeypatch.setattr(jsonload, "_deeper_than", walk)
+    monkeypatch.setattr(jsonload.json, "loads", plain_loads)
+    doc = jsonload.loads(body)
+    assert (bool(walks), bool(plains)) == (walked, plain)
+    assert isinstance(doc, dict) and doc["usage"] == {"prompt_tokens": 4}

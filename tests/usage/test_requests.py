@@ -252,3 +252,70 @@ def test_ensure_stream_usage_only_ever_adds_include_usage(extra: Any) -> None:
     changed = ensure_stream_usage(body(doc))
     assert changed is not None
     assert json.loads(changed) == {**doc, "stream_options": {"include_usage": True}}
+
+
+def _reserve_by_inspection(
+    raw: bytes, provider: str, model: str | None, default_output: int, cap: int | None
+) -> int:
+    """estimate_reserve's documented reading, spelt out: inspect_request priced by charge()
+    (what it computed before its plain-statement form)."""
+    import math
+
+    from gateway.usage import charge
+
+    info = inspect_request(raw, provider)
+    output = info.max_output_tokens
+    if output is None:
+        output = default_output * info.choices
+    price = PRICES.price_for(model if model is not None else info.model)
+    return max(1, charge(price, math.ceil(info.size / 4), 0, output, cap))
+
+
+_COUNTS = st.one_of(
+    st.integers(-3, 300),
+    st.integers(10**12 - 2, 10**12 + 2),
+    st.sampled_from([None, True, False, 1.0, 2.5, "7", [], {}]),
+)
+_OPTIONAL = st.dictionaries(
+    st.sampled_from(
+        ["max_tokens", "max_completion_tokens", "max_output_tokens", "n", "model", "stream"]
+    ),
+    _COUNTS | st.sampled_from(["gpt-4o-mini", "claude-x", "gemini-2.0-flash", "", "x" * 300]),
+)
+_GEMINI_CONFIG = st.dictionaries(
+    st.sampled_from(
+        ["maxOutputTokens", "max_output_tokens", "candidateCount", "candidate_count", "other"]
+    ),
+    _COUNTS,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    _OPTIONAL,
+    st.none() | _GEMINI_CONFIG | _COUNTS,
+    st.sampled_from(["generationConfig", "generation_config"]),
+    st.sampled_from(["auto", "openai", "anthropic", "gemini"]),
+    st.sampled_from([None, "gpt-4o-mini", "gemini-2.5-flash", "unknown"]),
+    st.sampled_from([DEFAULT_OUTPUT_TOKENS, 0, 7]),
+    st.sampled_from([None, 1, 3, 50, 10**9]),
+    st.sampled_from([b"", b"not json", b"[1, 2]", b'"text"']),
+)
+def test_estimate_reserve_equals_the_inspected_reading(
+    fields: dict[str, Any],
+    config: Any,
+    config_key: str,
+    provider: str,
+    model: str | None,
+    default_output: int,
+    cap: int | None,
+    junk: bytes,
+) -> None:
+    doc = {"messages": [{"role": "user", "content": "hello " * 40}], **fields}
+    if config is not None:
+        doc[config_key] = config
+    for raw in (body(doc), junk):
+        got = estimate_reserve(
+            raw, provider, PRICES, model=model, default_output=default_output, cap=cap
+        )
+        assert got == _reserve_by_inspection(raw, provider, model, default_output, cap)
