@@ -11,17 +11,22 @@
 -- then per item: request id, outcome, upstream status ("" = none, "0" = connection error),
 --          latency (ms, "" = none); the outcome is "c" (charge the hold) or "r" (refund
 --          it), and those items have these 4 values only (the fixed-cost path). Outcome
---          "C" (charge) or "R" (refund) is an extended item, 10 more values:
---            actual   tokens to charge instead of the hold ("" = the hold)
---            cs um mdl ui uc uo ur
---                     the usage event fields (gateway/core/events.py): cost source,
---                     usage missing, model, uncached input, cached input, output and
---                     reasoning tokens ("" = none)
+--          "C" (charge) or "R" (refund) is an extended item, 3 more values:
+--            usage    the actual and the usage event fields (gateway/core/events.py) in one
+--                     value, "<actual> <cs> <um> <ui> <uc> <uo> <ur> <mdl>": tokens to
+--                     charge instead of the hold, cost source, usage missing ("1" or ""),
+--                     uncached input, cached input, output and reasoning tokens, and the
+--                     model last (it may hold spaces); each "" when none. The whole value
+--                     is "" for an item with neither (a fixed cost's stored response).
+--                     One value rather than eight: each argument costs Redis ~950
+--                     instructions to parse and hand to Lua, the split ~2,500 in all.
 --            response what a repeat of the request's Idempotency-Key gets (R... or X...,
 --                     see gateway/metering/admission.py StoredResponse; "" = the status)
 --            org      for a reservation settled through the reservation API: the caller's
 --                     org ("" otherwise). Only a reservation of that org is settled.
---
+--          Outcome "a" charges the usage value's actual like "C", for a caller that does
+--          not wait for the answer and has no response to keep (the middleware's settle of
+--          a variable cost): 1 more value (usage) only, and it answers as a "c" item.
 -- Charging an actual A against a hold of c tokens: A = c is a charge of the hold. A < c
 -- gives back c - A, taken back in the reverse order of spending (purchased lots first,
 -- then plan tokens, these only within the period they came from), exactly as a refund
@@ -31,13 +36,15 @@
 -- event's t is the net tokens taken, A minus the overage. A reservation's actual is capped
 -- by the feature's max (hold field mx).
 --
--- Returns an array of N values. A "c"/"r" item: the tokens charged (0 for a refund), or
--- -1 when the hold no longer exists (already settled, also earlier in the same batch, or
+-- Returns an array of N values. A "c"/"r"/"a" item: the tokens charged (0 for a refund),
+-- or -1 when the hold no longer exists (already settled, also earlier in the same batch, or
 -- swept into an expired_hold charge). A "C"/"R" item: {charged, refunded, overage,
 -- remaining, reserved} (remaining: the bucket's plan and purchased tokens after), or -1
 -- when the hold is gone; for a reservation item instead the stored result (JSON, see
 -- gateway/metering/reservations.py) when it was settled, released or expired before, -1
--- when nothing is known of it, -2 when the hold is not a reservation of that org.
+-- when nothing is known of it, -2 when the hold is not a reservation of that org. An
+-- extended item whose usage value does not have that form (a gateway bug) is not settled:
+-- -1, its hold left to expire into a charge at its reserve, as a settle that never came.
 --
 -- Levels (contract A10): a hold that drew from team, user or key caps lists their caps
 -- (hold field lx, or lv in holds written before: lua/charge.lua; the counters are named
@@ -71,6 +78,7 @@ local now = tonumber(ARGV[1])
 local now_s = string.match(ARGV[1], '^[1-9]%d*$') and ARGV[1] or now
 local n = tonumber(ARGV[2])
 local unpack = unpack or table.unpack
+local match = string.match
 local results = {}
 
 -- Where each item's values start, and every hold of the batch in one read (in chunks:
@@ -82,8 +90,10 @@ for j = 1, n do
   local outcome = ARGV[a + 1]
   if outcome == 'c' or outcome == 'r' then
     a = a + 4
+  elseif outcome == 'a' then
+    a = a + 5
   else
-    a = a + 14
+    a = a + 7
   end
 end
 for from = 1, n, 1000 do
@@ -260,8 +270,20 @@ for j = 1, n do
   local request_id, outcome, status, latency = ids[j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local org_key, idem_key = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
   local raw = raws[j]
-  local extended = outcome == 'C' or outcome == 'R'
-  local rsv_org = extended and ARGV[a + 13] or ''
+  local extended = outcome ~= 'c' and outcome ~= 'r'
+  -- An extended item's actual and usage fields (nil past cs when it has none).
+  local rsv_org, actual, cs, um, ui, uc, uo, ur, mdl = '', '', ''
+  if extended then
+    local usage = ARGV[a + 4]
+    if usage ~= '' then
+      actual, cs, um, ui, uc, uo, ur, mdl =
+        match(usage, '^(%d*) (%S*) (1?) (%d*) (%d*) (%d*) (%d*) (.*)$')
+      if not actual then
+        raw = nil  -- malformed: left alone (see the header)
+      end
+    end
+    if outcome ~= 'a' then rsv_org = ARGV[a + 6] end
+  end
   local h = nil
   if raw and not seen[request_id] then
     h = cjson.decode(raw)
@@ -292,7 +314,6 @@ for j = 1, n do
     end
     local kind, charged, overage = 'charge', h.c, 0
     local moved = false  -- the levels' counters changed here (their figures are read again)
-    local actual = extended and ARGV[a + 4] or ''
     if rsv_org ~= '' and h.e and h.e <= now then
       -- A reservation past its expiry is charged its reserve, as the sweep would have.
       kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
@@ -340,7 +361,7 @@ for j = 1, n do
         end
       end
       if h.ik ~= '' then
-        local response = extended and ARGV[a + 12] or ''
+        local response = (extended and outcome ~= 'a') and ARGV[a + 5] or ''
         if response == '' then response = 'd:' .. status end
         redis.call('SET', idem_key, (h.fp and ('F' .. h.fp) or '') .. response, 'KEEPTTL')
       end
@@ -358,17 +379,14 @@ for j = 1, n do
     end
     local seq = o.seq + 1
     o.seq = seq
-    local cs = extended and ARGV[a + 5] or ''
     -- The capped levels' figures after this event, for the cap alerts (nil: none).
     local lvf = nil
     if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
     if extended and (cs ~= '' or actual ~= '') then
       -- A reservation settled past its expiry: the app's actual came too late to count,
       -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
-      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
-      if kind ~= 'expired_hold' then
-        mdl, ui, uc, uo, ur, um =
-          ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 6]
+      if kind == 'expired_hold' then
+        mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
       end
       audit_event(stream_key,
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
@@ -382,7 +400,9 @@ for j = 1, n do
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
         nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
     end
-    if extended then
+    if not extended or outcome == 'a' then
+      results[j] = charged
+    else
       local refunded = math.max(0, h.c - charged - overage)
       if kind == 'refund' then refunded = h.c end
       local remaining = tonumber(snap[1]) + tonumber(snap[2])
@@ -397,8 +417,6 @@ for j = 1, n do
       else
         results[j] = {charged, refunded, overage, remaining, h.c}
       end
-    else
-      results[j] = charged
     end
   end
 end
