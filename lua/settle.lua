@@ -19,7 +19,8 @@
 --                     model last (it may hold spaces); each "" when none. The whole value
 --                     is "" for an item with neither (a fixed cost's stored response).
 --                     One value rather than eight: each argument costs Redis ~950
---                     instructions to parse and hand to Lua, the split ~2,500 in all.
+--                     instructions to parse and hand to Lua, the split ~4,000 in all
+--                     (BENCHMARKS.md, "The variable-cost settle").
 --            response what a repeat of the request's Idempotency-Key gets (R... or X...,
 --                     see gateway/metering/admission.py StoredResponse; "" = the status)
 --            org      for a reservation settled through the reservation API: the caller's
@@ -60,7 +61,8 @@
 --
 -- Cost: the batch's holds are read with one HMGET and removed with one HDEL and one ZREM;
 -- each org's seq is read once and written once per call, and each org bucket's snapshot
--- fields are read once (again after a refund, which changes them). Every event still
+-- fields are read once; a refund or an actual other than the hold, which changes them,
+-- leaves the new ones from what it read and wrote (snapshot_after). Every event still
 -- gets its own seq, in batch order, and the same fields as if the requests were settled
 -- one by one.
 --
@@ -111,14 +113,26 @@ local function lot_order(x, y)
   return ex < ey
 end
 
+-- After give_back or take_more changed bucket b: its snapshot fields for the events (as
+-- the main loop would read them again: b x a u p, each "0" when unset, and p nil) from
+-- what the function read (st: b x l u p a seq) and the values it wrote (extra nil:
+-- unchanged), and the org's seq when not known yet. One HMGET less per event that moved
+-- a balance (a refund, an actual other than the hold): the values are those just
+-- written with HSET, which Redis turns into the same strings for the event.
+local function snapshot_after(o, b, st, bal, extra, used)
+  if not o.seq then o.seq = tonumber(st[7] or '0') end
+  o.snaps[b] = {bal, extra or st[2] or '0', st[6] or '0', used, st[5]}
+end
+
 -- Give tokens of hold h back to its bucket: plan_back plan tokens (only within the period
 -- they came from: after a reset they would have been forfeited anyway) and lots_back
 -- ([[reference, n, expires_ms], ...]) to their lots unless expired; used drops by
--- used_back (same period only).
-local function give_back(org_key, h, plan_back, lots_back, used_back)
+-- used_back (same period only). Leaves the bucket's snapshot after it in o (see
+-- snapshot_after).
+local function give_back(org_key, h, plan_back, lots_back, used_back, o)
   local b = h.b
   local f_bal, f_extra, f_used, f_per, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'p:' .. b, 'l:' .. b
-  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per)
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per, 'a:' .. b, 'seq')
   local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
   local used = tonumber(st[4] or '0')
   if st[5] == h.per then
@@ -152,15 +166,18 @@ local function give_back(org_key, h, plan_back, lots_back, used_back)
     end
   end
   redis.call('HSET', org_key, f_bal, bal, f_used, used)
+  snapshot_after(o, b, st, bal, restored > 0 and extra or nil, used)
 end
 
 -- Take `more` tokens beyond hold h from what is left in its bucket: plan tokens, then
 -- purchased lots soonest expiry first (expired lots are left for charge.lua to drop with
--- their grant_expired event). Returns what could not be covered.
-local function take_more(org_key, h, more)
+-- their grant_expired event). Returns what could not be covered; leaves the bucket's
+-- snapshot after it in o (see snapshot_after).
+local function take_more(org_key, h, more, o)
   local b = h.b
   local f_bal, f_extra, f_used, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'l:' .. b
-  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used)
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, 'p:' .. b, 'a:' .. b,
+    'seq')
   local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
   local used = tonumber(st[4] or '0')
   local from_plan = math.min(bal, more)
@@ -177,11 +194,17 @@ local function take_more(org_key, h, more)
       if lot[3] > 0 then kept[#kept + 1] = lot end
     end
     if from_lots > 0 then
-      redis.call('HSET', org_key, f_extra, extra - from_lots,
-        f_lots, #kept > 0 and cjson.encode(kept) or '[]')
+      extra = extra - from_lots
+      redis.call('HSET', org_key, f_extra, extra, f_lots, #kept > 0 and cjson.encode(kept) or '[]')
+    else
+      extra = nil
     end
+  else
+    extra = nil
   end
-  redis.call('HSET', org_key, f_bal, bal - from_plan, f_used, used + (more - rest))
+  bal, used = bal - from_plan, used + (more - rest)
+  redis.call('HSET', org_key, f_bal, bal, f_used, used)
+  snapshot_after(o, b, st, bal, extra, used)
   return rest
 end
 
@@ -261,7 +284,8 @@ end
 
 -- Per org hash: the org's seq, advanced here and written back once at the end (each event
 -- still gets its own number, in batch order), and per bucket the snapshot fields of the
--- events, read once; a refund (which changes them) drops its bucket's snapshot.
+-- events, read once; a refund or an actual other than the hold (which change them) leave
+-- the bucket's snapshot after them (snapshot_after).
 local orgs, org_order = {}, {}
 local settled, seen = {}, {}
 
@@ -319,10 +343,9 @@ for j = 1, n do
       kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
     elseif outcome == 'r' or outcome == 'R' then
       kind, charged = 'refund', 0
-      give_back(org_key, h, h.pp, h.lt, h.c)
+      give_back(org_key, h, h.pp, h.lt, h.c, o)
       levels_move(org_key, h, -h.c)
       moved = true
-      o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
         redis.call('DEL', idem_key)
@@ -344,20 +367,19 @@ for j = 1, n do
               lots_back[#lots_back + 1] = {t[1], t[2] - k, t[3]}
             end
           end
-          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
+          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged, o)
           levels_move(org_key, h, charged - h.c)
           moved = true
-          o.snaps[b] = nil
         elseif charged > h.c then
           local more = charged - h.c
           local allowed = levels_room(org_key, h) or more
           if allowed > more then allowed = more end
-          local uncovered = allowed > 0 and take_more(org_key, h, allowed) or 0
+          -- (Nothing allowed: nothing moved, the snapshot in o stays true.)
+          local uncovered = allowed > 0 and take_more(org_key, h, allowed, o) or 0
           levels_move(org_key, h, allowed - uncovered)
           moved = true
           overage = more - allowed + uncovered
           charged = charged - overage
-          o.snaps[b] = nil
         end
       end
       if h.ik ~= '' then

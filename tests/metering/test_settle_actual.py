@@ -398,3 +398,44 @@ def test_an_actual_is_a_value() -> None:
     )
     with pytest.raises(AttributeError):
         a.other = 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_event_of_a_batch_has_the_bucket_state_after_it(
+    gate: CreditGate, clock: FixedClock, seed: int
+) -> None:
+    """A refund or an actual other than the hold leaves its bucket's snapshot from what it
+    read and wrote instead of reading it again (settle.lua snapshot_after): every event of
+    one batch (refunds, actuals below, equal to and above the hold, some taking or giving
+    back lots, some overage) still carries the state after it. The holds are all taken
+    before the batch, so from one event to the next plan + extra moves by rs - t and used
+    by t - rs, from the state before the batch to the state after it."""
+    rng = random.Random(seed)
+    await lots_setup(gate, clock)
+    await gate.grant("acme", "research", 30, reference="more")
+    adms = [await admit(gate, cost=rng.randint(1, 6)) for _ in range(12)]
+    before = await bucket_state(gate, "acme", "research")
+    settles = []
+    for i, adm in enumerate(adms):
+        tokens = rng.choice([0, adm.cost, adm.cost + rng.randint(1, 9), rng.randint(0, 30)])
+        actual = Actual(tokens, Usage("openai", f"m {i}", i, 0, 1, 0))
+        ok = rng.random() > 0.2
+        settles.append(
+            gate.meter.settle(adm, ok=ok, status=200 if ok else 502, latency_ms=1, actual=actual)
+        )
+    got = await asyncio.gather(*settles)  # one batch: queued in the same iteration
+    assert not any(g.gone for g in got)
+    after = await bucket_state(gate, "acme", "research")
+    mine = {adm.request_id for adm in adms}
+    evs = [e for e in await events_of(gate, "acme") if e.event_id in mine]
+    assert len(evs) == len(adms)
+    total, used = before["bal"] + before["extra"], before["used"]
+    for ev in evs:
+        assert ev.reserved is not None and ev.balance_after is not None
+        total += ev.reserved - ev.tokens
+        used += ev.tokens - ev.reserved
+        assert (ev.balance_after + (ev.extra_after or 0), ev.used) == (total, used), ev
+    assert (total, used) == (after["bal"] + after["extra"], after["used"])
+    assert evs[-1].balance_after == after["bal"] and evs[-1].extra_after == after["extra"]
+    assert {e.allocated for e in evs} == {RESEARCH_ALLOCATION}
+    assert [e.seq for e in evs] == sorted({e.seq for e in evs})
