@@ -18,6 +18,16 @@ request of admit + settle (the gateway's side: wall-clock CPU, so it does move w
 Instructions are not time (cache misses, branch mispredictions), but the levels path and
 the no-levels path run the same kind of code (Lua, hash lookups), so the ratio tracks the
 CPU ratio; bench/lua_cpu.py gives the µs.
+
+``--actual`` (issue 8: what a variable cost's settle costs Redis) measures instead, on the
+org without levels, the settle of the same admitted requests three ways: ``fixed`` (a
+charge of the hold: the fixed-cost item), ``header`` (an extended item charging the hold
+with no usage, as a header cost whose answer had no header: cost source ``policy``, usage
+missing) and ``usage`` (an extended item charging an actual below the hold, with a model
+and four counts, as a ``usage:`` cost: part of the hold given back). Printed per variant:
+Redis instructions per settle and their ratio to ``fixed``, and this process's CPU µs per
+settle (``settle_nowait`` as the middleware does, a burst drained per call: queue,
+encode, reply; moves with the load).
 """
 
 from __future__ import annotations
@@ -39,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.lua_cpu import FEATURE, TOKENS, _free_port, setup_orgs
 from bench.run_all import CONFIG
 from gateway.config import parse_config
-from gateway.metering.meter import Meter
+from gateway.metering.meter import Actual, Meter
 from gateway.redisio.connect import connect_redis
+from gateway.usage.model import Usage
 
 BURST = 64
 
@@ -140,6 +151,81 @@ async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) ->
     )
 
 
+_HOLD = 40
+"""The hold of every ``--actual`` request."""
+_ACTUALS: dict[str, Actual | None] = {
+    "fixed": None,
+    "header": Actual(_HOLD, None, missing=True, source="policy"),
+    "usage": Actual(_HOLD // 2, Usage("openai", "gpt-4o-mini-2024-07-18", 1_017, 512, 187, 64)),
+}
+"""The settle of each ``--actual`` variant (None: the fixed-cost item)."""
+
+
+async def measure_actual(url: str, pid: int, workdir: str, args: argparse.Namespace) -> None:
+    """``--actual``: Redis instructions per settle of a fixed, a header and a usage item."""
+    prefix = "cgluains" + uuid.uuid4().hex[:8]
+    config = parse_config(
+        CONFIG.format(redis_url=url, dsn="", prefix=prefix, tokens=TOKENS), "<bench>"
+    )
+    handles = connect_redis(url, fast=True)
+    meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
+    org = "bench-org-0000"
+    await setup_orgs(meter, [org])
+    seen: set[str] = set()
+    settle: dict[str, list[float]] = {v: [] for v in _ACTUALS}
+    own: dict[str, list[float]] = {v: [] for v in _ACTUALS}
+    actuals = _ACTUALS
+
+    async def phase(variant: str, n: int) -> tuple[float, float]:
+        adms = []
+        for start in range(0, n, BURST):
+            burst = min(BURST, n - start)
+            adms += await asyncio.gather(
+                *(meter.admit(org, FEATURE, user="u1", cost=_HOLD) for _ in range(burst))
+            )
+        if any(not a.ok for a in adms):
+            raise SystemExit("refused")
+        actual = actuals[variant]
+        cpu = time.process_time()
+        _callgrind(pid, "-z")
+        for start in range(0, n, BURST):
+            # As the middleware settles: fire and forget, a burst batched per call.
+            for a in adms[start : start + BURST]:
+                meter.settle_nowait(a, ok=True, status=200, latency_ms=3, actual=actual)
+            await meter.drain()
+        _callgrind(pid, "-d")
+        s = _last_total(workdir, seen)
+        return s / n, (time.process_time() - cpu) * 1e6 / n
+
+    try:
+        for variant in actuals:
+            await phase(variant, BURST * 2)  # warm up
+        for rep in range(args.reps):
+            order = list(actuals)
+            if rep % 2:
+                order.reverse()
+            for variant in order:
+                s, g = await phase(variant, args.requests)
+                settle[variant].append(s)
+                own[variant].append(g)
+            print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    finally:
+        await meter.drain()
+        await handles.close()
+
+    def med(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    print(f"Redis instructions per settle (callgrind; {args.reps} x {args.requests} settles)")
+    fixed = med(settle["fixed"])
+    for variant in actuals:
+        print(
+            f"{variant:<8} {med(settle[variant]):>10.0f} ({med(settle[variant]) / fixed:.3f}x)"
+            f"  range {min(settle[variant]):.0f}..{max(settle[variant]):.0f}"
+            f"  gateway CPU {med(own[variant]):.1f} µs"
+        )
+
+
 def cli() -> None:
     """Start redis-server under callgrind on a free port, measure, stop it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -152,6 +238,10 @@ def cli() -> None:
     parser.add_argument(
         "--keep", help="copy callgrind's dumps here (callgrind_annotate shows where they go)"
     )
+    parser.add_argument(
+        "--actual", action="store_true",
+        help="settles of a fixed, a header and a usage cost instead (issue 8)",
+    )  # fmt: skip
     args = parser.parse_args()
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="cg-luains-")
@@ -173,7 +263,8 @@ def cli() -> None:
                 time.sleep(0.1)
         client.close()
         # The dumps of the phases; the one written at exit is not read.
-        asyncio.run(measure(f"redis://127.0.0.1:{port}/0", proc.pid, workdir, args))
+        run = measure_actual if args.actual else measure
+        asyncio.run(run(f"redis://127.0.0.1:{port}/0", proc.pid, workdir, args))
     finally:
         proc.terminate()
         try:

@@ -11,17 +11,23 @@
 -- then per item: request id, outcome, upstream status ("" = none, "0" = connection error),
 --          latency (ms, "" = none); the outcome is "c" (charge the hold) or "r" (refund
 --          it), and those items have these 4 values only (the fixed-cost path). Outcome
---          "C" (charge) or "R" (refund) is an extended item, 10 more values:
---            actual   tokens to charge instead of the hold ("" = the hold)
---            cs um mdl ui uc uo ur
---                     the usage event fields (gateway/core/events.py): cost source,
---                     usage missing, model, uncached input, cached input, output and
---                     reasoning tokens ("" = none)
+--          "C" (charge) or "R" (refund) is an extended item, 3 more values:
+--            usage    the actual and the usage event fields (gateway/core/events.py) in one
+--                     value, "<actual> <cs> <um> <ui> <uc> <uo> <ur> <mdl>": tokens to
+--                     charge instead of the hold, cost source, usage missing ("1" or ""),
+--                     uncached input, cached input, output and reasoning tokens, and the
+--                     model last (it may hold spaces); each "" when none. The whole value
+--                     is "" for an item with neither (a fixed cost's stored response).
+--                     One value rather than eight: each argument costs Redis ~950
+--                     instructions to parse and hand to Lua, the split ~4,000 in all
+--                     (BENCHMARKS.md, "The variable-cost settle").
 --            response what a repeat of the request's Idempotency-Key gets (R... or X...,
 --                     see gateway/metering/admission.py StoredResponse; "" = the status)
 --            org      for a reservation settled through the reservation API: the caller's
 --                     org ("" otherwise). Only a reservation of that org is settled.
---
+--          Outcome "a" charges the usage value's actual like "C", for a caller that does
+--          not wait for the answer and has no response to keep (the middleware's settle of
+--          a variable cost): 1 more value (usage) only, and it answers as a "c" item.
 -- Charging an actual A against a hold of c tokens: A = c is a charge of the hold. A < c
 -- gives back c - A, taken back in the reverse order of spending (purchased lots first,
 -- then plan tokens, these only within the period they came from), exactly as a refund
@@ -31,13 +37,15 @@
 -- event's t is the net tokens taken, A minus the overage. A reservation's actual is capped
 -- by the feature's max (hold field mx).
 --
--- Returns an array of N values. A "c"/"r" item: the tokens charged (0 for a refund), or
--- -1 when the hold no longer exists (already settled, also earlier in the same batch, or
+-- Returns an array of N values. A "c"/"r"/"a" item: the tokens charged (0 for a refund),
+-- or -1 when the hold no longer exists (already settled, also earlier in the same batch, or
 -- swept into an expired_hold charge). A "C"/"R" item: {charged, refunded, overage,
 -- remaining, reserved} (remaining: the bucket's plan and purchased tokens after), or -1
 -- when the hold is gone; for a reservation item instead the stored result (JSON, see
 -- gateway/metering/reservations.py) when it was settled, released or expired before, -1
--- when nothing is known of it, -2 when the hold is not a reservation of that org.
+-- when nothing is known of it, -2 when the hold is not a reservation of that org. An
+-- extended item whose usage value does not have that form (a gateway bug) is not settled:
+-- -1, its hold left to expire into a charge at its reserve, as a settle that never came.
 --
 -- Levels (contract A10): a hold that drew from team, user or key caps lists their caps
 -- (hold field lx, or lv in holds written before: lua/charge.lua; the counters are named
@@ -53,7 +61,8 @@
 --
 -- Cost: the batch's holds are read with one HMGET and removed with one HDEL and one ZREM;
 -- each org's seq is read once and written once per call, and each org bucket's snapshot
--- fields are read once (again after a refund, which changes them). Every event still
+-- fields are read once; a refund or an actual other than the hold, which changes them,
+-- leaves the new ones from what it read and wrote (snapshot_after). Every event still
 -- gets its own seq, in batch order, and the same fields as if the requests were settled
 -- one by one.
 --
@@ -71,6 +80,7 @@ local now = tonumber(ARGV[1])
 local now_s = string.match(ARGV[1], '^[1-9]%d*$') and ARGV[1] or now
 local n = tonumber(ARGV[2])
 local unpack = unpack or table.unpack
+local match = string.match
 local results = {}
 
 -- Where each item's values start, and every hold of the batch in one read (in chunks:
@@ -82,8 +92,10 @@ for j = 1, n do
   local outcome = ARGV[a + 1]
   if outcome == 'c' or outcome == 'r' then
     a = a + 4
+  elseif outcome == 'a' then
+    a = a + 5
   else
-    a = a + 14
+    a = a + 7
   end
 end
 for from = 1, n, 1000 do
@@ -101,14 +113,26 @@ local function lot_order(x, y)
   return ex < ey
 end
 
+-- After give_back or take_more changed bucket b: its snapshot fields for the events (as
+-- the main loop would read them again: b x a u p, each "0" when unset, and p nil) from
+-- what the function read (st: b x l u p a seq) and the values it wrote (extra nil:
+-- unchanged), and the org's seq when not known yet. One HMGET less per event that moved
+-- a balance (a refund, an actual other than the hold): the values are those just
+-- written with HSET, which Redis turns into the same strings for the event.
+local function snapshot_after(o, b, st, bal, extra, used)
+  if not o.seq then o.seq = tonumber(st[7] or '0') end
+  o.snaps[b] = {bal, extra or st[2] or '0', st[6] or '0', used, st[5]}
+end
+
 -- Give tokens of hold h back to its bucket: plan_back plan tokens (only within the period
 -- they came from: after a reset they would have been forfeited anyway) and lots_back
 -- ([[reference, n, expires_ms], ...]) to their lots unless expired; used drops by
--- used_back (same period only).
-local function give_back(org_key, h, plan_back, lots_back, used_back)
+-- used_back (same period only). Leaves the bucket's snapshot after it in o (see
+-- snapshot_after).
+local function give_back(org_key, h, plan_back, lots_back, used_back, o)
   local b = h.b
   local f_bal, f_extra, f_used, f_per, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'p:' .. b, 'l:' .. b
-  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per)
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, f_per, 'a:' .. b, 'seq')
   local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
   local used = tonumber(st[4] or '0')
   if st[5] == h.per then
@@ -142,15 +166,18 @@ local function give_back(org_key, h, plan_back, lots_back, used_back)
     end
   end
   redis.call('HSET', org_key, f_bal, bal, f_used, used)
+  snapshot_after(o, b, st, bal, restored > 0 and extra or nil, used)
 end
 
 -- Take `more` tokens beyond hold h from what is left in its bucket: plan tokens, then
 -- purchased lots soonest expiry first (expired lots are left for charge.lua to drop with
--- their grant_expired event). Returns what could not be covered.
-local function take_more(org_key, h, more)
+-- their grant_expired event). Returns what could not be covered; leaves the bucket's
+-- snapshot after it in o (see snapshot_after).
+local function take_more(org_key, h, more, o)
   local b = h.b
   local f_bal, f_extra, f_used, f_lots = 'b:' .. b, 'x:' .. b, 'u:' .. b, 'l:' .. b
-  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used)
+  local st = redis.call('HMGET', org_key, f_bal, f_extra, f_lots, f_used, 'p:' .. b, 'a:' .. b,
+    'seq')
   local bal, extra = tonumber(st[1] or '0'), tonumber(st[2] or '0')
   local used = tonumber(st[4] or '0')
   local from_plan = math.min(bal, more)
@@ -167,11 +194,17 @@ local function take_more(org_key, h, more)
       if lot[3] > 0 then kept[#kept + 1] = lot end
     end
     if from_lots > 0 then
-      redis.call('HSET', org_key, f_extra, extra - from_lots,
-        f_lots, #kept > 0 and cjson.encode(kept) or '[]')
+      extra = extra - from_lots
+      redis.call('HSET', org_key, f_extra, extra, f_lots, #kept > 0 and cjson.encode(kept) or '[]')
+    else
+      extra = nil
     end
+  else
+    extra = nil
   end
-  redis.call('HSET', org_key, f_bal, bal - from_plan, f_used, used + (more - rest))
+  bal, used = bal - from_plan, used + (more - rest)
+  redis.call('HSET', org_key, f_bal, bal, f_used, used)
+  snapshot_after(o, b, st, bal, extra, used)
   return rest
 end
 
@@ -251,7 +284,8 @@ end
 
 -- Per org hash: the org's seq, advanced here and written back once at the end (each event
 -- still gets its own number, in batch order), and per bucket the snapshot fields of the
--- events, read once; a refund (which changes them) drops its bucket's snapshot.
+-- events, read once; a refund or an actual other than the hold (which change them) leave
+-- the bucket's snapshot after them (snapshot_after).
 local orgs, org_order = {}, {}
 local settled, seen = {}, {}
 
@@ -260,8 +294,20 @@ for j = 1, n do
   local request_id, outcome, status, latency = ids[j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
   local org_key, idem_key = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
   local raw = raws[j]
-  local extended = outcome == 'C' or outcome == 'R'
-  local rsv_org = extended and ARGV[a + 13] or ''
+  local extended = outcome ~= 'c' and outcome ~= 'r'
+  -- An extended item's actual and usage fields (nil past cs when it has none).
+  local rsv_org, actual, cs, um, ui, uc, uo, ur, mdl = '', '', ''
+  if extended then
+    local usage = ARGV[a + 4]
+    if usage ~= '' then
+      actual, cs, um, ui, uc, uo, ur, mdl =
+        match(usage, '^(%d*) (%S*) (1?) (%d*) (%d*) (%d*) (%d*) (.*)$')
+      if not actual then
+        raw = nil  -- malformed: left alone (see the header)
+      end
+    end
+    if outcome ~= 'a' then rsv_org = ARGV[a + 6] end
+  end
   local h = nil
   if raw and not seen[request_id] then
     h = cjson.decode(raw)
@@ -292,16 +338,14 @@ for j = 1, n do
     end
     local kind, charged, overage = 'charge', h.c, 0
     local moved = false  -- the levels' counters changed here (their figures are read again)
-    local actual = extended and ARGV[a + 4] or ''
     if rsv_org ~= '' and h.e and h.e <= now then
       -- A reservation past its expiry is charged its reserve, as the sweep would have.
       kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
     elseif outcome == 'r' or outcome == 'R' then
       kind, charged = 'refund', 0
-      give_back(org_key, h, h.pp, h.lt, h.c)
+      give_back(org_key, h, h.pp, h.lt, h.c, o)
       levels_move(org_key, h, -h.c)
       moved = true
-      o.snaps[b] = nil
       if h.ik ~= '' then
         -- Failed requests release their key so that the client's retry is charged normally.
         redis.call('DEL', idem_key)
@@ -323,24 +367,23 @@ for j = 1, n do
               lots_back[#lots_back + 1] = {t[1], t[2] - k, t[3]}
             end
           end
-          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged)
+          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged, o)
           levels_move(org_key, h, charged - h.c)
           moved = true
-          o.snaps[b] = nil
         elseif charged > h.c then
           local more = charged - h.c
           local allowed = levels_room(org_key, h) or more
           if allowed > more then allowed = more end
-          local uncovered = allowed > 0 and take_more(org_key, h, allowed) or 0
+          -- (Nothing allowed: nothing moved, the snapshot in o stays true.)
+          local uncovered = allowed > 0 and take_more(org_key, h, allowed, o) or 0
           levels_move(org_key, h, allowed - uncovered)
           moved = true
           overage = more - allowed + uncovered
           charged = charged - overage
-          o.snaps[b] = nil
         end
       end
       if h.ik ~= '' then
-        local response = extended and ARGV[a + 12] or ''
+        local response = (extended and outcome ~= 'a') and ARGV[a + 5] or ''
         if response == '' then response = 'd:' .. status end
         redis.call('SET', idem_key, (h.fp and ('F' .. h.fp) or '') .. response, 'KEEPTTL')
       end
@@ -358,17 +401,14 @@ for j = 1, n do
     end
     local seq = o.seq + 1
     o.seq = seq
-    local cs = extended and ARGV[a + 5] or ''
     -- The capped levels' figures after this event, for the cap alerts (nil: none).
     local lvf = nil
     if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
     if extended and (cs ~= '' or actual ~= '') then
       -- A reservation settled past its expiry: the app's actual came too late to count,
       -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
-      local mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
-      if kind ~= 'expired_hold' then
-        mdl, ui, uc, uo, ur, um =
-          ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 6]
+      if kind == 'expired_hold' then
+        mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
       end
       audit_event(stream_key,
         request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
@@ -382,7 +422,9 @@ for j = 1, n do
         request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
         nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
     end
-    if extended then
+    if not extended or outcome == 'a' then
+      results[j] = charged
+    else
       local refunded = math.max(0, h.c - charged - overage)
       if kind == 'refund' then refunded = h.c end
       local remaining = tonumber(snap[1]) + tonumber(snap[2])
@@ -397,8 +439,6 @@ for j = 1, n do
       else
         results[j] = {charged, refunded, overage, remaining, h.c}
       end
-    else
-      results[j] = charged
     end
   end
 end

@@ -44,6 +44,7 @@ from gateway.metering.settlement import (
     Settled,
     Settlement,
     extension,
+    quiet_extension,
     settled_of,
 )
 from gateway.redisio.connect import RedisHandles
@@ -229,6 +230,11 @@ class Meter:
         """
         if actual is None and response is None:
             self.settlement.queue(adm, ok, status, latency_ms, idempotency_key, None)
+        elif ok and response is None and actual is not None:
+            # The middleware's usual variable-cost settle: nobody reads the reply.
+            self.settlement.queue(
+                adm, ok, status, latency_ms, idempotency_key, None, quiet_extension(actual)
+            )
         else:
             self.settlement.queue(
                 adm, ok, status, latency_ms, idempotency_key, None, extension(actual, response)

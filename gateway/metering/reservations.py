@@ -33,7 +33,7 @@ from typing import Any, Literal
 from gateway.config import Config
 from gateway.metering.admission import Admission
 from gateway.metering.meter import Meter
-from gateway.metering.settlement import Actual
+from gateway.metering.settlement import Actual, usage_value
 
 __all__ = [
     "MAX_TTL_SECONDS",
@@ -51,6 +51,9 @@ MAX_TTL_SECONDS = 86_400
 _ID = re.compile(r"[0-9a-f]{32}")
 
 Outcome = Literal["settled", "released", "expired"]
+# A release's usage value (lua/settle.lua): no actual, cost source reservation, the usage
+# fields empty.
+_RELEASED = " reservation" + " " * 6
 
 
 def is_reservation_id(value: str) -> bool:
@@ -216,19 +219,9 @@ class Reservations:
     ) -> SettleResult:
         if not is_reservation_id(reservation_id):
             raise ReservationNotFound(reservation_id)
-        if actual is None:
-            ext: tuple[str, ...] = ("", "reservation", "", "", "", "", "", "", "", org)
-        else:
-            u = actual.usage
-            ext = (
-                str(actual.tokens), "reservation", "1" if actual.missing else "",
-                "" if u is None or u.model is None else u.model,
-                "" if u is None else str(u.input_tokens),
-                "" if u is None else str(u.cached_input_tokens),
-                "" if u is None else str(u.output_tokens),
-                "" if u is None else str(u.reasoning_tokens),
-                "", org,
-            )  # fmt: skip
+        # A release has no actual: its event still says cost source reservation.
+        usage = _RELEASED if actual is None else usage_value(actual, "reservation")
+        ext = (usage, "", org)
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.meter.settlement.queue_reservation(org, reservation_id, ok, ext, done)
         reply = await done

@@ -34,7 +34,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from gateway.core.errors import RedisUnavailable
 from gateway.core.redis_keys import KeySpace, ShardKeys
@@ -51,23 +51,49 @@ __all__ = [
     "Settlement",
     "encode_fixed",
     "extension",
+    "quiet_extension",
 ]
 
 COST_SOURCES = ("usage", "header", "app", "policy", "reservation")
 
 
-@dataclass(frozen=True, slots=True)
 class Actual:
-    """What a call really cost, known after its response (contract A8)."""
+    """What a call really cost, known after its response (contract A8).
 
-    tokens: int
-    """What the call really cost, already capped by the feature's max."""
-    usage: Usage | None = None
-    """Model and counts read from the response, None if none."""
-    missing: bool = False
-    """Usage never came; ``tokens`` was decided by on_missing_usage."""
-    source: str = "usage"
-    """usage | header | app | policy | reservation (the event's ``cs``)."""
+    Immutable (``Final``: mypy refuses an assignment; ``__slots__``: no other attribute).
+    Not a frozen dataclass: one is built for every variable-cost request, and a frozen
+    dataclass's ``__init__`` (``object.__setattr__`` per field) costs 8.6 k instructions
+    against 3.5 k for this one (bench/usage_instructions.py, BENCHMARKS.md issue 8).
+    """
+
+    __slots__ = ("missing", "source", "tokens", "usage")
+
+    def __init__(
+        self, tokens: int, usage: Usage | None = None, missing: bool = False, source: str = "usage"
+    ) -> None:
+        self.tokens: Final = tokens
+        """What the call really cost, already capped by the feature's max."""
+        self.usage: Final = usage
+        """Model and counts read from the response, None if none."""
+        self.missing: Final = missing
+        """Usage never came; ``tokens`` was decided by on_missing_usage."""
+        self.source: Final = source
+        """usage | header | app | policy | reservation (the event's ``cs``)."""
+
+    def _key(self) -> tuple[int, Usage | None, bool, str]:
+        return self.tokens, self.usage, self.missing, self.source
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Actual) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (
+            f"Actual(tokens={self.tokens!r}, usage={self.usage!r}, missing={self.missing!r}, "
+            f"source={self.source!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,23 +117,38 @@ class Settled:
 GONE = Settled(0, 0, 0, None, 0, gone=True)
 
 
+def usage_value(actual: Actual | None, source: str | None = None) -> str:
+    """An extended settle item's usage value (lua/settle.lua): the actual and the event's
+    usage fields in one string, ``"<actual> <cs> <um> <ui> <uc> <uo> <ur> <mdl>"``, the
+    model last (it may hold spaces); ``""`` without an actual. ``source`` replaces the
+    actual's (a reservation's)."""
+    if actual is None:
+        return ""
+    cs = actual.source if source is None else source
+    um = "1" if actual.missing else ""
+    u = actual.usage
+    if u is None:
+        return f"{max(0, int(actual.tokens))} {cs} {um}     "
+    return (
+        f"{max(0, int(actual.tokens))} {cs} {um} {u.input_tokens} {u.cached_input_tokens} "
+        f"{u.output_tokens} {u.reasoning_tokens} {'' if u.model is None else u.model}"
+    )
+
+
 def extension(
     actual: Actual | None, response: StoredResponse | None, reservation_org: str = ""
 ) -> tuple[str, ...]:
-    """An extended settle item's 10 values after the 4 of every item (lua/settle.lua)."""
-    if actual is None:
-        head: tuple[str, ...] = ("", "", "", "", "", "", "", "")
-    else:
-        u = actual.usage
-        head = (
-            str(max(0, int(actual.tokens))), actual.source, "1" if actual.missing else "",
-            "" if u is None or u.model is None else u.model,
-            "" if u is None else str(u.input_tokens),
-            "" if u is None else str(u.cached_input_tokens),
-            "" if u is None else str(u.output_tokens),
-            "" if u is None else str(u.reasoning_tokens),
-        )  # fmt: skip
-    return (*head, "" if response is None else response.encode(), reservation_org)
+    """An extended settle item's 3 values after the 4 of every item (lua/settle.lua):
+    its reply is what :func:`settled_of` reads."""
+    return (usage_value(actual), "" if response is None else response.encode(), reservation_org)
+
+
+def quiet_extension(actual: Actual) -> tuple[str]:
+    """The 1 value of a settle item charging ``actual`` whose reply nobody reads and with
+    no response to keep (lua/settle.lua outcome ``a``: the middleware's settle of a
+    variable cost): two values fewer to send and parse, and an integer reply instead of an
+    array."""
+    return (usage_value(actual),)
 
 
 def settled_of(reply: Any) -> Settled:
@@ -116,6 +157,16 @@ def settled_of(reply: Any) -> Settled:
         return GONE
     charged, refunded, overage, remaining, reserved = (int(v) for v in reply)
     return Settled(charged, refunded, overage, remaining, reserved)
+
+
+def _extended_outcome(ok: bool, ext: tuple[str, ...]) -> str:
+    """The outcome of an extended item (lua/settle.lua): "C" | "R" with the 3 values of
+    :func:`extension`, "a" with the 1 of :func:`quiet_extension` (a charge only)."""
+    if len(ext) > 1:
+        return "C" if ok else "R"
+    if not ok:
+        raise ValueError("a quiet_extension charges its actual: queue a refund without it")
+    return "a"
 
 
 log = logging.getLogger("creditgate.meter")
@@ -134,9 +185,9 @@ _DURABLE_FOR_S = 30.0
 _DURABLE_MAX_PAUSE_S = 1.0
 
 # One queued settle: org key, idempotency key, request id, outcome ("c" charge | "r"
-# refund; "C" | "R" with the 10 extension values), upstream status, latency, the future of
-# settle() (None for settle_nowait), and the extension (None for "c" | "r"). The future
-# gets the raw reply of the item.
+# refund; "C" | "R" with the 3 extension values; "a" with the 1 of quiet_extension),
+# upstream status, latency, the future of settle() (None for settle_nowait), and the
+# extension (None for "c" | "r"). The future gets the raw reply of the item.
 _Settle = tuple[
     str, str, str, str, str, str, "asyncio.Future[Any] | None", "tuple[str, ...] | None"
 ]
@@ -239,7 +290,7 @@ class Settlement:
         """Queue the hold of ``adm`` for charge (``ok``) or refund; ``done``, if given,
         gets settle.lua's reply for it: the tokens charged (-1 if the hold was already
         gone), or with ``ext`` (:func:`extension`) what lua/settle.lua says of an
-        extended item.
+        extended item; with a :func:`quiet_extension` (``ok`` only) the tokens charged.
 
         Must be called from a coroutine on the event loop the meter runs on.
         """
@@ -251,7 +302,7 @@ class Settlement:
             if idempotency_key
             else org_keys.shard.no_idempotency,
             adm.request_id,
-            ("c" if ok else "r") if ext is None else ("C" if ok else "R"),
+            ("c" if ok else "r") if ext is None else _extended_outcome(ok, ext),
             "" if status is None else str(status),
             "" if latency_ms is None else str(latency_ms),
             done,

@@ -290,3 +290,152 @@ async def test_300_concurrent_admit_and_settle_account_to_the_token(
         assert sum(g.overage for _, g in settled) == sum(e.overage for e in requests) > 0
         assert min(st["bal"], st["extra"]) >= 0
         assert all(e.balance_after is None or e.balance_after >= 0 for e in evs)
+
+
+# --- the item forms: quiet ("a") and full ("C"), one usage value -------------------------
+
+
+@pytest.mark.parametrize("tokens", [4, 10, 35, 90])
+async def test_a_quiet_settle_charges_and_records_as_a_full_one(
+    gate: CreditGate, tokens: int
+) -> None:
+    """settle_nowait's item ("a": the usage value only, an integer reply) does to the
+    balance and the stream exactly what settle's ("C") does, on two orgs in the same
+    state: below, equal to and above the hold (10), and beyond what is left (overage)."""
+    await gate.set_plan("beta", "pro")
+    usage = Usage("openai", "gpt-4o-mini", 120, 30, 40, 8)
+    full, quiet = await admit(gate), await admit(gate, org="beta")
+    got = await gate.meter.settle(
+        full, ok=True, status=200, latency_ms=7, actual=Actual(tokens, usage)
+    )
+    gate.meter.settle_nowait(quiet, ok=True, status=200, latency_ms=7, actual=Actual(tokens, usage))
+    await gate.meter.drain()
+    states = [await bucket_state(gate, org, "research") for org in ("acme", "beta")]
+    assert states[0] == states[1]
+    assert states[0]["bal"] == got.remaining == max(0, RESEARCH_ALLOCATION - tokens)
+    a = {e["id"]: e for e in await raw_events_of(gate, "acme")}[full.request_id]
+    b = {e["id"]: e for e in await raw_events_of(gate, "beta")}[quiet.request_id]
+    assert list(a) == list(b)
+    same = {"id", "rq", "o", "s"}
+    assert {k: v for k, v in a.items() if k not in same} == {
+        k: v for k, v in b.items() if k not in same
+    }
+    assert (a["mdl"], a["ui"], a["uc"], a["uo"], a["ur"], a["cs"], a["um"]) == (
+        "gpt-4o-mini", "120", "30", "40", "8", "usage", ""
+    )  # fmt: skip
+    assert (a["t"], a["ov"]) == (str(got.charged), str(got.overage) if got.overage else "")
+    assert got.charged + got.overage == tokens
+
+
+async def test_the_quiet_item_answers_the_tokens_charged(gate: CreditGate) -> None:
+    """The "a" item's reply is one integer (the tokens charged, -1 when the hold is gone),
+    not the 5-value array of a "C" item."""
+    from gateway.metering.settlement import quiet_extension
+
+    adm = await admit(gate)
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[object] = loop.create_future()
+    again: asyncio.Future[object] = loop.create_future()
+    ext = quiet_extension(Actual(7, None, source="header"))
+    gate.meter.settlement.queue(adm, True, 200, 1, None, first, ext)
+    gate.meter.settlement.queue(adm, True, 200, 1, None, again, ext)
+    assert (await first, await again) == (7, -1)
+    with pytest.raises(ValueError, match="quiet_extension"):
+        gate.meter.settlement.queue(adm, False, 500, 1, None, None, ext)
+    assert (await bucket_state(gate, "acme", "research"))["bal"] == RESEARCH_ALLOCATION - 7
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["gpt 4o mini 2024 07 18", "  1 2 3 4  ", "modèle/ünïcode:v1", "tab\there", "a" * 300, ""],
+)
+async def test_the_model_is_recorded_verbatim_from_the_one_usage_value(
+    gate: CreditGate, model: str
+) -> None:
+    """The model is the usage value's last part and may hold spaces (and anything else a
+    library caller puts in a Usage): the event gets it byte for byte, and the counts
+    before it stay in their fields."""
+    usage = Usage("openai", model or None, 1, 2, 3, 4)
+    adm = await admit(gate)
+    gate.meter.settle_nowait(adm, ok=True, status=200, latency_ms=1, actual=Actual(5, usage))
+    held = await admit(gate)
+    got = await gate.meter.settle(held, ok=True, status=200, latency_ms=1, actual=Actual(6, usage))
+    assert got.charged == 6
+    raw = {e["id"]: e for e in await raw_events_of(gate, "acme")}
+    for rid, tokens in ((adm.request_id, "5"), (held.request_id, "6")):
+        ev = raw[rid]
+        assert (ev["t"], ev["mdl"], ev["ui"], ev["uc"], ev["uo"], ev["ur"]) == (
+            tokens, model, "1", "2", "3", "4"
+        )  # fmt: skip
+
+
+async def test_a_malformed_usage_value_settles_nothing(gate: CreditGate) -> None:
+    """An extended item whose usage value is not "<actual> <cs> <um> <ui> <uc> <uo> <ur>
+    <mdl>" (a gateway bug) leaves its hold alone (-1: it expires into a charge at its
+    reserve, as a lost settle), and the batch's other items settle as usual."""
+    bad, good = await admit(gate), await admit(gate)
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[object]] = [loop.create_future() for _ in range(3)]
+    settlement = gate.meter.settlement
+    settlement.queue(bad, True, 200, 1, None, futures[0], ("12 usage x 1 2 3 4 m",))
+    settlement.queue(bad, True, 200, 1, None, futures[1], ("twelve usage  1 2 3 4 m", "", ""))
+    settlement.queue(good, True, 200, 1, None, futures[2], ("3 header      ",))
+    assert [await f for f in futures] == [-1, -1, 3]
+    assert await gate.redis.client.hexists(gate.keys.shard("acme").holds, bad.request_id)
+    ids = {e.event_id for e in await events_of(gate, "acme")}
+    assert good.request_id in ids and bad.request_id not in ids
+    # The hold is still there to settle properly.
+    assert (await settle(gate, bad, 2)).charged == 2
+
+
+def test_an_actual_is_a_value() -> None:
+    usage = Usage("openai", "m", 1, 2, 3, 4)
+    a = Actual(5, usage, source="usage")
+    assert a == Actual(5, usage) and hash(a) == hash(Actual(5, usage))
+    assert a != Actual(5, usage, missing=True) and a != (5, usage, False, "usage")
+    assert repr(Actual(3, None, True, "policy")) == (
+        "Actual(tokens=3, usage=None, missing=True, source='policy')"
+    )
+    with pytest.raises(AttributeError):
+        a.other = 1  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_every_event_of_a_batch_has_the_bucket_state_after_it(
+    gate: CreditGate, clock: FixedClock, seed: int
+) -> None:
+    """A refund or an actual other than the hold leaves its bucket's snapshot from what it
+    read and wrote instead of reading it again (settle.lua snapshot_after): every event of
+    one batch (refunds, actuals below, equal to and above the hold, some taking or giving
+    back lots, some overage) still carries the state after it. The holds are all taken
+    before the batch, so from one event to the next plan + extra moves by rs - t and used
+    by t - rs, from the state before the batch to the state after it."""
+    rng = random.Random(seed)
+    await lots_setup(gate, clock)
+    await gate.grant("acme", "research", 30, reference="more")
+    adms = [await admit(gate, cost=rng.randint(1, 6)) for _ in range(12)]
+    before = await bucket_state(gate, "acme", "research")
+    settles = []
+    for i, adm in enumerate(adms):
+        tokens = rng.choice([0, adm.cost, adm.cost + rng.randint(1, 9), rng.randint(0, 30)])
+        actual = Actual(tokens, Usage("openai", f"m {i}", i, 0, 1, 0))
+        ok = rng.random() > 0.2
+        settles.append(
+            gate.meter.settle(adm, ok=ok, status=200 if ok else 502, latency_ms=1, actual=actual)
+        )
+    got = await asyncio.gather(*settles)  # one batch: queued in the same iteration
+    assert not any(g.gone for g in got)
+    after = await bucket_state(gate, "acme", "research")
+    mine = {adm.request_id for adm in adms}
+    evs = [e for e in await events_of(gate, "acme") if e.event_id in mine]
+    assert len(evs) == len(adms)
+    total, used = before["bal"] + before["extra"], before["used"]
+    for ev in evs:
+        assert ev.reserved is not None and ev.balance_after is not None
+        total += ev.reserved - ev.tokens
+        used += ev.tokens - ev.reserved
+        assert (ev.balance_after + (ev.extra_after or 0), ev.used) == (total, used), ev
+    assert (total, used) == (after["bal"] + after["extra"], after["used"])
+    assert evs[-1].balance_after == after["bal"] and evs[-1].extra_after == after["extra"]
+    assert {e.allocated for e in evs} == {RESEARCH_ALLOCATION}
+    assert [e.seq for e in evs] == sorted({e.seq for e in evs})
