@@ -50,7 +50,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -284,21 +283,12 @@ def _proxy_app(settings: Any) -> Any:
 
 def _count(tree: Path, step: str, requests: int, settings: Path) -> int:
     """Total instructions of one child run under callgrind."""
-    with tempfile.TemporaryDirectory(prefix="cg-parts-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        subprocess.run(
-            [
-                "valgrind", "--tool=callgrind", "--trace-children=no",
-                f"--callgrind-out-file={out}", sys.executable, str(_HERE / "hotpath_parts.py"),
-                "--child", step, str(requests), str(settings),
-            ],
-            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if match is None:
-            raise RuntimeError("callgrind wrote no totals")
-        return int(match.group(1))
+    # Imported here: a child runs this file with an older tree first on its path.
+    from bench.callgrind import child_instructions
+
+    return child_instructions(
+        tree, _HERE / "hotpath_parts.py", [step, str(requests), str(settings)]
+    )
 
 
 def ladder(args: argparse.Namespace) -> None:

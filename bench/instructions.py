@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -74,21 +72,10 @@ def _drive(requests: int, orgs: int) -> None:
 
 def _count(tree: Path, requests: int, orgs: int) -> int:
     """Total instructions of one child run under callgrind."""
-    with tempfile.TemporaryDirectory(prefix="cg-callgrind-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, "PYTHONPATH": str(tree)}
-        subprocess.run(
-            [
-                "valgrind", "--tool=callgrind", "--trace-children=no",
-                f"--callgrind-out-file={out}", sys.executable, str(_HERE / "instructions.py"),
-                "--child", str(requests), str(orgs),
-            ],
-            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if match is None:
-            raise RuntimeError("callgrind wrote no totals")
-        return int(match.group(1))
+    # Imported here: a child runs this file with an older tree first on its path.
+    from bench.callgrind import child_instructions
+
+    return child_instructions(tree, _HERE / "instructions.py", [str(requests), str(orgs)])
 
 
 def main() -> None:

@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,21 +71,15 @@ def _child(url: str, variant: str, settles: int, total: int) -> None:
 
 
 def _count(tree: Path, url: str, variant: str, settles: int, total: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="cg-settle-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
-        subprocess.run(
-            [
-                "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                str(_HERE / "settle_instructions.py"), "--child", url, variant, str(settles),
-                str(total),
-            ],
-            cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if match is None:
-            raise RuntimeError("callgrind wrote no totals")
-        return int(match.group(1))
+    # Imported here: a child runs this file with an older tree first on its path.
+    from bench.callgrind import child_instructions
+
+    return child_instructions(
+        tree,
+        _HERE / "settle_instructions.py",
+        [url, variant, str(settles), str(total)],
+        fixed_hash=True,
+    )
 
 
 def main() -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -101,24 +100,16 @@ def _count(
     tree: Path, mode: str, config: Path, body: str, counts: dict[str, int], warm: int
 ) -> int:
     """Total instructions of one child run under callgrind."""
-    with tempfile.TemporaryDirectory(prefix="cg-callgrind-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"}
-        spec = ",".join(f"{v}={n}" for v, n in counts.items())
-        done = subprocess.run(
-            [
-                "valgrind", "--tool=callgrind", "--trace-children=no",
-                f"--callgrind-out-file={out}", sys.executable, str(_HERE / "usage_instructions.py"),
-                "--child", mode, str(config), body, spec, str(warm),
-            ],
-            cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"child run failed ({spec}):\n{done.stderr[-4000:]}")
-        match = re.search(r"^(?:summary|totals): (\d+)", out.read_text(), re.MULTILINE)
-        if match is None:
-            raise RuntimeError("callgrind wrote no totals")
-        return int(match.group(1))
+    # Imported here: a child runs this file with an older tree first on its path.
+    from bench.callgrind import child_instructions
+
+    spec = ",".join(f"{v}={n}" for v, n in counts.items())
+    return child_instructions(
+        tree,
+        _HERE / "usage_instructions.py",
+        [mode, str(config), body, spec, str(warm)],
+        fixed_hash=True,
+    )
 
 
 def per_request(tree: Path, mode: str, config: Path, args: argparse.Namespace) -> dict[str, float]:
