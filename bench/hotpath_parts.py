@@ -54,7 +54,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -338,44 +337,20 @@ def opcodes(args: argparse.Namespace) -> None:
     from bench.apps import bare_app, cg_app
     from bench.instructions import _hour_long_key_cache
     from bench.middleware_cpu import drive
+    from bench.opcodes import OpcodeCount
     from bench.run_all import prepare
     from bench.services import own_postgres, own_redis
 
-    counts: Counter[tuple[str, str]] = Counter()
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            code = frame.f_code
-            counts[(code.co_filename, code.co_qualname)] += 1
-        return tracer
-
-    def short(path: str) -> str:
-        for marker in ("site-packages/", "/gateway/", "/bench/", "/lib/python3.11/"):
-            if marker in path:
-                tail = path.split(marker, 1)[1]
-                return ("gateway/" if marker == "/gateway/" else "") + tail
-        return path
+    counter = OpcodeCount()
 
     async def measure(label: str, app: Any, keys: list[str], uvicorn: bool = False) -> None:
         driver = drive_uvicorn if uvicorn else drive
         await driver(app, keys, WARMUP, CONCURRENCY)
-        counts.clear()
-        sys.settrace(tracer)
+        counter.start()
         await driver(app, keys, args.requests, CONCURRENCY)
-        sys.settrace(None)
+        counter.stop()
         await _drain(app)
-        n = args.requests // CONCURRENCY * CONCURRENCY
-        total = sum(counts.values())
-        by_file: Counter[str] = Counter()
-        for (filename, _), c in counts.items():
-            by_file[short(filename)] += c
-        print(f"\n{label}: {total / n:.0f} bytecodes per request (Python only)")
-        for filename, c in by_file.most_common(25):
-            print(f"  {c / n:7.1f}  {filename}")
-        print("  top functions:")
-        for (filename, func), c in counts.most_common(args.top):
-            print(f"  {c / n:7.1f}  {short(filename)}:{func}")
+        counter.report(label, args.requests // CONCURRENCY * CONCURRENCY, args.top)
 
     async def main(redis_url: str, dsn: str) -> None:
         settings = await prepare(Path(tempfile.mkdtemp(prefix="cg-parts-")), redis_url, dsn, 64)

@@ -35,7 +35,6 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -168,23 +167,10 @@ def opcodes(args: argparse.Namespace) -> None:
     """Print bytecodes per request of ``uv-proxy`` by source file and by function."""
     from bench.apps import gateway_app
     from bench.hotpath_parts import _UPSTREAM, _start_upstream
+    from bench.opcodes import OpcodeCount
     from bench.services import own_postgres, own_redis
 
-    counts: Counter[tuple[str, str]] = Counter()
-
-    def tracer(frame: Any, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        if event == "opcode":
-            code = frame.f_code
-            counts[(code.co_filename, code.co_qualname)] += 1
-        return tracer
-
-    def short(path: str) -> str:
-        for marker in ("site-packages/", "/gateway/", "/bench/", "/lib/python3.11/"):
-            if marker in path:
-                tail = path.split(marker, 1)[1]
-                return ("gateway/" if marker == "/gateway/" else "") + tail
-        return path
+    counter = OpcodeCount()
 
     async def main(redis_url: str, dsn: str) -> None:
         settings = await _prepare(Path(tempfile.mkdtemp(prefix="cg-proxy-parts-")), redis_url, dsn)
@@ -192,22 +178,11 @@ def opcodes(args: argparse.Namespace) -> None:
         keys = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
         app = gateway_app(settings, _start_upstream())
         await drive_serve(app, keys, WARMUP, CONCURRENCY)
-        counts.clear()
-        sys.settrace(tracer)
+        counter.start()
         await drive_serve(app, keys, args.requests, CONCURRENCY)
-        sys.settrace(None)
+        counter.stop()
         await app.metered.gate.meter.drain()
-        n = args.requests // CONCURRENCY * CONCURRENCY
-        total = sum(counts.values())
-        by_file: Counter[str] = Counter()
-        for (filename, _), c in counts.items():
-            by_file[short(filename)] += c
-        print(f"uv-proxy: {total / n:.0f} bytecodes per request (Python only)")
-        for filename, c in by_file.most_common(25):
-            print(f"  {c / n:7.1f}  {filename}")
-        print("  top functions:")
-        for (filename, func), c in counts.most_common(args.top):
-            print(f"  {c / n:7.1f}  {short(filename)}:{func}")
+        counter.report("uv-proxy", args.requests // CONCURRENCY * CONCURRENCY, args.top)
 
     try:
         with own_redis(1) as redis, own_postgres(1) as pg:
