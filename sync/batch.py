@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.events import KINDS, LEVELS_FIELD
+from gateway.core.events import (
+    KINDS,
+    LEVELS_FIELD,
+    PACKED_FIELD,
+    PACKED_SHAPES,
+    SEPARATOR,
+    unpacked,
+)
 from sync.levels import without_levels
 from sync.records import (
     BUCKET,
@@ -36,6 +43,16 @@ from sync.records import (
 
 # (entry id, fields); fields is empty when the entry was deleted while pending.
 Entry = tuple[str, Fields]
+
+# A v2 entry's number of values -> (its Flat with empty values, whether its last value
+# is lv, set aside as a v1 entry's is: sync/levels.py).
+_SHAPES: dict[int, tuple[Flat, bool]] = {
+    n: (
+        [x for name in names if name != LEVELS_FIELD for x in (name, "")],
+        names[-1] == LEVELS_FIELD,
+    )
+    for n, names in PACKED_SHAPES.items()
+}
 
 
 @dataclass(slots=True)
@@ -113,6 +130,7 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     # With a team (contract A10): one more list comparison, only for those entries.
     team_names, ext_team_names, team = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM, TEAM
     levels_name = LEVELS_FIELD
+    packed_name, sep, shapes = PACKED_FIELD, SEPARATOR, _SHAPES
     empty_bucket = usage = False
     for entry_id, fields in entries:
         if not fields:
@@ -121,7 +139,31 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         figures = None
         try:
             f: Flat
-            if type(fields) is list and (
+            if type(fields) is list and len(fields) == 2 and fields[0] == packed_name:
+                # v2 (gateway/core/events.py): the values, split; the shape's names copied
+                # in around them. Then the same checks as a v1 entry's.
+                values = fields[1].split(sep)
+                shape = shapes.get(len(values))
+                if shape is None:
+                    f = canonical(fields)  # raises as decode does
+                else:
+                    if shape[1]:
+                        figures = values.pop()
+                    f = shape[0][:]
+                    f[1::2] = values
+                    if len(f) > USAGE_AT and not usage_fast(f):
+                        f = reference_flat(f)
+                digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
+                if not (
+                    f[3] in kinds
+                    and f[1]
+                    and f[5]
+                    and digits.isdigit()
+                    and digits.isascii()
+                    and len(digits) <= MAX_DIGITS
+                ):
+                    f = reference_flat(f)
+            elif type(fields) is list and (
                 (got := fields[::2]) == names
                 or got == team_names
                 or (got in (ext_names, ext_team_names) and usage_fast(fields))
@@ -143,7 +185,7 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                 figures = fields[-1]
                 f = canonical(fields[:-2])
             else:
-                core, figures = without_levels(fields)
+                core, figures = without_levels(unpacked(fields))
                 f = canonical(core)
             hit = cached(f[27]) or times[f[27]]
         except Exception as exc:  # any decode failure is the entry's, not ours

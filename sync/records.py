@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from gateway.core.anchors import period_end
-from gateway.core.events import KINDS, decode
+from gateway.core.events import KINDS, decode, unpacked
 
 FIELDS = (
     "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used",
@@ -132,6 +132,7 @@ def reference_flat(fields: Fields) -> Flat:
     """The canonical entry through ``gateway.core.events.decode`` (raises exactly as it does);
     the usage fields, when the entry has any, read by name (``FIELDS_EXT`` long then), and
     the team last when it has a non-empty one."""
+    fields = unpacked(fields)  # a v2 entry: its v1 fields (raises as decode does)
     if not isinstance(fields, Mapping):
         # A flat list: later duplicates win, as in the dict redis-py would build.
         fields = dict(zip(fields[::2], fields[1::2], strict=False))

@@ -69,6 +69,17 @@ alerts (contract A11).
 It is not a ledger column and :func:`decode` ignores it; the sync job sets it aside
 (sync/levels.py).
 
+Two encodings of the same fields exist (issue 10: a leaner entry). **v1**, the fields as
+Redis field/value pairs in the order above (42+ strings per entry). **v2**, written by
+the scripts since: one pair, :data:`PACKED_FIELD` ``v2`` and the values alone, in the same
+order, joined by a tab (:data:`SEPARATOR`); the number of values says which fields there
+are (:data:`PACKED_SHAPES`: the 21, then the usage fields, ``tm``, ``lv`` as above). A tab
+cannot occur in a v2 value: an event with one in any value (ids, refs, models and teams
+come from clients and configs) is written as v1 instead, so splitting on tabs is exact
+and nothing is escaped. Readers take both: :func:`unpacked` turns a v2 entry into its v1
+fields, and :func:`decode` does that first. :func:`packed` is the scripts' choice in
+Python (benches, tests).
+
 Invariant (per org and bucket): the plan balance plus extra at sequence ``s1`` equals the
 same at ``s0`` minus the sum of ``t`` over events with ``s0 < s <= s1``, minus the tokens of
 holds still open at ``s1`` (those are taken at admission and written at settle).
@@ -76,8 +87,10 @@ holds still open at ``s1`` (those are taken at admission and written at settle).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 KINDS = frozenset(
     {"charge", "refund", "expired_hold", "grant", "grant_expired", "plan_change", "reset", "repair"}
@@ -93,6 +106,24 @@ USAGE_FIELDS = ("rs", "ov", "mdl", "ui", "uc", "uo", "ur", "cs", "um")
 TEAM_FIELD = "tm"
 # The capped levels' figures, after tm, when the request drew from capped levels.
 LEVELS_FIELD = "lv"
+# The one field of a v2 entry, and the separator of its values (see the module docstring).
+PACKED_FIELD = "v2"
+SEPARATOR = "\t"
+# A v2 entry's field names by its number of values (lua/_prelude.lua audit_event writes
+# these six shapes; ``lv`` always follows a ``tm``, "" when the request had no team).
+PACKED_SHAPES: dict[int, tuple[str, ...]] = {
+    len(names): names
+    for names in (
+        FIELDS,
+        (*FIELDS, TEAM_FIELD),
+        (*FIELDS, TEAM_FIELD, LEVELS_FIELD),
+        FIELDS + USAGE_FIELDS,
+        (*FIELDS, *USAGE_FIELDS, TEAM_FIELD),
+        (*FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD),
+    )
+}
+_PACKED_BYTES = PACKED_FIELD.encode()
+_PACKED_SHAPES_BYTES = {n: tuple(x.encode() for x in names) for n, names in PACKED_SHAPES.items()}
 # What ``cs`` may say.
 COST_SOURCES = frozenset({"usage", "header", "app", "policy", "reservation"})
 
@@ -147,8 +178,47 @@ def _s(fields: dict[bytes, bytes] | dict[str, str], name: str) -> str:
     return raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else str(raw)
 
 
+def packed(fields: Mapping[str, str]) -> dict[str, str]:
+    """The entry the scripts write for ``fields`` (v1 names and values, in a shape of
+    :data:`PACKED_SHAPES`): v2, or ``fields`` as they are (v1) when a value holds a tab or
+    the names are not one of the shapes."""
+    names = tuple(fields)
+    values = list(fields.values())
+    if PACKED_SHAPES.get(len(names)) != names or any(SEPARATOR in v for v in values):
+        return dict(fields)
+    return {PACKED_FIELD: SEPARATOR.join(values)}
+
+
+def unpacked(fields: Any) -> Any:
+    """A v2 entry's fields as the v1 entry of the same event (a flat ``[name, value, ...]``
+    list for a list, a dict for a mapping; bytes stay bytes); any other entry as it is.
+    Raises ValueError for a v2 entry whose number of values is not a shape's."""
+    if type(fields) is list or isinstance(fields, (list, tuple)):
+        if len(fields) != 2 or fields[0] not in (PACKED_FIELD, _PACKED_BYTES):
+            return fields
+        names, values = _split(fields[1])
+        return [x for pair in zip(names, values, strict=True) for x in pair]
+    if isinstance(fields, Mapping) and len(fields) == 1:
+        for key in (PACKED_FIELD, _PACKED_BYTES):
+            if key in fields:
+                names, values = _split(fields[key])
+                return dict(zip(names, values, strict=True))
+    return fields
+
+
+def _split(raw: Any) -> tuple[tuple[Any, ...], list[Any]]:
+    # Bytes (a client without decode_responses) give bytes names, as its v1 entries have.
+    is_bytes = isinstance(raw, bytes)
+    values: list[Any] = raw.split(b"\t" if is_bytes else SEPARATOR)
+    names = (_PACKED_SHAPES_BYTES if is_bytes else PACKED_SHAPES).get(len(values))
+    if names is None:
+        raise ValueError(f"v2 entry with {len(values)} values")
+    return names, values
+
+
 def decode(fields: dict[bytes, bytes] | dict[str, str]) -> Event:
-    """Decode one stream entry's fields; raises ValueError on a malformed entry."""
+    """Decode one stream entry's fields (v1 or v2); raises ValueError on a malformed entry."""
+    fields = unpacked(fields)
     kind = _s(fields, "k")
     if kind not in KINDS:
         raise ValueError(f"unknown event kind {kind!r}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from gateway.core.events import unpacked
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.gate import CreditGate
 from gateway.redisio.pipelined_cluster import slot_of
@@ -91,7 +92,8 @@ async def _state(gate: CreditGate, org: str, request_id: str) -> tuple[bool, int
             await asyncio.sleep(0.1)
     else:
         raise AssertionError("the promoted master did not answer")
-    kinds = [str(f["k"]) for _, f in entries if f.get("id") == request_id]
+    fields = [unpacked(f) for _, f in entries]
+    kinds = [str(f["k"]) for f in fields if f.get("id") == request_id]
     return held, balance, kinds
 
 

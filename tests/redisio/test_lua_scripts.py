@@ -52,11 +52,15 @@ def test_prelude_code_is_one_line_without_comments() -> None:
 
 def test_the_prelude_writes_the_event_format_in_order() -> None:
     params = re.search(r"audit_event\(stream_key, ([^)]*)\)", prelude_code())
-    xadds = prelude_code().split("'XADD', stream_key, '*',")[1:]
+    v2, *xadds = prelude_code().split("'XADD', stream_key, '*',")[1:]
     assert params is not None and len(xadds) == 6
+    # v2 (events.PACKED_FIELD): the values joined by tabs, in the parameters' order.
+    assert v2.startswith(" 'v2', v)")
+    packed = re.findall(r"(?:v = v \.\. '\\t' \.\. |local v = |'\\t' \.\. )\(?(\w+)", prelude_code())
+    assert tuple(packed) == (*FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD, TEAM_FIELD)
     # The fields, then the optional usage fields (events.USAGE_FIELDS) of some request
     # events, then the optional team (contract A10), then the optional capped levels'
-    # figures (after the team, then always written): one XADD per combination.
+    # figures (after the team, then always written): one v1 XADD per combination.
     assert tuple(params.group(1).split(", ")) == (
         *FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD,
     )  # fmt: skip

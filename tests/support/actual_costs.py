@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from gateway.config import Config, parse_config
-from gateway.core.events import Event, decode
+from gateway.core.events import Event, decode, unpacked
 from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
 from gateway.redisio.connect import connect_redis
@@ -115,7 +115,7 @@ async def raw_events_of(gate: CreditGate, org: str) -> list[dict[str, str]]:
     for _, fields in entries:
         text = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
+            for k, v in unpacked(fields).items()
         }
         if text.get("o") == org:
             out.append(text)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from gateway.core.events import unpacked
 from gateway.metering.meter import Meter
 from gateway.metering.settlement import Settlement
 from tests.support.fake_providers.clients import APIS
@@ -131,7 +132,7 @@ async def audit_events(gateway: Gateway, *request_ids: str, org: str = ORG) -> l
     for _, fields in await client.xrange(stream):
         decoded = {
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in fields.items()
+            for k, v in unpacked(fields).items()
         }
         if decoded.get("id") in wanted:
             out.append(decoded)
