@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sync_throughput.py [--events 500000] [--shards 16] [--orgs 5000]
         [--batch-size 20000] [--concurrency 4] [--processes 2] [--lag-rate 2000]
-        [--lag-seconds 20] [--lag-only] [--usage-ab ROUNDS]
+        [--lag-seconds 20] [--lag-only] [--usage-ab ROUNDS] [--entry-format v2]
 
 1. Throughput: pre-fill the shard streams with ``--events`` events, then time one worker
    from start until every event is a committed ledger row and acked (rows/s). The worker
@@ -35,6 +35,10 @@ swing with everything else that runs.
 the usage fields of a usage-charged request (contract A8: hold, model, token counts, cost
 source), each round's two on an emptied ledger, and the ratio of their rows/s.
 
+The events are XADDed as the scripts write them: v2 entries (gateway/core/events.py), or
+v1 field/value pairs with ``--entry-format v1`` (the format before; an older tree's bench
+writes v1 only).
+
 Uses a throwaway database (``creditgate_bench_<hex>``, dropped after) on the server of
 ``$CREDITGATE_BENCH_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) and a
 unique key prefix on ``$CREDITGATE_BENCH_REDIS`` (default redis://127.0.0.1:6379/0), whose
@@ -60,13 +64,15 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.services import cpu_seconds
-from gateway.core.events import decode
+from gateway.core.events import decode, packed
 from gateway.core.redis_keys import KeySpace
 from gateway.ledger.migrate import migrate
 from gateway.redisio.connect import connect_redis
 from sync.records import LOG_COLUMNS, TS
 from sync.worker import DEFAULT_BATCH_SIZE, SyncWorker, tune_gc
 
+# How the events are written (gateway/core/events.py): v2 as the scripts write them, or v1.
+ENTRY_FORMAT = "v2"
 ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CREDITGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 FEATURES = [
@@ -215,12 +221,17 @@ def make_events(producer: Producer, n: int, start: int) -> list[dict[str, str]]:
     return [producer.event(start + i // 100) for i in range(n)]
 
 
+def written(fields: dict[str, str]) -> dict[str, str]:
+    """The entry as the scripts write it: v2 (``--entry-format``, the default), else v1."""
+    return packed(fields) if ENTRY_FORMAT == "v2" else fields
+
+
 async def xadd_all(redis: Any, ks: KeySpace, events: list[dict[str, str]]) -> None:
     """XADD ``events`` to their shards' streams, 10,000 per pipeline."""
     for first in range(0, len(events), 10_000):
         pipe = redis.pipeline(transaction=False)
         for e in events[first : first + 10_000]:
-            pipe.xadd(ks.shard(e["o"]).events, e)
+            pipe.xadd(ks.shard(e["o"]).events, written(e))
         await pipe.execute()
 
 
@@ -441,7 +452,11 @@ async def floor(
     return out
 
 
-def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs: int) -> None:
+def _produce(
+    url: str, prefix: str, shards: int, rate: int, seconds: float, orgs: int, fmt: str
+) -> None:
+    global ENTRY_FORMAT
+    ENTRY_FORMAT = fmt
     import redis as sync_redis
 
     ks = KeySpace(prefix, shards)
@@ -458,7 +473,7 @@ def _produce(url: str, prefix: str, shards: int, rate: int, seconds: float, orgs
         pipe = client.pipeline(transaction=False)
         for _ in range(owed):
             e = producer.event(int(time.time() * 1000))
-            pipe.xadd(ks.shard(e["o"]).events, e)
+            pipe.xadd(ks.shard(e["o"]).events, written(e))
         pipe.execute()
         sent += max(owed, 0)
         next_at += tick
@@ -490,7 +505,15 @@ async def run_lag(
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=_produce,
-        args=(REDIS_URL, ks.prefix, ks.shards, args.lag_rate, args.lag_seconds, args.orgs),
+        args=(
+            REDIS_URL,
+            ks.prefix,
+            ks.shards,
+            args.lag_rate,
+            args.lag_seconds,
+            args.orgs,
+            ENTRY_FORMAT,
+        ),
     )
     proc.start()
     await asyncio.to_thread(proc.join)
@@ -750,4 +773,12 @@ if __name__ == "__main__":
         default=0,
         help="only compare fixed-cost events with usage-field events, this many rounds",
     )
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--entry-format",
+        choices=("v1", "v2"),
+        default="v2",
+        help="stream entries as the scripts write them (v2) or as before (v1)",
+    )
+    parsed = parser.parse_args()
+    ENTRY_FORMAT = parsed.entry_format
+    asyncio.run(main(parsed))

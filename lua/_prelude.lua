@@ -32,9 +32,12 @@
 -- stores 2 strings, and the sync job's client builds 2 Python strings instead of 42. The
 -- tab is the separator, so an event with a tab in any value (ids, refs, models, teams come
 -- from clients and configs) is written as before, as v1 field/value pairs: a plain find
--- over the values joined without separators (one memchr) says so. So is an event with a
--- number that .. renders in exponent form ('e+': integers of 15 digits and more, which
--- XADD itself writes in full): the values stay those v1 would write.
+-- over the text values joined without separators (one memchr) says so: ids, names,
+-- period, route, refs, model, cost source, team, figures. The counts, balances, times and
+-- statuses are integers the scripts and the gateway compute (a number is not even turned
+-- into text twice). An event with a number that .. renders in exponent form ('e+':
+-- integers of 15 digits and more, which XADD itself writes in full) is v1 too: the values
+-- stay those v1 would write.
 -- Upgrading: sync workers before gateways (README "Upgrading"): an older worker cannot
 -- read v2 and dead-letters it.
 
@@ -44,12 +47,11 @@ local function audit_event(stream_key,
   local v = id .. '\t' .. k .. '\t' .. o .. '\t' .. u .. '\t' .. f .. '\t' .. b .. '\t' .. t
     .. '\t' .. bal .. '\t' .. x .. '\t' .. a .. '\t' .. used .. '\t' .. per .. '\t' .. s .. '\t' .. ts
     .. '\t' .. rq .. '\t' .. st .. '\t' .. lat .. '\t' .. m .. '\t' .. r .. '\t' .. p .. '\t' .. ref
-  local all = id .. k .. o .. u .. f .. b .. t .. bal .. x .. a .. used .. per .. s .. ts
-    .. rq .. st .. lat .. m .. r .. p .. ref
+  local all = id .. o .. u .. f .. b .. per .. rq .. m .. r .. p .. ref
   if rs ~= nil then
     v = v .. '\t' .. rs .. '\t' .. ov .. '\t' .. mdl .. '\t' .. ui .. '\t' .. uc .. '\t' .. uo
       .. '\t' .. ur .. '\t' .. cs .. '\t' .. um
-    all = all .. rs .. ov .. mdl .. ui .. uc .. uo .. ur .. cs .. um
+    all = all .. mdl .. cs
   end
   if lv ~= nil then
     v = v .. '\t' .. (tm or '') .. '\t' .. lv

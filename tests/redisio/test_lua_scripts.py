@@ -56,7 +56,9 @@ def test_the_prelude_writes_the_event_format_in_order() -> None:
     assert params is not None and len(xadds) == 6
     # v2 (events.PACKED_FIELD): the values joined by tabs, in the parameters' order.
     assert v2.startswith(" 'v2', v)")
-    packed = re.findall(r"(?:v = v \.\. '\\t' \.\. |local v = |'\\t' \.\. )\(?(\w+)", prelude_code())
+    packed = re.findall(
+        r"(?:v = v \.\. '\\t' \.\. |local v = |'\\t' \.\. )\(?(\w+)", prelude_code()
+    )
     assert tuple(packed) == (*FIELDS, *USAGE_FIELDS, TEAM_FIELD, LEVELS_FIELD, TEAM_FIELD)
     # The fields, then the optional usage fields (events.USAGE_FIELDS) of some request
     # events, then the optional team (contract A10), then the optional capped levels'

@@ -126,7 +126,7 @@ def test_v2_as_bytes_and_as_mappings_decode_as_v1_does() -> None:
     assert unpacked(as_bytes) == {k.encode(): v.encode() for k, v in e.items()}
     same(decode_entries([("1-0", flat(e))], Times()), decode_entries([("1-0", as_bytes)], Times()))
     same(decode_entries([("1-0", e)], Times()), decode_entries([("1-0", two)], Times()))
-    assert decode(as_bytes) == decode(e) == decode(two)  # type: ignore[arg-type]
+    assert decode(as_bytes) == decode(e) == decode(two)
 
 
 def test_a_v2_entry_of_no_shape_is_rejected_not_raised() -> None:
@@ -169,8 +169,9 @@ def varied_events() -> list[dict[str, str]]:
     teams, levels' figures and hostile (tab-free) values."""
     events = scenario(["acme", "globex", "initech"], 40)
     for i in range(40):
+        user = HOSTILE[i % len(HOSTILE)].replace("\t", "")
         e = usage_event("acme", t=4, rs=5, mdl=f"gpt-{i % 3}", ui=10 + i, uo=i, s=200 + i,
-                        u=HOSTILE[i % len(HOSTILE)].replace("\t", ""), ts=events[-1]["ts"])  # fmt: skip
+                        u=user, ts=events[-1]["ts"])  # fmt: skip
         if i % 2:
             e["tm"] = f"team-{i % 4}"
         if i % 5 == 0:
@@ -267,14 +268,17 @@ async def test_the_scripts_write_v2_and_v1_for_a_tab_or_an_exponent(
     base = usage_event("acme", t=9, rs=12, mdl="gpt-4o", ui=10, s=3, bal=5, u="ann")
     base |= {TEAM_FIELD: "red", LEVELS_FIELD: "1 2 - 5 - -"}
     cases = [
-        ({}, True),
-        ({"ref": "a\\b\nc\r", "r": "\\N", "u": "é€😀"}, True),  # COPY-hostile, tab-free
-        ({"ref": "x\ty"}, False),  # a tab: v1
-        ({"t": "1000000000000000"}, False),  # 1e+15 from a Lua number: v1, in full
-        ({"bal": "-99999999999999"}, True),  # 14 digits: %.14g renders it whole
+        {},
+        {"ref": "a\\b\nc\r", "r": "\\N", "u": "é€😀"},  # COPY-hostile, tab-free: v2
+        {"ref": "x\ty"},  # a tab: v1
+        {"tm": "red\t", "mdl": "\tgpt"},  # in whichever text value the shape has
+        {"lv": "1\t2 - 5 - -", "u": "\t"},
+        {"t": "1000000000000000"},  # 1e+15 from a Lua number: v1, in full
+        {"bal": "-99999999999999"},  # 14 digits: %.14g renders it whole
     ]
-    for change, v2 in cases:
+    for change in cases:
         fields = {n: (base | change)[n] for n in names}
+        v2 = fields["t"] != "1000000000000000" and not any("\t" in v for v in fields.values())
         script = audit_script(names, numbers=("t", "bal"))
         await redis.delete(stream)
         await redis.eval(script, 1, stream, *fields.values())
