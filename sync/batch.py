@@ -4,6 +4,11 @@
 into ``Rows`` (the well-formed ones: canonical entries, ``COPY`` lines and UTC days) and the
 malformed ones with their error. The worker acks every entry of the read once the rows
 are committed and the malformed ones dead-lettered.
+
+Entries come in two formats (gateway/core/events.py), in any mix: v2 (one ``v2`` field,
+the values joined by tabs) is split and its shape's names copied in around the values,
+which makes the same ``Flat`` a v1 entry (field/value pairs) is; from there both take the
+same checks and renderings, so the same event gives the same row whichever was written.
 """
 
 from __future__ import annotations
