@@ -234,8 +234,12 @@ async def test_v2_entries_of_a_crashed_consumer_and_redelivered_ones_land_once(
         await redis.xgroup_create(shard.events, "creditgate-sync", id="0", mkstream=True)
         # A consumer takes the first half of each shard's entries and dies mid-batch.
         await redis.xreadgroup("creditgate-sync", "crashed", {shard.events: ">"}, count=30)
+    taken = [await redis.xpending(s.events, "creditgate-sync") for s in ks.all_shards()]
+    assert sum(p["pending"] for p in taken) >= 30
     w = worker(redis, pool, ks, claim_idle_ms=1)
     await drain(w)
+    left = [await redis.xpending(s.events, "creditgate-sync") for s in ks.all_shards()]
+    assert sum(p["pending"] for p in left) == 0
     # Entries written but not acked (a crash between commit and ack) come again.
     await xadd_as(redis, ks, events[:50], lambda i: True)
     await drain(w)
