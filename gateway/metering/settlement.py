@@ -399,9 +399,9 @@ class Settlement:
         many: Callable[[LuaScript, list[tuple[int, bytes]]], Awaitable[list[Any]]],
     ) -> None:
         """Several shards' batches sent together (``run_encoded_many``). A batch that is not
-        all fixed-cost, or whose call failed, takes :meth:`_run` (its own encoding, retries
-        and error reporting: settling twice is harmless, the hold is gone the second
-        time)."""
+        all fixed-cost, or whose call met ``RedisUnavailable``, takes :meth:`_run` (its own
+        encoding and retries: settling twice is harmless, the hold is gone the second
+        time); an error reply is logged and given to the batch's waiting callers."""
         now = self._now_ms()
         sent: list[tuple[ShardKeys, list[_Settle]]] = []
         calls: list[tuple[int, bytes]] = []
@@ -416,8 +416,19 @@ class Settlement:
             return
         replies = await many(self.script, calls)
         for (shard, items), reply in zip(sent, replies, strict=True):
-            if isinstance(reply, BaseException):
+            if isinstance(reply, RedisUnavailable):
                 self._start(self._run(shard, items))
+                continue
+            if isinstance(reply, BaseException):
+                # An error reply (the script failed, perhaps after some of its writes):
+                # never sent again, as _run would not either.
+                log.error(
+                    "settle failed for %d holds on shard %d: %s", len(items), shard.shard, reply
+                )
+                for it in items:
+                    done = it[6]
+                    if done is not None and not done.done():
+                        done.set_exception(reply)
                 continue
             for it, result in zip(items, reply, strict=True):
                 done = it[6]

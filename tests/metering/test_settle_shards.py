@@ -145,3 +145,30 @@ async def test_run_encoded_many_recovers_noscript_and_reports_errors_in_place(
     assert await runner.run_encoded_many(echo, calls) == ["A", "B"]
     (error,) = await runner.run_encoded_many(failing, calls[:1])
     assert isinstance(error, RedisReplyError) and error.code == "ERR"
+
+
+async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
+    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    real = runner.run_encoded_many
+
+    async def second_call_failed(script: LuaScript, batch: list[tuple[int, bytes]]) -> list[Any]:
+        # The second shard's script failed (perhaps after some of its writes): a resend
+        # could apply them twice, so it must not happen.
+        replies = await real(script, [batch[0], *batch[2:]])
+        return [replies[0], RedisReplyError("ERR script failed"), *replies[1:]]
+
+    monkeypatch.setattr(runner, "run_encoded_many", second_call_failed)
+    calls = _count_calls(runner)
+    orgs = _orgs(redisgate, 3)
+    adms, _ = await _admitted(redisgate, orgs)
+    got = await asyncio.gather(
+        *(redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms),
+        return_exceptions=True,
+    )
+    failed = [g for g in got if isinstance(g, RedisReplyError)]
+    assert len(failed) == 2  # both settles of the second shard
+    assert [g for g in got if not isinstance(g, BaseException)] == [5, 5, 5, 5]
+    assert calls["one"] == []  # nothing resent
