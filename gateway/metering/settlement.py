@@ -41,6 +41,7 @@ from gateway.core.redis_keys import KeySpace, ShardKeys
 from gateway.metering.admission import Admission, StoredResponse
 from gateway.redisio.connect import RedisHandles, ScriptRunner, connect_redis
 from gateway.redisio.lua_scripts import LuaScript, load
+from gateway.redisio.pipelined import RedisReplyError
 from gateway.usage.model import Usage
 
 __all__ = [
@@ -234,6 +235,15 @@ def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int,
     return 6 + 6 * n, text.encode()
 
 
+def _failed(shard: ShardKeys, items: list[_Settle], exc: BaseException) -> None:
+    """A batch whose script answered an error: logged, and its waiting callers told."""
+    log.error("settle failed for %d holds on shard %d: %s", len(items), shard.shard, exc)
+    for it in items:
+        done = it[6]
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+
 class Settlement:
     """Queues settles per shard and sends each shard's queue to settle.lua in batches."""
 
@@ -422,13 +432,7 @@ class Settlement:
             if isinstance(reply, BaseException):
                 # An error reply (the script failed, perhaps after some of its writes):
                 # never sent again, as _run would not either.
-                log.error(
-                    "settle failed for %d holds on shard %d: %s", len(items), shard.shard, reply
-                )
-                for it in items:
-                    done = it[6]
-                    if done is not None and not done.done():
-                        done.set_exception(reply)
+                _failed(shard, items, reply)
                 continue
             for it, result in zip(items, reply, strict=True):
                 done = it[6]
@@ -474,6 +478,11 @@ class Settlement:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            except RedisReplyError as exc:
+                # The script failed, perhaps after some of its writes: never sent again.
+                # Its waiting callers get the error instead of waiting forever.
+                _failed(shard, items, exc)
+                return
             for it, result in zip(items, reply, strict=True):
                 done = it[6]
                 if done is not None and not done.done():

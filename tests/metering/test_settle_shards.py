@@ -172,3 +172,27 @@ async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
     assert len(failed) == 2  # both settles of the second shard
     assert [g for g in got if not isinstance(g, BaseException)] == [5, 5, 5, 5]
     assert calls["one"] == []  # nothing resent
+
+
+async def test_a_single_shards_error_reply_reaches_its_caller(
+    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The per-shard path (one shard in the flush): the caller used to wait forever.
+    runner = redisgate.redis.runner
+    real = runner.run_encoded
+    sent: list[int] = []
+
+    async def failing(script: LuaScript, count: int, encoded: bytes) -> Any:
+        if script.name == "settle":
+            sent.append(count)
+            raise RedisReplyError("ERR script failed")
+        return await real(script, count, encoded)
+
+    monkeypatch.setattr(runner, "run_encoded", failing)
+    (org,) = _orgs(redisgate, 1)[:1]
+    adms, _ = await _admitted(redisgate, [org])
+    with pytest.raises(RedisReplyError):
+        await asyncio.wait_for(
+            redisgate.meter.settle(adms[0], ok=True, status=200, latency_ms=1), 5
+        )
+    assert len(sent) == 1  # not resent
