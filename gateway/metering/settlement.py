@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -40,7 +40,8 @@ from gateway.core.errors import RedisUnavailable
 from gateway.core.redis_keys import KeySpace, ShardKeys
 from gateway.metering.admission import Admission, StoredResponse
 from gateway.redisio.connect import RedisHandles, ScriptRunner, connect_redis
-from gateway.redisio.lua_scripts import load
+from gateway.redisio.lua_scripts import LuaScript, load
+from gateway.redisio.pipelined import RedisReplyError
 from gateway.usage.model import Usage
 
 __all__ = [
@@ -234,6 +235,15 @@ def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int,
     return 6 + 6 * n, text.encode()
 
 
+def _failed(shard: ShardKeys, items: list[_Settle], exc: BaseException) -> None:
+    """A batch whose script answered an error: logged, and its waiting callers told."""
+    log.error("settle failed for %d holds on shard %d: %s", len(items), shard.shard, exc)
+    for it in items:
+        done = it[6]
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+
 class Settlement:
     """Queues settles per shard and sends each shard's queue to settle.lua in batches."""
 
@@ -371,13 +381,63 @@ class Settlement:
     def _flush(self) -> None:
         self._flush_handle = self._flush_loop = None
         pending, self._pending = self._pending, {}
-        loop = asyncio.get_running_loop()
-        for number, items in pending.items():
-            shard = self._shards[number]
-            for start in range(0, len(items), _BATCH):
-                task = loop.create_task(self._run(shard, items[start : start + _BATCH]))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+        batches = [
+            (self._shards[number], items[start : start + _BATCH])
+            for number, items in pending.items()
+            for start in range(0, len(items), _BATCH)
+        ]
+        if len(batches) > 1 and not self.wait_replicas:
+            many = getattr(self.runner, "run_encoded_many", None)
+            if many is not None:
+                # Many orgs spread their settles over the shards: one task sends every
+                # shard's batch (the same script calls, in the same write) instead of a
+                # task, a coroutine and a future wait per shard. Nothing waits longer:
+                # the window, hence what a crash loses, is unchanged.
+                self._start(self._run_all(batches, many))
+                return
+        for shard, items in batches:
+            self._start(self._run(shard, items))
+
+    def _start(self, run: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(run)
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run_all(
+        self,
+        batches: list[tuple[ShardKeys, list[_Settle]]],
+        many: Callable[[LuaScript, list[tuple[int, bytes]]], Awaitable[list[Any]]],
+    ) -> None:
+        """Several shards' batches sent together (``run_encoded_many``). A batch that is not
+        all fixed-cost, or whose call met ``RedisUnavailable``, takes :meth:`_run` (its own
+        encoding and retries: settling twice is harmless, the hold is gone the second
+        time); an error reply is logged and given to the batch's waiting callers."""
+        now = self._now_ms()
+        sent: list[tuple[ShardKeys, list[_Settle]]] = []
+        calls: list[tuple[int, bytes]] = []
+        for shard, items in batches:
+            encoded = encode_fixed(shard, items, now)
+            if encoded is None:
+                self._start(self._run(shard, items))
+            else:
+                sent.append((shard, items))
+                calls.append(encoded)
+        if not calls:
+            return
+        replies = await many(self.script, calls)
+        for (shard, items), reply in zip(sent, replies, strict=True):
+            if isinstance(reply, RedisUnavailable):
+                self._start(self._run(shard, items))
+                continue
+            if isinstance(reply, BaseException):
+                # An error reply (the script failed, perhaps after some of its writes):
+                # never sent again, as _run would not either.
+                _failed(shard, items, reply)
+                continue
+            for it, result in zip(items, reply, strict=True):
+                done = it[6]
+                if done is not None and not done.done():
+                    done.set_result(int(result))
 
     async def _run(self, shard: ShardKeys, items: list[_Settle]) -> None:
         now = self._now_ms()
@@ -418,6 +478,11 @@ class Settlement:
                 await asyncio.sleep(delay)
                 delay *= 2
                 continue
+            except RedisReplyError as exc:
+                # The script failed, perhaps after some of its writes: never sent again.
+                # Its waiting callers get the error instead of waiting forever.
+                _failed(shard, items, exc)
+                return
             for it, result in zip(items, reply, strict=True):
                 done = it[6]
                 if done is not None and not done.done():

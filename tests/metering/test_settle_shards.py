@@ -1,0 +1,198 @@
+"""Settle batches of several shards flushed together (``FastRedis.run_encoded_many``), on
+the tests' real Redis: every hold is charged or refunded exactly once, as when each shard's
+batch had a task of its own; a call that fails falls back to the per-shard path with its
+retries; a mixed flush (fixed and extended items) settles both."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+
+from gateway.core.errors import RedisUnavailable
+from gateway.metering.gate import CreditGate
+from gateway.metering.settlement import Actual
+from gateway.redisio.lua_scripts import LuaScript
+from gateway.redisio.pipelined import FastRedis, RedisReplyError
+
+FEATURE = "lead_generation"
+
+
+def _orgs(gate: CreditGate, shards: int) -> list[str]:
+    """Orgs on ``shards`` different shards, two per shard."""
+    seen: dict[int, list[str]] = {}
+    n = 0
+    while len([s for s in seen.values() if len(s) == 2]) < shards:
+        org = f"org-{n}"
+        n += 1
+        got = seen.setdefault(gate.keys.of_org(org).shard.shard, [])
+        if len(got) < 2:
+            got.append(org)
+    return [org for orgs in seen.values() if len(orgs) == 2 for org in orgs]
+
+
+async def _available(gate: CreditGate, org: str) -> int:
+    return (await gate.balance(org)).buckets[FEATURE].available
+
+
+def _count_calls(runner: Any) -> dict[str, list[int]]:
+    """Wraps the runner's two encoded entry points: the number of calls per use."""
+    calls: dict[str, list[int]] = {"many": [], "one": []}
+    many, one = runner.run_encoded_many, runner.run_encoded
+
+    async def run_encoded_many(script: LuaScript, batch: list[tuple[int, bytes]]) -> list[Any]:
+        calls["many"].append(len(batch))
+        return await many(script, batch)  # type: ignore[no-any-return]
+
+    async def run_encoded(script: LuaScript, count: int, encoded: bytes) -> Any:
+        if script.name == "settle":
+            calls["one"].append(1)
+        return await one(script, count, encoded)
+
+    runner.run_encoded_many, runner.run_encoded = run_encoded_many, run_encoded
+    return calls
+
+
+async def _admitted(gate: CreditGate, orgs: list[str]) -> tuple[list[Any], dict[str, int]]:
+    before = {}
+    for org in orgs:
+        await gate.set_plan(org, "pro")
+        before[org] = await _available(gate, org)
+    adms = [await gate.meter.admit(org, FEATURE, user="u1") for org in orgs]
+    assert all(a.ok for a in adms)
+    return adms, before
+
+
+async def test_many_shards_settle_in_one_flush(redisgate: CreditGate) -> None:
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    calls = _count_calls(runner)
+    orgs = _orgs(redisgate, 6)
+    adms, before = await _admitted(redisgate, orgs)
+    # Every other org refunded; all queued in one tick, as the middleware queues them.
+    for k, adm in enumerate(adms):
+        redisgate.meter.settle_nowait(adm, ok=k % 2 == 0, status=200 if k % 2 == 0 else 503,
+                                      latency_ms=3)  # fmt: skip
+    await redisgate.meter.drain()
+    assert calls == {"many": [6], "one": []}  # six shards, one task, no per-shard call
+    for k, (org, adm) in enumerate(zip(orgs, adms, strict=True)):
+        expected = before[org] - adm.cost if k % 2 == 0 else before[org]
+        assert await _available(redisgate, org) == expected
+    # Every hold is gone: settling again anywhere finds nothing.
+    again = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
+    assert await asyncio.gather(*again) == [-1] * len(adms)
+
+
+async def test_waiting_settles_of_many_shards_get_their_own_replies(
+    redisgate: CreditGate,
+) -> None:
+    orgs = _orgs(redisgate, 4)
+    adms, _ = await _admitted(redisgate, orgs)
+    futures = [
+        redisgate.meter.settle(adm, ok=k % 3 != 0, status=200, latency_ms=1)
+        for k, adm in enumerate(adms)
+    ]
+    got = await asyncio.gather(*futures)
+    assert got == [0 if k % 3 == 0 else adm.cost for k, adm in enumerate(adms)]
+
+
+async def test_a_failed_call_falls_back_to_its_own_retried_batch(
+    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    real = runner.run_encoded_many
+
+    async def second_call_lost(script: LuaScript, batch: list[tuple[int, bytes]]) -> list[Any]:
+        # The second shard's call never reached Redis (its connection dropped).
+        replies = await real(script, [batch[0], *batch[2:]])
+        return [replies[0], RedisUnavailable("lost"), *replies[1:]]
+
+    monkeypatch.setattr(runner, "run_encoded_many", second_call_lost)
+    orgs = _orgs(redisgate, 3)
+    adms, before = await _admitted(redisgate, orgs)
+    futures = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
+    assert await asyncio.gather(*futures) == [adm.cost for adm in adms]
+    for org, adm in zip(orgs, adms, strict=True):
+        assert await _available(redisgate, org) == before[org] - adm.cost
+
+
+async def test_a_flush_with_extended_items_settles_both_kinds(redisgate: CreditGate) -> None:
+    orgs = _orgs(redisgate, 3)
+    adms, before = await _admitted(redisgate, orgs)
+    fixed = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms[:4]]
+    extended = [
+        redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1, actual=Actual(1))
+        for adm in adms[4:]
+    ]
+    assert await asyncio.gather(*fixed) == [adm.cost for adm in adms[:4]]
+    assert [s.charged for s in await asyncio.gather(*extended)] == [1, 1]
+    for org in orgs[4:]:
+        assert await _available(redisgate, org) == before[org] - 1
+
+
+async def test_run_encoded_many_recovers_noscript_and_reports_errors_in_place(
+    redisgate: CreditGate,
+) -> None:
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    tag = uuid.uuid4().hex  # a script this Redis has never seen: NOSCRIPT, then a load
+    echo = LuaScript.from_source("echo", f"-- {tag}\nreturn ARGV[1]")
+    failing = LuaScript.from_source("failing", f"-- {tag}\nreturn redis.error_reply('ERR no')")
+    calls = [(2, b"$1\r\n0\r\n$1\r\nA\r\n"), (2, b"$1\r\n0\r\n$1\r\nB\r\n")]
+    assert await runner.run_encoded_many(echo, calls) == ["A", "B"]
+    (error,) = await runner.run_encoded_many(failing, calls[:1])
+    assert isinstance(error, RedisReplyError) and error.code == "ERR"
+
+
+async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
+    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    real = runner.run_encoded_many
+
+    async def second_call_failed(script: LuaScript, batch: list[tuple[int, bytes]]) -> list[Any]:
+        # The second shard's script failed (perhaps after some of its writes): a resend
+        # could apply them twice, so it must not happen.
+        replies = await real(script, [batch[0], *batch[2:]])
+        return [replies[0], RedisReplyError("ERR script failed"), *replies[1:]]
+
+    monkeypatch.setattr(runner, "run_encoded_many", second_call_failed)
+    calls = _count_calls(runner)
+    orgs = _orgs(redisgate, 3)
+    adms, _ = await _admitted(redisgate, orgs)
+    got = await asyncio.gather(
+        *(redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms),
+        return_exceptions=True,
+    )
+    failed = [g for g in got if isinstance(g, RedisReplyError)]
+    assert len(failed) == 2  # both settles of the second shard
+    assert [g for g in got if not isinstance(g, BaseException)] == [5, 5, 5, 5]
+    assert calls["one"] == []  # nothing resent
+
+
+async def test_a_single_shards_error_reply_reaches_its_caller(
+    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The per-shard path (one shard in the flush): the caller used to wait forever.
+    runner = redisgate.redis.runner
+    real = runner.run_encoded
+    sent: list[int] = []
+
+    async def failing(script: LuaScript, count: int, encoded: bytes) -> Any:
+        if script.name == "settle":
+            sent.append(count)
+            raise RedisReplyError("ERR script failed")
+        return await real(script, count, encoded)
+
+    monkeypatch.setattr(runner, "run_encoded", failing)
+    (org,) = _orgs(redisgate, 1)[:1]
+    adms, _ = await _admitted(redisgate, [org])
+    with pytest.raises(RedisReplyError):
+        await asyncio.wait_for(
+            redisgate.meter.settle(adms[0], ok=True, status=200, latency_ms=1), 5
+        )
+    assert len(sent) == 1  # not resent
