@@ -43,7 +43,15 @@ _OPENAI_KEYS: Final = (
 )
 _ANTHROPIC_KEYS: Final = ("cache_creation_input_tokens", "cache_read_input_tokens")
 _MODES: Final = frozenset(PROVIDER_MODES)
-_TOP_KEYS: Final = (b"usage", b"usageMetadata", b"modelVersion", b"model", b"type", b"object", b"id")
+_TOP_KEYS: Final = (
+    b"usage",
+    b"usageMetadata",
+    b"modelVersion",
+    b"model",
+    b"type",
+    b"object",
+    b"id",
+)
 """Every top-level member :func:`_from_document` and :func:`detect_provider` read."""
 
 
