@@ -31,6 +31,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define MAX_DEPTH 254     /* gateway/usage/jsonload.py: _ORJSON_MAX_DEPTH */
 #define MAX_INT_DIGITS 640 /* sys.set_int_max_str_digits' lowest allowed limit */
@@ -38,11 +41,12 @@
 
 typedef const unsigned char *ptr;
 
-static inline int is_ws(unsigned char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+/* JSON's four whitespace bytes (RFC 8259): space, tab, LF, CR; nothing else. */
+static const unsigned char WS[256] = {[' '] = 1, ['\t'] = 1, ['\n'] = 1, ['\r'] = 1};
 
 static inline ptr skip_ws(ptr p, ptr end)
 {
-    while (p < end && is_ws(*p))
+    while (p < end && WS[*p])
         p++;
     return p;
 }
@@ -54,17 +58,43 @@ static inline int is_hex(unsigned char c)
 
 static inline int is_cont(unsigned char c) { return (c & 0xC0) == 0x80; }
 
-#define ONES UINT64_C(0x0101010101010101)
-#define HIGHS UINT64_C(0x8080808080808080)
-
-/* Whether any of the 8 bytes of x needs a look: '"', '\\', < 0x20 or >= 0x80. Exact as an
- * "any" test (the borrow of the subtraction only spreads above a byte that matched). */
-static inline int swar_special(uint64_t x)
+/* The first byte from p on that needs a look in a string ('"', '\\', below 0x20 or from
+ * 0x80 on), or end when none does: many plain ASCII bytes at a time, since most of an answer
+ * is text. */
+static inline ptr skip_plain(ptr p, ptr end)
 {
-    uint64_t quote = x ^ (ONES * '"');
-    uint64_t slash = x ^ (ONES * '\\');
-    uint64_t t = ((quote - ONES) & ~quote) | ((slash - ONES) & ~slash) | ((x - ONES * 0x20) & ~x) | x;
-    return (t & HIGHS) != 0;
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"'), slash = _mm_set1_epi8('\\');
+    const __m128i space = _mm_set1_epi8(0x20);
+    while (end - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+        /* Signed: below 0x20 is the control characters and every byte from 0x80 on. */
+        __m128i hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, slash)),
+                                   _mm_cmplt_epi8(x, space));
+        int mask = _mm_movemask_epi8(hit);
+        if (mask != 0)
+            return p + __builtin_ctz((unsigned)mask);
+        p += 16;
+    }
+#elif defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const uint64_t ones = UINT64_C(0x0101010101010101), highs = UINT64_C(0x8080808080808080);
+    while (end - p >= 8) {
+        uint64_t x, quote, slash, t;
+        memcpy(&x, p, 8);
+        quote = x ^ (ones * '"');
+        slash = x ^ (ones * '\\');
+        /* A byte's high bit is set when it matched; the borrows only reach bytes above the
+         * first match, so the lowest set bit is exact. */
+        t = (((quote - ones) & ~quote) | ((slash - ones) & ~slash) | ((x - ones * 0x20) & ~x) | x) &
+            highs;
+        if (t != 0)
+            return p + (__builtin_ctzll(t) >> 3);
+        p += 8;
+    }
+#endif
+    while (p < end && *p != '"' && *p != '\\' && *p >= 0x20 && *p < 0x80)
+        p++;
+    return p;
 }
 
 /* A string's body from just after its opening quote: the pointer just after its closing
@@ -73,14 +103,7 @@ static inline int swar_special(uint64_t x)
 static ptr scan_string(ptr p, ptr end, int *escaped)
 {
     for (;;) {
-        /* Eight plain ASCII bytes at a time: most of an answer is text. */
-        while (end - p >= 8) {
-            uint64_t x;
-            memcpy(&x, p, 8);
-            if (swar_special(x))
-                break;
-            p += 8;
-        }
+        p = skip_plain(p, end);
         if (p >= end)
             return NULL;
         unsigned char c = *p;
