@@ -17,6 +17,7 @@ so a run repeats to within a few instructions per call, whatever the machine's l
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -29,11 +30,38 @@ PIECES = (
     "read-openai30k",
     "read-anthropic",
     "read-gemini",
+    "read-anthropic900",
+    "read-anthropic30k",
+    "read-gemini900",
+    "read-gemini30k",
     "loads-openai2k",
     "loads-openai30k",
     "hold-auto",
     "price",
 )
+
+
+_RESIZED = {
+    "anthropic900": ("anthropic", 470),
+    "anthropic30k": ("anthropic", 29600),
+    "gemini900": ("gemini", 300),
+    "gemini30k": ("gemini", 29400),
+}
+"""Answers of bench/usage_tap.py's BODIES at other sizes: (body, characters of its text)."""
+
+
+def _resized(name: str) -> bytes:
+    """The ``_RESIZED`` answer ``name``: its text changed, its layout kept (built here, so
+    that every tree under test counts the same bytes)."""
+    from bench.usage_tap import BODIES, _prose
+
+    base, chars = _RESIZED[name]
+    doc = json.loads(BODIES[base])
+    if base == "anthropic":
+        doc["content"][0]["text"] = _prose(chars)
+        return json.dumps(doc, separators=(",", ":")).encode()
+    doc["candidates"][0]["content"]["parts"][0]["text"] = _prose(chars)
+    return json.dumps(doc, indent=2).encode()
 
 
 def _piece(name: str) -> Callable[[], object]:
@@ -45,7 +73,12 @@ def _piece(name: str) -> Callable[[], object]:
         from gateway.usage.jsonload import loads
 
         kind, _, body_name = name.partition("-")
-        body = CHAT_RESPONSE if body_name == "openai900" else BODIES[body_name]
+        if body_name == "openai900":
+            body = CHAT_RESPONSE
+        elif body_name in _RESIZED:
+            body = _resized(body_name)
+        else:
+            body = BODIES[body_name]
         if kind == "loads":
             return lambda: loads(body)
         provider = "openai" if body_name == "openai900" else "auto"

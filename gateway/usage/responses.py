@@ -12,6 +12,10 @@
    Anthropic. A bare ``{input_tokens, output_tokens}`` gives the same counts under either
    reading (there is no cached or reasoning part to separate), so only the label is
    guessed: OpenAI when the id starts with ``resp_``, else Anthropic.
+
+Only the top-level members named in :data:`_TOP_KEYS` are ever read. Where the compiled
+scan is in use (gateway/usage/topscan.py) it picks them out of the body without decoding
+the rest, and only they are decoded; any body it does not vouch for is decoded whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from gateway.usage.model import (
     provider_mode,
 )
 from gateway.usage.normalize import from_anthropic, from_gemini, from_openai
+from gateway.usage.topscan import scan as _scan
 
 _OPENAI_OBJECTS: Final = frozenset({"chat.completion", "text_completion", "response"})
 _OPENAI_KEYS: Final = (
@@ -38,6 +43,16 @@ _OPENAI_KEYS: Final = (
 )
 _ANTHROPIC_KEYS: Final = ("cache_creation_input_tokens", "cache_read_input_tokens")
 _MODES: Final = frozenset(PROVIDER_MODES)
+_TOP_KEYS: Final = (
+    b"usage",
+    b"usageMetadata",
+    b"modelVersion",
+    b"model",
+    b"type",
+    b"object",
+    b"id",
+)
+"""Every top-level member :func:`_from_document` and :func:`detect_provider` read."""
 
 
 def usage_from_json(body: bytes, provider: str) -> Usage | None:
@@ -54,8 +69,11 @@ def usage_from_json(body: bytes, provider: str) -> Usage | None:
     # stumbles on every "e" of the text), rfind finds it at once.
     if body.rfind(b"usage") < 0:
         return None
+    # The compiled scan vouches for the body and gives its few top-level members (a body
+    # it does not vouch for, None, is decoded whole: that verdict is the authoritative one).
+    members = _scan(body, _TOP_KEYS) if _scan is not None else None
     try:
-        doc = loads(body)
+        doc = loads(body if members is None else members)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
         return None
     try:

@@ -16,6 +16,9 @@ from gateway.usage import InvalidUsageError, Usage, jsonload, usage_from_documen
 
 from . import wire
 
+# Every test once with the compiled top-level scan and once without (tests/usage/conftest.py).
+pytestmark = pytest.mark.usefixtures("usage_form")
+
 PROVIDERS = ("auto", "openai", "anthropic", "gemini")
 
 needs_orjson = pytest.mark.skipif(not jsonload.HAS_ORJSON, reason="orjson not installed")

@@ -10,6 +10,9 @@ from gateway.usage import Usage, detect_provider, usage_from_document, usage_fro
 
 from . import wire
 
+# Every test once with the compiled top-level scan and once without (tests/usage/conftest.py).
+pytestmark = pytest.mark.usefixtures("usage_form")
+
 BODIES = {
     "openai-chat": (wire.OPENAI_CHAT_JSON, "openai", wire.OPENAI_CHAT_EXPECTED),
     "openai-responses": (wire.OPENAI_RESPONSES_JSON, "openai", wire.OPENAI_RESPONSES_EXPECTED),

@@ -1,0 +1,50 @@
+"""The compiled top-level scan of JSON answers, when it is built and not switched off.
+
+:func:`usage_from_json <gateway.usage.responses.usage_from_json>` reads only a few top-level
+members of an answer (``usage``, ``model``, ...), yet decoding the whole body was most of
+what reading usage cost. The C extension ``gateway.usage._topscan`` (``_topscan.c``) makes
+one structural pass over the bytes instead, without building any Python object, and either
+vouches that the body is a JSON object that ``json.loads`` decodes (to the same value) and
+hands back its wanted top-level members as a small JSON object text, or answers ``None``
+("don't know": anything outside a narrow happy path, such as invalid JSON, a BOM, invalid
+UTF-8, a top-level key spelt with an escape, a top-level array, absurd nesting), after which
+the pure-Python decode runs unchanged and its verdict stands.
+
+Why a structural pass and not a search for ``"usage"``: a model-written object (a tool_use
+input, JSON-mode content) can hold a key named ``usage``; only the nesting tells the
+answer's own from the model's.
+
+The extension is optional: it is compiled by the normal install when a C compiler and the
+Python headers are there (hatch_build.py), and without it everything works the same, a
+little slower. Setting ``CREDITGATE_PURE_PYTHON=1`` in the environment (before the gateway
+starts) ignores it; :data:`COMPILED` says which form is in use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Final
+
+__all__ = ["COMPILED", "PURE_PYTHON_ENV", "scan"]
+
+PURE_PYTHON_ENV: Final = "CREDITGATE_PURE_PYTHON"
+"""The environment variable that, set to anything but empty or ``0``, ignores the
+extension."""
+
+scan: Callable[[bytes, tuple[bytes, ...]], bytes | None] | None = None
+"""``scan(body, keys)``: the last occurrence of each of ``keys`` among the top-level members
+of the JSON object ``body``, as the text of a JSON object (``b'{"usage":{...},"model":"m"}'``,
+the values' bytes exactly as in ``body``), or ``None`` when the body is outside the scan's
+happy path. ``None`` itself when the extension is not in use."""
+
+if os.environ.get(PURE_PYTHON_ENV, "") in ("", "0"):
+    try:
+        from gateway.usage._topscan import scan as _compiled
+    except ImportError:  # not compiled (no compiler at install): the pure-Python decode
+        pass
+    else:
+        scan = _compiled
+
+COMPILED: Final = scan is not None
+"""Whether the compiled scan is in use."""
