@@ -10,11 +10,19 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# -- build: wheels for creditgate and its dependencies (no compiler needed, no dev deps) --
+# -- build: wheels for creditgate and its dependencies (no dev deps) ----------------------
+# gcc compiles the optional C scan of usage answers (gateway/usage/_topscan.c, hatch_build.py)
+# into creditgate's wheel; the runtime stage gets the wheel only, no compiler. Without gcc the
+# build still succeeds and the image runs the pure-Python reader (a little more CPU per
+# usage-charged answer: BENCHMARKS.md, "A compiled top-level scan").
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md hatch_build.py ./
 COPY gateway ./gateway
 COPY sync ./sync
 COPY lua ./lua
