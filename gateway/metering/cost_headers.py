@@ -32,8 +32,11 @@ def refunded_headers(charged: list[Header], adm: Admission) -> list[Header]:
 def actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
     """``charged`` as the actual charge tells it: ``actual`` instead of the hold, and what is
     left once the difference is refunded or taken (never below zero)."""
-    cost = (b"x-tokens-cost", str(actual).encode())
-    if adm.remaining is None:
+    # b"%d" % n: one bytes object, where str(n).encode() makes a str first (every held
+    # usage-cost answer comes here).
+    cost = (b"x-tokens-cost", b"%d" % actual)
+    remaining = adm.remaining
+    if remaining is None:
         return [cost, *charged[1:]]
-    left = max(0, adm.remaining + adm.cost - actual)
-    return [cost, (b"x-tokens-remaining", str(left).encode()), *charged[2:]]
+    left = remaining + adm.cost - actual
+    return [cost, (b"x-tokens-remaining", b"%d" % left if left > 0 else b"0"), *charged[2:]]

@@ -308,7 +308,8 @@ class CreditGateMiddleware:
             # would not report its usage: ask for it (README). A body without the key
             # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
             # recognised and gets no usage: the missing-usage policy.)
-            base = list(scope["headers"]) if headers is None else headers
+            # (identity_encoding makes a new list: the scope's is not changed.)
+            base = scope["headers"] if headers is None else headers
             if body is not None and cost.asks_stream_usage and b'"stream"' in body:
                 changed = ensure_stream_usage(body)
                 if changed is not None:

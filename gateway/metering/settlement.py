@@ -203,9 +203,10 @@ def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int,
     """settle.lua's keys and arguments for a batch of fixed-cost items, as ``run_encoded``
     takes them (the count, the RESP bulk strings), built as one string: hiredis'
     ``pack_command`` of the same ~6 arguments per item, with the lists it is given, cost
-    ~10 k instructions per request, this ~4.3 k (callgrind, batches of 64). None when an item
-    is extended (``ext``), a value is not ASCII (a length written here would not be a byte
-    length) or longer than 255: the caller packs those.
+    ~10 k instructions per request, this ~4.3 k (callgrind, batches of 64). An extended item
+    (``ext``: a usage-cost settle's actual, a kept response) has its values written after
+    its 4. None when a value is not ASCII (a length written here would not be a byte
+    length) or longer than 255 (a kept response usually is): the caller packs those.
     """
     bulk = _BULK
     n = len(items)
@@ -217,22 +218,25 @@ def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int,
     ]
     values = [f"{bulk[len(now_s)]}{now_s}\r\n{bulk[len(n_s)]}{n_s}\r\n"]
     key, value = parts.append, values.append
+    extra = 0  # the extension values of the batch (a usage-cost settle's one)
     try:
         for org, second, rid, outcome, status, latency, _done, ext in items:
-            if ext is not None:
-                return None
             key(f"{bulk[len(org)]}{org}\r\n{bulk[len(second)]}{second}\r\n")
             value(
                 f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
                 f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
             )
-    except IndexError:  # a value of 256 characters or more
+            if ext is not None:
+                extra += len(ext)
+                for v in ext:
+                    value(f"{bulk[len(v)]}{v}\r\n")
+    except IndexError:  # a value of 256 characters or more (a kept response, a long model)
         return None
     parts += values
     text = "".join(parts)
     if not text.isascii():
         return None
-    return 6 + 6 * n, text.encode()
+    return 6 + 6 * n + extra, text.encode()
 
 
 def _failed(shard: ShardKeys, items: list[_Settle], exc: BaseException) -> None:

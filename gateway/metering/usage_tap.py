@@ -362,10 +362,10 @@ class ResponseTap:
     """
 
     __slots__ = (
+        "_actual",
         "_adm",
         "_buffer",
         "_buffered",
-        "_charged",
         "_charged_headers",
         "_cost",
         "_gone",
@@ -377,7 +377,6 @@ class ResponseTap:
         "_start",
         "_state",
         "_tap",
-        "_usage",
         "complete",
         "hold",
         "status",
@@ -407,9 +406,9 @@ class ResponseTap:
         self._buffer: list[bytes] | None = None
         self._buffered = 0  # their total length
         self._start: Message | None = None
-        self._usage: Usage | None = None
+        # A held answer's charge, priced when its body completed (for its headers).
+        self._actual: Actual | None = None
         self._header_cost: int | None = None
-        self._charged = 0
         self._gone: asyncio.Event | None = None
         self.status = 0
         self.complete = False
@@ -441,7 +440,7 @@ class ResponseTap:
                 if body:
                     self._tap.feed(body)  # type: ignore[union-attr]  # set with _TAP
             elif mode == _HOLD:
-                out = self._hold_body(message.get("body", b""), message.get("more_body", False))
+                out = self._hold_body(message)
                 if out is not None and CLIENT_DISCONNECTED not in self._state:
                     await self._send(out[0])
                     await self._send(out[1])
@@ -464,47 +463,63 @@ class ResponseTap:
         """The start message to send, with its X-Tokens-* headers; ``None`` when held."""
         status = self.status = message["status"]
         cost = self._cost
+        if not cost.usage:
+            return self._started_reported(message, status)
         headers = message.get("headers", ())
-        if cost.header_key is not None:
-            headers = self._take_cost_header(list(headers), cost.header_key)
         actual: int | None = None
         if status in self._refund_on or UPSTREAM_ERROR in self._state:
             pass  # refunded: nothing to read
-        elif not cost.usage:
-            reported = self._header_cost
-            if reported is None and APP_COST in self._state:
-                reported = parse_cost_value(self._state[APP_COST])
-            if reported is not None:
-                actual = cost.spec.capped(reported)
         elif status < 200 or status in (204, 304):
             actual = self._missing_charge()  # no body, so no usage: known now
         else:
             # The last of each header wins, as in a dict built from the list (in C: no
             # Python loop over the headers on every usage-charged answer).
             named = dict(headers)
-            content_type = named.get(_CONTENT_TYPE, b"").lower()
-            content_encoding = named.get(_CONTENT_ENCODING, b"").strip().lower()
-            if content_encoding not in (b"", b"identity"):
+            encoding = named.get(_CONTENT_ENCODING)
+            if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
                 actual = self._missing_charge()  # compressed: not read (we asked for none)
-            elif content_type.startswith(b"text/event-stream"):
+            elif named.get(_CONTENT_TYPE, b"").lower().startswith(b"text/event-stream"):
                 self._mode, self._tap = _TAP, SseUsageTap(cost.provider)
             elif _GEMINI_STREAM in self._path:  # a JSON stream: passed on as it comes
                 self._mode, self._buffer = _COPY, []
             else:
                 # Held until the body is complete: the headers then give the actual charge.
-                self._mode, self._buffer = _HOLD, []
+                # (_buffer stays None until a body comes in more than one message.)
+                self._mode = _HOLD
                 self._start = message
                 return None
         message["headers"] = [*headers, *self._headers_for(status, actual)]
         return message
 
-    def _hold_body(self, body: bytes, more: bool) -> tuple[Message, Message] | None:
-        """The held start and the whole body once it is complete (or too long to hold)."""
-        buffer = self._buffer
+    def _started_reported(self, message: Message, status: int) -> Message:
+        """:meth:`_started` of a ``header`` cost: its cost header taken out (also from a
+        refunded answer), the cost it reports (or the app's) in the X-Tokens-* headers."""
+        cost = self._cost
+        headers = message.get("headers", ())
+        if cost.header_key is not None:
+            headers = self._take_cost_header(list(headers), cost.header_key)
+        actual: int | None = None
+        if status not in self._refund_on and UPSTREAM_ERROR not in self._state:
+            reported = self._header_cost
+            if reported is None and APP_COST in self._state:
+                reported = parse_cost_value(self._state[APP_COST])
+            if reported is not None:
+                actual = cost.spec.capped(reported)
+        message["headers"] = [*headers, *self._headers_for(status, actual)]
+        return message
+
+    def _hold_body(self, message: Message) -> tuple[Message, Message] | None:
+        """The held start and the body message once the body is complete (the app's own
+        message when it came whole: the usual answer), or what is held when it is too long
+        to hold; ``None`` while held."""
         start = self._start
-        assert buffer is not None and start is not None
-        if more:
+        assert start is not None
+        body: bytes = message.get("body", b"")
+        buffer = self._buffer
+        if message.get("more_body", False):
             if body:
+                if buffer is None:
+                    buffer = self._buffer = []
                 buffer.append(body)
                 self._buffered += len(body)
             if self._buffered <= RESPONSE_BODY_LIMIT:
@@ -512,18 +527,30 @@ class ResponseTap:
             # Too long to hold: send what there is; the usage will count as missing.
             self._mode = _PASS
             return self._flush_held(more=True)
-        self._ended()
-        if buffer:  # the usual answer comes in one message: no join at all
+        # _ended, inlined (every held answer ends here).
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
+        if buffer:  # the usual answer comes in one message: no join at all, and no copy
             buffer.append(body)
             body = b"".join(buffer)
-        usage = self._usage = usage_from_json(body, self._cost.provider)
+            message = {"type": "http.response.body", "body": body}
+        usage = usage_from_json(body, self._cost.provider)
         if usage is None:
             charge = self._missing_charge()
+            self._actual = Actual(charge, None, missing=True, source="policy")
         else:
-            charge = self._charged = self._price(usage)
+            charge = self._price(usage)
+            self._actual = Actual(charge, usage)
         self._start = self._buffer = None
-        start["headers"] = [*start.get("headers", ()), *self._headers_for(self.status, charge)]
-        return start, {"type": "http.response.body", "body": body}
+        # _headers_for, inlined: the status did not refund (else nothing was held), but
+        # the upstream may have failed since.
+        if UPSTREAM_ERROR in self._state:
+            extra = refunded_headers(self._charged_headers, self._adm)
+        else:
+            extra = actual_headers(self._charged_headers, self._adm, charge)
+        start["headers"] = [*start.get("headers", ()), *extra]
+        return start, message
 
     def _flush_held(self, *, more: bool) -> tuple[Message, Message] | None:
         """The held start (headed with the hold) and what was held of the body."""
@@ -586,6 +613,12 @@ class ResponseTap:
 
     def actual(self) -> Actual:
         """The charge of a response that is not refunded: the cost read, else the policy."""
+        mode = self._mode
+        if mode == _HOLD:  # priced already, for the headers (None: the body never ended)
+            held = self._actual
+            if held is not None:
+                return held
+            return Actual(self._missing_charge(), None, missing=True, source="policy")
         cost = self._cost
         if not cost.usage:
             reported = self._header_cost
@@ -595,8 +628,8 @@ class ResponseTap:
             if reported is None:
                 return Actual(self._missing_charge(), None, missing=True, source="policy")
             return Actual(cost.spec.capped(reported), None, source=source)
-        usage, final = self._usage, self.complete
-        mode = self._mode
+        usage: Usage | None = None
+        final = self.complete
         if mode == _TAP:
             tap = self._tap
             assert tap is not None
@@ -606,12 +639,10 @@ class ResponseTap:
             buffer = self._buffer
             if buffer is not None and self.complete:
                 usage = usage_from_json(b"".join(buffer), cost.provider)
-        elif mode != _HOLD:
+        else:
             final = False
         if usage is None or not final:
             return Actual(self._missing_charge(), usage, missing=True, source="policy")
-        if mode == _HOLD:  # priced already, for the headers
-            return Actual(self._charged, usage)
         return Actual(self._price(usage), usage)
 
     def _price(self, usage: Usage) -> int:
@@ -671,7 +702,9 @@ class TapReceive:
         self._receive = receive
         self._tap = tap
         self._drain_s = drain_s
-        self._body_done = bool(replay) and not replay[-1].get("more_body", False)
+        # Whether the body is in (then a disconnect is held back): only asked with a drain
+        # (not through the proxy, which drains by itself: the usual usage-cost request).
+        self._body_done = drain_s > 0 and bool(replay) and not replay[-1].get("more_body", False)
 
     async def __call__(self) -> Message:
         if self._replay:

@@ -51,7 +51,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -299,6 +299,11 @@ class UpstreamProxy:
     beyond them waits up to ``pool_wait`` seconds, then gets 503 with ``Retry-After:
     retry_after``.
     """
+
+    drains_usage: ClassVar[bool] = True
+    """It keeps reading a usage-metered answer whose client left (``USAGE_DRAIN_SECONDS``,
+    :meth:`_respond_draining`): the metering middleware in front then hands it the client's
+    disconnect at once (gateway/core/scope_keys.py ``DRAINS_USAGE``)."""
 
     def __init__(
         self,

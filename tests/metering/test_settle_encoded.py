@@ -1,7 +1,7 @@
-"""The fixed-cost settle batch, encoded by hand (``encode_fixed``), is byte for byte the
-EVALSHA of lua/settle.lua's KEYS and ARGV that hiredis packs, and falls back to packing
-when an item is extended or a value is not ASCII; settles sent that way charge and refund
-on a real script runner as before."""
+"""The settle batch, encoded by hand (``encode_fixed``), is byte for byte the EVALSHA of
+lua/settle.lua's KEYS and ARGV that hiredis packs, fixed-cost and extended items alike
+(a usage cost's actual), and falls back to packing when a value is not ASCII or too long;
+settles sent that way charge and refund on a real script runner as before."""
 
 from __future__ import annotations
 
@@ -11,18 +11,25 @@ import pytest
 
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.gate import CreditGate
-from gateway.metering.settlement import encode_fixed
+from gateway.metering.settlement import Actual, encode_fixed
 from gateway.redisio.resp import decode_args, encode_args
+from gateway.usage.model import Usage
 
 KEYS = KeySpace("P", 16)
 
 
 def _item(
-    org: str, idem: str | None, rid: str, outcome: str, status: str, latency: str
+    org: str,
+    idem: str | None,
+    rid: str,
+    outcome: str,
+    status: str,
+    latency: str,
+    ext: tuple[str, ...] | None = None,
 ) -> tuple[Any, ...]:
     org_keys = KEYS.of_org(org)
     second = KEYS.idempotency(org, idem) if idem else org_keys.shard.no_idempotency
-    return (org_keys.state, second, rid, outcome, status, latency, None, None)
+    return (org_keys.state, second, rid, outcome, status, latency, None, ext)
 
 
 def _packed(items: list[tuple[Any, ...]], now: int) -> bytes:
@@ -33,6 +40,8 @@ def _packed(items: list[tuple[Any, ...]], now: int) -> bytes:
     for it in items:
         keys += it[:2]
         args += it[2:6]
+        if it[7] is not None:
+            args += it[7]
     return encode_args([len(keys), *keys, *args])
 
 
@@ -50,12 +59,32 @@ def test_a_fixed_batch_is_what_hiredis_packs() -> None:
     assert count == len(decode_args(raw)) == 6 + 6 * len(items)
 
 
-def test_extended_items_and_non_ascii_values_are_left_to_hiredis() -> None:
+def test_extended_items_are_what_hiredis_packs() -> None:
     shard = KEYS.of_org("a").shard
-    extended = (*_item("a", None, "r1", "C", "200", "1")[:7], ("5",) + ("",) * 9)
-    assert encode_fixed(shard, [_item("a", None, "r0", "c", "200", "1"), extended], 1) is None
+    items = [
+        _item("a", None, "r0", "c", "200", "1"),
+        _item("a", None, "r1", "a", "200", "9", ("37 usage  41 0 12 0 gpt-4o-mini",)),
+        _item("a", "key-2", "r2", "C", "200", "3", ("5 policy 1     ", "", "")),
+        _item("a", None, "r3", "R", "", "", ("", "", "org-r")),
+        _item("a", None, "r4", "a", "200", "2", ("0 usage  0 0 0 0 ",)),  # a model with spaces
+    ]
+    encoded = encode_fixed(shard, items, 7)
+    assert encoded is not None
+    count, raw = encoded
+    assert raw == _packed(items, 7)
+    assert count == len(decode_args(raw)) == 6 + 6 * len(items) + 1 + 3 + 3 + 1
+
+
+def test_non_ascii_and_long_values_are_left_to_hiredis() -> None:
+    shard = KEYS.of_org("a").shard
     # A key's length in characters is not its length in bytes: never written by hand.
     assert encode_fixed(shard, [_item("clé", None, "r0", "c", "200", "1")], 1) is None
+    # Nor is an extension value's (a model name), and a kept response is mostly too long.
+    model = ("3 usage  1 0 1 0 modèle",)
+    assert encode_fixed(shard, [_item("a", None, "r0", "a", "200", "1", model)], 1) is None
+    response = ("3 usage  1 0 1 0 m", "x" * 256, "")
+    assert encode_fixed(shard, [_item("a", None, "r0", "C", "200", "1", response)], 1) is None
+    assert encode_fixed(shard, [_item("a", None, "r0", "C", "200", "1", ("", "x" * 255, ""))], 1)
 
 
 async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> None:
@@ -83,6 +112,34 @@ async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> No
     # not two.
     after = await meter.admit("org-enc", "general_insights", user="u1")
     assert after.remaining == refunded.remaining
+
+
+async def test_a_usage_settle_goes_encoded_with_a_fixed_one(memgate: CreditGate) -> None:
+    """The middleware's settle of an actual (a quiet item) and a fixed one in one batch: sent
+    encoded, the actual charged in place of the hold, the fixed cost as held."""
+    meter = memgate.meter
+    sent: list[int] = []
+    runner = memgate.redis.runner
+    real = runner.run_encoded
+
+    async def run_encoded(script: Any, count: int, encoded: bytes) -> Any:
+        if script.name == "settle":
+            sent.append(count)
+        return await real(script, count, encoded)
+
+    runner.run_encoded = run_encoded  # type: ignore[method-assign]
+    await memgate.set_plan("org-act", "pro")
+    fixed = await meter.admit("org-act", "general_insights", user="u1")
+    usage = await meter.admit("org-act", "general_insights", user="u1", cost=5)
+    assert fixed.ok and usage.ok and fixed.remaining is not None
+    meter.settle_nowait(fixed, ok=True, status=200, latency_ms=5)
+    actual = Actual(2, Usage("openai", "gpt-4o-mini", 10, 0, 3, 0))
+    meter.settle_nowait(usage, ok=True, status=200, latency_ms=6, actual=actual)
+    await meter.drain()
+    assert sent == [6 + 6 * 2 + 1]
+    after = await meter.admit("org-act", "general_insights", user="u1")
+    # The fixed cost and the actual (2, not the hold of 5) taken, then this hold.
+    assert after.remaining == fixed.remaining + fixed.cost - fixed.cost - 2 - after.cost
 
 
 @pytest.mark.parametrize("ok", [True, False])

@@ -715,3 +715,47 @@ async def test_the_late_disconnect_is_bounded(
     (call,) = settles.calls
     assert call.actual.missing and call.actual.tokens == call.hold
     assert METRICS.usage_missing()["chat"] == missing + 1  # creditgate_usage_missing_total
+
+
+async def test_the_proxy_drains_by_itself_so_it_sees_a_disconnect_at_once(
+    app_gate: tuple[Starlette, CreditGate],
+) -> None:
+    """``UpstreamProxy`` keeps reading a usage-metered answer whose client left
+    (``drains_usage``): the middleware in front of it must not hold the client's disconnect
+    back too (it would wait out usage_drain_seconds before the proxy even knew)."""
+    from gateway.proxy.app import UpstreamProxy
+
+    _, gate = app_gate
+    seen: list[tuple[Message, float]] = []
+
+    class Recording(UpstreamProxy):
+        async def _http(self, scope: Any, receive: Any, send: Any) -> None:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            for _ in range(2):  # the body, replayed; then the client's disconnect
+                seen.append((await receive(), loop.time() - began))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    app = CreditGateMiddleware(Recording("http://127.0.0.1:9"), gate=gate)
+    payload = json.dumps({"model": "gpt-4o", "stream": True, "messages": []}).encode()
+    receive = receiving(
+        {"type": "http.request", "body": payload, "more_body": False}, {"type": "http.disconnect"}
+    )
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("app", 80),
+        "headers": [(b"x-org-id", b"acme"), (b"x-user-id", b"u1"), (b"host", b"app")],
+        "state": {},
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    (body, _), (gone, waited) = seen
+    assert json.loads(body["body"])["stream_options"] == {"include_usage": True}
+    assert gone["type"] == "http.disconnect" and waited < 0.4  # usage_drain_seconds: 0.5
+    assert scope["state"][USAGE_DRAIN_SECONDS] == 0.5  # the proxy is still asked to drain

@@ -124,16 +124,25 @@ async def balance_when(
 async def audit_events(gateway: Gateway, *request_ids: str, org: str = ORG) -> list[dict[str, str]]:
     """The audit events of these requests in their org's shard stream (DESIGN A8 adds
     ``rs`` reserve, ``ov`` overage, ``cs`` cost source, ``um`` usage missing, ...)."""
+    # The served gateway settles on its own loop, fire and forget, after a short window:
+    # ``gateway.gate`` (another CreditGate) cannot wait for that, so the stream is read
+    # until every request's event is in it (or for at most 5 s).
     await gateway.gate.meter.drain()
     client = gateway.gate.redis.client
     stream = gateway.gate.keys.of_org(org).shard.events
     wanted = set(request_ids)
-    out = []
-    for _, fields in await client.xrange(stream):
-        decoded = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in unpacked(fields).items()
-        }
-        if decoded.get("id") in wanted:
-            out.append(decoded)
+    for _ in range(250):
+        out = []
+        for _, fields in await client.xrange(stream):
+            decoded = {
+                (k.decode() if isinstance(k, bytes) else k): (
+                    v.decode() if isinstance(v, bytes) else v
+                )
+                for k, v in unpacked(fields).items()
+            }
+            if decoded.get("id") in wanted:
+                out.append(decoded)
+        if {e["id"] for e in out} >= wanted:
+            break
+        await asyncio.sleep(0.02)
     return out
