@@ -173,7 +173,8 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
 
 async def explain(dsn: str) -> None:
     """Plans and timings of the stats query and the admin top-spenders query."""
-    from gateway.ledger.usage import _ORG_USAGE, _SPEND
+    from gateway.ledger.org_listings import _SPEND
+    from gateway.ledger.usage_stats import _ORG_USAGE
 
     conn = await asyncpg.connect(dsn)
     try:

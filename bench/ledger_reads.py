@@ -41,12 +41,8 @@ sys.path.insert(0, str(ROOT))
 from gateway.alerts.deliveries import _COUNTS  # noqa: E402
 from gateway.core.anchors import Calendar  # noqa: E402
 from gateway.ledger.migrate import migrate  # noqa: E402
-from gateway.ledger.usage import (  # noqa: E402
-    _PERIOD_OVERAGE,
-    _SPEND,
-    _SPEND_PER_ORG,
-    OrgPeriods,
-)
+from gateway.ledger.org_listings import _SPEND, _SPEND_PER_ORG, OrgPeriods  # noqa: E402
+from gateway.ledger.usage_log import _PERIOD_OVERAGE  # noqa: E402
 
 ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 

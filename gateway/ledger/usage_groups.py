@@ -8,7 +8,7 @@ created_at) over the window, grouped in Postgres. It counts the same rows as the
 (the request kinds: charge, refund, expired_hold; a refund's row carries 0 tokens), so a
 group's figures add up to ``by_day``'s over the same window.
 
-Runs inside the caller's :func:`gateway.ledger.usage.org_reader` transaction: row-level
+Runs inside the caller's :func:`gateway.ledger.org_scope.org_reader` transaction: row-level
 security applies, and the query filters by org too.
 """
 
@@ -18,12 +18,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    import asyncpg
-    from asyncpg.pool import PoolConnectionProxy
-
-    # A connection taken from the store's pool, as gateway.ledger.usage spells it (not
-    # imported from there: usage imports this module).
-    Conn = PoolConnectionProxy[asyncpg.Record]
+    from gateway.ledger.org_scope import Conn
 
 __all__ = ["GROUPS", "Group", "group_usage"]
 

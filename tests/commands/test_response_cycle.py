@@ -16,7 +16,6 @@ wheel) makes a subprocess run the comparison cases against that one too.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 import subprocess
@@ -28,32 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway.commands.response_cycle import FastCycle, fast_cycle_allowed
+from tests.support.uvicorn_cycle import RecordingTransport, uvicorn_cycle
 
 Message = dict[str, Any]
-
-
-class _Transport:
-    """What a cycle writes, write by write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
 
 
 def _cycle(
@@ -62,21 +41,15 @@ def _cycle(
     keep_alive: bool = True,
     request_headers: list[tuple[bytes, bytes]] | None = None,
     default_headers: list[tuple[bytes, bytes]] | None = None,
-) -> tuple[RequestResponseCycle, _Transport, list[int]]:
-    transport = _Transport()
-    flow = FlowControl(transport)  # type: ignore[arg-type]
-    scope: Any = {"type": "http", "method": method, "path": "/", "headers": request_headers or []}
+) -> tuple[RequestResponseCycle, RecordingTransport, list[int]]:
     completed: list[int] = []
-    cycle = RequestResponseCycle(
-        scope=scope, transport=transport, flow=flow,  # type: ignore[arg-type]
-        logger=logging.getLogger("test"), access_logger=logging.getLogger("test"),
-        access_log=False, default_headers=default_headers or [], message_event=asyncio.Event(),
-        expect_100_continue=False, keep_alive=keep_alive,
+    cycle, transport = uvicorn_cycle(
+        method, keep_alive, request_headers, default_headers,
         on_response=lambda: completed.append(1),
     )  # fmt: skip
     # As the protocol does it; a closing cycle too, as one whose keep-alive ends during the
     # response (the header deadline, a shutdown) is.
-    if cls is FastCycle and (fast_cycle_allowed(cycle, scope["headers"]) or not keep_alive):
+    if cls is FastCycle and (fast_cycle_allowed(cycle, request_headers or []) or not keep_alive):
         cycle.__class__ = FastCycle
     return cycle, transport, completed
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from gateway.commands.splice import UvicornSplice
@@ -32,48 +30,13 @@ from tests.support import upstream_app
 from tests.support.reference import reference_config
 from tests.support.served_gateway import served
 from tests.support.upstream_app import pattern_bytes, serve_in_thread
-
-
-class _Transport:
-    """What a cycle writes, and a write buffer that fills until the test drains it."""
-
-    def __init__(self, high_water: int = 1 << 30) -> None:
-        self.out = bytearray()
-        self.buffered = 0
-        self.high_water = high_water
-        self.protocol_paused: Callable[[], None] | None = None
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.out += data
-        self.buffered += len(data)
-        if self.buffered > self.high_water and self.protocol_paused is not None:
-            self.protocol_paused()
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
+from tests.support.uvicorn_cycle import RecordingTransport, uvicorn_cycle
 
 
 def _cycle(
     method: str = "GET", high_water: int = 1 << 30
-) -> tuple[RequestResponseCycle, _Transport]:
-    transport = _Transport(high_water)
-    flow = FlowControl(transport)  # type: ignore[arg-type]
-    transport.protocol_paused = flow.pause_writing
-    scope: Any = {"type": "http", "method": method, "path": "/", "headers": []}
-    cycle = RequestResponseCycle(
-        scope=scope, transport=transport, flow=flow,  # type: ignore[arg-type]
-        logger=logging.getLogger("test"), access_logger=logging.getLogger("test"),
-        access_log=False, default_headers=[], message_event=asyncio.Event(),
-        expect_100_continue=False, keep_alive=True, on_response=lambda: None,
-    )  # fmt: skip
-    return cycle, transport
+) -> tuple[RequestResponseCycle, RecordingTransport]:
+    return uvicorn_cycle(method, high_water=high_water)
 
 
 START = {"type": "http.response.start", "status": 200, "headers": [(b"x-a", b"1")]}
