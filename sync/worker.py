@@ -416,7 +416,10 @@ class SyncWorker:
             for i, outcome in enumerate(recovered):
                 if isinstance(outcome, BaseException):
                     failed(i, outcome)
-                elif not self.stopping:
+                elif not self.stopping and not shards[i].own_pending and self._keeps(shards[i]):
+                    # A shard whose re-read stopped early (being handed over) is not read
+                    # for new entries: their commit would clear own_pending with entries
+                    # of ours still pending.
                     live.append(i)
             probe = min(self.batch_size, _FOLD_BELOW)
             reads = await asyncio.gather(
@@ -508,6 +511,9 @@ class SyncWorker:
     async def _wait_for_entries(self, result: SyncPassResult, shards: list[_Shard]) -> None:
         """Block up to block_ms for new entries on any of ``shards``, and handle what
         arrives."""
+        # Shards with entries of ours to re-read first wait for the next pass: handling
+        # new entries would clear their own_pending.
+        shards = [s for s in shards if not s.own_pending and self._keeps(s)]
         if isinstance(self.redis, RedisCluster) or not shards:
             # Streams of different shards live in different slots: no multi-key block.
             await self._sleep(self.block_ms / 1000)
@@ -563,13 +569,20 @@ class SyncWorker:
         async with self._sem:
             if shard.takeover or now - shard.last_claim >= self._claim_every_s:
                 shard.last_claim = now
-                claimed = await stream.claim(0 if shard.takeover else self.claim_idle_ms, n)
+                # Taken over from another process: everything it left pending, at once
+                # (it may hold more than a batch); else what is idle, a batch at a time.
+                idle_ms = 0 if shard.takeover else self.claim_idle_ms
+                while True:
+                    claimed = await stream.claim(idle_ms, n)
+                    if claimed:
+                        shard_n = stream.keys.shard
+                        log.info("shard %d: claimed %d idle entries", shard_n, len(claimed))
+                        result.claimed += len(claimed)
+                        shard.own_pending = True
+                        await self._handle(shard, claimed, result, direct=False)
+                    if not shard.takeover or len(claimed) < n or self.stopping:
+                        break
                 shard.takeover = False
-                if claimed:
-                    log.info("shard %d: claimed %d idle entries", stream.keys.shard, len(claimed))
-                    result.claimed += len(claimed)
-                    shard.own_pending = True
-                    await self._handle(shard, claimed, result, direct=False)
             while shard.own_pending and not self.stopping and self._keeps(shard):
                 entries = await stream.read("0", n)
                 if entries:
@@ -584,15 +597,19 @@ class SyncWorker:
         entries = first
         if len(entries) < n:
             entries = entries + await stream.read(">", n - len(entries))
-        for _ in range(self.max_batches_per_pass):
+        for batch in range(self.max_batches_per_pass):
+            # Read the next batch only when it will be written in this pass: one read when
+            # the quota has run out would stay pending, its own_pending cleared by the
+            # caller, until claimed back after claim_idle_ms.
+            if batch:
+                if len(entries) < n or self.stopping or not self._keeps(shard):
+                    break
+                entries = await stream.read(">", n)
+                if not entries:
+                    break
+                shard.own_pending = True
             await self._handle(shard, entries, result)
             shard.own_pending = False
-            if len(entries) < n or self.stopping or not self._keeps(shard):
-                break
-            entries = await stream.read(">", n)
-            if not entries:
-                break
-            shard.own_pending = True
 
     # -- one batch ------------------------------------------------------------------
 
