@@ -12,6 +12,10 @@ the cost of an event. So the short reads of all shards without a backlog are fol
 one transaction (``SyncWorker._sync_shards``, ``fold``), which takes every shard's lock;
 a backlogged shard is still drained in full batches of its own.
 
+Several workers (processes) split the shards: ``run`` passes over only the shards this
+worker holds a lease on (sync/leases.py), so a shard's events stay in one worker's
+batches; ``run_once`` passes over every shard.
+
 New entries take the writer's fast path (COPY straight into the ledger); re-read and
 claimed entries, which may be in the ledger already, take its safe path (sync/writer.py).
 
