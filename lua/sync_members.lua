@@ -7,7 +7,7 @@
 --
 -- Expired members (processes that died) are dropped first. Returns the live members'
 -- names, sorted (every process computes the same assignment from the same list). The zset
--- needs no TTL of its own: once its last member expires or leaves, it is empty and gone.
+-- has no TTL of its own: a dead member's entry stays until a later heartbeat drops it.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[2])
