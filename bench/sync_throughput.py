@@ -12,7 +12,9 @@
    keys again event for event (``warm_pass``: new event ids, later seqs, the same days),
    drained by the same worker, so everything it writes but the ledger rows is an update,
    as in a deployment that has run all day. Then the cold pass with ``--processes``
-   worker processes at once (0 to skip), on a fresh ledger, with their CPU per event.
+   worker processes at once (0 to skip), on a fresh ledger, with their CPU per event;
+   they split the shards as ``creditgate sync`` processes do (sync/leases.py) before the
+   clock starts.
 2. The floors, in the same run and on the same rows (already decoded, so no Redis and no
    Python decoding), cold and warm the same way (the warm pass's rows written after the
    cold pass's into the same table, and timed apart; each phase's ratio is to its own
@@ -68,6 +70,7 @@ from gateway.core.events import decode, packed
 from gateway.core.redis_keys import KeySpace
 from gateway.ledger.migrate import migrate
 from gateway.redisio.connect import connect_redis
+from sync.leases import assignment
 from sync.records import LOG_COLUMNS, TS
 from sync.worker import DEFAULT_BATCH_SIZE, SyncWorker, tune_gc
 
@@ -256,11 +259,12 @@ def warm_pass(producer: Producer, cold: list[dict[str, str]]) -> list[dict[str, 
     return [producer.event(int(e["ts"])) for e in cold]
 
 
-async def drain(worker: SyncWorker) -> int:
-    """Passes until one reads nothing; returns the entries acked."""
+async def drain(worker: SyncWorker, owned_only: bool = False) -> int:
+    """Passes until one reads nothing (of the shards the worker owns, if ``owned_only``);
+    returns the entries acked."""
     done = 0
     while True:
-        result = await worker.run_once()
+        result = await worker.run_once(owned_only=owned_only)
         done += result.acked
         if result.read == 0:
             return done
@@ -322,14 +326,27 @@ def _process_worker(
         )
         for shard in worker._shards:  # connect and create groups before the clock starts
             await worker._ensure_group(shard)
+        # Split the shards as `creditgate sync` processes do (sync/leases.py), also before
+        # the clock starts: until every process is a member and owns its share.
+        leases = worker._leases
+        assert leases is not None
+        while True:
+            owned = await worker.own_shards()
+            members = leases.members
+            if len(members) == args.processes and set(owned) == assignment(
+                members, worker.consumer, shards
+            ):
+                break
+            await asyncio.sleep(0.05)
         ready.set()
         await asyncio.to_thread(go.wait)
         cpu0 = time.process_time()
-        await drain(worker)
+        await drain(worker, owned_only=True)
         cpu_out.put(time.process_time() - cpu0)
         # Keep the pool's backends alive until the parent has read their CPU time.
         done.set()
         await asyncio.to_thread(release.wait)
+        await worker.release_shards()
         await worker.close()
         await pool.close()
         await handles.close()

@@ -3,9 +3,11 @@
     python -m sync --config creditgate.yaml
     python -m sync --redis-url redis://... --database-url postgresql://... [--prefix cg]
                    [--shards 16] [--consumer NAME] [--batch-size N] [--claim-idle-ms MS]
-                   [--variable-features summarize,research]
+                   [--variable-features summarize,research] [--lease-ms 5000]
 
-SIGTERM/SIGINT stop it after the batch in flight; it then exits 0.
+Several may run at once: they split the shards between them (``--lease-ms``, see
+sync/leases.py). SIGTERM/SIGINT stop it after the batch in flight, hand its shards over
+to the others, and it exits 0.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import asyncio
 import logging
 
 from gateway.core.redis_keys import KeySpace
+from sync.leases import DEFAULT_LEASE_MS, check_lease_ms
 from sync.worker import DEFAULT_BATCH_SIZE, run_sync, run_worker
+
+
+def _lease_ms(value: str) -> int:
+    try:
+        return check_lease_ms(int(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,6 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="comma-separated features whose cost is read after the call (usage or header"
         " costs): their expired holds are recorded with usage missing",
+    )
+    p.add_argument(
+        "--lease-ms",
+        type=_lease_ms,
+        default=DEFAULT_LEASE_MS,
+        help="shard lease TTL: the running processes split the shards, and a dead one's are"
+        " taken over after this long; 0: every process reads every shard",
     )
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -60,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             concurrency=args.concurrency,
             timezone=args.timezone,
             variable_features=[f for f in args.variable_features.split(",") if f],
+            lease_ms=args.lease_ms,
         )
     )
 

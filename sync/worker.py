@@ -12,6 +12,10 @@ the cost of an event. So the short reads of all shards without a backlog are fol
 one transaction (``SyncWorker._sync_shards``, ``fold``), which takes every shard's lock;
 a backlogged shard is still drained in full batches of its own.
 
+Several workers (processes) split the shards: ``run`` passes over only the shards this
+worker holds a lease on (sync/leases.py), so a shard's events stay in one worker's
+batches; ``run_once`` passes over every shard.
+
 New entries take the writer's fast path (COPY straight into the ledger); re-read and
 claimed entries, which may be in the ledger already, take its safe path (sync/writer.py).
 
@@ -44,6 +48,7 @@ from gateway.alerts.evaluation import AlertDefaults
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.lua_scripts import load as load_script
 from sync.batch import Entry, Rows, decode_entries
+from sync.leases import DEFAULT_LEASE_MS, ShardLeases, check_lease_ms
 from sync.records import Fields, Times
 from sync.results import SyncPassResult, SyncStats
 from sync.streams import (
@@ -79,6 +84,7 @@ class _Shard:
     untrimmed: int = 0  # entries acked since the stream was last trimmed
     last_trim: float = float("-inf")
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    takeover: bool = False  # just taken from another process: claim its pending entries
 
 
 def tune_gc() -> None:
@@ -123,6 +129,10 @@ class SyncWorker:
     before the next one, so that a steady trickle is written in fewer, larger transactions
     (each costs about a millisecond of Postgres CPU whatever its size); it adds at most
     this much to the sync lag. 0 turns it off.
+    ``lease_ms``: ``run`` owns only the shards it holds a lease on (sync/leases.py), so
+    several processes split the shards, and a dead one's shards are taken over after
+    this long; 0 turns ownership off (every process reads every shard, as ``run_once``
+    always does).
     ``run`` and ``run_once`` close the connection the worker opened when they return.
     """
 
@@ -147,6 +157,7 @@ class SyncWorker:
         alerts: AlertDefaults | None = None,
         timezone: str = "UTC",
         variable_features: Collection[str] = (),
+        lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
         self.redis = redis
         self.keyspace = keyspace
@@ -180,6 +191,13 @@ class SyncWorker:
             for keys in keyspace.all_shards()
         ]
         self._by_stream = {s.stream.key: s for s in self._shards}
+        self._leases = (
+            ShardLeases(redis, keyspace, self.consumer, lease_ms)
+            if check_lease_ms(lease_ms)
+            else None
+        )
+        self._keeper: asyncio.Task[None] | None = None  # the leases' heartbeat, while owning
+        self._beats_seen = -1  # the heartbeat the shards were last rebalanced after
         self._first = secrets.randbelow(len(self._shards)) if self._shards else 0
         self._concurrency = max(1, concurrency)
         self._sem = asyncio.Semaphore(self._concurrency)
@@ -210,7 +228,7 @@ class SyncWorker:
         idle = False
         while not self.stopping:
             try:
-                result = await self._pass(block=idle)
+                result = await self._pass(block=idle, owned_only=True)
             except Exception as exc:  # Redis or Postgres unavailable: retry, ack nothing
                 self._record_error(exc)
                 log.warning(
@@ -231,6 +249,7 @@ class SyncWorker:
                 # A trickle, not a backlog: let entries gather for the next transaction.
                 await self._sleep(self.linger_ms / 1000)
         await self._leave_group()
+        await self.release_shards()
         await self.close()
         log.info("sync worker %s stopped", self.consumer)
 
@@ -239,19 +258,70 @@ class SyncWorker:
         if self._own_fast is not None:
             await self._own_fast.close()
 
-    async def run_once(self) -> SyncPassResult:
+    async def run_once(self, *, owned_only: bool = False) -> SyncPassResult:
         """One pass over every shard (sweep included when due); raises if it fails.
 
+        ``owned_only``: over the shards this process owns, as a pass of ``run`` (the
+        leases are then kept by a heartbeat task until ``release_shards``).
         The connection the worker opened for it is closed again (the next call reopens
         it), so callers need not ``close`` the worker.
         """
         try:
-            return await self._pass(block=False, eager_trim=True)
+            return await self._pass(block=False, eager_trim=True, owned_only=owned_only)
         except Exception as exc:
             self._record_error(exc)
             raise
         finally:
             await self.close()
+
+    async def own_shards(self) -> list[int]:
+        """Join the sync processes (first call), take or give back shards as the live
+        processes' assignment says, and return the shards this process owns."""
+        leases = self._leases
+        if leases is None:
+            return [s.stream.keys.shard for s in self._shards]
+        if self._keeper is None or self._keeper.done():
+            await leases.heartbeat()
+            self._keeper = asyncio.create_task(self._keep_leases(leases), name="sync-leases")
+        if leases.beats != self._beats_seen:  # what is wanted may have changed
+            self._beats_seen = leases.beats
+            taken, _ = await leases.rebalance()
+            for n in taken:
+                shard = self._shards[n]
+                # Another process may have left entries pending (it died): claim them now,
+                # not after claim_idle_ms; they go the safe way, so none is written twice.
+                shard.takeover = shard.own_pending = True
+        return leases.owned()
+
+    async def release_shards(self) -> None:
+        """Stop the leases' heartbeat and give back every lease (clean shutdown)."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
+        if self._leases is not None:
+            try:
+                await self._leases.leave()
+            except Exception as exc:  # the leases expire on their own
+                log.warning("could not give back the shard leases: %s", exc)
+        self._beats_seen = -1
+
+    async def _keep_leases(self, leases: ShardLeases) -> None:
+        """Heartbeat every ``lease_ms / 5`` while owning, also during a long pass."""
+        while True:
+            await asyncio.sleep(leases.heartbeat_every_s)
+            try:
+                await leases.heartbeat()
+            except Exception as exc:  # the leases lapse on their own: batches stop
+                log.warning("sync lease heartbeat failed (%s: %s)", type(exc).__name__, exc)
+
+    def _keeps(self, shard: _Shard) -> bool:
+        """Whether to read on from ``shard``: always without ownership, else while we own
+        and still want it (a shard being handed over is left after the batch in hand)."""
+        if self._leases is None or self._keeper is None:
+            return True
+        return self._leases.keeps(shard.stream.keys.shard)
 
     async def stats(self) -> SyncStats:
         """Backlog per shard and the age of the oldest unsynced event (queries Redis)."""
@@ -269,24 +339,30 @@ class SyncWorker:
 
     # -- one pass -------------------------------------------------------------------
 
-    async def _pass(self, *, block: bool, eager_trim: bool = False) -> SyncPassResult:
+    async def _pass(
+        self, *, block: bool, eager_trim: bool = False, owned_only: bool = False
+    ) -> SyncPassResult:
         result = SyncPassResult()
+        mine = self._shards
+        if owned_only and self._leases is not None:
+            mine = [self._shards[n] for n in await self.own_shards()]
         if time.monotonic() >= self._next_sweep:
-            result.swept, result.swept_usage_missing = await self._sweep()
+            result.swept, result.swept_usage_missing = await self._sweep(mine)
             # A full sweep means more holds are due: sweep again next pass.
             full = result.swept >= _SWEEP_MAX
             self._next_sweep = time.monotonic() + (0 if full else self.sweep_every_s)
         try:
-            await asyncio.gather(*(self._ensure_group(s) for s in self._shards))
+            await asyncio.gather(*(self._ensure_group(s) for s in mine))
             if block and not result.swept:
-                await self._wait_for_entries(result)
+                await self._wait_for_entries(result, mine)
         except Exception as exc:
             self._check_nogroup(exc)
             self.totals.add(result)
             raise
         # Each worker starts its passes at its own shard, so that several workers at once
         # mostly write different shards (a shard's writers take turns, see sync/writer.py).
-        shards = self._shards[self._first :] + self._shards[: self._first]
+        first = self._first % len(mine) if mine else 0
+        shards = mine[first:] + mine[:first]
         parts = await self._sync_shards(shards, eager_trim)
         lost = [i for i, p in enumerate(parts) if isinstance(p, BaseException) and is_nogroup(p)]
         if lost:
@@ -344,7 +420,10 @@ class SyncWorker:
             for i, outcome in enumerate(recovered):
                 if isinstance(outcome, BaseException):
                     failed(i, outcome)
-                elif not self.stopping:
+                elif not self.stopping and not shards[i].own_pending and self._keeps(shards[i]):
+                    # A shard whose re-read stopped early (being handed over) is not read
+                    # for new entries: their commit would clear own_pending with entries
+                    # of ours still pending.
                     live.append(i)
             probe = min(self.batch_size, _FOLD_BELOW)
             reads = await asyncio.gather(
@@ -406,8 +485,8 @@ class SyncWorker:
             await shard.stream.ensure_group()
             shard.group_ready = True
 
-    async def _sweep(self) -> tuple[int, int]:
-        """Sweep every shard's expired holds; returns (swept, of which usage missing)."""
+    async def _sweep(self, shards: list[_Shard]) -> tuple[int, int]:
+        """Sweep ``shards``' expired holds; returns (swept, of which usage missing)."""
         now_ms = self._now_ms()
         replies = await asyncio.gather(
             *(
@@ -415,12 +494,12 @@ class SyncWorker:
                     keys=[s.stream.keys.holds, s.stream.keys.holdexp, s.stream.keys.events],
                     args=[now_ms, _SWEEP_MAX, *self._variable_features],
                 )
-                for s in self._shards
+                for s in shards
             ),
             return_exceptions=True,
         )
         swept = missing = 0
-        for shard, reply in zip(self._shards, replies, strict=True):
+        for shard, reply in zip(shards, replies, strict=True):
             if isinstance(reply, ResponseError):
                 # A script error (say, a hold that is not JSON) must not stop the sync.
                 log.error("shard %d: sweep_holds failed: %s", shard.stream.keys.shard, reply)
@@ -433,9 +512,13 @@ class SyncWorker:
             log.info("swept %d expired holds (%d with their usage missing)", swept, missing)
         return swept, missing
 
-    async def _wait_for_entries(self, result: SyncPassResult) -> None:
-        """Block up to block_ms for new entries on any shard, and handle what arrives."""
-        if isinstance(self.redis, RedisCluster):
+    async def _wait_for_entries(self, result: SyncPassResult, shards: list[_Shard]) -> None:
+        """Block up to block_ms for new entries on any of ``shards``, and handle what
+        arrives."""
+        # Shards with entries of ours to re-read first wait for the next pass: handling
+        # new entries would clear their own_pending.
+        shards = [s for s in shards if not s.own_pending and self._keeps(s)]
+        if isinstance(self.redis, RedisCluster) or not shards:
             # Streams of different shards live in different slots: no multi-key block.
             await self._sleep(self.block_ms / 1000)
             return
@@ -444,7 +527,7 @@ class SyncWorker:
         reply = await self.redis.xreadgroup(
             self.group,
             self.consumer,
-            {s.stream.key: ">" for s in self._shards},
+            {s.stream.key: ">" for s in shards},
             count=min(self.batch_size, _WAKE_COUNT),
             block=self.block_ms,
         )
@@ -488,15 +571,23 @@ class SyncWorker:
         stream, n = shard.stream, self.batch_size
         now = time.monotonic()
         async with self._sem:
-            if now - shard.last_claim >= self._claim_every_s:
+            if shard.takeover or now - shard.last_claim >= self._claim_every_s:
                 shard.last_claim = now
-                claimed = await stream.claim(self.claim_idle_ms, n)
-                if claimed:
-                    log.info("shard %d: claimed %d idle entries", stream.keys.shard, len(claimed))
-                    result.claimed += len(claimed)
-                    shard.own_pending = True
-                    await self._handle(shard, claimed, result, direct=False)
-            while shard.own_pending and not self.stopping:
+                # Taken over from another process: everything it left pending, at once
+                # (it may hold more than a batch); else what is idle, a batch at a time.
+                idle_ms = 0 if shard.takeover else self.claim_idle_ms
+                while True:
+                    claimed = await stream.claim(idle_ms, n)
+                    if claimed:
+                        shard_n = stream.keys.shard
+                        log.info("shard %d: claimed %d idle entries", shard_n, len(claimed))
+                        result.claimed += len(claimed)
+                        shard.own_pending = True
+                        await self._handle(shard, claimed, result, direct=False)
+                    if not shard.takeover or len(claimed) < n or self.stopping:
+                        break
+                shard.takeover = False
+            while shard.own_pending and not self.stopping and self._keeps(shard):
                 entries = await stream.read("0", n)
                 if entries:
                     await self._handle(shard, entries, result, direct=False)
@@ -510,15 +601,19 @@ class SyncWorker:
         entries = first
         if len(entries) < n:
             entries = entries + await stream.read(">", n - len(entries))
-        for _ in range(self.max_batches_per_pass):
+        for batch in range(self.max_batches_per_pass):
+            # Read the next batch only when it will be written in this pass: one read when
+            # the quota has run out would stay pending, its own_pending cleared by the
+            # caller, until claimed back after claim_idle_ms.
+            if batch:
+                if len(entries) < n or self.stopping or not self._keeps(shard):
+                    break
+                entries = await stream.read(">", n)
+                if not entries:
+                    break
+                shard.own_pending = True
             await self._handle(shard, entries, result)
             shard.own_pending = False
-            if len(entries) < n or self.stopping:
-                break
-            entries = await stream.read(">", n)
-            if not entries:
-                break
-            shard.own_pending = True
 
     # -- one batch ------------------------------------------------------------------
 

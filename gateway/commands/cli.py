@@ -163,7 +163,9 @@ def sync(config_path: Path | None) -> None:
     """Run the standalone sync worker (Redis streams -> Postgres); several may run at once.
 
     It moves every usage event from the Redis streams into the ledger until stopped;
-    SIGTERM or Ctrl-C stop it after the batch in flight.
+    several split the shards between them (a lease per shard: a dead one's shards are
+    taken over after 5 s). SIGTERM or Ctrl-C stop it after the batch in flight and hand
+    its shards over to the others.
     """
     from gateway.core.logs import configure_logging
     from sync.worker import run_sync

@@ -13,6 +13,8 @@ Keys (P = key_prefix, default ``cg``):
 - ``P:{sN}:holdexp``              zset: request id scored by the hold's expiry (ms)
 - ``P:{sN}:events``               stream: the shard's audit events (gateway/core/events.py)
 - ``P:{sN}:events:dead``          stream: events the sync job could not write (sync/)
+- ``P:{sN}:sync:lease``           string: the sync process that owns the shard, with a TTL
+                                  (sync/leases.py)
 - ``P:{sN}:idem:<org>:<sha256>``  string: an Idempotency-Key's state
 - ``P:{sN}:idem:-``               never written: the idempotency key of scripts run for a
                                   request without one (scripts take a fixed set of keys)
@@ -24,6 +26,8 @@ Keys (P = key_prefix, default ``cg``):
 - ``P:keys:<sha256 hex>``         string: cached API-key lookup (not per org)
 - ``P:stripe:evt:<event id>``     string: a Stripe webhook event's outcome (not per org)
 - ``P:stripe:sub:<org>``          string: the org's last applied subscription change
+- ``P:sync:members``              zset: live sync processes scored by when their
+                                  membership expires (ms, Redis time; sync/leases.py)
 
 Every key name is built here; nothing else spells one out.
 """
@@ -51,6 +55,7 @@ class ShardKeys:
     holdexp: str
     events: str
     dead_letters: str
+    sync_lease: str
     no_idempotency: str
     org_prefix: str  # of every org state key in the shard (SCAN MATCH <org_prefix>*)
 
@@ -60,7 +65,7 @@ class ShardKeys:
         tag = f"{prefix}:{{s{shard}}}"
         return cls(
             shard, tag, f"{tag}:holds", f"{tag}:holdexp", f"{tag}:events",
-            f"{tag}:events:dead", f"{tag}:idem:-", f"{tag}:org:",
+            f"{tag}:events:dead", f"{tag}:sync:lease", f"{tag}:idem:-", f"{tag}:org:",
         )  # fmt: skip
 
     def org(self, org: str) -> str:
@@ -111,6 +116,11 @@ class KeySpace:
     def all_shards(self) -> list[ShardKeys]:
         """Every shard, in order."""
         return list(self._shard_keys)
+
+    @property
+    def sync_members(self) -> str:
+        """The zset of live sync processes (not per shard: one key, one cluster slot)."""
+        return f"{self.prefix}:sync:members"
 
     def of_org(self, org: str) -> OrgKeys:
         """``org``'s shard and state key (cached: the hot path asks for them twice per

@@ -24,6 +24,7 @@ __all__ = ["PRELUDE", "SCRIPT_NAMES", "LuaScript", "assemble", "load", "prelude_
 
 SCRIPT_NAMES = (
     "charge", "settle", "seed", "set_plan", "grant", "sweep_holds", "repair", "levels",
+    "shard_lease", "sync_members",
 )  # fmt: skip
 PRELUDE = "_prelude"
 # A script needs the prelude when it calls what the prelude defines.

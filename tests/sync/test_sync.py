@@ -322,8 +322,11 @@ async def test_two_workers_at_once_write_each_row_once(
     n = await xadd_all(redis, keyspace, events)
     # Some entries are delivered twice on purpose (same event id in two entries).
     await xadd_all(redis, keyspace, events[::7])
+    # Without shard ownership (lease_ms=0) both read every shard at once: the safety net
+    # under ownership (the shard's advisory lock, the idempotent insert) is what keeps
+    # each row single here. Workers that own their shards: tests/sync/test_shard_ownership.py.
     workers = [
-        worker(redis, pool, keyspace, batch_size=40, consumer=f"w{i}", claim_idle_ms=1)
+        worker(redis, pool, keyspace, batch_size=40, consumer=f"w{i}", claim_idle_ms=1, lease_ms=0)
         for i in range(2)
     ]
     tasks = [asyncio.create_task(w.run()) for w in workers]
@@ -568,3 +571,19 @@ async def test_a_broken_hold_does_not_stop_the_sync(
     result = await worker(redis, pool, keyspace).run_once()
     assert result.inserted == len(events)
     assert any("sweep_holds failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_backlog_past_max_batches_per_pass_strands_nothing(
+    redis: Any, keyspace: KeySpace, pool: asyncpg.Pool
+) -> None:
+    """A shard with more than ``max_batches_per_pass`` batches waiting: the batch read
+    when the pass's quota runs out is written too, not left pending (a pending entry
+    whose own_pending was cleared waited claim_idle_ms to be claimed back)."""
+    events = scenario(["acme"], 120)  # one shard, ~126 entries: many batches of 10
+    n = await xadd_all(redis, keyspace, events)
+    w = worker(redis, pool, keyspace, batch_size=10, max_batches_per_pass=2)
+    for _ in range(40):
+        if (await w.run_once()).read == 0:
+            break
+    assert await pending_count(redis, keyspace) == 0
+    assert len((await ledger(pool))["rows"]) == n
