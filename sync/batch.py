@@ -142,6 +142,9 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
             vanished += 1
             continue
         figures = None
+        # The two fast branches leave the inlined check below to do; the other two went
+        # through canonical(), which checked.
+        checked = False
         try:
             f: Flat
             if type(fields) is list and len(fields) == 2 and fields[0] == packed_name:
@@ -158,6 +161,23 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                     f[1::2] = values
                     if len(f) > USAGE_AT and not usage_fast(f):
                         f = reference_flat(f)
+            elif type(fields) is list and (
+                (got := fields[::2]) == names
+                or got == team_names
+                or (got in (ext_names, ext_team_names) and usage_fast(fields))
+            ):
+                f = fields
+            elif type(fields) is list and got[-1] == levels_name:
+                # An entry with capped levels ends with their figures (lv): set aside,
+                # the rest is an entry like any other (sync/levels.py).
+                figures = fields[-1]
+                f = canonical(fields[:-2])
+                checked = True
+            else:
+                core, figures = without_levels(unpacked(fields))
+                f = canonical(core)
+                checked = True
+            if not checked:
                 digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
                 if not (
                     f[3] in kinds
@@ -168,30 +188,6 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
                     and len(digits) <= MAX_DIGITS
                 ):
                     f = reference_flat(f)
-            elif type(fields) is list and (
-                (got := fields[::2]) == names
-                or got == team_names
-                or (got in (ext_names, ext_team_names) and usage_fast(fields))
-            ):
-                f = fields
-                digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
-                if not (
-                    f[3] in kinds
-                    and f[1]
-                    and f[5]
-                    and digits.isdigit()
-                    and digits.isascii()
-                    and len(digits) <= MAX_DIGITS
-                ):
-                    f = reference_flat(fields)
-            elif type(fields) is list and got[-1] == levels_name:
-                # An entry with capped levels ends with their figures (lv): set aside,
-                # the rest is an entry like any other (sync/levels.py).
-                figures = fields[-1]
-                f = canonical(fields[:-2])
-            else:
-                core, figures = without_levels(unpacked(fields))
-                f = canonical(core)
             hit = cached(f[27]) or times[f[27]]
         except Exception as exc:  # any decode failure is the entry's, not ours
             bad.append((entry_id, fields, f"decode: {type(exc).__name__}: {exc}"))

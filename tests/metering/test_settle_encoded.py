@@ -87,10 +87,10 @@ def test_non_ascii_and_long_values_are_left_to_hiredis() -> None:
     assert encode_fixed(shard, [_item("a", None, "r0", "C", "200", "1", ("", "x" * 255, ""))], 1)
 
 
-async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> None:
-    meter = memgate.meter
+def _settle_key_counts(gate: CreditGate) -> list[int]:
+    """The key counts of the settle calls ``gate``'s runner sends encoded, as they go."""
     sent: list[int] = []
-    runner = memgate.redis.runner
+    runner = gate.redis.runner
     real = runner.run_encoded
 
     async def run_encoded(script: Any, count: int, encoded: bytes) -> Any:
@@ -99,6 +99,12 @@ async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> No
         return await real(script, count, encoded)
 
     runner.run_encoded = run_encoded  # type: ignore[method-assign]
+    return sent
+
+
+async def test_settles_sent_encoded_charge_and_refund(memgate: CreditGate) -> None:
+    meter = memgate.meter
+    sent = _settle_key_counts(memgate)
     await memgate.set_plan("org-enc", "pro")
     charged = await meter.admit("org-enc", "general_insights", user="u1")
     refunded = await meter.admit("org-enc", "general_insights", user="u1")
@@ -118,16 +124,7 @@ async def test_a_usage_settle_goes_encoded_with_a_fixed_one(memgate: CreditGate)
     """The middleware's settle of an actual (a quiet item) and a fixed one in one batch: sent
     encoded, the actual charged in place of the hold, the fixed cost as held."""
     meter = memgate.meter
-    sent: list[int] = []
-    runner = memgate.redis.runner
-    real = runner.run_encoded
-
-    async def run_encoded(script: Any, count: int, encoded: bytes) -> Any:
-        if script.name == "settle":
-            sent.append(count)
-        return await real(script, count, encoded)
-
-    runner.run_encoded = run_encoded  # type: ignore[method-assign]
+    sent = _settle_key_counts(memgate)
     await memgate.set_plan("org-act", "pro")
     fixed = await meter.admit("org-act", "general_insights", user="u1")
     usage = await meter.admit("org-act", "general_insights", user="u1", cost=5)
