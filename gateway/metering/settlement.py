@@ -441,7 +441,8 @@ class Settlement:
             for it, result in zip(items, reply, strict=True):
                 done = it[6]
                 if done is not None and not done.done():
-                    done.set_result(int(result))
+                    # An extended item's reply is its own (a list for "C" | "R"), as in _run.
+                    done.set_result(int(result) if it[7] is None else result)
 
     async def _run(self, shard: ShardKeys, items: list[_Settle]) -> None:
         now = self._now_ms()
