@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/instructions.py                      # this tree
     .venv/bin/python bench/instructions.py --tree /tmp/oldtree   # another checkout, same venv
+    .venv/bin/python bench/instructions.py --orgs 256 [--only-many]  # the wrk run's orgs
 
 Wall-clock and CPU-time benchmarks need a quiet machine: on a shared 2-core box the noise of
 ``bench/middleware_cpu.py`` is ±2 µs on a ~28 µs request, as large as the differences a
