@@ -53,6 +53,7 @@ __all__ = [
     "encode_fixed",
     "extension",
     "quiet_extension",
+    "shard_head",
 ]
 
 COST_SOURCES = ("usage", "header", "app", "policy", "reservation")
@@ -199,7 +200,16 @@ _Settle = tuple[
 _BULK = tuple(f"${n}\r\n" for n in range(256))
 
 
-def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int, bytes] | None:
+def shard_head(shard: ShardKeys) -> str:
+    """settle.lua's 3 shard keys as RESP bulk strings, the start of every batch's keys:
+    built once per shard rather than per batch (with many orgs most batches hold one or
+    two settles, and this formatting was a third of ``encode_fixed`` per batch)."""
+    return "".join(f"${len(k)}\r\n{k}\r\n" for k in (shard.holds, shard.holdexp, shard.events))
+
+
+def encode_fixed(
+    shard: ShardKeys, items: list[_Settle], now: int, head: str | None = None
+) -> tuple[int, bytes] | None:
     """settle.lua's keys and arguments for a batch of fixed-cost items, as ``run_encoded``
     takes them (the count, the RESP bulk strings), built as one string: hiredis'
     ``pack_command`` of the same ~6 arguments per item, with the lists it is given, cost
@@ -207,15 +217,14 @@ def encode_fixed(shard: ShardKeys, items: list[_Settle], now: int) -> tuple[int,
     (``ext``: a usage-cost settle's actual, a kept response) has its values written after
     its 4. None when a value is not ASCII (a length written here would not be a byte
     length) or longer than 255 (a kept response usually is): the caller packs those.
+    ``head``: :func:`shard_head` of ``shard``, if the caller keeps it.
     """
     bulk = _BULK
     n = len(items)
-    count, holds, holdexp, events = str(3 + 2 * n), shard.holds, shard.holdexp, shard.events
-    now_s, n_s = str(now), str(n)
-    parts = [
-        f"{bulk[len(count)]}{count}\r\n{bulk[len(holds)]}{holds}\r\n"
-        f"{bulk[len(holdexp)]}{holdexp}\r\n{bulk[len(events)]}{events}\r\n"
-    ]
+    count, now_s, n_s = str(3 + 2 * n), str(now), str(n)
+    if head is None:
+        head = shard_head(shard)
+    parts = [f"{bulk[len(count)]}{count}\r\n{head}"]
     values = [f"{bulk[len(now_s)]}{now_s}\r\n{bulk[len(n_s)]}{n_s}\r\n"]
     key, value = parts.append, values.append
     extra = 0  # the extension values of the batch (a usage-cost settle's one)
@@ -283,12 +292,16 @@ class Settlement:
         self.window_s = SETTLE_WINDOW_S
         self._now_ms = now_ms
         self._shards = keys.all_shards()
+        self._heads = [shard_head(shard) for shard in self._shards]  # by shard number
         self._pending: dict[int, list[_Settle]] = {}
         # The scheduled flush of _pending (None: none), its loop, and whether it waits for
         # the settle window (settle() wants its future answered at the next iteration).
         self._flush_handle: asyncio.Handle | None = None
         self._flush_loop: asyncio.AbstractEventLoop | None = None
         self._flush_delayed = False
+        # Whether a settle queued since the last flush has a future to answer: without one
+        # (the middleware's settles) a batch's replies are not walked at all.
+        self._waiting = False
         self._inflight: set[asyncio.Task[None]] = set()
 
     def queue(
@@ -323,6 +336,8 @@ class Settlement:
             ext,
         )
         # _enqueue, inlined: this is every metered request's settle.
+        if done is not None:
+            self._waiting = True
         shard = org_keys.shard.shard
         queue = self._pending.get(shard)
         if queue is None:
@@ -361,6 +376,8 @@ class Settlement:
         self._enqueue(org_keys.shard.shard, item, done)
 
     def _enqueue(self, shard: int, item: _Settle, done: asyncio.Future[Any] | None) -> None:
+        if done is not None:
+            self._waiting = True
         queue = self._pending.get(shard)
         if queue is None:
             self._pending[shard] = [item]
@@ -385,11 +402,17 @@ class Settlement:
     def _flush(self) -> None:
         self._flush_handle = self._flush_loop = None
         pending, self._pending = self._pending, {}
-        batches = [
-            (self._shards[number], items[start : start + _BATCH])
-            for number, items in pending.items()
-            for start in range(0, len(items), _BATCH)
-        ]
+        waiting, self._waiting = self._waiting, False
+        shards = self._shards
+        batches: list[tuple[ShardKeys, list[_Settle]]] = []
+        for number, items in pending.items():
+            if len(items) <= _BATCH:  # nearly always: no slice (a copy) of the queue
+                batches.append((shards[number], items))
+            else:
+                batches += [
+                    (shards[number], items[start : start + _BATCH])
+                    for start in range(0, len(items), _BATCH)
+                ]
         if len(batches) > 1 and not self.wait_replicas:
             many = getattr(self.runner, "run_encoded_many", None)
             if many is not None:
@@ -397,10 +420,10 @@ class Settlement:
                 # shard's batch (the same script calls, in the same write) instead of a
                 # task, a coroutine and a future wait per shard. Nothing waits longer:
                 # the window, hence what a crash loses, is unchanged.
-                self._start(self._run_all(batches, many))
+                self._start(self._run_all(batches, many, waiting))
                 return
         for shard, items in batches:
-            self._start(self._run(shard, items))
+            self._start(self._run(shard, items, waiting))
 
     def _start(self, run: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(run)
@@ -411,18 +434,21 @@ class Settlement:
         self,
         batches: list[tuple[ShardKeys, list[_Settle]]],
         many: Callable[[LuaScript, list[tuple[int, bytes]]], Awaitable[list[Any]]],
+        waiting: bool = True,
     ) -> None:
         """Several shards' batches sent together (``run_encoded_many``). A batch that is not
         all fixed-cost, or whose call met ``RedisUnavailable``, takes :meth:`_run` (its own
         encoding and retries: settling twice is harmless, the hold is gone the second
-        time); an error reply is logged and given to the batch's waiting callers."""
+        time); an error reply is logged and given to the batch's waiting callers.
+        ``waiting``: whether any item has a future (else the replies are not walked)."""
         now = self._now_ms()
+        heads = self._heads
         sent: list[tuple[ShardKeys, list[_Settle]]] = []
         calls: list[tuple[int, bytes]] = []
         for shard, items in batches:
-            encoded = encode_fixed(shard, items, now)
+            encoded = encode_fixed(shard, items, now, heads[shard.shard])
             if encoded is None:
-                self._start(self._run(shard, items))
+                self._start(self._run(shard, items, waiting))
             else:
                 sent.append((shard, items))
                 calls.append(encoded)
@@ -431,21 +457,28 @@ class Settlement:
         replies = await many(self.script, calls)
         for (shard, items), reply in zip(sent, replies, strict=True):
             if isinstance(reply, RedisUnavailable):
-                self._start(self._run(shard, items))
+                self._start(self._run(shard, items, waiting))
                 continue
             if isinstance(reply, BaseException):
                 # An error reply (the script failed, perhaps after some of its writes):
                 # never sent again, as _run would not either.
                 _failed(shard, items, reply)
                 continue
+            if not waiting:
+                continue
             for it, result in zip(items, reply, strict=True):
                 done = it[6]
                 if done is not None and not done.done():
-                    done.set_result(int(result))
+                    # An extended item's reply is its own (a list for "C" | "R"), as in _run.
+                    done.set_result(int(result) if it[7] is None else result)
 
-    async def _run(self, shard: ShardKeys, items: list[_Settle]) -> None:
+    async def _run(self, shard: ShardKeys, items: list[_Settle], waiting: bool = True) -> None:
         now = self._now_ms()
-        encoded = None if self.wait_replicas else encode_fixed(shard, items, now)
+        encoded = (
+            None
+            if self.wait_replicas
+            else encode_fixed(shard, items, now, self._heads[shard.shard])
+        )
         keys: list[str] = []
         args: list[str | int] = []
         if encoded is None:
@@ -487,10 +520,11 @@ class Settlement:
                 # Its waiting callers get the error instead of waiting forever.
                 _failed(shard, items, exc)
                 return
-            for it, result in zip(items, reply, strict=True):
-                done = it[6]
-                if done is not None and not done.done():
-                    done.set_result(int(result) if it[7] is None else result)
+            if waiting:
+                for it, result in zip(items, reply, strict=True):
+                    done = it[6]
+                    if done is not None and not done.done():
+                        done.set_result(int(result) if it[7] is None else result)
             return
 
     async def _run_durable(

@@ -18,7 +18,7 @@ The Redis Cluster runner lives in ``gateway/redisio/pipelined_cluster.py``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway.core.errors import RedisUnavailable
@@ -282,13 +282,22 @@ class FastRedis:
         ``run``), so one failed call leaves the others' replies to their callers."""
         heads = self._heads
         link = self._link()  # one socket: the calls go out together
+        # Link.request, decided once for all the calls: a live socket on this loop takes
+        # each at once (the calls' futures); else each waits for the connection.
+        proto = link._proto
+        send: Callable[[bytes], Awaitable[Any]] = (
+            proto.send
+            if proto is not None and not proto.closed and proto.loop is asyncio.get_running_loop()
+            else link.request
+        )
+        sha = script.sha
         sent: list[tuple[bytes, Awaitable[Any]]] = []
         for count, encoded in calls:
-            head = heads.get((script.sha, count))
+            head = heads.get((sha, count))
             if head is None:
-                head = heads[(script.sha, count)] = evalsha_header(script.sha, count)
+                head = heads[(sha, count)] = evalsha_header(sha, count)
             command = head + encoded
-            sent.append((command, link.request(command)))
+            sent.append((command, send(command)))
         replies: list[Any] = []
         for command, pending in sent:
             try:

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.gate import CreditGate
-from gateway.metering.settlement import Actual, encode_fixed
+from gateway.metering.settlement import Actual, encode_fixed, shard_head
 from gateway.redisio.resp import decode_args, encode_args
 from gateway.usage.model import Usage
 
@@ -154,3 +154,36 @@ def test_a_value_of_256_characters_or_more_is_left_to_hiredis() -> None:
     shard = KEYS.of_org("a").shard
     assert encode_fixed(shard, [_item("a", None, "r" * 255, "c", "200", "1")], 1) is not None
     assert encode_fixed(shard, [_item("a", None, "r" * 256, "c", "200", "1")], 1) is None
+
+
+@pytest.mark.parametrize("prefix", ["P", "p" * 300, "cl\u00e9"])
+def test_a_kept_shard_head_encodes_the_same_bytes(prefix: str) -> None:
+    # Settlement keeps each shard's head (its 3 keys) and passes it in: the same bytes as
+    # encode_fixed building it, and as hiredis packing the batch; a non-ASCII prefix or
+    # one long enough for 256-character keys still falls back to hiredis.
+    keys = KeySpace(prefix, 16)
+    shard = keys.of_org("a").shard
+    org_keys = keys.of_org("a")
+    items: list[Any] = [
+        (org_keys.state, shard.no_idempotency, "r1", "c", "200", "3", None, None),
+        (
+            org_keys.state,
+            keys.idempotency("a", "k"),
+            "r2",
+            "a",
+            "200",
+            "4",
+            None,
+            ("7 usage     ",),
+        ),
+    ]
+    kept = encode_fixed(shard, items, 5, shard_head(shard))
+    assert kept == encode_fixed(shard, items, 5)
+    if not prefix.isascii() or len(org_keys.state) > 255:
+        assert kept is None  # packed by hiredis instead (a long prefix: the org keys too)
+        return
+    assert kept is not None
+    hkeys = [shard.holds, shard.holdexp, shard.events, *(k for it in items for k in it[:2])]
+    args = [5, 2, *items[0][2:6], *items[1][2:6], *items[1][7]]
+    assert kept[1] == encode_args([len(hkeys), *hkeys, *args])
+    assert kept[0] == len(decode_args(kept[1]))

@@ -196,3 +196,40 @@ async def test_a_single_shards_error_reply_reaches_its_caller(
             redisgate.meter.settle(adms[0], ok=True, status=200, latency_ms=1), 5
         )
     assert len(sent) == 1  # not resent
+
+
+async def test_a_waiting_settle_among_nowait_ones_gets_its_reply_in_every_flush(
+    redisgate: CreditGate,
+) -> None:
+    # The replies of a flush are walked only when a settle of it waits: the flag must be
+    # set by a waiting settle queued after nowait ones (same flush), and be cleared and set
+    # again per flush (a nowait-only flush between two that wait).
+    orgs = _orgs(redisgate, 4)
+    adms, before = await _admitted(redisgate, orgs)
+    meter = redisgate.meter
+    for adm in adms[:3]:
+        meter.settle_nowait(adm, ok=True, status=200, latency_ms=1)
+    first = meter.settle(adms[3], ok=False, status=503, latency_ms=1)  # another shard
+    assert await asyncio.wait_for(first, 10) == 0
+    await meter.drain()
+    for adm in adms[4:6]:
+        meter.settle_nowait(adm, ok=True, status=200, latency_ms=1)
+    await meter.drain()  # nowait only
+    meter.settle_nowait(adms[6], ok=True, status=200, latency_ms=1)
+    last = meter.settle(adms[7], ok=True, status=200, latency_ms=1)
+    assert await asyncio.wait_for(last, 10) == adms[7].cost
+    await meter.drain()
+    for k, (org, adm) in enumerate(zip(orgs, adms, strict=True)):
+        assert await _available(redisgate, org) == before[org] - (0 if k == 3 else adm.cost)
+
+
+async def test_run_encoded_many_on_a_socket_not_yet_connected(redisgate: CreditGate) -> None:
+    # The first use of a runner: no live socket, each call waits for the connection (the
+    # slow path of Link.request) and still gets its own reply, in order.
+    runner = redisgate.redis.runner
+    assert isinstance(runner, FastRedis)
+    await runner.close()
+    echo = LuaScript.from_source("echo", f"-- {uuid.uuid4().hex}\nreturn ARGV[1]")
+    calls = [(2, b"$1\r\n0\r\n$1\r\nA\r\n"), (2, b"$1\r\n0\r\n$1\r\nB\r\n")]
+    assert await runner.run_encoded_many(echo, calls) == ["A", "B"]
+    assert await runner.run_encoded_many(echo, calls[::-1]) == ["B", "A"]
