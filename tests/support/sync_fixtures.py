@@ -43,3 +43,16 @@ async def pool(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     p = await asyncpg.create_pool(pg_dsn, min_size=1, max_size=6)
     yield p
     await p.close()
+
+
+def orgs_on_every_shard(ks: KeySpace, per_shard: int = 2) -> list[str]:
+    """Org ids covering every shard of ``ks``, ``per_shard`` each."""
+    found: dict[int, list[str]] = {s.shard: [] for s in ks.all_shards()}
+    i = 0
+    while any(len(v) < per_shard for v in found.values()):
+        org = f"org{i}"
+        shard = ks.shard(org).shard
+        if len(found[shard]) < per_shard:
+            found[shard].append(org)
+        i += 1
+    return [o for orgs in found.values() for o in orgs]

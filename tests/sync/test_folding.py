@@ -15,6 +15,7 @@ import pytest
 from gateway.core.redis_keys import KeySpace
 from sync.worker import fold, fold_limit
 from tests.support.pg import requires_postgres
+from tests.support.sync_fixtures import orgs_on_every_shard
 from tests.sync.test_sync import (
     event,
     expected_daily,
@@ -41,19 +42,6 @@ def test_fold_limit_takes_all_of_a_small_total_and_spreads_a_large_one() -> None
     assert fold_limit(8000, 20_000, 4) == 2000  # a backlog: one per connection
     assert fold_limit(8000, 1500, 4) == 1500  # never above the batch size
     assert fold_limit(5, 64, 4) == 64
-
-
-def orgs_on_every_shard(ks: KeySpace, per_shard: int = 2) -> list[str]:
-    """Org ids covering every shard of ``ks``, ``per_shard`` each."""
-    found: dict[int, list[str]] = {s.shard: [] for s in ks.all_shards()}
-    i = 0
-    while any(len(v) < per_shard for v in found.values()):
-        org = f"org{i}"
-        shard = ks.shard(org).shard
-        if len(found[shard]) < per_shard:
-            found[shard].append(org)
-        i += 1
-    return [o for orgs in found.values() for o in orgs]
 
 
 def spy(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, int]]:

@@ -26,6 +26,7 @@ from sync.leases import MIN_LEASE_MS, assignment, check_lease_ms
 from sync.worker import SyncWorker
 from tests.support.pg import requires_postgres
 from tests.support.services import redis_url
+from tests.support.sync_fixtures import orgs_on_every_shard
 from tests.sync.test_sync import (
     expected_daily,
     expected_snapshots,
@@ -48,19 +49,6 @@ async def keyspace(redis: Any) -> AsyncIterator[KeySpace]:
     yield ks
     async for key in redis.scan_iter(match=f"{ks.prefix}:*", count=1000):
         await redis.delete(key)
-
-
-def orgs_for_every_shard(ks: KeySpace, per_shard: int = 2) -> list[str]:
-    """Org names covering every shard ``per_shard`` times (so every shard has events)."""
-    found: dict[int, list[str]] = {n: [] for n in range(ks.shards)}
-    i = 0
-    while any(len(v) < per_shard for v in found.values()):
-        org = f"org{i}"
-        shard = ks.shard(org).shard
-        if len(found[shard]) < per_shard:
-            found[shard].append(org)
-        i += 1
-    return [o for v in found.values() for o in v]
 
 
 async def lease_owners(redis: Any, ks: KeySpace) -> list[str | None]:
@@ -161,7 +149,7 @@ async def test_processes_split_the_shards_and_write_every_event_once(
     try:
         await wait_balanced(redis, keyspace, names)
         since = time.time()
-        events = scenario(orgs_for_every_shard(keyspace), 30)
+        events = scenario(orgs_on_every_shard(keyspace), 30)
         n = await xadd_all(redis, keyspace, events)
         await wait_synced(redis, keyspace, pool, n)
         readers = await readers_since(redis, keyspace, since)
@@ -187,7 +175,7 @@ async def test_a_joining_process_takes_its_share(
     second = sync_worker(redis, pool, keyspace, "b")
     try:
         await wait_balanced(redis, keyspace, ["a"])  # alone: it owns every shard, as before
-        before = scenario(orgs_for_every_shard(keyspace), 5)
+        before = scenario(orgs_on_every_shard(keyspace), 5)
         n = await xadd_all(redis, keyspace, before)
         await wait_synced(redis, keyspace, pool, n)
         joined = time.monotonic()
@@ -195,7 +183,7 @@ async def test_a_joining_process_takes_its_share(
         await wait_balanced(redis, keyspace, ["a", "b"])
         assert time.monotonic() - joined < 3  # a few heartbeats (lease 1 s: every 0.2 s)
         since = time.time()
-        after = scenario(orgs_for_every_shard(keyspace, 3), 10, seed=3)
+        after = scenario(orgs_on_every_shard(keyspace, 3), 10, seed=3)
         n += await xadd_all(redis, keyspace, after)
         await wait_synced(redis, keyspace, pool, n)
         readers = await readers_since(redis, keyspace, since)
@@ -216,7 +204,7 @@ async def test_a_clean_stop_hands_the_shards_over_before_the_lease_expires(
     ta, tb = asyncio.create_task(a.run()), asyncio.create_task(b.run())
     try:
         await wait_balanced(redis, keyspace, ["a", "b"], within=30)
-        events = scenario(orgs_for_every_shard(keyspace), 10)
+        events = scenario(orgs_on_every_shard(keyspace), 10)
         n = await xadd_all(redis, keyspace, events)
         await asyncio.sleep(0.05)  # b stops in the middle of its work
         stopped = time.monotonic()
@@ -225,7 +213,7 @@ async def test_a_clean_stop_hands_the_shards_over_before_the_lease_expires(
         assert set(await lease_owners(redis, keyspace)) <= {"a", None}  # b gave its back
         await wait_balanced(redis, keyspace, ["a"], within=5)
         assert time.monotonic() - stopped < 5  # a heartbeat (2 s), not the lease's 10 s
-        more = scenario(orgs_for_every_shard(keyspace), 5, seed=9)
+        more = scenario(orgs_on_every_shard(keyspace), 5, seed=9)
         n += await xadd_all(redis, keyspace, more)
         await wait_synced(redis, keyspace, pool, n)
     finally:
@@ -240,7 +228,7 @@ async def test_run_once_still_reads_every_shard(
     redis: Any, keyspace: KeySpace, pool: asyncpg.Pool
 ) -> None:
     """A one-off pass (tests, tools) needs no lease; it only makes nothing pending."""
-    events = scenario(orgs_for_every_shard(keyspace), 3)
+    events = scenario(orgs_on_every_shard(keyspace), 3)
     n = await xadd_all(redis, keyspace, events)
     result = await sync_worker(redis, pool, keyspace, "once").run_once()
     assert result.inserted == n
@@ -267,7 +255,7 @@ async def test_kill_9_mid_run_its_shards_are_taken_over_nothing_lost_or_doubled(
     procs = {name: spawn(pg_dsn, keyspace, name) for name in ("p0", "p1")}
     try:
         await wait_balanced(redis, keyspace, ["p0", "p1"], within=30)
-        orgs = orgs_for_every_shard(keyspace, 4)
+        orgs = orgs_on_every_shard(keyspace, 4)
         events = scenario(orgs, 400)  # a backlog: the kill lands while batches are written
         n = await xadd_all(redis, keyspace, events)
         for _ in range(3000):  # until the first rows are in (at most 30 s)
