@@ -43,6 +43,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from statistics import median_high as med  # the upper middle of an even count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -133,9 +134,6 @@ async def measure(url: str, pid: int, workdir: str, args: argparse.Namespace) ->
         await meter.drain()
         await handles.close()
 
-    def med(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
-
     print(f"Redis instructions per request (callgrind; {args.reps} x {args.requests} requests)")
     print(f"{'org':<8} {'charge':>10} {'settle':>10} {'gateway CPU µs':>15}")
     for name in orgs:
@@ -212,9 +210,6 @@ async def measure_actual(url: str, pid: int, workdir: str, args: argparse.Namesp
     finally:
         await meter.drain()
         await handles.close()
-
-    def med(values: list[float]) -> float:
-        return sorted(values)[len(values) // 2]
 
     print(f"Redis instructions per settle (callgrind; {args.reps} x {args.requests} settles)")
     fixed = med(settle["fixed"])
