@@ -503,14 +503,19 @@ def grant(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the embedded Postgres keeps its data (default ~/.creditgate/demo).",
+    help="Where the embedded Postgres keeps its data (default ~/.creditgate/demo;"
+    " /var/tmp/creditgate-demo when run as root).",
 )
 @click.option("--database-url", default=None, help="Use this Postgres instead of the embedded one.")
 @click.option("--no-postgres", is_flag=True, help="No ledger: balances in memory only.")
 def demo(
     host: str, port: int, data_dir: Path | None, database_url: str | None, no_postgres: bool
 ) -> None:
-    """Run everything embedded: in-process Redis, embedded Postgres, a sample app (A7)."""
+    """Run everything embedded: in-process Redis, embedded Postgres, a sample app (A7).
+
+    The demo builds its own config (the reference config: the sample app's five features
+    and the starter, pro and enterprise plans), so it takes no --config.
+    """
     from gateway.commands.demo import DemoOptions, run_demo
     from gateway.core.logs import configure_logging
 

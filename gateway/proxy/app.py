@@ -10,7 +10,8 @@ Errors before the upstream's response headers become problem+json 502 (``bad_gat
 finds every upstream connection busy (``max_connections`` per process and event loop) waits
 at most ``pool_wait`` seconds for one, then gets 503 (``unavailable``) with ``Retry-After``
 and nothing is sent upstream: a refund too (lean and httpx clients; aiohttp counts that
-wait against its connect timeout, so 504). A failure after
+wait as connecting, bounded by ``ClientTimeout.connect``, the larger of the read and
+connect timeouts, so 504). A failure after
 the response has started cannot change the status: it is recorded in
 ``scope["state"][UPSTREAM_ERROR]`` and the body is ended. The upstream's status and time to
 headers go to ``UPSTREAM_STATUS`` / ``UPSTREAM_LATENCY_MS`` (gateway/core/scope_keys.py).

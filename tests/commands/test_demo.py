@@ -180,3 +180,19 @@ def test_demo_as_root_refuses_a_data_dir_nobody_can_reach() -> None:
         assert not (private / "data" / "pgdata").exists()
     finally:
         shutil.rmtree(private, ignore_errors=True)
+
+
+def test_demo_help_says_where_its_data_goes_and_that_it_takes_no_config() -> None:
+    """`creditgate demo --help` names both default data folders (root's differs, see
+    gateway/commands/demo.py) and says the demo builds its own config."""
+    from click.testing import CliRunner
+
+    from gateway.commands.cli import main
+    from gateway.commands.demo import ROOT_DATA_DIR
+
+    result = CliRunner().invoke(main, ["demo", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "~/.creditgate/demo" in text
+    assert str(ROOT_DATA_DIR) in text
+    assert "its own config" in text
