@@ -20,6 +20,9 @@ from gateway.core.redis_keys import KeySpace
 from sync.leases import DEFAULT_LEASE_MS, check_lease_ms
 from sync.worker import DEFAULT_BATCH_SIZE, run_sync, run_worker
 
+# The options that still apply with --config (everything else comes from the file).
+_WITH_CONFIG = frozenset({"config", "lease_ms", "log_level"})
+
 
 def _lease_ms(value: str) -> int:
     try:
@@ -31,7 +34,11 @@ def _lease_ms(value: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments and run the worker until it is signalled."""
     p = argparse.ArgumentParser(prog="python -m sync", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="creditgate.yaml (other options are then ignored)")
+    p.add_argument(
+        "--config",
+        help="creditgate.yaml: Redis, Postgres, shards and the rest come from it; only"
+        " --lease-ms and --log-level may be given with it",
+    )
     p.add_argument("--redis-url")
     p.add_argument("--database-url")
     p.add_argument("--prefix", default="cg")
@@ -61,7 +68,15 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.config:
-        asyncio.run(run_sync(args.config))
+        # An option the config file decides would be silently ignored: say so instead.
+        given = [
+            "--" + name.replace("_", "-")
+            for name, value in vars(args).items()
+            if name not in _WITH_CONFIG and value != p.get_default(name)
+        ]
+        if given:
+            p.error(f"{', '.join(given)}: not allowed with --config (the file decides them)")
+        asyncio.run(run_sync(args.config, lease_ms=args.lease_ms))
         return
     if not args.redis_url or not args.database_url:
         p.error("give --config, or both --redis-url and --database-url")

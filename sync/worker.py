@@ -799,8 +799,12 @@ async def run_worker(
         await handles.close()
 
 
-async def run_sync(config_path: str) -> None:
-    """``creditgate sync --config F``: load the config and run a worker until signalled."""
+async def run_sync(config_path: str, *, lease_ms: int = DEFAULT_LEASE_MS) -> None:
+    """``creditgate sync --config F``: load the config and run a worker until signalled.
+
+    ``lease_ms`` is the shard lease TTL (``--lease-ms``; sync/leases.py): how long a dead
+    process's shards wait before the others take them over.
+    """
     from gateway.config import load_config
 
     config = load_config(config_path)
@@ -815,4 +819,5 @@ async def run_sync(config_path: str) -> None:
         alerts=None if config.alerts is None else AlertDefaults.of(config.alerts),
         timezone=config.period.timezone,
         variable_features=config.variable_features,
+        lease_ms=lease_ms,
     )

@@ -33,6 +33,7 @@ from gateway.commands.cli_support import org_exists as _org_exists
 from gateway.commands.cli_support import run as _run
 from gateway.commands.cli_support import with_gate as _with_gate
 from gateway.config import Config, Mode, check_config, locate_config
+from sync.leases import DEFAULT_LEASE_MS, check_lease_ms
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -159,17 +160,29 @@ def _shown(url: str) -> str:
 
 @main.command()
 @config_option
-def sync(config_path: Path | None) -> None:
+@click.option(
+    "--lease-ms",
+    type=click.IntRange(min=0),
+    default=DEFAULT_LEASE_MS,
+    show_default=True,
+    help="Shard lease TTL: a dead process's shards are taken over after this long;"
+    " 0 makes every process read every shard.",
+)
+def sync(config_path: Path | None, lease_ms: int) -> None:
     """Run the standalone sync worker (Redis streams -> Postgres); several may run at once.
 
     It moves every usage event from the Redis streams into the ledger until stopped;
     several split the shards between them (a lease per shard: a dead one's shards are
-    taken over after 5 s). SIGTERM or Ctrl-C stop it after the batch in flight and hand
-    its shards over to the others.
+    taken over after --lease-ms, 5 s by default). SIGTERM or Ctrl-C stop it after the
+    batch in flight and hand its shards over to the others.
     """
     from gateway.core.logs import configure_logging
     from sync.worker import run_sync
 
+    try:
+        check_lease_ms(lease_ms)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--lease-ms") from None
     config = _load(config_path)  # report config errors before connecting anywhere
     path = _locate(config_path).path
     if not config.database_url:
@@ -193,7 +206,7 @@ def sync(config_path: Path | None) -> None:
         " first)",
         _shown(config.redis_url), config.shards, config.key_prefix, _shown(config.database_url),
     )  # fmt: skip
-    _run(run_sync(str(path)))
+    _run(run_sync(str(path), lease_ms=lease_ms))
     log.info("creditgate sync: stopped")
 
 
@@ -286,7 +299,8 @@ def ledger_prune(config_path: Path | None, before: str) -> None:
         finally:
             await conn.close()
         for part in dropped:
-            click.echo(f"dropped {part.label} ({part.name}): {part.rows} rows")
+            rows = "1 row" if part.rows == 1 else f"{part.rows} rows"
+            click.echo(f"dropped {part.label} ({part.name}): {rows}")
         if not dropped:
             click.echo(f"nothing to drop: no month before {before}")
         span = f"{kept[0].label} to {kept[-1].label}" if kept else "no months"

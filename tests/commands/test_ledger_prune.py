@@ -42,7 +42,7 @@ async def test_prune_drops_old_months_says_what_and_refuses_the_current_one(
         assert await conn.fetchval("SELECT count(*) FROM ai_token_usage_log") == 2
 
         out = cli("ledger", "prune", "--before", "2020-02", config=config_file).stdout
-        assert "dropped 2020-01 (ai_token_usage_log_p202001): 1 rows" in out
+        assert "dropped 2020-01 (ai_token_usage_log_p202001): 1 row" in out
         assert "kept: 2020-02 to " in out
         assert await conn.fetchval("SELECT array_agg(event_id) FROM ai_token_usage_log") == ["ev1"]
         again = cli("ledger", "prune", "--before", "2020-02", config=config_file).stdout
