@@ -289,7 +289,11 @@ end
 
 -- One shard's batch (a group): its keys from KEYS[kb + 1] on, its n items' ids and where
 -- their values start (items_of). Returns the group's array of replies (see the header).
-local function settle_group(kb, n, ids, starts)
+-- The chunk's values and functions it uses come as parameters (the two calls below), not
+-- as upvalues: each upvalue costs every call an object to create, close and collect, ~3.4 k
+-- instructions per call for these ten (callgrind; BENCHMARKS.md section 1, "Round 7").
+local function settle_group(kb, n, ids, starts, now, now_s, unpack, match,
+    give_back, take_more, levels_move, levels_room, level_figures, audit_event)
   local holds_key, holdexp_key, stream_key = KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3]
   local results = {}
 
@@ -479,7 +483,8 @@ if ARGV[2] ~= '*' then
   -- The single form: one shard's batch (errors are the call's own).
   local n = tonumber(ARGV[2])
   local ids, starts = items_of(3, n)
-  return settle_group(0, n, ids, starts)
+  return settle_group(0, n, ids, starts, now, now_s, unpack, match,
+    give_back, take_more, levels_move, levels_room, level_figures, audit_event)
 end
 
 -- The multi-shard form. Every group is located before any is settled: a malformed call
@@ -493,7 +498,8 @@ while a <= #ARGV do
 end
 local replies = {}
 for g, group in ipairs(groups) do
-  local ok, got = pcall(settle_group, group[1], group[2], group[3], group[4])
+  local ok, got = pcall(settle_group, group[1], group[2], group[3], group[4], now, now_s,
+    unpack, match, give_back, take_more, levels_move, levels_room, level_figures, audit_event)
   if ok then
     replies[g] = got
   else
