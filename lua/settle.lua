@@ -290,7 +290,7 @@ end
 -- One shard's batch (a group): its keys from KEYS[kb + 1] on, its n items' ids and where
 -- their values start (items_of). Returns the group's array of replies (see the header).
 -- The chunk's values and functions it uses come as parameters (the two calls below), not
--- as upvalues: each upvalue costs every call an object to create, close and collect, ~3.4 k
+-- as upvalues: each upvalue costs every call an object to create, close and collect, ~3.3 k
 -- instructions per call for these ten (callgrind; BENCHMARKS.md section 1, "Round 7").
 local function settle_group(kb, n, ids, starts, now, now_s, unpack, match,
     give_back, take_more, levels_move, levels_room, level_figures, audit_event)

@@ -6,7 +6,7 @@ within one event-loop iteration (``settle``, which returns a future) go to Redis
 script call, so the second step costs a fraction of the first. On a single Redis the
 batches of every shard flushed together go in one call (settle.lua's multi-shard form,
 ``multi_shard``): with many orgs a window holds a few settles of each of many shards, and
-a call per shard cost Redis a fixed ~28 k instructions each (BENCHMARKS.md section 1,
+a call per shard cost Redis ~22-27 k instructions more each (BENCHMARKS.md section 1,
 "Round 7"). Each shard's batch is settled in that call exactly as a call of its own would
 settle it, under its own ``pcall``: one failing leaves the others settled.
 
