@@ -28,6 +28,14 @@ and four counts, as a ``usage:`` cost: part of the hold given back). Printed per
 Redis instructions per settle and their ratio to ``fixed``, and this process's CPU µs per
 settle (``settle_nowait`` as the middleware does, a burst drained per call: queue,
 encode, reply; moves with the load).
+
+``--flush N`` (issue 10 item 3: the settles of many orgs in one call) measures instead the
+settles of ``--orgs`` orgs (default 256, over the config's 16 shards) as a 2 ms window
+leaves them with many orgs: flushes of N settles of N different orgs (drawn with a fixed
+seed, so two trees settle the same sequence), each queued with ``settle_nowait`` and
+drained as one flush. Printed: Redis instructions per settle, settle.lua calls per settle
+(``INFO commandstats``) and this process's CPU µs per settle. Run it from both trees (copy
+this file into the old one: it imports the gateway of the tree it sits in).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import argparse
 import asyncio
 import glob
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -221,6 +230,73 @@ async def measure_actual(url: str, pid: int, workdir: str, args: argparse.Namesp
         )
 
 
+async def measure_flush(url: str, pid: int, workdir: str, args: argparse.Namespace) -> None:
+    """``--flush N``: Redis instructions per settle of many orgs' flushes of N settles."""
+    prefix = "cgluains" + uuid.uuid4().hex[:8]
+    config = parse_config(
+        CONFIG.format(redis_url=url, dsn="", prefix=prefix, tokens=TOKENS), "<bench>"
+    )
+    handles = connect_redis(url, fast=True)
+    meter = Meter(config, handles, now_ms=lambda: int(time.time() * 1000))
+    orgs = [f"bench-org-{i:04d}" for i in range(args.orgs)]
+    await setup_orgs(meter, orgs)
+    seen: set[str] = set()
+    rng = random.Random(10)
+    per = args.flush
+    settle: list[float] = []
+    calls: list[float] = []
+    own: list[float] = []
+
+    async def evalsha_calls() -> int:
+        info = await handles.client.info("commandstats")
+        return int(info.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    async def phase(flushes: int) -> tuple[float, float, float]:
+        batches = []
+        for _ in range(flushes):
+            picked = rng.sample(orgs, per)
+            got = await asyncio.gather(
+                *(meter.admit(org, FEATURE, user="u1", key_id="key_bench") for org in picked)
+            )
+            if any(not a.ok for a in got):
+                raise SystemExit("refused")
+            batches.append(got)
+        before = await evalsha_calls()
+        cpu = time.process_time()
+        _callgrind(pid, "-z")
+        for batch in batches:
+            for a in batch:  # as the middleware settles: fire and forget, one flush
+                meter.settle_nowait(a, ok=True, status=200, latency_ms=3)
+            await meter.drain()
+        _callgrind(pid, "-d")
+        n = flushes * per
+        own_us = (time.process_time() - cpu) * 1e6 / n
+        s = _last_total(workdir, seen)
+        return s / n, (await evalsha_calls() - before) / n, own_us
+
+    flushes = max(1, args.requests // per)
+    try:
+        await phase(4)  # warm up: templates learned, scripts loaded
+        for rep in range(args.reps):
+            s, c, g = await phase(flushes)
+            settle.append(s)
+            calls.append(c)
+            own.append(g)
+            print(f"repetition {rep + 1}/{args.reps} done", file=sys.stderr)
+    finally:
+        await meter.drain()
+        await handles.close()
+
+    print(
+        f"Redis instructions per settle (callgrind; {args.reps} x {flushes} flushes of "
+        f"{per} settles, {args.orgs} orgs)"
+    )
+    print(
+        f"settle {med(settle):.0f} (range {min(settle):.0f}..{max(settle):.0f}), "
+        f"settle.lua calls per settle {med(calls):.3f}, gateway CPU {med(own):.1f} µs"
+    )
+
+
 def cli() -> None:
     """Start redis-server under callgrind on a free port, measure, stop it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -237,6 +313,11 @@ def cli() -> None:
         "--actual", action="store_true",
         help="settles of a fixed, a header and a usage cost instead (issue 8)",
     )  # fmt: skip
+    parser.add_argument(
+        "--flush", type=int, default=0,
+        help="many orgs' settles in flushes of this many instead (issue 10 item 3)",
+    )  # fmt: skip
+    parser.add_argument("--orgs", type=int, default=256, help="with --flush")
     args = parser.parse_args()
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="cg-luains-")
@@ -258,7 +339,7 @@ def cli() -> None:
                 time.sleep(0.1)
         client.close()
         # The dumps of the phases; the one written at exit is not read.
-        run = measure_actual if args.actual else measure
+        run = measure_flush if args.flush else measure_actual if args.actual else measure
         asyncio.run(run(f"redis://127.0.0.1:{port}/0", proc.pid, workdir, args))
     finally:
         proc.terminate()

@@ -1,6 +1,8 @@
 -- settle.lua: turn holds into charges or refunds and write one audit event per request.
 -- Called after responses end, batched: every settle of one shard issued in the same event
--- loop tick goes in one call (all keys share the shard's hash tag).
+-- loop tick goes in one call (all keys share the shard's hash tag). On a single Redis (never
+-- a cluster: the keys of several shards are in several slots) one call may carry the
+-- batches of several shards, as groups (the multi-shard form, at the end of this header).
 --
 -- KEYS[1]  shard holds hash    KEYS[2]  shard hold-expiry zset    KEYS[3]  shard events stream
 -- then per item j (1-based): KEYS[2 + 2j] org state hash, KEYS[3 + 2j] idempotency key
@@ -47,6 +49,17 @@
 -- extended item whose usage value does not have that form (a gateway bug) is not settled:
 -- -1, its hold left to expire into a charge at its reserve, as a settle that never came.
 --
+-- The multi-shard form (gateway/metering/settlement.py encode_many): ARGV[2] is "*", and
+-- KEYS and ARGV hold groups, each one shard's batch as the single form above has it:
+--   KEYS     group 1's 3 shard keys and 2 keys per item, then group 2's, ...
+--   ARGV[1]  now (ms, shared)   ARGV[2]  "*"
+--   then per group: its number of items N_g, then its items' values as above.
+-- Returns one entry per group, in order: the group's array of N_g values as above, or an
+-- error reply when its settling raised an error (a pcall per group: what it wrote before
+-- the error stays, as with a single-form call that fails, and the other groups are
+-- settled all the same). Each group is settled exactly as a single-form call of its own
+-- would settle it, in the same order: the same writes and the same stream entries.
+--
 -- Levels (contract A10): a hold that drew from team, user or key caps lists their caps
 -- (hold field lx, or lv in holds written before: lua/charge.lua; the counters are named
 -- from the hold's b, tm, u and key). A charge of the hold (the common case) leaves the
@@ -73,37 +86,29 @@
 -- lf, nothing read), an event that moved them reads them again; holds without levels pay
 -- nothing for it.
 
-local holds_key, holdexp_key, stream_key = KEYS[1], KEYS[2], KEYS[3]
 local now = tonumber(ARGV[1])
 -- The event's ts: the caller's own digits when they are a plain integer (the same string
 -- Redis would make of the number, without formatting it once per event).
 local now_s = string.match(ARGV[1], '^[1-9]%d*$') and ARGV[1] or now
-local n = tonumber(ARGV[2])
 local unpack = unpack or table.unpack
 local match = string.match
-local results = {}
 
--- Where each item's values start, and every hold of the batch in one read (in chunks:
--- unpack has a stack limit).
-local ids, starts, raws = {}, {}, {}
-local a = 3
-for j = 1, n do
-  ids[j], starts[j] = ARGV[a], a
-  local outcome = ARGV[a + 1]
-  if outcome == 'c' or outcome == 'r' then
-    a = a + 4
-  elseif outcome == 'a' then
-    a = a + 5
-  else
-    a = a + 7
+-- A group's n items from ARGV[a] on: each one's request id and where its values start,
+-- and where the next group starts (the values' count depends on the outcome).
+local function items_of(a, n)
+  local ids, starts = {}, {}
+  for j = 1, n do
+    ids[j], starts[j] = ARGV[a], a
+    local outcome = ARGV[a + 1]
+    if outcome == 'c' or outcome == 'r' then
+      a = a + 4
+    elseif outcome == 'a' then
+      a = a + 5
+    else
+      a = a + 7
+    end
   end
-end
-for from = 1, n, 1000 do
-  local upto = math.min(n, from + 999)
-  local got = redis.call('HMGET', holds_key, unpack(ids, from, upto))
-  for k = 1, upto - from + 1 do
-    raws[from + k - 1] = got[k]
-  end
+  return ids, starts, a
 end
 
 -- Purchased lots, soonest expiry first and never-expiring last (every writer keeps it).
@@ -282,173 +287,227 @@ local function levels_room(org_key, h)
   return room
 end
 
--- Per org hash: the org's seq, advanced here and written back once at the end (each event
--- still gets its own number, in batch order), and per bucket the snapshot fields of the
--- events, read once; a refund or an actual other than the hold (which change them) leave
--- the bucket's snapshot after them (snapshot_after).
-local orgs, org_order = {}, {}
-local settled, seen = {}, {}
+-- One shard's batch (a group): its keys from KEYS[kb + 1] on, its n items' ids and where
+-- their values start (items_of). Returns the group's array of replies (see the header).
+-- The chunk's values and functions it uses come as parameters (the two calls below), not
+-- as upvalues: each upvalue costs every call an object to create, close and collect, ~3.3 k
+-- instructions per call for these ten (callgrind; BENCHMARKS.md section 1, "Round 7").
+local function settle_group(kb, n, ids, starts, now, now_s, unpack, match,
+    give_back, take_more, levels_move, levels_room, level_figures, audit_event)
+  local holds_key, holdexp_key, stream_key = KEYS[kb + 1], KEYS[kb + 2], KEYS[kb + 3]
+  local results = {}
 
-for j = 1, n do
-  local a = starts[j]
-  local request_id, outcome, status, latency = ids[j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-  local org_key, idem_key = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
-  local raw = raws[j]
-  local extended = outcome ~= 'c' and outcome ~= 'r'
-  -- An extended item's actual and usage fields (nil past cs when it has none).
-  local rsv_org, actual, cs, um, ui, uc, uo, ur, mdl = '', '', ''
-  if extended then
-    local usage = ARGV[a + 4]
-    if usage ~= '' then
-      actual, cs, um, ui, uc, uo, ur, mdl =
-        match(usage, '^(%d*) (%S*) (1?) (%d*) (%d*) (%d*) (%d*) (.*)$')
-      if not actual then
-        raw = nil  -- malformed: left alone (see the header)
-      end
-    end
-    if outcome ~= 'a' then rsv_org = ARGV[a + 6] end
-  end
-  local h = nil
-  if raw and not seen[request_id] then
-    h = cjson.decode(raw)
-    if rsv_org ~= '' and (h.v == nil or h.o ~= rsv_org) then
-      h = false
+  -- Every hold of the batch in one read (in chunks: unpack has a stack limit).
+  local raws = {}
+  for from = 1, n, 1000 do
+    local upto = math.min(n, from + 999)
+    local got = redis.call('HMGET', holds_key, unpack(ids, from, upto))
+    for k = 1, upto - from + 1 do
+      raws[from + k - 1] = got[k]
     end
   end
-  if not h then
-    if h == false then
-      -- Not a reservation of the caller's org: left as it is.
-      results[j] = -2
-    elseif rsv_org ~= '' then
-      -- Gone: the result kept when it was settled, released or expired (or nothing).
-      results[j] = redis.call('GET', idem_key) or -1
-    else
-      -- Gone, or settled earlier in this batch.
-      results[j] = -1
-    end
-  else
-    seen[request_id] = true
-    settled[#settled + 1] = request_id
-    local b = h.b
-    local o = orgs[org_key]
-    if o == nil then
-      o = {seq = false, snaps = {}}
-      orgs[org_key] = o
-      org_order[#org_order + 1] = org_key
-    end
-    local kind, charged, overage = 'charge', h.c, 0
-    local moved = false  -- the levels' counters changed here (their figures are read again)
-    if rsv_org ~= '' and h.e and h.e <= now then
-      -- A reservation past its expiry is charged its reserve, as the sweep would have.
-      kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
-    elseif outcome == 'r' or outcome == 'R' then
-      kind, charged = 'refund', 0
-      give_back(org_key, h, h.pp, h.lt, h.c, o)
-      levels_move(org_key, h, -h.c)
-      moved = true
-      if h.ik ~= '' then
-        -- Failed requests release their key so that the client's retry is charged normally.
-        redis.call('DEL', idem_key)
-      end
-    else
-      if actual ~= '' then
-        charged = math.max(0, tonumber(actual))
-        if h.mx and charged > h.mx then charged = h.mx end
-        if charged < h.c then
-          -- The actual is what the hold's first tokens paid: plan tokens, then lots in the
-          -- order they were taken; the rest goes back.
-          local plan_used = math.min(h.pp, charged)
-          local rest = charged - plan_used
-          local lots_back = {}
-          if h.lt then
-            for _, t in ipairs(h.lt) do
-              local k = math.min(t[2], rest)
-              rest = rest - k
-              lots_back[#lots_back + 1] = {t[1], t[2] - k, t[3]}
-            end
-          end
-          give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged, o)
-          levels_move(org_key, h, charged - h.c)
-          moved = true
-        elseif charged > h.c then
-          local more = charged - h.c
-          local allowed = levels_room(org_key, h) or more
-          if allowed > more then allowed = more end
-          -- (Nothing allowed: nothing moved, the snapshot in o stays true.)
-          local uncovered = allowed > 0 and take_more(org_key, h, allowed, o) or 0
-          levels_move(org_key, h, allowed - uncovered)
-          moved = true
-          overage = more - allowed + uncovered
-          charged = charged - overage
+
+  -- Per org hash: the org's seq, advanced here and written back once at the end (each event
+  -- still gets its own number, in batch order), and per bucket the snapshot fields of the
+  -- events, read once; a refund or an actual other than the hold (which change them) leave
+  -- the bucket's snapshot after them (snapshot_after).
+  local orgs, org_order = {}, {}
+  local settled, seen = {}, {}
+
+  for j = 1, n do
+    local a = starts[j]
+    local request_id, outcome, status, latency = ids[j], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+    local org_key, idem_key = KEYS[kb + 2 + 2 * j], KEYS[kb + 3 + 2 * j]
+    local raw = raws[j]
+    local extended = outcome ~= 'c' and outcome ~= 'r'
+    -- An extended item's actual and usage fields (nil past cs when it has none).
+    local rsv_org, actual, cs, um, ui, uc, uo, ur, mdl = '', '', ''
+    if extended then
+      local usage = ARGV[a + 4]
+      if usage ~= '' then
+        actual, cs, um, ui, uc, uo, ur, mdl =
+          match(usage, '^(%d*) (%S*) (1?) (%d*) (%d*) (%d*) (%d*) (.*)$')
+        if not actual then
+          raw = nil  -- malformed: left alone (see the header)
         end
       end
-      if h.ik ~= '' then
-        local response = (extended and outcome ~= 'a') and ARGV[a + 5] or ''
-        if response == '' then response = 'd:' .. status end
-        redis.call('SET', idem_key, (h.fp and ('F' .. h.fp) or '') .. response, 'KEEPTTL')
+      if outcome ~= 'a' then rsv_org = ARGV[a + 6] end
+    end
+    local h = nil
+    if raw and not seen[request_id] then
+      h = cjson.decode(raw)
+      if rsv_org ~= '' and (h.v == nil or h.o ~= rsv_org) then
+        h = false
       end
     end
-    local snap = o.snaps[b]
-    if snap == nil then
-      snap = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' .. b, 'p:' .. b,
-        'seq')
-      if not o.seq then
-        o.seq = tonumber(snap[6] or '0')
-      end
-      snap[1], snap[2], snap[3], snap[4] =
-        snap[1] or '0', snap[2] or '0', snap[3] or '0', snap[4] or '0'
-      o.snaps[b] = snap
-    end
-    local seq = o.seq + 1
-    o.seq = seq
-    -- The capped levels' figures after this event, for the cap alerts (nil: none).
-    local lvf = nil
-    if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
-    if extended and (cs ~= '' or actual ~= '') then
-      -- A reservation settled past its expiry: the app's actual came too late to count,
-      -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
-      if kind == 'expired_hold' then
-        mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
-      end
-      audit_event(stream_key,
-        request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
-        snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
-        request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm, lvf)  -- rs .. lv
-    else
-      audit_event(stream_key,
-        request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
-        snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
-        request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
-        nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
-    end
-    if not extended or outcome == 'a' then
-      results[j] = charged
-    else
-      local refunded = math.max(0, h.c - charged - overage)
-      if kind == 'refund' then refunded = h.c end
-      local remaining = tonumber(snap[1]) + tonumber(snap[2])
-      if rsv_org ~= '' then
-        local outcome_name = kind == 'refund' and 'released'
-          or (kind == 'expired_hold' and 'expired' or 'settled')
-        local result = cjson.encode({id = request_id, reserved = h.c, charged = charged,
-          refunded = refunded, overage = overage, remaining = remaining,
-          outcome = outcome_name})
-        redis.call('SET', idem_key, result, 'PX', h.v)
-        results[j] = result
+    if not h then
+      if h == false then
+        -- Not a reservation of the caller's org: left as it is.
+        results[j] = -2
+      elseif rsv_org ~= '' then
+        -- Gone: the result kept when it was settled, released or expired (or nothing).
+        results[j] = redis.call('GET', idem_key) or -1
       else
-        results[j] = {charged, refunded, overage, remaining, h.c}
+        -- Gone, or settled earlier in this batch.
+        results[j] = -1
+      end
+    else
+      seen[request_id] = true
+      settled[#settled + 1] = request_id
+      local b = h.b
+      local o = orgs[org_key]
+      if o == nil then
+        o = {seq = false, snaps = {}}
+        orgs[org_key] = o
+        org_order[#org_order + 1] = org_key
+      end
+      local kind, charged, overage = 'charge', h.c, 0
+      local moved = false  -- the levels' counters changed here (their figures are read again)
+      if rsv_org ~= '' and h.e and h.e <= now then
+        -- A reservation past its expiry is charged its reserve, as the sweep would have.
+        kind, actual, status, latency = 'expired_hold', '', '', now - h.t0
+      elseif outcome == 'r' or outcome == 'R' then
+        kind, charged = 'refund', 0
+        give_back(org_key, h, h.pp, h.lt, h.c, o)
+        levels_move(org_key, h, -h.c)
+        moved = true
+        if h.ik ~= '' then
+          -- Failed requests release their key so that the client's retry is charged normally.
+          redis.call('DEL', idem_key)
+        end
+      else
+        if actual ~= '' then
+          charged = math.max(0, tonumber(actual))
+          if h.mx and charged > h.mx then charged = h.mx end
+          if charged < h.c then
+            -- The actual is what the hold's first tokens paid: plan tokens, then lots in the
+            -- order they were taken; the rest goes back.
+            local plan_used = math.min(h.pp, charged)
+            local rest = charged - plan_used
+            local lots_back = {}
+            if h.lt then
+              for _, t in ipairs(h.lt) do
+                local k = math.min(t[2], rest)
+                rest = rest - k
+                lots_back[#lots_back + 1] = {t[1], t[2] - k, t[3]}
+              end
+            end
+            give_back(org_key, h, h.pp - plan_used, lots_back, h.c - charged, o)
+            levels_move(org_key, h, charged - h.c)
+            moved = true
+          elseif charged > h.c then
+            local more = charged - h.c
+            local allowed = levels_room(org_key, h) or more
+            if allowed > more then allowed = more end
+            -- (Nothing allowed: nothing moved, the snapshot in o stays true.)
+            local uncovered = allowed > 0 and take_more(org_key, h, allowed, o) or 0
+            levels_move(org_key, h, allowed - uncovered)
+            moved = true
+            overage = more - allowed + uncovered
+            charged = charged - overage
+          end
+        end
+        if h.ik ~= '' then
+          local response = (extended and outcome ~= 'a') and ARGV[a + 5] or ''
+          if response == '' then response = 'd:' .. status end
+          redis.call('SET', idem_key, (h.fp and ('F' .. h.fp) or '') .. response, 'KEEPTTL')
+        end
+      end
+      local snap = o.snaps[b]
+      if snap == nil then
+        snap = redis.call('HMGET', org_key, 'b:' .. b, 'x:' .. b, 'a:' .. b, 'u:' .. b, 'p:' .. b,
+          'seq')
+        if not o.seq then
+          o.seq = tonumber(snap[6] or '0')
+        end
+        snap[1], snap[2], snap[3], snap[4] =
+          snap[1] or '0', snap[2] or '0', snap[3] or '0', snap[4] or '0'
+        o.snaps[b] = snap
+      end
+      local seq = o.seq + 1
+      o.seq = seq
+      -- The capped levels' figures after this event, for the cap alerts (nil: none).
+      local lvf = nil
+      if h.lx then lvf = level_figures(moved and org_key or nil, h, snap[5] or h.per) end
+      if extended and (cs ~= '' or actual ~= '') then
+        -- A reservation settled past its expiry: the app's actual came too late to count,
+        -- so its row says usage missing, as the sweep's would (lua/sweep_holds.lua).
+        if kind == 'expired_hold' then
+          mdl, ui, uc, uo, ur, um = '', '', '', '', '', '1'
+        end
+        audit_event(stream_key,
+          request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
+          snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
+          request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+          h.c, overage > 0 and overage or '', mdl, ui, uc, uo, ur, cs, um, h.tm, lvf)  -- rs .. lv
+      else
+        audit_event(stream_key,
+          request_id, kind, h.o, h.u, h.f, b, charged,  -- id, k, o, u, f, b, t
+          snap[1], snap[2], snap[3], snap[4], snap[5] or h.per, seq, now_s,  -- bal .. ts
+          request_id, status, latency, h.m, h.r, h.p, '',  -- rq, st, lat, m, r, p, ref
+          nil, nil, nil, nil, nil, nil, nil, nil, nil, h.tm, lvf)  -- no usage fields; tm, lv
+      end
+      if not extended or outcome == 'a' then
+        results[j] = charged
+      else
+        local refunded = math.max(0, h.c - charged - overage)
+        if kind == 'refund' then refunded = h.c end
+        local remaining = tonumber(snap[1]) + tonumber(snap[2])
+        if rsv_org ~= '' then
+          local outcome_name = kind == 'refund' and 'released'
+            or (kind == 'expired_hold' and 'expired' or 'settled')
+          local result = cjson.encode({id = request_id, reserved = h.c, charged = charged,
+            refunded = refunded, overage = overage, remaining = remaining,
+            outcome = outcome_name})
+          redis.call('SET', idem_key, result, 'PX', h.v)
+          results[j] = result
+        else
+          results[j] = {charged, refunded, overage, remaining, h.c}
+        end
       end
     end
   end
+
+  for _, org_key in ipairs(org_order) do
+    redis.call('HSET', org_key, 'seq', orgs[org_key].seq)
+  end
+  for from = 1, #settled, 1000 do
+    local upto = math.min(#settled, from + 999)
+    redis.call('HDEL', holds_key, unpack(settled, from, upto))
+    redis.call('ZREM', holdexp_key, unpack(settled, from, upto))
+  end
+  return results
 end
 
-for _, org_key in ipairs(org_order) do
-  redis.call('HSET', org_key, 'seq', orgs[org_key].seq)
+if ARGV[2] ~= '*' then
+  -- The single form: one shard's batch (errors are the call's own).
+  local n = tonumber(ARGV[2])
+  local ids, starts = items_of(3, n)
+  return settle_group(0, n, ids, starts, now, now_s, unpack, match,
+    give_back, take_more, levels_move, levels_room, level_figures, audit_event)
 end
-for from = 1, #settled, 1000 do
-  local upto = math.min(#settled, from + 999)
-  redis.call('HDEL', holds_key, unpack(settled, from, upto))
-  redis.call('ZREM', holdexp_key, unpack(settled, from, upto))
+
+-- The multi-shard form. Every group is located before any is settled: a malformed call
+-- fails here, having written nothing.
+local groups, a, kb = {}, 3, 0
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  local ids, starts, after = items_of(a + 1, n)
+  groups[#groups + 1] = {kb, n, ids, starts}
+  kb, a = kb + 3 + 2 * n, after
 end
-return results
+local replies = {}
+for g, group in ipairs(groups) do
+  local ok, got = pcall(settle_group, group[1], group[2], group[3], group[4], now, now_s,
+    unpack, match, give_back, take_more, levels_move, levels_room, level_figures, audit_event)
+  if ok then
+    replies[g] = got
+  else
+    -- redis.call's error (a string, or a table with err in later Redis versions) or Lua's
+    -- own, as an error reply with a code first, as a failed single-form call answers.
+    local message = type(got) == 'table' and got.err or tostring(got)
+    if not match(message, '^%u+ ') then message = 'ERR ' .. message end
+    replies[g] = {err = message}
+  end
+end
+return replies

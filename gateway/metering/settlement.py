@@ -3,7 +3,12 @@
 Settlement runs after the response ends, off every client's latency path. The settles of
 one shard queued within ``SETTLE_WINDOW_S`` (``settle_nowait``, the middleware's) or
 within one event-loop iteration (``settle``, which returns a future) go to Redis in one
-script call, so the second step costs a fraction of the first.
+script call, so the second step costs a fraction of the first. On a single Redis the
+batches of every shard flushed together go in one call (settle.lua's multi-shard form,
+``multi_shard``): with many orgs a window holds a few settles of each of many shards, and
+a call per shard cost Redis ~22-27 k instructions more each (BENCHMARKS.md section 1,
+"Round 7"). Each shard's batch is settled in that call exactly as a call of its own would
+settle it, under its own ``pcall``: one failing leaves the others settled.
 
 A settle may carry an :class:`Actual` (contract A8: the call's real cost, read after the
 response): settle.lua then charges that instead of the hold, refunding the difference or
@@ -51,6 +56,9 @@ __all__ = [
     "Settled",
     "Settlement",
     "encode_fixed",
+    "encode_group",
+    "encode_many",
+    "encode_single",
     "extension",
     "quiet_extension",
     "shard_head",
@@ -207,26 +215,18 @@ def shard_head(shard: ShardKeys) -> str:
     return "".join(f"${len(k)}\r\n{k}\r\n" for k in (shard.holds, shard.holdexp, shard.events))
 
 
-def encode_fixed(
-    shard: ShardKeys, items: list[_Settle], now: int, head: str | None = None
-) -> tuple[int, bytes] | None:
-    """settle.lua's keys and arguments for a batch of fixed-cost items, as ``run_encoded``
-    takes them (the count, the RESP bulk strings), built as one string: hiredis'
-    ``pack_command`` of the same ~6 arguments per item, with the lists it is given, cost
-    ~10 k instructions per request, this ~4.3 k (callgrind, batches of 64). An extended item
-    (``ext``: a usage-cost settle's actual, a kept response) has its values written after
-    its 4. None when a value is not ASCII (a length written here would not be a byte
-    length) or longer than 255 (a kept response usually is): the caller packs those.
-    ``head``: :func:`shard_head` of ``shard``, if the caller keeps it.
-    """
+def encode_group(items: list[_Settle], head: str) -> tuple[str, str, int] | None:
+    """One shard's batch as settle.lua takes it, in RESP bulk strings: its keys (``head``,
+    :func:`shard_head` of its shard, then 2 per item), its values (the item count, then
+    each item's 4 and an extended item's extension values after them), and the count of
+    those extension values. None when a value is not ASCII (a length written here would not
+    be a byte length) or longer than 255 (a kept response usually is): the caller packs
+    those."""
     bulk = _BULK
-    n = len(items)
-    count, now_s, n_s = str(3 + 2 * n), str(now), str(n)
-    if head is None:
-        head = shard_head(shard)
-    parts = [f"{bulk[len(count)]}{count}\r\n{head}"]
-    values = [f"{bulk[len(now_s)]}{now_s}\r\n{bulk[len(n_s)]}{n_s}\r\n"]
-    key, value = parts.append, values.append
+    n_s = str(len(items))
+    keys = [head]
+    values = [f"{bulk[len(n_s)]}{n_s}\r\n"]
+    key, value = keys.append, values.append
     extra = 0  # the extension values of the batch (a usage-cost settle's one)
     try:
         for org, second, rid, outcome, status, latency, _done, ext in items:
@@ -241,11 +241,65 @@ def encode_fixed(
                     value(f"{bulk[len(v)]}{v}\r\n")
     except IndexError:  # a value of 256 characters or more (a kept response, a long model)
         return None
-    parts += values
-    text = "".join(parts)
-    if not text.isascii():
+    key_text, value_text = "".join(keys), "".join(values)
+    if not (key_text.isascii() and value_text.isascii()):
         return None
+    return key_text, value_text, extra
+
+
+def encode_fixed(
+    shard: ShardKeys, items: list[_Settle], now: int, head: str | None = None
+) -> tuple[int, bytes] | None:
+    """settle.lua's keys and arguments for a batch of fixed-cost items, as ``run_encoded``
+    takes them (the count, the RESP bulk strings), built as one string: hiredis'
+    ``pack_command`` of the same ~6 arguments per item, with the lists it is given, cost
+    ~10 k instructions per request, this ~4.3 k (callgrind, batches of 64). An extended item
+    (``ext``: a usage-cost settle's actual, a kept response) has its values written after
+    its 4. None when a value is not ASCII or longer than 255 (:func:`encode_group`).
+    ``head``: :func:`shard_head` of ``shard``, if the caller keeps it.
+    """
+    group = encode_group(items, shard_head(shard) if head is None else head)
+    if group is None:
+        return None
+    return encode_single(group, len(items), now)
+
+
+def encode_single(group: tuple[str, str, int], n: int, now: int) -> tuple[int, bytes]:
+    """settle.lua's single form for one group of :func:`encode_group` of ``n`` items."""
+    keys, values, extra = group
+    bulk = _BULK
+    count, now_s = str(3 + 2 * n), str(now)
+    text = f"{bulk[len(count)]}{count}\r\n{keys}{bulk[len(now_s)]}{now_s}\r\n{values}"
     return 6 + 6 * n + extra, text.encode()
+
+
+def encode_many(groups: list[tuple[tuple[str, str, int], int]], now: int) -> tuple[int, bytes]:
+    """settle.lua's multi-shard form (lua/settle.lua's header): several shards' batches,
+    each one :func:`encode_group` with its item count, in one call. Only for a single Redis
+    server: the keys of several shards are in several cluster slots."""
+    bulk = _BULK
+    nkeys, count = 0, 3  # numkeys, now and "*"
+    keys, values = [], []
+    for (key_text, value_text, extra), n in groups:
+        nkeys += 3 + 2 * n
+        count += 4 + 6 * n + extra  # 3 + 2n keys, the count n, 4n values and the extension
+        keys.append(key_text)
+        values.append(value_text)
+    nkeys_s, now_s = str(nkeys), str(now)
+    text = (
+        f"{bulk[len(nkeys_s)]}{nkeys_s}\r\n{''.join(keys)}"
+        f"{bulk[len(now_s)]}{now_s}\r\n$1\r\n*\r\n{''.join(values)}"
+    )
+    return count, text.encode()
+
+
+def _encode_call(groups: list[tuple[tuple[str, str, int], int]], now: int) -> tuple[int, bytes]:
+    """One settle.lua call of ``groups`` (each :func:`encode_group` with its item count):
+    the single form for one, the multi-shard form for several."""
+    if len(groups) == 1:
+        group, n = groups[0]
+        return encode_single(group, n, now)
+    return encode_many(groups, now)
 
 
 def _failed(shard: ShardKeys, items: list[_Settle], exc: BaseException) -> None:
@@ -303,6 +357,11 @@ class Settlement:
         # (the middleware's settles) a batch's replies are not walked at all.
         self._waiting = False
         self._inflight: set[asyncio.Task[None]] = set()
+        # Whether several shards' batches of a flush go in one settle.lua call (its
+        # multi-shard form): only on a runner whose scripts may touch keys of any shard (one
+        # Redis server, ``ScriptRunner.cross_slot``), never with durable settles (their
+        # resends are per shard). Tests turn it off to exercise the per-shard calls.
+        self.multi_shard = not self.wait_replicas and getattr(self.runner, "cross_slot", False)
 
     def queue(
         self,
@@ -417,9 +476,9 @@ class Settlement:
             many = getattr(self.runner, "run_encoded_many", None)
             if many is not None:
                 # Many orgs spread their settles over the shards: one task sends every
-                # shard's batch (the same script calls, in the same write) instead of a
-                # task, a coroutine and a future wait per shard. Nothing waits longer:
-                # the window, hence what a crash loses, is unchanged.
+                # shard's batch (on a single Redis in one call, else the same calls in the
+                # same write) instead of a task, a coroutine and a future wait per shard.
+                # Nothing waits longer: the window, hence what a crash loses, is unchanged.
                 self._start(self._run_all(batches, many, waiting))
                 return
         for shard, items in batches:
@@ -436,41 +495,84 @@ class Settlement:
         many: Callable[[LuaScript, list[tuple[int, bytes]]], Awaitable[list[Any]]],
         waiting: bool = True,
     ) -> None:
-        """Several shards' batches sent together (``run_encoded_many``). A batch that is not
-        all fixed-cost, or whose call met ``RedisUnavailable``, takes :meth:`_run` (its own
-        encoding and retries: settling twice is harmless, the hold is gone the second
-        time); an error reply is logged and given to the batch's waiting callers.
-        ``waiting``: whether any item has a future (else the replies are not walked)."""
+        """Several shards' batches sent together (``run_encoded_many``): with
+        ``multi_shard`` as few settle.lua calls as ``_BATCH`` allows (its multi-shard form:
+        one call per flush with many orgs), else one call per shard. A batch that is not
+        all fixed-cost or short ASCII values, or whose call met ``RedisUnavailable``, takes
+        :meth:`_run` (its own encoding and retries: settling twice is harmless, the hold is
+        gone the second time); an error reply, of a call or of one group of a call, is
+        logged and given to that batch's waiting callers, never sent again (the script may
+        have written part of it). ``waiting``: whether any item has a future (else the
+        replies are not walked)."""
         now = self._now_ms()
         heads = self._heads
-        sent: list[tuple[ShardKeys, list[_Settle]]] = []
+        # Per call: its batches (one: the single form) and its encoding.
+        sent: list[list[tuple[ShardKeys, list[_Settle]]]] = []
         calls: list[tuple[int, bytes]] = []
-        for shard, items in batches:
-            encoded = encode_fixed(shard, items, now, heads[shard.shard])
-            if encoded is None:
-                self._start(self._run(shard, items, waiting))
-            else:
-                sent.append((shard, items))
-                calls.append(encoded)
+        if self.multi_shard:
+            groups: list[tuple[tuple[str, str, int], int]] = []
+            together: list[tuple[ShardKeys, list[_Settle]]] = []
+            size = 0
+            for shard, items in batches:
+                group = encode_group(items, heads[shard.shard])
+                if group is None:
+                    self._start(self._run(shard, items, waiting))
+                    continue
+                if size + len(items) > _BATCH and together:
+                    # A call settles at most _BATCH holds: Redis runs one call at a time.
+                    sent.append(together)
+                    calls.append(_encode_call(groups, now))
+                    groups, together, size = [], [], 0
+                groups.append((group, len(items)))
+                together.append((shard, items))
+                size += len(items)
+            if together:
+                sent.append(together)
+                calls.append(_encode_call(groups, now))
+        else:
+            for shard, items in batches:
+                encoded = encode_fixed(shard, items, now, heads[shard.shard])
+                if encoded is None:
+                    self._start(self._run(shard, items, waiting))
+                else:
+                    sent.append([(shard, items)])
+                    calls.append(encoded)
         if not calls:
             return
         replies = await many(self.script, calls)
-        for (shard, items), reply in zip(sent, replies, strict=True):
+        for together, reply in zip(sent, replies, strict=True):
             if isinstance(reply, RedisUnavailable):
-                self._start(self._run(shard, items, waiting))
+                for shard, items in together:
+                    self._start(self._run(shard, items, waiting))
                 continue
             if isinstance(reply, BaseException):
                 # An error reply (the script failed, perhaps after some of its writes):
                 # never sent again, as _run would not either.
-                _failed(shard, items, reply)
+                for shard, items in together:
+                    _failed(shard, items, reply)
                 continue
-            if not waiting:
+            if len(together) == 1:
+                self._answer(together[0][1], reply, waiting)
                 continue
-            for it, result in zip(items, reply, strict=True):
-                done = it[6]
-                if done is not None and not done.done():
-                    # An extended item's reply is its own (a list for "C" | "R"), as in _run.
-                    done.set_result(int(result) if it[7] is None else result)
+            for (shard, items), group_reply in zip(together, reply, strict=True):
+                if isinstance(group_reply, BaseException):
+                    # One group's settling raised an error (settle.lua's pcall): the other
+                    # groups were settled; this one is treated as a failed call of its own,
+                    # never resent, whatever its error (it may have written part).
+                    _failed(shard, items, RedisReplyError(str(group_reply)))
+                else:
+                    self._answer(items, group_reply, waiting)
+
+    @staticmethod
+    def _answer(items: list[_Settle], reply: Any, waiting: bool) -> None:
+        """A batch's reply to its waiting callers (``waiting``: whether any waits)."""
+        if not waiting:
+            return
+        for it, result in zip(items, reply, strict=True):
+            done = it[6]
+            if done is not None and not done.done():
+                # An extended item's reply is its own (a list for "C" | "R"), as in _run.
+                done.set_result(int(result) if it[7] is None else result)
 
     async def _run(self, shard: ShardKeys, items: list[_Settle], waiting: bool = True) -> None:
         now = self._now_ms()
@@ -520,11 +622,7 @@ class Settlement:
                 # Its waiting callers get the error instead of waiting forever.
                 _failed(shard, items, exc)
                 return
-            if waiting:
-                for it, result in zip(items, reply, strict=True):
-                    done = it[6]
-                    if done is not None and not done.done():
-                        done.set_result(int(result) if it[7] is None else result)
+            self._answer(items, reply, waiting)
             return
 
     async def _run_durable(

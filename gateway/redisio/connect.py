@@ -71,7 +71,12 @@ __all__ = [
 
 
 class ScriptRunner(Protocol):
-    """Runs the gateway's Lua scripts; the hot path's only use of Redis."""
+    """Runs the gateway's Lua scripts; the hot path's only use of Redis.
+
+    A runner on one Redis server may say so with ``cross_slot = True`` (read with
+    ``getattr``, False when absent: a cluster, or a client that may be one): a script may
+    then touch keys of several shards in one call (settle.lua's multi-shard form).
+    """
 
     async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """Run ``script`` (by SHA, loading it on NOSCRIPT) and return its reply.

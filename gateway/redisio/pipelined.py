@@ -215,6 +215,10 @@ class FastRedis:
     Construction does no I/O and needs no running loop; the first call connects.
     """
 
+    cross_slot = True
+    """A script may touch keys of any hash slot (one server, not a cluster): settle.lua's
+    multi-shard form may be sent (``Settlement.multi_shard``)."""
+
     def __init__(
         self,
         host: str = "127.0.0.1",

@@ -11,7 +11,13 @@ import pytest
 
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.gate import CreditGate
-from gateway.metering.settlement import Actual, encode_fixed, shard_head
+from gateway.metering.settlement import (
+    Actual,
+    encode_fixed,
+    encode_group,
+    encode_many,
+    shard_head,
+)
 from gateway.redisio.resp import decode_args, encode_args
 from gateway.usage.model import Usage
 
@@ -73,6 +79,34 @@ def test_extended_items_are_what_hiredis_packs() -> None:
     count, raw = encoded
     assert raw == _packed(items, 7)
     assert count == len(decode_args(raw)) == 6 + 6 * len(items) + 1 + 3 + 3 + 1
+
+
+def test_a_multi_shard_call_is_what_hiredis_packs() -> None:
+    """settle.lua's multi-shard form: every group's keys, then now, "*" and each group's
+    item count and values (lua/settle.lua's header)."""
+    groups = {
+        "a": [_item("a", None, "r0", "c", "200", "1"), _item("a", "k", "r1", "r", "", "")],
+        "b": [_item("b", None, "r2", "a", "200", "9", ("37 usage  41 0 12 0 gpt-4o-mini",))],
+        "c": [_item("c", None, "r3", "C", "200", "3", ("5 policy 1     ", "", ""))],
+    }
+    keys: list[Any] = []
+    args: list[Any] = [1_796_083_200_000, "*"]
+    encoded = []
+    for org, items in groups.items():
+        shard = KEYS.of_org(org).shard
+        keys += [shard.holds, shard.holdexp, shard.events]
+        args.append(len(items))
+        for it in items:
+            keys += it[:2]
+            args += it[2:6]
+            if it[7] is not None:
+                args += it[7]
+        group = encode_group(items, shard_head(shard))
+        assert group is not None
+        encoded.append((group, len(items)))
+    count, raw = encode_many(encoded, 1_796_083_200_000)
+    assert raw == encode_args([len(keys), *keys, *args])
+    assert count == len(decode_args(raw))
 
 
 def test_non_ascii_and_long_values_are_left_to_hiredis() -> None:

@@ -1,7 +1,9 @@
 """Settle batches of several shards flushed together (``FastRedis.run_encoded_many``), on
 the tests' real Redis: every hold is charged or refunded exactly once, as when each shard's
 batch had a task of its own; a call that fails falls back to the per-shard path with its
-retries; a mixed flush (fixed and extended items) settles both."""
+retries; a mixed flush (fixed and extended items) settles both. The tests of the calls
+themselves run with one call per shard (``multi_shard`` off: a cluster's way); those of
+what callers get run both ways (settle.lua's multi-shard form: test_settle_multi_shard.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,20 @@ from gateway.redisio.lua_scripts import LuaScript
 from gateway.redisio.pipelined import FastRedis, RedisReplyError
 
 FEATURE = "lead_generation"
+
+
+@pytest.fixture(params=["multi-shard", "per-shard"])
+def gate(request: pytest.FixtureRequest, redisgate: CreditGate) -> CreditGate:
+    """``redisgate``, sending a flush's batches in one call, or in one call per shard."""
+    redisgate.meter.settlement.multi_shard = request.param == "multi-shard"
+    return redisgate
+
+
+@pytest.fixture
+def per_shard(redisgate: CreditGate) -> CreditGate:
+    """``redisgate``, sending a flush's batches in one call per shard."""
+    redisgate.meter.settlement.multi_shard = False
+    return redisgate
 
 
 def _orgs(gate: CreditGate, shards: int) -> list[str]:
@@ -65,33 +81,33 @@ async def _admitted(gate: CreditGate, orgs: list[str]) -> tuple[list[Any], dict[
     return adms, before
 
 
-async def test_many_shards_settle_in_one_flush(redisgate: CreditGate) -> None:
-    runner = redisgate.redis.runner
+async def test_many_shards_settle_in_one_flush(per_shard: CreditGate) -> None:
+    runner = per_shard.redis.runner
     assert isinstance(runner, FastRedis)
     calls = _count_calls(runner)
-    orgs = _orgs(redisgate, 6)
-    adms, before = await _admitted(redisgate, orgs)
+    orgs = _orgs(per_shard, 6)
+    adms, before = await _admitted(per_shard, orgs)
     # Every other org refunded; all queued in one tick, as the middleware queues them.
     for k, adm in enumerate(adms):
-        redisgate.meter.settle_nowait(adm, ok=k % 2 == 0, status=200 if k % 2 == 0 else 503,
+        per_shard.meter.settle_nowait(adm, ok=k % 2 == 0, status=200 if k % 2 == 0 else 503,
                                       latency_ms=3)  # fmt: skip
-    await redisgate.meter.drain()
+    await per_shard.meter.drain()
     assert calls == {"many": [6], "one": []}  # six shards, one task, no per-shard call
     for k, (org, adm) in enumerate(zip(orgs, adms, strict=True)):
         expected = before[org] - adm.cost if k % 2 == 0 else before[org]
-        assert await _available(redisgate, org) == expected
+        assert await _available(per_shard, org) == expected
     # Every hold is gone: settling again anywhere finds nothing.
-    again = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
+    again = [per_shard.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
     assert await asyncio.gather(*again) == [-1] * len(adms)
 
 
 async def test_waiting_settles_of_many_shards_get_their_own_replies(
-    redisgate: CreditGate,
+    gate: CreditGate,
 ) -> None:
-    orgs = _orgs(redisgate, 4)
-    adms, _ = await _admitted(redisgate, orgs)
+    orgs = _orgs(gate, 4)
+    adms, _ = await _admitted(gate, orgs)
     futures = [
-        redisgate.meter.settle(adm, ok=k % 3 != 0, status=200, latency_ms=1)
+        gate.meter.settle(adm, ok=k % 3 != 0, status=200, latency_ms=1)
         for k, adm in enumerate(adms)
     ]
     got = await asyncio.gather(*futures)
@@ -99,9 +115,9 @@ async def test_waiting_settles_of_many_shards_get_their_own_replies(
 
 
 async def test_a_failed_call_falls_back_to_its_own_retried_batch(
-    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+    per_shard: CreditGate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = redisgate.redis.runner
+    runner = per_shard.redis.runner
     assert isinstance(runner, FastRedis)
     real = runner.run_encoded_many
 
@@ -111,26 +127,26 @@ async def test_a_failed_call_falls_back_to_its_own_retried_batch(
         return [replies[0], RedisUnavailable("lost"), *replies[1:]]
 
     monkeypatch.setattr(runner, "run_encoded_many", second_call_lost)
-    orgs = _orgs(redisgate, 3)
-    adms, before = await _admitted(redisgate, orgs)
-    futures = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
+    orgs = _orgs(per_shard, 3)
+    adms, before = await _admitted(per_shard, orgs)
+    futures = [per_shard.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms]
     assert await asyncio.gather(*futures) == [adm.cost for adm in adms]
     for org, adm in zip(orgs, adms, strict=True):
-        assert await _available(redisgate, org) == before[org] - adm.cost
+        assert await _available(per_shard, org) == before[org] - adm.cost
 
 
-async def test_a_flush_with_extended_items_settles_both_kinds(redisgate: CreditGate) -> None:
-    orgs = _orgs(redisgate, 3)
-    adms, before = await _admitted(redisgate, orgs)
-    fixed = [redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms[:4]]
+async def test_a_flush_with_extended_items_settles_both_kinds(gate: CreditGate) -> None:
+    orgs = _orgs(gate, 3)
+    adms, before = await _admitted(gate, orgs)
+    fixed = [gate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms[:4]]
     extended = [
-        redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1, actual=Actual(1))
+        gate.meter.settle(adm, ok=True, status=200, latency_ms=1, actual=Actual(1))
         for adm in adms[4:]
     ]
     assert await asyncio.gather(*fixed) == [adm.cost for adm in adms[:4]]
     assert [s.charged for s in await asyncio.gather(*extended)] == [1, 1]
     for org in orgs[4:]:
-        assert await _available(redisgate, org) == before[org] - 1
+        assert await _available(gate, org) == before[org] - 1
 
 
 async def test_run_encoded_many_recovers_noscript_and_reports_errors_in_place(
@@ -148,9 +164,9 @@ async def test_run_encoded_many_recovers_noscript_and_reports_errors_in_place(
 
 
 async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
-    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+    per_shard: CreditGate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    runner = redisgate.redis.runner
+    runner = per_shard.redis.runner
     assert isinstance(runner, FastRedis)
     real = runner.run_encoded_many
 
@@ -162,10 +178,10 @@ async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
 
     monkeypatch.setattr(runner, "run_encoded_many", second_call_failed)
     calls = _count_calls(runner)
-    orgs = _orgs(redisgate, 3)
-    adms, _ = await _admitted(redisgate, orgs)
+    orgs = _orgs(per_shard, 3)
+    adms, _ = await _admitted(per_shard, orgs)
     got = await asyncio.gather(
-        *(redisgate.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms),
+        *(per_shard.meter.settle(adm, ok=True, status=200, latency_ms=1) for adm in adms),
         return_exceptions=True,
     )
     failed = [g for g in got if isinstance(g, RedisReplyError)]
@@ -175,10 +191,10 @@ async def test_an_error_reply_is_not_sent_again_and_reaches_its_callers(
 
 
 async def test_a_single_shards_error_reply_reaches_its_caller(
-    redisgate: CreditGate, monkeypatch: pytest.MonkeyPatch
+    gate: CreditGate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The per-shard path (one shard in the flush): the caller used to wait forever.
-    runner = redisgate.redis.runner
+    runner = gate.redis.runner
     real = runner.run_encoded
     sent: list[int] = []
 
@@ -189,24 +205,22 @@ async def test_a_single_shards_error_reply_reaches_its_caller(
         return await real(script, count, encoded)
 
     monkeypatch.setattr(runner, "run_encoded", failing)
-    (org,) = _orgs(redisgate, 1)[:1]
-    adms, _ = await _admitted(redisgate, [org])
+    (org,) = _orgs(gate, 1)[:1]
+    adms, _ = await _admitted(gate, [org])
     with pytest.raises(RedisReplyError):
-        await asyncio.wait_for(
-            redisgate.meter.settle(adms[0], ok=True, status=200, latency_ms=1), 5
-        )
+        await asyncio.wait_for(gate.meter.settle(adms[0], ok=True, status=200, latency_ms=1), 5)
     assert len(sent) == 1  # not resent
 
 
 async def test_a_waiting_settle_among_nowait_ones_gets_its_reply_in_every_flush(
-    redisgate: CreditGate,
+    gate: CreditGate,
 ) -> None:
     # The replies of a flush are walked only when a settle of it waits: the flag must be
     # set by a waiting settle queued after nowait ones (same flush), and be cleared and set
     # again per flush (a nowait-only flush between two that wait).
-    orgs = _orgs(redisgate, 4)
-    adms, before = await _admitted(redisgate, orgs)
-    meter = redisgate.meter
+    orgs = _orgs(gate, 4)
+    adms, before = await _admitted(gate, orgs)
+    meter = gate.meter
     for adm in adms[:3]:
         meter.settle_nowait(adm, ok=True, status=200, latency_ms=1)
     first = meter.settle(adms[3], ok=False, status=503, latency_ms=1)  # another shard
@@ -220,7 +234,7 @@ async def test_a_waiting_settle_among_nowait_ones_gets_its_reply_in_every_flush(
     assert await asyncio.wait_for(last, 10) == adms[7].cost
     await meter.drain()
     for k, (org, adm) in enumerate(zip(orgs, adms, strict=True)):
-        assert await _available(redisgate, org) == before[org] - (0 if k == 3 else adm.cost)
+        assert await _available(gate, org) == before[org] - (0 if k == 3 else adm.cost)
 
 
 async def test_run_encoded_many_on_a_socket_not_yet_connected(redisgate: CreditGate) -> None:
