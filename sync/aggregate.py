@@ -1,8 +1,9 @@
 """A batch's effect on the rollups and the balance snapshots, reduced in Python.
 
-Postgres then gets one row per key instead of one per event: one ``usage_daily`` upsert
-per (org, day, feature, user) and one ``ai_tokens`` update per (org, bucket), sent as
-columns (see ``Columns``).
+Postgres then gets one row per key instead of one per event: one row per (org, day,
+feature, user), which the rollup statement groups into ``usage_daily_user`` and
+``usage_daily_feature`` (sync/sql.py), and one ``ai_tokens`` update per (org, bucket), sent
+as columns (see ``Columns``).
 
 - Rollups count only rows the ledger actually inserted (the caller passes those), so a
   redelivered event adds nothing. Only request events (charge, refund, expired_hold) count.
@@ -59,7 +60,8 @@ REARM_KINDS = frozenset({"grant", "reset"})
 # values cannot be empty, see sync/writer.py).
 Columns = tuple[Sequence[str], ...]
 
-# usage_daily: org, day, feature, user, token_type, requests, tokens.
+# The rollup rows (usage_daily's columns, a view since 0015): org, day, feature, user,
+# token_type, requests, tokens.
 ROLLUP_WIDTH = 7
 # usage_daily_model: org, day, model, then the sums of requests, tokens, input_tokens,
 # cached_input_tokens, output_tokens, reasoning_tokens, overage, usage_missing.

@@ -79,21 +79,16 @@ WHERE NOT EXISTS (
 ON CONFLICT (organization_id, token_type) DO NOTHING
 """
 
-# usage_daily and the two coarser rollups derived from it (0002), in one statement from
-# the same batch rows: this replaced 0002's statement triggers (migration 0010), which
-# captured every upserted row in a transition table and re-aggregated it in PL/pgSQL.
-# Derived rows are upserted in key order, as the triggers did (the shard's advisory lock
-# already serialises writers of the same keys; the order costs a sort of a few rows).
+# usage_daily_user and usage_daily_feature (0002), in one statement, grouped from the same
+# batch rows: one row per (org, day, feature, user) of the batch (sync/aggregate.py
+# rollups). This replaced 0002's statement triggers (migration 0010); since 0015 the rows
+# themselves are not stored (usage_daily is a view of the ledger), only these two sums.
+# Rows are upserted in key order, as the triggers did (the shard's advisory lock already
+# serialises writers of the same keys; the order costs a sort of a few rows).
 _ROLLUP = """
 WITH r AS (
     SELECT * FROM {rows} AS r(organization_id, day, feature, user_id, token_type, requests,
         tokens)
-), daily AS (
-    INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type,
-        requests, tokens)
-    SELECT * FROM r
-    ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
-        SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
 ), users AS (
     INSERT INTO usage_daily_user AS u (organization_id, day, user_id, requests, tokens)
     SELECT organization_id, day, user_id, sum(requests), sum(tokens)

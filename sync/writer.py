@@ -9,10 +9,10 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 delivery into exactly-once rows either way.
 
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
-in Python): ``usage_daily`` gets one upsert per (org, day, feature, user), and the same
-statement upserts ``usage_daily_user`` and ``usage_daily_feature`` grouped from those rows
-(since migration 0010; triggers did it before), and, for the
-events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
+in Python): one statement upserts ``usage_daily_user`` and ``usage_daily_feature``, grouped
+from one row per (org, day, feature, user) (since migration 0010; triggers did it before;
+since 0015 those finest rows are not stored: ``usage_daily`` is a view of the ledger), and,
+for the events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
 ``organizations`` rows (an event's org, with its newest event's plan) and seq-0
 ``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
 snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
@@ -87,7 +87,7 @@ class WriteResult:
 
     events: int  # events in the batch
     inserted: int  # new ledger rows (the rest were already there: redeliveries)
-    rollups: int  # usage_daily rows inserted or incremented
+    rollups: int  # (org, day, feature, user) rollup rows the batch added to
     snapshots: int  # ai_tokens rows moved forward
     direct: bool  # written by the fast path (COPY straight into the ledger)
     fallback: bool = False  # the fast path met a duplicate; written by the safe path
