@@ -109,8 +109,9 @@ async def test_rollup_increments_are_hot_updates(env: Env) -> None:
     pool = (await env.gate.require_store()).pool
     users = [f"u{i}" for i in range(40)]
     columns = (
-        ["hot-org"] * 40, ["2026-11-14"] * 40, ["f1", "f2"] * 20, users, ["b"] * 40,
-        ["1"] * 40, ["5"] * 40,
+        ["hot-org"] * 40, ["2026-11-14"] * 40, users, ["1"] * 40, ["5"] * 40,  # users
+        ["hot-org"] * 2, ["2026-11-14"] * 2, ["f1", "f2"], ["b"] * 2, ["20"] * 2,  # features
+        ["100"] * 2,
     )  # fmt: skip
     text, params = sql.statement("rollup", columns)
     await pool.execute(text, *params)  # the keys' first rows: insertions
