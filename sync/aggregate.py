@@ -109,15 +109,14 @@ def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
     """
     users: dict[tuple[str, str, str], list[Any]] = {}
     features: dict[tuple[str, str, str], list[Any]] = {}
-    uget, fget, kinds, at = users.get, features.get, REQUEST_KINDS, BUCKET
+    # setdefault: a new key (the usual case) costs one dict operation, not a get and a set.
+    uset, fset, kinds, at = users.setdefault, features.setdefault, REQUEST_KINDS, BUCKET
     for v, day in zip(entries, days, strict=True):
         if v[KIND] in kinds:
             org, tokens = v[ORG], v[TOKENS]
             key = (org, day, v[USER])
-            cell = uget(key)
-            if cell is None:
-                users[key] = v
-            else:
+            cell = uset(key, v)
+            if cell is not v:
                 if len(cell) > at:  # the key's second event: from its first one's strings
                     first = cell[TOKENS]
                     cell = users[key] = [1, int(first) if first else 0]
@@ -125,10 +124,8 @@ def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
                 if tokens:
                     cell[1] += int(tokens)
             key = (org, day, v[FEATURE])
-            cell = fget(key)
-            if cell is None:
-                features[key] = v
-            else:
+            cell = fset(key, v)
+            if cell is not v:
                 if len(cell) > at:
                     first = cell[TOKENS]
                     cell = features[key] = [cell[BUCKET], 1, int(first) if first else 0]
