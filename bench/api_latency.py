@@ -8,7 +8,8 @@
    rows generated in SQL (``generate_series``, indexes built after the load): one heavy org
    with ``--heavy-share`` of the rows and ``--heavy-users`` users, the rest spread over
    ``--orgs`` orgs with 2 users each, over the last ``--days`` days; then the matching
-   ``usage_daily`` rollups (what the sync job would have written) and VACUUM ANALYZE.
+   rollups (``creditgate_rebuild_usage_rollups()``: what the sync job would have written)
+   and VACUUM ANALYZE.
 2. The gateway runs in its own process (``uvicorn gateway.commands.server:create_app --factory``,
    sync off) on Redis under a unique key prefix (deleted after).
 3. For the heavy org, each endpoint gets a warm-up, then ``--requests`` requests at each
@@ -136,26 +137,16 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
             " CREATE INDEX usage_log_org_created ON ai_token_usage_log"
             " (organization_id, created_at DESC, id DESC)"
         )
-        log("rollups (usage_daily, then usage_daily_user/_feature) from the log")
-        await conn.execute(
-            """
-            INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type,
-                requests, tokens)
-            SELECT organization_id, (created_at AT TIME ZONE 'UTC')::date, feature_used,
-                user_id, min(token_type), count(*), sum(tokens_deducted)
-            FROM ai_token_usage_log GROUP BY 1, 2, 3, 4
-            """
-        )
-        await conn.execute("SELECT creditgate_derive_usage_rollups()")
+        log("rollups (usage_daily_user/_feature/_model) from the log")
+        await conn.execute("SELECT creditgate_rebuild_usage_rollups()")
         await conn.execute(
             "INSERT INTO organizations (id, plan) SELECT DISTINCT organization_id, 'enterprise'"
-            " FROM usage_daily ON CONFLICT DO NOTHING"
+            " FROM usage_daily_user ON CONFLICT DO NOTHING"
         )
         log("VACUUM ANALYZE")
         await conn.execute("VACUUM ANALYZE")
         for table in (
             "ai_token_usage_log",
-            "usage_daily",
             "usage_daily_user",
             "usage_daily_feature",
         ):
@@ -163,6 +154,7 @@ async def generate(dsn: str, args: argparse.Namespace) -> None:
             size = await conn.fetchval(f"SELECT pg_size_pretty(pg_total_relation_size('{table}'))")
             log(f"  {table}: {n:,} rows, {size}")
         heavy = await conn.fetchval(
+            # usage_daily: a view of the ledger since 0015 (the finest breakdown)
             "SELECT count(*) FROM usage_daily WHERE organization_id = 'heavy'"
             " AND day > current_date - 30"
         )

@@ -137,7 +137,8 @@ async def one_round(
 ) -> tuple[float, int, float, float]:  # fmt: skip
     async with pool.acquire() as c:
         await c.execute(
-            "TRUNCATE ai_token_usage_log, usage_daily, usage_daily_model, ai_tokens,"
+            "TRUNCATE ai_token_usage_log, usage_daily_user, usage_daily_feature,"
+            " usage_daily_model, ai_tokens,"
             " organizations, alert_events CASCADE"
         )
     ks = KeySpace(f"cgbench{uuid.uuid4().hex[:8]}", args.shards)

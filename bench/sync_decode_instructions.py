@@ -11,6 +11,11 @@ renders the ``COPY`` payload (``fast_payload``), the collector tuned as ``credit
 tunes it: the worker's per-event work before Postgres. Two runs per case, of ``--events``
 and of a tenth of that; their difference over the events between is one event's
 instructions, without the interpreter's start.
+``--writer`` adds the writer's Python work on the decoded rows (sync/writer.py's fast path
+before and between its statements: the snapshot and rollup reductions, the plans, the
+packed parameters; ``_writer_work``), on the warm pass's events (the cold pass's keys
+again, as bench/sync_throughput.py's steady state); ``--orgs 5000 --events 20000`` is that
+bench's spread and batch.
 Cases: v1 and v2 entries in this tree; with ``--tree DIR`` (an older tree, e.g.
 ``git archive 34eed0e``) its v1 decode too, the baseline. Printed: instructions per event
 and the ratio to the baseline (the other tree's v1, else this tree's v1).
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,8 +48,9 @@ def reply_bytes(entries: list[dict[str, str]]) -> bytes:
     return b"".join(out)
 
 
-def child(path: str) -> None:
-    """Parse, decode and render the reply in ``path`` (the measured work)."""
+def child(path: str, writer: bool = False) -> None:
+    """Parse, decode and render the reply in ``path`` (the measured work); with ``writer``,
+    also the writer's reductions and packed parameters (see ``--writer``)."""
     import hiredis
 
     from sync.batch import decode_entries
@@ -59,11 +66,34 @@ def child(path: str) -> None:
     decoded = decode_entries(entries, Times())
     assert not decoded.bad and len(decoded.rows) == len(entries), decoded.bad[:1]
     assert fast_payload(decoded.rows.lines, decoded.rows.empty_bucket) is not None
+    if writer:
+        _writer_work(decoded.rows)
+
+
+def _writer_work(rows: Any) -> None:
+    """What sync/writer.py's fast path does in Python before and between its statements,
+    for a steady state (every org known, so no organizations statement): the snapshot
+    and rollup reductions, the plans where the tree computes them for known orgs too, and
+    the packed parameters. Each tree's own functions; a tree that has ``orgs_of`` asks it
+    first, as its writer does."""
+    from sync import aggregate, sql
+    from sync.records import ORG
+
+    snaps = aggregate.snapshots(rows.flats)
+    known = {f[ORG] for f in rows.flats}
+    if hasattr(aggregate, "orgs_of"):
+        plans = aggregate.plans(rows.flats) if aggregate.orgs_of(rows.flats) - known else {}
+    else:
+        plans = aggregate.plans(rows.flats)
+    assert all(org in known for org in plans)
+    roll = aggregate.rollups(rows.flats, rows.days)
+    sql.statement("rollup", roll)
+    sql.statement("snapshots", snaps)
 
 
 def main(args: argparse.Namespace) -> None:
     from bench.callgrind import child_instructions
-    from bench.sync_throughput import Producer, make_events
+    from bench.sync_throughput import Producer, make_events, warm_pass
     from gateway.core.events import packed
 
     trees = [("this tree", ROOT)]
@@ -74,7 +104,10 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="cg-syncdecode-") as tmp:
         results: list[tuple[str, str, str, float]] = []
         for kind in args.kinds:
-            events = make_events(Producer(500, usage=kind == "usage"), args.events, 1795469836271)
+            producer = Producer(args.orgs, usage=kind == "usage")
+            events = make_events(producer, args.events, 1795469836271)
+            if args.writer:  # the steady state: the same keys again (bench/sync_throughput.py)
+                events = warm_pass(producer, events)
             for e in events:
                 if "um" in e:
                     e["um"] = ""  # as settle.lua writes a usage that came ("1": it never did)
@@ -86,10 +119,14 @@ def main(args: argparse.Namespace) -> None:
                     f.write_bytes(reply_bytes(written[:n]))
                     files[(fmt, n)] = f
             for name, tree in trees:
-                for fmt in ("v1",) if name == "--tree" else ("v1", "v2"):
+                formats = ("v1",) if name == "--tree" else ("v1", "v2")
+                for fmt in ("v2",) if args.writer else formats:
                     t = time.monotonic()
+                    extra = ["writer"] if args.writer else []
                     short, long = (
-                        child_instructions(tree, script, [str(files[(fmt, n)])], fixed_hash=True)
+                        child_instructions(
+                            tree, script, [str(files[(fmt, n)]), *extra], fixed_hash=True
+                        )
                         for n in counts
                     )
                     per = (long - short) / (counts[1] - counts[0])
@@ -106,10 +143,16 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         sys.path.insert(0, str(Path.cwd()))  # the tree under test first
-        child(sys.argv[2])
+        child(sys.argv[2], writer=sys.argv[3:] == ["writer"])
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", help="an older tree: its v1 decode is the baseline")
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--kinds", nargs="+", default=["fixed", "usage"])
+    parser.add_argument("--orgs", type=int, default=500, help="the Producer's orgs")
+    parser.add_argument(
+        "--writer",
+        action="store_true",
+        help="also the writer's Python work (reductions, packed parameters) on a warm pass",
+    )
     main(parser.parse_args())

@@ -629,7 +629,8 @@ async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.N
             ks = KeySpace(f"{prefix}ab{round_}{int(usage)}", args.shards)
             async with pool.acquire() as c:
                 await c.execute(
-                    "TRUNCATE ai_token_usage_log, usage_daily, usage_daily_model, ai_tokens,"
+                    "TRUNCATE ai_token_usage_log, usage_daily_user, usage_daily_feature,"
+                    " usage_daily_model, ai_tokens,"
                     " organizations CASCADE"
                 )
             await prefill(redis, ks, args.events, args.orgs, usage=usage)
@@ -717,7 +718,7 @@ async def main(args: argparse.Namespace) -> None:
         if args.processes > 0:
             async with pool.acquire() as c:
                 await c.execute(
-                    "TRUNCATE ai_token_usage_log, usage_daily, usage_daily_user,"
+                    "TRUNCATE ai_token_usage_log, usage_daily_user,"
                     " usage_daily_feature, ai_tokens, organizations CASCADE"
                 )
             await xadd_all(redis, multi_ks, events)

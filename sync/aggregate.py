@@ -1,8 +1,10 @@
 """A batch's effect on the rollups and the balance snapshots, reduced in Python.
 
-Postgres then gets one row per key instead of one per event: one ``usage_daily`` upsert
-per (org, day, feature, user) and one ``ai_tokens`` update per (org, bucket), sent as
-columns (see ``Columns``).
+Postgres then gets one row per key instead of one per event: one ``usage_daily_user``
+upsert per (org, day, user), one ``usage_daily_feature`` upsert per (org, day, feature)
+(since 0015 the finer (org, day, feature, user) rows of ``usage_daily`` are neither stored
+nor sent: it is a view of the ledger) and one ``ai_tokens`` update per (org, bucket), sent
+as columns (see ``Columns``).
 
 - Rollups count only rows the ledger actually inserted (the caller passes those), so a
   redelivered event adds nothing. Only request events (charge, refund, expired_hold) count.
@@ -22,6 +24,7 @@ nothing is converted per event but the seq a snapshot is ordered by.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sync.records import (
@@ -59,14 +62,21 @@ REARM_KINDS = frozenset({"grant", "reset"})
 # values cannot be empty, see sync/writer.py).
 Columns = tuple[Sequence[str], ...]
 
-# usage_daily: org, day, feature, user, token_type, requests, tokens.
-ROLLUP_WIDTH = 7
+# usage_daily_user: org, day, user, requests, tokens.
+USER_ROLLUP_WIDTH = 5
+# usage_daily_feature: org, day, feature, token_type (the min bucket), requests, tokens.
+FEATURE_ROLLUP_WIDTH = 6
 # usage_daily_model: org, day, model, then the sums of requests, tokens, input_tokens,
 # cached_input_tokens, output_tokens, reasoning_tokens, overage, usage_missing.
 MODEL_ROLLUP_WIDTH = 11
 # ai_tokens: org, bucket, seq, then value and seq of balance, extra, total_allocated, used,
 # period, then refresh_date.
 SNAPSHOT_WIDTH = 14
+
+_org = itemgetter(ORG)
+_plan = itemgetter(PLAN)
+# A snapshot row's values, from an event that sets every column (see snapshots()).
+_snapshot_values = itemgetter(ORG, BUCKET, SEQ, BAL, EXTRA, ALLOC, USED, PERIOD)
 
 # Keyed by (period, time zone): the same id ends at another instant in another zone, and
 # workers of differently configured deployments may share this process (tests, demo).
@@ -87,34 +97,61 @@ def _refresh(period: str, timezone: str) -> str:
 
 
 def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
-    """Per (org, day, feature, user) of the request events: min bucket, count, token sum.
+    """The request events' rows of ``usage_daily_user`` (per org, day, user: count, token
+    sum) and of ``usage_daily_feature`` (per org, day, feature: min bucket, count, token
+    sum), as one table of ``USER_ROLLUP_WIDTH`` then ``FEATURE_ROLLUP_WIDTH`` columns (the
+    feature rows may be fewer; sync/sql.py takes each group's length from its first column).
 
     ``days`` is each event's UTC day (ISO), in step with ``entries``. Keys come out in
     first-seen order (concurrent writers are serialised another way, see sync/writer.py).
+    A key seen once keeps its event (its own validated strings, no int() and str()); a
+    second event turns it into sums, as model_rollups does.
     """
-    acc: dict[tuple[str, str, str, str], list[Any]] = {}
-    get = acc.get
+    users: dict[tuple[str, str, str], list[Any]] = {}
+    features: dict[tuple[str, str, str], list[Any]] = {}
+    # setdefault: a new key (the usual case) costs one dict operation, not a get and a set.
+    uset, fset, kinds, at = users.setdefault, features.setdefault, REQUEST_KINDS, BUCKET
     for v, day in zip(entries, days, strict=True):
-        if v[KIND] in REQUEST_KINDS:
-            key = (v[ORG], day, v[FEATURE], v[USER])
-            tokens = v[TOKENS]
-            cell = get(key)
-            if cell is None:
-                acc[key] = [v[BUCKET], 1, int(tokens) if tokens else 0]
-            else:
+        if v[KIND] in kinds:
+            org, tokens = v[ORG], v[TOKENS]
+            key = (org, day, v[USER])
+            cell = uset(key, v)
+            if cell is not v:
+                if len(cell) > at:  # the key's second event: from its first one's strings
+                    first = cell[TOKENS]
+                    cell = users[key] = [1, int(first) if first else 0]
+                cell[0] += 1
+                if tokens:
+                    cell[1] += int(tokens)
+            key = (org, day, v[FEATURE])
+            cell = fset(key, v)
+            if cell is not v:
+                if len(cell) > at:
+                    first = cell[TOKENS]
+                    cell = features[key] = [cell[BUCKET], 1, int(first) if first else 0]
                 cell[1] += 1
                 if tokens:
                     cell[2] += int(tokens)
                 if v[BUCKET] < cell[0]:
                     cell[0] = v[BUCKET]
-    if not acc:
-        return ((),) * ROLLUP_WIDTH
-    orgs, day_list, features, users = zip(*acc, strict=True)
-    buckets, counts, sums = zip(*acc.values(), strict=True)
-    return (
-        orgs, day_list, features, users, buckets,
-        list(map(str, counts)), list(map(str, sums)),
-    )  # fmt: skip
+    if not users:
+        return ((),) * (USER_ROLLUP_WIDTH + FEATURE_ROLLUP_WIDTH)
+    u_counts, u_sums = zip(
+        *[
+            ("1", c[TOKENS] or "0") if len(c) > at else (str(c[0]), str(c[1]))
+            for c in users.values()
+        ],
+        strict=True,
+    )
+    f_buckets, f_counts, f_sums = zip(
+        *[
+            (c[BUCKET], "1", c[TOKENS] or "0") if len(c) > at else (c[0], str(c[1]), str(c[2]))
+            for c in features.values()
+        ],
+        strict=True,
+    )
+    return (*zip(*users, strict=True), u_counts, u_sums, *zip(*features, strict=True),
+            f_buckets, f_counts, f_sums)  # fmt: skip
 
 
 def _model_sums(v: Flat) -> list[int]:
@@ -177,12 +214,16 @@ def model_rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
     return (orgs, day_list, models, *zip(*map(_model_row, acc.values()), strict=True))
 
 
-def plans(entries: Iterable[Flat]) -> dict[str, str | None]:
+def plans(entries: Sequence[Flat]) -> dict[str, str | None]:
     """Each org's plan as of its last event in the batch (None when empty)."""
-    out: dict[str, str | None] = {}
-    for v in entries:
-        out[v[ORG]] = v[PLAN]
-    return {org: plan or None for org, plan in out.items()}
+    # In C (map, zip, dict): a later event's plan replaces an earlier one's.
+    last = dict(zip(map(_org, entries), map(_plan, entries), strict=True))
+    return {org: plan or None for org, plan in last.items()}
+
+
+def orgs_of(entries: Sequence[Flat]) -> set[str]:
+    """The orgs of ``entries``."""
+    return set(map(_org, entries))
 
 
 def _merge(cur: list[Any] | None, v: Flat, seq: int) -> list[Any]:
@@ -206,7 +247,7 @@ def _seq_text(seq: int | None) -> str:
 def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
     """One row per (org, bucket) the batch moves (see the module docstring); the
     refresh_date column is the period's end at midnight in ``timezone`` (contract A12)."""
-    full: dict[tuple[str, str], tuple[int, Flat]] = {}
+    full: dict[tuple[str, str], Flat] = {}
     get = full.get
     partial: set[tuple[str, str]] = set()
     for v in entries:
@@ -215,11 +256,10 @@ def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
             continue
         if v[BAL] and v[EXTRA] and v[ALLOC] and v[USED] and v[PERIOD]:
             # The common case: every column set, so the newest event wins them all.
-            seq = int(s)
             key = (v[ORG], v[BUCKET])
             cur = get(key)
-            if cur is None or seq > cur[0]:
-                full[key] = (seq, v)
+            if cur is None or int(s) > int(cur[SEQ]):
+                full[key] = v
         elif v[BAL] or v[EXTRA] or v[ALLOC] or v[USED] or v[PERIOD]:
             partial.add((v[ORG], v[BUCKET]))
     if not full and not partial:
@@ -232,23 +272,32 @@ def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
             key = (v[ORG], v[BUCKET])
             if s and key in partial and (v[BAL] or v[EXTRA] or v[ALLOC] or v[USED] or v[PERIOD]):
                 merged[key] = _merge(merged.get(key), v, int(s))
-    rows: list[tuple[str, ...]] = []
-    for key, (_, v) in full.items():
-        if key in merged:
-            continue
-        per, s = v[PERIOD], v[SEQ]
-        rows.append((*key, s, v[BAL], s, v[EXTRA], s, v[ALLOC], s, v[USED], s, per, s,
-                     _refresh(per, timezone)))  # fmt: skip
-    for key, c in merged.items():
-        per = c[9]
-        rows.append(
-            (
-                *key, str(c[0]), c[1], _seq_text(c[2]), c[3], _seq_text(c[4]), c[5],
-                _seq_text(c[6]), c[7], _seq_text(c[8]), per, _seq_text(c[10]),
-                _refresh(per, timezone) if per else "",
-            )
-        )  # fmt: skip
-    return tuple(zip(*rows, strict=True))
+    # Rows of keys whose newest event set every column: each column is that event's value
+    # (its seq for every *_seq column), picked in C, one column at a time.
+    whole = list(full.values()) if not merged else [v for k, v in full.items() if k not in merged]
+    orgs, buckets, seqs, bals, xs, allocs, useds, pers = (
+        zip(*map(_snapshot_values, whole), strict=True) if whole else ((),) * 8
+    )
+    refresh = {per: _refresh(per, timezone) for per in set(pers)}
+    refreshes = tuple(map(refresh.__getitem__, pers))
+    # The seq column is one object, six times over: sync/sql.py joins it once.
+    columns = (
+        orgs, buckets, seqs, bals, seqs, xs, seqs, allocs, seqs, useds, seqs, pers, seqs,
+        refreshes,
+    )  # fmt: skip
+    if not merged:
+        return columns
+    rows = [
+        (
+            *key, str(c[0]), c[1], _seq_text(c[2]), c[3], _seq_text(c[4]), c[5],
+            _seq_text(c[6]), c[7], _seq_text(c[8]), c[9], _seq_text(c[10]),
+            _refresh(c[9], timezone) if c[9] else "",
+        )
+        for key, c in merged.items()
+    ]  # fmt: skip
+    return tuple(
+        (*column, *values) for column, values in zip(columns, zip(*rows, strict=True), strict=True)
+    )
 
 
 def arm_column(entries: Iterable[Flat], snaps: Columns) -> list[str]:

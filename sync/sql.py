@@ -16,7 +16,7 @@ from datetime import date, datetime
 from typing import Any
 
 from gateway.alerts.evaluation import alerting_statement
-from sync.aggregate import Columns
+from sync.aggregate import FEATURE_ROLLUP_WIDTH, USER_ROLLUP_WIDTH, Columns
 from sync.records import COPY_COLUMNS
 
 SEP = "\x1f"
@@ -79,37 +79,32 @@ WHERE NOT EXISTS (
 ON CONFLICT (organization_id, token_type) DO NOTHING
 """
 
-# usage_daily and the two coarser rollups derived from it (0002), in one statement from
-# the same batch rows: this replaced 0002's statement triggers (migration 0010), which
-# captured every upserted row in a transition table and re-aggregated it in PL/pgSQL.
-# Derived rows are upserted in key order, as the triggers did (the shard's advisory lock
-# already serialises writers of the same keys; the order costs a sort of a few rows).
+# usage_daily_user and usage_daily_feature (0002), in one statement: the batch's rows of
+# each, reduced in Python (sync/aggregate.py rollups), one per (org, day, user) and one
+# per (org, day, feature). Since 0010 the writer keeps them (0002's statement triggers
+# did); until 0015 it also stored usage_daily (org, day, feature, user) and grouped these
+# two from it, in SQL: a view of the ledger now, so the statement neither stores nor
+# groups those finest rows (grouping in Postgres cost a hash aggregate and a sort per
+# table, section 11f). No ORDER BY: writers of the same keys never run at once (the
+# shard's advisory lock, sync/writer.py), so the order of the upserts cannot deadlock.
 _ROLLUP = """
-WITH r AS (
-    SELECT * FROM {rows} AS r(organization_id, day, feature, user_id, token_type, requests,
-        tokens)
-), daily AS (
-    INSERT INTO usage_daily AS d (organization_id, day, feature, user_id, token_type,
-        requests, tokens)
-    SELECT * FROM r
-    ON CONFLICT (organization_id, day, feature, user_id) DO UPDATE
-        SET requests = d.requests + EXCLUDED.requests, tokens = d.tokens + EXCLUDED.tokens
-), users AS (
+WITH users AS (
     INSERT INTO usage_daily_user AS u (organization_id, day, user_id, requests, tokens)
-    SELECT organization_id, day, user_id, sum(requests), sum(tokens)
-    FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    SELECT * FROM {users}
     ON CONFLICT (organization_id, day, user_id) DO UPDATE
         SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens
 )
 INSERT INTO usage_daily_feature AS f (organization_id, day, feature, token_type, requests,
     tokens)
-SELECT organization_id, day, feature, min(token_type), sum(requests), sum(tokens)
-FROM r GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+SELECT * FROM {features}
 ON CONFLICT (organization_id, day, feature) DO UPDATE
     SET requests = f.requests + EXCLUDED.requests, tokens = f.tokens + EXCLUDED.tokens
 """
-_ROLLUP_TYPES = ("text", "date", "text", "text", "text", "bigint", "bigint")
-_ROLLUP_NULLABLE = (False,) * 7
+_ROLLUP_TYPES = (
+    "text", "date", "text", "bigint", "bigint",  # users
+    "text", "date", "text", "text", "bigint", "bigint",  # features
+)  # fmt: skip
+_ROLLUP_NULLABLE = (False,) * 11
 
 _MODEL_ROLLUP = """
 INSERT INTO usage_daily_model AS d (organization_id, day, model, requests, tokens,
@@ -159,17 +154,20 @@ _UPDATE_SNAPSHOTS_ARMED = _UPDATE_SNAPSHOTS.replace(
 assert _UPDATE_SNAPSHOTS_ARMED.count("s.arm") == 1 and "refresh, arm)" in _UPDATE_SNAPSHOTS_ARMED
 _ALERT_SNAPSHOTS = alerting_statement(_UPDATE_SNAPSHOTS_ARMED, len(_SNAP_TYPES) + 2)
 
-_KINDS = {
-    "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE),
-    "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE),
-    "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE),
-    "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True)),
+# kind -> (SQL, column types, nullable columns, the widths of its groups of columns: one
+# set of rows each, in the SQL's placeholders' order).
+_KINDS: dict[str, tuple[str, tuple[str, ...], tuple[bool, ...], tuple[int, ...]]] = {
+    "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE, (USER_ROLLUP_WIDTH, FEATURE_ROLLUP_WIDTH)),
+    "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE, (11,)),
+    "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
+    "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True), (15,)),
 }
+assert all(len(t) == len(n) == sum(g) for _, t, n, g in _KINDS.values())
 
 
-def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool) -> str:
+def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool, first: int = 1) -> str:
     cols = []
-    for i, (typ, null) in enumerate(zip(types, nullable, strict=True), start=1):
+    for i, (typ, null) in enumerate(zip(types, nullable, strict=True), start=first):
         if packed:
             null_arg = ", ''" if null else ""
             cols.append(f"trim_array(string_to_array(${i}, E'\\x1f'{null_arg}), 1)::{typ}[]")
@@ -178,9 +176,20 @@ def _unnest(types: Sequence[str], nullable: Sequence[bool], packed: bool) -> str
     return "unnest(" + ", ".join(cols) + ")"
 
 
+def _format(sql: str, types: Sequence[str], nullable: Sequence[bool], groups: Sequence[int],
+            packed: bool) -> str:  # fmt: skip
+    if len(groups) == 1:
+        return sql.format(rows=_unnest(types, nullable, packed))
+    users = groups[0]  # then the features' columns
+    return sql.format(
+        users=_unnest(types[:users], nullable[:users], packed),
+        features=_unnest(types[users:], nullable[users:], packed, first=users + 1),
+    )
+
+
 _STATEMENTS = {
-    (kind, packed): sql.format(rows=_unnest(types, nullable, packed))
-    for kind, (sql, types, nullable) in _KINDS.items()
+    (kind, packed): _format(sql, types, nullable, groups, packed)
+    for kind, (sql, types, nullable, groups) in _KINDS.items()
     for packed in (True, False)
 }
 
@@ -197,15 +206,34 @@ def _typed(value: str, typ: str, nullable: bool) -> Any:
     return value
 
 
+def _starts(groups: Sequence[int]) -> list[tuple[int, int]]:
+    out, at = [], 0
+    for width in groups:
+        out.append((at, width))
+        at += width
+    return out
+
+
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
-    """The ``"rollup"``, ``"model_rollup"``, ``"snapshots"`` or ``"alert_snapshots"`` (the
-    snapshots' columns plus the arm column; it returns one row: snapshots moved, alerts
-    inserted) statement and its parameters for ``columns``."""
-    n = len(columns[0])
-    packed = [SEP.join(col) + SEP for col in columns]
-    if all(p.count(SEP) == n for p in packed):
+    """The ``"rollup"`` (the user rows' columns, then the feature rows'),
+    ``"model_rollup"``, ``"snapshots"`` or ``"alert_snapshots"`` (the snapshots' columns
+    plus the arm column; it returns one row: snapshots moved, alerts inserted) statement and
+    its parameters for ``columns``."""
+    _, types, nullable, groups = _KINDS[kind]
+    # Each group's columns hold as many values as its first one.
+    sizes = [len(columns[at]) for at, width in _starts(groups) for _ in range(width)]
+    # A column passed more than once (the snapshots' seq) is joined and checked once.
+    joined: dict[int, str] = {}
+    packed = []
+    for col, n in zip(columns, sizes, strict=True):
+        text = joined.get(id(col))
+        if text is None:
+            text = joined[id(col)] = SEP.join(col) + SEP
+            if text.count(SEP) != n:
+                break
+        packed.append(text)
+    else:
         return _STATEMENTS[(kind, True)], packed
-    _, types, nullable = _KINDS[kind]
     arrays = [
         [_typed(v, typ, null) for v in col]
         for col, typ, null in zip(columns, types, nullable, strict=True)

@@ -9,10 +9,10 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 delivery into exactly-once rows either way.
 
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
-in Python): ``usage_daily`` gets one upsert per (org, day, feature, user), and the same
-statement upserts ``usage_daily_user`` and ``usage_daily_feature`` grouped from those rows
-(since migration 0010; triggers did it before), and, for the
-events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
+in Python): one statement upserts ``usage_daily_user`` per (org, day, user) and
+``usage_daily_feature`` per (org, day, feature) (since migration 0010; triggers did it
+before; since 0015 the finer ``usage_daily`` is a view of the ledger, not written), and,
+for the events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
 ``organizations`` rows (an event's org, with its newest event's plan) and seq-0
 ``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
 snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
@@ -59,6 +59,7 @@ from sync.aggregate import (
     MODEL_ROLLUP_WIDTH,
     arm_column,
     model_rollups,
+    orgs_of,
     plans,
     rollups,
     snapshots,
@@ -87,7 +88,7 @@ class WriteResult:
 
     events: int  # events in the batch
     inserted: int  # new ledger rows (the rest were already there: redeliveries)
-    rollups: int  # usage_daily rows inserted or incremented
+    rollups: int  # usage_daily_user rows inserted or incremented
     snapshots: int  # ai_tokens rows moved forward
     direct: bool  # written by the fast path (COPY straight into the ledger)
     fallback: bool = False  # the fast path met a duplicate; written by the safe path
@@ -243,7 +244,8 @@ class BatchWriter:
         if payload is None:
             payload, null = careful_payload(rows.flats, self._times), None
         snaps = snapshots(rows.flats, self._timezone)
-        org_plans = plans(rows.flats)
+        # The plans only for orgs not known yet (in a steady state, none).
+        org_plans = plans(rows.flats) if orgs_of(rows.flats) - self._known_orgs else {}
         new_orgs = [o for o in org_plans if o not in self._known_orgs]
         new_rows = [k for k in zip(snaps[0], snaps[1], strict=True) if k not in self._known_rows]
         # On the fast path every row is new, so the rollups can be reduced before the

@@ -5,11 +5,14 @@ table ``ai_token_usage_log_pYYYYMM``, created ahead by ``creditgate migrate`` an
 job (sync/writer.py). Retention drops whole months (``creditgate ledger prune --before
 YYYY-MM``): one catalog operation instead of deleting and vacuuming billions of rows.
 
-What a prune keeps: the daily rollups (usage_daily, _user, _feature, _model) are not
+What a prune keeps: the daily rollups (usage_daily_user, _feature, _model) are not
 touched, so ``/stats``, ``/usage`` by day and the dashboards keep the pruned months'
 history; ``creditgate_rebuild_usage_rollups()`` rebuilds only from the oldest month the
-ledger still holds. What it loses: the audit rows (``/usage`` pages) of those months.
-Balances never depend on old rows (``ai_tokens`` holds the snapshots).
+ledger still holds. ``usage_daily`` (org, day, feature, user) is a view of the ledger since
+migration 0015: before a month is dropped, its per-(org, day, feature, user) sums are
+archived in ``usage_daily_pruned`` (``creditgate_archive_usage_month``), which the view
+reads for the months the ledger no longer holds. What it loses: the audit rows (``/usage``
+pages) of those months. Balances never depend on old rows (``ai_tokens`` holds the snapshots).
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ async def prune(conn: asyncpg.Connection, before: date, today: date) -> list[Par
             if part.month >= before:
                 continue
             rows = await conn.fetchval(f'SELECT count(*) FROM "{part.name}"')
+            # usage_daily (a view) keeps the month's finest sums: archived, then dropped.
+            await conn.execute(
+                "SELECT creditgate_archive_usage_month($1::text::regclass)", part.name
+            )
             await conn.execute(f'ALTER TABLE {PARENT} DETACH PARTITION "{part.name}"')
             await conn.execute(f'DROP TABLE "{part.name}"')
             dropped.append(Partition(part.month, part.name, rows))

@@ -1,9 +1,10 @@
 """One org's usage statistics and forecast (``GET /stats``), read from the daily rollups.
 
 Aggregates come from the daily rollups, never from scanning ``ai_token_usage_log``: the
-sync job maintains ``usage_daily`` (org, day, feature, user) and, in the same statement,
-``usage_daily_feature`` (org, day, feature) and ``usage_daily_user`` (org, day, user)
-(tables of migration 0002; triggers kept them until 0010). A window of one org is then
+sync job maintains ``usage_daily_feature`` (org, day, feature) and ``usage_daily_user``
+(org, day, user) in one statement (tables of migration 0002; triggers kept them until 0010;
+the finer ``usage_daily``, which nothing here reads, is a view of the ledger since 0015).
+A window of one org is then
 an index scan of at most days x features plus days x users rows, whatever its request
 volume or its number of features x users (the sums are read from the heap: migration
 0014 took them out of the keys so that the sync job's increments are HOT updates).

@@ -182,13 +182,12 @@ async def test_a_pass_sweeps_forecasts_and_delivers_them(
         period_id("monthly", int(now.timestamp() * 1000)), refresh,
     )  # fmt: skip
     for days_ago in (1, 2, 3):
+        # The rollup the forecast reads, as the sync job writes it.
         await pool.execute(
-            "INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type,"
-            " requests, tokens) VALUES ('acme', $1, 'f', '', 'b', 1, 200)",
+            "INSERT INTO usage_daily_feature (organization_id, day, feature, token_type,"
+            " requests, tokens) VALUES ('acme', $1, 'f', 'b', 1, 200)",
             now.date() - timedelta(days=days_ago),
         )  # fmt: skip
-    # usage_daily written by hand: its derived rollups too (no trigger since 0010).
-    await pool.execute("SELECT creditgate_derive_usage_rollups()")
     receiver = Receiver(free_port(), SECRET, tmp_path / "log")
     await receiver.start()
     try:

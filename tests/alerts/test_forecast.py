@@ -87,13 +87,12 @@ async def _bucket(pool: asyncpg.Pool, org: str, used: int, per_day: list[int]) -
         org, 1000 - used, used, DEC_1,
     )  # fmt: skip
     for i, tokens in enumerate(per_day):
+        # The rollup the forecast reads, as the sync job writes it.
         await pool.execute(
-            "INSERT INTO usage_daily (organization_id, day, feature, user_id, token_type,"
-            " requests, tokens) VALUES ($1, $2, 'lead_generation', '', 'lead_generation', 1, $3)",
+            "INSERT INTO usage_daily_feature (organization_id, day, feature, token_type,"
+            " requests, tokens) VALUES ($1, $2, 'lead_generation', 'lead_generation', 1, $3)",
             org, date(2026, 11, 1) + timedelta(days=i), tokens,
         )  # fmt: skip
-    # usage_daily written by hand: its derived rollups too (no trigger since 0010).
-    await pool.execute("SELECT creditgate_derive_usage_rollups()")
 
 
 @requires_postgres

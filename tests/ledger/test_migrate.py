@@ -35,7 +35,7 @@ CORE_TABLES = {
     "ai_tokens",
     "ai_token_usage_log",
     "token_grants",
-    "usage_daily",
+    "usage_daily",  # a view since 0015
     TRACKING_TABLE,
 }
 
@@ -43,8 +43,11 @@ CORE_TABLES = {
 async def _tables(dsn: str) -> set[str]:
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
-        return {r["tablename"] for r in rows}
+        rows = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " UNION ALL SELECT viewname FROM pg_views WHERE schemaname = 'public'"
+        )
+        return {r[0] for r in rows}
     finally:
         await conn.close()
 

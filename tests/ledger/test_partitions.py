@@ -184,3 +184,51 @@ async def test_prune_drops_whole_months_keeps_rollups_and_refuses_an_incomplete_
             assert await prune(conn, date(2026, 11, 1), today) == []
         finally:
             await conn.close()
+
+
+async def test_migration_0015_turns_usage_daily_into_a_view_with_rows_in_place(
+    tmp_path: Path,
+) -> None:
+    """0015 on a ledger at 0014 holding rows, and rollups of a month pruned before it: the
+    view gives the rows the table had (the pruned month's from usage_daily_pruned), the
+    other rollups and /stats are untouched, and a rebuild and a later prune keep all of it
+    exact."""
+    async with temp_database(create=False) as dsn:
+        directory = _up_to(tmp_path / "migrations", 14)
+        assert (await migrate(dsn, directory=directory))[-1] == "0014_rollup_hot_updates"
+        conn = await asyncpg.connect(dsn)
+        try:
+            for when in TIMES:
+                await conn.execute("SELECT creditgate_usage_log_partition($1)", when.date())
+            await _seed_old_ledger(conn)
+            # A month pruned before 0015: only usage_daily (and what derives from it) has it.
+            for user, feature, tokens in (("ann", "lead", 7), ("", "lead", 2), ("bob", "", 4)):
+                await conn.execute(
+                    "INSERT INTO usage_daily (organization_id, day, feature, user_id,"
+                    " token_type, requests, tokens) VALUES ('org1', '2026-05-20', $1, $2,"
+                    " 'lead', 3, $3)",
+                    feature, user, tokens,
+                )  # fmt: skip
+            await conn.execute("SELECT creditgate_derive_usage_rollups()")
+            before = await _snapshot(conn)
+            assert len(before["usage_daily"]) > 3
+            assert "0015_usage_daily_view" in await migrate(dsn)
+            assert await conn.fetchval(
+                "SELECT relkind::text FROM pg_class WHERE relname = 'usage_daily'"
+            ) == "v"  # fmt: skip
+            assert await _snapshot(conn) == before
+            pruned = await conn.fetch("SELECT DISTINCT day FROM usage_daily_pruned")
+            assert [r["day"] for r in pruned] == [date(2026, 5, 20)]
+            # A rebuild from the ledger gives the same rollups, history included.
+            assert await conn.fetchval("SELECT creditgate_rebuild_usage_rollups()") > 0
+            assert await _snapshot(conn) == before
+            # A prune archives each month's finest sums before dropping it.
+            dropped = await prune(conn, date(2026, 11, 1), date(2026, 11, 20))
+            assert [p.label for p in dropped] == ["2026-09", "2026-10"]
+            after = await _snapshot(conn)
+            assert after.pop("log") != before.pop("log")
+            assert after == before
+            assert await conn.fetchval("SELECT creditgate_rebuild_usage_rollups()") > 0
+            assert (await _snapshot(conn)) | {"log": None} == before | {"log": None}
+        finally:
+            await conn.close()

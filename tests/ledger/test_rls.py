@@ -27,8 +27,11 @@ ORG_COLUMN = {
     "ai_tokens": "organization_id",
     "ai_token_usage_log": "organization_id",
     "token_grants": "organization_id",
-    "usage_daily": "organization_id",
+    "usage_daily": "organization_id",  # a view since 0015 of the two below: 4 rows per org
+    "usage_daily_pruned": "organization_id",
 }
+# Views over org tables: security_invoker, so the tables' policies hold their readers.
+VIEWS = {"usage_daily"}
 ORGS = ("a", "b")
 
 
@@ -54,12 +57,13 @@ async def _seed(conn: asyncpg.Connection) -> None:
             )
             await conn.execute(
                 "INSERT INTO ai_token_usage_log (event_id, organization_id, token_type,"
-                " tokens_deducted, kind, seq, created_at)"
-                " VALUES ($1, $2, 'b', 1, 'charge', $3, $4)",
+                " tokens_deducted, kind, seq, created_at, feature_used)"
+                " VALUES ($1, $2, 'b', 1, 'charge', $3, $4, $5)",
                 f"ev_{org}{i}",
                 org,
                 i,
                 now,
+                f"f{i}",
             )
             await conn.execute(
                 "INSERT INTO token_grants (organization_id, token_type, amount, reference)"
@@ -68,10 +72,10 @@ async def _seed(conn: asyncpg.Connection) -> None:
                 f"ref{i}",
             )
             await conn.execute(
-                "INSERT INTO usage_daily (organization_id, day, feature, token_type)"
+                "INSERT INTO usage_daily_pruned (organization_id, day, feature, token_type)"
                 " VALUES ($1, $2, 'f', 'b')",
                 org,
-                date(2026, 6, 1 + i),
+                date(2025, 6, 1 + i),
             )
     # A row with an empty org id must not show up for a session with no org set.
     await conn.execute(
@@ -116,7 +120,12 @@ async def test_every_org_table_has_rls_and_a_policy(pg_dsn: str) -> None:
             )
         }
         assert set(ORG_COLUMN) - {"organizations"} <= with_org_column
-        for table in with_org_column | {"organizations"}:
+        for view in VIEWS:
+            options = await conn.fetchval(
+                "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", view
+            )
+            assert "security_invoker=true" in options, view
+        for table in with_org_column - VIEWS | {"organizations"}:
             rls = await conn.fetchval(
                 "SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass", table
             )
@@ -147,7 +156,7 @@ async def test_role_sees_only_the_org_it_sets(reader: asyncpg.Connection) -> Non
             seen = await _visible(reader)
         assert seen["organizations"] == [org]
         for table in ORG_COLUMN.keys() - {"organizations"}:
-            assert seen[table] == [org, org], table
+            assert seen[table] == [org] * (4 if table == "usage_daily" else 2), table
 
 
 async def test_role_without_setting_sees_nothing(reader: asyncpg.Connection) -> None:

@@ -1,7 +1,7 @@
 """usage_daily_user / usage_daily_feature (0002) stay equal to sums of usage_daily through the
-sync job's upserts (insert and update paths; the writer upserts all three since 0010), and
-creditgate_derive_usage_rollups() / creditgate_rebuild_usage_rollups() (0010) recompute
-them for hand-written rollups and from the ledger."""
+sync job's upserts (insert and update paths; the writer upserts them since 0010, and
+usage_daily is a view of the ledger since 0015), and creditgate_derive_usage_rollups() /
+creditgate_rebuild_usage_rollups() (0010, 0015) recompute them from the ledger."""
 
 from __future__ import annotations
 
@@ -83,30 +83,35 @@ async def test_derived_rollups_follow_usage_daily(env: Env) -> None:
         return [tuple(r) for r in await pool.fetch(f"SELECT * FROM {name} ORDER BY 1, 2, 3, 4")]
 
     before = {t: await table(t) for t in ("usage_daily", "usage_daily_user", "usage_daily_feature")}
-    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
+    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 5 + 4
     for t, rows in before.items():
         assert await table(t) == rows
-    # No trigger since 0010: a hand-written change reaches the derived tables when derived.
-    await pool.execute("DELETE FROM usage_daily WHERE organization_id = 'globex'")
-    assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 5
-    assert await pool.fetchval("SELECT creditgate_derive_usage_rollups()") == 4 + 3
-    assert await _consistent(pool) == (4, 3)
-    # ... and a rebuild from the ledger brings globex back.
-    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 6
+    # usage_daily is a view (0015): nothing writes it, and the rollups it would feed come
+    # back from the ledger whatever happened to them.
+    with pytest.raises(asyncpg.ObjectNotInPrerequisiteStateError):
+        await pool.execute("DELETE FROM usage_daily WHERE organization_id = 'globex'")
+    await pool.execute("DELETE FROM usage_daily_user WHERE organization_id = 'globex'")
+    await pool.execute("UPDATE usage_daily_feature SET tokens = 0")
+    assert await pool.fetchval("SELECT creditgate_derive_usage_rollups()") == 5 + 4
+    assert await _consistent(pool) == (5, 4)
+    await pool.execute("DELETE FROM usage_daily_feature WHERE organization_id = 'globex'")
+    assert await pool.fetchval("SELECT creditgate_rebuild_usage_rollups()") == 5 + 4
     for t, rows in before.items():
         assert await table(t) == rows
 
 
 async def test_rollup_increments_are_hot_updates(env: Env) -> None:
     """Migration 0014: no index holds a sum, and the pages have room, so the writer's
-    rollup statement increments existing rows of all three tables as HOT updates (on its
-    page, no new index entry): the steady state's cheap case. With 0002's INCLUDE (sums)
-    keys, not one increment of usage_daily_user or usage_daily_feature was HOT."""
+    rollup statement increments existing rows of both tables as HOT updates (on its page,
+    no new index entry): the steady state's cheap case. With 0002's INCLUDE (sums) keys,
+    not one increment of usage_daily_user or usage_daily_feature was HOT. (usage_daily, a
+    view since 0015, is not written.)"""
     pool = (await env.gate.require_store()).pool
     users = [f"u{i}" for i in range(40)]
     columns = (
-        ["hot-org"] * 40, ["2026-11-14"] * 40, ["f1", "f2"] * 20, users, ["b"] * 40,
-        ["1"] * 40, ["5"] * 40,
+        ["hot-org"] * 40, ["2026-11-14"] * 40, users, ["1"] * 40, ["5"] * 40,  # users
+        ["hot-org"] * 2, ["2026-11-14"] * 2, ["f1", "f2"], ["b"] * 2, ["20"] * 2,  # features
+        ["100"] * 2,
     )  # fmt: skip
     text, params = sql.statement("rollup", columns)
     await pool.execute(text, *params)  # the keys' first rows: insertions
@@ -114,19 +119,17 @@ async def test_rollup_increments_are_hot_updates(env: Env) -> None:
         await conn.execute(text, *params)  # the same keys again: increments
         rows = await conn.fetch(
             "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables"
-            " WHERE relname IN ('usage_daily', 'usage_daily_user', 'usage_daily_feature')"
+            " WHERE relname IN ('usage_daily_user', 'usage_daily_feature')"
         )
     updates = {r["relname"]: (r["n_tup_upd"], r["n_tup_hot_upd"]) for r in rows}
-    assert updates == {
-        "usage_daily": (40, 40),
-        "usage_daily_user": (40, 40),
-        "usage_daily_feature": (2, 2),
-    }
-    assert (
-        await pool.fetchval(
-            "SELECT requests FROM usage_daily_feature WHERE organization_id = 'hot-org'"
-            " AND feature = 'f1'"
-        )
-        == 40
+    assert updates == {"usage_daily_user": (40, 40), "usage_daily_feature": (2, 2)}
+    got = await pool.fetch(
+        "SELECT feature, requests, tokens FROM usage_daily_feature"
+        " WHERE organization_id = 'hot-org' ORDER BY 1"
     )
-    assert (await _consistent(pool)) == (40, 2)
+    assert [tuple(r) for r in got] == [("f1", 40, 200), ("f2", 40, 200)]
+    got = await pool.fetch(
+        "SELECT DISTINCT requests, tokens FROM usage_daily_user WHERE organization_id = 'hot-org'"
+    )
+    assert [tuple(r) for r in got] == [(2, 10)]
+    assert await pool.fetchval("SELECT count(*) FROM usage_daily_user") == 40

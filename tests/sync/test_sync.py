@@ -143,9 +143,30 @@ def worker(redis: Any, pool: asyncpg.Pool, ks: KeySpace, **kw: Any) -> SyncWorke
     return SyncWorker(redis=redis, pool=pool, keyspace=ks, **kw)
 
 
+# The writer's rollups, and the same sums grouped from usage_daily (a view of the ledger
+# since 0015: what the ledger's rows sum to).
+_USERS = "SELECT organization_id, day, user_id, requests, tokens FROM usage_daily_user"
+_USERS_FROM_LEDGER = (
+    "SELECT organization_id, day, user_id, sum(requests), sum(tokens) FROM usage_daily"
+    " GROUP BY 1, 2, 3"
+)
+_FEATURES = (
+    "SELECT organization_id, day, feature, token_type, requests, tokens FROM usage_daily_feature"
+)
+_FEATURES_FROM_LEDGER = (
+    "SELECT organization_id, day, feature, min(token_type), sum(requests), sum(tokens)"
+    " FROM usage_daily GROUP BY 1, 2, 3"
+)
+
+
 async def ledger(pool: asyncpg.Pool) -> dict[str, Any]:
-    """Everything the sync job writes, in comparable form."""
-    async with pool.acquire() as c:
+    """Everything the sync job writes, in comparable form. ``daily`` is ``usage_daily``, a
+    view of the ledger's rows; the rollups the writer keeps (per user, per feature) are
+    checked here against it, so every test comparing ``daily`` checks them too."""
+    async with pool.acquire() as c, c.transaction(isolation="repeatable_read"):
+        for kept, derived in ((_USERS, _USERS_FROM_LEDGER), (_FEATURES, _FEATURES_FROM_LEDGER)):
+            got = sorted(tuple(r) for r in await c.fetch(kept))
+            assert got == sorted(tuple(r) for r in await c.fetch(derived)), kept
         rows = await c.fetch(
             "SELECT event_id, organization_id, tokens_deducted, kind, seq FROM ai_token_usage_log"
         )

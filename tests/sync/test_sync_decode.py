@@ -17,21 +17,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.events import KINDS, decode
-from sync.aggregate import snapshots
+from sync.aggregate import orgs_of, plans, rollups, snapshots
 from sync.batch import decode_entries
 from sync.records import (
     ALLOC,
     BAL,
     BUCKET,
     EXTRA,
+    FEATURE,
     FIELDS,
     FIELDS_EXT,
+    KIND,
     ORG,
     PERIOD,
+    PLAN,
     SEQ,
+    TOKENS,
     TS,
     USAGE_FIELDS,
     USED,
+    USER,
     Times,
     canonical,
     careful_payload,
@@ -297,3 +302,55 @@ def test_snapshot_reduction_matches_the_column_rule(
         for row in zip(*arrays, strict=True)
     }
     assert got == _reference_snapshots(entries)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["charge", "refund", "expired_hold", "grant", "reset"]),
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(["f", "g", ""]),
+            st.sampled_from(["u", ""]),
+            st.sampled_from(["x", "y", ""]),
+            st.sampled_from(["", "0", "3", "12"]),
+            st.sampled_from(["2026-11-14", "2026-11-15"]),
+            st.sampled_from(["", "pro", "free"]),
+        ),
+        max_size=30,
+    )
+)
+def test_rollup_and_plan_reductions_match_the_plain_rule(
+    events: list[tuple[str, str, str, str, str, str, str, str]],
+) -> None:
+    """rollups() (the user and the feature rows, a key seen once kept as its event's
+    strings) and plans() (reduced in C) give what a plain loop over the events gives."""
+    entries, days = [], []
+    for kind, org, feature, user, bucket, tokens, day, plan in events:
+        v = [x for name in FIELDS for x in (name, "")]
+        v[KIND], v[ORG], v[FEATURE], v[USER], v[BUCKET] = kind, org, feature, user, bucket
+        v[TOKENS], v[PLAN] = tokens, plan
+        entries.append(v)
+        days.append(day)
+    users: dict[tuple[str, ...], list[int]] = {}
+    features: dict[tuple[str, ...], list[Any]] = {}
+    for v, day in zip(entries, days, strict=True):
+        if v[KIND] in ("charge", "refund", "expired_hold"):
+            user = users.setdefault((v[ORG], day, v[USER]), [0, 0])
+            user[0] += 1
+            user[1] += int(v[TOKENS] or 0)
+            feature = features.setdefault((v[ORG], day, v[FEATURE]), [v[BUCKET], 0, 0])
+            feature[0] = min(feature[0], v[BUCKET])
+            feature[1] += 1
+            feature[2] += int(v[TOKENS] or 0)
+    columns = rollups(entries, days)
+    got_users = {row[:3]: [int(row[3]), int(row[4])] for row in zip(*columns[:5], strict=True)}
+    got_features = {
+        row[:3]: [row[3], int(row[4]), int(row[5])] for row in zip(*columns[5:], strict=True)
+    }
+    assert (got_users, got_features) == (users, features)
+    last: dict[str, str | None] = {}
+    for v in entries:
+        last[v[ORG]] = v[PLAN] or None
+    assert plans(entries) == last
+    assert orgs_of(entries) == set(last)
