@@ -82,6 +82,17 @@ async def wait_synced(
     raise AssertionError(f"{await row_count(pool)} rows of {n}, {pending} pending after {within} s")
 
 
+async def pending_of(redis: Any, ks: KeySpace, consumer: str) -> int:
+    """Entries ``consumer`` read and has not acked yet, over every shard."""
+    total = 0
+    for keys in ks.all_shards():
+        for c in await redis.xinfo_consumers(keys.events, "creditgate-sync"):
+            name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+            if name == consumer:
+                total += int(c["pending"])
+    return total
+
+
 async def row_count(pool: asyncpg.Pool) -> int:
     async with pool.acquire() as c:
         return int(await c.fetchval("SELECT count(*) FROM ai_token_usage_log"))
@@ -256,15 +267,25 @@ async def test_kill_9_mid_run_its_shards_are_taken_over_nothing_lost_or_doubled(
     try:
         await wait_balanced(redis, keyspace, ["p0", "p1"], within=30)
         orgs = orgs_on_every_shard(keyspace, 4)
-        events = scenario(orgs, 400)  # a backlog: the kill lands while batches are written
-        n = await xadd_all(redis, keyspace, events)
-        for _ in range(3000):  # until the first rows are in (at most 30 s)
-            if await row_count(pool):
-                break
-            await asyncio.sleep(0.01)
-        procs["p1"].send_signal(signal.SIGKILL)
-        procs["p1"].wait()
-        assert await row_count(pool) < n  # it died mid-run
+        events = scenario(orgs, 400)
+        # The kill must land while p1 holds entries it read but did not commit. A backlog
+        # alone did not make sure of it (a fast worker wrote it all before the test saw the
+        # first row): the ledger is locked so that no batch can commit, p1 is killed once
+        # it holds pending entries, then the lock goes.
+        async with pool.acquire() as blocker:
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("LOCK TABLE ai_token_usage_log IN EXCLUSIVE MODE")
+            n = await xadd_all(redis, keyspace, events)
+            deadline = time.monotonic() + 30
+            while not await pending_of(redis, keyspace, "p1"):
+                assert time.monotonic() < deadline, "p1 read nothing within 30 s"
+                await asyncio.sleep(0.01)
+            procs["p1"].send_signal(signal.SIGKILL)
+            procs["p1"].wait()
+            await lock.rollback()
+        assert await pending_of(redis, keyspace, "p1")  # it died mid-run, holding entries
+        assert await row_count(pool) < n
         more = scenario(orgs, 20, seed=11)  # and events keep coming
         n += await xadd_all(redis, keyspace, more)
         # Its leases and membership expire (1 s); p0 takes every shard and claims the
