@@ -61,6 +61,7 @@ from yarl import URL
 from gateway.core.headers import OURS_PREFIX, OVERRIDE_HEADERS
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
+    ANSWER_WHOLE,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
@@ -616,6 +617,11 @@ class UpstreamProxy:
             except backend.FAILURE as exc:
                 state[UPSTREAM_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
                 await _bad_gateway(send, timed_out=False)
+                return
+            # A usage tap in between takes the whole answer in one call (ANSWER_WHOLE).
+            whole = state.get(ANSWER_WHOLE)
+            if whole is not None and whole[0] is send:
+                await whole[1](start, data)
                 return
             await send(start)
             await send({"type": "http.response.body", "body": data, "more_body": False})
