@@ -313,7 +313,9 @@ class CreditGateMiddleware:
             # recognised and gets no usage: the missing-usage policy.)
             # (identity_encoding makes a new list: the scope's is not changed.)
             base = scope["headers"] if headers is None else headers
-            if body is not None and cost.asks_stream_usage and b'"stream"' in body:
+            # (find, not `in`: bytes' `in` first tries its argument as an int, and the
+            # TypeError it makes and clears costs more than the search.)
+            if body is not None and cost.asks_stream_usage and body.find(b'"stream"') >= 0:
                 changed = ensure_stream_usage(body)
                 if changed is not None:
                     body = changed
@@ -386,9 +388,10 @@ class CreditGateMiddleware:
             quiet = tap.quiet
             if ok and quiet is not None and capture is None:
                 # A complete answer, priced by the tap (ResponseTap.answer): its settle
-                # value is ready, queued as settle_nowait would queue it.
+                # value is ready, queued as settle_nowait would queue it (through the
+                # settlement's queue as it is now: tests spy on it).
                 tokens = tap.tokens
-                self._queue_settle(
+                self.meter.settlement.queue(
                     adm, True, state.get(UPSTREAM_STATUS, status), round(latency), idem_key,
                     None, quiet,
                 )  # fmt: skip

@@ -21,7 +21,10 @@ After the call (:class:`ResponseTap`, which wraps ``send``):
 - ``usage``, any other body up to :data:`RESPONSE_BODY_LIMIT`: held until complete so that
   ``X-Tokens-Cost`` / ``X-Tokens-Remaining`` give the actual charge; Gemini's
   ``streamGenerateContent`` without ``alt=sse`` (a JSON array that streams) is passed on
-  chunk by chunk and read at its end instead.
+  chunk by chunk and read at its end instead. An answer complete before its start (the
+  proxy's, of known length) comes in one call instead, :meth:`ResponseTap.answer`
+  (:data:`~gateway.core.scope_keys.ANSWER_WHOLE`): read, priced and headed in one straight
+  run, its settle value kept for the middleware (:attr:`ResponseTap.quiet`).
 
 Then :meth:`ResponseTap.actual` prices the usage (``models:``, capped by ``max``), or, when
 none came (none found, a stream that ended before its final usage, counts that cannot be

@@ -3,7 +3,9 @@
 Bodies stream both ways. A request body goes to the HTTP client as an async generator over
 the ASGI ``http.request`` messages, so the upstream starts receiving before the client has
 finished sending; a small response (Content-Length <= ``max_buffered_body``) is read whole
-and sent as one message, anything else is relayed chunk by chunk as it arrives.
+and sent as one message (or, with the usage tap of a usage-cost route in front, handed to it
+with its start in one call: ``ANSWER_WHOLE``), anything else is relayed chunk by chunk as it
+arrives.
 
 Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
 504 (``upstream_timeout``), which the metering middleware treats as a refund. A request that
