@@ -477,7 +477,22 @@ static long long count_of(ptr p, ptr e)
  * scan_value checks it: the pointer just after it, or NULL (not on the happy path, or a
  * key spelt with an escape: it could be one of the names). On the way, the last value of
  * each of `names` among its members (at/to: NULL when absent). */
-static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at, ptr *to)
+static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at, ptr *to,
+                      const wanted_key *inner, ptr *in_at, ptr *in_to);
+
+/* The object starting at p, as members_of reads it, without inner picks. */
+static inline ptr object_members(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at,
+                                 ptr *to)
+{
+    return members_of(p, e, depth, names, n, at, to, NULL, NULL, NULL);
+}
+
+/* ... With `inner` (one name per entry of names, or a zero length: none): a member that is
+ * an object is read by members_of too (checked once, not twice), and the last value of its
+ * inner name goes to in_at[i]/in_to[i] (NULL when absent; untouched when the member is not
+ * an object). */
+static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at, ptr *to,
+                      const wanted_key *inner, ptr *in_at, ptr *in_to)
 {
     for (int i = 0; i < n; i++)
         at[i] = NULL, to[i] = NULL;
@@ -499,15 +514,23 @@ static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, p
         if (p >= e || *p != ':')
             return NULL;
         ptr value = skip_ws(p + 1, e);
-        p = scan_value(value, e, depth + 1);
-        if (p == NULL)
-            return NULL;
+        int which = -1;
         for (int i = 0; i < n; i++) {
             if (names[i].len == klen && memcmp(names[i].text, key, (size_t)klen) == 0) {
-                at[i] = value;
-                to[i] = p;
+                which = i;
                 break;
             }
+        }
+        if (which >= 0 && inner != NULL && inner[which].len > 0 && value < e && *value == '{')
+            p = object_members(value, e, depth + 1, &inner[which], 1, &in_at[which],
+                               &in_to[which]);
+        else
+            p = scan_value(value, e, depth + 1);
+        if (p == NULL)
+            return NULL;
+        if (which >= 0) {
+            at[which] = value;
+            to[which] = p;
         }
         p = skip_ws(p, e);
         if (p >= e)
@@ -526,18 +549,16 @@ static inline long long member_count(ptr *at, ptr *to, int i)
     return at[i] == NULL ? ABSENT : count_of(at[i], to[i]);
 }
 
-/* An OpenAI detail object's one count (cached_tokens, reasoning_tokens): 0 when the detail
- * or the count is absent or null, UNKNOWN when the detail is not an object or null. */
-static long long detail_count(ptr p, ptr e, const wanted_key *name)
+/* An OpenAI detail object's one count (cached_tokens, reasoning_tokens), the detail's value
+ * being [p, e) and its count's (read with it, members_of's inner pick) [c, ce): 0 when the
+ * detail or the count is absent or null, UNKNOWN when the detail is not an object or null. */
+static long long detail_count(ptr p, ptr e, ptr c, ptr ce)
 {
     if (p == NULL || (e - p == 4 && memcmp(p, "null", 4) == 0))
         return 0;
     if (*p != '{')
         return UNKNOWN;
-    ptr at[1], to[1];
-    if (members_of(p, e, 2, name, 1, at, to) == NULL)
-        return UNKNOWN;
-    long long n = member_count(at, to, 0);
+    long long n = c == NULL ? ABSENT : count_of(c, ce);
     return n == ABSENT ? 0 : n;
 }
 
@@ -610,8 +631,13 @@ static const wanted_key USAGE_KEYS[U_KEYS] = {
     {"input_tokens_details", 20},  {"output_tokens_details", 21},
     {"cache_creation_input_tokens", 27}, {"cache_read_input_tokens", 23},
 };
-static const wanted_key CACHED_TOKENS = {"cached_tokens", 13};
-static const wanted_key REASONING_TOKENS = {"reasoning_tokens", 16};
+/* The one count read in each detail object (a zero length: not a detail). */
+static const wanted_key USAGE_INNER[U_KEYS] = {
+    [U_PROMPT_DETAILS] = {"cached_tokens", 13},
+    [U_COMPLETION_DETAILS] = {"reasoning_tokens", 16},
+    [U_INPUT_DETAILS] = {"cached_tokens", 13},
+    [U_OUTPUT_DETAILS] = {"reasoning_tokens", 16},
+};
 static const wanted_key GEMINI_KEYS[5] = {
     {"promptTokenCount", 16},        {"cachedContentTokenCount", 23},
     {"toolUsePromptTokenCount", 23}, {"candidatesTokenCount", 20},
@@ -624,8 +650,10 @@ static const wanted_key GEMINI_KEYS[5] = {
  * occurrence that is not an object leaves the earlier members in place, but at[] then
  * points at it (the caller reads members only when at[] is an object). */
 static int scan_top_usage(ptr start, ptr end, ptr *at, ptr *to, ptr *u_at, ptr *u_to,
-                          ptr *meta_at, ptr *meta_to)
+                          ptr *d_at, ptr *d_to, ptr *meta_at, ptr *meta_to)
 {
+    for (int i = 0; i < U_KEYS; i++)
+        d_at[i] = NULL, d_to[i] = NULL;
     for (int i = 0; i < TOP_KEYS; i++)
         at[i] = NULL, to[i] = NULL;
     for (int i = 0; i < U_KEYS; i++)
@@ -660,9 +688,10 @@ static int scan_top_usage(ptr start, ptr end, ptr *at, ptr *to, ptr *u_at, ptr *
                 return 0;
             ptr value = skip_ws(p + 1, end);
             if (which == TOP_USAGE && value < end && *value == '{')
-                p = members_of(value, end, 1, USAGE_KEYS, U_KEYS, u_at, u_to);
+                p = members_of(value, end, 1, USAGE_KEYS, U_KEYS, u_at, u_to, USAGE_INNER, d_at,
+                               d_to);
             else if (which == TOP_META && value < end && *value == '{')
-                p = members_of(value, end, 1, GEMINI_KEYS, 5, meta_at, meta_to);
+                p = object_members(value, end, 1, GEMINI_KEYS, 5, meta_at, meta_to);
             else
                 p = scan_value(value, end, 1);
             if (p == NULL)
@@ -706,9 +735,9 @@ static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t
     ptr at[TOP_KEYS], to[TOP_KEYS];
     /* The members of both usage objects, read in the top-level pass itself (each object
      * checked once: by members_of instead of scan_value); the last occurrence wins. */
-    ptr m[U_KEYS], me[U_KEYS], meta_at[5], meta_to[5];
+    ptr m[U_KEYS], me[U_KEYS], d[U_KEYS], de[U_KEYS], meta_at[5], meta_to[5];
     int kind = (int)mode;
-    if (!scan_top_usage(start, end, at, to, m, me, meta_at, meta_to))
+    if (!scan_top_usage(start, end, at, to, m, me, d, de, meta_at, meta_to))
         Py_RETURN_NONE;
 
     if (kind == 0) { /* responses.detect_provider, for the shapes it tells at once */
@@ -746,8 +775,8 @@ static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         if (prompt == UNKNOWN || completion == UNKNOWN)
             Py_RETURN_NONE;
-        cached = detail_count(m[details], me[details], &CACHED_TOKENS);
-        reasoning = detail_count(m[details + 1], me[details + 1], &REASONING_TOKENS);
+        cached = detail_count(m[details], me[details], d[details], de[details]);
+        reasoning = detail_count(m[details + 1], me[details + 1], d[details + 1], de[details + 1]);
         if (cached == UNKNOWN || reasoning == UNKNOWN)
             Py_RETURN_NONE;
         if (prompt == ABSENT)
