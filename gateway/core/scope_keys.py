@@ -1,7 +1,8 @@
 """The ``scope["state"]`` keys through which the proxy tells the metering middleware how
 the upstream answered (the proxy writes them, the middleware reads them at settle time),
-the one through which the middleware asks the proxy to drain a stream for its usage, and
-the one through which an app reports its own cost (DESIGN A8, middleware mode).
+the one through which the middleware asks the proxy to drain a stream for its usage, the
+one through which it offers to take a complete answer in one call, and the one through
+which an app reports its own cost (DESIGN A8, middleware mode).
 
 Defined once here, below both: ``gateway.proxy`` and ``gateway.metering`` never import
 each other (docs/ARCHITECTURE.md, layers).
@@ -10,6 +11,7 @@ each other (docs/ARCHITECTURE.md, layers).
 from __future__ import annotations
 
 __all__ = [
+    "ANSWER_WHOLE",
     "APP_COST",
     "CLIENT_DISCONNECTED",
     "DRAINS_USAGE",
@@ -45,6 +47,16 @@ DRAINS_USAGE = "drains_usage"
 :data:`USAGE_DRAIN_SECONDS` itself (``UpstreamProxy``). For any other app the middleware
 drains by holding the client's ``http.disconnect`` back from it for at most that long
 (or until its response is complete), so that the app finishes its upstream call."""
+
+ANSWER_WHOLE = "creditgate.answer_whole"
+"""Set by the middleware's usage tap (DESIGN A8 ``usage``): ``(send, answer)``, where
+``send`` is the ``send`` it hands the app and ``answer(start, body)`` an awaitable taking a
+complete response at once: the ``http.response.start`` message and the whole body (bytes),
+with the same outcome as sending the start and one final body message through ``send``.
+An app that has a complete answer before it starts the response (the proxy: a body of
+known length, read before the start) and whose ``send`` is that ``send`` may call it
+instead: the tap then reads the usage, prices it, heads the start with the actual charge
+and keeps the settle in one straight run, with no state kept between two messages."""
 
 APP_COST = "creditgate_cost"
 """Middleware mode: the actual cost of the request (integer creditgate tokens >= 0) that

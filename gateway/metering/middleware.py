@@ -41,6 +41,7 @@ from gateway.core.headers import HeaderPolicy
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
+    ANSWER_WHOLE,
     DRAINS_USAGE,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
@@ -61,6 +62,7 @@ from gateway.metering.replay import (
 )
 from gateway.metering.usage_tap import (
     REQUEST_BODY_LIMIT,
+    ReplayFirst,
     RequestRead,
     ResponseTap,
     TapReceive,
@@ -292,12 +294,13 @@ class CreditGateMiddleware:
                 body = pre_read.body
         elif cost.reads_body:
             first = await receive()
+            data: bytes = first.get("body", b"")
             if (
                 first["type"] == "http.request"
                 and not first.get("more_body", False)
-                and len(first.get("body", b"")) <= REQUEST_BODY_LIMIT
+                and len(data) <= REQUEST_BODY_LIMIT
             ):  # the usual body: whole in one message
-                replay, body = [first], first.get("body", b"")
+                replay, body = [first], data
             else:
                 read = await read_request(receive, scope["headers"], first=first)
                 if read.disconnected:
@@ -310,7 +313,9 @@ class CreditGateMiddleware:
             # recognised and gets no usage: the missing-usage policy.)
             # (identity_encoding makes a new list: the scope's is not changed.)
             base = scope["headers"] if headers is None else headers
-            if body is not None and cost.asks_stream_usage and b'"stream"' in body:
+            # (find, not `in`: bytes' `in` first tries its argument as an int, and the
+            # TypeError it makes and clears costs more than the search.)
+            if body is not None and cost.asks_stream_usage and body.find(b'"stream"') >= 0:
                 changed = ensure_stream_usage(body)
                 if changed is not None:
                     body = changed
@@ -346,11 +351,14 @@ class CreditGateMiddleware:
             cost, send if capture is None else capture.send, state, adm,
             self._charged_headers(adm, rid), refund_on, path,
         )  # fmt: skip
-        tap_send = tap.send  # one bound method: the declaration below names this object
+        tap_send = tap.send  # one bound method: the declarations below name this object
         if capture is None:
             # The tap changes no piece: the proxy may splice a stream's body around it,
             # handing each piece to the tap's observer (ResponseTap.splice_observer).
             state[SEND_PASSES_BODY] = (tap_send, send, tap.splice_observer)
+        if cost.usage:
+            # An answer complete before its start goes to the tap in one call.
+            state[ANSWER_WHOLE] = (tap_send, tap.answer)
         drain = cost.drain_s
         if drain > 0:
             state[USAGE_DRAIN_SECONDS] = drain
@@ -358,7 +366,12 @@ class CreditGateMiddleware:
                 drain = 0.0  # the proxy keeps reading by itself
         # The app's receive: the body read before the call first, and (an app that does
         # not drain by itself) the client's disconnect held back while its answer goes on.
-        tapped = TapReceive(replay or [], receive, tap, drain) if replay or drain > 0 else receive
+        if replay is not None and len(replay) == 1 and drain <= 0:  # the usual
+            tapped: Receive = ReplayFirst(replay[0], receive)
+        elif replay or drain > 0:
+            tapped = TapReceive(replay or [], receive, tap, drain)
+        else:
+            tapped = receive
         started = time.perf_counter()
         ok = False
         try:
@@ -369,21 +382,37 @@ class CreditGateMiddleware:
             ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
         finally:
             status = tap.status
-            actual = tap.actual() if ok else None
             latency = state.get(UPSTREAM_LATENCY_MS)
             if latency is None:
                 latency = (time.perf_counter() - started) * 1000
-            self.meter.settle_nowait(
-                adm, ok=ok, status=state.get(UPSTREAM_STATUS, status or None),
-                latency_ms=round(latency), idempotency_key=idem_key, actual=actual,
-                response=capture.stored() if ok and capture is not None else None,
-            )  # fmt: skip
-            tokens = 0
-            if actual is not None:
-                tokens, usage = actual.tokens, actual.usage
-                model = "" if usage is None or usage.model is None else usage.model
-                self.counters.usage(adm.feature, model, tokens, actual.missing)
-            self.counters.count(adm.feature, "charged" if ok else "refunded", tokens)
+            quiet = tap.quiet
+            if ok and quiet is not None and capture is None:
+                # A complete answer, priced by the tap (ResponseTap.answer): its settle
+                # value is ready, queued as settle_nowait would queue it (through the
+                # settlement's queue as it is now: tests spy on it).
+                tokens = tap.tokens
+                self.meter.settlement.queue(
+                    adm, True, state.get(UPSTREAM_STATUS, status), round(latency), idem_key,
+                    None, quiet,
+                )  # fmt: skip
+                self.counters.charged_usage(adm.feature, tap.model, tokens, tap.missing)
+            else:
+                actual = tap.actual() if ok else None
+                self.meter.settle_nowait(
+                    adm, ok=ok, status=state.get(UPSTREAM_STATUS, status or None),
+                    latency_ms=round(latency), idempotency_key=idem_key, actual=actual,
+                    response=capture.stored() if ok and capture is not None else None,
+                )  # fmt: skip
+                tokens = 0
+                if actual is not None:
+                    tokens, usage = actual.tokens, actual.usage
+                    model = "" if usage is None or usage.model is None else usage.model
+                    self.counters.usage(adm.feature, model, tokens, actual.missing)
+                self.counters.count(adm.feature, "charged" if ok else "refunded", tokens)
+            # The declarations name the tap, which names the state: without them the
+            # request's objects are freed at once, not by the cycle collector.
+            state.pop(SEND_PASSES_BODY, None)
+            state.pop(ANSWER_WHOLE, None)
             if self.access_log:
                 log_access(
                     request_id=adm.request_id, method=scope["method"], route=match.template,

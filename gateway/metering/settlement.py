@@ -55,6 +55,7 @@ __all__ = [
     "Actual",
     "Settled",
     "Settlement",
+    "counts_value",
     "encode_fixed",
     "encode_group",
     "encode_many",
@@ -142,6 +143,23 @@ def usage_value(actual: Actual | None, source: str | None = None) -> str:
     return (
         f"{max(0, int(actual.tokens))} {cs} {um} {u.input_tokens} {u.cached_input_tokens} "
         f"{u.output_tokens} {u.reasoning_tokens} {'' if u.model is None else u.model}"
+    )
+
+
+def counts_value(
+    tokens: int,
+    model: str | None,
+    input_tokens: int,
+    cached_input_tokens: int,
+    output_tokens: int,
+    reasoning_tokens: int,
+) -> str:
+    """:func:`usage_value` of the actual ``tokens`` read from a usage (source ``usage``, not
+    missing), given by the usage's model and counts: what the usage tap queues for a
+    complete answer, which it prices without building a ``Usage`` or an :class:`Actual`."""
+    return (
+        f"{tokens} usage  {input_tokens} {cached_input_tokens} {output_tokens} "
+        f"{reasoning_tokens} {'' if model is None else model}"
     )
 
 
@@ -388,7 +406,12 @@ class Settlement:
             if idempotency_key
             else org_keys.shard.no_idempotency,
             adm.request_id,
-            ("c" if ok else "r") if ext is None else _extended_outcome(ok, ext),
+            # "a", the middleware's quiet item (a usage-charged answer), without a call.
+            ("c" if ok else "r")
+            if ext is None
+            else "a"
+            if ok and len(ext) == 1
+            else _extended_outcome(ok, ext),
             "" if status is None else str(status),
             "" if latency_ms is None else str(latency_ms),
             done,

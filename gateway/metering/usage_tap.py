@@ -21,7 +21,10 @@ After the call (:class:`ResponseTap`, which wraps ``send``):
 - ``usage``, any other body up to :data:`RESPONSE_BODY_LIMIT`: held until complete so that
   ``X-Tokens-Cost`` / ``X-Tokens-Remaining`` give the actual charge; Gemini's
   ``streamGenerateContent`` without ``alt=sse`` (a JSON array that streams) is passed on
-  chunk by chunk and read at its end instead.
+  chunk by chunk and read at its end instead. An answer complete before its start (the
+  proxy's, of known length) comes in one call instead, :meth:`ResponseTap.answer`
+  (:data:`~gateway.core.scope_keys.ANSWER_WHOLE`): read, priced and headed in one straight
+  run, its settle value kept for the middleware (:attr:`ResponseTap.quiet`).
 
 Then :meth:`ResponseTap.actual` prices the usage (``models:``, capped by ``max``), or, when
 none came (none found, a stream that ended before its final usage, counts that cannot be
@@ -49,14 +52,19 @@ from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERRO
 from gateway.core.splice import BodyObserver
 from gateway.metering.admission import Admission
 from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
-from gateway.metering.meter import Actual
+from gateway.metering.settlement import Actual, counts_value, quiet_extension
 from gateway.usage import PriceTable, StreamTap, Usage, usage_from_json
+from gateway.usage.model import checked_usage
 from gateway.usage.requests import estimate_reserve
+from gateway.usage.responses import MODE_CODES
 from gateway.usage.sse import DEFAULT_MAX_LINE
+from gateway.usage.topscan import UsageCounts
+from gateway.usage.topscan import counts as _counts
 
 __all__ = [
     "REQUEST_BODY_LIMIT",
     "RESPONSE_BODY_LIMIT",
+    "ReplayFirst",
     "RequestRead",
     "ResponseTap",
     "SseUsageTap",
@@ -124,6 +132,7 @@ class VariableCost:
         "asks_stream_usage",
         "drain_s",
         "header_key",
+        "mode",
         "prices",
         "provider",
         "reads_body",
@@ -137,6 +146,8 @@ class VariableCost:
         self.prices = prices
         self.usage = spec.mode == "usage"
         self.provider = spec.provider or "auto"
+        # The provider as the compiled reading takes it (gateway/usage/topscan.py counts).
+        self.mode = MODE_CODES.get(self.provider, 0)
         self.header_key = spec.header_key
         # Drain only what may end with its usage; a header cost is known at the start.
         self.drain_s = drain_s if self.usage else 0.0
@@ -362,7 +373,6 @@ class ResponseTap:
     """
 
     __slots__ = (
-        "_actual",
         "_adm",
         "_buffer",
         "_buffered",
@@ -372,6 +382,7 @@ class ResponseTap:
         "_header_cost",
         "_mode",
         "_path",
+        "_read",
         "_refund_on",
         "_send",
         "_start",
@@ -379,8 +390,21 @@ class ResponseTap:
         "_tap",
         "complete",
         "hold",
+        "missing",
+        "model",
+        "quiet",
         "status",
+        "tokens",
     )
+
+    # Set with ``quiet`` (a complete answer's charge, :meth:`_whole`), read only after it.
+    tokens: int
+    """The complete answer's actual charge (with :attr:`quiet`)."""
+    model: str
+    """The model its usage named, ``""`` when none (with :attr:`quiet`)."""
+    missing: bool
+    """Whether its usage was missing and ``on_missing_usage`` decided (with :attr:`quiet`)."""
+    _read: UsageCounts | None
 
     def __init__(
         self,
@@ -406,8 +430,9 @@ class ResponseTap:
         self._buffer: list[bytes] | None = None
         self._buffered = 0  # their total length
         self._start: Message | None = None
-        # A held answer's charge, priced when its body completed (for its headers).
-        self._actual: Actual | None = None
+        # A complete answer's settle value, priced when its body completed (for its
+        # headers): quiet_extension's tuple, queued by the middleware as it is.
+        self.quiet: tuple[str] | None = None
         self._header_cost: int | None = None
         self._gone: asyncio.Event | None = None
         self.status = 0
@@ -458,6 +483,77 @@ class ResponseTap:
         # goes to it any more: the server would drop it, or raise.
         if CLIENT_DISCONNECTED not in self._state:
             await self._send(message)
+
+    async def answer(self, start: Message, body: bytes) -> None:
+        """The whole response at once: its ``start`` and its complete ``body`` (the proxy's
+        answer of known length, read before its start: :data:`~gateway.core.scope_keys.
+        ANSWER_WHOLE`). The same outcome as :meth:`send` of the start and one final body
+        message, in one straight run for the usual usage-charged answer (a JSON body, not
+        refunded): the usage read, priced, the start headed with the actual charge, the
+        settle value kept (:attr:`quiet`), both messages sent on. Anything else goes through
+        :meth:`send` as two messages."""
+        status = self.status = start["status"]
+        headers = start.get("headers", ())
+        state = self._state
+        if (
+            self._cost.usage
+            and status not in self._refund_on
+            and UPSTREAM_ERROR not in state
+            and status >= 200
+            and status != 204
+            and status != 304
+        ):
+            # _started's tests of the body's kind, on the headers as a dict (built in C).
+            named = dict(headers)
+            encoding = named.get(_CONTENT_ENCODING)
+            if (
+                (encoding is None or encoding.strip().lower() in (b"", b"identity"))
+                and not named.get(_CONTENT_TYPE, b"").lower().startswith(b"text/event-stream")
+                and _GEMINI_STREAM not in self._path
+            ):
+                self._mode = _HOLD
+                start["headers"] = [*headers, *self._whole(body)]
+                if CLIENT_DISCONNECTED not in state:
+                    send = self._send
+                    await send(start)
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+        await self.send(start)
+        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _whole(self, body: bytes) -> list[Header]:
+        """A complete answer's charge: its usage read (the compiled reading of the usual
+        shapes, else :func:`usage_from_json`) and priced, or the missing-usage policy; the
+        settle value kept in :attr:`quiet`; the X-Tokens-* headers that tell the charge."""
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
+        cost = self._cost
+        read = _counts(body, cost.mode) if _counts is not None else None
+        if read is None:  # a shape the compiled reading leaves to Python (or it is off)
+            usage = usage_from_json(body, cost.provider)
+            if usage is not None:
+                read = (
+                    usage.provider, usage.model, usage.input_tokens,
+                    usage.cached_input_tokens, usage.output_tokens, usage.reasoning_tokens,
+                )  # fmt: skip
+        self._read = read
+        if read is None:
+            tokens = self.tokens = self._missing_charge()
+            self.model, self.missing = "", True
+            self.quiet = quiet_extension(Actual(tokens, None, missing=True, source="policy"))
+        else:
+            _, model, ui, uc, uo, ur = read
+            prices = cost.prices
+            assert prices is not None  # a checked config has prices for every usage cost
+            tokens = self.tokens = prices.cost_of(model, ui, uc, uo + ur, cost.spec.maximum)
+            self.model, self.missing = model or "", False
+            self.quiet = (counts_value(tokens, model, ui, uc, uo, ur),)
+        # The status did not refund (else nothing was read), but the upstream may have
+        # failed since the start (middleware mode).
+        if UPSTREAM_ERROR in self._state:
+            return refunded_headers(self._charged_headers, self._adm)
+        return actual_headers(self._charged_headers, self._adm, tokens)
 
     def _started(self, message: Message) -> Message | None:
         """The start message to send, with its X-Tokens-* headers; ``None`` when held."""
@@ -527,29 +623,13 @@ class ResponseTap:
             # Too long to hold: send what there is; the usage will count as missing.
             self._mode = _PASS
             return self._flush_held(more=True)
-        # _ended, inlined (every held answer ends here).
-        self.complete = True
-        if self._gone is not None:
-            self._gone.set()
         if buffer:  # the usual answer comes in one message: no join at all, and no copy
             buffer.append(body)
             body = b"".join(buffer)
             message = {"type": "http.response.body", "body": body}
-        usage = usage_from_json(body, self._cost.provider)
-        if usage is None:
-            charge = self._missing_charge()
-            self._actual = Actual(charge, None, missing=True, source="policy")
-        else:
-            charge = self._price(usage)
-            self._actual = Actual(charge, usage)
         self._start = self._buffer = None
-        # _headers_for, inlined: the status did not refund (else nothing was held), but
-        # the upstream may have failed since.
-        if UPSTREAM_ERROR in self._state:
-            extra = refunded_headers(self._charged_headers, self._adm)
-        else:
-            extra = actual_headers(self._charged_headers, self._adm, charge)
-        start["headers"] = [*start.get("headers", ()), *extra]
+        # The complete answer, read and priced as answer() does it.
+        start["headers"] = [*start.get("headers", ()), *self._whole(body)]
         return start, message
 
     def _flush_held(self, *, more: bool) -> tuple[Message, Message] | None:
@@ -614,11 +694,13 @@ class ResponseTap:
     def actual(self) -> Actual:
         """The charge of a response that is not refunded: the cost read, else the policy."""
         mode = self._mode
-        if mode == _HOLD:  # priced already, for the headers (None: the body never ended)
-            held = self._actual
-            if held is not None:
-                return held
-            return Actual(self._missing_charge(), None, missing=True, source="policy")
+        if mode == _HOLD:  # priced already, for the headers (quiet None: it never ended)
+            if self.quiet is None:
+                return Actual(self._missing_charge(), None, missing=True, source="policy")
+            read = self._read
+            if read is None:
+                return Actual(self.tokens, None, missing=True, source="policy")
+            return Actual(self.tokens, checked_usage(*read))
         cost = self._cost
         if not cost.usage:
             reported = self._header_cost
@@ -681,6 +763,26 @@ class ResponseTap:
         gone = self._gone = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(gone.wait(), drain_s)
+
+
+class ReplayFirst:
+    """The app's ``receive`` for a variable-cost request whose body came whole in one
+    message, read before the call, and that holds no disconnect back (the usual one
+    through the proxy): that message first, then the server's. :class:`TapReceive` for
+    anything else."""
+
+    __slots__ = ("_first", "_receive")
+
+    def __init__(self, first: Message, receive: Receive) -> None:
+        self._first: Message | None = first
+        self._receive = receive
+
+    async def __call__(self) -> Message:
+        first = self._first
+        if first is None:
+            return await self._receive()
+        self._first = None
+        return first
 
 
 class TapReceive:

@@ -3,7 +3,9 @@
 Bodies stream both ways. A request body goes to the HTTP client as an async generator over
 the ASGI ``http.request`` messages, so the upstream starts receiving before the client has
 finished sending; a small response (Content-Length <= ``max_buffered_body``) is read whole
-and sent as one message, anything else is relayed chunk by chunk as it arrives.
+and sent as one message (or, with the usage tap of a usage-cost route in front, handed to it
+with its start in one call: ``ANSWER_WHOLE``), anything else is relayed chunk by chunk as it
+arrives.
 
 Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
 504 (``upstream_timeout``), which the metering middleware treats as a refund. A request that
@@ -62,6 +64,7 @@ from yarl import URL
 from gateway.core.headers import OURS_PREFIX, OVERRIDE_HEADERS
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
+    ANSWER_WHOLE,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
@@ -617,6 +620,11 @@ class UpstreamProxy:
             except backend.FAILURE as exc:
                 state[UPSTREAM_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
                 await _bad_gateway(send, timed_out=False)
+                return
+            # A usage tap in between takes the whole answer in one call (ANSWER_WHOLE).
+            whole = state.get(ANSWER_WHOLE)
+            if whole is not None and whole[0] is send:
+                await whole[1](start, data)
                 return
             await send(start)
             await send({"type": "http.response.body", "body": data, "more_body": False})

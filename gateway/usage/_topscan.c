@@ -46,6 +46,8 @@ static const unsigned char WS[256] = {[' '] = 1, ['\t'] = 1, ['\n'] = 1, ['\r'] 
 
 static inline ptr skip_ws(ptr p, ptr end)
 {
+    if (p < end && *p > ' ')
+        return p; /* the usual: no whitespace here at all */
     while (p < end && WS[*p])
         p++;
     return p;
@@ -301,6 +303,63 @@ typedef struct {
     Py_ssize_t len;
 } wanted_key;
 
+/* The top-level pass shared by scan() and usage(): 1 when the body is on the happy path
+ * (then found_at/found_end hold the last occurrence of each wanted key's value, NULL when
+ * absent), 0 when it is not. */
+static int scan_top(ptr start, ptr end, const wanted_key *wanted, Py_ssize_t nkeys,
+                    ptr *found_at, ptr *found_end)
+{
+    for (Py_ssize_t i = 0; i < nkeys; i++)
+        found_at[i] = NULL, found_end[i] = NULL;
+    ptr p = skip_ws(start, end);
+    if (p >= end || *p != '{')
+        return 0; /* arrays, scalars, BOMs, UTF-16/32, empty: the Python path */
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') {
+        p++;
+    } else {
+        for (;;) {
+            if (p >= end || *p != '"')
+                return 0;
+            int escaped = 0;
+            ptr key = p + 1;
+            p = scan_string(key, end, &escaped);
+            if (p == NULL || escaped)
+                return 0;
+            Py_ssize_t klen = (p - 1) - key;
+            Py_ssize_t which = -1;
+            for (Py_ssize_t i = 0; i < nkeys; i++) {
+                if (wanted[i].len == klen && memcmp(wanted[i].text, key, (size_t)klen) == 0) {
+                    which = i;
+                    break;
+                }
+            }
+            p = skip_ws(p, end);
+            if (p >= end || *p != ':')
+                return 0;
+            ptr value = skip_ws(p + 1, end);
+            p = scan_value(value, end, 1);
+            if (p == NULL)
+                return 0;
+            if (which >= 0) { /* the last occurrence wins, as in json.loads */
+                found_at[which] = value;
+                found_end[which] = p;
+            }
+            p = skip_ws(p, end);
+            if (p >= end)
+                return 0;
+            if (*p == '}') {
+                p++;
+                break;
+            }
+            if (*p != ',')
+                return 0;
+            p = skip_ws(p + 1, end);
+        }
+    }
+    return skip_ws(p, end) == end; /* nothing after the object */
+}
+
 static PyObject *topscan_scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -330,57 +389,8 @@ static PyObject *topscan_scan(PyObject *self, PyObject *const *args, Py_ssize_t 
     ptr start = (ptr)PyBytes_AS_STRING(body);
     ptr end = start + PyBytes_GET_SIZE(body);
     ptr found_at[MAX_KEYS], found_end[MAX_KEYS];
-    for (Py_ssize_t i = 0; i < nkeys; i++)
-        found_at[i] = NULL, found_end[i] = NULL;
-
-    ptr p = skip_ws(start, end);
-    if (p >= end || *p != '{')
-        Py_RETURN_NONE; /* arrays, scalars, BOMs, UTF-16/32, empty: the Python path */
-    p = skip_ws(p + 1, end);
-    if (p < end && *p == '}') {
-        p++;
-    } else {
-        for (;;) {
-            if (p >= end || *p != '"')
-                Py_RETURN_NONE;
-            int escaped = 0;
-            ptr key = p + 1;
-            p = scan_string(key, end, &escaped);
-            if (p == NULL || escaped)
-                Py_RETURN_NONE;
-            Py_ssize_t klen = (p - 1) - key;
-            Py_ssize_t which = -1;
-            for (Py_ssize_t i = 0; i < nkeys; i++) {
-                if (wanted[i].len == klen && memcmp(wanted[i].text, key, (size_t)klen) == 0) {
-                    which = i;
-                    break;
-                }
-            }
-            p = skip_ws(p, end);
-            if (p >= end || *p != ':')
-                Py_RETURN_NONE;
-            ptr value = skip_ws(p + 1, end);
-            p = scan_value(value, end, 1);
-            if (p == NULL)
-                Py_RETURN_NONE;
-            if (which >= 0) { /* the last occurrence wins, as in json.loads */
-                found_at[which] = value;
-                found_end[which] = p;
-            }
-            p = skip_ws(p, end);
-            if (p >= end)
-                Py_RETURN_NONE;
-            if (*p == '}') {
-                p++;
-                break;
-            }
-            if (*p != ',')
-                Py_RETURN_NONE;
-            p = skip_ws(p + 1, end);
-        }
-    }
-    if (skip_ws(p, end) != end)
-        Py_RETURN_NONE; /* extra data */
+    if (!scan_top(start, end, wanted, nkeys, found_at, found_end))
+        Py_RETURN_NONE;
 
     /* {"k":v,...} of the members found: "k": and the value, commas between. */
     Py_ssize_t size = 2, members = 0;
@@ -416,10 +426,443 @@ static PyObject *topscan_scan(PyObject *self, PyObject *const *args, Py_ssize_t 
     return out;
 }
 
+/* ---- usage(): the counts themselves, for the known shapes ------------------------------
+ *
+ * usage(body, mode) -> (provider, model, input, cached, output, reasoning) | None
+ *
+ * mode: 0 auto, 1 openai, 2 anthropic, 3 gemini (gateway/usage/responses.py: MODE_CODES).
+ * The tuple is exactly what gateway/usage/responses.py's usage_from_json reads from the
+ * body (a Usage's provider, model and four counts), for the happy path only: the scan
+ * above vouches for the whole body, the provider is told by the same rules (auto: by
+ * usageMetadata, "type": "message" or a known "object"; any other body: None), and the
+ * usage object holds only plain counts (digits, at most MAX_TOKENS), null, and for OpenAI
+ * detail objects of the same. Anything else answers None ("don't know"): a usage that is
+ * missing, null or not believable, a count written as 1.0 or -1, a key spelt with an
+ * escape, a model name with an escape, a non-ASCII byte or DEL. The caller then reads the
+ * body the general way, whose verdict stands. The compiled answer builds no dict and
+ * decodes no JSON into Python objects: one tuple, four ints and (cached) the model. */
+
+#define MAX_TOKENS 1000000000000LL /* gateway/usage/model.py: MAX_TOKENS */
+#define MAX_MODEL_LENGTH 256        /* gateway/usage/model.py: MAX_MODEL_LENGTH */
+#define ABSENT (-1LL)               /* a count absent or null */
+#define UNKNOWN (-2LL)              /* a value that is not a plain count: don't know */
+
+enum { TOP_USAGE, TOP_META, TOP_MODEL_VERSION, TOP_MODEL, TOP_TYPE, TOP_OBJECT, TOP_KEYS };
+static const wanted_key TOP[TOP_KEYS] = {
+    {"usage", 5}, {"usageMetadata", 13}, {"modelVersion", 12}, {"model", 5},
+    {"type", 4},  {"object", 6},
+};
+
+static PyObject *PROVIDER_NAMES[4]; /* NULL, "openai", "anthropic", "gemini" */
+
+/* A count's value bytes [p, e): the count, ABSENT for null, UNKNOWN for anything else. */
+static long long count_of(ptr p, ptr e)
+{
+    if (e - p == 4 && memcmp(p, "null", 4) == 0)
+        return ABSENT;
+    if (p >= e || e - p > 13)
+        return UNKNOWN;
+    if (*p == '0' && e - p > 1)
+        return UNKNOWN; /* cannot happen in vouched JSON; kept for safety */
+    long long n = 0;
+    for (; p < e; p++) {
+        if (!is_digit(*p))
+            return UNKNOWN; /* a minus, a fraction, an exponent, a string, ... */
+        n = n * 10 + (*p - '0');
+    }
+    return n <= MAX_TOKENS ? n : UNKNOWN;
+}
+
+/* The object starting at p ('{'), nested inside `depth` containers, checked as
+ * scan_value checks it: the pointer just after it, or NULL (not on the happy path, or a
+ * key spelt with an escape: it could be one of the names). On the way, the last value of
+ * each of `names` among its members (at/to: NULL when absent). */
+static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at, ptr *to,
+                      const wanted_key *inner, ptr *in_at, ptr *in_to);
+
+/* The object starting at p, as members_of reads it, without inner picks. */
+static inline ptr object_members(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at,
+                                 ptr *to)
+{
+    return members_of(p, e, depth, names, n, at, to, NULL, NULL, NULL);
+}
+
+/* ... With `inner` (one name per entry of names, or a zero length: none): a member that is
+ * an object is read by members_of too (checked once, not twice), and the last value of its
+ * inner name goes to in_at[i]/in_to[i] (NULL when absent; untouched when the member is not
+ * an object). */
+static ptr members_of(ptr p, ptr e, int depth, const wanted_key *names, int n, ptr *at, ptr *to,
+                      const wanted_key *inner, ptr *in_at, ptr *in_to)
+{
+    for (int i = 0; i < n; i++)
+        at[i] = NULL, to[i] = NULL;
+    if (depth + 1 > MAX_DEPTH)
+        return NULL;
+    p = skip_ws(p + 1, e); /* after '{' */
+    if (p < e && *p == '}')
+        return p + 1;
+    for (;;) {
+        if (p >= e || *p != '"')
+            return NULL;
+        int escaped = 0;
+        ptr key = p + 1;
+        p = scan_string(key, e, &escaped);
+        if (p == NULL || escaped)
+            return NULL;
+        Py_ssize_t klen = (p - 1) - key;
+        p = skip_ws(p, e);
+        if (p >= e || *p != ':')
+            return NULL;
+        ptr value = skip_ws(p + 1, e);
+        int which = -1;
+        for (int i = 0; i < n; i++) {
+            if (names[i].len == klen && memcmp(names[i].text, key, (size_t)klen) == 0) {
+                which = i;
+                break;
+            }
+        }
+        if (which >= 0 && inner != NULL && inner[which].len > 0 && value < e && *value == '{')
+            p = object_members(value, e, depth + 1, &inner[which], 1, &in_at[which],
+                               &in_to[which]);
+        else
+            p = scan_value(value, e, depth + 1);
+        if (p == NULL)
+            return NULL;
+        if (which >= 0) {
+            at[which] = value;
+            to[which] = p;
+        }
+        p = skip_ws(p, e);
+        if (p >= e)
+            return NULL;
+        if (*p == '}')
+            return p + 1;
+        if (*p != ',')
+            return NULL;
+        p = skip_ws(p + 1, e);
+    }
+}
+
+/* The count under names[i] (found by members_of), ABSENT when the key is not there. */
+static inline long long member_count(ptr *at, ptr *to, int i)
+{
+    return at[i] == NULL ? ABSENT : count_of(at[i], to[i]);
+}
+
+/* An OpenAI detail object's one count (cached_tokens, reasoning_tokens), the detail's value
+ * being [p, e) and its count's (read with it, members_of's inner pick) [c, ce): 0 when the
+ * detail or the count is absent or null, UNKNOWN when the detail is not an object or null. */
+static long long detail_count(ptr p, ptr e, ptr c, ptr ce)
+{
+    if (p == NULL || (e - p == 4 && memcmp(p, "null", 4) == 0))
+        return 0;
+    if (*p != '{')
+        return UNKNOWN;
+    long long n = c == NULL ? ABSENT : count_of(c, ce);
+    return n == ABSENT ? 0 : n;
+}
+
+/* A small cache of model names: the same few names come back on every answer, and the
+ * same str object keeps its hash for the price table's lookups. */
+#define MODEL_CACHE 8
+static PyObject *model_cache[MODEL_CACHE];
+static unsigned model_next;
+
+/* The model of [p, e) as usage_from_json reads it: a new reference to the name, Py_None
+ * (not a plausible name, or absent: p NULL), or NULL with *unknown set (don't know: an
+ * escape, a non-ASCII byte or DEL, which only the Python reading decides). */
+static PyObject *model_of(ptr p, ptr e, int *unknown)
+{
+    if (p == NULL || *p != '"')
+        Py_RETURN_NONE; /* absent, or not a string: no model */
+    p++, e--;           /* the bytes between the quotes */
+    Py_ssize_t n = e - p;
+    for (ptr q = p; q < e; q++) {
+        if (*q == '\\' || *q >= 0x7F) {
+            *unknown = 1;
+            return NULL;
+        }
+    }
+    if (n == 0 || n > MAX_MODEL_LENGTH)
+        Py_RETURN_NONE; /* clean_model: empty or too long is no model */
+    for (unsigned i = 0; i < MODEL_CACHE; i++) {
+        PyObject *m = model_cache[i];
+        if (m != NULL && PyUnicode_GET_LENGTH(m) == n &&
+            memcmp(PyUnicode_DATA(m), p, (size_t)n) == 0) {
+            Py_INCREF(m);
+            return m;
+        }
+    }
+    PyObject *m = PyUnicode_DecodeASCII((const char *)p, n, NULL);
+    if (m == NULL)
+        return NULL;
+    unsigned slot = model_next++ % MODEL_CACHE;
+    PyObject *old = model_cache[slot];
+    Py_INCREF(m);
+    model_cache[slot] = m;
+    Py_XDECREF(old);
+    return m;
+}
+
+static int string_is(ptr p, ptr e, const char *text, Py_ssize_t n)
+{
+    return p != NULL && e - p == n + 2 && *p == '"' && memcmp(p + 1, text, (size_t)n) == 0;
+}
+
+static int string_escaped(ptr p, ptr e)
+{
+    return p != NULL && *p == '"' && memchr(p, '\\', (size_t)(e - p)) != NULL;
+}
+
+enum { OPENAI = 1, ANTHROPIC = 2, GEMINI = 3 };
+
+/* The usage object's members read, for either provider: OpenAI's (Chat Completions, then
+ * the Responses API's), then Anthropic's two cache counts (its input_tokens and
+ * output_tokens are U_INPUT and U_OUTPUT). */
+enum {
+    U_PROMPT, U_COMPLETION, U_PROMPT_DETAILS, U_COMPLETION_DETAILS,
+    U_INPUT, U_OUTPUT, U_INPUT_DETAILS, U_OUTPUT_DETAILS,
+    U_CACHE_CREATION, U_CACHE_READ, U_KEYS
+};
+static const wanted_key USAGE_KEYS[U_KEYS] = {
+    {"prompt_tokens", 13},        {"completion_tokens", 17},
+    {"prompt_tokens_details", 21}, {"completion_tokens_details", 25},
+    {"input_tokens", 12},         {"output_tokens", 13},
+    {"input_tokens_details", 20},  {"output_tokens_details", 21},
+    {"cache_creation_input_tokens", 27}, {"cache_read_input_tokens", 23},
+};
+/* The one count read in each detail object (a zero length: not a detail). */
+static const wanted_key USAGE_INNER[U_KEYS] = {
+    [U_PROMPT_DETAILS] = {"cached_tokens", 13},
+    [U_COMPLETION_DETAILS] = {"reasoning_tokens", 16},
+    [U_INPUT_DETAILS] = {"cached_tokens", 13},
+    [U_OUTPUT_DETAILS] = {"reasoning_tokens", 16},
+};
+static const wanted_key GEMINI_KEYS[5] = {
+    {"promptTokenCount", 16},        {"cachedContentTokenCount", 23},
+    {"toolUsePromptTokenCount", 23}, {"candidatesTokenCount", 20},
+    {"thoughtsTokenCount", 18},
+};
+
+/* scan_top for TOP, except that the values of "usage" and "usageMetadata" that are objects
+ * are checked by members_of, which also picks their members: USAGE_KEYS of the last
+ * "usage" object, GEMINI_KEYS of the last "usageMetadata" object. A later
+ * occurrence that is not an object leaves the earlier members in place, but at[] then
+ * points at it (the caller reads members only when at[] is an object). */
+static int scan_top_usage(ptr start, ptr end, ptr *at, ptr *to, ptr *u_at, ptr *u_to,
+                          ptr *d_at, ptr *d_to, ptr *meta_at, ptr *meta_to)
+{
+    for (int i = 0; i < U_KEYS; i++)
+        d_at[i] = NULL, d_to[i] = NULL;
+    for (int i = 0; i < TOP_KEYS; i++)
+        at[i] = NULL, to[i] = NULL;
+    for (int i = 0; i < U_KEYS; i++)
+        u_at[i] = NULL, u_to[i] = NULL;
+    for (int i = 0; i < 5; i++)
+        meta_at[i] = NULL, meta_to[i] = NULL;
+    ptr p = skip_ws(start, end);
+    if (p >= end || *p != '{')
+        return 0;
+    p = skip_ws(p + 1, end);
+    if (p < end && *p == '}') {
+        p++;
+    } else {
+        for (;;) {
+            if (p >= end || *p != '"')
+                return 0;
+            int escaped = 0;
+            ptr key = p + 1;
+            p = scan_string(key, end, &escaped);
+            if (p == NULL || escaped)
+                return 0;
+            Py_ssize_t klen = (p - 1) - key;
+            int which = -1;
+            for (int i = 0; i < TOP_KEYS; i++) {
+                if (TOP[i].len == klen && memcmp(TOP[i].text, key, (size_t)klen) == 0) {
+                    which = i;
+                    break;
+                }
+            }
+            p = skip_ws(p, end);
+            if (p >= end || *p != ':')
+                return 0;
+            ptr value = skip_ws(p + 1, end);
+            if (which == TOP_USAGE && value < end && *value == '{')
+                p = members_of(value, end, 1, USAGE_KEYS, U_KEYS, u_at, u_to, USAGE_INNER, d_at,
+                               d_to);
+            else if (which == TOP_META && value < end && *value == '{')
+                p = object_members(value, end, 1, GEMINI_KEYS, 5, meta_at, meta_to);
+            else
+                p = scan_value(value, end, 1);
+            if (p == NULL)
+                return 0;
+            if (which >= 0) { /* the last occurrence wins, as in json.loads */
+                at[which] = value;
+                to[which] = p;
+            }
+            p = skip_ws(p, end);
+            if (p >= end)
+                return 0;
+            if (*p == '}') {
+                p++;
+                break;
+            }
+            if (*p != ',')
+                return 0;
+            p = skip_ws(p + 1, end);
+        }
+    }
+    return skip_ws(p, end) == end; /* nothing after the object */
+}
+
+static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2 || !PyLong_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "usage(body, mode) takes bytes and an int");
+        return NULL;
+    }
+    long mode = PyLong_AsLong(args[1]);
+    if (mode < 0 || mode > 3) {
+        PyErr_SetString(PyExc_ValueError, "mode must be 0 (auto) to 3 (gemini)");
+        return NULL;
+    }
+    PyObject *body = args[0];
+    if (!PyBytes_CheckExact(body))
+        Py_RETURN_NONE;
+    ptr start = (ptr)PyBytes_AS_STRING(body);
+    ptr end = start + PyBytes_GET_SIZE(body);
+    ptr at[TOP_KEYS], to[TOP_KEYS];
+    /* The members of both usage objects, read in the top-level pass itself (each object
+     * checked once: by members_of instead of scan_value); the last occurrence wins. */
+    ptr m[U_KEYS], me[U_KEYS], d[U_KEYS], de[U_KEYS], meta_at[5], meta_to[5];
+    int kind = (int)mode;
+    if (!scan_top_usage(start, end, at, to, m, me, d, de, meta_at, meta_to))
+        Py_RETURN_NONE;
+
+    if (kind == 0) { /* responses.detect_provider, for the shapes it tells at once */
+        if (at[TOP_META] != NULL) {
+            kind = GEMINI;
+        } else if (string_is(at[TOP_TYPE], to[TOP_TYPE], "message", 7)) {
+            kind = ANTHROPIC;
+        } else if (string_escaped(at[TOP_TYPE], to[TOP_TYPE])) {
+            Py_RETURN_NONE; /* could decode to "message" */
+        } else if (string_is(at[TOP_OBJECT], to[TOP_OBJECT], "chat.completion", 15) ||
+                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "text_completion", 15) ||
+                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "response", 8)) {
+            kind = OPENAI;
+        } else {
+            Py_RETURN_NONE; /* told by the usage's keys, or by nothing: the Python reading */
+        }
+    }
+    int member = kind == GEMINI ? TOP_META : TOP_USAGE;
+    int named = kind == GEMINI ? TOP_MODEL_VERSION : TOP_MODEL;
+    ptr u = at[member];
+    if (u == NULL || *u != '{')
+        Py_RETURN_NONE; /* missing, null or not an object: the Python reading says so */
+
+    long long input, cached, output, reasoning;
+    if (kind == OPENAI) {
+        long long prompt = member_count(m, me, U_PROMPT);
+        long long completion = member_count(m, me, U_COMPLETION);
+        int details = U_PROMPT_DETAILS;
+        if (prompt == ABSENT && completion == ABSENT) { /* the Responses API's names */
+            prompt = member_count(m, me, U_INPUT);
+            completion = member_count(m, me, U_OUTPUT);
+            details = U_INPUT_DETAILS;
+            if (prompt == ABSENT && completion == ABSENT)
+                Py_RETURN_NONE; /* no count: missing */
+        }
+        if (prompt == UNKNOWN || completion == UNKNOWN)
+            Py_RETURN_NONE;
+        cached = detail_count(m[details], me[details], d[details], de[details]);
+        reasoning = detail_count(m[details + 1], me[details + 1], d[details + 1], de[details + 1]);
+        if (cached == UNKNOWN || reasoning == UNKNOWN)
+            Py_RETURN_NONE;
+        if (prompt == ABSENT)
+            prompt = 0;
+        if (completion == ABSENT)
+            completion = 0;
+        if (cached > prompt || reasoning > completion)
+            Py_RETURN_NONE; /* a part larger than its whole: not believable */
+        input = prompt - cached;
+        output = completion - reasoning;
+    } else if (kind == ANTHROPIC) {
+        static const int names[4] = {U_INPUT, U_CACHE_CREATION, U_CACHE_READ, U_OUTPUT};
+        long long c[4];
+        int any = 0;
+        for (int i = 0; i < 4; i++) {
+            c[i] = member_count(m, me, names[i]);
+            if (c[i] == UNKNOWN)
+                Py_RETURN_NONE;
+            if (c[i] == ABSENT)
+                c[i] = 0;
+            else
+                any = 1;
+        }
+        if (!any)
+            Py_RETURN_NONE;
+        input = c[0] + c[1];
+        cached = c[2];
+        output = c[3];
+        reasoning = 0;
+    } else {
+        long long c[5];
+        int any = 0;
+        for (int i = 0; i < 5; i++) {
+            c[i] = member_count(meta_at, meta_to, i);
+            if (c[i] == UNKNOWN)
+                Py_RETURN_NONE;
+            if (c[i] == ABSENT)
+                c[i] = 0;
+            else
+                any = 1;
+        }
+        if (!any || c[1] > c[0])
+            Py_RETURN_NONE;
+        input = c[0] - c[1] + c[2];
+        cached = c[1];
+        output = c[3];
+        reasoning = c[4];
+    }
+    if (input > MAX_TOKENS)
+        Py_RETURN_NONE; /* a sum of believable parts that is not: the Python reading */
+
+    int unknown = 0;
+    PyObject *model = model_of(at[named], to[named], &unknown);
+    if (model == NULL) {
+        if (unknown)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(6);
+    if (out == NULL) {
+        Py_DECREF(model);
+        return NULL;
+    }
+    Py_INCREF(PROVIDER_NAMES[kind]);
+    PyTuple_SET_ITEM(out, 0, PROVIDER_NAMES[kind]);
+    PyTuple_SET_ITEM(out, 1, model);
+    long long counts[4] = {input, cached, output, reasoning};
+    for (int i = 0; i < 4; i++) {
+        PyObject *n = PyLong_FromLongLong(counts[i]);
+        if (n == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, 2 + i, n);
+    }
+    return out;
+}
+
 static PyMethodDef topscan_methods[] = {
     {"scan", (PyCFunction)(void (*)(void))topscan_scan, METH_FASTCALL,
      "scan(body, keys) -> bytes | None: the wanted top-level members of a JSON object body "
      "as a small JSON object text, or None when the body is outside the checked happy path."},
+    {"usage", (PyCFunction)(void (*)(void))topscan_usage, METH_FASTCALL,
+     "usage(body, mode) -> (provider, model, input, cached, output, reasoning) | None: the "
+     "usage of a JSON answer of a known shape (mode 0 auto, 1 openai, 2 anthropic, 3 gemini), "
+     "or None when the answer is outside the checked happy path."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -429,4 +872,15 @@ static struct PyModuleDef topscan_module = {
     topscan_methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__topscan(void) { return PyModule_Create(&topscan_module); }
+PyMODINIT_FUNC PyInit__topscan(void)
+{
+    static const char *names[4] = {NULL, "openai", "anthropic", "gemini"};
+    for (int i = 1; i < 4; i++) {
+        if (PROVIDER_NAMES[i] == NULL) {
+            PROVIDER_NAMES[i] = PyUnicode_InternFromString(names[i]);
+            if (PROVIDER_NAMES[i] == NULL)
+                return NULL;
+        }
+    }
+    return PyModule_Create(&topscan_module);
+}

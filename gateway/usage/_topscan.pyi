@@ -1,1 +1,6 @@
+from typing import Literal
+
 def scan(body: bytes, keys: tuple[bytes, ...], /) -> bytes | None: ...
+def usage(
+    body: bytes, mode: int, /
+) -> tuple[Literal["openai", "anthropic", "gemini"], str | None, int, int, int, int] | None: ...

@@ -218,17 +218,32 @@ class PriceTable:
         """
         if maximum is not None and (type(maximum) is not int or maximum < 0):
             raise ValueError("maximum: must be a non-negative integer or None")
-        model = usage.model
+        return self.cost_of(
+            usage.model,
+            usage.input_tokens,
+            usage.cached_input_tokens,
+            usage.output_tokens + usage.reasoning_tokens,
+            maximum,
+        )
+
+    def cost_of(
+        self,
+        model: str | None,
+        input_tokens: int,
+        cached_input_tokens: int,
+        output_tokens: int,
+        maximum: int | None,
+    ) -> int:
+        """:meth:`cost` of a usage given by its counts (``output_tokens``: the billed output,
+        reasoning included) and a ``maximum`` already checked (a config's ``max``): the
+        usage tap prices a complete answer's counts this way, without building a
+        :class:`Usage` (gateway/metering/usage_tap.py)."""
         if model is None:
             terms = self._default_terms
         else:
             found = self._terms_memo.get(model)
             terms = self.terms_for(model) if found is None else found
         inp, cached, out, scale = terms
-        numerator = (
-            usage.input_tokens * inp
-            + usage.cached_input_tokens * cached
-            + (usage.output_tokens + usage.reasoning_tokens) * out
-        )
+        numerator = input_tokens * inp + cached_input_tokens * cached + output_tokens * out
         cost = -(-numerator // scale)  # ceil: the same exact sum as charge()
         return cost if maximum is None else min(cost, maximum)

@@ -14,8 +14,10 @@
    guessed: OpenAI when the id starts with ``resp_``, else Anthropic.
 
 Only the top-level members named in :data:`_TOP_KEYS` are ever read. Where the compiled
-scan is in use (gateway/usage/topscan.py) it picks them out of the body without decoding
-the rest, and only they are decoded; any body it does not vouch for is decoded whole.
+scan is in use (gateway/usage/topscan.py) it reads the usual answers' counts itself
+(``topscan.counts``: no JSON decoded into Python objects), else picks the members out of the
+body without decoding the rest, and only they are decoded; any body it does not vouch for is
+decoded whole.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ from gateway.usage.model import (
     InvalidUsageError,
     Provider,
     Usage,
+    checked_usage,
     provider_mode,
 )
 from gateway.usage.normalize import from_anthropic, from_gemini, from_openai
+from gateway.usage.topscan import counts as _counts
 from gateway.usage.topscan import scan as _scan
+
+MODE_CODES: Final[dict[str, int]] = {"auto": 0, "openai": 1, "anthropic": 2, "gemini": 3}
+"""A provider mode as the compiled reading (``topscan.counts``) takes it."""
 
 _OPENAI_OBJECTS: Final = frozenset({"chat.completion", "text_completion", "response"})
 _OPENAI_KEYS: Final = (
@@ -64,6 +71,11 @@ def usage_from_json(body: bytes, provider: str) -> Usage | None:
     """
     # The mode checked without a call when it is a valid one (every usage-charged answer).
     mode = provider if provider in _MODES else provider_mode(provider)
+    # The usual answer's counts, read by the compiled pass (None: it does not know).
+    if _counts is not None:
+        read = _counts(body, MODE_CODES[mode])
+        if read is not None:
+            return checked_usage(*read)
     # Cheap refusal: every shape we read has a "usage" or "usageMetadata" key. Searched
     # from the end, where answers put it: `in` costs ~30 µs on a 30 KB answer (its search
     # stumbles on every "e" of the text), rfind finds it at once.

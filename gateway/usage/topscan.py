@@ -18,6 +18,11 @@ The extension is optional: it is compiled by the normal install when a C compile
 Python headers are there (hatch_build.py), and without it everything works the same, a
 little slower. Setting ``CREDITGATE_PURE_PYTHON=1`` in the environment (before the gateway
 starts) ignores it; :data:`COMPILED` says which form is in use.
+
+For the answers of known shapes the extension goes one step further (:data:`counts`): it
+reads the usage object's counts itself and hands back the :class:`~gateway.usage.model.Usage`
+fields as a tuple, with no JSON decoded into Python objects at all; anything else it leaves
+to the decode, as above.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import os
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["COMPILED", "PURE_PYTHON_ENV", "scan"]
+from gateway.usage.model import Provider
+
+__all__ = ["COMPILED", "PURE_PYTHON_ENV", "UsageCounts", "counts", "scan"]
 
 PURE_PYTHON_ENV: Final = "CREDITGATE_PURE_PYTHON"
 """The environment variable that, set to anything but empty or ``0``, ignores the
@@ -38,13 +45,27 @@ of the JSON object ``body``, as the text of a JSON object (``b'{"usage":{...},"m
 the values' bytes exactly as in ``body``), or ``None`` when the body is outside the scan's
 happy path. ``None`` itself when the extension is not in use."""
 
+UsageCounts = tuple[Provider, str | None, int, int, int, int]
+"""A :class:`~gateway.usage.model.Usage`'s fields in its order: provider, model, input,
+cached input, output and reasoning tokens (what :func:`~gateway.usage.model.checked_usage`
+takes)."""
+
+counts: Callable[[bytes, int], UsageCounts | None] | None = None
+"""``counts(body, mode)``: the usage of the JSON answer ``body`` as :data:`UsageCounts`, read
+by the compiled pass for the known shapes (``mode``: 0 auto, 1 openai, 2 anthropic, 3 gemini;
+gateway/usage/responses.py ``MODE_CODES``), exactly as ``usage_from_json`` reads it; ``None``
+("don't know") for any other body, also one whose usage is missing or not believable: then
+``usage_from_json`` decides. ``None`` itself when the extension is not in use."""
+
 if os.environ.get(PURE_PYTHON_ENV, "") in ("", "0"):
     try:
         from gateway.usage._topscan import scan as _compiled
+        from gateway.usage._topscan import usage as _compiled_counts
     except ImportError:  # not compiled (no compiler at install): the pure-Python decode
         pass
     else:
         scan = _compiled
+        counts = _compiled_counts
 
 COMPILED: Final = scan is not None
 """Whether the compiled scan is in use."""

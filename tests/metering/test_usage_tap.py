@@ -31,7 +31,9 @@ from gateway import CreditGate, CreditGateMiddleware
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.counters import METRICS
 from gateway.core.scope_keys import CLIENT_DISCONNECTED, UPSTREAM_ERROR, USAGE_DRAIN_SECONDS
+from gateway.metering import usage_tap
 from gateway.metering.admission import Admission
+from gateway.metering.settlement import Actual, counts_value, quiet_extension, usage_value
 from gateway.metering.usage_tap import (
     RESPONSE_BODY_LIMIT,
     ResponseTap,
@@ -403,6 +405,125 @@ async def test_a_json_answer_too_large_to_hold_passes_with_the_hold_in_its_heade
     await tap.send(body(CHAT_JSON.encode()))
     assert sent.messages[-1]["body"] == CHAT_JSON.encode()
     assert tap.actual().missing
+
+
+# -- a complete answer in one call (ResponseTap.answer, ANSWER_WHOLE) ---------------------------
+def _gem_path_tap(path: str) -> tuple[ResponseTap, Sent, dict[str, Any]]:
+    config = parse_config(yaml.safe_dump(gem_config_data()), "gem.yaml")
+    cost = VariableCost(config.cost_spec("gem"), config.prices, 15.0)
+    sent, state = Sent(), {}
+    adm, charged = admitted("gem")
+    tap = ResponseTap(cost, sent, state, adm, charged, range(500, 600), path)
+    return tap, sent, state
+
+
+def gem_config_data() -> dict[str, Any]:
+    data = config_data()
+    data["features"]["gem"] = {"cost": {"usage": "auto", "reserve": 30, "max": 500}}
+    data["plans"]["pro"]["allocations"] |= {"gem": 1000}
+    return data
+
+
+CHAT_DETAILED = json.dumps(
+    {
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "usage": {
+            "prompt_tokens": 1000,
+            "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 400},
+            "completion_tokens_details": {"reasoning_tokens": 100},
+        },
+    }
+).encode()
+NON_ASCII_MODEL = CHAT_JSON.replace('"gpt-4o"', '"gpt-\u00e9"').encode()
+ZERO = json.dumps(
+    {"object": "chat.completion", "model": "gpt-4o", "usage": {"prompt_tokens": 0}}
+).encode()
+HEAVY = json.dumps(
+    {"object": "chat.completion", "usage": {"prompt_tokens": 10**9, "completion_tokens": 1}}
+).encode()
+WHOLE_CASES = [
+    # (feature or gem path, status, extra headers, body, state before)
+    ("chat", 200, (), CHAT_JSON.encode(), {}),
+    ("chat", 200, (), CHAT_DETAILED, {}),
+    ("chat", 200, (), NON_ASCII_MODEL, {}),  # left to the Python reading
+    ("chat", 200, (), ZERO, {}),  # an explicit zero is zero
+    ("chat", 200, (), HEAVY, {}),  # capped by max
+    ("chat", 200, (), b'{"object":"chat.completion"}', {}),  # no usage: the policy
+    ("chat", 200, (), b"not json", {}),
+    ("chat", 201, (), CHAT_JSON.encode(), {}),
+    ("chat", 500, (), CHAT_JSON.encode(), {}),  # refunded: not read
+    ("chat", 204, (), b"", {}),
+    ("chat", 200, ((b"content-encoding", b"gzip"),), b"\x1f\x8b...", {}),
+    ("chat", 200, ((b"content-encoding", b" Identity "),), CHAT_JSON.encode(), {}),
+    ("chat", 200, ((b"content-type", b"text/event-stream"),), b"".join(sse_events(CHAT_USAGE)), {}),
+    ("chat", 200, (), CHAT_JSON.encode(), {UPSTREAM_ERROR: "cut"}),
+    ("chat", 200, (), CHAT_JSON.encode(), {CLIENT_DISCONNECTED: True}),
+    ("research", 200, ((b"x-cost", b"17"),), b"{}", {}),  # a header cost: not a usage
+    ("research", 200, (), b"{}", {}),
+    ("/v1beta/models/g:generateContent", 200, (), wire.GEMINI_JSON, {}),
+    ("/v1beta/models/g:generateContent", 200, (), wire.ANTHROPIC_JSON, {}),
+    ("/v1beta/models/g:generateContent", 200, (), wire.OPENAI_RESPONSES_JSON, {}),
+    ("/v1beta/models/g:streamGenerateContent", 200, (), wire.GEMINI_JSON, {}),
+]  # fmt: skip
+
+
+def _whole_tap(feature: str, state: dict[str, Any]) -> tuple[ResponseTap, Sent]:
+    if feature.startswith("/"):
+        tap, sent, tap_state = _gem_path_tap(feature)
+    else:
+        tap, sent, tap_state = tap_for(feature)
+    tap_state.update(state)
+    return tap, sent
+
+
+def _outcome(tap: ResponseTap, sent: Sent) -> tuple[Any, ...]:
+    actual = tap.actual()
+    messages = [{k: v for k, v in m.items() if k != "more_body" or v} for m in sent.messages]
+    return messages, tap.status, tap.complete, tap.held, actual
+
+
+@pytest.mark.parametrize("form", ["compiled", "pure"])
+@pytest.mark.parametrize(("feature", "status", "extra", "data", "state"), WHOLE_CASES)
+async def test_a_whole_answer_in_one_call_is_two_sends(
+    feature: str,
+    status: int,
+    extra: tuple[tuple[bytes, bytes], ...],
+    data: bytes,
+    state: dict[str, Any],
+    form: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """answer(start, body) gives the client, the tap and the settle what send(start) then
+    send(body) give, with the compiled reading and without it."""
+    if form == "pure":
+        monkeypatch.setattr(usage_tap, "_counts", None)
+    elif usage_tap._counts is None:
+        pytest.skip("the C extension gateway.usage._topscan is not built")
+
+    def head() -> Message:
+        return {**start(b"application/json", *extra), "status": status}
+
+    tap, sent = _whole_tap(feature, state)
+    await tap.send(head())
+    await tap.send(body(data))
+    two = _outcome(tap, sent)
+    whole, sent_whole = _whole_tap(feature, state)
+    await whole.answer(head(), data)
+    assert _outcome(whole, sent_whole) == two
+    if whole.quiet is not None:  # the settle the middleware queues: settle_nowait's
+        assert whole.quiet == quiet_extension(whole.actual())
+        assert (whole.tokens, whole.missing) == (two[4].tokens, two[4].missing)
+        usage = two[4].usage
+        assert whole.model == ("" if usage is None or usage.model is None else usage.model)
+
+
+def test_a_usage_read_by_counts_settles_as_its_actual() -> None:
+    usage = Usage("openai", "gpt 4o", 5, 6, 7, 8)
+    assert counts_value(30, "gpt 4o", 5, 6, 7, 8) == usage_value(Actual(30, usage))
+    no_model = Usage("gemini", None, 0, 0, 0, 0)
+    assert counts_value(0, None, 0, 0, 0, 0) == usage_value(Actual(0, no_model))
 
 
 async def test_compressed_and_refunded_answers_are_not_read() -> None:

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.core.problem import problem_body, send_problem
 from gateway.core.scope_keys import (
+    ANSWER_WHOLE,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
@@ -593,3 +594,63 @@ async def test_send_problem_writes_rfc9457_with_facts() -> None:
     }
     with pytest.raises(ValueError):
         problem_body(402, "insufficient_tokens", "t", "d", type="x")
+
+
+# -- a complete answer handed over in one call (ANSWER_WHOLE) -----------------------------------
+
+
+class Whole:
+    """A declared one-call taker: what it was handed, and how many sends came besides."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.handed: list[tuple[Message, bytes]] = []
+
+    async def answer(self, start: Message, body: bytes) -> None:
+        self.handed.append((start, body))
+        await self.exchange.send(start)
+        await self.exchange.send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _call_declared(
+    app: UpstreamProxy, method: str, path: str, *, same_send: bool = True
+) -> tuple[Exchange, Whole]:
+    exchange = Exchange(make_scope(method, path))
+    whole = Whole(exchange)
+    declared = send = exchange.send  # one bound method: the declaration names this object
+    if not same_send:
+
+        async def other(message: Message) -> None:
+            await declared(message)
+
+        send = other  # something between the declaration and the proxy
+    exchange.scope["state"] = {ANSWER_WHOLE: (declared, whole.answer)}
+
+    async def receive() -> Message:
+        if not hasattr(receive, "sent"):
+            receive.sent = True  # type: ignore[attr-defined]
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    await app(exchange.scope, receive, send)
+    return exchange, whole
+
+
+async def test_an_answer_of_known_length_is_handed_over_whole(proxy: UpstreamProxy) -> None:
+    ex, whole = await _call_declared(proxy, "POST", "/echo/w")
+    assert len(whole.handed) == 1 and ex.ended()
+    start, data = whole.handed[0]
+    assert start["status"] == 200 and data == ex.body and json.loads(data)["path"] == "/echo/w"
+    assert [m["type"] for m in ex.messages] == ["http.response.start", "http.response.body"]
+
+
+async def test_only_the_declared_send_and_a_complete_body_are_handed_over(
+    proxy: UpstreamProxy,
+) -> None:
+    ex, whole = await _call_declared(proxy, "POST", "/echo/w", same_send=False)
+    assert whole.handed == [] and json.loads(ex.body)["path"] == "/echo/w"
+    ex, whole = await _call_declared(proxy, "GET", "/big", same_send=True)  # streamed
+    assert whole.handed == [] and ex.ended() and len(ex.body) > 65536
+    ex, whole = await _call_declared(proxy, "HEAD", "/echo/h")
+    assert whole.handed == [] and ex.ended()

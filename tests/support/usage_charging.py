@@ -19,6 +19,7 @@ import pytest
 from gateway.core.events import unpacked
 from gateway.metering.meter import Meter
 from gateway.metering.settlement import Settlement
+from gateway.metering.usage_tap import ResponseTap
 from tests.support.fake_providers.clients import APIS
 from tests.support.fake_providers.control import FakeUsage
 from tests.support.fake_providers.harness import ORG, Gateway, provider_config
@@ -83,14 +84,23 @@ class SettleLog:
 
 def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     """Record every settle the middleware queues: ``Meter.settle_nowait`` (which knows the
-    actual cost), and the fixed-cost path's direct ``Settlement.queue`` (the middleware
-    binds the queue itself, a call less per request)."""
+    actual cost), and the direct ``Settlement.queue`` of the fixed-cost path (the
+    middleware binds the queue itself, a call less per request) and of a complete
+    usage-charged answer (its settle value made by the tap, ``ResponseTap.answer``: its
+    actual is the tap's)."""
     log = SettleLog()
     original = Meter.settle_nowait
     original_queue = Settlement.queue
+    original_whole = ResponseTap._whole
     inside = threading.local()
+    priced: dict[str, ResponseTap] = {}  # request id -> the tap that priced its answer
+
+    def spy_whole(self: ResponseTap, body: bytes) -> Any:
+        priced[self._adm.request_id] = self
+        return original_whole(self, body)
 
     def spy(self: Meter, adm: Any, **kw: Any) -> None:
+        priced.pop(adm.request_id, None)
         log.add(Settled(adm.feature, adm.request_id, kw["ok"], adm.cost, kw.get("actual")))
         inside.active = True
         try:
@@ -100,11 +110,15 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
 
     def spy_queue(self: Settlement, adm: Any, ok: bool, *args: Any, **kw: Any) -> None:
         if not getattr(inside, "active", False):
-            log.add(Settled(adm.feature, adm.request_id, ok, adm.cost, None))
+            tap = priced.pop(adm.request_id, None)
+            ext = args[4] if len(args) > 4 else kw.get("ext")
+            actual = tap.actual() if tap is not None and ext is not None else None
+            log.add(Settled(adm.feature, adm.request_id, ok, adm.cost, actual))
         original_queue(self, adm, ok, *args, **kw)
 
     monkeypatch.setattr(Meter, "settle_nowait", spy)
     monkeypatch.setattr(Settlement, "queue", spy_queue)
+    monkeypatch.setattr(ResponseTap, "_whole", spy_whole)
     return log
 
 

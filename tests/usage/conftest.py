@@ -1,4 +1,5 @@
-"""The two forms of the usage readers: with the compiled top-level scan and without it.
+"""The two forms of the usage readers: with the compiled reading (the top-level scan and the
+counts of known shapes) and without it.
 
 ``usage_form`` runs a test once per form (tests marked
 ``pytest.mark.usefixtures("usage_form")``): ``compiled`` where the extension is built (a
@@ -21,6 +22,8 @@ def usage_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
         if topscan.scan is None:
             pytest.skip("the C extension gateway.usage._topscan is not built")
         monkeypatch.setattr(responses, "_scan", topscan.scan)
+        monkeypatch.setattr(responses, "_counts", topscan.counts)
     else:
         monkeypatch.setattr(responses, "_scan", None)
+        monkeypatch.setattr(responses, "_counts", None)
     return form

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gateway.usage import Usage, responses, topscan, usage_from_json
-from gateway.usage.topscan import scan
+from gateway.usage.topscan import counts, scan
 from tests.support.needs import under_ci
 
 from . import wire
@@ -43,15 +43,43 @@ def check_scan(body: bytes) -> bytes | None:
 
 
 def both_forms(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    """usage_from_json gives the same answer with the compiled scan and without it."""
+    """usage_from_json gives the same answer with the compiled reading and without it, the
+    scan alone (the counts left to Python) too, and ``counts`` either does not know or
+    gives that answer's fields."""
+    assert counts is not None
     for provider in PROVIDERS:
         with monkeypatch.context() as patch:
             patch.setattr(responses, "_scan", None)
+            patch.setattr(responses, "_counts", None)
             pure = usage_from_json(body, provider)
         with monkeypatch.context() as patch:
             patch.setattr(responses, "_scan", scan)
+            patch.setattr(responses, "_counts", None)
+            scanned = usage_from_json(body, provider)
+        with monkeypatch.context() as patch:
+            patch.setattr(responses, "_scan", scan)
+            patch.setattr(responses, "_counts", counts)
             compiled = usage_from_json(body, provider)
         assert compiled == pure, (provider, body[:200])
+        assert scanned == pure, (provider, body[:200])
+        read = counts(body, responses.MODE_CODES[provider])
+        if read is not None:
+            assert pure is not None, (provider, body[:200])
+            assert read == fields(pure), (provider, body[:200])
+            assert type(read[1]) in (str, type(None))
+            assert all(type(n) is int for n in read[2:])
+
+
+def fields(usage: Usage) -> tuple[object, ...]:
+    """A Usage as ``counts`` gives it."""
+    return (
+        usage.provider,
+        usage.model,
+        usage.input_tokens,
+        usage.cached_input_tokens,
+        usage.output_tokens,
+        usage.reasoning_tokens,
+    )
 
 
 # -- which form is loaded ----------------------------------------------------------------------
@@ -407,4 +435,324 @@ def test_generated_answers_and_their_mutations(
         body = mutate(body, how)
     assume(b"usage" in body or not mutations)
     check_scan(body)
+    both_forms(body, monkeypatch)
+
+
+# -- the compiled counts of known shapes (topscan.counts) ------------------------------------
+
+
+def _openai(usage: str, top: str = '"object":"chat.completion","model":"gpt-4o"') -> bytes:
+    return ("{" + top + ',"usage":' + usage + "}").encode()
+
+
+def _anthropic(usage: str, model: str = '"claude-x"') -> bytes:
+    return ('{"type":"message","model":' + model + ',"usage":' + usage + "}").encode()
+
+
+def _gemini(meta: str, model: str = '"gemini-2.5-flash"') -> bytes:
+    return ('{"modelVersion":' + model + ',"usageMetadata":' + meta + "}").encode()
+
+
+MAX = 10**12
+RESPONSE = '"object":"response"'
+CHAT = '"object":"chat.completion"'
+GPT = "gpt-4o"
+NO_MODEL_READ = ("openai", None, 1, 0, 0, 0)
+PLAIN_READ = ("openai", GPT, 10, 0, 5, 0)
+CACHED_9 = '"prompt_tokens_details":{"cached_tokens":9}'
+REASONING_4 = '"output_tokens_details":{"reasoning_tokens":4}'
+COUNT_EDGES = [
+    # OpenAI Chat Completions: details absent, null, objects, duplicated, junk
+    _openai('{"prompt_tokens":10,"completion_tokens":5}'),
+    _openai('{"prompt_tokens":10}'),
+    _openai('{"completion_tokens":5}'),
+    _openai('{"prompt_tokens":null,"completion_tokens":5}'),
+    _openai('{"prompt_tokens":null,"completion_tokens":null}'),
+    _openai('{"prompt_tokens":null,"completion_tokens":null,"input_tokens":3}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":null}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":10}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":11}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":null}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":1.0}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":-1}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":"1"}}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":[]}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":0}'),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"c\\u0061ched_tokens":4}}'),
+    _openai(
+        '{"prompt_tokens":10,"completion_tokens":5,"completion_tokens_details":'
+        '{"reasoning_tokens":5,"audio_tokens":null,"accepted_prediction_tokens":0,'
+        '"x":{"reasoning_tokens":[1,{"a":2}]}}}'
+    ),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"completion_tokens_details":{"reasoning_tokens":6}}'),
+    _openai(
+        '{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":4},'
+        '"prompt_tokens_details":{"cached_tokens":1},"completion_tokens":7}'
+    ),
+    _openai(
+        '{"prompt_tokens":10,"prompt_tokens_details":{"cached_tokens":2,"cached_tokens":3},'
+        '"completion_tokens":5,"prompt_tokens":12}'
+    ),
+    _openai('{"prompt_tokens":10,"completion_tokens":5,"input_tokens_details":{"cached_tokens":9}}'),
+    # counts at and past the bounds, and every spelling that is not a plain count
+    _openai(f'{{"prompt_tokens":{MAX},"completion_tokens":{MAX}}}'),
+    _openai(f'{{"prompt_tokens":{MAX + 1},"completion_tokens":1}}'),
+    _openai(f'{{"prompt_tokens":{10 * MAX},"completion_tokens":1}}'),
+    _openai(f'{{"prompt_tokens":{10**19},"completion_tokens":1}}'),
+    _openai(f'{{"prompt_tokens":{10**30},"completion_tokens":1}}'),
+    *(
+        _openai('{"prompt_tokens":' + n + ',"completion_tokens":5}')
+        for n in ("0", "-0", "-1", "1.0", "1e2", "1E2", "0.0", "true", "false", '"3"', "[]", "{}")
+    ),
+    # OpenAI Responses API names
+    _openai(
+        '{"input_tokens":20,"output_tokens":9,"input_tokens_details":{"cached_tokens":5},'
+        '"output_tokens_details":{"reasoning_tokens":4},"total_tokens":29}',
+        '"object":"response","id":"resp_1","model":"o4-mini"',
+    ),
+    _openai('{"input_tokens":20,"output_tokens_details":{"reasoning_tokens":1}}', RESPONSE),
+    _openai('{"input_tokens":20,"output_tokens":3,' + REASONING_4 + "}", RESPONSE),
+    _openai('{"input_tokens":20,"output_tokens":3,' + CACHED_9 + "}", RESPONSE),
+    _openai('{"output_tokens":3}', '"object":"text_completion"'),
+    # usage missing, null, not an object; the object names that tell OpenAI, and those that do not
+    _openai("null"),
+    _openai("[]"),
+    _openai('"usage"'),
+    _openai("{}"),
+    _openai('{"total_tokens":5}'),
+    _openai('{"prompt_tokens":1}', '"object":"chat.completion.chunk"'),
+    _openai('{"prompt_tokens":1}', '"object":"chat.c\\u006fmpletion"'),
+    _openai('{"prompt_tokens":1}', '"object":1'),
+    _openai('{"prompt_tokens":1}', '"id":"resp_1"'),
+    _openai('{"input_tokens":1,"output_tokens":2}', '"id":"resp_1"'),
+    _openai('{"input_tokens":1,"output_tokens":2}', '"id":"msg_1"'),
+    _openai('{"prompt_tokens":1,"pr\\u006fmpt_tokens":7}'),
+    _openai('{"prompt_tokens":1}', '"object":"chat.completion","object":"list"'),
+    _openai('{"prompt_tokens":1}', '"object":"list","object":"chat.completion"'),
+    # models: plain, empty, at and past the length bound, escapes, non-ASCII, DEL, not strings
+    *(
+        _openai('{"prompt_tokens":1}', '"object":"chat.completion","model":' + m)
+        for m in (
+            '"gpt-4o"', '""', '" "', '"' + "m" * 256 + '"', '"' + "m" * 257 + '"', '"a\\u0062"',
+            '"a\\nb"', '"caf\xc3\xa9"'.encode("latin-1").decode("utf-8"), '"a\x7fb"', "null",
+            "1", "[]", '{"name":"gpt"}', "true",
+        )
+    ),
+    _openai('{"prompt_tokens":1}', '"object":"chat.completion","model":"a","model":"b"'),
+    # Anthropic
+    _anthropic('{"input_tokens":20,"output_tokens":7}'),
+    _anthropic(
+        '{"input_tokens":20,"cache_creation_input_tokens":100,"cache_read_input_tokens":300,'
+        '"output_tokens":7,"service_tier":"standard","server_tool_use":{"web_search_requests":1}}'
+    ),
+    _anthropic('{"input_tokens":null,"output_tokens":null}'),
+    _anthropic('{"cache_read_input_tokens":3}'),
+    _anthropic('{"service_tier":"standard"}'),
+    _anthropic(f'{{"input_tokens":{MAX},"cache_creation_input_tokens":1}}'),
+    _anthropic(f'{{"input_tokens":{MAX},"cache_creation_input_tokens":0}}'),
+    _anthropic('{"input_tokens":-3,"output_tokens":7}'),
+    _anthropic('{"input_tokens":20,"output_tokens":7}', "null"),
+    _anthropic('{"input_tokens":20,"output_tokens":7}', '"\\u0063laude"'),
+    b'{"type":"mess\\u0061ge","model":"c","usage":{"input_tokens":1,"output_tokens":2}}',
+    b'{"type":"message ","model":"c","usage":{"input_tokens":1,"output_tokens":2}}',
+    b'{"type":"message","object":"chat.completion","usage":{"prompt_tokens":1,"input_tokens":2}}',
+    # Gemini
+    _gemini(
+        '{"promptTokenCount":412,"candidatesTokenCount":287,"totalTokenCount":950,'
+        '"thoughtsTokenCount":251,"promptTokensDetails":[{"modality":"TEXT","tokenCount":412}]}'
+    ),
+    _gemini(
+        '{"promptTokenCount":412,"cachedContentTokenCount":400,"toolUsePromptTokenCount":3,'
+        '"candidatesTokenCount":2}'
+    ),
+    _gemini('{"promptTokenCount":4,"cachedContentTokenCount":5}'),
+    _gemini('{"trafficType":"ON_DEMAND"}'),
+    _gemini("null"),
+    _gemini(f'{{"promptTokenCount":{MAX},"toolUsePromptTokenCount":1}}'),
+    _gemini('{"promptTokenCount":4}', '"gemini\\u002d2"'),
+    _gemini('{"promptTokenCount":4}', "null"),
+    b'{"usageMetadata":{"promptTokenCount":4},"type":"message","usage":{"input_tokens":1}}',
+    b'[{"usageMetadata":{"promptTokenCount":3},"modelVersion":"g"}]',
+    # the model's own usage keys, nested, are never read
+    JSON_MODE,
+    TOOL_USE,
+    # not vouched for: broken before or after the usage
+    _openai('{"prompt_tokens":10,"completion_tokens":5}')[:-1],
+    b'{"x":[1,}' + _openai('{"prompt_tokens":10}')[1:],
+]  # fmt: skip
+
+
+@needs_compiled
+@pytest.mark.parametrize("body", COUNT_EDGES)
+def test_counts_edges(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    both_forms(body, monkeypatch)
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    ("body", "mode", "expected"),
+    [
+        (_openai('{"prompt_tokens":10,"completion_tokens":5}'), "auto", PLAIN_READ),
+        (
+            _openai(
+                '{"prompt_tokens":10,"completion_tokens":5,"prompt_tokens_details":'
+                '{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}'
+            ),
+            "openai",
+            ("openai", "gpt-4o", 6, 4, 3, 2),
+        ),
+        (_openai(f'{{"prompt_tokens":{MAX}}}'), "openai", ("openai", "gpt-4o", MAX, 0, 0, 0)),
+        (_openai('{"prompt_tokens":0,"completion_tokens":0}'), "auto", ("openai", GPT, 0, 0, 0, 0)),
+        (
+            _anthropic(
+                '{"input_tokens":20,"cache_creation_input_tokens":100,'
+                '"cache_read_input_tokens":300,"output_tokens":7}'
+            ),
+            "auto",
+            ("anthropic", "claude-x", 120, 300, 7, 0),
+        ),
+        (
+            _gemini(
+                '{"promptTokenCount":412,"cachedContentTokenCount":400,'
+                '"toolUsePromptTokenCount":3,"candidatesTokenCount":2,"thoughtsTokenCount":9}'
+            ),
+            "auto",
+            ("gemini", "gemini-2.5-flash", 15, 400, 2, 9),
+        ),
+        *(
+            (_openai('{"prompt_tokens":1}', CHAT + ',"model":' + model), "auto", NO_MODEL_READ)
+            for model in ('""', '"' + "m" * 257 + '"', "7")
+        ),
+        (JSON_MODE, "auto", ("openai", "gpt-4o-mini", 12, 0, 5, 0)),
+        (TOOL_USE, "auto", ("anthropic", "claude-sonnet-4-20250514", 20, 0, 7, 0)),
+    ],
+)  # fmt: skip
+def test_counts_of_the_usual_answers(body: bytes, mode: str, expected: tuple[object, ...]) -> None:
+    """These the compiled reading answers itself (not merely leaves to Python)."""
+    assert counts is not None
+    assert counts(body, responses.MODE_CODES[mode]) == expected
+    assert fields(usage_from_json(body, mode) or Usage("openai", "?")) == expected
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "body",
+    [
+        _openai("null"),  # missing: Python says so
+        _openai('{"prompt_tokens":1.0}'),  # not a count: Python refuses it
+        _openai(f'{{"prompt_tokens":{MAX + 1}}}'),
+        _openai('{"prompt_tokens":1}', '"object":"chat.completion","model":"a\\u0062"'),
+        _openai('{"prompt_tokens":1}', '"object":"chat.completion","model":"caf\xc3\xa9"'),
+        _openai('{"prompt_tokens":1}', '"object":"chat.c\\u006fmpletion"'),
+        _openai('{"input_tokens":1,"output_tokens":2}', '"id":"resp_1"'),  # told by the keys
+        _openai('{"prompt_tokens":1,"pr\\u006fmpt_tokens":7}'),
+        _anthropic(f'{{"input_tokens":{MAX},"cache_creation_input_tokens":1}}'),
+        b'[{"usageMetadata":{"promptTokenCount":3},"modelVersion":"g"}]',
+    ],
+)
+def test_counts_leave_the_rest_to_python(body: bytes) -> None:
+    assert counts is not None
+    assert counts(body, 0) is None
+
+
+@needs_compiled
+def test_counts_arguments_are_checked() -> None:
+    assert counts is not None
+    with pytest.raises(TypeError):
+        counts(b"{}")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        counts(b"{}", "auto")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        counts(b"{}", 4)
+    assert counts(bytearray(_openai('{"prompt_tokens":1}')), 0) is None  # type: ignore[arg-type]
+    for body in (
+        wire.OPENAI_CHAT_JSON,
+        wire.OPENAI_RESPONSES_JSON,
+        wire.ANTHROPIC_JSON,
+        wire.GEMINI_JSON,
+    ):
+        assert counts(body, 0) is not None
+
+
+COUNT = st.one_of(
+    st.integers(0, 10**6).map(str),
+    st.sampled_from([str(MAX), str(MAX + 1), "null", "-1", "1.0", "0", '"2"', "true", "1e3"]),
+)
+USAGE_KEYS = st.sampled_from(
+    [
+        "prompt_tokens", "completion_tokens", "total_tokens", "input_tokens", "output_tokens",
+        "cache_creation_input_tokens", "cache_read_input_tokens", "promptTokenCount",
+        "cachedContentTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount",
+        "thoughtsTokenCount", "service_tier",
+    ]
+)  # fmt: skip
+DETAIL_KEYS = st.sampled_from(
+    [
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        "input_tokens_details",
+        "output_tokens_details",
+    ]
+)
+
+
+@st.composite
+def usage_objects(draw: st.DrawFn) -> str:
+    """A usage object of counts, some repeated or junk, with OpenAI detail objects."""
+    pairs = [
+        json.dumps(draw(USAGE_KEYS)) + ":" + draw(COUNT) for _ in range(draw(st.integers(0, 6)))
+    ]
+    for _ in range(draw(st.integers(0, 3))):
+        inner = draw(
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["cached_tokens", "reasoning_tokens", "audio_tokens"]), COUNT
+                ),
+                max_size=3,
+            )
+        )
+        value = draw(
+            st.sampled_from(
+                ["{" + ",".join(f'"{k}":{v}' for k, v in inner) + "}", "null", "[]", "3"]
+            )
+        )
+        pairs.insert(draw(st.integers(0, len(pairs))), json.dumps(draw(DETAIL_KEYS)) + ":" + value)
+    return "{" + draw(WS) + ("," + draw(WS)).join(pairs) + "}"
+
+
+@st.composite
+def usual_answers(draw: st.DrawFn) -> bytes:
+    """An answer of one of the known shapes (or a near miss), its usage drawn above."""
+    tops = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    '"object":"chat.completion"', '"object":"response"', '"object":"list"',
+                    '"type":"message"', '"type":"error"', '"id":"resp_1"', '"model":"gpt-4o"',
+                    '"model":"claude-x"', '"modelVersion":"gemini-2.5"', '"model":null',
+                    '"model":""', '"choices":[{"message":{"usage":{"prompt_tokens":7}}}]',
+                ]
+            ),
+            max_size=4,
+        )
+    )  # fmt: skip
+    member = draw(st.sampled_from(["usage", "usageMetadata"]))
+    tops.insert(draw(st.integers(0, len(tops))), f'"{member}":' + draw(usage_objects()))
+    return ("{" + ",".join(tops) + "}").encode()
+
+
+@needs_compiled
+@settings(
+    max_examples=1500,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(body=usual_answers(), mutations=st.lists(MUTATIONS, max_size=1))
+def test_generated_usual_answers_read_alike(
+    body: bytes, mutations: list[tuple[str, int, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for how in mutations:
+        body = mutate(body, how)
     both_forms(body, monkeypatch)
