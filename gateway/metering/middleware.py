@@ -257,6 +257,10 @@ class CreditGateMiddleware:
                 adm, ok, state.get(UPSTREAM_STATUS, status or None), round(latency), idem_key, None
             )
             self.counters.count(adm.feature, "charged" if ok else "refunded", adm.cost if ok else 0)
+            # send_wrapper's closure holds the state, which holds send_wrapper: without this
+            # pop each request is a reference cycle, freed by the cycle collector (its
+            # passes cost ~9k instructions per request) instead of at once.
+            state.pop(SEND_PASSES_BODY, None)
             if self.access_log:
                 self._log_access(scope, match, ident, adm, ok, status, started)
 
