@@ -21,7 +21,12 @@ from typing import Any
 import click
 
 from gateway.__about__ import __version__
-from gateway.commands.cli_levels import apply_key_levels, cap_options, caps_patch, keys_set
+from gateway.commands.cli_levels import (
+    apply_key_levels,
+    cap_option,
+    caps_patch,
+    keys_set,
+)
 from gateway.commands.cli_levels import teams as teams_group
 from gateway.commands.cli_levels import users as users_group
 from gateway.commands.cli_support import ID, config_option
@@ -367,14 +372,13 @@ def keys() -> None:
 @click.option("--user", default=None, type=ID)
 @click.option("--name", default="")
 @click.option("--team", default=None, type=ID, help="Put the key in this team of ORG.")
-@cap_options
+@cap_option
 @_with_gate
 async def keys_create(
-    gate: Any, org: str, user: str | None, name: str, team: str | None, caps: tuple[str, ...],
-    clear_caps: tuple[str, ...],
+    gate: Any, org: str, user: str | None, name: str, team: str | None, caps: tuple[str, ...]
 ) -> None:  # fmt: skip
     """Create an API key; the key is printed once and only its hash is stored."""
-    patch = caps_patch(gate.config, caps, clear_caps)
+    patch = caps_patch(gate.config, caps, ())
     if team is not None:
         # Before the key exists, as the admin API does: a typo creates no key.
         from gateway.ledger.levels import LevelStore

@@ -29,21 +29,27 @@ from gateway.core.caps import parse_cap, shown_cap
 if TYPE_CHECKING:
     from gateway.ledger.levels import KeyLevels, LevelStore
 
-__all__ = ["apply_key_levels", "cap_options", "keys_set", "teams", "users"]
+__all__ = ["apply_key_levels", "cap_option", "cap_options", "keys_set", "teams", "users"]
 
 CapsPatch = dict[str, int | str | None]
 
 
-def cap_options(fn: Any) -> Any:
-    """``--cap BUCKET=N|N%`` and ``--clear-cap BUCKET``, both repeatable."""
-    fn = click.option(
-        "--clear-cap", "clear_caps", multiple=True, metavar="BUCKET",
-        help="Remove BUCKET's cap override (repeatable).",
-    )(fn)  # fmt: skip
+def cap_option(fn: Any) -> Any:
+    """``--cap BUCKET=N|N%``, repeatable: what a new key, team or user can be given."""
     return click.option(
         "--cap", "caps", multiple=True, metavar="BUCKET=N|N%",
         help="Cap BUCKET at N tokens or N% of the allocation per period (repeatable).",
     )(fn)  # fmt: skip
+
+
+def cap_options(fn: Any) -> Any:
+    """``--cap BUCKET=N|N%`` and ``--clear-cap BUCKET``, both repeatable: for the commands
+    that change what exists (a new key has no override to clear)."""
+    fn = click.option(
+        "--clear-cap", "clear_caps", multiple=True, metavar="BUCKET",
+        help="Remove BUCKET's cap override (repeatable).",
+    )(fn)  # fmt: skip
+    return cap_option(fn)
 
 
 def caps_patch(config: Config, caps: Sequence[str], clear: Sequence[str]) -> CapsPatch | None:

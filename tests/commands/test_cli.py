@@ -119,3 +119,12 @@ def test_unreachable_services_are_one_line_errors(tmp_path: Path) -> None:
         proc = cli(*args, config=path, check=False)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_keys_create_offers_caps_but_nothing_to_clear() -> None:
+    # A new key has no cap override to remove: --clear-cap belongs to `keys set` only.
+    create = cli("keys", "create", "--help").stdout
+    assert "--cap BUCKET=N|N%" in create and "--clear-cap" not in create
+    assert "--clear-cap" in cli("keys", "set", "--help").stdout
+    refused = cli("keys", "create", "--org", "acme", "--clear-cap", "x", check=False)
+    assert refused.returncode == 2 and "No such option '--clear-cap'" in refused.stderr
