@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["child_instructions"]
+__all__ = ["callgrind_redis_server", "child_instructions"]
 
 _TOTALS = re.compile(r"^(?:summary|totals): (\d+)", re.MULTILINE)
 
@@ -52,3 +52,17 @@ def child_instructions(
         if match is None:
             raise RuntimeError("callgrind wrote no totals")
         return int(match.group(1))
+
+
+def callgrind_redis_server(workdir: str, port: int) -> subprocess.Popen[bytes]:
+    """A redis-server on ``port`` under callgrind, its dumps written to
+    ``workdir/cg.out.<pid>`` (``callgrind_control -z`` / ``-d`` mark the measured spans):
+    the Redis side of ``bench/lua_instructions.py`` and ``bench/settle_call_instructions.py``."""
+    import shutil
+
+    return subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out.%p",
+         shutil.which("redis-server") or "redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip

@@ -56,6 +56,7 @@ from statistics import median_high as med  # the upper middle of an even count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.callgrind import callgrind_redis_server
 from bench.lua_cpu import FEATURE, TOKENS, _free_port, setup_orgs
 from bench.run_all import CONFIG
 from gateway.config import parse_config
@@ -321,12 +322,7 @@ def cli() -> None:
     args = parser.parse_args()
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="cg-luains-")
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out.%p",
-         shutil.which("redis-server") or "redis-server", "--port", str(port),
-         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    proc = callgrind_redis_server(workdir, port)
     try:
         import redis
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
 
+from bench.callgrind import callgrind_redis_server
 from bench.lua_cpu import _free_port
 from gateway.redisio.lua_scripts import LuaScript, assemble
 
@@ -76,12 +77,7 @@ def main() -> None:
         ]
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="cg-settlecall-")
-    proc = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={workdir}/cg.out.%p",
-         shutil.which("redis-server") or "redis-server", "--port", str(port),
-         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    proc = callgrind_redis_server(workdir, port)
     seen: set[str] = set()
 
     def total() -> int:
