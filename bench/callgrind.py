@@ -27,6 +27,8 @@ def child_instructions(
 ) -> int:
     """Total instructions of ``python script --child *args``, run in ``tree`` with that
     tree's packages first on the path, under callgrind (children of the child not traced).
+    With ``CG_CALLGRIND_KEEP=DIR`` in the environment the whole profile is kept there too
+    (``callgrind.<tree>-<script>-<args>.out``: per-function inclusive counts).
 
     ``fixed_hash`` sets ``PYTHONHASHSEED=0`` (the same dict and set layouts in every run:
     steadier counts for code that hashes strings). Raises :class:`RuntimeError` with the
@@ -48,7 +50,13 @@ def child_instructions(
             raise RuntimeError(
                 f"{script.name} --child {' '.join(args)} failed:\n{done.stderr[-4000:]}"
             )
-        match = _TOTALS.search(out.read_text())
+        text = out.read_text()
+        keep = os.environ.get("CG_CALLGRIND_KEEP")
+        if keep:  # the whole profile, for callgrind_annotate --inclusive=yes
+            name = "-".join([tree.name or "tree", script.stem, *args[:2]]).replace("/", "_")
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            (Path(keep) / f"callgrind.{name}.out").write_text(text)
+        match = _TOTALS.search(text)
         if match is None:
             raise RuntimeError("callgrind wrote no totals")
         return int(match.group(1))

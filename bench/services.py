@@ -26,11 +26,34 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
 
+_port_cursor = 0
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (127.0.0.1)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing listens on right now (127.0.0.1).
+
+    ``CG_BENCH_PORTS=FIRST-LAST`` keeps a run inside a range of ports (a shared machine
+    where each session owns a few): the ports are tried in turn from where the last call
+    stopped; without it, any free port the kernel picks.
+    """
+    global _port_cursor
+    spec = os.environ.get("CG_BENCH_PORTS")
+    if not spec:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    first, last = (int(part) for part in spec.split("-"))
+    span = last - first + 1
+    for step in range(span):
+        port = first + (_port_cursor + step) % span
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _port_cursor = (_port_cursor + step + 1) % span
+        return port
+    raise RuntimeError(f"no free port in CG_BENCH_PORTS={spec}")
 
 
 def wait_listening(
