@@ -11,6 +11,13 @@ its own. Flow control is uvicorn's: the protocol's ``pause_writing`` sets
 water mark, and ``flow.drain()`` waits for ``resume_writing`` (which a lost connection
 also calls).
 
+The splice holds its cycle by a weak reference: the cycle holds the request's scope, whose
+extensions hold the splice, so a strong one would make every request a reference cycle,
+freed only by the cycle collector (whose passes cost a proxied short request ~30k
+instructions: BENCHMARKS.md section 2c). The cycle lives as long as the request's task,
+which is all the time anything uses the splice; once it is gone the splice is never ready
+and drops what it is handed.
+
 It relies on uvicorn internals that uvicorn's ``send`` itself uses (the cycle's
 ``transport``, ``flow``, ``disconnected``, ``response_started``, ``response_complete``,
 ``chunked_encoding``); tests/proxy/test_splice.py checks the bytes against ``send``'s.
@@ -18,6 +25,7 @@ It relies on uvicorn internals that uvicorn's ``send`` itself uses (the cycle's
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
@@ -33,18 +41,20 @@ class UvicornSplice:
     __slots__ = ("_cycle", "_observer")
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
-        self._cycle = cycle
+        self._cycle = weakref.ref(cycle)  # see the module docstring: no reference cycle
         self._observer: BodyObserver | None = None
 
     def is_server_send(self, send: Callable[..., Awaitable[None]]) -> bool:
         """Whether ``send`` is this cycle's ``send`` (a bound method: equal, not identical)."""
-        return send == self._cycle.send
+        cycle = self._cycle()
+        return cycle is not None and send == cycle.send
 
     def ready(self) -> bool:
         """Started with chunked framing, not complete, the client still there, not HEAD."""
-        cycle = self._cycle
+        cycle = self._cycle()
         return bool(
-            cycle.response_started
+            cycle is not None
+            and cycle.response_started
             and cycle.chunked_encoding
             and not cycle.response_complete
             and not cycle.disconnected
@@ -58,8 +68,8 @@ class UvicornSplice:
         observer = self._observer
         if observer is not None:
             observer(data)
-        cycle = self._cycle
-        if cycle.disconnected:
+        cycle = self._cycle()
+        if cycle is None or cycle.disconnected:
             return True  # dropped, as send drops it; the app hears of it from receive()
         cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return not cycle.flow.write_paused
@@ -70,6 +80,6 @@ class UvicornSplice:
 
     async def drain(self) -> None:
         """Until the client's buffer is below its low water mark, or the client is gone."""
-        cycle = self._cycle
-        if cycle.flow.write_paused and not cycle.disconnected:
+        cycle = self._cycle()
+        if cycle is not None and cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()

@@ -11,6 +11,7 @@ metered cases (ledger rows, refunds) are in tests/e2e/test_stream_splice.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import socket
 import threading
@@ -65,9 +66,8 @@ async def test_splice_is_ready_only_for_a_started_chunked_response() -> None:
     cycle, _ = _cycle()
     splice = UvicornSplice(cycle)
     assert not splice.ready()  # not started
-    await cycle.send(  # type: ignore[arg-type]
-        {**START, "headers": [(b"content-length", b"3")]}
-    )
+    length_start: Any = {**START, "headers": [(b"content-length", b"3")]}
+    await cycle.send(length_start)
     assert not splice.ready()  # Content-Length framing: left to send
     head, _ = _cycle("HEAD")
     await head.send(START)  # type: ignore[arg-type]
@@ -228,7 +228,9 @@ class SpliceSpy:
         def write(splice: UvicornSplice, data: bytes) -> bool:
             ok = original(splice, data)
             self.pieces += 1
-            buffered = splice._cycle.transport.get_write_buffer_size()
+            cycle = splice._cycle()
+            assert cycle is not None
+            buffered = cycle.transport.get_write_buffer_size()
             self.max_buffered = max(self.max_buffered, buffered)
             self.paused += not ok
             return ok
@@ -346,3 +348,22 @@ def test_a_client_that_leaves_stops_the_upstream_read(upstream: str, spy: Splice
         while not upstream_app._progress.get(gate, {}).get("cancelled"):
             assert time.monotonic() < deadline, "the upstream stream was not abandoned"
             time.sleep(0.02)
+
+
+async def test_a_splice_outliving_its_cycle_is_never_ready_and_drops_what_it_gets() -> None:
+    """The splice holds its cycle weakly (no reference cycle through the scope): once the
+    request's cycle is gone, it is not ready, writes nothing and still feeds its observer."""
+    cycle, transport = _cycle()
+    await cycle.send(START)  # type: ignore[arg-type]
+    splice = UvicornSplice(cycle)
+    send = cycle.send
+    assert splice.ready() and splice.is_server_send(send)
+    seen: list[bytes] = []
+    splice.observe(seen.append)
+    del cycle, send
+    gc.collect()
+    before = len(transport.out)
+    assert not splice.ready()
+    assert splice.write(b"late") is True
+    assert seen == [b"late"] and len(transport.out) == before
+    await asyncio.wait_for(splice.drain(), 1)

@@ -1,0 +1,114 @@
+"""A request served by ``creditgate serve``'s protocol leaves no reference cycle behind.
+
+The protocol (gateway/commands/limited_protocol.py) puts a response splice over each
+request's cycle in the request's scope (gateway/commands/splice.py); the cycle holds the
+scope. A splice that held its cycle made every request a cycle of ~16 objects (the cycle,
+its scope, state and extensions dicts, its ``asyncio.Event``...), freed only by the cycle
+collector, whose passes cost a proxied short request ~30k instructions (BENCHMARKS.md
+section 2c). This test drives keep-alive requests through the protocol on an in-memory
+transport with collection switched off and counts what the collector finds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.server import ServerState
+
+from gateway.commands.limited_protocol import LimitedHttpToolsProtocol
+from gateway.commands.splice import UvicornSplice
+from gateway.config.schema import ServerConfig
+from gateway.core.splice import RESPONSE_SPLICE
+
+REQUESTS = 300
+AT_MOST = REQUESTS // 10  # a cycle per request would be thousands of objects
+BODY = b'{"ok":true}'
+REQUEST = (
+    b"POST /v1/x HTTP/1.1\r\nHost: gw\r\nUser-Agent: t\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 2\r\n\r\n{}"
+)
+
+
+class _Transport(asyncio.Transport):
+    """The client's side in memory: counts complete answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = 0
+        self.out = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.out += data
+        if bytes(data).endswith(BODY):
+            self.answers += 1
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert isinstance(scope["extensions"][RESPONSE_SPLICE], UvicornSplice)
+    await receive()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")],
+        }
+    )
+    await send({"type": "http.response.body", "body": BODY})
+
+
+async def _serve(protocol: LimitedHttpToolsProtocol, transport: _Transport, count: int) -> None:
+    for _ in range(count):
+        before = transport.answers
+        protocol.data_received(REQUEST)
+        for _ in range(50):
+            if transport.answers > before:
+                break
+            await asyncio.sleep(0)
+        assert transport.answers == before + 1, bytes(transport.out[-300:])
+
+
+async def test_a_served_request_leaves_no_reference_cycle() -> None:
+    config = UvicornConfig(
+        _app, loop="none", lifespan="off", access_log=False, server_header=False,
+        date_header=False, proxy_headers=False,
+    )  # fmt: skip
+    config.load()
+    transport = _Transport()
+    protocol = LimitedHttpToolsProtocol(
+        config, ServerState(), {}, asyncio.get_running_loop(), limits=ServerConfig()
+    )
+    protocol.connection_made(transport)
+    await _serve(protocol, transport, 20)  # warm-up
+    gc.collect()
+    gc.disable()
+    try:
+        await _serve(protocol, transport, REQUESTS)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the last request's task ends
+        found = gc.collect()
+    finally:
+        gc.enable()
+        protocol.connection_lost(None)
+    assert found <= AT_MOST, f"{found} objects in reference cycles after {REQUESTS} requests"
