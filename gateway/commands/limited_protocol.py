@@ -14,7 +14,12 @@ This subclass adds, per connection:
 - ``header_read_timeout_seconds``: from the connection's opening, or from the read that
   brings a later request's first byte, to the end of that request's headers (a slowloris
   client that trickles bytes is cut off too: data does not move the deadline);
-- ``keep_alive_timeout_seconds``: uvicorn's own idle timeout after a response.
+- ``keep_alive_timeout_seconds``: the idle timeout after a response, as uvicorn's own. uvicorn
+  arms a timer at the end of every response and cancels it when the next request's bytes
+  arrive (a timer made and cancelled per request); here one timer per connection is kept
+  armed and, when it fires, closes the connection if it has been idle that long, or is
+  armed again for the rest of the wait (idle), or left unarmed (busy: the end of the next
+  response arms it).
 
 Over a size limit the client gets 431 (Request Header Fields Too Large), at the header
 deadline 408 (Request Timeout) if it had started a request; either way the connection then
@@ -77,6 +82,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # uvicorn's own idle timeout between requests (its Config types it as int).
         self.timeout_keep_alive = limits.keep_alive_timeout_seconds  # type: ignore[assignment]
         self._deadline: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # when the last response ended, if idle since
         self._linger: asyncio.TimerHandle | None = None
         self._in_headers = False  # a request line has begun, its headers are not complete
         self._requests = 0
@@ -98,6 +105,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -140,6 +150,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # Bytes that began no request (stray CRLFs) on an idle connection: uvicorn's
             # keep-alive timer was just cancelled, so something must bound the wait.
             self._arm_deadline()
+
+    # --- the keep-alive timeout: one timer per connection ---------------------------------
+
+    def on_response_complete(self) -> None:
+        """uvicorn's ``on_response_complete``, with the idle wait started by noting the time
+        instead of a timer of its own (see the module docstring)."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        # (Not idle before this: the bytes of the request that ended said so.)
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = now = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_at(now + self.timeout_keep_alive, self._idle_check)
+
+    def _unset_keepalive_if_required(self) -> None:
+        """The connection is not idle any more (bytes arrived, or it is lost)."""
+        self._idle_since = None
+        if self.timeout_keep_alive_task is not None:  # uvicorn's own timer: never armed here
+            super()._unset_keepalive_if_required()
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        since = self._idle_since
+        if since is None:
+            return  # busy: the end of the next response arms it again
+        due = since + self.timeout_keep_alive
+        if self.loop.time() < due:
+            self._idle_timer = self.loop.call_at(due, self._idle_check)
+            return
+        self.timeout_keep_alive_handler()
 
     # --- parser callbacks ---------------------------------------------------------------
 

@@ -112,3 +112,102 @@ async def test_a_served_request_leaves_no_reference_cycle() -> None:
         gc.enable()
         protocol.connection_lost(None)
     assert found <= AT_MOST, f"{found} objects in reference cycles after {REQUESTS} requests"
+
+
+class _CountingLoop:
+    """The running loop, counting the timers the protocol asks it for."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.timers = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self._loop.call_later(delay, callback, *args)
+
+    def call_at(self, when: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self._loop.call_at(when, callback, *args)
+
+
+def _protocol(keep_alive: float) -> tuple[LimitedHttpToolsProtocol, _Transport, _CountingLoop]:
+    config = UvicornConfig(
+        _app, loop="none", lifespan="off", access_log=False, server_header=False,
+        date_header=False, proxy_headers=False,
+    )  # fmt: skip
+    config.load()
+    loop = _CountingLoop(asyncio.get_running_loop())
+    limits = ServerConfig(keep_alive_timeout_seconds=keep_alive)
+    protocol = LimitedHttpToolsProtocol(
+        config,
+        ServerState(),
+        {},
+        loop,  # type: ignore[arg-type]
+        limits=limits,
+    )
+    transport = _Transport()
+    protocol.connection_made(transport)
+    return protocol, transport, loop
+
+
+async def test_keep_alive_requests_share_one_idle_timer() -> None:
+    """uvicorn made and cancelled a keep-alive timer per response; serve's protocol keeps one
+    per connection, re-armed only when it fires."""
+    protocol, transport, loop = _protocol(30.0)
+    await _serve(protocol, transport, 50)
+    # The header deadline connection_made arms, and one idle timer (whole reads: no
+    # deadline per request).
+    assert loop.timers == 2
+    assert not transport.closed
+    protocol.connection_lost(None)
+
+
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout_not_a_busy_one() -> None:
+    protocol, transport, _ = _protocol(0.3)
+    start = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - start < 0.7:  # busy past two timeouts
+        await _serve(protocol, transport, 1)
+        await asyncio.sleep(0.1)  # idle, but shorter than the timeout
+        assert not transport.closed
+    last = asyncio.get_running_loop().time()
+    while not transport.closed:
+        await asyncio.sleep(0.01)
+        assert asyncio.get_running_loop().time() - last < 1.0
+    idle = asyncio.get_running_loop().time() - last
+    assert 0.15 <= idle <= 0.5, idle  # 0.3 s after the last response (less the 0.1 s slept)
+    protocol.connection_lost(None)
+
+
+async def test_a_response_in_progress_is_not_cut_by_the_idle_timer() -> None:
+    """Bytes of a request arrived: the connection is not idle while the app works."""
+    gate = asyncio.Event()
+
+    async def slow(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await gate.wait()
+        await _app(scope, receive, send)
+
+    protocol, transport, _ = _protocol(0.2)
+    protocol.app = slow
+    await _serve_started(protocol, transport)
+    await asyncio.sleep(0.5)  # the timer armed by the first response fires meanwhile
+    assert not transport.closed
+    gate.set()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert transport.answers == 2 and not transport.closed
+    await asyncio.sleep(0.4)
+    assert transport.closed  # idle after it: closed
+    protocol.connection_lost(None)
+
+
+async def _serve_started(protocol: LimitedHttpToolsProtocol, transport: _Transport) -> None:
+    """One request answered at once (arms the idle timer), then one the app holds."""
+    app = protocol.app
+    protocol.app = _app
+    await _serve(protocol, transport, 1)
+    protocol.app = app
+    protocol.data_received(REQUEST)
+    await asyncio.sleep(0)
