@@ -52,8 +52,9 @@ import contextlib
 import importlib.util
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from urllib.parse import quote, urlsplit
 
@@ -130,6 +131,49 @@ def _connection_tokens(headers: RawHeaders) -> set[bytes]:
         if name.lower() == b"connection"
         for token in value.split(b",")
     }
+
+
+# The usual request's decision per sequence of header names (UpstreamProxy._lean_lines):
+# (the format of the kept lines, what picks their values, their number, where Host and
+# Content-Length are or -1), or None for any other sequence. Bounded like the header
+# policy's (gateway/core/headers.py): emptied when full, long sequences never kept.
+_Usual = tuple[bytes, Callable[[tuple[bytes, ...]], tuple[bytes, ...]], int, int, int]
+_USUAL: dict[tuple[bytes, ...], _Usual | None] = {}
+_USUAL_MAX = 256
+_USUAL_NAMES_MAX = 64
+_UNKNOWN: Any = object()
+
+
+def _usual_lines(names: tuple[bytes, ...]) -> _Usual | None:
+    """The usual request's decision for ``names`` (see ``_USUAL``), kept for the next
+    request with the same names; None when they are not the usual request's: a name not
+    lowercase or with an underscore, a name twice, or a dropped one other than Host and
+    Content-Length. Raises TypeError for a name that is not bytes (the caller declines)."""
+    joined = b"\n".join(names)
+    usual: _Usual | None = None
+    if (
+        b"_" not in joined
+        and joined.lower() == joined
+        and len(set(names)) == len(names)
+        and _LEAN_DROP.intersection(names) <= _USUAL_DROP
+    ):
+        kept = [i for i, name in enumerate(names) if name not in _USUAL_DROP]
+        # A % in a name (a token character) must not be taken for a conversion.
+        template = b"".join(names[i].replace(b"%", b"%%") + b": %b\r\n" for i in kept)
+        pick: Callable[[tuple[bytes, ...]], tuple[bytes, ...]]
+        if len(kept) == 1:
+            only = kept[0]
+            pick = lambda values: (values[only],)  # noqa: E731  # itemgetter(i) is no tuple
+        else:
+            pick = itemgetter(*kept) if kept else (lambda values: ())
+        host_at = names.index(b"host") if b"host" in names else -1
+        length_at = names.index(b"content-length") if b"content-length" in names else -1
+        usual = (template, pick, len(kept), host_at, length_at)
+    if len(names) <= _USUAL_NAMES_MAX and len(joined) <= 4096:
+        if len(_USUAL) >= _USUAL_MAX:
+            _USUAL.clear()
+        _USUAL[names] = usual
+    return usual
 
 
 async def _bad_gateway(send: Send, *, timed_out: bool) -> None:
@@ -434,24 +478,31 @@ class UpstreamProxy:
         Content-Length (None if unknown). The same headers in the same order, found with
         set, tuple and dict operations (C) instead of a Python loop per header; None (use
         :meth:`_request_headers`) when a name is not lowercase, has an underscore, a
-        header is not a 2-tuple of bytes, or Content-Length comes twice."""
+        header is not a 2-tuple of bytes, or Content-Length comes twice.
+
+        What to do with a request's headers depends on their names alone but for the
+        values kept, Host and Content-Length: for the usual request (no name twice, of the
+        dropped ones only Host and Content-Length) the decision is kept per sequence of
+        names (:func:`_usual_lines`), and the lines are one format of the values kept."""
         raw: RawHeaders = scope["headers"]
         try:
             names, values = zip(*raw, strict=True) if raw else ((), ())
-            joined = b"\n".join(names)
-            if b"_" in joined or joined.lower() != joined:
-                return None
-            drop = _LEAN_DROP.intersection(names)
+            usual = _USUAL.get(names, _UNKNOWN)
+            if usual is _UNKNOWN:
+                usual = _usual_lines(names)
             forwarded_for: list[bytes] = []
-            fields = dict(raw)
-            if drop <= _USUAL_DROP and len(fields) == len(raw):
-                # The usual request: no name twice, and of the dropped ones only Host and
-                # Content-Length. A dict keeps the order and takes them out in C.
-                host = fields.pop(b"host", None)
-                length = fields.pop(b"content-length", None)
-                kept: Iterable[tuple[bytes, bytes]] = fields.items()
-                count = len(fields)
+            drop: frozenset[bytes] | set[bytes] = _USUAL_DROP
+            if usual is not None:
+                template, pick, count, host_at, length_at = usual
+                # The lines without a format per header; frame() checks every CR and LF.
+                block = [template % pick(values)] if count else []
+                host = values[host_at] if host_at >= 0 else None
+                length = values[length_at] if length_at >= 0 else None
             else:
+                joined = b"\n".join(names)
+                if b"_" in joined or joined.lower() != joined:
+                    return None
+                drop = _LEAN_DROP.intersection(names)
                 if names.count(b"content-length") > 1:
                     return None  # the general path says which one counts, for what
                 length = host = None
@@ -469,8 +520,7 @@ class UpstreamProxy:
                     host = values[len(names) - 1 - names[::-1].index(b"host")]
                 kept = [h for h in raw if h[0] not in drop]
                 count = len(kept)
-            # The lines without a format per header; frame() checks every CR and LF.
-            block = [b"\r\n".join(map(b": ".join, kept)) + b"\r\n"] if count else []
+                block = [b"\r\n".join(map(b": ".join, kept)) + b"\r\n"] if count else []
             if host is not None:
                 host_line = b"x-forwarded-host: %b\r\n" % host
         except (TypeError, ValueError, AttributeError):

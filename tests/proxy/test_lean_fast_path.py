@@ -117,6 +117,45 @@ def test_random_header_sets_give_the_same_head() -> None:
 
 
 @pytest.mark.parametrize(
+    "headers",
+    [
+        [],
+        [(b"host", b"h"), (b"content-length", b"3")],  # no line kept
+        [(b"host", b"h"), (b"x-one", b"1")],  # one line kept
+        [(b"x-100%", b"%s%b%%"), (b"%b", b"1"), (b"content-length", b"3")],  # % in names
+        [(b"x-a", b"1"), (b"x-b", b"2"), (b"x-c", b"3"), (b"host", b"h")],
+    ],
+    ids=["none", "no line kept", "one kept", "percent", "three kept"],
+)
+def test_the_kept_decision_gives_the_same_head_each_time(headers: list[Any]) -> None:
+    """The usual request's decision is kept per sequence of names: the first request
+    (deciding) and the next ones (kept decision, other values) give the general path's
+    head."""
+    for round_ in range(3):
+        values = [(n, v + b"%d" % round_ if n != b"content-length" else v) for n, v in headers]
+        for body in (b"abc", None):
+            old, new = _both(_scope(values), body)
+            assert new == old, (values, body)
+
+
+def test_the_kept_decisions_are_bounded() -> None:
+    from gateway.proxy import app
+
+    for i in range(app._USUAL_MAX + 10):
+        assert UpstreamProxy._lean_lines(_scope([(b"x-n%d" % i, b"v")])) is not None
+        assert len(app._USUAL) <= app._USUAL_MAX
+    many = [(b"x-%d" % i, b"v") for i in range(app._USUAL_NAMES_MAX + 1)]
+    assert UpstreamProxy._lean_lines(_scope(many)) is not None
+    assert tuple(n for n, _ in many) not in app._USUAL  # too long to keep
+
+
+def test_a_str_name_is_declined_also_after_its_bytes_twin_was_kept() -> None:
+    assert UpstreamProxy._lean_lines(_scope([(b"x-a", b"1")])) is not None
+    assert UpstreamProxy._lean_lines(_scope([(b"x-a", "1")])) is None  # str value
+    assert UpstreamProxy._lean_lines(_scope([("x-a", b"1")])) is None  # str name
+
+
+@pytest.mark.parametrize(
     "value", [b"1\r\nx-evil: 1", b"1\nx-evil: 1", b"1\rx-evil: 1"], ids=["crlf", "lf", "cr"]
 )
 def test_a_cr_or_lf_in_a_value_is_refused_on_both_paths(value: bytes) -> None:
