@@ -95,6 +95,7 @@ def _child(step: str, requests: int, settings_path: str) -> None:
     async def main() -> None:
         keys = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
         app = gateway_app(settings, os.environ["CG_PARTS_UPSTREAM"])
+        await app.startup()  # what serve's lifespan runs first (no sync job here)
         driver = drive_serve if step == "uv-proxy" else drive
         await driver(app, keys, WARMUP, CONCURRENCY)
         await driver(app, keys, requests, CONCURRENCY)
@@ -177,6 +178,7 @@ def opcodes(args: argparse.Namespace) -> None:
         _adjust(settings)  # before the app reads the config
         keys = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
         app = gateway_app(settings, _start_upstream())
+        await app.startup()
         await drive_serve(app, keys, WARMUP, CONCURRENCY)
         counter.start()
         await drive_serve(app, keys, args.requests, CONCURRENCY)
