@@ -52,6 +52,9 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.dirty = False  # the parser is mid-message (HEAD) or the stream is out of step
         self.drain: asyncio.Future[None] | None = None  # set while writing is paused
+        # The timer that bounds its exchanges' waits (LeanResponse.wait): one per
+        # connection, kept armed across exchanges, re-armed only when it fires.
+        self.timer: asyncio.TimerHandle | None = None
 
     @property
     def reusable(self) -> bool:
@@ -90,6 +93,18 @@ class Connection(asyncio.Protocol):
             if resp.head_bytes > _MAX_HEAD:
                 self.abort(UpstreamError("upstream response headers too large"))
 
+    def check_timeout(self) -> None:
+        """The timer fired: its exchange, if one is waiting, checks how long it waited."""
+        self.timer = None
+        resp = self.resp
+        if resp is not None and not self.closed:
+            resp.check_timeout()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def eof_received(self) -> bool | None:
         resp = self.resp
         if resp is not None and resp.until_eof and not resp.complete:
@@ -101,6 +116,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._stop_timer()
         error = UpstreamClosed(f"upstream closed the connection ({exc or 'EOF'})")
         resp = self.resp
         if resp is not None and not resp.complete:
@@ -131,6 +147,7 @@ class Connection(asyncio.Protocol):
     def abort(self, exc: BaseException) -> None:
         """Fail the exchange in progress, if any, and drop the connection."""
         self.closed = True
+        self._stop_timer()
         resp = self.resp
         if resp is not None and not resp.complete:
             resp.fail(exc)
@@ -304,22 +321,36 @@ class LeanResponse:
         loop = self._loop
         waiter = self._waiter = loop.create_future()
         self.progress_at = now = loop.time()
-        if self._timer is None:  # one timer per exchange, re-armed only when it fires
-            self._timer = loop.call_at(now + self._timeout, self._check_timeout)
+        # One timer per connection, kept across its exchanges and re-armed only when it
+        # fires (Connection.check_timeout): no timer made and cancelled per exchange. A
+        # response closed already has none of its own connection's: its own timer.
+        conn = self._conn
+        if conn is not None:
+            if conn.timer is None:
+                conn.timer = loop.call_at(now + self._timeout, conn.check_timeout)
+        elif self._timer is None:
+            self._timer = loop.call_at(now + self._timeout, self.check_timeout)
         try:
             await waiter
         finally:
             self._waiter = None
 
-    def _check_timeout(self) -> None:
+    def check_timeout(self) -> None:
+        """The timer fired (the connection's, or this response's own once closed): fail
+        the wait in progress if nothing happened for the timeout, else arm the timer for
+        the rest of it; not waiting now, the next wait arms it."""
         self._timer = None
         waiter = self._waiter
         if waiter is None or waiter.done():
-            return  # not waiting now: the next wait re-arms
+            return
         loop = self._loop
         due = self.progress_at + self._timeout
         if loop.time() < due:
-            self._timer = loop.call_at(due, self._check_timeout)
+            conn = self._conn
+            if conn is not None:
+                conn.timer = loop.call_at(due, conn.check_timeout)
+            else:
+                self._timer = loop.call_at(due, self.check_timeout)
             return
         error = TimeoutError(f"upstream sent nothing for {self._timeout:g} s")
         waiter.set_exception(error)

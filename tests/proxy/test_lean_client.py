@@ -698,6 +698,57 @@ async def test_read_timeout_on_headers_and_between_chunks() -> None:
         await client.aclose()
 
 
+async def test_exchanges_on_one_connection_share_one_timeout_timer() -> None:
+    """The timer that bounds an exchange's waits is the connection's, kept across its
+    exchanges (none made and cancelled per exchange); a later exchange on the reused
+    connection that stalls still fails after the timeout, counted from its own start."""
+    requests = 0
+
+    async def later_stall(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int
+    ) -> None:
+        nonlocal requests
+        while True:
+            await read_request(reader)
+            requests += 1
+            if requests == 22:
+                await asyncio.sleep(3)
+            writer.write(response(b"ok"))
+            await writer.drain()
+
+    client = LeanBackend(timeout=0.4, connect_timeout=1.0, max_connections=1)
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__name__", "") in ("check_timeout", "_check_timeout"):
+            timers.append(when)  # the exchanges' timeouts (not the pool's, the server's)
+        return call_at(when, callback, *args, **kw)
+
+    try:
+        async with RawServer(later_stall) as server:
+            loop.call_at = counting_call_at  # type: ignore[method-assign]
+            for _ in range(20):
+                resp = await client.open("GET", f"{server.url}/x", [], None)
+                assert await resp.read() == b"ok"
+                await resp.aclose()
+            assert server.accepted == 1
+            assert len(timers) == 1  # one per exchange before: 20
+            await asyncio.sleep(0.5)  # the timer fires while the connection is idle: lapses
+            resp = await client.open("GET", f"{server.url}/x", [], None)
+            assert await resp.read() == b"ok"
+            await resp.aclose()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await client.open("GET", f"{server.url}/x", [], None)
+            assert 0.35 < loop.time() - started < 1.2
+            assert server.accepted == 1 and client.pool.size == 0
+    finally:
+        del loop.call_at
+        await client.aclose()
+
+
 async def test_connect_timeout_and_refused_map_to_the_proxy_errors(tmp_path: Path) -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cid: int) -> None:
         await asyncio.sleep(2)  # accepts TCP, never answers the TLS handshake
