@@ -728,7 +728,7 @@ async def test_exchanges_on_one_connection_share_one_timeout_timer() -> None:
 
     try:
         async with RawServer(later_stall) as server:
-            loop.call_at = counting_call_at  # type: ignore[method-assign]
+            loop.call_at = counting_call_at  # type: ignore[method-assign,assignment]
             for _ in range(20):
                 resp = await client.open("GET", f"{server.url}/x", [], None)
                 assert await resp.read() == b"ok"
