@@ -27,6 +27,39 @@ _HIGH_WATER = 256 * 1024  # unread response bytes before reading pauses
 _MAX_HEAD = 256 * 1024  # response header bytes accepted
 
 
+# Per sequence of response header names as the upstream sent them (an upstream answers
+# with the same few): the names lowercased (a list the responses share: never changed) and
+# where the one Content-Length is (-1: none), or _UNUSUAL for a Transfer-Encoding, a
+# Connection or more than one Content-Length (Connection.on_headers_complete reads those
+# values). Bounded: emptied when full, long sequences never kept.
+_UNUSUAL = -2
+_NAMES: dict[tuple[bytes, ...], tuple[list[bytes], int]] = {}
+_NAMES_MAX = 256
+_NAMES_LONG = 64
+_NAMES_BYTES = 4096
+
+
+def _names_of(names: tuple[bytes, ...]) -> tuple[list[bytes], int]:
+    """What ``_NAMES`` keeps for ``names``, kept for the next response with the same."""
+    lnames = b"\n".join(names).lower().split(b"\n")  # a name holds no LF: parsed
+    if (
+        b"transfer-encoding" in lnames
+        or b"connection" in lnames
+        or lnames.count(b"content-length") > 1
+    ):
+        length_at = _UNUSUAL
+    elif b"content-length" in lnames:
+        length_at = lnames.index(b"content-length")
+    else:
+        length_at = -1
+    known = (lnames, length_at)
+    if len(names) <= _NAMES_LONG and sum(map(len, lnames)) <= _NAMES_BYTES:
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[names] = known
+    return known
+
+
 class UpstreamError(ConnectionError):
     """The upstream broke the exchange: closed early, sent garbage, or was unreachable."""
 
@@ -177,21 +210,21 @@ class Connection(asyncio.Protocol):
             raise UpstreamError("upstream switched protocols, which was not asked for")
         resp.status = status
         resp.keep_alive = self.parser.should_keep_alive()
-        # The names lowercased in one go (C), kept for the proxy's own filtering.
+        # The names lowercased, kept for the proxy's own filtering, and where the one
+        # Content-Length is: what depends on the names alone, kept per sequence of names.
         raw = resp.raw_headers
         if raw:
             names, values = zip(*raw, strict=True)
-            lnames = b"\n".join(names).lower().split(b"\n")  # a name holds no LF: parsed
+            known = _NAMES.get(names)
+            if known is None:
+                known = _names_of(names)
+            lnames, length_at = known
         else:
-            lnames, values = [], ()
+            lnames, values, length_at = [], (), -1
         resp.lower_names, resp.values = lnames, values
         length = None
         te = chunked = conn_close = False
-        if (
-            b"transfer-encoding" in lnames
-            or b"connection" in lnames
-            or lnames.count(b"content-length") > 1
-        ):
+        if length_at == _UNUSUAL:
             for lname, value in zip(lnames, values, strict=True):
                 if lname == b"content-length":
                     length = int(value) if value.strip().isdigit() else None
@@ -200,8 +233,8 @@ class Connection(asyncio.Protocol):
                     chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                 elif lname == b"connection":
                     conn_close = conn_close or b"close" in value.lower()
-        elif b"content-length" in lnames:  # the usual answer: one length, nothing else
-            value = values[lnames.index(b"content-length")]
+        elif length_at >= 0:  # the usual answer: one length, nothing else
+            value = values[length_at]
             length = int(value) if value.strip().isdigit() else None
         if te:
             length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
