@@ -617,7 +617,10 @@ class UpstreamProxy:
         try:
             await self._respond(scope, resp, backend, receive, send, upload)
         finally:
-            await resp.aclose()
+            if isinstance(resp, LeanResponse):
+                resp.close()  # its aclose() without a coroutine of its own
+            else:
+                await resp.aclose()
 
     @staticmethod
     async def _stream_body(first: bytes, receive: Receive, upload: _Upload) -> AsyncIterator[bytes]:
