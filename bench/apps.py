@@ -220,8 +220,8 @@ def floor_app(settings: Settings) -> Any:
 
 def gateway_app(settings: Settings, upstream: str, client: str = "lean") -> Any:
     """creditgate's proxy server (GatewayApp) in front of ``upstream`` with the given
-    upstream HTTP client (``upstream_client``); no sync job; its heap frozen at startup
-    as ``creditgate serve``'s is (gateway/commands/server.py ``freeze_heap``)."""
+    upstream HTTP client (``upstream_client``); no sync job; its cycle collector tuned at
+    startup as ``creditgate serve``'s is (gateway/commands/server.py ``tune_collector``)."""
     from gateway.commands.server import GatewayApp
     from gateway.config import load_config
     from gateway.metering.gate import CreditGate
@@ -229,4 +229,4 @@ def gateway_app(settings: Settings, upstream: str, client: str = "lean") -> Any:
     config = load_config(Path(settings.config)).model_copy(
         update={"upstream": upstream, "upstream_client": client}
     )
-    return GatewayApp(CreditGate(config), sync=False, freeze_heap=True)
+    return GatewayApp(CreditGate(config), sync=False, tune_gc=True)

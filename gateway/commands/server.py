@@ -46,7 +46,7 @@ class GatewayApp:
         upstream: ASGIApp | None = None,
         own: ASGIApp | None = None,
         sync: bool = True,
-        freeze_heap: bool = False,
+        tune_gc: bool = False,
     ) -> None:
         config = gate.config
         self.gate = gate
@@ -77,7 +77,7 @@ class GatewayApp:
             {"/healthz", "/readyz", "/metrics", config.api_prefix.rstrip("/"), "/admin"}
         )
         self.sync_enabled = sync
-        self._freeze = freeze_heap  # serve's: see freeze_heap()
+        self._tune_gc = tune_gc  # serve's: see tune_collector()
         self._sync_task: asyncio.Task[None] | None = None
         self._sync_worker: SyncWorker | None = None
 
@@ -108,11 +108,11 @@ class GatewayApp:
                 return
 
     async def startup(self) -> None:
-        """Start the sync job in this loop (unless disabled); then, with ``freeze_heap``,
-        set the heap built so far aside from the cycle collector (:func:`freeze_heap`)."""
+        """Start the sync job in this loop (unless disabled); then, with ``tune_gc``, tune
+        the cycle collector for the heap built so far (:func:`tune_collector`)."""
         await self._start_sync()
-        if self._freeze:
-            freeze_heap()
+        if self._tune_gc:
+            tune_collector()
 
     async def _start_sync(self) -> None:
         if self.sync_enabled and self.gate.config.database_url:
@@ -147,20 +147,30 @@ class GatewayApp:
         await self.gate.close()
 
 
-def freeze_heap() -> None:
-    """Collect once, then move every object the process holds to the cycle collector's
-    permanent generation (``gc.freeze``): the modules, the config, the gate, the pools.
+# The cycle collector's first threshold under serve: CPython 3.13's default (3.11 and
+# 3.12: 700). See tune_collector().
+GEN0_THRESHOLD = 2000
 
-    The collector's full passes walk every tracked object; a served gateway holds ~90k of
-    them after startup, nearly all alive for the whole process, and a full pass came every
-    few thousand proxied requests (each collection's survivors, a request's objects in
-    flight, count towards the next), ~10-20k instructions per request on average
-    (BENCHMARKS.md section 2c). Frozen objects are still freed by their reference counts
-    as usual; only a reference cycle through one of them would never be collected, and the
-    collection before the freeze leaves none that is already garbage.
+
+def tune_collector() -> None:
+    """Collect once, move every object the process holds to the cycle collector's permanent
+    generation (``gc.freeze``: the modules, the config, the gate, the pools), and raise the
+    collector's first threshold to :data:`GEN0_THRESHOLD` (never lower it).
+
+    The collector's passes walk objects that are nearly all alive: a full pass every one
+    the ~90k a served gateway holds after startup, and a young pass (every 700 net new
+    objects) the ~2,500 objects of 64 requests in flight, ~1M instructions each, ~20k per
+    proxied request on average (BENCHMARKS.md section 2c). A request leaves no reference
+    cycle behind, so the passes find next to nothing; with the threshold at 2,000 they
+    came 5 times in 6,400 requests instead of 149. Frozen objects are still freed by their
+    reference counts as usual; only a reference cycle through one of them would never be
+    collected, and the collection before the freeze leaves none that is already garbage.
     """
     gc.collect()
     gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    if 0 < gen0 < GEN0_THRESHOLD:  # 0: collection switched off by the embedder; leave it
+        gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 
 
 def server_options(config: Config) -> dict[str, Any]:
@@ -180,4 +190,4 @@ def create_app() -> GatewayApp:
     # processes of their own.
     raise_open_files_limit(config.upstream_max_connections)
     sync = os.environ.get("CREDITGATE_NO_SYNC", "") not in ("1", "true", "yes")
-    return GatewayApp(CreditGate(config), sync=sync, freeze_heap=True)
+    return GatewayApp(CreditGate(config), sync=sync, tune_gc=True)
