@@ -114,7 +114,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """Feed the parser (as uvicorn does), counting the bytes of unfinished headers."""
         if self._refusal is not None:
             return  # lingering after a refusal: drop what the client still sends
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # _unset_keepalive_if_required, inlined: every request
+        if self.timeout_keep_alive_task is not None:
+            self._unset_keepalive_if_required()
         counting, request = self._in_headers, self._requests
         self._read = len(data)
         if counting:

@@ -52,6 +52,24 @@ _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
 _CLOSE = (b"connection", b"close")
 # Larger bodies are not copied to join them to the head: two writes are cheaper then.
 _JOIN_MAX = 65536
+# Joined name sequences already found to be lowercase tokens (an app answers with the same
+# few): a set lookup instead of a translate per response. Bounded: emptied when full,
+# long sequences never kept.
+_TOKEN_NAMES: set[bytes] = set()
+_TOKEN_NAMES_MAX = 256
+_TOKEN_NAMES_LONG = 4096
+
+
+def _lowercase_tokens(names: bytes) -> bool:
+    """Whether ``names`` (the names of a response's headers, joined) holds nothing but
+    lowercase token characters; kept in ``_TOKEN_NAMES`` when it does."""
+    if names.translate(None, _TOKEN):
+        return False
+    if len(names) <= _TOKEN_NAMES_LONG:
+        if len(_TOKEN_NAMES) >= _TOKEN_NAMES_MAX:
+            _TOKEN_NAMES.clear()
+        _TOKEN_NAMES.add(names)
+    return True
 
 
 def fast_cycle_allowed(cycle: RequestResponseCycle, request_headers: list[Any]) -> bool:
@@ -110,10 +128,11 @@ class FastCycle(RequestResponseCycle):
         count = len(headers)
         if (
             # Every name a lowercase token (a repeated name is the same bytes: its first
-            # spelling in the dict checks it), and nothing but visible characters, spaces
+            # spelling in the dict checks it; the names joined: a token's characters make
+            # tokens however they are split), and nothing but visible characters, spaces
             # and the CRLFs between the lines in the block: no control character, no CR or
             # LF in a name or value.
-            names.translate(None, _TOKEN)
+            (names not in _TOKEN_NAMES and not _lowercase_tokens(names))
             or block.translate(None, _VISIBLE) != _CRLF * (count - 1)
             or b"transfer-encoding" in fields
             or b"connection" in fields

@@ -193,6 +193,31 @@ def test_a_hostile_value_never_reaches_the_client(value: bytes) -> None:
     assert fast["bytes"] == b"" and fast["error"] == "RuntimeError: Invalid HTTP header value."
 
 
+def test_names_kept_as_tokens_never_let_another_name_through() -> None:
+    """The joined names found to be lowercase tokens are kept per sequence: the same
+    sequence again (other values) takes the fast path, and a sequence with a name outside
+    the rule still goes to uvicorn's send, whatever was kept before; the set is bounded."""
+    from gateway.commands import response_cycle
+
+    for round_ in range(3):  # the first decides and keeps, the next ones use the kept
+        headers = [(b"x-a", b"%d" % round_), *OK]
+        fast = _run(FastCycle, [_start(headers), _body(b"hello")])
+        slow = _run(RequestResponseCycle, [_start(headers), _body(b"hello")])
+        assert fast["bytes"] == slow["bytes"] and fast["writes"] == 1
+    for name in (b"x-A", b"x a", b"x-a:", b"x-a\r\nx-b", b"X-a"):
+        headers = [(name, b"1"), *OK]
+        fast = _run(FastCycle, [_start(headers), _body(b"hello")])
+        slow = _run(RequestResponseCycle, [_start(headers), _body(b"hello")])
+        assert (fast["bytes"], fast["error"]) == (slow["bytes"], slow["error"]), name
+        assert b"".join([name, *(n for n, _ in OK)]) not in response_cycle._TOKEN_NAMES
+    for i in range(response_cycle._TOKEN_NAMES_MAX + 5):
+        _run(FastCycle, [_start([(b"x-%d" % i, b"1"), *OK]), _body(b"hello")])
+        assert len(response_cycle._TOKEN_NAMES) <= response_cycle._TOKEN_NAMES_MAX
+    long = [(b"x-" + b"a" * 5000, b"1"), *OK]
+    assert _run(FastCycle, [_start(long), _body(b"hello")])["writes"] == 1
+    assert b"".join(n for n, _ in long) not in response_cycle._TOKEN_NAMES
+
+
 def test_the_protocol_uses_it_only_for_a_connection_kept_open() -> None:
     cycle, _, _ = _cycle(RequestResponseCycle)
     assert fast_cycle_allowed(cycle, [(b"host", b"x")])
