@@ -14,6 +14,8 @@ keep-alive request's cycle one) sends the same bytes more cheaply:
   with another (C loops over the bytes, no regex), by a rule *stricter* than uvicorn's: a
   name must be a lowercase RFC 9110 token, a value visible ASCII, space or obs-text (no
   control character, not even a tab), and no CR or LF but the ones ending each line;
+- ``receive`` takes a request body that is already there without waiting on the cycle's
+  event (the same message uvicorn's ``receive`` gives);
 - a head whose body has a Content-Length of at most 64 KiB is held until the first body
   message and written with it, in one ``transport.write`` (an app that sends such a head
   and then nothing, which uvicorn answers by closing the connection, leaves the client
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from uvicorn._types import ASGISendEvent
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 __all__ = ["FastCycle", "fast_cycle_allowed"]
@@ -158,6 +160,28 @@ class FastCycle(RequestResponseCycle):
         else:
             head = status_line + _CRLF
         self.transport.write(head)
+
+    async def receive(self) -> ASGIReceiveEvent:
+        """uvicorn's ``receive``; what the request sent so far taken at once when it is
+        there already (the usual short request: its body came in the read that began it),
+        without the event's wait coroutine. The same message and state as uvicorn's."""
+        event = self.message_event
+        if (
+            self.waiting_for_100_continue
+            or self.disconnected
+            or self.response_complete
+            or not event.is_set()
+        ):
+            return await super().receive()
+        self.flow.resume_reading()
+        event.clear()
+        message: HTTPRequestEvent = {
+            "type": "http.request",
+            "body": bytes(self.body),
+            "more_body": self.more_body,
+        }
+        self.body = bytearray()
+        return message
 
     async def _send_held(self, head: bytes, msg: dict[str, Any]) -> None:
         """The message after a held head: a body that fits goes out with it in one write;

@@ -386,3 +386,50 @@ def test_the_comparison_holds_on_another_uvicorn() -> None:
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     assert version.startswith(other), version
+
+
+# --- receive ---------------------------------------------------------------------------
+
+
+def _receive_states() -> list[dict[str, Any]]:
+    states = []
+    for event_set in (True, False):
+        for body in (b"", b"{}"):
+            for more_body in (True, False):
+                for continue_ in (False, True):
+                    for ended in ("", "disconnected", "response_complete"):
+                        states.append(
+                            {"event": event_set, "body": body, "more": more_body,
+                             "continue": continue_, "ended": ended}
+                        )  # fmt: skip
+    return states
+
+
+@pytest.mark.parametrize("state", _receive_states())
+def test_receive_gives_what_uvicorns_receive_gives(state: dict[str, Any]) -> None:
+    """Every combination of the cycle's request state: the same message (or the same wait),
+    the same state after it, the same bytes written (100 Continue)."""
+
+    async def go(cls: type[RequestResponseCycle]) -> tuple[Any, ...]:
+        cycle, transport, _ = _cycle(cls, "POST")
+        cycle.body = bytearray(state["body"])
+        cycle.more_body = state["more"]
+        cycle.waiting_for_100_continue = state["continue"]
+        if state["ended"]:
+            setattr(cycle, state["ended"], True)
+        if state["event"]:
+            cycle.message_event.set()
+        task = asyncio.ensure_future(cycle.receive())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        waited = not task.done()
+        if waited:  # uvicorn waits for the next read: give it one
+            cycle.body += b"more"
+            cycle.message_event.set()
+        message = await asyncio.wait_for(task, 1)
+        return (
+            waited, message, bytes(cycle.body), cycle.more_body, cycle.message_event.is_set(),
+            cycle.waiting_for_100_continue, b"".join(transport.writes),
+        )  # fmt: skip
+
+    assert asyncio.run(go(FastCycle)) == asyncio.run(go(RequestResponseCycle))
