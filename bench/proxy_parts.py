@@ -12,7 +12,9 @@ difference of the totals over the difference of the counts. Steps:
 - ``uv-proxy``: GatewayApp (the metering middleware + UpstreamProxy with the lean client)
   behind the HTTP protocol ``creditgate serve`` uses (``server_options(config)``:
   gateway/commands/limited_protocol.py), with serve's uvicorn options (no Server/Date
-  headers of its own), on an in-memory client transport; 64 keep-alive connections, one
+  headers of its own), its startup run first as serve's lifespan runs it (the cycle
+  collector tuned: gateway/commands/server.py ``tune_collector``), on an in-memory client
+  transport; 64 keep-alive connections, one
   request at a time each. The upstream is the bare app under uvicorn in another process
   on core 1 (not counted), reached over real sockets;
 - ``proxy``: the same GatewayApp driven as an ASGI app, no server in front (what
