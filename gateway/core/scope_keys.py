@@ -1,8 +1,9 @@
 """The ``scope["state"]`` keys through which the proxy tells the metering middleware how
 the upstream answered (the proxy writes them, the middleware reads them at settle time),
 the one through which the middleware asks the proxy to drain a stream for its usage, the
-one through which it offers to take a complete answer in one call, and the one through
-which an app reports its own cost (DESIGN A8, middleware mode).
+one through which its usage tap offers to take a complete answer in one call and to leave
+the request body to the app, and the one through which an app reports its own cost
+(DESIGN A8, middleware mode).
 
 Defined once here, below both: ``gateway.proxy`` and ``gateway.metering`` never import
 each other (docs/ARCHITECTURE.md, layers).
@@ -11,14 +12,15 @@ each other (docs/ARCHITECTURE.md, layers).
 from __future__ import annotations
 
 __all__ = [
-    "ANSWER_WHOLE",
     "APP_COST",
     "CLIENT_DISCONNECTED",
     "DRAINS_USAGE",
+    "READS_USAGE_REQUEST",
     "UPSTREAM_ERROR",
     "UPSTREAM_LATENCY_MS",
     "UPSTREAM_STATUS",
     "USAGE_DRAIN_SECONDS",
+    "USAGE_TAP",
 ]
 
 UPSTREAM_STATUS = "creditgate.upstream_status"
@@ -48,15 +50,37 @@ DRAINS_USAGE = "drains_usage"
 drains by holding the client's ``http.disconnect`` back from it for at most that long
 (or until its response is complete), so that the app finishes its upstream call."""
 
-ANSWER_WHOLE = "creditgate.answer_whole"
-"""Set by the middleware's usage tap (DESIGN A8 ``usage``): ``(send, answer)``, where
-``send`` is the ``send`` it hands the app and ``answer(start, body)`` an awaitable taking a
-complete response at once: the ``http.response.start`` message and the whole body (bytes),
-with the same outcome as sending the start and one final body message through ``send``.
-An app that has a complete answer before it starts the response (the proxy: a body of
-known length, read before the start) and whose ``send`` is that ``send`` may call it
-instead: the tap then reads the usage, prices it, heads the start with the actual charge
-and keeps the settle in one straight run, with no state kept between two messages."""
+USAGE_TAP = "creditgate.usage_tap"
+"""Set by the middleware on a usage-cost request (DESIGN A8 ``usage``): ``(send, answer,
+request)``, what its usage tap offers an app that knows this key (the proxy). ``send`` is
+the ``send`` it hands the app.
+
+``answer(start, body)``, a plain function, takes a complete response at once: the
+``http.response.start`` message and the whole body (bytes). It returns the ``send`` to
+which the caller then sends that start and one final body message (``{"type":
+"http.response.body", "body": body, "more_body": False}``), or ``None``: send nothing. The
+outcome is that of sending both messages through ``send``. An app that has a complete
+answer before it starts the response (the proxy: a body of known length, read before the
+start) and whose ``send`` is that ``send`` may call it instead: the tap then reads the
+usage, prices it, heads the start with the actual charge and keeps the settle in one
+straight run, with no state kept between two messages, and hands back the ``send`` behind
+it, so that the app awaits the server's ``send`` as on a fixed-cost route.
+
+``request`` is ``None``, or, for an app whose class sets :data:`READS_USAGE_REQUEST`, what
+the middleware would otherwise have done to the request body before the call (ask an OpenAI
+stream for its usage: ``stream_options.include_usage``), left to the app, which reads the
+body anyway: ``(whole, read)``. The app gives its first ``http.request`` message to
+``whole(first)`` when it holds the whole body (no ``more_body``) and forwards the message
+returned; else it awaits ``read(scope, first, receive)`` and goes on with the ``(first,
+receive)`` it returns (a message holding the whole body when it was read, else the body's
+first message and a ``receive`` that replays the rest), or, for ``None`` (the client left),
+forwards nothing. Either way the body it forwards may differ in length from the request's
+Content-Length: the app frames it by its own length."""
+
+READS_USAGE_REQUEST = "reads_usage_request"
+"""The name of a class attribute an ASGI app sets to ``True`` when it honours the
+``request`` element of :data:`USAGE_TAP` (``UpstreamProxy``): the middleware then leaves
+the request body to it instead of reading it before the call and replaying it."""
 
 APP_COST = "creditgate_cost"
 """Middleware mode: the actual cost of the request (integer creditgate tokens >= 0) that

@@ -9,6 +9,7 @@ and the rate-limit headers. The functions here only replace its first one or two
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from gateway.metering.admission import Admission
@@ -29,14 +30,17 @@ def refunded_headers(charged: list[Header], adm: Admission) -> list[Header]:
     return [REFUNDED_COST, restored, *charged[2:]]
 
 
-def actual_headers(charged: list[Header], adm: Admission, actual: int) -> list[Header]:
+def actual_headers(
+    charged: list[Header], adm: Admission, actual: int, head: Iterable[Header] = ()
+) -> list[Header]:
     """``charged`` as the actual charge tells it: ``actual`` instead of the hold, and what is
-    left once the difference is refunded or taken (never below zero)."""
+    left once the difference is refunded or taken (never below zero); after ``head`` (the
+    answer's own headers: one list built, not two)."""
     # b"%d" % n: one bytes object, where str(n).encode() makes a str first (every held
     # usage-cost answer comes here).
     cost = (b"x-tokens-cost", b"%d" % actual)
     remaining = adm.remaining
     if remaining is None:
-        return [cost, *charged[1:]]
+        return [*head, cost, *charged[1:]]
     left = remaining + adm.cost - actual
-    return [cost, (b"x-tokens-remaining", b"%d" % left if left > 0 else b"0"), *charged[2:]]
+    return [*head, cost, (b"x-tokens-remaining", b"%d" % left if left > 0 else b"0"), *charged[2:]]

@@ -41,12 +41,13 @@ from gateway.core.headers import HeaderPolicy
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
-    ANSWER_WHOLE,
     DRAINS_USAGE,
+    READS_USAGE_REQUEST,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
     UPSTREAM_STATUS,
     USAGE_DRAIN_SECONDS,
+    USAGE_TAP,
 )
 from gateway.core.splice import SEND_PASSES_BODY
 from gateway.identity.identifier import Identity, IdentityFailure
@@ -146,6 +147,13 @@ class CreditGateMiddleware:
         # An app that keeps reading the upstream itself when asked (USAGE_DRAIN_SECONDS):
         # the proxy. Any other app is drained by seeing the client's disconnect late.
         self._app_drains = getattr(app, DRAINS_USAGE, False) is True
+        # The drain a variable-cost request's receive holds a disconnect back for, when it
+        # has one (ResponseTap, TapReceive): none for such an app.
+        self._tap_drain = 0.0 if self._app_drains else config.usage_drain_seconds
+        # An app that reads the request body anyway and asks for include_usage itself when
+        # told (USAGE_TAP's request element): the proxy. Any other app gets the body read
+        # before the call and replayed.
+        self._app_reads_request = getattr(app, READS_USAGE_REQUEST, False) is True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -292,11 +300,14 @@ class CreditGateMiddleware:
         or a disconnect held back (bench/usage_instructions.py counts what each costs)."""
         replay: list[Message] | None = None
         body: bytes | None = None
+        # Left to the app (the proxy), which reads the body anyway: the body read only to
+        # ask for include_usage, when nothing read it yet (USAGE_TAP's request element).
+        request = cost.request if self._app_reads_request and pre_read is None else None
         if pre_read is not None:
             replay = pre_read.messages
             if cost.reads_body:
                 body = pre_read.body
-        elif cost.reads_body:
+        elif cost.reads_body and request is None:
             first = await receive()
             data: bytes = first.get("body", b"")
             if (
@@ -361,13 +372,13 @@ class CreditGateMiddleware:
             # handing each piece to the tap's observer (ResponseTap.splice_observer).
             state[SEND_PASSES_BODY] = (tap_send, send, tap.splice_observer)
         if cost.usage:
-            # An answer complete before its start goes to the tap in one call.
-            state[ANSWER_WHOLE] = (tap_send, tap.answer)
+            # An answer complete before its start goes to the tap in one call; the app
+            # may be left the request body (read ahead above otherwise).
+            state[USAGE_TAP] = (tap_send, tap.answer, request)
         drain = cost.drain_s
         if drain > 0:
             state[USAGE_DRAIN_SECONDS] = drain
-            if self._app_drains:
-                drain = 0.0  # the proxy keeps reading by itself
+            drain = self._tap_drain  # 0 for the proxy: it keeps reading by itself
         # The app's receive: the body read before the call first, and (an app that does
         # not drain by itself) the client's disconnect held back while its answer goes on.
         if replay is not None and len(replay) == 1 and drain <= 0:  # the usual
@@ -380,7 +391,7 @@ class CreditGateMiddleware:
         ok = False
         try:
             await self.app(inner, tapped, tap_send)
-            if tap.held:
+            if tap.quiet is None and tap.held:  # (priced: complete, so nothing is held)
                 await tap.close()
             status = tap.status
             ok = status > 0 and status not in refund_on and UPSTREAM_ERROR not in state
@@ -416,7 +427,7 @@ class CreditGateMiddleware:
             # The declarations name the tap, which names the state: without them the
             # request's objects are freed at once, not by the cycle collector.
             state.pop(SEND_PASSES_BODY, None)
-            state.pop(ANSWER_WHOLE, None)
+            state.pop(USAGE_TAP, None)
             if self.access_log:
                 log_access(
                     request_id=adm.request_id, method=scope["method"], route=match.template,

@@ -8,7 +8,11 @@ Before the call (:func:`read_request`): when the hold depends on the request (``
 auto``) or the request may need ``stream_options.include_usage`` (OpenAI Chat Completions
 streams, which report no usage unless asked), the body is read, at most
 :data:`REQUEST_BODY_LIMIT` bytes of it, and replayed to the app (:class:`TapReceive`). A
-larger body is forwarded untouched and holds the feature's ``max``.
+larger body is forwarded untouched and holds the feature's ``max``. A body read only for
+``include_usage`` is left to an app that reads it anyway (the proxy,
+:data:`~gateway.core.scope_keys.READS_USAGE_REQUEST`), which applies
+:func:`stream_usage_asked` (or :func:`read_asking_stream_usage`) itself: no read ahead and
+replay for the usual usage-charged request through the proxy.
 
 After the call (:class:`ResponseTap`, which wraps ``send``):
 
@@ -23,7 +27,7 @@ After the call (:class:`ResponseTap`, which wraps ``send``):
   ``streamGenerateContent`` without ``alt=sse`` (a JSON array that streams) is passed on
   chunk by chunk and read at its end instead. An answer complete before its start (the
   proxy's, of known length) comes in one call instead, :meth:`ResponseTap.answer`
-  (:data:`~gateway.core.scope_keys.ANSWER_WHOLE`): read, priced and headed in one straight
+  (:data:`~gateway.core.scope_keys.USAGE_TAP`): read, priced and headed in one straight
   run, its settle value kept for the middleware (:attr:`ResponseTap.quiet`).
 
 Then :meth:`ResponseTap.actual` prices the usage (``models:``, capped by ``max``), or, when
@@ -41,10 +45,10 @@ import asyncio
 import contextlib
 import re
 from collections import deque
-from collections.abc import Container, MutableMapping
+from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
 from typing import Any, Final
 
-from starlette.types import Message, Receive, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config.costs import CostSpec
 from gateway.core.problem import send_problem
@@ -53,7 +57,7 @@ from gateway.core.splice import BodyObserver
 from gateway.metering.admission import Admission
 from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
 from gateway.metering.settlement import Actual, counts_value, quiet_extension
-from gateway.usage import PriceTable, StreamTap, Usage, usage_from_json
+from gateway.usage import PriceTable, StreamTap, Usage, ensure_stream_usage, usage_from_json
 from gateway.usage.model import checked_usage
 from gateway.usage.requests import estimate_reserve
 from gateway.usage.responses import MODE_CODES
@@ -132,10 +136,12 @@ class VariableCost:
         "asks_stream_usage",
         "drain_s",
         "header_key",
+        "maximum",
         "mode",
         "prices",
         "provider",
         "reads_body",
+        "request",
         "reserve",
         "spec",
         "usage",
@@ -144,6 +150,7 @@ class VariableCost:
     def __init__(self, spec: CostSpec, prices: PriceTable | None, drain_s: float) -> None:
         self.spec = spec
         self.prices = prices
+        self.maximum = spec.maximum
         self.usage = spec.mode == "usage"
         self.provider = spec.provider or "auto"
         # The provider as the compiled reading takes it (gateway/usage/topscan.py counts).
@@ -157,6 +164,11 @@ class VariableCost:
         # (``stream_options.include_usage``): the request is read to ask for it.
         self.asks_stream_usage = self.usage and self.provider in ("openai", "auto")
         self.reads_body = spec.reserve_auto or self.asks_stream_usage
+        # The body read only to ask for include_usage: an app that reads the body anyway
+        # (the proxy: READS_USAGE_REQUEST) may do it instead (USAGE_TAP's request element).
+        self.request: RequestSide | None = (
+            _REQUEST_SIDE if self.asks_stream_usage and not spec.reserve_auto else None
+        )
         # The hold when it does not depend on the request (None: reserve: auto).
         self.reserve: int | None = spec.reserve
 
@@ -228,6 +240,53 @@ async def read_request(
     return RequestRead(messages, None, False)
 
 
+def stream_usage_asked(first: Message) -> Message:
+    """The first ``http.request`` message of a body that came whole, as an app that reads
+    the request itself forwards it (USAGE_TAP's ``request``: ``whole``): with
+    ``stream_options.include_usage`` asked for when it is an OpenAI chat stream within
+    :data:`REQUEST_BODY_LIMIT` (:func:`~gateway.usage.requests.ensure_stream_usage`), as
+    :meth:`CreditGateMiddleware._variable_call` asks it when it reads the body itself."""
+    body: bytes = first.get("body", b"")
+    # (find, not `in`: bytes' `in` first tries its argument as an int, and the TypeError it
+    # makes and clears costs more than the search. A body without the key cannot be a
+    # stream: spared the JSON decode.)
+    if body.find(b'"stream"') >= 0 and len(body) <= REQUEST_BODY_LIMIT:
+        changed = ensure_stream_usage(body)
+        if changed is not None:
+            return {"type": "http.request", "body": changed, "more_body": False}
+    return first
+
+
+async def read_asking_stream_usage(
+    scope: Scope, first: Message, receive: Receive
+) -> tuple[Message, Receive] | None:
+    """USAGE_TAP's ``request``: ``read``, for a body that did not come whole in its first
+    message: read as :func:`read_request` reads it (at most :data:`REQUEST_BODY_LIMIT`),
+    then what the app forwards: the whole body in one message (through
+    :func:`stream_usage_asked`) and the rest of ``receive``, or, past the limit, the
+    body's first message and a ``receive`` replaying what was read; ``None`` when the client
+    left."""
+    read = await read_request(receive, scope["headers"], first=first)
+    if read.disconnected:
+        return None
+    if read.body is not None:
+        whole = {"type": "http.request", "body": read.body, "more_body": False}
+        return stream_usage_asked(whole), receive
+    messages = read.messages
+    if not messages:  # not a body message at all: left to the app as it came
+        return first, receive
+    return messages[0], TapReceive(messages[1:], receive, None, 0.0)
+
+
+RequestSide = tuple[
+    Callable[[Message], Message],
+    Callable[[Scope, Message, Receive], Awaitable[tuple[Message, Receive] | None]],
+]
+"""USAGE_TAP's ``request`` element: ``(whole, read)`` (gateway/core/scope_keys.py)."""
+
+_REQUEST_SIDE: Final[RequestSide] = (stream_usage_asked, read_asking_stream_usage)
+
+
 def replaced_body_headers(headers: list[Header], length: int) -> list[Header]:
     """``headers`` for a body rewritten to ``length`` bytes: one Content-Length, no
     Transfer-Encoding (the app gets the whole body in one message)."""
@@ -238,10 +297,14 @@ def replaced_body_headers(headers: list[Header], length: int) -> list[Header]:
 
 def identity_encoding(headers: list[Header]) -> list[Header]:
     """``headers`` asking for an uncompressed answer: a usage cannot be read from gzip."""
-    # Every usage-charged request comes here. Without an Accept-Encoding (told by a dict
-    # built in C) the list is copied with one more header, no Python loop; else filtered
-    # by a list comprehension, not a generator.
-    if _ACCEPT_ENCODING not in dict(headers):
+    # Every usage-charged request comes here. Without an Accept-Encoding the list is copied
+    # with one more header; else filtered by a list comprehension, not a generator. (The
+    # names are compared in a plain loop: ~40 % cheaper than building a dict of the
+    # headers to ask it, for a usual request's 7-10 headers.)
+    for name, _ in headers:
+        if name == _ACCEPT_ENCODING:
+            break
+    else:
         return [*headers, _IDENTITY]
     out = [h for h in headers if h[0] != _ACCEPT_ENCODING]
     out.append(_IDENTITY)
@@ -484,16 +547,18 @@ class ResponseTap:
         if CLIENT_DISCONNECTED not in self._state:
             await self._send(message)
 
-    async def answer(self, start: Message, body: bytes) -> None:
+    def answer(self, start: Message, body: bytes) -> Send | None:
         """The whole response at once: its ``start`` and its complete ``body`` (the proxy's
         answer of known length, read before its start: :data:`~gateway.core.scope_keys.
-        ANSWER_WHOLE`). The same outcome as :meth:`send` of the start and one final body
-        message, in one straight run for the usual usage-charged answer (a JSON body, not
-        refunded): the usage read, priced, the start headed with the actual charge, the
-        settle value kept (:attr:`quiet`), both messages sent on. Anything else goes through
-        :meth:`send` as two messages."""
+        USAGE_TAP`). The caller then sends the start and one final body message to the
+        ``send`` returned, or nothing when it returns ``None``: the same outcome as
+        :meth:`send` of the two messages. For the usual usage-charged answer (a JSON body,
+        not refunded) that is one straight run here: the usage read, priced, the start
+        headed with the actual charge, the settle value kept (:attr:`quiet`), and the
+        ``send`` after the tap returned, so that the caller awaits the server's ``send``
+        itself, as on a fixed-cost route (no coroutine of the tap's in between). Anything
+        else gets :meth:`send`: the two messages go through the tap."""
         status = self.status = start["status"]
-        headers = start.get("headers", ())
         state = self._state
         if (
             self._cost.usage
@@ -503,28 +568,32 @@ class ResponseTap:
             and status != 204
             and status != 304
         ):
-            # _started's tests of the body's kind, on the headers as a dict (built in C).
-            named = dict(headers)
-            encoding = named.get(_CONTENT_ENCODING)
+            headers = start.get("headers", ())
+            # _started's tests of the body's kind; the last of each header wins, as in its
+            # dict (a plain loop over the answer's few headers costs less than the dict).
+            encoding: bytes | None = None
+            kind = b""
+            for name, value in headers:
+                if name == _CONTENT_TYPE:
+                    kind = value
+                elif name == _CONTENT_ENCODING:
+                    encoding = value
             if (
                 (encoding is None or encoding.strip().lower() in (b"", b"identity"))
-                and not named.get(_CONTENT_TYPE, b"").lower().startswith(b"text/event-stream")
+                and not kind.lower().startswith(b"text/event-stream")
                 and _GEMINI_STREAM not in self._path
             ):
                 self._mode = _HOLD
-                start["headers"] = [*headers, *self._whole(body)]
-                if CLIENT_DISCONNECTED not in state:
-                    send = self._send
-                    await send(start)
-                    await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
-        await self.send(start)
-        await self.send({"type": "http.response.body", "body": body, "more_body": False})
+                start["headers"] = self._whole(body, headers)
+                # Once the client has left, nothing goes to it (as in send).
+                return None if CLIENT_DISCONNECTED in state else self._send
+        return self.send
 
-    def _whole(self, body: bytes) -> list[Header]:
+    def _whole(self, body: bytes, head: Iterable[Header]) -> list[Header]:
         """A complete answer's charge: its usage read (the compiled reading of the usual
         shapes, else :func:`usage_from_json`) and priced, or the missing-usage policy; the
-        settle value kept in :attr:`quiet`; the X-Tokens-* headers that tell the charge."""
+        settle value kept in :attr:`quiet`; the answer's headers ``head`` followed by the
+        X-Tokens-* headers that tell the charge."""
         self.complete = True
         if self._gone is not None:
             self._gone.set()
@@ -546,14 +615,14 @@ class ResponseTap:
             _, model, ui, uc, uo, ur = read
             prices = cost.prices
             assert prices is not None  # a checked config has prices for every usage cost
-            tokens = self.tokens = prices.cost_of(model, ui, uc, uo + ur, cost.spec.maximum)
+            tokens = self.tokens = prices.cost_of(model, ui, uc, uo + ur, cost.maximum)
             self.model, self.missing = model or "", False
             self.quiet = (counts_value(tokens, model, ui, uc, uo, ur),)
         # The status did not refund (else nothing was read), but the upstream may have
         # failed since the start (middleware mode).
         if UPSTREAM_ERROR in self._state:
-            return refunded_headers(self._charged_headers, self._adm)
-        return actual_headers(self._charged_headers, self._adm, tokens)
+            return [*head, *refunded_headers(self._charged_headers, self._adm)]
+        return actual_headers(self._charged_headers, self._adm, tokens, head)
 
     def _started(self, message: Message) -> Message | None:
         """The start message to send, with its X-Tokens-* headers; ``None`` when held."""
@@ -629,7 +698,7 @@ class ResponseTap:
             message = {"type": "http.response.body", "body": body}
         self._start = self._buffer = None
         # The complete answer, read and priced as answer() does it.
-        start["headers"] = [*start.get("headers", ()), *self._whole(body)]
+        start["headers"] = self._whole(body, start.get("headers", ()))
         return start, message
 
     def _flush_held(self, *, more: bool) -> tuple[Message, Message] | None:

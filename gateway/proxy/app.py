@@ -4,7 +4,7 @@ Bodies stream both ways. A request body goes to the HTTP client as an async gene
 the ASGI ``http.request`` messages, so the upstream starts receiving before the client has
 finished sending; a small response (Content-Length <= ``max_buffered_body``) is read whole
 and sent as one message (or, with the usage tap of a usage-cost route in front, handed to it
-with its start in one call: ``ANSWER_WHOLE``), anything else is relayed chunk by chunk as it
+with its start in one call: ``USAGE_TAP``), anything else is relayed chunk by chunk as it
 arrives.
 
 Errors before the upstream's response headers become problem+json 502 (``bad_gateway``) or
@@ -65,12 +65,12 @@ from yarl import URL
 from gateway.core.headers import OURS_PREFIX, OVERRIDE_HEADERS
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
-    ANSWER_WHOLE,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
     UPSTREAM_STATUS,
     USAGE_DRAIN_SECONDS,
+    USAGE_TAP,
 )
 from gateway.core.splice import ResponseSplice, splice_for
 from gateway.proxy.lean_client import LeanBackend, LeanResponse, Origin, frame, origin_of
@@ -353,6 +353,12 @@ class UpstreamProxy:
     :meth:`_respond_draining`): the metering middleware in front then hands it the client's
     disconnect at once (gateway/core/scope_keys.py ``DRAINS_USAGE``)."""
 
+    reads_usage_request: ClassVar[bool] = True
+    """It reads the request body anyway and asks an OpenAI stream for its usage when the
+    usage tap says so (``USAGE_TAP``'s request element, :meth:`_http`): the metering
+    middleware in front then leaves the body to it (gateway/core/scope_keys.py
+    ``READS_USAGE_REQUEST``) instead of reading it first and replaying it."""
+
     def __init__(
         self,
         upstream: str,
@@ -554,6 +560,8 @@ class UpstreamProxy:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope.setdefault("state", {})
+        # A usage tap in front (USAGE_TAP): what it offers for the request and the answer.
+        tap = state.get(USAGE_TAP)
         lean = self._lean_lines(scope) if self._origin is not None else None
         if lean is None:
             headers, declared = self._request_headers(scope)
@@ -563,6 +571,24 @@ class UpstreamProxy:
         if first["type"] == "http.disconnect":
             state[CLIENT_DISCONNECTED] = True
             return
+        if tap is not None and tap[2] is not None:
+            # The request body as the tap would have sent it (include_usage asked for).
+            given = first
+            if first.get("more_body", False):
+                taken = await tap[2][1](scope, first, receive)
+                if taken is None:
+                    state[CLIENT_DISCONNECTED] = True
+                    return
+                first, receive = taken
+            else:
+                first = tap[2][0](first)
+            if first is not given and not first.get("more_body", False):
+                # A body of its own length now: the lean client frames bytes by their
+                # length, the others are told it.
+                declared = len(first.get("body", b""))
+                if lean is None:
+                    headers = [(n, v) for n, v in headers if n != "content-length"]
+                    headers.append(("content-length", str(declared)))
         chunk: bytes = first.get("body", b"")
         body: Body = chunk or None
         upload = _Upload(done=not first.get("more_body", False))
@@ -615,7 +641,7 @@ class UpstreamProxy:
         state[UPSTREAM_STATUS] = resp.status
         state[UPSTREAM_LATENCY_MS] = (time.perf_counter() - started) * 1000.0
         try:
-            await self._respond(scope, resp, backend, receive, send, upload)
+            await self._respond(scope, resp, backend, receive, send, upload, tap)
         finally:
             if isinstance(resp, LeanResponse):
                 resp.close()  # its aclose() without a coroutine of its own
@@ -645,7 +671,9 @@ class UpstreamProxy:
         receive: Receive,
         send: Send,
         upload: _Upload,
+        tap: tuple[Any, ...] | None = None,
     ) -> None:
+        """Relay the upstream's answer; ``tap``: the usage tap's offer (``USAGE_TAP``)."""
         state = scope["state"]
         if isinstance(resp, LeanResponse) and HOP_BY_HOP.isdisjoint(resp.lower_names):
             # The usual answer (no Connection header, so nothing named in it either): the
@@ -674,11 +702,13 @@ class UpstreamProxy:
                 state[UPSTREAM_ERROR] = f"upstream body failed: {type(exc).__name__}: {exc}"
                 await _bad_gateway(send, timed_out=False)
                 return
-            # A usage tap in between takes the whole answer in one call (ANSWER_WHOLE).
-            whole = state.get(ANSWER_WHOLE)
-            if whole is not None and whole[0] is send:
-                await whole[1](start, data)
-                return
+            # A usage tap in between takes the whole answer in one call (USAGE_TAP) and
+            # says where both messages go: past it (read and headed), through it, or nowhere.
+            if tap is not None and tap[0] is send:
+                target = tap[1](start, data)
+                if target is None:
+                    return
+                send = target
             await send(start)
             await send({"type": "http.response.body", "body": data, "more_body": False})
             return

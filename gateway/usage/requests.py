@@ -14,6 +14,7 @@ from typing import Final
 from gateway.usage.jsonload import loads
 from gateway.usage.model import MAX_TOKENS, clean_model, is_count, provider_mode
 from gateway.usage.prices import PriceTable
+from gateway.usage.topscan import scan as _scan
 
 DEFAULT_OUTPUT_TOKENS: Final = 4096
 """The output allowance reserved for a request that names no output cap."""
@@ -29,6 +30,17 @@ _OUTPUT_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "gemini": (),
     "auto": ("max_completion_tokens", "max_tokens", "max_output_tokens"),
 }
+# The top-level members estimate_reserve reads, per provider mode: what the compiled scan
+# picks out of a request body (gateway/usage/topscan.py), so that only they are decoded.
+_READ_KEYS: Final[dict[str, tuple[bytes, ...]]] = {
+    "openai": (b"max_completion_tokens", b"max_tokens", b"max_output_tokens", b"n", b"model"),
+    "anthropic": (b"max_tokens", b"model"),
+    "gemini": (b"generationConfig", b"generation_config", b"model"),
+    "auto": (
+        b"max_completion_tokens", b"max_tokens", b"max_output_tokens", b"n",
+        b"generationConfig", b"generation_config", b"model",
+    ),
+}  # fmt: skip
 # Keys an Anthropic Messages body has and a Chat Completions body never does: their presence
 # means the caller routed an Anthropic request here, and OpenAI-only fields must not be added.
 _NOT_CHAT_KEYS: Final = ("system", "anthropic_version", "stop_sequences", "top_k", "thinking")
@@ -60,6 +72,20 @@ def _decode(body: bytes, exact: bool = False) -> dict[str, object] | None:
     except (ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _members(body: bytes, mode: str) -> dict[str, object] | None:
+    """The body's JSON object as :func:`estimate_reserve` reads it (``None`` when it is not
+    one): with the compiled scan, only its members named in ``_READ_KEYS[mode]``, decoded
+    from the small object the scan picks (the same values as in the whole body decoded:
+    the last of each key at the top level, its bytes as they are), so that a long prompt's
+    messages are never built into Python objects; else, and for a body the scan does not
+    vouch for, the whole body decoded."""
+    if _scan is not None and type(body) is bytes:
+        picked = _scan(body, _READ_KEYS[mode])
+        if picked is not None:
+            return _decode(picked)
+    return _decode(body)
 
 
 def _positive(value: object) -> int | None:
@@ -129,8 +155,9 @@ def estimate_reserve(
         raise ValueError("cap: must be a positive integer or None")
     if not is_count(default_output):
         raise ValueError("default_output: must be a non-negative integer")
-    keys = _OUTPUT_KEYS[provider_mode(provider)]
-    doc = _decode(body)
+    mode = provider_mode(provider)
+    keys = _OUTPUT_KEYS[mode]
+    doc = _members(body, mode)
     top: int | None = None  # the largest positive output cap named
     choices = 1
     if doc is not None:

@@ -30,7 +30,12 @@ from starlette.types import Message
 from gateway import CreditGate, CreditGateMiddleware
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.counters import METRICS
-from gateway.core.scope_keys import CLIENT_DISCONNECTED, UPSTREAM_ERROR, USAGE_DRAIN_SECONDS
+from gateway.core.scope_keys import (
+    CLIENT_DISCONNECTED,
+    UPSTREAM_ERROR,
+    USAGE_DRAIN_SECONDS,
+    USAGE_TAP,
+)
 from gateway.metering import usage_tap
 from gateway.metering.admission import Admission
 from gateway.metering.settlement import Actual, counts_value, quiet_extension, usage_value
@@ -55,6 +60,7 @@ MODELS = {
     "default": {"input": 20, "output": 80},
 }
 CHAT_COST = {"usage": "openai", "reserve": "auto", "max": 500}
+CHAT5_COST = {"usage": "openai", "reserve": 5, "max": 500}
 RESEARCH_COST = {"header": True, "reserve": 20, "max": 50}
 
 
@@ -62,12 +68,14 @@ def config_data(**top: Any) -> dict[str, Any]:
     data: dict[str, Any] = yaml.safe_load(REFERENCE_YAML)
     data["features"]["chat"] = {"cost": CHAT_COST}
     data["features"]["research"] = {"cost": RESEARCH_COST}
-    data["plans"]["pro"]["allocations"] |= {"chat": 1000, "research": 1000}
+    data["features"]["chat5"] = {"cost": CHAT5_COST}
+    data["plans"]["pro"]["allocations"] |= {"chat": 1000, "research": 1000, "chat5": 1000}
     data["plans"]["pro"]["rate_limits"] = []
     data["routes"] += [
         {"method": "POST", "path": "/v1/chat/completions", "feature": "chat"},
         {"method": "POST", "path": "/research", "feature": "research"},
         {"method": "POST", "path": "/research/stream", "feature": "research"},
+        {"method": "POST", "path": "/v1/chat5/completions", "feature": "chat5"},
     ]
     data["models"] = MODELS
     data.update(top)
@@ -407,7 +415,7 @@ async def test_a_json_answer_too_large_to_hold_passes_with_the_hold_in_its_heade
     assert tap.actual().missing
 
 
-# -- a complete answer in one call (ResponseTap.answer, ANSWER_WHOLE) ---------------------------
+# -- a complete answer in one call (ResponseTap.answer, USAGE_TAP) ------------------------------
 def _gem_path_tap(path: str) -> tuple[ResponseTap, Sent, dict[str, Any]]:
     config = parse_config(yaml.safe_dump(gem_config_data()), "gem.yaml")
     cost = VariableCost(config.cost_spec("gem"), config.prices, 15.0)
@@ -510,7 +518,11 @@ async def test_a_whole_answer_in_one_call_is_two_sends(
     await tap.send(body(data))
     two = _outcome(tap, sent)
     whole, sent_whole = _whole_tap(feature, state)
-    await whole.answer(head(), data)
+    start_message = head()
+    target = whole.answer(start_message, data)  # then the caller's two sends, as the proxy's
+    if target is not None:
+        await target(start_message)
+        await target({"type": "http.response.body", "body": data, "more_body": False})
     assert _outcome(whole, sent_whole) == two
     if whole.quiet is not None:  # the settle the middleware queues: settle_nowait's
         assert whole.quiet == quiet_extension(whole.actual())
@@ -877,6 +889,53 @@ async def test_the_proxy_drains_by_itself_so_it_sees_a_disconnect_at_once(
     }  # fmt: skip
     await asyncio.wait_for(app(scope, receive, send), 5)
     (body, _), (gone, waited) = seen
+    # reserve: auto: read before the call (the hold depends on it), include_usage asked.
     assert json.loads(body["body"])["stream_options"] == {"include_usage": True}
     assert gone["type"] == "http.disconnect" and waited < 0.4  # usage_drain_seconds: 0.5
     assert scope["state"][USAGE_DRAIN_SECONDS] == 0.5  # the proxy is still asked to drain
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["reads_usage_request", "plain app"])
+@pytest.mark.parametrize("feature", ["/v1/chat5/completions", "/v1/chat/completions"])
+async def test_the_request_body_is_left_only_to_an_app_that_reads_it(
+    app_gate: tuple[Starlette, CreditGate], reads: bool, feature: str
+) -> None:
+    """An app that declares READS_USAGE_REQUEST (the proxy) gets the client's receive as it
+    is and the tap's request side to apply; any other app gets the body read before the call
+    with include_usage asked for, as before. A body the hold depends on (reserve: auto) is
+    read before the call for any app."""
+    _, gate = app_gate
+    got: list[tuple[Any, Message, Any]] = []
+
+    class App:  # like the proxy when it reads the request: it also drains by itself
+        reads_usage_request = reads
+        drains_usage = reads
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            got.append((receive, await receive(), scope["state"].get(USAGE_TAP)))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    app = CreditGateMiddleware(App(), gate=gate)
+    payload = json.dumps({"model": "gpt-4o", "stream": True, "messages": []}).encode()
+    client = receiving({"type": "http.request", "body": payload, "more_body": False})
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": feature, "raw_path": feature.encode(),
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("app", 80),
+        "headers": [(b"x-org-id", b"acme"), (b"x-user-id", b"u1"), (b"host", b"app")],
+        "state": {},
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, client, send), 5)
+    ((receive, first, tap),) = got
+    if reads and feature == "/v1/chat5/completions":
+        assert receive is client and first["body"] == payload
+        assert tap is not None and tap[2] is not None
+        assert json.loads(tap[2][0](first)["body"])["stream_options"] == {"include_usage": True}
+    else:
+        assert receive is not client and tap is not None and tap[2] is None
+        assert json.loads(first["body"])["stream_options"] == {"include_usage": True}

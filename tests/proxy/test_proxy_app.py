@@ -22,11 +22,11 @@ import pytest
 
 from gateway.core.problem import problem_body, send_problem
 from gateway.core.scope_keys import (
-    ANSWER_WHOLE,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
     UPSTREAM_STATUS,
+    USAGE_TAP,
 )
 from gateway.proxy.app import UpstreamProxy
 from tests.support import upstream_app
@@ -596,27 +596,39 @@ async def test_send_problem_writes_rfc9457_with_facts() -> None:
         problem_body(402, "insufficient_tokens", "t", "d", type="x")
 
 
-# -- a complete answer handed over in one call (ANSWER_WHOLE) -----------------------------------
+# -- a complete answer handed over in one call (USAGE_TAP) ---------------------------------------
+
+
+SendTo = Callable[[Message], Any]
 
 
 class Whole:
-    """A declared one-call taker: what it was handed, and how many sends came besides."""
+    """A declared one-call taker: what it was handed; it answers ``target`` (default: the
+    exchange's send), where the proxy then sends both messages."""
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, exchange: Exchange, target: SendTo | str | None = "exchange") -> None:
         self.exchange = exchange
         self.handed: list[tuple[Message, bytes]] = []
+        self.target = target
 
-    async def answer(self, start: Message, body: bytes) -> None:
+    def answer(self, start: Message, body: bytes) -> SendTo | None:
         self.handed.append((start, body))
-        await self.exchange.send(start)
-        await self.exchange.send({"type": "http.response.body", "body": body, "more_body": False})
+        if self.target == "exchange":
+            return self.exchange.send
+        assert not isinstance(self.target, str)
+        return self.target
 
 
 async def _call_declared(
-    app: UpstreamProxy, method: str, path: str, *, same_send: bool = True
+    app: UpstreamProxy,
+    method: str,
+    path: str,
+    *,
+    same_send: bool = True,
+    target: SendTo | str | None = "exchange",
 ) -> tuple[Exchange, Whole]:
     exchange = Exchange(make_scope(method, path))
-    whole = Whole(exchange)
+    whole = Whole(exchange, target)
     declared = send = exchange.send  # one bound method: the declaration names this object
     if not same_send:
 
@@ -624,7 +636,7 @@ async def _call_declared(
             await declared(message)
 
         send = other  # something between the declaration and the proxy
-    exchange.scope["state"] = {ANSWER_WHOLE: (declared, whole.answer)}
+    exchange.scope["state"] = {USAGE_TAP: (declared, whole.answer, None)}
 
     async def receive() -> Message:
         if not hasattr(receive, "sent"):
@@ -645,6 +657,23 @@ async def test_an_answer_of_known_length_is_handed_over_whole(proxy: UpstreamPro
     assert [m["type"] for m in ex.messages] == ["http.response.start", "http.response.body"]
 
 
+async def test_both_messages_go_where_the_taker_says(proxy: UpstreamProxy) -> None:
+    """The taker's answer decides where the start and the body go: the ``send`` it returns
+    (past the tap: the server's), or nowhere (``None``); never also through the app's."""
+    past: list[Message] = []
+
+    async def behind(message: Message) -> None:
+        past.append(message)
+
+    ex, whole = await _call_declared(proxy, "POST", "/echo/w", target=behind)
+    assert len(whole.handed) == 1 and ex.messages == []
+    assert [m["type"] for m in past] == ["http.response.start", "http.response.body"]
+    assert past[0] is whole.handed[0][0] and past[1]["body"] == whole.handed[0][1]
+    assert past[1]["more_body"] is False
+    ex, whole = await _call_declared(proxy, "POST", "/echo/w", target=None)
+    assert len(whole.handed) == 1 and ex.messages == []  # taken: nothing more to send
+
+
 async def test_only_the_declared_send_and_a_complete_body_are_handed_over(
     proxy: UpstreamProxy,
 ) -> None:
@@ -654,3 +683,104 @@ async def test_only_the_declared_send_and_a_complete_body_are_handed_over(
     assert whole.handed == [] and ex.ended() and len(ex.body) > 65536
     ex, whole = await _call_declared(proxy, "HEAD", "/echo/h")
     assert whole.handed == [] and ex.ended()
+
+
+# -- the request body left to the proxy by the usage tap (USAGE_TAP's request element) ---------
+
+_STREAM_CHAT = json.dumps(
+    {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+
+
+async def _call_tapped(
+    app: UpstreamProxy, pieces: Sequence[bytes], headers: Sequence[tuple[bytes, bytes]] = ()
+) -> tuple[Exchange, dict[str, Any]]:
+    """POST ``pieces`` to the echo upstream with the usage tap's request side declared; the
+    exchange and what the upstream received (its echo)."""
+    from gateway.metering.usage_tap import read_asking_stream_usage, stream_usage_asked
+
+    exchange = Exchange(make_scope("POST", "/echo/chat", headers=headers))
+    exchange.scope["state"] = {
+        USAGE_TAP: (object(), None, (stream_usage_asked, read_asking_stream_usage))
+    }
+    chunks = list(pieces)
+
+    async def receive() -> Message:
+        if chunks:
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    await app(exchange.scope, receive, exchange.send)
+    echoed = json.loads(exchange.body)
+    return exchange, echoed
+
+
+def _forwarded_length(echoed: dict[str, Any]) -> int:
+    lengths = [int(v) for k, v in echoed["headers"] if k == "content-length"]
+    assert len(lengths) == 1
+    return lengths[0]
+
+
+@pytest.mark.parametrize("split", [1, 3], ids=["whole", "pieces"])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_the_proxy_asks_a_stream_for_its_usage_when_told(
+    proxy: UpstreamProxy, split: int, framing: str
+) -> None:
+    """The body the tap would have rewritten (include_usage), rewritten by the proxy, framed
+    by its new length whatever the client declared, from one message or several."""
+    size = len(_STREAM_CHAT)
+    pieces = [_STREAM_CHAT[i * size // split : (i + 1) * size // split] for i in range(split)]
+    declared = (
+        [(b"content-length", str(size).encode())]
+        if framing == "length"
+        else [(b"transfer-encoding", b"chunked")]
+    )
+    ex, echoed = await _call_tapped(
+        proxy, pieces, [(b"content-type", b"application/json"), *declared]
+    )
+    assert ex.status == 200
+    sent = echoed["body"].encode("latin-1")
+    assert json.loads(sent)["stream_options"] == {"include_usage": True}
+    assert json.loads(sent)["messages"] == [{"role": "user", "content": "hi"}]
+    assert _forwarded_length(echoed) == len(sent) == echoed["body_len"] > size
+
+
+async def test_what_needs_no_usage_asked_goes_as_it_came(proxy: UpstreamProxy) -> None:
+    plain = json.dumps({"model": "m", "messages": []}).encode()
+    for pieces in ([plain], [plain[:5], plain[5:]]):
+        _, echoed = await _call_tapped(proxy, pieces, [(b"content-length", b"%d" % len(plain))])
+        assert echoed["body"].encode("latin-1") == plain and _forwarded_length(echoed) == len(plain)
+    from gateway.metering.usage_tap import REQUEST_BODY_LIMIT
+
+    # Past the limit the middleware would not have read it whole either: forwarded untouched.
+    big = _STREAM_CHAT[:-1] + b', "pad": "' + b"x" * REQUEST_BODY_LIMIT + b'"}'
+    pieces = [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    _, echoed = await _call_tapped(proxy, pieces, [(b"content-length", b"%d" % len(big))])
+    assert echoed["body_len"] == len(big) == _forwarded_length(echoed)
+    assert echoed["body"].encode("latin-1") == big
+
+
+async def test_a_client_gone_while_the_proxy_reads_its_body_is_not_forwarded(
+    proxy: UpstreamProxy,
+) -> None:
+    from gateway.metering.usage_tap import read_asking_stream_usage, stream_usage_asked
+
+    exchange = Exchange(
+        make_scope("POST", "/echo/chat", headers=[(b"content-length", b"%d" % len(_STREAM_CHAT))])
+    )
+    exchange.scope["state"] = {
+        USAGE_TAP: (object(), None, (stream_usage_asked, read_asking_stream_usage))
+    }
+    messages: list[Message] = [
+        {"type": "http.request", "body": _STREAM_CHAT[:10], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    await proxy(exchange.scope, receive, exchange.send)
+    assert exchange.messages == [] and exchange.scope["state"][CLIENT_DISCONNECTED] is True
+    assert UPSTREAM_STATUS not in exchange.scope["state"]  # nothing went upstream

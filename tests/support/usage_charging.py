@@ -95,9 +95,9 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     inside = threading.local()
     priced: dict[str, ResponseTap] = {}  # request id -> the tap that priced its answer
 
-    def spy_whole(self: ResponseTap, body: bytes) -> Any:
+    def spy_whole(self: ResponseTap, body: bytes, head: Any) -> Any:
         priced[self._adm.request_id] = self
-        return original_whole(self, body)
+        return original_whole(self, body, head)
 
     def spy(self: Meter, adm: Any, **kw: Any) -> None:
         priced.pop(adm.request_id, None)

@@ -16,8 +16,10 @@ from gateway.usage import (
     estimate_reserve,
     inspect_request,
     request_model,
+    requests,
 )
 from gateway.usage.requests import DEFAULT_OUTPUT_TOKENS
+from tests.usage.test_topscan import MUTATIONS, WS, mutate
 
 PRICES = PriceTable.from_mapping(
     {
@@ -319,3 +321,52 @@ def test_estimate_reserve_equals_the_inspected_reading(
             raw, provider, PRICES, model=model, default_output=default_output, cap=cap
         )
         assert got == _reserve_by_inspection(raw, provider, model, default_output, cap)
+
+
+# -- the request read through the compiled scan (only the members it reads decoded) ----------
+
+_REQUEST_MEMBERS = st.sampled_from(
+    [
+        "max_tokens", "max_completion_tokens", "max_output_tokens", "n", "model",
+        "generationConfig", "generation_config", "messages", "stream", "max\\u005ftokens",
+    ]
+)  # fmt: skip
+_MEMBER_VALUES = st.one_of(
+    _COUNTS.map(json.dumps),
+    st.sampled_from(['"gpt-4o-mini"', '"claude-x"', '"gemini-2.5-flash"', '"x\\u0000"']),
+    st.sampled_from(["1e400", "-0", "300.0", "99999999999999999999999", "[300]", "{}"]),
+    _GEMINI_CONFIG.map(json.dumps),
+    st.just('[{"role":"user","content":"hi","max_tokens":7,"model":"claude-x"}]'),
+)
+
+
+@st.composite
+def _request_bodies(draw: st.DrawFn) -> bytes:
+    """A request object with the read members (some repeated, some spelt with an escape,
+    some nested where they do not count), then perhaps cut, flipped or grown."""
+    ws = draw(WS)
+    pairs = draw(st.lists(st.tuples(_REQUEST_MEMBERS, _MEMBER_VALUES), max_size=8))
+    text = "{" + ws + ("," + ws).join(f'"{k}"{ws}:{ws}{v}' for k, v in pairs) + ws + "}"
+    body = text.encode()
+    for how in draw(st.lists(MUTATIONS, max_size=2)):
+        body = mutate(body, how)
+    return body
+
+
+@pytest.mark.skipif(
+    requests._scan is None,  # type: ignore[attr-defined]
+    reason="gateway.usage._topscan not built",
+)
+@settings(max_examples=1500, deadline=None)
+@given(_request_bodies(), st.sampled_from(["auto", "openai", "anthropic", "gemini"]))
+def test_the_scanned_request_reserves_as_the_whole_one(raw: bytes, provider: str) -> None:
+    """estimate_reserve with the compiled scan (only the members it reads decoded) and
+    without it (the whole body decoded) hold the same, on any body."""
+    compiled = estimate_reserve(raw, provider, PRICES, cap=10**9)
+    scan = requests._scan  # type: ignore[attr-defined]
+    try:
+        requests._scan = None  # type: ignore[attr-defined]
+        pure = estimate_reserve(raw, provider, PRICES, cap=10**9)
+    finally:
+        requests._scan = scan  # type: ignore[attr-defined]
+    assert compiled == pure, raw
