@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <string.h>
 
 #define N_FIELDS 21     /* gateway/core/events.py FIELDS */
@@ -330,10 +331,349 @@ done:
     return answer;
 }
 
+
+/* ---- the batch's reductions (sync/aggregate.py), the same answers as its Python loops ---- */
+
+/* An integer value of a Flat (canonical digits, maybe a sign, at most 18 digits) into *out;
+ * 0 for anything else (the Python form then reduces the batch: it reads any int()). */
+static int small_int(PyObject *s, long long *out) {
+    if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_ASCII(s)) {
+        return 0;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    const char *p = (const char *)PyUnicode_1BYTE_DATA(s);
+    int negative = n > 0 && p[0] == '-';
+    if (negative) {
+        p++;
+        n--;
+    }
+    if (n == 0 || n > 18) {
+        return 0;
+    }
+    long long v = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') {
+            return 0;
+        }
+        v = v * 10 + (p[i] - '0');
+    }
+    *out = negative ? -v : v;
+    return 1;
+}
+
+/* A value of a Flat that is a list of at least N_FIELDS str (else NULL: not ours). */
+static PyObject *value_at(PyObject *flat, Py_ssize_t k) {
+    if (!PyList_CheckExact(flat) || PyList_GET_SIZE(flat) < N_FIELDS) {
+        return NULL;
+    }
+    PyObject *v = PyList_GET_ITEM(flat, k);
+    return PyUnicode_CheckExact(v) ? v : NULL;
+}
+
+typedef struct {
+    Py_ssize_t first;  /* the key's first event */
+    Py_ssize_t count;
+    long long sum;
+    PyObject *bucket; /* borrowed: the least bucket (features) */
+} Cell;
+
+/* The key's cell, a new one (index n) if it was not in `index`: -1 error, else its index. */
+static Py_ssize_t cell_of(PyObject *index, PyObject *key, Py_ssize_t *n) {
+    PyObject *at = PyDict_GetItemWithError(index, key);
+    if (at != NULL) {
+        return PyLong_AsSsize_t(at);
+    }
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *fresh = PyLong_FromSsize_t(*n);
+    if (fresh == NULL || PyDict_SetItem(index, key, fresh) < 0) {
+        Py_XDECREF(fresh);
+        return -1;
+    }
+    Py_DECREF(fresh);
+    return (*n)++;
+}
+
+static int add(Cell *c, long long t) {
+    c->count++;
+    if ((t > 0 && c->sum > LLONG_MAX - t) || (t < 0 && c->sum < LLONG_MIN - t)) {
+        return 0;
+    }
+    c->sum += t;
+    return 1;
+}
+
+static PyObject *count_text(Cell *c, PyObject *one) {
+    if (c->count == 1) {
+        Py_INCREF(one);
+        return one;
+    }
+    return PyUnicode_FromFormat("%zd", c->count);
+}
+
+static PyObject *sum_text(Cell *c, PyObject *flats, PyObject *zero) {
+    if (c->count == 1) { /* the event's own string, as the Python form keeps it */
+        PyObject *t = PyList_GET_ITEM(PyList_GET_ITEM(flats, c->first), 6);
+        PyObject *out = PyUnicode_GET_LENGTH(t) ? t : zero;
+        Py_INCREF(out);
+        return out;
+    }
+    return PyUnicode_FromFormat("%lld", c->sum);
+}
+
+static int append_new(PyObject *list, PyObject *item) {
+    if (item == NULL) {
+        return -1;
+    }
+    int r = PyList_Append(list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+static PyObject *rollups(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *flats, *days, *kinds;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &flats, &PyList_Type, &days,
+                          &PyFrozenSet_Type, &kinds)) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(flats);
+    if (PyList_GET_SIZE(days) != n) {
+        Py_RETURN_NONE;
+    }
+    PyObject *users = PyDict_New(), *features = PyDict_New(), *answer = NULL, *cols = NULL;
+    PyObject *one = PyUnicode_FromString("1"), *zero = PyUnicode_FromString("0");
+    Cell *uc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
+    Cell *fc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
+    Py_ssize_t nu = 0, nf = 0;
+    int ours = 1;
+    if (users == NULL || features == NULL || one == NULL || zero == NULL || uc == NULL ||
+        fc == NULL) {
+        if (uc == NULL || fc == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n && ours; i++) {
+        PyObject *v = PyList_GET_ITEM(flats, i), *day = PyList_GET_ITEM(days, i);
+        PyObject *kind = value_at(v, 1);
+        if (kind == NULL) {
+            ours = 0;
+            break;
+        }
+        int request = PySet_Contains(kinds, kind);
+        if (request < 0) {
+            goto done;
+        }
+        if (!request) {
+            continue;
+        }
+        PyObject *org = value_at(v, 2), *user = value_at(v, 3), *feature = value_at(v, 4);
+        PyObject *bucket = value_at(v, 5), *tokens = value_at(v, 6);
+        long long t = 0;
+        if (org == NULL || user == NULL || feature == NULL || bucket == NULL || tokens == NULL ||
+            (PyUnicode_GET_LENGTH(tokens) && !small_int(tokens, &t))) {
+            ours = 0;
+            break;
+        }
+        PyObject *key = PyTuple_Pack(3, org, day, user);
+        if (key == NULL) {
+            goto done;
+        }
+        Py_ssize_t k = cell_of(users, key, &nu);
+        Py_DECREF(key);
+        if (k < 0) {
+            goto done;
+        }
+        if (uc[k].count == 0) {
+            uc[k].first = i;
+        }
+        if (!add(&uc[k], t)) {
+            ours = 0;
+            break;
+        }
+        key = PyTuple_Pack(3, org, day, feature);
+        if (key == NULL) {
+            goto done;
+        }
+        k = cell_of(features, key, &nf);
+        Py_DECREF(key);
+        if (k < 0) {
+            goto done;
+        }
+        if (fc[k].count == 0) {
+            fc[k].first = i;
+            fc[k].bucket = bucket;
+        } else {
+            int less = PyUnicode_Compare(bucket, fc[k].bucket);
+            if (less == -1 && PyErr_Occurred()) {
+                goto done;
+            }
+            if (less < 0) {
+                fc[k].bucket = bucket;
+            }
+        }
+        if (!add(&fc[k], t)) {
+            ours = 0;
+            break;
+        }
+    }
+    if (!ours) {
+        answer = Py_None;
+        Py_INCREF(answer);
+        goto done;
+    }
+    /* The columns: users' org, day, user, count, sum; features' org, day, feature, bucket,
+     * count, sum (sync/aggregate.py rollups). */
+    cols = PyTuple_New(11);
+    if (cols == NULL) {
+        goto done;
+    }
+    for (int c = 0; c < 11; c++) {
+        PyObject *list = PyList_New(0);
+        if (list == NULL) {
+            goto done;
+        }
+        PyTuple_SET_ITEM(cols, c, list);
+    }
+    PyObject *key, *at;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(users, &pos, &key, &at)) {
+        Cell *c = &uc[PyLong_AsSsize_t(at)];
+        for (int j = 0; j < 3; j++) {
+            if (PyList_Append(PyTuple_GET_ITEM(cols, j), PyTuple_GET_ITEM(key, j)) < 0) {
+                goto done;
+            }
+        }
+        if (append_new(PyTuple_GET_ITEM(cols, 3), count_text(c, one)) < 0 ||
+            append_new(PyTuple_GET_ITEM(cols, 4), sum_text(c, flats, zero)) < 0) {
+            goto done;
+        }
+    }
+    pos = 0;
+    while (PyDict_Next(features, &pos, &key, &at)) {
+        Cell *c = &fc[PyLong_AsSsize_t(at)];
+        for (int j = 0; j < 3; j++) {
+            if (PyList_Append(PyTuple_GET_ITEM(cols, 5 + j), PyTuple_GET_ITEM(key, j)) < 0) {
+                goto done;
+            }
+        }
+        if (PyList_Append(PyTuple_GET_ITEM(cols, 8), c->bucket) < 0 ||
+            append_new(PyTuple_GET_ITEM(cols, 9), count_text(c, one)) < 0 ||
+            append_new(PyTuple_GET_ITEM(cols, 10), sum_text(c, flats, zero)) < 0) {
+            goto done;
+        }
+    }
+    answer = cols;
+    cols = NULL;
+done:
+    Py_XDECREF(cols);
+    Py_XDECREF(users);
+    Py_XDECREF(features);
+    Py_XDECREF(one);
+    Py_XDECREF(zero);
+    PyMem_Free(uc);
+    PyMem_Free(fc);
+    return answer;
+}
+
+/* newest(flats) -> (full, partial) as sync/aggregate.py _newest_each, or None. */
+static PyObject *newest(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *flats;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &flats)) {
+        return NULL;
+    }
+    PyObject *full = PyDict_New(), *partial = PySet_New(NULL), *answer = NULL;
+    if (full == NULL || partial == NULL) {
+        goto done;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(flats);
+    int ours = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(flats, i);
+        PyObject *seq = value_at(v, 12);
+        if (seq == NULL) {
+            ours = 0;
+            break;
+        }
+        if (PyUnicode_GET_LENGTH(seq) == 0) {
+            continue;
+        }
+        int set = 0, all = 1;
+        static const int COLUMNS[] = {7, 8, 9, 10, 11}; /* bal x a used per */
+        for (int j = 0; j < 5; j++) {
+            PyObject *c = value_at(v, COLUMNS[j]);
+            if (c == NULL) {
+                ours = 0;
+                break;
+            }
+            if (PyUnicode_GET_LENGTH(c)) {
+                set = 1;
+            } else {
+                all = 0;
+            }
+        }
+        if (!ours) {
+            break;
+        }
+        if (!set) {
+            continue;
+        }
+        PyObject *key = PyTuple_Pack(2, value_at(v, 2), value_at(v, 5));
+        if (key == NULL) {
+            goto done;
+        }
+        if (!all) {
+            int r = PySet_Add(partial, key);
+            Py_DECREF(key);
+            if (r < 0) {
+                goto done;
+            }
+            continue;
+        }
+        long long s, cur_s;
+        PyObject *cur = PyDict_GetItemWithError(full, key);
+        if (cur == NULL && PyErr_Occurred()) {
+            Py_DECREF(key);
+            goto done;
+        }
+        if (!small_int(seq, &s) || (cur != NULL && !small_int(value_at(cur, 12), &cur_s))) {
+            Py_DECREF(key);
+            ours = 0;
+            break;
+        }
+        int r = 0;
+        if (cur == NULL || s > cur_s) {
+            r = PyDict_SetItem(full, key, v);
+        }
+        Py_DECREF(key);
+        if (r < 0) {
+            goto done;
+        }
+    }
+    if (ours) {
+        answer = PyTuple_Pack(2, full, partial);
+    } else {
+        answer = Py_None;
+        Py_INCREF(answer);
+    }
+done:
+    Py_XDECREF(full);
+    Py_XDECREF(partial);
+    return answer;
+}
+
 static PyMethodDef methods[] = {
     {"decode_v2", decode_v2, METH_VARARGS,
      "decode_v2(entries, times, kinds, max_digits): a read of v2 entries as sync/batch.py "
      "decode_each decodes it, or None (see _entries.c)."},
+    {"rollups", rollups, METH_VARARGS,
+     "rollups(flats, days, request_kinds): sync/aggregate.py rollups' columns (as lists), or "
+     "None when a value is not one this pass reads (the Python form then reduces)."},
+    {"newest", newest, METH_VARARGS,
+     "newest(flats): (full, partial) as sync/aggregate.py _newest_each answers, or None."},
     {NULL, NULL, 0, NULL},
 };
 

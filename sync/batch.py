@@ -13,17 +13,16 @@ was written.
 
 A read of v2 entries decoded on the fast path (every entry in a known shape, no value the
 reference decode must look at: the usual read) is decoded in one pass by the C extension
-``sync._entries`` (``_entries.c``) when it is built (hatch_build.py) and not switched off
-(``CREDITGATE_PURE_PYTHON=1``): it answers exactly what ``decode_each`` answers for the
-same read, or None (anything else), and ``decode_each`` then decodes it entry by entry.
+when it is in use (sync/compiled.py ``decode_v2``): it answers exactly what
+``decode_each`` answers for the same read, or None (anything else), and ``decode_each``
+then decodes it entry by entry.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from gateway.core.events import (
     KINDS,
@@ -33,7 +32,7 @@ from gateway.core.events import (
     SEPARATOR,
     unpacked,
 )
-from gateway.usage.topscan import PURE_PYTHON_ENV
+from sync import compiled
 from sync.levels import without_levels
 from sync.records import (
     BUCKET,
@@ -63,20 +62,6 @@ Entry = tuple[str, Fields]
 # A v2 entry's number of values -> whether its last value is lv, set aside as a v1
 # entry's is (sync/levels.py).
 _SHAPES: dict[int, bool] = {n: names[-1] == LEVELS_FIELD for n, names in PACKED_SHAPES.items()}
-
-# The compiled decode of a read of v2 entries (_entries.c): the read as decode_each decodes
-# it, or None. None itself when the extension is not built or switched off.
-_decode_v2: Callable[[list[Any], Times, frozenset[str], int], tuple[Any, ...] | None] | None = None
-if os.environ.get(PURE_PYTHON_ENV, "") in ("", "0"):
-    try:
-        from sync._entries import decode_v2 as _compiled
-    except ImportError:  # not compiled (no compiler at install): decode_each alone
-        pass
-    else:
-        _decode_v2 = _compiled
-
-COMPILED: Final = _decode_v2 is not None
-"""Whether the compiled decode is in use."""
 
 
 @dataclass(slots=True)
@@ -140,8 +125,9 @@ class Decoded:
 
 def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     """Decode a read; a malformed entry is reported in ``bad``, never raised."""
-    if _decode_v2 is not None and type(entries) is list:
-        got = _decode_v2(entries, times, KINDS, MAX_DIGITS)
+    decode_v2 = compiled.decode_v2
+    if decode_v2 is not None and type(entries) is list:
+        got = decode_v2(entries, times, KINDS, MAX_DIGITS)
         if got is not None:
             ids, fields, flats, lines, days, empty_bucket, usage, levels = got
             return Decoded(

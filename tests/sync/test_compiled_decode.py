@@ -1,4 +1,6 @@
-"""The compiled decode of a read of v2 entries (sync/_entries.c) against ``decode_each``.
+"""The compiled forms (sync/_entries.c, sync/compiled.py) against the Python ones: the
+decode of a read of v2 entries against ``decode_each``, the rollups against
+``rollups_each``, the newest snapshot events against ``_newest_each``.
 
 ``decode_entries`` takes the compiled pass when the extension is built and the read is all
 v2 entries on the fast path; it must then answer exactly what ``decode_each`` (the pure
@@ -7,8 +9,10 @@ test_sync_decode.py) answers: the same values, ``COPY`` lines, days, levels' fig
 flags, for fixed-cost and usage events, with and without a team or ``lv``, with hostile
 values. Any other read (v1, bytes, a vanished entry, a value the reference decode must see)
 is answered None by the compiled pass and decoded entry by entry, with the same result.
-The ledger tables written from v2 streams are byte for byte the same in both forms
-(test_packed_entries.py's dump).
+The reductions: on any batch of values, the compiled pass answers the Python form's
+columns (in the same order) or None (a value it does not read, such as a seq of more than
+18 digits). The ledger tables written from v2 streams are byte for byte the same in both
+forms (test_packed_entries.py's dump).
 """
 
 from __future__ import annotations
@@ -26,17 +30,32 @@ from hypothesis import strategies as st
 from gateway.core.events import KINDS, packed
 from gateway.core.redis_keys import KeySpace
 from gateway.usage.topscan import PURE_PYTHON_ENV
-from sync import batch
+from sync import aggregate, compiled
 from sync.batch import Decoded, decode_each, decode_entries
-from sync.records import MAX_DIGITS, Times
+from sync.records import (
+    ALLOC,
+    BAL,
+    BUCKET,
+    EXTRA,
+    FEATURE,
+    KIND,
+    MAX_DIGITS,
+    ORG,
+    PERIOD,
+    SEQ,
+    TOKENS,
+    USED,
+    USER,
+    Times,
+)
 from tests.support.needs import under_ci
 from tests.support.pg import requires_postgres
 from tests.sync.test_packed_entries import HOSTILE, drain, dump, reset, varied_events, xadd_as
 from tests.sync.test_sync import scenario, worker
 from tests.sync.test_sync_decode import lua_entries
 
-compiled: Any = batch._decode_v2
-needs_compiled = pytest.mark.skipif(compiled is None, reason="sync._entries not built")
+decode_v2: Any = compiled.decode_v2
+needs_compiled = pytest.mark.skipif(decode_v2 is None, reason="sync._entries not built")
 
 
 def _read(events: list[dict[str, str]]) -> list[Any]:
@@ -86,14 +105,15 @@ def test_ci_tests_the_compiled_form() -> None:
     """CI installs with a compiler (.ci/run): the extension must be built and in use there."""
     if not under_ci():
         pytest.skip("CI only: a local install may lack a compiler")
-    assert batch.COMPILED and compiled is not None
+    assert compiled.COMPILED and decode_v2 is not None
+    assert compiled.rollups is not None and compiled.newest is not None
 
 
 def _compiled_in_child(env_value: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != PURE_PYTHON_ENV}
     if env_value is not None:
         env[PURE_PYTHON_ENV] = env_value
-    code = "from sync import batch; print(batch.COMPILED)"
+    code = "from sync import compiled; print(compiled.COMPILED)"
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
@@ -118,7 +138,7 @@ def test_without_the_switch_the_compiled_form_is_used(value: str | None) -> None
 @pytest.mark.parametrize("usage", [False, True])
 def test_the_usual_read_takes_the_compiled_pass_and_decodes_as_decode_each(usage: bool) -> None:
     entries = _read(_producer_events(usage))
-    assert compiled(entries, Times(), KINDS, MAX_DIGITS) is not None
+    assert decode_v2(entries, Times(), KINDS, MAX_DIGITS) is not None
     got = decode_entries(entries, Times())
     _same(got, decode_each(entries, Times()))
     assert got.rows.usage is usage and got.rows.levels and not got.bad
@@ -133,7 +153,7 @@ def test_hostile_values_without_tabs_take_the_compiled_pass_exactly() -> None:
             {**_producer_events(False, 1)[0], "id": f"e{i}", "u": value, "ref": value, "r": value}
         )
     entries = _read(events)
-    assert compiled(entries, Times(), KINDS, MAX_DIGITS) is not None
+    assert decode_v2(entries, Times(), KINDS, MAX_DIGITS) is not None
     _same(decode_entries(entries, Times()), decode_each(entries, Times()))
 
 
@@ -171,7 +191,7 @@ def test_any_other_read_is_left_to_decode_each(odd: str) -> None:
         entries[5][1] = [b"v2", packed(e)["v2"].encode()]
     elif odd == "empty_t":
         entries[5][1] = ["v2", packed({**e, "t": ""})["v2"]]
-    answer = compiled(entries, Times(), KINDS, MAX_DIGITS)
+    answer = decode_v2(entries, Times(), KINDS, MAX_DIGITS)
     if odd == "empty_t":  # on the fast path too: t "" is rendered "0", as decode_each does
         assert answer is not None
     else:
@@ -206,7 +226,8 @@ async def test_v2_streams_give_identical_tables_in_both_forms(
     dumps = {}
     for form in ("compiled", "pure", "v1"):
         if form != "compiled":
-            monkeypatch.setattr(batch, "_decode_v2", None)
+            for name in ("decode_v2", "rollups", "newest"):
+                monkeypatch.setattr(compiled, name, None)
         await reset(pool)
         ks = KeySpace(f"{keyspace.prefix}:{form}", keyspace.shards)
         await xadd_as(redis, ks, events, lambda i, f=form: f != "v1")
@@ -216,3 +237,56 @@ async def test_v2_streams_give_identical_tables_in_both_forms(
         await w.close()
     assert len(dumps["compiled"]["ai_token_usage_log"]) == len(events)
     assert dumps["compiled"] == dumps["pure"] == dumps["v1"]
+
+
+# -- the reductions ---------------------------------------------------------------------------
+
+_INTS = ["", "0", "3", "12", "007", "-4", "9" * 18, "9" * 19, "1_0"]
+
+
+@st.composite
+def flats(draw: st.DrawFn) -> list[str]:
+    """A batch's values: few orgs, buckets and users (keys repeat), odd integers now and
+    then, some snapshot columns empty."""
+    v = [""] * 21
+    v[KIND] = draw(st.sampled_from(["charge", "refund", "expired_hold", "grant", "reset"]))
+    v[ORG], v[BUCKET] = draw(st.sampled_from(["a", "b"])), draw(st.sampled_from(["x", "y", ""]))
+    v[USER], v[FEATURE] = draw(st.sampled_from(["u", "", "\u00e9"])), draw(st.sampled_from("fg"))
+    v[TOKENS], v[SEQ] = draw(st.sampled_from(_INTS)), draw(st.sampled_from(_INTS))
+    for i in (BAL, EXTRA, ALLOC, USED, PERIOD):
+        v[i] = draw(st.sampled_from(["", "5", "2026-11"]))
+    return v
+
+
+@needs_compiled
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(flats(), st.sampled_from(["2026-11-14", "2026-11-15"])), max_size=40))
+def test_the_compiled_reductions_answer_as_the_python_forms(
+    batch_: list[tuple[list[str], str]],
+) -> None:
+    entries, days = [v for v, _ in batch_], [d for _, d in batch_]
+    reduced = compiled.rollups(entries, days, aggregate.REQUEST_KINDS)
+    try:
+        expected = aggregate.rollups_each(entries, days)
+    except ValueError:  # an int() the Python form refuses: the compiled one must not answer
+        assert reduced is None
+    else:
+        if reduced is not None:
+            assert [list(c) for c in reduced] == [list(c) for c in expected]
+        assert [list(c) for c in aggregate.rollups(entries, days)] == [list(c) for c in expected]
+    newest = compiled.newest(entries)
+    try:
+        full, partial = aggregate._newest_each(entries)
+    except ValueError:
+        assert newest is None
+    else:
+        if newest is not None:
+            assert list(newest[0].items()) == list(full.items()) and newest[1] == partial
+            assert all(newest[0][k] is full[k] for k in full)  # the events themselves
+
+
+@needs_compiled
+def test_the_usual_batch_takes_the_compiled_reductions() -> None:
+    rows = decode_entries(_read(_producer_events(False)), Times()).rows
+    assert compiled.rollups(rows.flats, rows.days, aggregate.REQUEST_KINDS) is not None
+    assert compiled.newest(rows.flats) is not None
