@@ -5,11 +5,13 @@
  * what sync/batch.py decode_each answers for the same read, when every entry is a v2 entry
  * that decode_each decodes on its fast path (a known shape; no reference decode needed):
  *
- *   (entry ids, fields, flats, COPY lines, days, empty bucket, usage, levels)
+ *   (entry ids, fields, flats, COPY lines, days, empty bucket, usage, levels, clean)
  *
  * with each flat the list of the entry's values (str.split on tabs, lv set aside), each
  * line sync/records.py copy_line of it, each day the UTC day of its ts from `times`
- * (sync/records.py Times: called once per run of equal ts). Anything else (another shape,
+ * (sync/records.py Times: called once per run of equal ts), and clean when no value holds
+ * a newline, a carriage return or a backslash (no value holds a tab: they are split on
+ * tabs), which makes the fast COPY rendering exact as it is. Anything else (another shape,
  * a v1 entry, a value decode would check by itself, bytes, a lone surrogate, a ts `times`
  * refuses) answers None, and decode_each decodes the read: so the answer, when there is
  * one, is decode_each's, and tests/sync/test_sync_decode.py checks both forms alike.
@@ -90,7 +92,8 @@ static PyObject *piece(const char *p, Py_ssize_t n, int ascii) {
 /* 1: decoded into the lists at i; 0: not this fast path's entry (answer None); -1: error. */
 static int one(PyObject *entry, Py_ssize_t i, PyObject *times, PyObject *kinds,
                Py_ssize_t max_digits, PyObject *out[5], PyObject *levels, Buf *bufp,
-               PyObject **last_ts, PyObject **last_hit, int *empty_bucket, int *usage) {
+               PyObject **last_ts, PyObject **last_hit, int *empty_bucket, int *usage,
+               int *dirty) {
     Buf buf = *bufp;
     int result = -1;
     PyObject *id, *fields, *name, *value, *flat = NULL, *line = NULL;
@@ -122,17 +125,21 @@ static int one(PyObject *entry, Py_ssize_t i, PyObject *times, PyObject *kinds,
     Py_ssize_t at[MAX_VALUES + 1], len[MAX_VALUES];
     int n = 0;
     at[0] = 0;
-    for (Py_ssize_t j = 0; j < size; j++) {
-        if (u[j] == '\t') {
-            if (n + 1 >= MAX_VALUES) {
-                return 0;
-            }
-            len[n] = j - at[n];
-            n++;
-            at[n] = j + 1;
+    /* memchr (vectorised by the C library) rather than a loop over every byte. */
+    const char *tab;
+    while ((tab = memchr(u + at[n], '\t', (size_t)(size - at[n]))) != NULL) {
+        if (n + 1 >= MAX_VALUES) {
+            return 0;
         }
+        len[n] = (tab - u) - at[n];
+        n++;
+        at[n] = (tab - u) + 1;
     }
     len[n] = size - at[n];
+    if (!*dirty && (memchr(u, '\\', (size_t)size) || memchr(u, '\n', (size_t)size) ||
+                    memchr(u, '\r', (size_t)size))) {
+        *dirty = 1; /* the fast COPY rendering must check the payload */
+    }
     n++;
     int lv = n == N_FIELDS + 2 || n == N_EXT + 2;
     int values = lv ? n - 1 : n;
@@ -170,9 +177,22 @@ static int one(PyObject *entry, Py_ssize_t i, PyObject *times, PyObject *kinds,
     if (flat == NULL) {
         return -1;
     }
+    /* The previous entry's value where this one's is the same text (kind, method, status,
+     * plan, period, feature ... mostly are): one object fewer to make, and its hash,
+     * once computed by a reduction, kept. */
+    PyObject *prev = i > 0 ? PyList_GET_ITEM(out[2], i - 1) : NULL;
+    Py_ssize_t shared = prev != NULL && ascii ? PyList_GET_SIZE(prev) : 0;
     for (int k = 0; k < values; k++) {
-        PyObject *s = piece(u + at[k], len[k], ascii);
-        if (s == NULL) {
+        PyObject *s = NULL;
+        if (k < shared) {
+            PyObject *p = PyList_GET_ITEM(prev, k);
+            if (PyUnicode_IS_ASCII(p) && PyUnicode_GET_LENGTH(p) == len[k] &&
+                memcmp(PyUnicode_1BYTE_DATA(p), u + at[k], (size_t)len[k]) == 0) {
+                Py_INCREF(p);
+                s = p;
+            }
+        }
+        if (s == NULL && (s = piece(u + at[k], len[k], ascii)) == NULL) {
             goto done;
         }
         PyList_SET_ITEM(flat, k, s);
@@ -298,7 +318,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     PyObject *out[5] = {NULL, NULL, NULL, NULL, NULL};
     PyObject *levels = NULL, *last_ts = NULL, *last_hit = NULL, *answer = NULL;
     Buf buf = {NULL, 0, 0};
-    int empty_bucket = 0, usage = 0, status = 1;
+    int empty_bucket = 0, usage = 0, dirty = 0, status = 1;
     for (int k = 0; k < 5; k++) {
         if ((out[k] = PyList_New(n)) == NULL) {
             goto done;
@@ -309,12 +329,12 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < n && status == 1; i++) {
         status = one(PyList_GET_ITEM(entries, i), i, times, kinds, max_digits, out, levels, &buf,
-                     &last_ts, &last_hit, &empty_bucket, &usage);
+                     &last_ts, &last_hit, &empty_bucket, &usage, &dirty);
     }
     if (status == 1) {
-        answer = Py_BuildValue("(OOOOOOOO)", out[0], out[1], out[2], out[3], out[4],
+        answer = Py_BuildValue("(OOOOOOOOO)", out[0], out[1], out[2], out[3], out[4],
                                empty_bucket ? Py_True : Py_False, usage ? Py_True : Py_False,
-                               levels);
+                               levels, dirty ? Py_False : Py_True);
     } else if (status == 0) {
         answer = Py_None;
         Py_INCREF(answer);
@@ -442,7 +462,9 @@ static PyObject *rollups(PyObject *self, PyObject *args) {
     if (PyList_GET_SIZE(days) != n) {
         Py_RETURN_NONE;
     }
-    PyObject *users = PyDict_New(), *features = PyDict_New(), *answer = NULL, *cols = NULL;
+    /* Presized: at most a key per event, and no rehash as the batch's keys come. */
+    PyObject *users = _PyDict_NewPresized(n), *features = _PyDict_NewPresized(n);
+    PyObject *answer = NULL, *cols = NULL;
     PyObject *one = PyUnicode_FromString("1"), *zero = PyUnicode_FromString("0");
     Cell *uc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
     Cell *fc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
@@ -585,7 +607,8 @@ static PyObject *newest(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &flats)) {
         return NULL;
     }
-    PyObject *full = PyDict_New(), *partial = PySet_New(NULL), *answer = NULL;
+    PyObject *full = _PyDict_NewPresized(PyList_GET_SIZE(flats));
+    PyObject *partial = PySet_New(NULL), *answer = NULL;
     if (full == NULL || partial == NULL) {
         goto done;
     }

@@ -77,6 +77,10 @@ class Rows:
     usage: bool = False  # some entry has the usage fields (sync/records.py)
     # The capped levels' figures of request events (sync/levels.py): (index in flats, lv).
     levels: list[tuple[int, str]] = field(default_factory=list)
+    # No value holds a newline, a carriage return, a backslash or a tab: the fast rendering
+    # is exact without looking (sync/records.py fast_payload). Known by the compiled
+    # decode (it reads every byte); False: not known, fast_payload looks.
+    clean: bool = False
 
     def __len__(self) -> int:
         return len(self.flats)
@@ -97,6 +101,7 @@ class Rows:
             out.days.extend(part.days)
             out.empty_bucket = out.empty_bucket or part.empty_bucket
             out.usage = out.usage or part.usage
+        out.clean = bool(parts) and all(part.clean for part in parts)
         return out
 
     def slice(self, start: int, stop: int) -> Rows:
@@ -111,6 +116,7 @@ class Rows:
         part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
         part.usage = self.usage and any(len(f) > USAGE_AT for f in part.flats)
         part.levels = [(i - start, lv) for i, lv in self.levels if start <= i < stop]
+        part.clean = self.clean
         return part
 
 
@@ -129,10 +135,9 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     if decode_v2 is not None and type(entries) is list:
         got = decode_v2(entries, times, KINDS, MAX_DIGITS)
         if got is not None:
-            ids, fields, flats, lines, days, empty_bucket, usage, levels = got
-            return Decoded(
-                Rows(ids, fields, flats, lines, days, empty_bucket, usage, levels), [], 0
-            )
+            ids, fields, flats, lines, days, empty_bucket, usage, levels, clean = got
+            rows = Rows(ids, fields, flats, lines, days, empty_bucket, usage, levels, clean)
+            return Decoded(rows, [], 0)
     return decode_each(entries, times)
 
 

@@ -27,7 +27,8 @@ __all__ = ["COMPILED", "decode_v2", "newest", "rollups"]
 
 decode_v2: Callable[[list[Any], Any, frozenset[str], int], tuple[Any, ...] | None] | None = None
 """``decode_v2(entries, times, kinds, max_digits)``: a read as sync/batch.py ``decode_each``
-decodes it (ids, fields, flats, lines, days, empty bucket, usage, levels), or None."""
+decodes it (ids, fields, flats, lines, days, empty bucket, usage, levels) and whether no
+value holds a newline, a carriage return or a backslash (``Rows.clean``), or None."""
 
 Reduced = tuple[list[str], ...]
 rollups: Callable[[list[Any], list[str], frozenset[str]], Reduced | None] | None = None

@@ -260,12 +260,15 @@ def usage_line(f: Flat) -> str:
     )
 
 
-def fast_payload(lines: Sequence[str], empty_bucket: bool) -> bytes | None:
-    """The batch's ``COPY ... NULL ''`` data, or None when the fast rendering is not exact."""
+def fast_payload(lines: Sequence[str], empty_bucket: bool, clean: bool = False) -> bytes | None:
+    """The batch's ``COPY ... NULL ''`` data, or None when the fast rendering is not exact.
+
+    ``clean``: the caller knows that no value holds a tab, newline, carriage return or
+    backslash (sync/batch.py ``Rows.clean``), so the lines are not looked through again."""
     if empty_bucket or not lines:
         return None
     text = "\n".join(lines)
-    if (
+    if not clean and (
         text.count("\t") != _TABS_PER_LINE * len(lines)
         or text.count("\n") != len(lines) - 1
         or "\\" in text

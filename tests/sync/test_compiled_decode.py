@@ -31,7 +31,7 @@ from gateway.core.events import KINDS, packed
 from gateway.core.redis_keys import KeySpace
 from gateway.usage.topscan import PURE_PYTHON_ENV
 from sync import aggregate, compiled
-from sync.batch import Decoded, decode_each, decode_entries
+from sync.batch import Decoded, Rows, decode_each, decode_entries
 from sync.records import (
     ALLOC,
     BAL,
@@ -47,6 +47,7 @@ from sync.records import (
     USED,
     USER,
     Times,
+    fast_payload,
 )
 from tests.support.needs import under_ci
 from tests.support.pg import requires_postgres
@@ -75,6 +76,13 @@ def _same(a: Decoded, b: Decoded) -> None:
     assert (a.rows.empty_bucket, a.rows.usage) == (b.rows.empty_bucket, b.rows.usage)
     assert [(i, e) for i, _, e in a.bad] == [(i, e) for i, _, e in b.bad]
     assert a.vanished == b.vanished
+    # What the compiled decode knows (no value to escape) needs no second look: the same
+    # payload as fast_payload's checks give.
+    assert not b.rows.clean
+    if a.rows.clean:
+        assert fast_payload(a.rows.lines, a.rows.empty_bucket, clean=True) == fast_payload(
+            a.rows.lines, a.rows.empty_bucket
+        )
 
 
 def _producer_events(usage: bool, n: int = 300) -> list[dict[str, str]]:
@@ -154,7 +162,13 @@ def test_hostile_values_without_tabs_take_the_compiled_pass_exactly() -> None:
         )
     entries = _read(events)
     assert decode_v2(entries, Times(), KINDS, MAX_DIGITS) is not None
-    _same(decode_entries(entries, Times()), decode_each(entries, Times()))
+    got = decode_entries(entries, Times())
+    _same(got, decode_each(entries, Times()))
+    # A backslash, a newline or a CR: not clean, so fast_payload looks (and refuses).
+    assert not got.rows.clean and fast_payload(got.rows.lines, got.rows.empty_bucket) is None
+    plain = decode_entries(_read(_producer_events(False)), Times()).rows
+    assert plain.clean and Rows.concat([plain, plain]).clean and plain.slice(0, 5).clean
+    assert not Rows.concat([plain, got.rows]).clean
 
 
 @needs_compiled
