@@ -27,21 +27,22 @@ order, or only some of them, takes the reference path, which reads them by name.
 
 The team (issue 9, contract A10): a request event of a request with a team ends with
 ``tm <team>``, after ``ref`` or after the usage fields; the row's ``team_id`` is then the
-team, else NULL. A ``Flat`` with a team is one longer (its last value; ``has_team``: its
-length is one of ``TEAMED``): the four canonical shapes are ``FIELDS``, ``FIELDS_EXT``,
+team, else NULL. A ``Flat`` with a team is one longer (its last value: its length is one
+of ``TEAMED``): the four canonical shapes are ``FIELDS``, ``FIELDS_EXT``,
 each with or without ``tm`` (21, 30, 22 and 31 values), all four take the fast path, and
 ``len(f) > USAGE_AT`` still says whether the usage fields are there.
 
 The ``COPY`` column order (``COPY_COLUMNS``) is the entry's own order, minus the values
 that are not ledger columns (``a``, ``used``, ``per``) and with ``ts`` as ``created_at``:
-most of a line is then runs of the entry's values as they come (sync/batch.py joins them
-with ``itemgetter`` slices, batch-wide, in C).
+most of a line is then runs of the entry's values as they come (the compiled decode,
+sync/_entries.c, copies them into the line as it splits the entry).
 
 Two renderings exist. The fast one writes NULL as the empty string (``COPY ... NULL ''``)
 and escapes nothing; it is valid for a batch only when no value holds a tab, newline,
 carriage return or backslash and no entry has an empty bucket (the one text column where
 ``''`` is a value, not NULL): ``fast_payload`` checks that over the whole batch at C speed
-and returns None otherwise. The careful one escapes every value and writes ``\\N``.
+(unless the compiled decode already knows it: ``Rows.clean``) and returns None otherwise.
+The careful one escapes every value and writes ``\\N``.
 """
 
 from __future__ import annotations
@@ -168,11 +169,6 @@ def reference_flat(fields: Fields) -> Flat:
         "1" if um == "1" else "",
     )  # fmt: skip
     return values + team
-
-
-def has_team(f: Flat) -> bool:
-    """Whether the entry ``f`` names a team (its last value)."""
-    return len(f) in TEAMED
 
 
 def usage_fast(f: Flat) -> bool:
