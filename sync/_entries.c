@@ -644,7 +644,12 @@ static PyObject *newest(PyObject *self, PyObject *args) {
         if (!set) {
             continue;
         }
-        PyObject *key = PyTuple_Pack(2, value_at(v, 2), value_at(v, 5));
+        PyObject *org = value_at(v, 2), *bucket = value_at(v, 5);
+        if (org == NULL || bucket == NULL) {
+            ours = 0;
+            break;
+        }
+        PyObject *key = PyTuple_Pack(2, org, bucket);
         if (key == NULL) {
             goto done;
         }

@@ -304,3 +304,19 @@ def test_the_usual_batch_takes_the_compiled_reductions() -> None:
     rows = decode_entries(_read(_producer_events(False)), Times()).rows
     assert compiled.rollups(rows.flats, rows.days, aggregate.REQUEST_KINDS) is not None
     assert compiled.newest(rows.flats) is not None
+
+
+@needs_compiled
+def test_values_of_other_types_are_left_to_the_python_forms() -> None:
+    """A Flat's values are str; anything else (a caller's mistake) gets None, never a crash."""
+    v = [""] * 21
+    v[KIND], v[SEQ], v[BUCKET], v[PERIOD] = "charge", "3", "b", "2026-11"
+    v[BAL] = v[EXTRA] = v[ALLOC] = v[USED] = "1"
+    for odd in (b"org", None, 7):
+        w: list[Any] = list(v)
+        w[ORG] = odd
+        assert compiled.newest([w]) is None
+        assert compiled.rollups([w], ["2026-11-15"], aggregate.REQUEST_KINDS) is None
+    assert compiled.newest([["short"]]) is None
+    assert compiled.rollups([v], [], aggregate.REQUEST_KINDS) is None  # days out of step
+    assert decode_v2([5, ("1-0", ["v2", "x"])], Times(), KINDS, MAX_DIGITS) is None
