@@ -11,10 +11,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # -- build: wheels for creditgate and its dependencies (no dev deps) ----------------------
-# gcc compiles the optional C scan of usage answers (gateway/usage/_topscan.c, hatch_build.py)
-# into creditgate's wheel; the runtime stage gets the wheel only, no compiler. Without gcc the
-# build still succeeds and the image runs the pure-Python reader (a little more CPU per
-# usage-charged answer: BENCHMARKS.md, "A compiled top-level scan").
+# gcc compiles the optional C scan of usage answers (gateway/usage/_topscan.c) and the sync
+# job's decode (sync/_entries.c; hatch_build.py) into creditgate's wheel; the runtime stage
+# gets the wheel only, no compiler. Without gcc the build still succeeds and the image runs
+# the pure-Python forms (a little more CPU per usage-charged answer and per synced event:
+# BENCHMARKS.md, "A compiled top-level scan" and 11g).
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # hadolint ignore=DL3008

@@ -1,15 +1,18 @@
-"""Hatchling build hook: compiles the optional C extension ``gateway.usage._topscan``.
+"""Hatchling build hook: compiles the optional C extensions ``gateway.usage._topscan`` and
+``sync._entries``.
 
-The extension only makes reading usage from JSON answers cheaper (gateway/usage/topscan.py);
-everything works without it. So a build where compiling fails (no C compiler, no Python
+The extensions only make things cheaper: reading usage from JSON answers
+(gateway/usage/topscan.py) and the sync job's decode of stream entries (sync/batch.py);
+everything works without them. So a build where compiling fails (no C compiler, no Python
 headers, an unknown platform) says why on stderr and goes on with a pure-Python wheel,
 and ``CREDITGATE_PURE_PYTHON=1`` at build time skips compiling altogether.
 
 It is compiled with the C compiler Python was built with (``sysconfig``), plain C99 against
-the Python headers, no other library. A standard wheel gets the compiled module added under
-``gateway/usage/`` and a platform tag; an editable install (``pip install -e .``) gets it
-compiled in place, next to its source, where the source tree's ``gateway`` package finds it
-(ignored by git, see .gitignore).
+the Python headers, no other library. A standard wheel gets each compiled module added next
+to its source's place (``gateway/usage/``, ``sync/``) and a platform tag; an editable install
+(``pip install -e .``) gets them compiled in place, next to their sources, where the source
+tree's packages find them (ignored by git, see .gitignore). One that fails to compile is
+left out alone (its package then runs its pure-Python form).
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-_SOURCE = Path("gateway/usage/_topscan.c")
-_MODULE_DIR = "gateway/usage"
+# (source, the package directory its module goes to, the module's name)
+_EXTENSIONS = (
+    (Path("gateway/usage/_topscan.c"), "gateway/usage", "_topscan"),
+    (Path("sync/_entries.c"), "sync", "_entries"),
+)
 
 
 class TopscanBuildHook(BuildHookInterface):  # type: ignore[type-arg]
-    """Compiles ``_topscan.c`` into the wheel when it can, and builds a pure wheel when not."""
+    """Compiles the extensions into the wheel when it can, and builds a pure wheel when not."""
 
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
-        """Compile the extension (see the module docstring)."""
+        """Compile the extensions (see the module docstring)."""
         if self.target_name != "wheel":
             return
         if os.environ.get("CREDITGATE_PURE_PYTHON", "") not in ("", "0"):
@@ -46,17 +52,21 @@ class TopscanBuildHook(BuildHookInterface):  # type: ignore[type-arg]
             self._say("no C extension on this platform: the pure-Python wheel is built")
             return
         root = Path(self.root)
-        name = "_topscan" + suffix
-        if version == "editable":
-            target = root / _MODULE_DIR / name
-        else:
-            target = Path(tempfile.mkdtemp(prefix="creditgate-build-")) / name
-        if not self._compile(root / _SOURCE, target):
-            return
-        if version != "editable":
-            build_data["force_include"][str(target)] = f"{_MODULE_DIR}/{name}"
-        build_data["pure_python"] = False
-        build_data["infer_tag"] = True
+        built = False
+        for source, module_dir, module in _EXTENSIONS:
+            name = module + suffix
+            if version == "editable":
+                target = root / module_dir / name
+            else:
+                target = Path(tempfile.mkdtemp(prefix="creditgate-build-")) / name
+            if not self._compile(root / source, target):
+                continue
+            if version != "editable":
+                build_data["force_include"][str(target)] = f"{module_dir}/{name}"
+            built = True
+        if built:
+            build_data["pure_python"] = False
+            build_data["infer_tag"] = True
 
     def _compile(self, source: Path, target: Path) -> bool:
         """Compile and link ``source`` into the shared module ``target``; whether it worked."""

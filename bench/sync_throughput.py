@@ -86,10 +86,13 @@ FEATURES = [
     ("general_insights", 1),
 ]
 MODELS = ("gpt-4o-mini-2024-07-18", "gpt-4.1", "claude-sonnet-4-5", "gemini-2.5-flash", "o3")
-LOG_TYPES = (
-    "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
-    "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
-)  # fmt: skip
+# The ledger's types, by column (LOG_COLUMNS gives the order).
+_TYPES = {
+    "tokens_deducted": "bigint", "upstream_status": "integer", "latency_ms": "integer",
+    "balance_after": "bigint", "extra_after": "bigint", "seq": "bigint",
+    "created_at": "timestamptz",
+}  # fmt: skip
+LOG_TYPES = tuple(_TYPES.get(name, "text") for name in LOG_COLUMNS)
 
 
 def dsn_for(database: str) -> str:
@@ -209,13 +212,18 @@ class Producer:
 
 
 def log_record(fields: dict[str, str]) -> tuple[Any, ...]:
-    """The ledger row of an event, as Python values (what a binary COPY sends)."""
+    """The ledger row of an event, as Python values (what a binary COPY sends), in the
+    order of ``LOG_COLUMNS``."""
     ev = decode(fields)
-    return (
-        ev.event_id, ev.org, ev.user, ev.feature, ev.bucket, ev.tokens, ev.kind,
-        ev.request_id, ev.method, ev.route, ev.upstream_status, ev.latency_ms,
-        ev.balance_after, ev.extra_after, ev.seq or 0, ev.plan, ev.reference, ev.created_at,
-    )  # fmt: skip
+    row = {
+        "event_id": ev.event_id, "organization_id": ev.org, "user_id": ev.user,
+        "feature_used": ev.feature, "token_type": ev.bucket, "tokens_deducted": ev.tokens,
+        "kind": ev.kind, "request_id": ev.request_id, "method": ev.method, "route": ev.route,
+        "upstream_status": ev.upstream_status, "latency_ms": ev.latency_ms,
+        "balance_after": ev.balance_after, "extra_after": ev.extra_after, "seq": ev.seq or 0,
+        "plan": ev.plan, "reference": ev.reference, "created_at": ev.created_at,
+    }  # fmt: skip
+    return tuple(row[name] for name in LOG_COLUMNS)
 
 
 def make_events(producer: Producer, n: int, start: int) -> list[dict[str, str]]:

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from operator import itemgetter
 from typing import Any
 
+from sync import compiled
 from sync.records import (
     ALLOC,
     BAL,
@@ -96,7 +97,19 @@ def _refresh(period: str, timezone: str) -> str:
     return text
 
 
-def rollups(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
+def rollups(entries: Sequence[Flat], days: Sequence[str]) -> Columns:
+    """The request events' rows of ``usage_daily_user`` and ``usage_daily_feature``
+    (``rollups_each``), by the compiled pass when it is in use (sync/compiled.py), which
+    answers the same columns (as lists) or None (then ``rollups_each``)."""
+    reduce = compiled.rollups
+    if reduce is not None and type(entries) is list and type(days) is list:
+        got = reduce(entries, days, REQUEST_KINDS)
+        if got is not None:
+            return got
+    return rollups_each(entries, days)
+
+
+def rollups_each(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
     """The request events' rows of ``usage_daily_user`` (per org, day, user: count, token
     sum) and of ``usage_daily_feature`` (per org, day, feature: min bucket, count, token
     sum), as one table of ``USER_ROLLUP_WIDTH`` then ``FEATURE_ROLLUP_WIDTH`` columns (the
@@ -244,9 +257,14 @@ def _seq_text(seq: int | None) -> str:
     return "" if seq is None else str(seq)
 
 
-def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
-    """One row per (org, bucket) the batch moves (see the module docstring); the
-    refresh_date column is the period's end at midnight in ``timezone`` (contract A12)."""
+# Per (org, bucket): the newest event setting every snapshot column; the keys of the rest.
+Newest = tuple[dict[tuple[str, str], Flat], set[tuple[str, str]]]
+
+
+def _newest_each(entries: Iterable[Flat]) -> Newest:
+    """Per (org, bucket), the event with the highest seq among those that set every
+    snapshot column (``full``), and the keys of events that set only some (``partial``);
+    the compiled ``newest`` answers the same in one pass."""
     full: dict[tuple[str, str], Flat] = {}
     get = full.get
     partial: set[tuple[str, str]] = set()
@@ -262,6 +280,15 @@ def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
                 full[key] = v
         elif v[BAL] or v[EXTRA] or v[ALLOC] or v[USED] or v[PERIOD]:
             partial.add((v[ORG], v[BUCKET]))
+    return full, partial
+
+
+def snapshots(entries: Sequence[Flat], timezone: str = "UTC") -> Columns:
+    """One row per (org, bucket) the batch moves (see the module docstring); the
+    refresh_date column is the period's end at midnight in ``timezone`` (contract A12)."""
+    newest = compiled.newest
+    got = newest(entries) if newest is not None and type(entries) is list else None
+    full, partial = got if got is not None else _newest_each(entries)
     if not full and not partial:
         return ((),) * SNAPSHOT_WIDTH
     merged: dict[tuple[str, str], list[Any]] = {}

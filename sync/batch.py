@@ -6,9 +6,16 @@ malformed ones with their error. The worker acks every entry of the read once th
 are committed and the malformed ones dead-lettered.
 
 Entries come in two formats (gateway/core/events.py), in any mix: v2 (one ``v2`` field,
-the values joined by tabs) is split and its shape's names copied in around the values,
-which makes the same ``Flat`` a v1 entry (field/value pairs) is; from there both take the
-same checks and renderings, so the same event gives the same row whichever was written.
+the values joined by tabs) is split, and its values are the ``Flat`` (sync/records.py); a
+v1 entry (field/value pairs) gives the same ``Flat`` once its names are checked. From there
+both take the same checks and renderings, so the same event gives the same row whichever
+was written.
+
+A read of v2 entries decoded on the fast path (every entry in a known shape, no value the
+reference decode must look at: the usual read) is decoded in one pass by the C extension
+when it is in use (sync/compiled.py ``decode_v2``): it answers exactly what
+``decode_each`` answers for the same read, or None (anything else), and ``decode_each``
+then decodes it entry by entry.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from gateway.core.events import (
     SEPARATOR,
     unpacked,
 )
+from sync import compiled
 from sync.levels import without_levels
 from sync.records import (
     BUCKET,
@@ -35,29 +43,25 @@ from sync.records import (
     ID,
     MAX_DIGITS,
     NO_USAGE,
-    TEAM,
+    TEAMED,
     USAGE_AT,
     Fields,
     Flat,
     Times,
     canonical,
+    checked,
     reference_flat,
     usage_fast,
     usage_line,
 )
 
-# (entry id, fields); fields is empty when the entry was deleted while pending.
+# (entry id, fields); fields is empty when the entry was deleted while pending. The fast
+# client's reply gives each entry as a two-item list, which unpacks the same.
 Entry = tuple[str, Fields]
 
-# A v2 entry's number of values -> (its Flat with empty values, whether its last value
-# is lv, set aside as a v1 entry's is: sync/levels.py).
-_SHAPES: dict[int, tuple[Flat, bool]] = {
-    n: (
-        [x for name in names if name != LEVELS_FIELD for x in (name, "")],
-        names[-1] == LEVELS_FIELD,
-    )
-    for n, names in PACKED_SHAPES.items()
-}
+# A v2 entry's number of values -> whether its last value is lv, set aside as a v1
+# entry's is (sync/levels.py).
+_SHAPES: dict[int, bool] = {n: names[-1] == LEVELS_FIELD for n, names in PACKED_SHAPES.items()}
 
 
 @dataclass(slots=True)
@@ -73,6 +77,10 @@ class Rows:
     usage: bool = False  # some entry has the usage fields (sync/records.py)
     # The capped levels' figures of request events (sync/levels.py): (index in flats, lv).
     levels: list[tuple[int, str]] = field(default_factory=list)
+    # No value holds a newline, a carriage return, a backslash or a tab: the fast rendering
+    # is exact without looking (sync/records.py fast_payload). Known by the compiled
+    # decode (it reads every byte); False: not known, fast_payload looks.
+    clean: bool = False
 
     def __len__(self) -> int:
         return len(self.flats)
@@ -93,6 +101,7 @@ class Rows:
             out.days.extend(part.days)
             out.empty_bucket = out.empty_bucket or part.empty_bucket
             out.usage = out.usage or part.usage
+        out.clean = bool(parts) and all(part.clean for part in parts)
         return out
 
     def slice(self, start: int, stop: int) -> Rows:
@@ -107,6 +116,7 @@ class Rows:
         part.empty_bucket = self.empty_bucket and any(not f[BUCKET] for f in part.flats)
         part.usage = self.usage and any(len(f) > USAGE_AT for f in part.flats)
         part.levels = [(i - start, lv) for i, lv in self.levels if start <= i < stop]
+        part.clean = self.clean
         return part
 
 
@@ -121,6 +131,19 @@ class Decoded:
 
 def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
     """Decode a read; a malformed entry is reported in ``bad``, never raised."""
+    decode_v2 = compiled.decode_v2
+    if decode_v2 is not None and type(entries) is list:
+        got = decode_v2(entries, times, KINDS, MAX_DIGITS)
+        if got is not None:
+            ids, fields, flats, lines, days, empty_bucket, usage, levels, clean = got
+            rows = Rows(ids, fields, flats, lines, days, empty_bucket, usage, levels, clean)
+            return Decoded(rows, [], 0)
+    return decode_each(entries, times)
+
+
+def decode_each(entries: Sequence[Entry], times: Times) -> Decoded:
+    """Decode a read entry by entry (any format and shape; ``decode_entries`` takes a
+    faster way for the usual read, with the same result)."""
     rows = Rows()
     bad: list[tuple[str, Fields, str]] = []
     vanished = 0
@@ -130,10 +153,10 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
         rows.entry_ids.append, rows.fields.append, rows.flats.append, rows.lines.append,
         rows.days.append,
     )  # fmt: skip
-    cached, names, kinds, join, cat = times.cache.get, FIELD_LIST, KINDS, "\t".join, "".join
-    ext_names, no_usage = FIELD_LIST_EXT, NO_USAGE
+    cached, names, join = times.cache.get, FIELD_LIST, "\t".join
+    ext_names, no_usage, teamed = FIELD_LIST_EXT, NO_USAGE, TEAMED
     # With a team (contract A10): one more list comparison, only for those entries.
-    team_names, ext_team_names, team = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM, TEAM
+    team_names, ext_team_names = FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM
     levels_name = LEVELS_FIELD
     packed_name, sep, shapes = PACKED_FIELD, SEPARATOR, _SHAPES
     empty_bucket = usage = False
@@ -142,57 +165,41 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
             vanished += 1
             continue
         figures = None
-        # The two fast branches leave the inlined check below to do; the other two went
-        # through canonical(), which checked.
-        checked = False
         try:
             f: Flat
             if type(fields) is list and len(fields) == 2 and fields[0] == packed_name:
-                # v2 (gateway/core/events.py): the values, split; the shape's names copied
-                # in around them. Then the same checks as a v1 entry's.
-                values = fields[1].split(sep)
-                shape = shapes.get(len(values))
-                if shape is None:
+                # v2 (gateway/core/events.py): the values, split, are the Flat. Then the
+                # same checks as a v1 entry's.
+                f = fields[1].split(sep)
+                lv = shapes.get(len(f))
+                if lv is None:
                     f = canonical(fields)  # raises as decode does
                 else:
-                    if shape[1]:
-                        figures = values.pop()
-                    f = shape[0][:]
-                    f[1::2] = values
-                    if len(f) > USAGE_AT and not usage_fast(f):
-                        f = reference_flat(f)
+                    if lv:
+                        figures = f.pop()
+                    if (len(f) > USAGE_AT and not usage_fast(f)) or not checked(f):
+                        f = reference_flat(fields)
             elif type(fields) is list and (
                 (got := fields[::2]) == names
                 or got == team_names
-                or (got in (ext_names, ext_team_names) and usage_fast(fields))
+                or (got in (ext_names, ext_team_names) and usage_fast(fields[1::2]))
             ):
-                f = fields
+                f = fields[1::2]
+                if not checked(f):
+                    f = reference_flat(fields)
             elif type(fields) is list and got[-1] == levels_name:
                 # An entry with capped levels ends with their figures (lv): set aside,
                 # the rest is an entry like any other (sync/levels.py).
                 figures = fields[-1]
                 f = canonical(fields[:-2])
-                checked = True
             else:
                 core, figures = without_levels(unpacked(fields))
                 f = canonical(core)
-                checked = True
-            if not checked:
-                digits = cat((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
-                if not (
-                    f[3] in kinds
-                    and f[1]
-                    and f[5]
-                    and digits.isdigit()
-                    and digits.isascii()
-                    and len(digits) <= MAX_DIGITS
-                ):
-                    f = reference_flat(f)
-            hit = cached(f[27]) or times[f[27]]
+            hit = cached(f[13]) or times[f[13]]
         except Exception as exc:  # any decode failure is the entry's, not ours
             bad.append((entry_id, fields, f"decode: {type(exc).__name__}: {exc}"))
             continue
-        if not f[11]:
+        if not f[5]:
             empty_bucket = True
         add_id(entry_id)
         add_fields(fields)
@@ -205,10 +212,10 @@ def decode_entries(entries: Sequence[Entry], times: Times) -> Decoded:
             tail = usage_line(f)
         else:
             tail = no_usage
-        line = join((f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37],
-                     f[31], f[33], f[15], f[17], f[25] or "0", f[39], f[41], hit[0]))  # fmt: skip
+        line = join((f[0], f[1], f[2], f[3], f[4], f[5], f[6] or "0", f[7], f[8], f[12] or "0",
+                     hit[0], f[14], f[15], f[16], f[17], f[18], f[19], f[20]))  # fmt: skip
         line += tail
-        add_line(line + f[-1] if f[-2] == team else line)
+        add_line(line + f[-1] if len(f) in teamed else line)
         add_day(hit[1])
     rows.empty_bucket = empty_bucket
     rows.usage = usage

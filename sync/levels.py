@@ -35,7 +35,7 @@ from asyncpg.pool import PoolConnectionProxy
 from gateway.alerts.evaluation import AlertDefaults
 from gateway.alerts.levels import CAP_ALERTS, CAP_LEVELS
 from gateway.core.events import LEVELS_FIELD
-from sync.records import BUCKET, ORG, PERIOD, TEAM, USER, Fields, Flat
+from sync.records import BUCKET, ORG, PERIOD, TEAMED, USER, Fields, Flat
 
 __all__ = ["LEVELS_FIELD", "level_columns", "without_levels", "write_cap_alerts"]
 
@@ -123,7 +123,7 @@ def level_columns(
         f = flats[index]
         org, bucket, period = f[ORG], f[BUCKET], f[PERIOD]
         try:
-            if team_on and tc != "-" and f[-2] == TEAM and f[-1]:
+            if team_on and tc != "-" and len(f) in TEAMED and f[-1]:
                 k = (org, "team", f[-1], bucket, period, tc)
                 used = _used(tn, period)
                 if used > get(k, -1):

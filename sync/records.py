@@ -1,13 +1,14 @@
 """Stream entry -> ledger row: the sync job's decoder and its ``COPY`` text lines.
 
-An entry's fields (gateway/core/events.py) become a ``Flat``: the flat ``[name, value, ...]``
-list Redis returns, with the names in ``FIELDS`` order and the values validated the way
-``gateway.core.events.decode`` validates them (an entry ``decode`` rejects is rejected here,
-with the same exception). Values are read at fixed positions (``ORG`` ... below). From it,
-``copy_line`` renders the entry's row of ``ai_token_usage_log`` in Postgres' text ``COPY``
-format, and sync/aggregate.py derives the rollups and snapshots. Keeping the list Redis
-returned, rather than building a dict or a tuple per entry, saves both the copying and
-the garbage collector's work.
+An entry's fields (gateway/core/events.py) become a ``Flat``: the list of its values alone,
+in ``FIELDS`` order (a v2 entry's value split on its tabs is one as it is; a v1 entry's
+``[name, value, ...]`` list gives its values, ``fields[1::2]``, once the names are checked),
+validated the way ``gateway.core.events.decode`` validates them (an entry ``decode`` rejects
+is rejected here, with the same exception). Values are read at fixed positions (``ORG`` ...
+below). From it, ``copy_line`` renders the entry's row of ``ai_token_usage_log`` in
+Postgres' text ``COPY`` format, and sync/aggregate.py derives the rollups and snapshots.
+Keeping the list ``str.split`` returned, rather than building a dict, a tuple or a list of
+names and values per entry, saves both the copying and the garbage collector's work.
 
 Why text ``COPY`` built from the strings Redis returned: the Lua scripts write every field
 in one order with canonical decimal integers, so for almost every entry a row is one
@@ -26,15 +27,22 @@ order, or only some of them, takes the reference path, which reads them by name.
 
 The team (issue 9, contract A10): a request event of a request with a team ends with
 ``tm <team>``, after ``ref`` or after the usage fields; the row's ``team_id`` is then the
-team, else NULL. A ``Flat`` with a team is two longer (``f[-2] == "tm"``): the four
-canonical shapes are ``FIELDS``, ``FIELDS_EXT``, each with or without ``tm``, and all four
-take the fast path; ``len(f) > USAGE_AT`` still says whether the usage fields are there.
+team, else NULL. A ``Flat`` with a team is one longer (its last value: its length is one
+of ``TEAMED``): the four canonical shapes are ``FIELDS``, ``FIELDS_EXT``,
+each with or without ``tm`` (21, 30, 22 and 31 values), all four take the fast path, and
+``len(f) > USAGE_AT`` still says whether the usage fields are there.
+
+The ``COPY`` column order (``COPY_COLUMNS``) is the entry's own order, minus the values
+that are not ledger columns (``a``, ``used``, ``per``) and with ``ts`` as ``created_at``:
+most of a line is then runs of the entry's values as they come (the compiled decode,
+sync/_entries.c, copies them into the line as it splits the entry).
 
 Two renderings exist. The fast one writes NULL as the empty string (``COPY ... NULL ''``)
 and escapes nothing; it is valid for a batch only when no value holds a tab, newline,
 carriage return or backslash and no entry has an empty bucket (the one text column where
 ``''`` is a value, not NULL): ``fast_payload`` checks that over the whole batch at C speed
-and returns None otherwise. The careful one escapes every value and writes ``\\N``.
+(unless the compiled decode already knows it: ``Rows.clean``) and returns None otherwise.
+The careful one escapes every value and writes ``\\N``.
 """
 
 from __future__ import annotations
@@ -60,24 +68,28 @@ TEAM = "tm"
 FIELD_LIST_TEAM = [*FIELDS, TEAM]
 FIELD_LIST_EXT_TEAM = [*FIELDS_EXT, TEAM]
 # Positions of the values in a ``Flat``.
-ID, KIND, ORG, USER, FEATURE, BUCKET, TOKENS, BAL, EXTRA, ALLOC, USED = range(1, 22, 2)
-PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(23, 42, 2)
+ID, KIND, ORG, USER, FEATURE, BUCKET, TOKENS, BAL, EXTRA, ALLOC, USED = range(11)
+PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(11, 21)
 # ... and of the usage values, present when ``len(f) > USAGE_AT``.
-RESERVED, OVERAGE, MODEL, IN_TOKENS, CACHED_TOKENS, OUT_TOKENS, REASONING_TOKENS = range(43, 56, 2)
-COST_SOURCE, USAGE_MISSING = 57, 59
+RESERVED, OVERAGE, MODEL, IN_TOKENS, CACHED_TOKENS, OUT_TOKENS, REASONING_TOKENS = range(21, 28)
+COST_SOURCE, USAGE_MISSING = 28, 29
 # The longest Flat without usage fields (FIELDS and a team): longer ones have them.
-USAGE_AT = 44
+USAGE_AT = len(FIELDS) + 1
+# The lengths of a Flat with a team (its last value): FIELDS or FIELDS_EXT, and tm.
+TEAMED = frozenset({len(FIELDS) + 1, len(FIELDS_EXT) + 1})
 
-# The ledger columns a line fills, in line order: these ...
+# The ledger columns a line fills, in line order, which is the entry's (FIELDS; a, used
+# and per are not ledger columns, ts is created_at): these ...
 LOG_COLUMNS = (
-    "event_id", "organization_id", "user_id", "feature_used", "token_type",
-    "tokens_deducted", "kind", "request_id", "method", "route", "upstream_status",
-    "latency_ms", "balance_after", "extra_after", "seq", "plan", "reference", "created_at",
+    "event_id", "kind", "organization_id", "user_id", "feature_used", "token_type",
+    "tokens_deducted", "balance_after", "extra_after", "seq", "created_at", "request_id",
+    "upstream_status", "latency_ms", "method", "route", "plan", "reference",
 )  # fmt: skip
-# ... then the usage columns (migrations/0006_usage_columns.sql); COPY_COLUMNS is a line.
+# ... then the usage columns (migrations/0006_usage_columns.sql), in USAGE_FIELDS order;
+# COPY_COLUMNS is a line.
 USAGE_COLUMNS = (
-    "model", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
-    "reserved", "overage", "cost_source", "usage_missing",
+    "reserved", "overage", "model", "input_tokens", "cached_input_tokens", "output_tokens",
+    "reasoning_tokens", "cost_source", "usage_missing",
 )  # fmt: skip
 # ... then the team (migrations/0007_teams_and_caps.sql), last: a line without one ends
 # with an empty (NULL) value.
@@ -85,12 +97,13 @@ TEAM_COLUMNS = ("team_id",)
 COPY_COLUMNS = LOG_COLUMNS + USAGE_COLUMNS + TEAM_COLUMNS
 _TABS_PER_LINE = len(COPY_COLUMNS) - 1
 # The end of the line of an entry without usage fields: the usage columns NULL, but
-# overage 0 and usage_missing false (0). Fast rendering (NULL is ''), then careful (\N).
-NO_USAGE = "\t" + "\t".join(("",) * 6 + ("0", "", "0")) + "\t"
-NO_USAGE_CAREFUL = "\t" + "\t".join(("\\N",) * 6 + ("0", "\\N", "0"))
+# overage 0 and usage_missing false (0). Fast rendering (NULL is ''), with the tab before
+# the team column, then careful (\N).
+NO_USAGE = "\t" + "\t".join(("", "0", "", "", "", "", "", "", "0")) + "\t"
+NO_USAGE_CAREFUL = "\t" + "\t".join(("\\N", "0", *("\\N",) * 6, "0"))
 
-# A canonical entry: [name, value, ...] with the names of FIELDS (or FIELDS_EXT), in order,
-# and ``tm`` last when the event has a team.
+# A canonical entry: its values, in the order of FIELDS (or FIELDS_EXT), and the team last
+# when the event has one (see the module docstring).
 Flat = list[str]
 # An entry's fields as a client returns them: a flat [name, value, ...] list (the raw
 # reply of FastRedis) or a mapping (redis-py, str or bytes).
@@ -139,32 +152,46 @@ def reference_flat(fields: Fields) -> Flat:
     ev = decode(cast("dict[str, str]", fields))
     raw_ts = fields.get("ts") if "ts" in fields else fields.get(b"ts")
     ts = int(_text(raw_ts) or "0") if raw_ts is not None else 0
-    values: tuple[str, ...] = (
+    values: list[str] = [
         ev.event_id, ev.kind, ev.org, ev.user or "", ev.feature or "", ev.bucket,
         str(ev.tokens), _opt(ev.balance_after), _opt(ev.extra_after), _opt(ev.allocated),
         _opt(ev.used), ev.period or "", _opt(ev.seq), str(ts), ev.request_id or "",
         _opt(ev.upstream_status), _opt(ev.latency_ms), ev.method or "", ev.route or "",
         ev.plan or "", ev.reference or "",
-    )  # fmt: skip
+    ]  # fmt: skip
     usage = [_usage_value(fields, name) for name in USAGE_FIELDS]
-    team = [TEAM, ev.team] if ev.team else []
+    team = [ev.team] if ev.team else []
     if all(v is None for v in usage):
-        return [x for pair in zip(FIELDS, values, strict=True) for x in pair] + team
+        return values + team
     rs, ov, mdl, ui, uc, uo, ur, cs, um = (v or "" for v in usage)
     values += (
         _count(rs), _count(ov), mdl, _count(ui), _count(uc), _count(uo), _count(ur), cs,
         "1" if um == "1" else "",
     )  # fmt: skip
-    return [x for pair in zip(FIELDS_EXT, values, strict=True) for x in pair] + team
+    return values + team
 
 
 def usage_fast(f: Flat) -> bool:
     """Whether the usage values of a ``FIELDS_EXT`` entry are canonical as they are."""
-    digits = "".join((f[43], f[45], f[49], f[51], f[53], f[55]))
+    digits = "".join((f[21], f[22], f[24], f[25], f[26], f[27]))
     return (
         (not digits or (digits.isdigit() and digits.isascii()))
         and len(digits) <= MAX_DIGITS
-        and f[59] in ("", "1")
+        and f[29] in ("", "1")
+    )
+
+
+def checked(f: Flat) -> bool:
+    """Whether the values of ``f``, in a canonical shape, need no ``decode``: a known kind,
+    an id and an org, and every integer field (those of ``FIELDS``) canonical digits."""
+    digits = "".join((f[6], f[7], f[8], f[9], f[10], f[12], f[13], f[15], f[16]))
+    return bool(
+        f[1] in KINDS
+        and f[0]
+        and f[2]
+        and digits.isdigit()
+        and digits.isascii()
+        and len(digits) <= MAX_DIGITS
     )
 
 
@@ -173,30 +200,20 @@ def canonical(fields: Fields) -> Flat:
     if type(fields) is list:
         names = fields[::2]
         if names in (FIELD_LIST, FIELD_LIST_TEAM):
-            f: Flat = fields
-        elif names in (FIELD_LIST_EXT, FIELD_LIST_EXT_TEAM) and usage_fast(fields):
-            f = fields
+            f: Flat = fields[1::2]
+        elif names in (FIELD_LIST_EXT, FIELD_LIST_EXT_TEAM) and usage_fast(fields[1::2]):
+            f = fields[1::2]
         else:
             return reference_flat(fields)
     elif isinstance(fields, Mapping) and (
         list(fields) in (FIELD_LIST, FIELD_LIST_EXT, FIELD_LIST_TEAM, FIELD_LIST_EXT_TEAM)
     ):
-        f = [x for pair in fields.items() for x in pair]
+        f = list(fields.values())
         if len(f) > USAGE_AT and not usage_fast(f):
             return reference_flat(fields)
     else:
         return reference_flat(fields)
-    digits = "".join((f[13], f[15], f[17], f[19], f[21], f[25], f[27], f[31], f[33]))
-    if (
-        f[3] in KINDS
-        and f[1]
-        and f[5]
-        and digits.isdigit()
-        and digits.isascii()
-        and len(digits) <= MAX_DIGITS
-    ):
-        return f
-    return reference_flat(fields)
+    return f if checked(f) else reference_flat(fields)
 
 
 class Times:
@@ -224,27 +241,30 @@ class Times:
 def copy_line(f: Flat, created: str) -> str:
     """The row, fast rendering: NULL is ``''``, nothing escaped (see the module docstring)."""
     line = "\t".join(
-        (f[1], f[5], f[7], f[9], f[11], f[13] or "0", f[3], f[29], f[35], f[37], f[31], f[33],
-         f[15], f[17], f[25] or "0", f[39], f[41], created)
+        (f[0], f[1], f[2], f[3], f[4], f[5], f[6] or "0", f[7], f[8], f[12] or "0", created,
+         f[14], f[15], f[16], f[17], f[18], f[19], f[20])
     )  # fmt: skip
     line += usage_line(f) if len(f) > USAGE_AT else NO_USAGE
-    return line + f[-1] if f[-2] == TEAM else line
+    return line + f[-1] if len(f) in TEAMED else line
 
 
 def usage_line(f: Flat) -> str:
     """The usage columns of a ``FIELDS_EXT`` entry, fast rendering (with the leading tab),
     and the tab before the team column (its value, when there is one, comes after)."""
     return "\t" + "\t".join(
-        (f[47], f[49], f[51], f[53], f[55], f[43], f[45] or "0", f[57], f[59] or "0", "")
+        (f[21], f[22] or "0", f[23], f[24], f[25], f[26], f[27], f[28], f[29] or "0", "")
     )
 
 
-def fast_payload(lines: Sequence[str], empty_bucket: bool) -> bytes | None:
-    """The batch's ``COPY ... NULL ''`` data, or None when the fast rendering is not exact."""
+def fast_payload(lines: Sequence[str], empty_bucket: bool, clean: bool = False) -> bytes | None:
+    """The batch's ``COPY ... NULL ''`` data, or None when the fast rendering is not exact.
+
+    ``clean``: the caller knows that no value holds a tab, newline, carriage return or
+    backslash (sync/batch.py ``Rows.clean``), so the lines are not looked through again."""
     if empty_bucket or not lines:
         return None
     text = "\n".join(lines)
-    if (
+    if not clean and (
         text.count("\t") != _TABS_PER_LINE * len(lines)
         or text.count("\n") != len(lines) - 1
         or "\\" in text
@@ -265,16 +285,16 @@ def _esc(value: str) -> str:
 def careful_line(f: Flat, created: str) -> str:
     """The row with every value escaped and NULL as ``\\N`` (default text COPY)."""
     line = "\t".join(
-        (_esc(f[1]), _esc(f[5]), _esc(f[7]), _esc(f[9]), f[11].translate(_ESCAPES),
-         f[13] or "0", _esc(f[3]), _esc(f[29]), _esc(f[35]), _esc(f[37]), _esc(f[31]),
-         _esc(f[33]), _esc(f[15]), _esc(f[17]), f[25] or "0", _esc(f[39]), _esc(f[41]), created)
+        (_esc(f[0]), _esc(f[1]), _esc(f[2]), _esc(f[3]), _esc(f[4]), f[5].translate(_ESCAPES),
+         f[6] or "0", _esc(f[7]), _esc(f[8]), f[12] or "0", created, _esc(f[14]), _esc(f[15]),
+         _esc(f[16]), _esc(f[17]), _esc(f[18]), _esc(f[19]), _esc(f[20]))
     )  # fmt: skip
-    team = "\t" + _esc(f[-1] if f[-2] == TEAM else "")
+    team = "\t" + _esc(f[-1] if len(f) in TEAMED else "")
     if len(f) <= USAGE_AT:
         return line + NO_USAGE_CAREFUL + team
     usage = (
-        _esc(f[47]), _esc(f[49]), _esc(f[51]), _esc(f[53]), _esc(f[55]), _esc(f[43]),
-        f[45] or "0", _esc(f[57]), f[59] or "0",
+        _esc(f[21]), f[22] or "0", _esc(f[23]), _esc(f[24]), _esc(f[25]), _esc(f[26]),
+        _esc(f[27]), _esc(f[28]), f[29] or "0",
     )  # fmt: skip
     return line + "\t" + "\t".join(usage) + team
 

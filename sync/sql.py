@@ -22,17 +22,17 @@ from sync.records import COPY_COLUMNS
 SEP = "\x1f"
 LOG = "ai_token_usage_log"
 TEMP = "cg_sync_in"
-_LOG_TYPES = (
-    "text", "text", "text", "text", "text", "bigint", "text", "text", "text", "text",
-    "integer", "integer", "bigint", "bigint", "bigint", "text", "text", "timestamptz",
-    # the usage columns (sync/records.py USAGE_COLUMNS)
-    "text", "bigint", "bigint", "bigint", "bigint", "bigint", "bigint", "text", "boolean",
-    # the team (TEAM_COLUMNS)
-    "text",
-)  # fmt: skip
+# The ledger's column types (migrations 0001, 0006, 0007) that are not text.
+_LOG_TYPES = {
+    "tokens_deducted": "bigint", "upstream_status": "integer", "latency_ms": "integer",
+    "balance_after": "bigint", "extra_after": "bigint", "seq": "bigint",
+    "created_at": "timestamptz", "input_tokens": "bigint", "cached_input_tokens": "bigint",
+    "output_tokens": "bigint", "reasoning_tokens": "bigint", "reserved": "bigint",
+    "overage": "bigint", "usage_missing": "boolean",
+}  # fmt: skip
 CREATE_TEMP = (
     f"CREATE TEMP TABLE {TEMP} ("
-    + ", ".join(f"{n} {t}" for n, t in zip(COPY_COLUMNS, _LOG_TYPES, strict=True))
+    + ", ".join(f"{n} {_LOG_TYPES.get(n, 'text')}" for n in COPY_COLUMNS)
     + ") ON COMMIT DROP"
 )
 _COLS = ", ".join(COPY_COLUMNS)

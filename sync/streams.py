@@ -163,7 +163,9 @@ class ShardStream:
             )  # fmt: skip
             if not reply:
                 return []
-            return [(e[0], e[1]) for e in reply[0][1]]
+            # Each entry as the reply's [id, fields] list: it unpacks as an Entry does.
+            entries: list[Entry] = reply[0][1]
+            return entries
         reply = await self.redis.xreadgroup(
             self.group, self.consumer, {self.key: start}, count=count
         )

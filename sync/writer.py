@@ -239,7 +239,7 @@ class BatchWriter:
     async def _write_once(
         self, rows: Rows, shard: int | Sequence[int], *, direct: bool, fallback: bool = False
     ) -> WriteResult:
-        payload = fast_payload(rows.lines, rows.empty_bucket)
+        payload = fast_payload(rows.lines, rows.empty_bucket, rows.clean)
         null: str | None = ""
         if payload is None:
             payload, null = careful_payload(rows.flats, self._times), None

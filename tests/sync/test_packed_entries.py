@@ -34,7 +34,7 @@ from gateway.core.events import (
 from gateway.core.redis_keys import KeySpace
 from gateway.redisio.lua_scripts import assemble
 from sync.batch import Decoded, decode_entries
-from sync.records import Times, careful_payload, fast_payload
+from sync.records import TOKENS, USER, Times, careful_payload, fast_payload
 from tests.support.pg import requires_postgres
 from tests.sync.test_sync import event, scenario, worker, xadd_all
 from tests.sync.test_usage_fields import usage_event
@@ -113,7 +113,7 @@ def test_a_value_with_a_tab_keeps_the_event_v1_and_other_hostile_values_go_v2() 
         d1 = decode_entries([("1-0", flat(ev))], Times())
         d2 = decode_entries([("1-0", flat(two))], Times())
         same(d1, d2)
-        assert d1.rows.flats[0][7] == value  # u, exactly
+        assert d1.rows.flats[0][USER] == value  # u, exactly
     # A shape packed() does not know (a field missing) stays as it is.
     partial = {k: v for k, v in event("acme", "charge").items() if k != "ref"}
     assert packed(partial) == partial
@@ -294,4 +294,4 @@ async def test_the_scripts_write_v2_and_v1_for_a_tab_or_an_exponent(
         decoded = decode_entries([("1-0", flat(got))], Times())
         same(decoded, decode_entries([("1-0", flat(fields))], Times()))
         if fields["t"] == "1000000000000000":
-            assert decoded.rows.flats[0][13] == "1000000000000000"
+            assert decoded.rows.flats[0][TOKENS] == "1000000000000000"

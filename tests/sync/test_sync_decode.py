@@ -23,6 +23,7 @@ from sync.records import (
     ALLOC,
     BAL,
     BUCKET,
+    COPY_COLUMNS,
     EXTRA,
     FEATURE,
     FIELDS,
@@ -75,8 +76,21 @@ _VALUES = [
     "\\N",
     "cr\r",
 ]
-_INT_COLUMNS = {5, 10, 11, 12, 13, 14, 19, 20, 21, 22, 23, 24}
-_BOOL_COLUMN = 26
+# The reference row's columns (_reference_row), by name: a COPY line is read into them
+# through COPY_COLUMNS, whatever order the writer's lines take.
+_ROW_COLUMNS = (
+    "event_id", "organization_id", "user_id", "feature_used", "token_type",
+    "tokens_deducted", "kind", "request_id", "method", "route", "upstream_status",
+    "latency_ms", "balance_after", "extra_after", "seq", "plan", "reference", "created_at",
+    "model", "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens",
+    "reserved", "overage", "cost_source", "usage_missing", "team_id",
+)  # fmt: skip
+_INT_COLUMNS = {
+    "tokens_deducted", "upstream_status", "latency_ms", "balance_after", "extra_after", "seq",
+    "input_tokens", "cached_input_tokens", "output_tokens", "reasoning_tokens", "reserved",
+    "overage",
+}  # fmt: skip
+assert sorted(_ROW_COLUMNS) == sorted(COPY_COLUMNS)
 
 
 def _usage_reference(fields: Any) -> tuple[Any, ...]:
@@ -126,22 +140,23 @@ def _unescape(value: str) -> str:
 
 
 def _parse_copy_line(line: str, null: str) -> tuple[Any, ...]:
-    """What Postgres reads from one text COPY line (NULL marker ``null``)."""
-    out: list[Any] = []
-    for i, raw in enumerate(line.split("\t")):
+    """What Postgres reads from one text COPY line (NULL marker ``null``), as the reference
+    row's columns."""
+    out: dict[str, Any] = {}
+    for name, raw in zip(COPY_COLUMNS, line.split("\t"), strict=True):
         if raw == null:
-            out.append(None)
+            out[name] = None
             continue
         value = _unescape(raw) if null == "\\N" else raw
-        if i in _INT_COLUMNS:
-            out.append(int(value))
-        elif i == _BOOL_COLUMN:
-            out.append({"0": False, "1": True}[value])
-        elif i == 17:
-            out.append(datetime.fromisoformat(value))
+        if name in _INT_COLUMNS:
+            out[name] = int(value)
+        elif name == "usage_missing":
+            out[name] = {"0": False, "1": True}[value]
+        elif name == "created_at":
+            out[name] = datetime.fromisoformat(value)
         else:
-            out.append(value)
-    return tuple(out)
+            out[name] = value
+    return tuple(out[name] for name in _ROW_COLUMNS)
 
 
 def _check(given_fields: Any, reference_fields: Any) -> None:
@@ -289,7 +304,7 @@ def test_snapshot_reduction_matches_the_column_rule(
 ) -> None:
     entries = []
     for org, bucket, seq, cols in events:
-        v = [x for name in FIELDS for x in (name, "")]
+        v = [""] * len(FIELDS)
         v[ORG], v[BUCKET], v[SEQ] = org, bucket, seq
         for i, value in zip((BAL, EXTRA, ALLOC, USED, PERIOD), cols, strict=True):
             v[i] = value if i != PERIOD or not value else f"2026-{int(value):02d}"
@@ -327,7 +342,7 @@ def test_rollup_and_plan_reductions_match_the_plain_rule(
     strings) and plans() (reduced in C) give what a plain loop over the events gives."""
     entries, days = [], []
     for kind, org, feature, user, bucket, tokens, day, plan in events:
-        v = [x for name in FIELDS for x in (name, "")]
+        v = [""] * len(FIELDS)
         v[KIND], v[ORG], v[FEATURE], v[USER], v[BUCKET] = kind, org, feature, user, bucket
         v[TOKENS], v[PLAN] = tokens, plan
         entries.append(v)

@@ -18,7 +18,7 @@ import pytest
 from gateway.core.events import TEAM_FIELD
 from gateway.core.redis_keys import KeySpace
 from sync.batch import decode_entries
-from sync.records import TEAM, Times, canonical, careful_payload, fast_payload
+from sync.records import NO_USAGE, TEAM, Times, canonical, careful_payload, fast_payload
 from tests.support.api_support import ADMIN, Env, make_env
 from tests.support.caps import BUCKET, caps_overrides
 from tests.support.pg import requires_postgres
@@ -47,18 +47,18 @@ def test_entries_with_a_team_take_the_fast_path_and_those_without_are_unchanged(
     usage = with_team(usage_event("acme", t=9, rs=12, mdl="gpt-4o-mini", ui=10, s=3), "blue")
     entries = [flat(plain), flat(teamed), flat(usage)]
     rows = decode_entries([(f"1-{i}", e) for i, e in enumerate(entries)], Times()).rows
-    # No copy and no reference decode: the very lists Redis returned.
-    assert all(got is given for got, given in zip(rows.flats, entries, strict=True))
-    assert [canonical(e) for e in entries] == entries
+    # No reference decode: the values Redis returned, as they are.
+    assert rows.flats == [e[1::2] for e in entries]
+    assert [canonical(e) for e in entries] == [e[1::2] for e in entries]
     assert rows.usage and fast_payload(rows.lines, rows.empty_bucket) is not None
     # The team is the last column; empty (NULL in the fast rendering) without one.
-    assert rows.lines[0].endswith("\t0\t\t0\t")
-    assert rows.lines[1].endswith("\t0\t\t0\tred")
+    assert rows.lines[0].endswith(NO_USAGE)
+    assert rows.lines[1].endswith(NO_USAGE + "red")
     assert rows.lines[2].endswith("\tusage\t0\tblue")
     careful = careful_payload(rows.flats, Times()).decode().splitlines()
     assert [line.rsplit("\t", 1)[1] for line in careful] == ["\\N", "red", "blue"]
     # As a mapping (redis-py's reply) too.
-    assert canonical(teamed) == flat(teamed)
+    assert canonical(teamed) == flat(teamed)[1::2]
 
 
 async def team_rows(pool: asyncpg.Pool) -> dict[str, str | None]:

@@ -314,13 +314,13 @@ def test_usage_entries_as_settle_lua_writes_them_take_the_fast_path() -> None:
     e = usage_event("acme", t=9, rs=12, ov=1, mdl="gpt-4o-mini", ui=10, uc=2, uo=3, ur=0, s=1)
     flat = [x for kv in e.items() for x in kv]
     rows = decode_entries([("1-0", flat)], Times()).rows
-    assert rows.flats[0] is flat and rows.usage
+    assert rows.flats[0] == flat[1::2] and rows.usage
     assert fast_payload(rows.lines, rows.empty_bucket) is not None
     # ... then the team column (migration 0007): empty, NULL, for an event without tm.
-    assert rows.lines[0].endswith("\tgpt-4o-mini\t10\t2\t3\t0\t12\t1\tusage\t0\t")
+    assert rows.lines[0].endswith("\t12\t1\tgpt-4o-mini\t10\t2\t3\t0\tusage\t0\t")
     old = event("acme", "charge", t=3, s=2)
     rows = decode_entries([("1-0", [x for kv in old.items() for x in kv])], Times()).rows
-    assert not rows.usage and rows.lines[0].endswith("\t" * 7 + "0\t\t0\t")
+    assert not rows.usage and rows.lines[0].endswith("\t\t0" + "\t" * 7 + "0\t")
 
 
 def test_the_usage_fields_are_the_event_formats() -> None:

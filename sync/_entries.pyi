@@ -1,0 +1,9 @@
+from typing import Any
+
+def decode_v2(
+    entries: list[Any], times: Any, kinds: frozenset[str], max_digits: int, /
+) -> tuple[Any, ...] | None: ...
+def rollups(
+    flats: list[Any], days: list[str], request_kinds: frozenset[str], /
+) -> tuple[list[str], ...] | None: ...
+def newest(flats: list[Any], /) -> tuple[dict[Any, Any], set[Any]] | None: ...
