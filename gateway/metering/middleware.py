@@ -211,8 +211,6 @@ class CreditGateMiddleware:
 
         request_id = new_request_id()
         REQUEST_ID.set(request_id)  # every log line of this request carries it
-        rid = (b"x-creditgate-request-id", request_id.encode())
-        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         try:
             adm = await self._admit(
                 ident.org, match.feature, user=ident.user, cost=match.cost,
@@ -220,6 +218,8 @@ class CreditGateMiddleware:
                 route=match.template, key_id=ident.key_id, team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
+            rid = (b"x-creditgate-request-id", request_id.encode())
+            inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
             await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
         if adm.status != "ok":
@@ -227,6 +227,11 @@ class CreditGateMiddleware:
             await self._refuse(scope, send, match, ident, adm)
             return
 
+        # The app's scope is built once admitted, not before the charge: objects alive
+        # across the charge's suspension are what the cycle collector's young passes walk
+        # (and, once promoted, its full ones) while the request waits for Redis.
+        rid = (b"x-creditgate-request-id", request_id.encode())
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         charged = self._charged_headers(adm, rid)
         refund_on = self._refund_on[match.feature]
         state = inner["state"]

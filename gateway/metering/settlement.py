@@ -223,6 +223,8 @@ _Settle = tuple[
 
 # "$<n>\r\n", the head of a RESP bulk string of n bytes, for the lengths a settle's values
 # have (a key, a request id, a status...): indexing this costs less than formatting n.
+# The text of an HTTP status, without str()'s call and conversion on every settle.
+_STATUS_TEXT: dict[int | None, str] = {status: str(status) for status in range(100, 600)}
 _BULK = tuple(f"${n}\r\n" for n in range(256))
 
 
@@ -412,7 +414,7 @@ class Settlement:
             else "a"
             if ok and len(ext) == 1
             else _extended_outcome(ok, ext),
-            "" if status is None else str(status),
+            _STATUS_TEXT.get(status) or ("" if status is None else str(status)),
             "" if latency_ms is None else str(latency_ms),
             done,
             ext,

@@ -259,21 +259,41 @@ class FastRedis:
     async def run_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Any:
         """``run`` with the keys and arguments already encoded (see ``ScriptRunner``): they
         go on the wire as they are. Same replies, errors and NOSCRIPT recovery as ``run``."""
+        reply = await self.send_encoded(script, count, encoded)
+        if reply.__class__ is ErrorReply:
+            return await self.recover_encoded(script, count, encoded, reply)
+        return reply
+
+    def send_encoded(self, script: LuaScript, count: int, encoded: bytes) -> Awaitable[Any]:
+        """``run_encoded``'s first step without a coroutine of its own: send the call now
+        and return what awaits its reply *as it comes*, an error reply (``ErrorReply``)
+        included, which the caller hands to :meth:`recover_encoded`. On a live socket the
+        awaitable is the reply's future itself, so a caller that awaits it (the charge of
+        every metered request, ``Admitter.admit``) resumes through one coroutine level
+        fewer than through ``run_encoded``."""
         head = self._heads.get((script.sha, count))
         if head is None:
             head = self._heads[(script.sha, count)] = evalsha_header(script.sha, count)
         links = self.links
         link = links[0] if len(links) == 1 else self._link()
-        command = head + encoded
         # Link.request inlined (the hot path): a live socket on this loop takes it at once.
         proto = link._proto
         if proto is not None and not proto.closed and proto.loop is asyncio.get_running_loop():
-            reply = await proto.send(command)
-        else:
-            reply = await link._request_slow(command)
-        if reply.__class__ is ErrorReply:
-            return await _after_error(link, script, command, reply)
-        return reply
+            return proto.send(head + encoded)
+        return link._request_slow(head + encoded)
+
+    async def recover_encoded(
+        self, script: LuaScript, count: int, encoded: bytes, reply: Any
+    ) -> Any:
+        """What ``run_encoded`` returns or raises after ``send_encoded`` answered the error
+        reply ``reply``: NOSCRIPT recovered once (the script loaded and the call sent
+        again), any other error raised (``RedisUnavailable`` or ``RedisReplyError``)."""
+        # The socket the error came on (data_received marks it), for load_and_retry's
+        # check of a SCRIPT LOAD already queued there; else any (nothing ran).
+        proto = getattr(reply, "proto", None)
+        link = next((lk for lk in self.links if lk._proto is proto), None) or self._link()
+        command = evalsha_header(script.sha, count) + encoded
+        return await _after_error(link, script, command, reply)
 
     async def run_encoded_many(
         self, script: LuaScript, calls: Sequence[tuple[int, bytes]]

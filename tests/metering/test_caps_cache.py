@@ -16,6 +16,7 @@ import pytest
 
 from gateway.core.periods import FixedClock
 from gateway.metering.gate import CreditGate
+from gateway.redisio.pipelined import FastRedis
 from tests.support.caps import BUCKET, caps_gate, level_used, put
 
 DAY_MS = 86_400_000
@@ -49,6 +50,15 @@ def spy_charges(gate: CreditGate) -> list[tuple[bytes, int]]:
         return reply
 
     runner.run_encoded = run_encoded  # type: ignore[method-assign]
+    if isinstance(runner, FastRedis):  # the charge awaits send_encoded's reply itself
+        send = runner.send_encoded
+
+        async def send_encoded(script: Any, count: int, encoded: bytes) -> Any:
+            reply = await send(script, count, encoded)
+            calls.append((encoded, len(reply)))
+            return reply
+
+        runner.send_encoded = send_encoded  # type: ignore[method-assign]
     return calls
 
 

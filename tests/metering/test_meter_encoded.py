@@ -158,3 +158,25 @@ async def test_templates_follow_the_period() -> None:
         gate, now=clock.now_ms(), period="2026-12", refresh_at=DEC_END, org="acme",
         feature="lead_generation", cost=5, request_id="dec",
     )  # fmt: skip
+
+
+async def test_the_charge_awaits_fast_redis_without_run_encoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On FastRedis the charge awaits ``send_encoded``'s reply itself (one coroutine level
+    fewer at every metered request's resume), the same bytes as ``run_encoded`` sends."""
+    gate = CreditGate(_config(), clock=FixedClock(MID_NOVEMBER_MS))
+    sent: list[bytes] = []
+    gate.redis.runner = fast_redis(sent)
+
+    async def not_called(*args: Any) -> Any:
+        raise AssertionError("the charge went through run_encoded")
+
+    monkeypatch.setattr(FastRedis, "run_encoded", not_called)
+    adm = await gate.meter.admit("acme", "lead_generation", request_id="r1")
+    assert adm.ok
+    want = expected(
+        gate, now=MID_NOVEMBER_MS, period="2026-11", refresh_at=NOV_END, org="acme",
+        feature="lead_generation", cost=5, request_id="r1",
+    )  # fmt: skip
+    assert sent == [want]

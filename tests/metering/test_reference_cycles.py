@@ -94,3 +94,43 @@ async def test_a_fixed_cost_request_leaves_no_reference_cycle(gate: CreditGate) 
     balance = await gate.balance(org)
     assert balance.buckets["goal_generation"].used == 3 * (20 + REQUESTS)  # all charged
     assert found <= AT_MOST, f"{found} objects in reference cycles after {REQUESTS} requests"
+
+
+async def test_the_apps_scope_is_built_after_the_charge(gate: CreditGate) -> None:
+    """While a fixed-cost request waits for its charge's reply, the scope the app will see
+    (a dict, its header list and the identity's header tuples) does not exist yet: objects
+    alive across that suspension are what the collector's young passes walk, 64 requests
+    at a time (BENCHMARKS.md section 1, round 9). The request is then served as before."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    await gate.set_plan(org, "enterprise")
+    mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
+    admit = mw._admit
+    seen: list[bool] = []
+
+    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+        built = any(
+            type(o) is tuple and len(o) == 2 and o[0] == b"x-creditgate-org"
+            for o in gc.get_objects()
+        )
+        seen.append(built)
+        return await admit(*args, **kwargs)
+
+    mw._admit = watched_admit
+    statuses: list[int] = []
+    headers: list[dict[bytes, bytes]] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+            headers.append(dict(message["headers"]))
+
+    gc.collect()
+    gc.disable()  # a pass could untrack a tuple of bytes, hiding it from get_objects
+    try:
+        scope, receive = request(org)
+        await mw(scope, receive, send)
+    finally:
+        gc.enable()
+    assert seen == [False]
+    assert statuses == [200]
+    assert headers[0][b"x-tokens-cost"] and b"x-creditgate-request-id" in headers[0]

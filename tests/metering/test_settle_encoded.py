@@ -221,3 +221,34 @@ def test_a_kept_shard_head_encodes_the_same_bytes(prefix: str) -> None:
     args = [5, 2, *items[0][2:6], *items[1][2:6], *items[1][7]]
     assert kept[1] == encode_args([len(hkeys), *hkeys, *args])
     assert kept[0] == len(decode_args(kept[1]))
+
+
+@pytest.mark.parametrize(("status", "text"), [(200, "200"), (503, "503"), (None, ""), (99, "99")])
+async def test_a_queued_settle_writes_its_status_as_text(
+    memgate: CreditGate, status: int | None, text: str
+) -> None:
+    """Statuses are written from a kept table of their texts; one outside it (or none) is
+    still written as ``str`` (or empty) would."""
+    meter = memgate.meter
+    await memgate.set_plan("org-st", "pro")
+    adm = await meter.admit("org-st", "general_insights", user="u1")
+    meter.settlement.queue(adm, True, status, 12, None, None)
+    (item,) = [i for queue in meter.settlement._pending.values() for i in queue]
+    assert item[4:6] == (text, "12")
+    await meter.drain()
+
+
+async def test_charges_of_many_costs_carry_their_own_cost_text(memgate: CreditGate) -> None:
+    """The charge keeps the text of the costs it has seen (bounded): each admission still
+    holds its own cost, past the bound too."""
+    meter = memgate.meter
+    await memgate.set_plan("org-costs", "enterprise")
+    admitter = meter.admission
+    for cost in (1, 2, 1, 3):
+        adm = await meter.admit("org-costs", "general_insights", user="u1", cost=cost)
+        assert adm.ok and adm.cost == cost
+    assert admitter._totals == {1: "1", 2: "2", 3: "3"}
+    admitter._totals.update({n: str(n) for n in range(1000, 2021)})  # full: not kept
+    before = (await meter.admit("org-costs", "general_insights", user="u1", cost=1)).remaining
+    after = await meter.admit("org-costs", "general_insights", user="u1", cost=7)
+    assert after.ok and after.remaining == (before or 0) - 7 and 7 not in admitter._totals

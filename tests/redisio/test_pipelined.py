@@ -17,8 +17,10 @@ import pytest
 
 from gateway.core.errors import RedisUnavailable
 from gateway.redisio.connect import RedisHandles, connect_redis
+from gateway.redisio.link import ErrorReply
 from gateway.redisio.lua_scripts import LuaScript
 from gateway.redisio.pipelined import ConnectionSettings, FastRedis, RedisReplyError, reply_error
+from gateway.redisio.resp import encode_args
 from tests.support.redis_servers import RedisServer, free_ports, start_redis
 
 RUNNERS = ["fast", "redispy"]
@@ -126,6 +128,37 @@ async def test_noscript_recovery_runs_the_script_once(
         assert admin.script_exists(INCR.sha) == [True]
         if isinstance(handles.runner, FastRedis):  # 50 calls hit NOSCRIPT, one sent the source
             assert script_loads(admin) - loads == 1
+
+
+async def test_send_encoded_hands_back_the_reply_future_and_recover_encoded_follows_run_encoded(
+    handles: RedisHandles, server: RedisServer
+) -> None:
+    """``send_encoded`` (what ``Admitter.admit`` awaits) is the reply's future itself on a
+    live socket, answering error replies as they come; ``recover_encoded`` then does what
+    ``run_encoded`` does after them: NOSCRIPT loaded once and run, other errors raised."""
+    runner = fast(handles)
+    counter = script("return redis.call('INCR', KEYS[1])")
+    encoded = encode_args(["1", "k"])
+    # Not yet connected: an awaitable that connects first; a fresh server: NOSCRIPT.
+    reply = await runner.send_encoded(counter, 2, encoded)
+    assert isinstance(reply, ErrorReply) and str(reply).startswith("NOSCRIPT")
+    assert await runner.recover_encoded(counter, 2, encoded, reply) == 1
+    pending = runner.send_encoded(counter, 2, encoded)
+    assert isinstance(pending, asyncio.Future)  # no coroutine of its own on a live socket
+    assert await pending == 2
+    with server.client() as admin:
+        admin.script_flush()
+        reply = await runner.send_encoded(counter, 2, encoded)
+        assert isinstance(reply, ErrorReply)
+        assert await runner.recover_encoded(counter, 2, encoded, reply) == 3
+        assert admin.get("k") == "3"  # the call that met NOSCRIPT ran once, after the load
+    failing = script("redis.call('INCR', KEYS[1]); return redis.error_reply('ERR nope')")
+    reply = await runner.send_encoded(failing, 2, encode_args(["1", "f"]))
+    assert isinstance(reply, ErrorReply) and str(reply).startswith("NOSCRIPT")
+    with pytest.raises(RedisReplyError, match="nope"):
+        await runner.recover_encoded(failing, 2, encode_args(["1", "f"]), reply)
+    with server.client() as admin:
+        assert admin.get("f") == "1"  # loaded and run once, its error not retried
 
 
 def script_loads(admin: Any) -> int:
