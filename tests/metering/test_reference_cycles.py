@@ -134,3 +134,45 @@ async def test_the_apps_scope_is_built_after_the_charge(gate: CreditGate) -> Non
     assert seen == [False]
     assert statuses == [200]
     assert headers[0][b"x-tokens-cost"] and b"x-creditgate-request-id" in headers[0]
+
+
+async def test_no_cell_is_alive_while_the_charge_waits(gate: CreditGate) -> None:
+    """While a fixed-cost request waits for its charge's reply, the middleware holds no
+    closure cells: the app's ``send`` is an object made once admitted (``_ChargedSend``),
+    not a closure whose six cells ``__call__`` made as it started (BENCHMARKS.md section 1,
+    round 10: each object alive across the wait moves the collector's young passes). The
+    response still gets the charge's headers and its status still decides the settle."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    await gate.set_plan(org, "enterprise")
+    mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
+    admit = mw._admit
+    cells: list[int] = []
+
+    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+        cells.append(sum(type(o).__name__ == "cell" for o in gc.get_objects()))
+        return await admit(*args, **kwargs)
+
+    mw._admit = watched_admit
+    statuses: list[int] = []
+    headers: list[dict[bytes, bytes]] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+            headers.append(dict(message["headers"]))
+
+    scope, receive = request(org)
+    gc.collect()
+    gc.freeze()  # what existed before the request is not counted
+    gc.disable()
+    try:
+        await mw(scope, receive, send)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert cells == [0]
+    assert statuses == [200]
+    assert headers[0][b"x-tokens-cost"] == b"3" and b"x-creditgate-request-id" in headers[0]
+    await gate.meter.drain()
+    balance = await gate.balance(org)
+    assert balance.buckets["goal_generation"].used == 3
