@@ -43,6 +43,9 @@ async def _run(redis_url: str, dsn: str, args: argparse.Namespace) -> None:
     app: Any = cg_app(settings, fast=True) if args.app == "metered" else bare_app()
     run: Any = drive_uvicorn if args.uvicorn else drive
     await run(app, keys, 640, 64)  # warm-up: caches, templates, seeded orgs
+    if args.census:
+        await _census(app, keys, run)
+        return
     if args.tune:  # what `serve` does (README "The cycle collector"): the user's choice here
         gc.collect()
         gc.freeze()
@@ -60,7 +63,7 @@ async def _run(redis_url: str, dsn: str, args: argparse.Namespace) -> None:
 
     gc.callbacks.append(observe)
     cpu = time.process_time()
-    await run(app, keys, REQUESTS, 64)
+    await run(app, keys, args.requests, 64)
     cpu = time.process_time() - cpu
     gc.callbacks.remove(observe)
     gc.collect()
@@ -68,16 +71,69 @@ async def _run(redis_url: str, dsn: str, args: argparse.Namespace) -> None:
     await run(app, keys, 640, 64)
     garbage = gc.collect()
     gc.enable()
-    per_k = [round(c * 1000 / REQUESTS, 1) for c in counts]
+    per_k = [round(c * 1000 / args.requests, 2) for c in counts]
     in_gc = sum(seconds)
     print(
         f"{args.app}{' behind uvicorn' if args.uvicorn else ' in process'}, {args.orgs} org(s)"
         f"{', collector tuned' if args.tune else ''}: "
         f"collections per 1,000 requests (gen 0/1/2) {per_k}; "
-        f"CPU {cpu / REQUESTS * 1e6:.1f} µs/request, of it in collections "
-        f"{in_gc / REQUESTS * 1e6:.2f} µs ({100 * in_gc / cpu:.1f} %); "
+        f"CPU {cpu / args.requests * 1e6:.1f} µs/request, of it in collections "
+        f"{in_gc / args.requests * 1e6:.2f} µs ({100 * in_gc / cpu:.1f} %); "
         f"garbage left by 640 requests with collection off: {garbage} objects"
     )
+
+
+async def _census(app: Any, keys: list[str], run: Any) -> None:
+    """Print the GC-tracked objects alive while the charges wait, by type, per waiting
+    request: what the collector's young passes count and walk. Taken when a reply reaches
+    the Redis connection with the most charges in flight of the run (the objects of the
+    warm-up frozen first, the collector off, so what is left is what the run made)."""
+    from collections import Counter
+
+    from bench.apps import gate_of
+
+    best: list[Any] = [0, Counter()]
+    proto = gate_of(app).redis.runner.links[0].protocol
+
+    class Watched:
+        # uvloop keeps the protocol's bound data_received: the reader it calls is watched.
+        def __init__(self, reader: Any) -> None:
+            self.reader, self.gets = reader, reader.gets
+
+        def feed(self, data: bytes) -> None:
+            waiting = len(proto.pending)
+            if waiting > best[0]:
+                best[0] = waiting
+                best[1] = Counter(_kind(o) for o in gc.get_objects())
+            self.reader.feed(data)
+
+    def _kind(obj: Any) -> str:
+        kind = type(obj)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        code = getattr(obj, "cr_code", None) or getattr(obj, "__code__", None)
+        if code is not None:
+            name += f" {code.co_qualname}"
+        return name
+
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    reader = proto.reader
+    proto.reader = Watched(reader)
+    try:
+        await run(app, keys, 192, 64)
+    finally:
+        proto.reader = reader
+        gc.enable()
+        gc.unfreeze()
+    waiting, counts = best
+    total = sum(counts.values())
+    print(
+        f"GC-tracked objects alive with {waiting} charges waiting: {total} "
+        f"({total / max(waiting, 1):.1f} per waiting request)"
+    )
+    for name, n in counts.most_common(40):
+        print(f"  {n / max(waiting, 1):6.2f}  {n:6d}  {name}")
 
 
 def main() -> None:
@@ -89,6 +145,13 @@ def main() -> None:
     parser.add_argument(
         "--tune", action="store_true", help="gc.freeze() and a first threshold of 2,000 first"
     )
+    parser.add_argument(
+        "--requests", type=int, default=REQUESTS, help="requests measured (a multiple of 64)"
+    )
+    parser.add_argument(
+        "--census", action="store_true",
+        help="the GC-tracked objects alive while the charges wait, by type, instead",
+    )  # fmt: skip
     args = parser.parse_args()
     from bench.services import own_postgres, own_redis
 
