@@ -33,6 +33,8 @@ __all__ = [
     "OVERRIDE_HEADERS",
     "Cleaned",
     "HeaderPolicy",
+    "Inspected",
+    "applied",
     "canonical",
     "is_creditgate_credential",
 ]
@@ -96,7 +98,14 @@ _AUTHORIZATION_LENGTH = len(_AUTHORIZATION)
 _Plan = tuple[int, int]
 _FULL_PASS = -2
 _FULL_PLAN: _Plan = (_FULL_PASS, _FULL_PASS)
+Inspected = tuple[int | list[Header], str | None, bool]
+"""``(removal, idempotency key, duplicate idempotency key)``: :meth:`HeaderPolicy.inspect`'s
+verdict before any list is built. ``removal`` is -1 (nothing to remove), the index of the
+one header to drop (a creditgate credential), or the full pass's cleaned list; :func:`applied`
+turns it into :data:`Cleaned`'s ``headers``."""
+
 _NOTHING: Cleaned = (None, None, False)
+_KEEP_ALL: Inspected = (-1, None, False)
 _PLANS = 256  # sequences of header names remembered per policy
 _PLAN_MAX_NAMES = 64  # longer sequences are planned on every request, never kept
 _PLAN_MAX_BYTES = 4096  # nor sequences of longer names: the plans hold at most ~1 MiB
@@ -142,6 +151,15 @@ class HeaderPolicy:
 
     def clean(self, headers: Sequence[Header]) -> Cleaned:
         """Apply the policy to ``headers`` (an ASGI scope's list, never modified)."""
+        removal, idempotency_key, duplicate = self.inspect(headers)
+        return applied(headers, removal), idempotency_key, duplicate
+
+    def inspect(self, headers: Sequence[Header]) -> Inspected:
+        """:meth:`clean`'s verdict on ``headers`` without the cleaned copy: the caller
+        builds it with :func:`applied` when it needs it (the middleware's fixed-cost
+        request, once admitted: a list alive across the charge's wait is one more object
+        for the cycle collector's young passes to count, BENCHMARKS.md section 1, round
+        10). The full pass's list is built as it reads."""
         try:
             names = tuple(map(_name_of, headers))
             plan = self._plans.get(names)
@@ -154,17 +172,14 @@ class HeaderPolicy:
             if auth == _FULL_PASS:
                 return self._filter(headers)
             if idem < 0:
-                return _NOTHING
-            return None, headers[idem][1].decode("latin-1") or None, False
+                return _KEEP_ALL
+            return -1, headers[idem][1].decode("latin-1") or None, False
         idempotency_key = None if idem < 0 else headers[idem][1].decode("latin-1") or None
         value = headers[auth][1]
         # The usual spelling decided here; is_creditgate_credential the rest.
         if value.startswith(b"Bearer cg_") or is_creditgate_credential(_AUTHORIZATION, value):
-            # A copy without it, built in C (a comprehension is one more Python frame).
-            kept = list(headers)
-            del kept[auth]
-            return kept, idempotency_key, False
-        return None, idempotency_key, False
+            return auth, idempotency_key, False
+        return -1, idempotency_key, False
 
     def _learn(self, names: tuple[bytes, ...]) -> _Plan:
         plan = self._plan(names)
@@ -211,7 +226,7 @@ class HeaderPolicy:
                 return _FULL_PLAN
         return auth, idem
 
-    def _filter(self, headers: Sequence[Header]) -> Cleaned:
+    def _filter(self, headers: Sequence[Header]) -> tuple[list[Header], str | None, bool]:
         first, drop = self._first, self._drop
         out: list[Header] = []
         keep = out.append
@@ -237,3 +252,16 @@ class HeaderPolicy:
                 continue
             keep(header)
         return out, idempotency_key, duplicate
+
+
+def applied(headers: Sequence[Header], removal: int | list[Header]) -> list[Header] | None:
+    """``headers`` as :meth:`HeaderPolicy.inspect`'s ``removal`` leaves them: a new list,
+    or None when nothing is removed (the caller's list can be used as it is)."""
+    if isinstance(removal, list):
+        return removal  # the full pass's
+    if removal < 0:
+        return None
+    # A copy without it, built in C (a comprehension is one more Python frame).
+    kept = list(headers)
+    del kept[removal]
+    return kept

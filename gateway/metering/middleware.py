@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.config import Config
 from gateway.config.refunds import refund_statuses
 from gateway.core.errors import IdentityUnavailable, LedgerUnavailable, RedisUnavailable
-from gateway.core.headers import HeaderPolicy
+from gateway.core.headers import HeaderPolicy, applied
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
@@ -232,17 +232,23 @@ class CreditGateMiddleware:
             )
             await self._unauthenticated(scope, send, match, ident)
             return
-        headers, idem_key, duplicate_key = self.headers.clean(scope["headers"])
+        # The policy's verdict only: the fixed-cost request builds its cleaned header list
+        # once admitted (a list alive across the charge's wait is one more object for the
+        # collector's young passes); the other branches take it now.
+        removal, idem_key, duplicate_key = self.headers.inspect(scope["headers"])
         if duplicate_key:
             self.counters.count(match.feature, "refused_bad_request")
             await self._duplicate_idempotency_key(scope, send, match, ident)
             return
+        variable = self._variable.get(match.feature)
+        headers = (
+            None if idem_key is None and variable is None else applied(scope["headers"], removal)
+        )
         if idem_key is not None:  # contract A9: a branch of its own (gateway/metering/replay.py)
             await self._idempotent_call(
                 scope, receive, send, match, ident, headers, idem_key, path, encoded_path
             )
             return
-        variable = self._variable.get(match.feature)
         if variable is not None:
             await self._variable_call(
                 scope, receive, send, match, ident, headers, idem_key, path, encoded_path, variable
@@ -259,6 +265,7 @@ class CreditGateMiddleware:
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             rid = (b"x-creditgate-request-id", request_id.encode())
+            headers = applied(scope["headers"], removal)
             inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
             await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
@@ -271,7 +278,9 @@ class CreditGateMiddleware:
         # across the charge's suspension are what the cycle collector's young passes walk
         # (and, once promoted, its full ones) while the request waits for Redis.
         rid = (b"x-creditgate-request-id", request_id.encode())
-        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
+        inner = self._inner_scope(
+            scope, applied(scope["headers"], removal), path, encoded_path, ident, match, rid
+        )
         charged = self._charged_headers(adm, rid)
         state = inner["state"]
         # The app's send: an object built once admitted, not a closure. A closure's cells

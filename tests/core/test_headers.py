@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.headers import OVERRIDE_HEADERS, HeaderPolicy, canonical
+from gateway.core.headers import OVERRIDE_HEADERS, HeaderPolicy, applied, canonical
 
 H = list[tuple[bytes, bytes]]
 KEY = b"cg_" + b"k" * 43
@@ -228,3 +228,21 @@ def test_plans_are_bounded_and_unhashable_names_take_the_full_pass() -> None:
     assert policy._plans == {}  # planned, not kept
     raw: list[Any] = [(bytearray(b"x-creditgate-org"), b"v"), (b"host", b"h")]
     assert policy.clean(raw) == ([(b"host", b"h")], None, False)
+
+
+def test_inspect_decides_without_a_copy_and_applied_builds_it() -> None:
+    """``inspect`` gives the verdict (the credential's index) without building the cleaned
+    list; ``applied`` builds what ``clean`` returns, the request's own list unchanged."""
+    policy = HeaderPolicy()
+    ours = [(b"host", b"h"), (b"authorization", b"Bearer " + KEY), (b"idempotency-key", b"k")]
+    plain = [(b"host", b"h"), (b"accept", b"*/*")]
+    spoofed = [(b"host", b"h"), (b"X-Creditgate-Org", b"victim")]
+    assert policy.inspect(ours) == (1, "k", False)
+    assert policy.inspect(plain) == (-1, None, False)
+    for raw in (ours, plain, spoofed):
+        before = list(raw)
+        removal, idem, duplicate = policy.inspect(raw)
+        assert (applied(raw, removal), idem, duplicate) == policy.clean(raw)
+        assert raw == before
+    assert applied(ours, 1) == [(b"host", b"h"), (b"idempotency-key", b"k")]
+    assert applied(spoofed, policy.inspect(spoofed)[0]) == [(b"host", b"h")]
