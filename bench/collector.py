@@ -78,7 +78,8 @@ async def _run(redis_url: str, dsn: str, args: argparse.Namespace) -> None:
         f"{', collector tuned' if args.tune else ''}: "
         f"collections per 1,000 requests (gen 0/1/2) {per_k}; "
         f"CPU {cpu / args.requests * 1e6:.1f} µs/request, of it in collections "
-        f"{in_gc / args.requests * 1e6:.2f} µs ({100 * in_gc / cpu:.1f} %); "
+        f"{in_gc / args.requests * 1e6:.2f} µs ({100 * in_gc / cpu:.1f} %; by generation "
+        f"{[round(s / args.requests * 1e6, 2) for s in seconds]} µs); "
         f"garbage left by 640 requests with collection off: {garbage} objects"
     )
 
