@@ -289,3 +289,36 @@ def test_huge_response_headers_are_refused() -> None:
 
     error = asyncio.run(parse())
     assert error is not None and "too large" in str(error)
+
+
+def test_the_kept_forwarded_lines_follow_each_client_and_scheme() -> None:
+    """The usual request's X-Forwarded-For and -Proto lines are kept per client address and
+    scheme: requests with the same names from other clients, schemes, or none, taken in
+    turn after their lines were kept, each get the general path's head."""
+    from gateway.proxy import app
+
+    extras: list[dict[str, Any]] = [
+        {},
+        {"client": ("10.0.0.9", 1)},
+        {"client": ("10.0.0.9", 2), "scheme": "https"},
+        {"client": None},
+        {"client": ("::1", 3)},
+        {"scheme": "wss"},
+        {"client": ["10.0.0.8", 4]},
+        {"client": (None, 5)},  # an address str() makes "None": not the no-client lines
+    ]
+    for round_ in range(3):
+        for extra in extras:
+            for headers in (USUAL, [(b"x-a", b"%d" % round_)], []):
+                old, new = _both(_scope(headers, **extra), b"abc")
+                assert new == old, (headers, extra)
+    assert len(app._TAILS) <= app._TAILS_MAX
+
+
+def test_the_kept_forwarded_lines_are_bounded() -> None:
+    from gateway.proxy import app
+
+    for i in range(app._TAILS_MAX + 10):
+        old, new = _both(_scope(USUAL, client=(f"10.1.{i // 256}.{i % 256}", 1)), b"abc")
+        assert new == old
+        assert len(app._TAILS) <= app._TAILS_MAX
