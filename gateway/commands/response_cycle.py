@@ -38,6 +38,7 @@ It relies on the cycle's attributes that uvicorn's ``send`` itself uses (``trans
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Any
 
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent
@@ -102,7 +103,9 @@ class FastCycle(RequestResponseCycle):
         held = self._held
         if held is not None:
             self._held = None
-            await self._send_held(held, msg)
+            rest = self._send_held(held, msg)  # a plain call: the usual body needs no await
+            if rest is not None:
+                await rest
             return
         if (
             self.response_started
@@ -183,9 +186,10 @@ class FastCycle(RequestResponseCycle):
         self.body = bytearray()
         return message
 
-    async def _send_held(self, head: bytes, msg: dict[str, Any]) -> None:
-        """The message after a held head: a body that fits goes out with it in one write;
-        anything else gets the head written first, then uvicorn's ``send``."""
+    def _send_held(self, head: bytes, msg: dict[str, Any]) -> Awaitable[None] | None:
+        """The message after a held head: a body that fits goes out with it in one write
+        (None: done); anything else gets the head written first, then uvicorn's ``send``
+        (its awaitable returned, for the caller to await at once)."""
         if (
             msg["type"] != "http.response.body"
             or self.flow.write_paused
@@ -194,14 +198,12 @@ class FastCycle(RequestResponseCycle):
         ):
             if not self.disconnected:  # uvicorn drops what is sent to a gone client
                 self.transport.write(head)
-            await super().send(msg)  # type: ignore[arg-type]
-            return
+            return super().send(msg)  # type: ignore[arg-type]
         body = msg.get("body", b"")
         size = len(body)
         if size > self.expected_content_length or size > _JOIN_MAX:
             self.transport.write(head)
-            await super().send(msg)  # type: ignore[arg-type]  # which raises if too long
-            return
+            return super().send(msg)  # type: ignore[arg-type]  # which raises if too long
         self.expected_content_length -= size
         self.transport.write(head + body)
         if not msg.get("more_body", False):
@@ -211,3 +213,4 @@ class FastCycle(RequestResponseCycle):
             self.response_complete = True
             self.message_event.set()
             self.on_response()
+        return None
