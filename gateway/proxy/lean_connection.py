@@ -323,25 +323,27 @@ class LeanResponse:
         "values",
     )
 
+    # Set once the headers are in, never read before (so not set in __init__: a response
+    # is made per exchange): the status; the headers as they came (from the message's
+    # first byte on), their names lowercased and their values, in order; the body length
+    # they declare. And when the exchange last made progress (a wait began, a spliced
+    # piece came): the gap that the timeout bounds starts there (set by every wait).
+    status: int
+    raw_headers: list[tuple[bytes, bytes]]
+    lower_names: list[bytes]
+    values: tuple[bytes, ...]
+    content_length: int | None
+    progress_at: float
+
     def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
         self._loop = conn.loop
         self._timeout = timeout
         self._conn: Connection | None = conn
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # When the exchange last made progress (a wait began, a spliced piece came): the
-        # gap that the timeout bounds starts here.
-        self.progress_at = 0.0
         self._error: BaseException | None = None
-        self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        # Once the headers are in: their names lowercased, and their values, in order.
-        self.lower_names: list[bytes] = []
-        self.values: tuple[bytes, ...] = ()
-        self.content_length: int | None = None
         self.pieces: list[bytes] = []
-        self.buffered = 0
-        self.head_bytes = 0
+        self.buffered = self.head_bytes = 0
         self.head_only = head_only
         self.headers_done = self.complete = self.keep_alive = self.until_eof = False
         self.reading_paused = self.received = False
