@@ -108,6 +108,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Start the header deadline: a client that connects must send a request."""
         super().connection_made(transport)
+        # What its FastCycles' send returns when done at once (response_cycle.py).
+        self._done: asyncio.Future[None] = self.loop.create_future()
+        self._done.set_result(None)
         self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -237,6 +240,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # does, and finds FastCycle's.
             if fast_cycle_allowed(cycle, self.headers):
                 cycle.__class__ = FastCycle
+                cycle.done = self._done  # type: ignore[attr-defined]  # see FastCycle.send
             # The response splice (gateway/core/splice.py): a stream's body pieces can
             # reach this connection without one ASGI send each. (uvicorn types an
             # extension's value as a dict, as the ASGI spec's own are; ours is an object.)
