@@ -322,3 +322,26 @@ def test_the_kept_forwarded_lines_are_bounded() -> None:
         old, new = _both(_scope(USUAL, client=(f"10.1.{i // 256}.{i % 256}", 1)), b"abc")
         assert new == old
         assert len(app._TAILS) <= app._TAILS_MAX
+
+
+def test_a_wait_is_the_wake_up_future_itself() -> None:
+    """``LeanResponse.wait()`` returns the future the connection resolves (no coroutine
+    level of its own on the task's resume); it is resolved by the headers, and a wait after
+    a failure raises at once."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        conn = Connection(_Pool(), ORIGIN, loop)  # type: ignore[arg-type]
+        resp = conn.resp = LeanResponse(conn, False, 5.0)
+        waiting = resp.wait()
+        assert isinstance(waiting, asyncio.Future) and not waiting.done()
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        assert waiting.done()
+        await waiting
+        assert resp.read_now() == b"hi"
+        resp.fail(OSError("gone"))
+        with pytest.raises(OSError):
+            resp.wait()
+        conn._stop_timer()
+
+    asyncio.run(go())
