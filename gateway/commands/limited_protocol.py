@@ -61,6 +61,13 @@ from gateway.core.splice import RESPONSE_SPLICE
 # connection is closed anyway (a client that keeps sending gets no more of our time).
 LINGER_SECONDS = 2.0
 
+HTTP_CALL = "http_call"
+"""An app may offer, under this attribute, what to call for each HTTP request instead of
+itself: ``app.http_call(scope, receive, send)``, a plain function returning the awaitable
+of the endpoint it picks (GatewayApp: creditgate's own endpoints or the metered upstream).
+The request's task then runs one coroutine level fewer, a level every resume of the task
+passes through (the charge's reply, the upstream's). Websockets still get the app itself."""
+
 
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request over a limit."""
@@ -79,6 +86,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         limits: ServerConfig,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        call = getattr(self.app, HTTP_CALL, None)
+        if call is not None:  # see HTTP_CALL
+            self.app = call
         self.limits = limits
         # uvicorn's own idle timeout between requests (its Config types it as int).
         self.timeout_keep_alive = limits.keep_alive_timeout_seconds  # type: ignore[assignment]
@@ -98,6 +108,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Start the header deadline: a client that connects must send a request."""
         super().connection_made(transport)
+        # What its FastCycles' send returns when done at once (response_cycle.py).
+        self._done: asyncio.Future[None] = self.loop.create_future()
+        self._done.set_result(None)
         self._arm_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,7 +162,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # costs no timer, and this read brought its first byte.
             if self._deadline is None:
                 self._arm_deadline()
-        elif self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+        elif (
+            request == self._requests  # (a request that began in this read has its cycle)
+            and self._deadline is None
+            and (self.cycle is None or self.cycle.response_complete)
+        ):
             # Bytes that began no request (stray CRLFs) on an idle connection: uvicorn's
             # keep-alive timer was just cancelled, so something must bound the wait.
             self._arm_deadline()
@@ -163,7 +180,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         # (Not idle before this: the bytes of the request that ended said so.)
-        self.flow.resume_reading()
+        if self.flow.read_paused:  # flow.resume_reading(), without its call when not paused
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
@@ -202,7 +220,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         """The headers are in: check them; no deadline while the app works or the body
         arrives."""
         self._in_headers = False
-        self._cancel_deadline()
+        if self._deadline is not None:
+            self._cancel_deadline()
         limits = self.limits
         if len(self.headers) > limits.max_request_headers:
             n = limits.max_request_headers
@@ -221,6 +240,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # does, and finds FastCycle's.
             if fast_cycle_allowed(cycle, self.headers):
                 cycle.__class__ = FastCycle
+                cycle.done = self._done  # type: ignore[attr-defined]  # see FastCycle.send
             # The response splice (gateway/core/splice.py): a stream's body pieces can
             # reach this connection without one ASGI send each. (uvicorn types an
             # extension's value as a dict, as the ASGI spec's own are; ours is an object.)

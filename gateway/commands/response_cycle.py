@@ -38,6 +38,8 @@ It relies on the cycle's attributes that uvicorn's ``send`` itself uses (``trans
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import Any
 
 from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent
@@ -95,15 +97,23 @@ class FastCycle(RequestResponseCycle):
     # The head waiting for its Content-Length body (a class default: uvicorn's __init__
     # knows nothing of it, and a cycle becomes a FastCycle after it was made).
     _held: bytes | None = None
+    # What send returns when it did its work at once: a future done already (awaiting it
+    # returns at once). The protocol gives each cycle its connection's; else made once.
+    done: asyncio.Future[None] | None = None
 
-    async def send(self, message: ASGISendEvent) -> None:
-        """Send one ASGI message: the fast path, or uvicorn's ``send``."""
+    def send(self, message: ASGISendEvent) -> Awaitable[None]:  # type: ignore[override]
+        """Send one ASGI message: the fast path, or uvicorn's ``send``.
+
+        A plain method returning the awaitable, not a coroutine: what the fast path writes
+        is written by the call, and the awaitable is a future done already (no coroutine
+        object and frame per message); anything else returns uvicorn's ``send(message)``.
+        Await it at once, as ASGI apps do (``await send(message)``)."""
         msg: dict[str, Any] = message  # type: ignore[assignment]
         held = self._held
         if held is not None:
             self._held = None
-            await self._send_held(held, msg)
-            return
+            rest = self._send_held(held, msg)
+            return rest if rest is not None else self._done()
         if (
             self.response_started
             or msg["type"] != "http.response.start"
@@ -111,13 +121,11 @@ class FastCycle(RequestResponseCycle):
             or self.disconnected
             or not self.keep_alive
         ):
-            await super().send(message)
-            return
+            return super().send(message)
         headers = msg.get("headers", ())
         status = msg["status"]
         if type(headers) not in (list, tuple) or status not in STATUS_LINE:
-            await super().send(message)
-            return
+            return super().send(message)
         try:
             # Each header a pair (dict() says so), of bytes (join() says so); the lines
             # made without a format per header.
@@ -125,8 +133,7 @@ class FastCycle(RequestResponseCycle):
             names = b"".join(fields)
             block = b"\r\n".join(map(b": ".join, headers))
         except (TypeError, ValueError):  # uvicorn's send says what is wrong
-            await super().send(message)
-            return
+            return super().send(message)
         count = len(headers)
         if (
             # Every name a lowercase token (a repeated name is the same bytes: its first
@@ -140,8 +147,7 @@ class FastCycle(RequestResponseCycle):
             or b"connection" in fields
             or (count != len(fields) and b"content-length" in fields)  # which one counts?
         ):
-            await super().send(message)
-            return
+            return super().send(message)
         self.response_started = True
         self.waiting_for_100_continue = False
         status_line = STATUS_LINE[status]
@@ -153,13 +159,22 @@ class FastCycle(RequestResponseCycle):
             head = status_line + _CRLF
             if 0 < self.expected_content_length <= _JOIN_MAX and self.scope["method"] != "HEAD":
                 self._held = head  # written with the body's first bytes
-                return
+                return self._done()
         elif self.scope["method"] != "HEAD" and status not in (204, 304):
             self.chunked_encoding = True
             head = status_line + _CHUNKED
         else:
             head = status_line + _CRLF
         self.transport.write(head)
+        return self._done()
+
+    def _done(self) -> asyncio.Future[None]:
+        """The future done already that :meth:`send` returns when its work is done."""
+        done = self.done
+        if done is None:
+            done = self.done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+        return done
 
     async def receive(self) -> ASGIReceiveEvent:
         """uvicorn's ``receive``; what the request sent so far taken at once when it is
@@ -183,9 +198,10 @@ class FastCycle(RequestResponseCycle):
         self.body = bytearray()
         return message
 
-    async def _send_held(self, head: bytes, msg: dict[str, Any]) -> None:
-        """The message after a held head: a body that fits goes out with it in one write;
-        anything else gets the head written first, then uvicorn's ``send``."""
+    def _send_held(self, head: bytes, msg: dict[str, Any]) -> Awaitable[None] | None:
+        """The message after a held head: a body that fits goes out with it in one write
+        (None: done); anything else gets the head written first, then uvicorn's ``send``
+        (its awaitable returned, for the caller to await at once)."""
         if (
             msg["type"] != "http.response.body"
             or self.flow.write_paused
@@ -194,14 +210,12 @@ class FastCycle(RequestResponseCycle):
         ):
             if not self.disconnected:  # uvicorn drops what is sent to a gone client
                 self.transport.write(head)
-            await super().send(msg)  # type: ignore[arg-type]
-            return
+            return super().send(msg)  # type: ignore[arg-type]
         body = msg.get("body", b"")
         size = len(body)
         if size > self.expected_content_length or size > _JOIN_MAX:
             self.transport.write(head)
-            await super().send(msg)  # type: ignore[arg-type]  # which raises if too long
-            return
+            return super().send(msg)  # type: ignore[arg-type]  # which raises if too long
         self.expected_content_length -= size
         self.transport.write(head + body)
         if not msg.get("more_body", False):
@@ -211,3 +225,4 @@ class FastCycle(RequestResponseCycle):
             self.response_complete = True
             self.message_event.set()
             self.on_response()
+        return None

@@ -35,23 +35,31 @@ from gateway.core.splice import BodyObserver
 __all__ = ["UvicornSplice"]
 
 
-class UvicornSplice:
-    """A :class:`gateway.core.splice.ResponseSplice` for one uvicorn request cycle."""
+class UvicornSplice(weakref.ref[RequestResponseCycle]):
+    """A :class:`gateway.core.splice.ResponseSplice` for one uvicorn request cycle:
+    ``UvicornSplice(cycle)``.
 
-    __slots__ = ("_cycle", "_observer")
+    It *is* the weak reference to its cycle (see the module docstring: no reference
+    cycle), a subclass of ``weakref.ref`` with no ``__init__`` of its own: every request
+    gets one, made in C, with no Python frame run. Compared and hashed by identity, as any
+    object (not by its cycle, as a plain weak reference is)."""
 
-    def __init__(self, cycle: RequestResponseCycle) -> None:
-        self._cycle = weakref.ref(cycle)  # see the module docstring: no reference cycle
-        self._observer: BodyObserver | None = None
+    # The observer set by observe(): none until then (a class default, so that making one
+    # sets nothing; the instance's own __dict__ appears only when an observer is set).
+    _observer: BodyObserver | None = None
+
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__
 
     def is_server_send(self, send: Callable[..., Awaitable[None]]) -> bool:
         """Whether ``send`` is this cycle's ``send`` (a bound method: equal, not identical)."""
-        cycle = self._cycle()
+        cycle = self()
         return cycle is not None and send == cycle.send
 
     def ready(self) -> bool:
         """Started with chunked framing, not complete, the client still there, not HEAD."""
-        cycle = self._cycle()
+        cycle = self()
         return bool(
             cycle is not None
             and cycle.response_started
@@ -68,7 +76,7 @@ class UvicornSplice:
         observer = self._observer
         if observer is not None:
             observer(data)
-        cycle = self._cycle()
+        cycle = self()
         if cycle is None or cycle.disconnected:
             return True  # dropped, as send drops it; the app hears of it from receive()
         cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -80,6 +88,6 @@ class UvicornSplice:
 
     async def drain(self) -> None:
         """Until the client's buffer is below its low water mark, or the client is gone."""
-        cycle = self._cycle()
+        cycle = self()
         if cycle is not None and cycle.flow.write_paused and not cycle.disconnected:
             await cycle.flow.drain()

@@ -134,14 +134,21 @@ def _connection_tokens(headers: RawHeaders) -> set[bytes]:
 
 
 # The usual request's decision per sequence of header names (UpstreamProxy._lean_lines):
-# (the format of the kept lines, what picks their values, their number, where Host and
-# Content-Length are or -1), or None for any other sequence. Bounded like the header
+# (the format of all its lines: the kept ones, then X-Forwarded-For and -Proto (one value,
+# after the request's own), then X-Forwarded-Host if it has a Host; what picks the values
+# for it from the request's values and those two lines; the number of kept and Host lines;
+# where Content-Length is or -1), or None for any other sequence. Bounded like the header
 # policy's (gateway/core/headers.py): emptied when full, long sequences never kept.
-_Usual = tuple[bytes, Callable[[tuple[bytes, ...]], tuple[bytes, ...]], int, int, int]
+_Usual = tuple[bytes, Callable[[tuple[bytes, ...]], tuple[bytes, ...]], int, int]
 _USUAL: dict[tuple[bytes, ...], _Usual | None] = {}
 _USUAL_MAX = 256
 _USUAL_NAMES_MAX = 64
 _UNKNOWN: Any = object()
+# The usual request's X-Forwarded-For and X-Forwarded-Proto lines and their number, per
+# (client address, scheme): a connection's requests share them. Bounded: emptied when full.
+_TAILS: dict[tuple[Any, Any], tuple[bytes, int]] = {}
+_TAILS_MAX = 1024
+_NO_CLIENT: Any = object()  # the key's address when the scope has no client
 
 
 def _usual_lines(names: tuple[bytes, ...]) -> _Usual | None:
@@ -158,22 +165,45 @@ def _usual_lines(names: tuple[bytes, ...]) -> _Usual | None:
         and _LEAN_DROP.intersection(names) <= _USUAL_DROP
     ):
         kept = [i for i, name in enumerate(names) if name not in _USUAL_DROP]
-        # A % in a name (a token character) must not be taken for a conversion.
-        template = b"".join(names[i].replace(b"%", b"%%") + b": %b\r\n" for i in kept)
+        # A % in a name (a token character) must not be taken for a conversion. The
+        # X-Forwarded-For/-Proto lines come as one value after the request's own.
+        template = b"".join(names[i].replace(b"%", b"%%") + b": %b\r\n" for i in kept) + b"%b"
+        slots = [*kept, len(names)]
+        if b"host" in names:
+            template += b"x-forwarded-host: %b\r\n"
+            slots.append(names.index(b"host"))
         pick: Callable[[tuple[bytes, ...]], tuple[bytes, ...]]
-        if len(kept) == 1:
-            only = kept[0]
+        if len(slots) == 1:
+            only = slots[0]
             pick = lambda values: (values[only],)  # noqa: E731  # itemgetter(i) is no tuple
         else:
-            pick = itemgetter(*kept) if kept else (lambda values: ())
-        host_at = names.index(b"host") if b"host" in names else -1
+            pick = itemgetter(*slots)
         length_at = names.index(b"content-length") if b"content-length" in names else -1
-        usual = (template, pick, len(kept), host_at, length_at)
+        usual = (template, pick, len(slots) - 1, length_at)
     if len(names) <= _USUAL_NAMES_MAX and len(joined) <= 4096:
         if len(_USUAL) >= _USUAL_MAX:
             _USUAL.clear()
         _USUAL[names] = usual
     return usual
+
+
+def _forwarded_tail(key: tuple[Any, Any], client: Any) -> tuple[bytes, int]:
+    """The usual request's X-Forwarded-For (the client's address) and X-Forwarded-Proto
+    lines and their number, for ``key``: (the client's address or ``_NO_CLIENT``, the
+    scheme); kept in ``_TAILS`` when both are str."""
+    lines, count = b"", 1
+    if client:
+        lines, count = b"x-forwarded-for: %b\r\n" % str(client[0]).encode("latin-1"), 2
+    scheme = key[1]
+    lines += _PROTO_LINES.get(scheme) or b"x-forwarded-proto: %b\r\n" % str(scheme).encode(
+        "latin-1"
+    )
+    tail = (lines, count)
+    if (key[0] is _NO_CLIENT or type(key[0]) is str) and type(scheme) is str:
+        if len(_TAILS) >= _TAILS_MAX:
+            _TAILS.clear()
+        _TAILS[key] = tail
+    return tail
 
 
 async def _bad_gateway(send: Send, *, timed_out: bool) -> None:
@@ -203,6 +233,11 @@ class _Upload:
     def __init__(self, done: bool) -> None:
         self.done = done
         self.disconnected = False
+
+
+# The upload of a body that came whole in the first message (the usual request): nothing
+# changes it, so every such request shares this one (never written to).
+_WHOLE = _Upload(done=True)
 
 
 class _AiohttpBackend:
@@ -496,37 +531,42 @@ class UpstreamProxy:
             usual = _USUAL.get(names, _UNKNOWN)
             if usual is _UNKNOWN:
                 usual = _usual_lines(names)
-            forwarded_for: list[bytes] = []
-            drop: frozenset[bytes] | set[bytes] = _USUAL_DROP
             if usual is not None:
-                template, pick, count, host_at, length_at = usual
-                # The lines without a format per header; frame() checks every CR and LF.
-                block = [template % pick(values)] if count else []
-                host = values[host_at] if host_at >= 0 else None
+                template, pick, count, length_at = usual
+                client = scope.get("client")
+                key = (client[0] if client else _NO_CLIENT, scope.get("scheme", "http"))
+                tail = _TAILS.get(key)
+                if tail is None:
+                    tail = _forwarded_tail(key, client)
                 length = values[length_at] if length_at >= 0 else None
-            else:
-                joined = b"\n".join(names)
-                if b"_" in joined or joined.lower() != joined:
-                    return None
-                drop = _LEAN_DROP.intersection(names)
-                if names.count(b"content-length") > 1:
-                    return None  # the general path says which one counts, for what
-                length = host = None
-                by_connection = False
-                if b"connection" in drop:
-                    # Named in Connection: hop-by-hop, except the middleware's own headers.
-                    named = _connection_tokens(raw)
-                    drop = drop.union(n for n in named if not n.startswith(OURS_PREFIX))
-                    by_connection = b"content-length" in named
-                if b"content-length" in drop and not by_connection:
-                    length = values[names.index(b"content-length")]
-                if b"x-forwarded-for" in drop:
-                    forwarded_for = [v for n, v in raw if n == b"x-forwarded-for"]
-                if b"host" in drop:
-                    host = values[len(names) - 1 - names[::-1].index(b"host")]
-                kept = [h for h in raw if h[0] not in drop]
-                count = len(kept)
-                block = [b"\r\n".join(map(b": ".join, kept)) + b"\r\n"] if count else []
+                declared = int(length) if length is not None and length.isdigit() else None
+                # All the lines in one format (frame() checks every CR and LF): the kept
+                # ones, X-Forwarded-For and -Proto, X-Forwarded-Host.
+                return template % pick((*values, tail[0])), count + tail[1], declared
+            # The general road (the usual request returned above).
+            forwarded_for: list[bytes] = []
+            joined = b"\n".join(names)
+            if b"_" in joined or joined.lower() != joined:
+                return None
+            drop: frozenset[bytes] | set[bytes] = _LEAN_DROP.intersection(names)
+            if names.count(b"content-length") > 1:
+                return None  # the general path says which one counts, for what
+            length = host = None
+            by_connection = False
+            if b"connection" in drop:
+                # Named in Connection: hop-by-hop, except the middleware's own headers.
+                named = _connection_tokens(raw)
+                drop = drop.union(n for n in named if not n.startswith(OURS_PREFIX))
+                by_connection = b"content-length" in named
+            if b"content-length" in drop and not by_connection:
+                length = values[names.index(b"content-length")]
+            if b"x-forwarded-for" in drop:
+                forwarded_for = [v for n, v in raw if n == b"x-forwarded-for"]
+            if b"host" in drop:
+                host = values[len(names) - 1 - names[::-1].index(b"host")]
+            kept = [h for h in raw if h[0] not in drop]
+            count = len(kept)
+            block = [b"\r\n".join(map(b": ".join, kept)) + b"\r\n"] if count else []
             if host is not None:
                 host_line = b"x-forwarded-host: %b\r\n" % host
         except (TypeError, ValueError, AttributeError):
@@ -591,8 +631,10 @@ class UpstreamProxy:
                     headers.append(("content-length", str(declared)))
         chunk: bytes = first.get("body", b"")
         body: Body = chunk or None
-        upload = _Upload(done=not first.get("more_body", False))
-        if not upload.done and declared is not None and declared <= self._max_buffered:
+        if not first.get("more_body", False):
+            upload = _WHOLE  # the usual request: its body came whole
+        elif declared is not None and declared <= self._max_buffered:
+            upload = _Upload(done=False)
             buffer = bytearray(chunk)  # small and of known size: one write upstream is cheaper
             while True:
                 message = await receive()
@@ -603,7 +645,8 @@ class UpstreamProxy:
                 if not message.get("more_body", False):
                     break
             body, upload.done = bytes(buffer), True
-        elif not upload.done:
+        else:
+            upload = _Upload(done=False)
             body = self._stream_body(chunk, receive, upload)
 
         backend = self._backend()
@@ -612,7 +655,8 @@ class UpstreamProxy:
             if lean is None:
                 resp = await backend.open(scope["method"], self._url(scope), headers, body)
             else:
-                assert isinstance(backend, LeanBackend) and self._origin is not None
+                if TYPE_CHECKING:  # (no isinstance per request: lean is only made for it)
+                    assert isinstance(backend, LeanBackend) and self._origin is not None
                 method: str = scope["method"]
                 head, length = frame(
                     method, self._lean_target(scope), lean[0], lean[1], self._host, declared, body
@@ -675,10 +719,11 @@ class UpstreamProxy:
     ) -> None:
         """Relay the upstream's answer; ``tap``: the usage tap's offer (``USAGE_TAP``)."""
         state = scope["state"]
-        if isinstance(resp, LeanResponse) and HOP_BY_HOP.isdisjoint(resp.lower_names):
+        lean = resp if isinstance(resp, LeanResponse) else None
+        if lean is not None and HOP_BY_HOP.isdisjoint(lean.lower_names):
             # The usual answer (no Connection header, so nothing named in it either): the
             # lean client lowercased the names already; pair them with the values in C.
-            headers = list(zip(resp.lower_names, resp.values, strict=True))
+            headers = list(zip(lean.lower_names, lean.values, strict=True))
         else:
             named = _connection_tokens(resp.raw_headers)
             headers = [
@@ -686,14 +731,18 @@ class UpstreamProxy:
                 for name, value in resp.raw_headers
                 if (lname := name.lower()) not in HOP_BY_HOP and lname not in named
             ]
-        start = {"type": "http.response.start", "status": resp.status, "headers": headers}
-        if scope["method"] == "HEAD" or resp.status in (204, 304) or resp.status < 200:
+        status = resp.status
+        start = {"type": "http.response.start", "status": status, "headers": headers}
+        if status in (204, 304) or status < 200 or scope["method"] == "HEAD":
             await send(start)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         if resp.content_length is not None and resp.content_length <= self._max_buffered:
             try:  # read before answering: a failure here can still become a 502/504
-                data = await resp.read()
+                # The usual short answer came whole: taken without read()'s coroutine.
+                data = lean.read_now() if lean is not None else None
+                if data is None:
+                    data = await resp.read()
             except backend.TIMEOUT:
                 state[UPSTREAM_ERROR] = "timeout reading the upstream's response body"
                 await _bad_gateway(send, timed_out=True)

@@ -57,6 +57,9 @@ _CORK = 65536  # corked request bytes that are written at once
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body still gets a length
 _MANAGED = frozenset({"content-length", "transfer-encoding", "host"})
 _URL = re.compile(r"(https?)://([^/?#]+)(.*)", re.DOTALL)
+# A body sent in one write. (A tuple: ``bytes | bytearray | memoryview`` in isinstance
+# builds a union object on every call.)
+_BUFFERS = (bytes, bytearray, memoryview)
 
 
 def origin_of(scheme: str, netloc: str) -> Origin:
@@ -88,7 +91,7 @@ def frame(
 
     Raises ValueError when a CR or LF is anywhere but at the end of a line: it would let a
     header value start a header (or a request) of its own."""
-    if body is None or isinstance(body, bytes | bytearray | memoryview):
+    if body is None or isinstance(body, _BUFFERS):
         size = len(body) if body else 0
         if size or length is not None or method in _BODY_METHODS:
             framing = b"content-length: %d\r\n\r\n" % size
@@ -227,7 +230,7 @@ class LeanBackend:
     ) -> LeanResponse:
         """Send a request whose head :func:`frame` made (``length``: the body length it
         declares); return once the final response's headers are in."""
-        streamed = body is not None and not isinstance(body, bytes | bytearray | memoryview)
+        streamed = body is not None and not isinstance(body, _BUFFERS)
         if not streamed and body:
             head += body  # type: ignore[operator]  # one write, one segment
         for attempt in (0, 1):

@@ -16,7 +16,6 @@ gateway/core/splice.py). A sink that reports its consumer full pauses reading un
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator, Callable
 
 import httptools
@@ -204,9 +203,9 @@ class Connection(asyncio.Protocol):
         resp = self.resp
         assert resp is not None
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return  # informational (100 Continue, 103 Early Hints): the real answer follows
-        if status == 101:
+        if status < 200 and status >= 100:
+            if status != 101:
+                return  # informational (100 Continue, 103 Early Hints): the real answer follows
             raise UpstreamError("upstream switched protocols, which was not asked for")
         resp.status = status
         resp.keep_alive = self.parser.should_keep_alive()
@@ -223,8 +222,12 @@ class Connection(asyncio.Protocol):
             lnames, values, length_at = [], (), -1
         resp.lower_names, resp.values = lnames, values
         length = None
-        te = chunked = conn_close = False
-        if length_at == _UNUSUAL:
+        chunked = conn_close = False
+        if length_at >= 0:  # the usual answer: one length, nothing else
+            value = values[length_at]
+            length = int(value) if value.strip().isdigit() else None
+        elif length_at == _UNUSUAL:
+            te = False
             for lname, value in zip(lnames, values, strict=True):
                 if lname == b"content-length":
                     length = int(value) if value.strip().isdigit() else None
@@ -233,14 +236,18 @@ class Connection(asyncio.Protocol):
                     chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                 elif lname == b"connection":
                     conn_close = conn_close or b"close" in value.lower()
-        elif length_at >= 0:  # the usual answer: one length, nothing else
-            value = values[length_at]
-            length = int(value) if value.strip().isdigit() else None
-        if te:
-            length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
+            if te:
+                length = None  # RFC 9112 6.3: Transfer-Encoding overrides Content-Length
         resp.content_length = length
-        no_body = resp.head_only or status in (204, 304)
-        resp.until_eof = not no_body and not chunked and length is None
+        # Read until the connection closes: no length, not chunked, and a body at all (the
+        # usual answer, with a length, is decided by the first test).
+        resp.until_eof = (
+            length is None
+            and not chunked
+            and not resp.head_only
+            and status != 204
+            and status != 304
+        )
         resp.headers_done = True
         if resp.head_only:
             # The parser cannot be told this answers a HEAD: it would wait for the body the
@@ -250,7 +257,9 @@ class Connection(asyncio.Protocol):
             self.dirty = True
         if status >= 300 or not resp.keep_alive:
             self._wake_writer(None)  # an upload waiting on a server that will not read: stop
-        resp.wake()
+        waiter = resp._waiter  # resp.wake(), inlined: every response comes this way
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         resp = self.resp
@@ -268,7 +277,9 @@ class Connection(asyncio.Protocol):
             resp.reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
-        resp.wake()
+        waiter = resp._waiter  # resp.wake(), inlined (the headers' wake-up often came first)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def on_message_complete(self) -> None:
         resp = self.resp
@@ -276,7 +287,9 @@ class Connection(asyncio.Protocol):
         if not resp.headers_done:
             return  # the end of a 1xx response
         resp.complete = True
-        resp.wake()
+        waiter = resp._waiter  # resp.wake(), inlined
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class LeanResponse:
@@ -310,25 +323,27 @@ class LeanResponse:
         "values",
     )
 
+    # Set once the headers are in, never read before (so not set in __init__: a response
+    # is made per exchange): the status; the headers as they came (from the message's
+    # first byte on), their names lowercased and their values, in order; the body length
+    # they declare. And when the exchange last made progress (a wait began, a spliced
+    # piece came): the gap that the timeout bounds starts there (set by every wait).
+    status: int
+    raw_headers: list[tuple[bytes, bytes]]
+    lower_names: list[bytes]
+    values: tuple[bytes, ...]
+    content_length: int | None
+    progress_at: float
+
     def __init__(self, conn: Connection, head_only: bool, timeout: float) -> None:
         self._loop = conn.loop
         self._timeout = timeout
         self._conn: Connection | None = conn
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        # When the exchange last made progress (a wait began, a spliced piece came): the
-        # gap that the timeout bounds starts here.
-        self.progress_at = 0.0
         self._error: BaseException | None = None
-        self.status = 0
-        self.raw_headers: list[tuple[bytes, bytes]] = []
-        # Once the headers are in: their names lowercased, and their values, in order.
-        self.lower_names: list[bytes] = []
-        self.values: tuple[bytes, ...] = ()
-        self.content_length: int | None = None
-        self.pieces: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.head_bytes = 0
+        self.pieces: list[bytes] = []
+        self.buffered = self.head_bytes = 0
         self.head_only = head_only
         self.headers_done = self.complete = self.keep_alive = self.until_eof = False
         self.reading_paused = self.received = False
@@ -347,8 +362,12 @@ class LeanResponse:
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def wait(self) -> None:
-        """Until something happens (headers, a body piece, the end); at most the timeout."""
+    def wait(self) -> asyncio.Future[None]:
+        """Until something happens (headers, a body piece, the end); at most the timeout.
+
+        The awaitable is the wake-up's future itself, not a coroutine: no coroutine object,
+        frame and await level of its own on the task's resume (``await resp.wait()`` as
+        before; raises at once when the exchange failed already)."""
         if self._error is not None:
             raise self._error
         loop = self._loop
@@ -363,10 +382,9 @@ class LeanResponse:
                 conn.timer = loop.call_at(now + self._timeout, conn.check_timeout)
         elif self._timer is None:
             self._timer = loop.call_at(now + self._timeout, self.check_timeout)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        # The future stays in _waiter once done (set, failed or cancelled): whoever looks
+        # at it (wake, fail, check_timeout) treats a done one as no wait in progress.
+        return waiter
 
     def check_timeout(self) -> None:
         """The timer fired (the connection's, or this response's own once closed): fail
@@ -394,7 +412,7 @@ class LeanResponse:
     def _take(self) -> bytes:
         """Every unread body byte so far, resuming reading if it was paused."""
         pieces = self.pieces
-        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         pieces.clear()
         self.buffered = 0
         if self.reading_paused:
@@ -406,6 +424,12 @@ class LeanResponse:
         conn = self._conn
         if conn is not None and not conn.closed and conn.transport is not None:
             conn.transport.resume_reading()
+
+    def read_now(self) -> bytes | None:
+        """The whole body if it is all here already, else None (then :meth:`read`)."""
+        if self.complete:
+            return self._take() if self.pieces else b""
+        return None
 
     async def read(self) -> bytes:
         """The whole body."""

@@ -433,3 +433,26 @@ def test_receive_gives_what_uvicorns_receive_gives(state: dict[str, Any]) -> Non
         )  # fmt: skip
 
     assert asyncio.run(go(FastCycle)) == asyncio.run(go(RequestResponseCycle))
+
+
+def test_the_fast_send_is_done_when_it_returns() -> None:
+    """FastCycle.send writes what its fast path takes during the call and returns a future
+    done already (no coroutine per message); what it hands to uvicorn is uvicorn's own
+    ``send`` coroutine. Either is awaited as before."""
+    cycle, transport, _ = _cycle(FastCycle)
+
+    async def go() -> None:
+        start = cycle.send(_start(OK))  # type: ignore[arg-type]
+        assert isinstance(start, asyncio.Future) and start.done()
+        await start
+        body = cycle.send(_body(b"hello"))  # type: ignore[arg-type]
+        assert isinstance(body, asyncio.Future) and body.done()
+        assert b"".join(transport.writes).endswith(b"\r\n\r\nhello")  # before the await
+        await body
+        late = cycle.send(_body(b"more"))  # type: ignore[arg-type]
+        assert asyncio.iscoroutine(late)  # uvicorn's send: it raises for a message too many
+        with pytest.raises(RuntimeError):
+            await late
+
+    asyncio.run(go())
+    assert cycle.response_complete

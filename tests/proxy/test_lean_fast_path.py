@@ -289,3 +289,59 @@ def test_huge_response_headers_are_refused() -> None:
 
     error = asyncio.run(parse())
     assert error is not None and "too large" in str(error)
+
+
+def test_the_kept_forwarded_lines_follow_each_client_and_scheme() -> None:
+    """The usual request's X-Forwarded-For and -Proto lines are kept per client address and
+    scheme: requests with the same names from other clients, schemes, or none, taken in
+    turn after their lines were kept, each get the general path's head."""
+    from gateway.proxy import app
+
+    extras: list[dict[str, Any]] = [
+        {},
+        {"client": ("10.0.0.9", 1)},
+        {"client": ("10.0.0.9", 2), "scheme": "https"},
+        {"client": None},
+        {"client": ("::1", 3)},
+        {"scheme": "wss"},
+        {"client": ["10.0.0.8", 4]},
+        {"client": (None, 5)},  # an address str() makes "None": not the no-client lines
+    ]
+    for round_ in range(3):
+        for extra in extras:
+            for headers in (USUAL, [(b"x-a", b"%d" % round_)], []):
+                old, new = _both(_scope(headers, **extra), b"abc")
+                assert new == old, (headers, extra)
+    assert len(app._TAILS) <= app._TAILS_MAX
+
+
+def test_the_kept_forwarded_lines_are_bounded() -> None:
+    from gateway.proxy import app
+
+    for i in range(app._TAILS_MAX + 10):
+        old, new = _both(_scope(USUAL, client=(f"10.1.{i // 256}.{i % 256}", 1)), b"abc")
+        assert new == old
+        assert len(app._TAILS) <= app._TAILS_MAX
+
+
+def test_a_wait_is_the_wake_up_future_itself() -> None:
+    """``LeanResponse.wait()`` returns the future the connection resolves (no coroutine
+    level of its own on the task's resume); it is resolved by the headers, and a wait after
+    a failure raises at once."""
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        conn = Connection(_Pool(), ORIGIN, loop)  # type: ignore[arg-type]
+        resp = conn.resp = LeanResponse(conn, False, 5.0)
+        waiting = resp.wait()
+        assert isinstance(waiting, asyncio.Future) and not waiting.done()
+        conn.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        assert waiting.done()
+        await waiting
+        assert resp.read_now() == b"hi"
+        resp.fail(OSError("gone"))
+        with pytest.raises(OSError):
+            resp.wait()
+        conn._stop_timer()
+
+    asyncio.run(go())

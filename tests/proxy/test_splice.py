@@ -195,7 +195,7 @@ async def test_the_pieces_of_one_read_reach_the_sink_in_one_call() -> None:
     conn.data_received(b"2\r\nde\r\n1\r\nf\r\n4\r\nghij\r\n")
     assert calls == [b"abc", b"defghij"]  # three chunks, one call
     room[0] = False
-    waiting = asyncio.create_task(resp.wait())
+    waiting = asyncio.ensure_future(resp.wait())
     await asyncio.sleep(0)
     conn.data_received(b"1\r\nk\r\n")
     await asyncio.wait_for(waiting, 1)  # woken: the sink is full
@@ -228,7 +228,7 @@ class SpliceSpy:
         def write(splice: UvicornSplice, data: bytes) -> bool:
             ok = original(splice, data)
             self.pieces += 1
-            cycle = splice._cycle()
+            cycle = splice()  # the splice is the weak reference to its cycle
             assert cycle is not None
             buffered = cycle.transport.get_write_buffer_size()
             self.max_buffered = max(self.max_buffered, buffered)
