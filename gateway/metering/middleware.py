@@ -41,6 +41,7 @@ from gateway.core.headers import HeaderPolicy
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
+    ASKS_IDENTITY_ENCODING,
     DRAINS_USAGE,
     READS_USAGE_REQUEST,
     UPSTREAM_ERROR,
@@ -154,6 +155,9 @@ class CreditGateMiddleware:
         # told (USAGE_TAP's request element): the proxy. Any other app gets the body read
         # before the call and replayed.
         self._app_reads_request = getattr(app, READS_USAGE_REQUEST, False) is True
+        # An app that asks its upstream for an uncompressed answer itself (the proxy, in the
+        # head it builds): the request's headers are then not copied to ask for it here.
+        self._app_asks_identity = getattr(app, ASKS_IDENTITY_ENCODING, False) is True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -331,8 +335,9 @@ class CreditGateMiddleware:
             # would not report its usage: ask for it (README). A body without the key
             # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
             # recognised and gets no usage: the missing-usage policy.)
-            # (identity_encoding makes a new list: the scope's is not changed.)
-            base = scope["headers"] if headers is None else headers
+            # (identity_encoding and replaced_body_headers make new lists: the scope's is
+            # not changed. An app that asks for identity itself, the proxy, gets the headers
+            # as they are: no copy of the list on the usual usage-charged request.)
             # (find, not `in`: bytes' `in` first tries its argument as an int, and the
             # TypeError it makes and clears costs more than the search.)
             if body is not None and cost.asks_stream_usage and body.find(b'"stream"') >= 0:
@@ -340,8 +345,11 @@ class CreditGateMiddleware:
                 if changed is not None:
                     body = changed
                     replay = [{"type": "http.request", "body": changed, "more_body": False}]
-                    base = replaced_body_headers(base, len(changed))
-            headers = identity_encoding(base)
+                    headers = replaced_body_headers(
+                        scope["headers"] if headers is None else headers, len(changed)
+                    )
+            if not self._app_asks_identity:
+                headers = identity_encoding(scope["headers"] if headers is None else headers)
         hold = cost.reserve if cost.reserve is not None else cost.hold(body, path)
 
         request_id = new_request_id()
