@@ -169,6 +169,7 @@ class VariableCost:
         "mode",
         "prices",
         "provider",
+        "quick_hold",
         "reads_body",
         "request",
         "reserve",
@@ -178,7 +179,15 @@ class VariableCost:
         "usage",
     )
 
-    def __init__(self, spec: CostSpec, prices: PriceTable | None, drain_s: float) -> None:
+    def __init__(
+        self,
+        spec: CostSpec,
+        prices: PriceTable | None,
+        drain_s: float,
+        *,
+        app_reads_request: bool = False,
+        app_asks_identity: bool = False,
+    ) -> None:
         self.spec = spec
         self.prices = prices
         # What the compiled pricing of a complete answer takes (topscan.priced): the
@@ -206,6 +215,14 @@ class VariableCost:
         )
         # The hold when it does not depend on the request (None: reserve: auto).
         self.reserve: int | None = spec.reserve
+        # The hold of a request with nothing to do before the call, for an app that reads
+        # the request body and asks for an uncompressed answer itself when told
+        # (READS_USAGE_REQUEST, ASKS_IDENTITY_ENCODING: the proxy): the body read only
+        # for include_usage is left to it (request), and the hold does not depend on the
+        # body. None: the middleware reads or changes something first.
+        body_here = self.reads_body and not (app_reads_request and self.request is not None)
+        identity_here = self.usage and not app_asks_identity
+        self.quick_hold = None if body_here or identity_here else spec.reserve
 
     def hold(self, body: bytes | None, path: str) -> int:
         """The tokens to hold: the reserve, or for ``reserve: auto`` the estimate from
@@ -637,10 +654,14 @@ class ResponseTap:
                     if _priced is not None
                     else False
                 )
-                if read is not False or _plain_answer(headers):
+                if read:  # the usual answer: read and priced already
+                    self._mode = _HOLD
+                    start["headers"] = self._told(read, headers)
+                    # Once the client has left, nothing goes to it (as in send).
+                    return None if CLIENT_DISCONNECTED in state else self._send
+                if read is None or _plain_answer(headers):
                     self._mode = _HOLD
                     start["headers"] = self._whole(body, headers, read, left)
-                    # Once the client has left, nothing goes to it (as in send).
                     return None if CLIENT_DISCONNECTED in state else self._send
         return self.send
 
@@ -657,9 +678,6 @@ class ResponseTap:
         X-Tokens-* headers that tell the charge. ``read``: what :meth:`answer`'s compiled
         call made of it already, with the balance ``left`` it was given (``None``: not
         known by the compiled reading; False: nothing asked yet)."""
-        self.complete = True
-        if self._gone is not None:
-            self._gone.set()
         adm = self._adm
         if read is False:
             cost = self._cost
@@ -676,27 +694,39 @@ class ResponseTap:
             ) or None
         if read is None:
             read = self._priced_slow(body, left)
-        self._read = read
-        if read is None:
-            tokens = self.tokens = self._missing_charge()
-            self.model, self.missing = "", True
-            self.quiet = quiet_extension(Actual(tokens, None, missing=True, source="policy"))
-        else:
-            self.tokens = read[0]
-            self.quiet = read[1]
-            self.model, self.missing = read[5] or "", False
-            # The status did not refund (else nothing was read), but the upstream may have
-            # failed since the start (middleware mode).
-            if UPSTREAM_ERROR in self._state:
-                return [*head, *refunded_headers(self._charged_headers, adm)]
-            # actual_headers (gateway/metering/cost_headers.py) with the values made above.
-            charged = self._charged_headers
-            if read[3] is None:
-                return [*head, (COST_NAME, read[2]), *charged[1:]]
-            return [*head, (COST_NAME, read[2]), (REMAINING_NAME, read[3]), *charged[2:]]
+        if read is not None:
+            return self._told(read, head)
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
+        self._read = None
+        tokens = self.tokens = self._missing_charge()
+        self.model, self.missing = "", True
+        self.quiet = quiet_extension(Actual(tokens, None, missing=True, source="policy"))
         if UPSTREAM_ERROR in self._state:
             return [*head, *refunded_headers(self._charged_headers, adm)]
         return actual_headers(self._charged_headers, adm, tokens, head)
+
+    def _told(self, read: Priced, head: Iterable[Header]) -> list[Header]:
+        """:meth:`_whole` of an answer whose usage was read and priced (``read``): the
+        charge and the settle value kept, the answer's headers ``head`` followed by the
+        X-Tokens-* headers, whose values ``read`` holds."""
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
+        self._read = read
+        self.tokens = read[0]
+        self.quiet = read[1]
+        self.model, self.missing = read[5] or "", False
+        # The status did not refund (else nothing was read), but the upstream may have
+        # failed since the start (middleware mode).
+        if UPSTREAM_ERROR in self._state:
+            return [*head, *refunded_headers(self._charged_headers, self._adm)]
+        # actual_headers (gateway/metering/cost_headers.py) with the values made above.
+        charged = self._charged_headers
+        if read[3] is None:
+            return [*head, (COST_NAME, read[2]), *charged[1:]]
+        return [*head, (COST_NAME, read[2]), (REMAINING_NAME, read[3]), *charged[2:]]
 
     def _priced_slow(self, body: bytes, left: int | None) -> Priced | None:
         """:meth:`_whole`'s reading when the compiled one does not know (or is off): the

@@ -960,6 +960,7 @@ async def test_identity_is_left_only_to_an_app_that_asks_for_it(
     ``identity`` in its place, as before."""
     _, gate = app_gate
     seen: list[list[tuple[bytes, bytes]]] = []
+    receives: list[Any] = []
 
     class App:
         asks_identity_encoding = asks
@@ -968,6 +969,7 @@ async def test_identity_is_left_only_to_an_app_that_asks_for_it(
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             seen.append(list(scope["headers"]))
+            receives.append(receive)
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"{}"})
 
@@ -994,3 +996,5 @@ async def test_identity_is_left_only_to_an_app_that_asks_for_it(
     ((headers,),) = [seen]
     encodings = [v for n, v in headers if n == b"accept-encoding"]
     assert encodings == ([b"gzip"] if asks else [b"identity"])
+    # Nothing done before the call but for reserve: auto (its hold needs the body).
+    assert (receives[0] is client) == (feature == "/v1/chat5/completions")
