@@ -2,8 +2,8 @@
 the upstream answered (the proxy writes them, the middleware reads them at settle time),
 the one through which the middleware asks the proxy to drain a stream for its usage, the
 one through which its usage tap offers to take a complete answer in one call and to leave
-the request body to the app, and the one through which an app reports its own cost
-(DESIGN A8, middleware mode).
+the request body (and the request's ``Accept-Encoding``) to the app, and the one through
+which an app reports its own cost (DESIGN A8, middleware mode).
 
 Defined once here, below both: ``gateway.proxy`` and ``gateway.metering`` never import
 each other (docs/ARCHITECTURE.md, layers).
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "APP_COST",
+    "ASKS_IDENTITY_ENCODING",
     "CLIENT_DISCONNECTED",
     "DRAINS_USAGE",
     "READS_USAGE_REQUEST",
@@ -81,6 +82,14 @@ READS_USAGE_REQUEST = "reads_usage_request"
 """The name of a class attribute an ASGI app sets to ``True`` when it honours the
 ``request`` element of :data:`USAGE_TAP` (``UpstreamProxy``): the middleware then leaves
 the request body to it instead of reading it before the call and replaying it."""
+
+ASKS_IDENTITY_ENCODING = "asks_identity_encoding"
+"""The name of a class attribute an ASGI app sets to ``True`` when, on every request where
+:data:`USAGE_TAP` is declared, it asks its upstream for an uncompressed answer itself
+(``Accept-Encoding: identity`` in place of the client's: a usage cannot be read from a
+compressed body), in the request head it builds (``UpstreamProxy``): the metering
+middleware then leaves the request's headers as they are instead of copying them with that
+header. Any other app gets the header in its scope's headers."""
 
 APP_COST = "creditgate_cost"
 """Middleware mode: the actual cost of the request (integer creditgate tokens >= 0) that

@@ -41,6 +41,7 @@ from gateway.core.headers import HeaderPolicy, applied
 from gateway.core.logs import REQUEST_ID, access_log_enabled, log_access
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
+    ASKS_IDENTITY_ENCODING,
     DRAINS_USAGE,
     READS_USAGE_REQUEST,
     UPSTREAM_ERROR,
@@ -177,13 +178,6 @@ class CreditGateMiddleware:
         }
         self._cost_header: dict[int, Header] = {}
         self._limit_header: dict[int, Header] = {}  # a limiter's count: few
-        # The features whose cost is read from the response (DESIGN A8), and only those:
-        # a fixed cost never takes the variable branch.
-        self._variable = {
-            name: VariableCost(config.cost_spec(name), config.prices, config.usage_drain_seconds)
-            for name in config.features
-            if config.is_variable(name)
-        }
         # An app that keeps reading the upstream itself when asked (USAGE_DRAIN_SECONDS):
         # the proxy. Any other app is drained by seeing the client's disconnect late.
         self._app_drains = getattr(app, DRAINS_USAGE, False) is True
@@ -194,6 +188,22 @@ class CreditGateMiddleware:
         # told (USAGE_TAP's request element): the proxy. Any other app gets the body read
         # before the call and replayed.
         self._app_reads_request = getattr(app, READS_USAGE_REQUEST, False) is True
+        # An app that asks its upstream for an uncompressed answer itself (the proxy, in the
+        # head it builds): the request's headers are then not copied to ask for it here.
+        self._app_asks_identity = getattr(app, ASKS_IDENTITY_ENCODING, False) is True
+        # The features whose cost is read from the response (DESIGN A8), and only those:
+        # a fixed cost never takes the variable branch.
+        self._variable = {
+            name: VariableCost(
+                config.cost_spec(name),
+                config.prices,
+                config.usage_drain_seconds,
+                app_reads_request=self._app_reads_request,
+                app_asks_identity=self._app_asks_identity,
+            )
+            for name in config.features
+            if config.is_variable(name)
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -344,44 +354,54 @@ class CreditGateMiddleware:
         or a disconnect held back (bench/usage_instructions.py counts what each costs)."""
         replay: list[Message] | None = None
         body: bytes | None = None
-        # Left to the app (the proxy), which reads the body anyway: the body read only to
-        # ask for include_usage, when nothing read it yet (USAGE_TAP's request element).
-        request = cost.request if self._app_reads_request and pre_read is None else None
-        if pre_read is not None:
-            replay = pre_read.messages
-            if cost.reads_body:
-                body = pre_read.body
-        elif cost.reads_body and request is None:
-            first = await receive()
-            data: bytes = first.get("body", b"")
-            if (
-                first["type"] == "http.request"
-                and not first.get("more_body", False)
-                and len(data) <= REQUEST_BODY_LIMIT
-            ):  # the usual body: whole in one message
-                replay, body = [first], data
-            else:
-                read = await read_request(receive, scope["headers"], first=first)
-                if read.disconnected:
-                    return  # gone before anything was held: nothing to answer or charge
-                replay, body = read.messages, read.body
-        if cost.usage:
-            # A compressed answer could not be read: ask for none. An OpenAI stream that
-            # would not report its usage: ask for it (README). A body without the key
-            # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
-            # recognised and gets no usage: the missing-usage policy.)
-            # (identity_encoding makes a new list: the scope's is not changed.)
-            base = scope["headers"] if headers is None else headers
-            # (find, not `in`: bytes' `in` first tries its argument as an int, and the
-            # TypeError it makes and clears costs more than the search.)
-            if body is not None and cost.asks_stream_usage and body.find(b'"stream"') >= 0:
-                changed = ensure_stream_usage(body)
-                if changed is not None:
-                    body = changed
-                    replay = [{"type": "http.request", "body": changed, "more_body": False}]
-                    base = replaced_body_headers(base, len(changed))
-            headers = identity_encoding(base)
-        hold = cost.reserve if cost.reserve is not None else cost.hold(body, path)
+        hold = cost.quick_hold if pre_read is None else None
+        if hold is not None:
+            # The usual usage-charged request through the proxy: nothing to do before the
+            # call (include_usage and Accept-Encoding left to the app, the hold known).
+            request = cost.request
+        else:
+            # Left to the app (the proxy), which reads the body anyway: the body read only to
+            # ask for include_usage, when nothing read it yet (USAGE_TAP's request element).
+            request = cost.request if self._app_reads_request and pre_read is None else None
+            if pre_read is not None:
+                replay = pre_read.messages
+                if cost.reads_body:
+                    body = pre_read.body
+            elif cost.reads_body and request is None:
+                first = await receive()
+                data: bytes = first.get("body", b"")
+                if (
+                    first["type"] == "http.request"
+                    and not first.get("more_body", False)
+                    and len(data) <= REQUEST_BODY_LIMIT
+                ):  # the usual body: whole in one message
+                    replay, body = [first], data
+                else:
+                    read = await read_request(receive, scope["headers"], first=first)
+                    if read.disconnected:
+                        return  # gone before anything was held: nothing to answer or charge
+                    replay, body = read.messages, read.body
+            if cost.usage:
+                # A compressed answer could not be read: ask for none. An OpenAI stream that
+                # would not report its usage: ask for it (README). A body without the key
+                # cannot be a stream: spared the JSON decode. (A key spelt with escapes is not
+                # recognised and gets no usage: the missing-usage policy.)
+                # (identity_encoding and replaced_body_headers make new lists: the scope's is
+                # not changed. An app that asks for identity itself, the proxy, gets the headers
+                # as they are: no copy of the list on the usual usage-charged request.)
+                # (find, not `in`: bytes' `in` first tries its argument as an int, and the
+                # TypeError it makes and clears costs more than the search.)
+                if body is not None and cost.asks_stream_usage and body.find(b'"stream"') >= 0:
+                    changed = ensure_stream_usage(body)
+                    if changed is not None:
+                        body = changed
+                        replay = [{"type": "http.request", "body": changed, "more_body": False}]
+                        headers = replaced_body_headers(
+                            scope["headers"] if headers is None else headers, len(changed)
+                        )
+                if not self._app_asks_identity:
+                    headers = identity_encoding(scope["headers"] if headers is None else headers)
+            hold = cost.reserve if cost.reserve is not None else cost.hold(body, path)
 
         request_id = new_request_id()
         REQUEST_ID.set(request_id)

@@ -46,7 +46,7 @@ import contextlib
 import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Container, Iterable, MutableMapping
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from starlette.types import Message, Receive, Scope, Send
 
@@ -55,15 +55,22 @@ from gateway.core.problem import send_problem
 from gateway.core.scope_keys import APP_COST, CLIENT_DISCONNECTED, UPSTREAM_ERROR
 from gateway.core.splice import BodyObserver
 from gateway.metering.admission import Admission
-from gateway.metering.cost_headers import RESERVED, actual_headers, refunded_headers
+from gateway.metering.cost_headers import (
+    COST_NAME,
+    REMAINING_NAME,
+    RESERVED,
+    actual_headers,
+    refunded_headers,
+)
 from gateway.metering.settlement import Actual, counts_value, quiet_extension
 from gateway.usage import PriceTable, StreamTap, Usage, ensure_stream_usage, usage_from_json
 from gateway.usage.model import checked_usage
 from gateway.usage.requests import estimate_reserve
 from gateway.usage.responses import MODE_CODES
 from gateway.usage.sse import DEFAULT_MAX_LINE
-from gateway.usage.topscan import UsageCounts
+from gateway.usage.topscan import Priced, UsageCounts
 from gateway.usage.topscan import counts as _counts
+from gateway.usage.topscan import priced as _priced
 
 __all__ = [
     "REQUEST_BODY_LIMIT",
@@ -75,6 +82,7 @@ __all__ = [
     "TapReceive",
     "VariableCost",
     "parse_cost_value",
+    "priced_counts",
     "read_request",
 ]
 
@@ -105,6 +113,27 @@ _PASS = 0  # forwards it untouched (a header cost, a refunded status, no body, g
 _TAP = 1  # an event stream: forwards each chunk, the StreamTap reads it
 _COPY = 2  # a JSON stream (Gemini without alt=sse): forwards each chunk, keeps a copy
 _HOLD = 3  # a JSON answer: holds the start and the body until the body is complete
+
+
+def _no_prices(model: str | None) -> tuple[int, int, int, int]:
+    raise AssertionError("a checked config has prices for every usage cost")
+
+
+def priced_counts(
+    read: UsageCounts, prices: PriceTable, maximum: int | None, left: int | None
+) -> Priced:
+    """A complete answer's usage ``read`` priced (at most ``maximum``) and told for a balance
+    ``left`` (the remaining before the charge plus the hold; ``None``: not known), in the
+    form the compiled reading answers it (gateway/usage/topscan.py ``priced``, the same
+    values): the tokens, the settle value (:func:`~gateway.metering.settlement.counts_value`)
+    as a 1-tuple, the X-Tokens-Cost and X-Tokens-Remaining values
+    (:func:`~gateway.metering.cost_headers.actual_headers`'), then ``read`` itself."""
+    provider, model, ui, uc, uo, ur = read
+    tokens = prices.cost_of(model, ui, uc, uo + ur, maximum)
+    value = counts_value(tokens, model, ui, uc, uo, ur)
+    kept = None if left is None else left - tokens
+    remaining = None if kept is None else b"%d" % kept if kept > 0 else b"0"
+    return (tokens, (value,), b"%d" % tokens, remaining, provider, model, ui, uc, uo, ur)
 
 
 def parse_cost_value(value: object) -> int | None:
@@ -140,16 +169,31 @@ class VariableCost:
         "mode",
         "prices",
         "provider",
+        "quick_hold",
         "reads_body",
         "request",
         "reserve",
         "spec",
+        "terms",
+        "terms_for",
         "usage",
     )
 
-    def __init__(self, spec: CostSpec, prices: PriceTable | None, drain_s: float) -> None:
+    def __init__(
+        self,
+        spec: CostSpec,
+        prices: PriceTable | None,
+        drain_s: float,
+        *,
+        app_reads_request: bool = False,
+        app_asks_identity: bool = False,
+    ) -> None:
         self.spec = spec
         self.prices = prices
+        # What the compiled pricing of a complete answer takes (topscan.priced): the
+        # table's remembered terms per model, and how it finds a model's otherwise.
+        self.terms = {} if prices is None else prices.terms_memo()
+        self.terms_for = _no_prices if prices is None else prices.terms_for
         self.maximum = spec.maximum
         self.usage = spec.mode == "usage"
         self.provider = spec.provider or "auto"
@@ -171,6 +215,14 @@ class VariableCost:
         )
         # The hold when it does not depend on the request (None: reserve: auto).
         self.reserve: int | None = spec.reserve
+        # The hold of a request with nothing to do before the call, for an app that reads
+        # the request body and asks for an uncompressed answer itself when told
+        # (READS_USAGE_REQUEST, ASKS_IDENTITY_ENCODING: the proxy): the body read only
+        # for include_usage is left to it (request), and the hold does not depend on the
+        # body. None: the middleware reads or changes something first.
+        body_here = self.reads_body and not (app_reads_request and self.request is not None)
+        identity_here = self.usage and not app_asks_identity
+        self.quick_hold = None if body_here or identity_here else spec.reserve
 
     def hold(self, body: bytes | None, path: str) -> int:
         """The tokens to hold: the reserve, or for ``reserve: auto`` the estimate from
@@ -425,6 +477,23 @@ _MARKS: Final[dict[str, tuple[tuple[bytes, ...], tuple[bytes, ...]]]] = {
 }
 
 
+def _plain_answer(headers: Iterable[Header]) -> bool:
+    """Whether an answer with ``headers`` is read whole for its usage (:meth:`ResponseTap.
+    _started`'s tests of the body's kind): not compressed, not an event stream. The last of
+    each header wins, as in its dict (a plain loop over the answer's few headers costs less
+    than the dict). The compiled pricing tests the usual headers itself (topscan.priced)."""
+    encoding: bytes | None = None
+    kind = b""
+    for name, value in headers:
+        if name == _CONTENT_TYPE:
+            kind = value
+        elif name == _CONTENT_ENCODING:
+            encoding = value
+    return (
+        encoding is None or encoding.strip().lower() in (b"", b"identity")
+    ) and not kind.lower().startswith(b"text/event-stream")
+
+
 class ResponseTap:
     """Wraps ``send`` for one admitted request of a variable-cost feature.
 
@@ -467,7 +536,7 @@ class ResponseTap:
     """The model its usage named, ``""`` when none (with :attr:`quiet`)."""
     missing: bool
     """Whether its usage was missing and ``on_missing_usage`` decided (with :attr:`quiet`)."""
-    _read: UsageCounts | None
+    _read: Priced | None
 
     def __init__(
         self,
@@ -569,60 +638,113 @@ class ResponseTap:
             and status != 304
         ):
             headers = start.get("headers", ())
-            # _started's tests of the body's kind; the last of each header wins, as in its
-            # dict (a plain loop over the answer's few headers costs less than the dict).
-            encoding: bytes | None = None
-            kind = b""
-            for name, value in headers:
-                if name == _CONTENT_TYPE:
-                    kind = value
-                elif name == _CONTENT_ENCODING:
-                    encoding = value
-            if (
-                (encoding is None or encoding.strip().lower() in (b"", b"identity"))
-                and not kind.lower().startswith(b"text/event-stream")
-                and _GEMINI_STREAM not in self._path
-            ):
-                self._mode = _HOLD
-                start["headers"] = self._whole(body, headers)
-                # Once the client has left, nothing goes to it (as in send).
-                return None if CLIENT_DISCONNECTED in state else self._send
+            if _GEMINI_STREAM not in self._path:
+                cost = self._cost
+                adm = self._adm
+                left = adm.remaining
+                if left is not None:
+                    left += adm.cost
+                # The usual answer: its headers tested, its usage read, priced and told in
+                # one compiled call; False: the headers' test is left to _plain_answer (and
+                # the reading to _whole), None: the reading is left to Python.
+                read = (
+                    _priced(
+                        body, cost.mode, cost.terms, cost.terms_for, cost.maximum, left, headers
+                    )
+                    if _priced is not None
+                    else False
+                )
+                if read:  # the usual answer: read and priced already
+                    self._mode = _HOLD
+                    start["headers"] = self._told(read, headers)
+                    # Once the client has left, nothing goes to it (as in send).
+                    return None if CLIENT_DISCONNECTED in state else self._send
+                if read is None or _plain_answer(headers):
+                    self._mode = _HOLD
+                    start["headers"] = self._whole(body, headers, read, left)
+                    return None if CLIENT_DISCONNECTED in state else self._send
         return self.send
 
-    def _whole(self, body: bytes, head: Iterable[Header]) -> list[Header]:
+    def _whole(
+        self,
+        body: bytes,
+        head: Iterable[Header],
+        read: Priced | Literal[False] | None = False,
+        left: int | None = None,
+    ) -> list[Header]:
         """A complete answer's charge: its usage read (the compiled reading of the usual
         shapes, else :func:`usage_from_json`) and priced, or the missing-usage policy; the
         settle value kept in :attr:`quiet`; the answer's headers ``head`` followed by the
-        X-Tokens-* headers that tell the charge."""
+        X-Tokens-* headers that tell the charge. ``read``: what :meth:`answer`'s compiled
+        call made of it already, with the balance ``left`` it was given (``None``: not
+        known by the compiled reading; False: nothing asked yet)."""
+        adm = self._adm
+        if read is False:
+            cost = self._cost
+            left = adm.remaining
+            if left is not None:
+                left += adm.cost
+            # Read, priced, the settle value and the header values made in one compiled
+            # call for the usual answer (never False without headers to test); else the
+            # same in Python (priced_counts).
+            read = (
+                _priced(body, cost.mode, cost.terms, cost.terms_for, cost.maximum, left, None)
+                if _priced is not None
+                else None
+            ) or None
+        if read is None:
+            read = self._priced_slow(body, left)
+        if read is not None:
+            return self._told(read, head)
         self.complete = True
         if self._gone is not None:
             self._gone.set()
-        cost = self._cost
-        read = _counts(body, cost.mode) if _counts is not None else None
-        if read is None:  # a shape the compiled reading leaves to Python (or it is off)
-            usage = usage_from_json(body, cost.provider)
-            if usage is not None:
-                read = (
-                    usage.provider, usage.model, usage.input_tokens,
-                    usage.cached_input_tokens, usage.output_tokens, usage.reasoning_tokens,
-                )  # fmt: skip
+        self._read = None
+        tokens = self.tokens = self._missing_charge()
+        self.model, self.missing = "", True
+        self.quiet = quiet_extension(Actual(tokens, None, missing=True, source="policy"))
+        if UPSTREAM_ERROR in self._state:
+            return [*head, *refunded_headers(self._charged_headers, adm)]
+        return actual_headers(self._charged_headers, adm, tokens, head)
+
+    def _told(self, read: Priced, head: Iterable[Header]) -> list[Header]:
+        """:meth:`_whole` of an answer whose usage was read and priced (``read``): the
+        charge and the settle value kept, the answer's headers ``head`` followed by the
+        X-Tokens-* headers, whose values ``read`` holds."""
+        self.complete = True
+        if self._gone is not None:
+            self._gone.set()
         self._read = read
-        if read is None:
-            tokens = self.tokens = self._missing_charge()
-            self.model, self.missing = "", True
-            self.quiet = quiet_extension(Actual(tokens, None, missing=True, source="policy"))
-        else:
-            _, model, ui, uc, uo, ur = read
-            prices = cost.prices
-            assert prices is not None  # a checked config has prices for every usage cost
-            tokens = self.tokens = prices.cost_of(model, ui, uc, uo + ur, cost.maximum)
-            self.model, self.missing = model or "", False
-            self.quiet = (counts_value(tokens, model, ui, uc, uo, ur),)
+        self.tokens = read[0]
+        self.quiet = read[1]
+        self.model, self.missing = read[5] or "", False
         # The status did not refund (else nothing was read), but the upstream may have
         # failed since the start (middleware mode).
         if UPSTREAM_ERROR in self._state:
             return [*head, *refunded_headers(self._charged_headers, self._adm)]
-        return actual_headers(self._charged_headers, self._adm, tokens, head)
+        # actual_headers (gateway/metering/cost_headers.py) with the values made above.
+        charged = self._charged_headers
+        if read[3] is None:
+            return [*head, (COST_NAME, read[2]), *charged[1:]]
+        return [*head, (COST_NAME, read[2]), (REMAINING_NAME, read[3]), *charged[2:]]
+
+    def _priced_slow(self, body: bytes, left: int | None) -> Priced | None:
+        """:meth:`_whole`'s reading when the compiled one does not know (or is off): the
+        usage read (``counts``, else :func:`usage_from_json`) and :func:`priced_counts`;
+        ``None`` when no usage came."""
+        cost = self._cost
+        read = _counts(body, cost.mode) if _counts is not None else None
+        if read is None:  # a shape the compiled reading leaves to Python (or it is off)
+            usage = usage_from_json(body, cost.provider)
+            if usage is None:
+                return None
+            read = (
+                usage.provider, usage.model, usage.input_tokens,
+                usage.cached_input_tokens, usage.output_tokens, usage.reasoning_tokens,
+            )  # fmt: skip
+        prices = cost.prices
+        assert prices is not None  # a checked config has prices for every usage cost
+        return priced_counts(read, prices, cost.maximum, left)
 
     def _started(self, message: Message) -> Message | None:
         """The start message to send, with its X-Tokens-* headers; ``None`` when held."""
@@ -769,7 +891,7 @@ class ResponseTap:
             read = self._read
             if read is None:
                 return Actual(self.tokens, None, missing=True, source="policy")
-            return Actual(self.tokens, checked_usage(*read))
+            return Actual(self.tokens, checked_usage(*read[4:]))
         cost = self._cost
         if not cost.usage:
             reported = self._header_cost

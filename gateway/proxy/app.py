@@ -206,6 +206,31 @@ def _forwarded_tail(key: tuple[Any, Any], client: Any) -> tuple[bytes, int]:
     return tail
 
 
+_IDENTITY_HEADER = ("accept-encoding", "identity")
+_IDENTITY_LINE = b"accept-encoding: identity\r\n"
+_ACCEPT_ENCODING_LINE = b"accept-encoding:"
+
+
+def _identity_asked(lean: tuple[bytes, int, int | None]) -> tuple[bytes, int, int | None]:
+    """:meth:`UpstreamProxy._lean_lines`' answer asking for an uncompressed answer (a usage
+    cost's request, ``ASKS_IDENTITY_ENCODING``): ``Accept-Encoding: identity`` last, the
+    client's Accept-Encoding lines taken out. The names in the lines are lowercase; a
+    line is taken out only when every CR and LF in them ends one of the ``lines`` (else
+    frame() refuses the head whatever is done here, as the counts differ)."""
+    block, lines, declared = lean
+    # One search for the usual request, which has none (also finds a name that only ends
+    # so, x-accept-encoding, for which the lines come out as they were).
+    if (
+        block.find(_ACCEPT_ENCODING_LINE) >= 0
+        and block.count(b"\n") == lines
+        and block.count(b"\r") == lines
+    ):
+        kept = [line for line in block.split(b"\r\n") if not line.startswith(_ACCEPT_ENCODING_LINE)]
+        block = b"\r\n".join(kept)  # the last is the empty text after the last CRLF
+        lines = len(kept) - 1
+    return block + _IDENTITY_LINE, lines + 1, declared
+
+
 async def _bad_gateway(send: Send, *, timed_out: bool) -> None:
     if timed_out:
         await send_problem(
@@ -387,6 +412,13 @@ class UpstreamProxy:
     """It keeps reading a usage-metered answer whose client left (``USAGE_DRAIN_SECONDS``,
     :meth:`_respond_draining`): the metering middleware in front then hands it the client's
     disconnect at once (gateway/core/scope_keys.py ``DRAINS_USAGE``)."""
+
+    asks_identity_encoding: ClassVar[bool] = True
+    """On a usage-cost request (``USAGE_TAP`` declared) it asks the upstream for an
+    uncompressed answer itself, ``Accept-Encoding: identity`` in place of the client's, in
+    the head it builds (:func:`_identity_asked`): the metering middleware in front then does
+    not copy the request's headers to ask for it (gateway/core/scope_keys.py
+    ``ASKS_IDENTITY_ENCODING``)."""
 
     reads_usage_request: ClassVar[bool] = True
     """It reads the request body anyway and asks an OpenAI stream for its usage when the
@@ -605,7 +637,12 @@ class UpstreamProxy:
         lean = self._lean_lines(scope) if self._origin is not None else None
         if lean is None:
             headers, declared = self._request_headers(scope)
+            if tap is not None:  # a usage cost: its answer must be readable
+                headers = [h for h in headers if h[0] != "accept-encoding"]
+                headers.append(_IDENTITY_HEADER)
         else:
+            if tap is not None:
+                lean = _identity_asked(lean)
             declared = lean[2]
         first = await receive()
         if first["type"] == "http.disconnect":

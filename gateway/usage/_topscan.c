@@ -715,6 +715,121 @@ static int scan_top_usage(ptr start, ptr end, ptr *at, ptr *to, ptr *u_at, ptr *
     return skip_ws(p, end) == end; /* nothing after the object */
 }
 
+/* The usage of a JSON answer of a known shape, as usage() answers it: 1 with *kind set (the
+ * provider), *model a new reference (a str or Py_None) and out[] = input, cached, output,
+ * reasoning; 0 for "don't know"; -1 with an exception set. */
+static int read_usage(PyObject *body, int kind, int *kind_out, PyObject **model_out,
+                      long long *out)
+{
+    if (!PyBytes_CheckExact(body))
+        return 0;
+    ptr start = (ptr)PyBytes_AS_STRING(body);
+    ptr end = start + PyBytes_GET_SIZE(body);
+    ptr at[TOP_KEYS], to[TOP_KEYS];
+    /* The members of both usage objects, read in the top-level pass itself (each object
+     * checked once: by members_of instead of scan_value); the last occurrence wins. */
+    ptr m[U_KEYS], me[U_KEYS], d[U_KEYS], de[U_KEYS], meta_at[5], meta_to[5];
+    if (!scan_top_usage(start, end, at, to, m, me, d, de, meta_at, meta_to))
+        return 0;
+
+    if (kind == 0) { /* responses.detect_provider, for the shapes it tells at once */
+        if (at[TOP_META] != NULL) {
+            kind = GEMINI;
+        } else if (string_is(at[TOP_TYPE], to[TOP_TYPE], "message", 7)) {
+            kind = ANTHROPIC;
+        } else if (string_escaped(at[TOP_TYPE], to[TOP_TYPE])) {
+            return 0; /* could decode to "message" */
+        } else if (string_is(at[TOP_OBJECT], to[TOP_OBJECT], "chat.completion", 15) ||
+                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "text_completion", 15) ||
+                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "response", 8)) {
+            kind = OPENAI;
+        } else {
+            return 0; /* told by the usage's keys, or by nothing: the Python reading */
+        }
+    }
+    int member = kind == GEMINI ? TOP_META : TOP_USAGE;
+    int named = kind == GEMINI ? TOP_MODEL_VERSION : TOP_MODEL;
+    ptr u = at[member];
+    if (u == NULL || *u != '{')
+        return 0; /* missing, null or not an object: the Python reading says so */
+
+    long long input, cached, output, reasoning;
+    if (kind == OPENAI) {
+        long long prompt = member_count(m, me, U_PROMPT);
+        long long completion = member_count(m, me, U_COMPLETION);
+        int details = U_PROMPT_DETAILS;
+        if (prompt == ABSENT && completion == ABSENT) { /* the Responses API's names */
+            prompt = member_count(m, me, U_INPUT);
+            completion = member_count(m, me, U_OUTPUT);
+            details = U_INPUT_DETAILS;
+            if (prompt == ABSENT && completion == ABSENT)
+                return 0; /* no count: missing */
+        }
+        if (prompt == UNKNOWN || completion == UNKNOWN)
+            return 0;
+        cached = detail_count(m[details], me[details], d[details], de[details]);
+        reasoning = detail_count(m[details + 1], me[details + 1], d[details + 1], de[details + 1]);
+        if (cached == UNKNOWN || reasoning == UNKNOWN)
+            return 0;
+        if (prompt == ABSENT)
+            prompt = 0;
+        if (completion == ABSENT)
+            completion = 0;
+        if (cached > prompt || reasoning > completion)
+            return 0; /* a part larger than its whole: not believable */
+        input = prompt - cached;
+        output = completion - reasoning;
+    } else if (kind == ANTHROPIC) {
+        static const int names[4] = {U_INPUT, U_CACHE_CREATION, U_CACHE_READ, U_OUTPUT};
+        long long c[4];
+        int any = 0;
+        for (int i = 0; i < 4; i++) {
+            c[i] = member_count(m, me, names[i]);
+            if (c[i] == UNKNOWN)
+                return 0;
+            if (c[i] == ABSENT)
+                c[i] = 0;
+            else
+                any = 1;
+        }
+        if (!any)
+            return 0;
+        input = c[0] + c[1];
+        cached = c[2];
+        output = c[3];
+        reasoning = 0;
+    } else {
+        long long c[5];
+        int any = 0;
+        for (int i = 0; i < 5; i++) {
+            c[i] = member_count(meta_at, meta_to, i);
+            if (c[i] == UNKNOWN)
+                return 0;
+            if (c[i] == ABSENT)
+                c[i] = 0;
+            else
+                any = 1;
+        }
+        if (!any || c[1] > c[0])
+            return 0;
+        input = c[0] - c[1] + c[2];
+        cached = c[1];
+        output = c[3];
+        reasoning = c[4];
+    }
+    if (input > MAX_TOKENS)
+        return 0; /* a sum of believable parts that is not: the Python reading */
+
+    int unknown = 0;
+    PyObject *model = model_of(at[named], to[named], &unknown);
+    if (model == NULL)
+        return unknown ? 0 : -1;
+    *kind_out = kind;
+    *model_out = model;
+    out[0] = input, out[1] = cached, out[2] = output, out[3] = reasoning;
+    return 1;
+}
+
 static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
@@ -727,113 +842,14 @@ static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_ValueError, "mode must be 0 (auto) to 3 (gemini)");
         return NULL;
     }
-    PyObject *body = args[0];
-    if (!PyBytes_CheckExact(body))
+    int kind;
+    PyObject *model;
+    long long counts[4];
+    int read = read_usage(args[0], (int)mode, &kind, &model, counts);
+    if (read <= 0) {
+        if (read < 0)
+            return NULL;
         Py_RETURN_NONE;
-    ptr start = (ptr)PyBytes_AS_STRING(body);
-    ptr end = start + PyBytes_GET_SIZE(body);
-    ptr at[TOP_KEYS], to[TOP_KEYS];
-    /* The members of both usage objects, read in the top-level pass itself (each object
-     * checked once: by members_of instead of scan_value); the last occurrence wins. */
-    ptr m[U_KEYS], me[U_KEYS], d[U_KEYS], de[U_KEYS], meta_at[5], meta_to[5];
-    int kind = (int)mode;
-    if (!scan_top_usage(start, end, at, to, m, me, d, de, meta_at, meta_to))
-        Py_RETURN_NONE;
-
-    if (kind == 0) { /* responses.detect_provider, for the shapes it tells at once */
-        if (at[TOP_META] != NULL) {
-            kind = GEMINI;
-        } else if (string_is(at[TOP_TYPE], to[TOP_TYPE], "message", 7)) {
-            kind = ANTHROPIC;
-        } else if (string_escaped(at[TOP_TYPE], to[TOP_TYPE])) {
-            Py_RETURN_NONE; /* could decode to "message" */
-        } else if (string_is(at[TOP_OBJECT], to[TOP_OBJECT], "chat.completion", 15) ||
-                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "text_completion", 15) ||
-                   string_is(at[TOP_OBJECT], to[TOP_OBJECT], "response", 8)) {
-            kind = OPENAI;
-        } else {
-            Py_RETURN_NONE; /* told by the usage's keys, or by nothing: the Python reading */
-        }
-    }
-    int member = kind == GEMINI ? TOP_META : TOP_USAGE;
-    int named = kind == GEMINI ? TOP_MODEL_VERSION : TOP_MODEL;
-    ptr u = at[member];
-    if (u == NULL || *u != '{')
-        Py_RETURN_NONE; /* missing, null or not an object: the Python reading says so */
-
-    long long input, cached, output, reasoning;
-    if (kind == OPENAI) {
-        long long prompt = member_count(m, me, U_PROMPT);
-        long long completion = member_count(m, me, U_COMPLETION);
-        int details = U_PROMPT_DETAILS;
-        if (prompt == ABSENT && completion == ABSENT) { /* the Responses API's names */
-            prompt = member_count(m, me, U_INPUT);
-            completion = member_count(m, me, U_OUTPUT);
-            details = U_INPUT_DETAILS;
-            if (prompt == ABSENT && completion == ABSENT)
-                Py_RETURN_NONE; /* no count: missing */
-        }
-        if (prompt == UNKNOWN || completion == UNKNOWN)
-            Py_RETURN_NONE;
-        cached = detail_count(m[details], me[details], d[details], de[details]);
-        reasoning = detail_count(m[details + 1], me[details + 1], d[details + 1], de[details + 1]);
-        if (cached == UNKNOWN || reasoning == UNKNOWN)
-            Py_RETURN_NONE;
-        if (prompt == ABSENT)
-            prompt = 0;
-        if (completion == ABSENT)
-            completion = 0;
-        if (cached > prompt || reasoning > completion)
-            Py_RETURN_NONE; /* a part larger than its whole: not believable */
-        input = prompt - cached;
-        output = completion - reasoning;
-    } else if (kind == ANTHROPIC) {
-        static const int names[4] = {U_INPUT, U_CACHE_CREATION, U_CACHE_READ, U_OUTPUT};
-        long long c[4];
-        int any = 0;
-        for (int i = 0; i < 4; i++) {
-            c[i] = member_count(m, me, names[i]);
-            if (c[i] == UNKNOWN)
-                Py_RETURN_NONE;
-            if (c[i] == ABSENT)
-                c[i] = 0;
-            else
-                any = 1;
-        }
-        if (!any)
-            Py_RETURN_NONE;
-        input = c[0] + c[1];
-        cached = c[2];
-        output = c[3];
-        reasoning = 0;
-    } else {
-        long long c[5];
-        int any = 0;
-        for (int i = 0; i < 5; i++) {
-            c[i] = member_count(meta_at, meta_to, i);
-            if (c[i] == UNKNOWN)
-                Py_RETURN_NONE;
-            if (c[i] == ABSENT)
-                c[i] = 0;
-            else
-                any = 1;
-        }
-        if (!any || c[1] > c[0])
-            Py_RETURN_NONE;
-        input = c[0] - c[1] + c[2];
-        cached = c[1];
-        output = c[3];
-        reasoning = c[4];
-    }
-    if (input > MAX_TOKENS)
-        Py_RETURN_NONE; /* a sum of believable parts that is not: the Python reading */
-
-    int unknown = 0;
-    PyObject *model = model_of(at[named], to[named], &unknown);
-    if (model == NULL) {
-        if (unknown)
-            Py_RETURN_NONE;
-        return NULL;
     }
     PyObject *out = PyTuple_New(6);
     if (out == NULL) {
@@ -843,7 +859,6 @@ static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_INCREF(PROVIDER_NAMES[kind]);
     PyTuple_SET_ITEM(out, 0, PROVIDER_NAMES[kind]);
     PyTuple_SET_ITEM(out, 1, model);
-    long long counts[4] = {input, cached, output, reasoning};
     for (int i = 0; i < 4; i++) {
         PyObject *n = PyLong_FromLongLong(counts[i]);
         if (n == NULL) {
@@ -855,6 +870,239 @@ static PyObject *topscan_usage(PyObject *self, PyObject *const *args, Py_ssize_t
     return out;
 }
 
+/* The decimal digits of n >= 0 written at p; the end. */
+static char *put_count(char *p, long long n)
+{
+    char digits[24];
+    int k = 0;
+    do {
+        digits[k++] = (char)('0' + n % 10);
+        n /= 10;
+    } while (n > 0);
+    while (k > 0)
+        *p++ = digits[--k];
+    return p;
+}
+
+static PyObject *count_bytes(long long n)
+{
+    char text[24];
+    return PyBytes_FromStringAndSize(text, put_count(text, n) - text);
+}
+
+/* A price's term as charge() computes with it, when it is an int in [0, 2**62): else -1
+ * (the caller answers "don't know"; the Python form computes it exactly). */
+static long long term_of(PyObject *t)
+{
+    if (!PyLong_Check(t))
+        return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(t, &overflow);
+    if (overflow || v < 0 || v >= (1LL << 62)) {
+        PyErr_Clear();
+        return -1;
+    }
+    return v;
+}
+
+/* Whether an answer's headers `head` (a list of (name, value) pairs of bytes) are surely a
+ * plain JSON answer's as the usage tap tells it (usage_tap.py ResponseTap.answer): the last
+ * Content-Encoding absent, "" or "identity", the last Content-Type not an event stream.
+ * 0 for anything else, including what the tap's own test would still call plain (" Identity"). */
+static int plain_answer(PyObject *head)
+{
+    if (!PyList_CheckExact(head))
+        return 0;
+    PyObject *encoding = NULL, *kind = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(head); i++) {
+        PyObject *h = PyList_GET_ITEM(head, i);
+        if (!PyTuple_CheckExact(h) || PyTuple_GET_SIZE(h) != 2)
+            return 0;
+        PyObject *name = PyTuple_GET_ITEM(h, 0), *value = PyTuple_GET_ITEM(h, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value))
+            return 0;
+        Py_ssize_t n = PyBytes_GET_SIZE(name);
+        const char *text = PyBytes_AS_STRING(name);
+        if (n == 12 && memcmp(text, "content-type", 12) == 0)
+            kind = value;
+        else if (n == 16 && memcmp(text, "content-encoding", 16) == 0)
+            encoding = value;
+    }
+    if (encoding != NULL) {
+        Py_ssize_t n = PyBytes_GET_SIZE(encoding);
+        if (n != 0 && !(n == 8 && memcmp(PyBytes_AS_STRING(encoding), "identity", 8) == 0))
+            return 0;
+    }
+    if (kind != NULL && PyBytes_GET_SIZE(kind) >= 17) {
+        const char *k = PyBytes_AS_STRING(kind);
+        static const char stream[] = "text/event-stream";
+        int same = 1;
+        for (int i = 0; i < 17 && same; i++) {
+            char c = k[i];
+            if (c >= 'A' && c <= 'Z')
+                c = (char)(c - 'A' + 'a');
+            same = c == stream[i];
+        }
+        if (same)
+            return 0;
+    }
+    return 1;
+}
+
+/* priced(body, mode, memo, terms_for, maximum, left, head): usage(body, mode) priced and told
+ * (gateway/metering/usage_tap.py priced_counts is the Python form, with the same answers):
+ * (tokens, (settle value,), X-Tokens-Cost value, X-Tokens-Remaining value or None,
+ *  provider, model, input, cached, output, reasoning), or None ("don't know"); with `head`
+ * (not None), False when those are not surely a plain JSON answer's (plain_answer). */
+static PyObject *topscan_priced(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 7 || !PyLong_CheckExact(args[1]) || !PyDict_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "priced(body, mode, memo, terms_for, maximum, left, head) takes bytes, an "
+                        "int, a dict, a callable, two ints or None and a list or None");
+        return NULL;
+    }
+    long mode = PyLong_AsLong(args[1]);
+    if (mode < 0 || mode > 3) {
+        PyErr_SetString(PyExc_ValueError, "mode must be 0 (auto) to 3 (gemini)");
+        return NULL;
+    }
+    /* First: None says the headers are a plain answer's (the body or a price is not known). */
+    if (args[6] != Py_None && !plain_answer(args[6]))
+        Py_RETURN_FALSE;
+#if defined(__SIZEOF_INT128__)
+    long long maximum = -1, left = -1;
+    int overflow = 0;
+    if (args[4] != Py_None) {
+        maximum = PyLong_Check(args[4]) ? PyLong_AsLongLongAndOverflow(args[4], &overflow) : -1;
+        if (maximum < 0 || overflow) {
+            PyErr_Clear();
+            Py_RETURN_NONE; /* not a plain cap: the Python form */
+        }
+    }
+    if (args[5] != Py_None) {
+        left = PyLong_Check(args[5]) ? PyLong_AsLongLongAndOverflow(args[5], &overflow) : -1;
+        if (overflow || (left == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+    }
+    int kind;
+    PyObject *model;
+    long long c[4];
+    int read = read_usage(args[0], (int)mode, &kind, &model, c);
+    if (read <= 0) {
+        if (read < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    /* PriceTable.cost_of: the terms remembered per model, else terms_for() finds them. */
+    PyObject *terms = model == Py_None ? NULL : PyDict_GetItemWithError(args[2], model);
+    if (terms != NULL) {
+        Py_INCREF(terms);
+    } else {
+        if (PyErr_Occurred()) {
+            Py_DECREF(model);
+            return NULL;
+        }
+        terms = PyObject_CallOneArg(args[3], model);
+        if (terms == NULL) {
+            Py_DECREF(model);
+            return NULL;
+        }
+    }
+    long long t[4] = {-1, -1, -1, -1};
+    if (PyTuple_CheckExact(terms) && PyTuple_GET_SIZE(terms) == 4) {
+        for (int i = 0; i < 4; i++)
+            t[i] = term_of(PyTuple_GET_ITEM(terms, i));
+    }
+    Py_DECREF(terms);
+    if (t[0] < 0 || t[1] < 0 || t[2] < 0 || t[3] <= 0) {
+        Py_DECREF(model);
+        Py_RETURN_NONE;
+    }
+    /* charge(): ceil((input x i + cached x c + (output + reasoning) x o) / scale), capped.
+     * Counts are at most 10**12 (2**40) each and terms below 2**62: no overflow in 128 bits. */
+    unsigned __int128 numerator = (unsigned __int128)c[0] * (unsigned long long)t[0] +
+                                  (unsigned __int128)c[1] * (unsigned long long)t[1] +
+                                  (unsigned __int128)(c[2] + c[3]) * (unsigned long long)t[2];
+    unsigned __int128 cost = (numerator + (unsigned long long)t[3] - 1) / (unsigned long long)t[3];
+    if (maximum >= 0 && cost > (unsigned __int128)maximum)
+        cost = (unsigned __int128)maximum;
+    if (cost > (unsigned __int128)MAX_TOKENS * 1000000) {
+        Py_DECREF(model);
+        Py_RETURN_NONE; /* past any believable charge: the Python form says it exactly */
+    }
+    long long tokens = (long long)cost;
+
+    /* counts_value (gateway/metering/settlement.py): "<tokens> usage  <input> <cached>
+     * <output> <reasoning> <model>" (the model empty when there is none). */
+    char text[6 * 24 + 16 + MAX_MODEL_LENGTH];
+    char *p = put_count(text, tokens);
+    memcpy(p, " usage  ", 8);
+    p += 8;
+    for (int i = 0; i < 4; i++) {
+        p = put_count(p, c[i]);
+        *p++ = ' ';
+    }
+    if (model != Py_None) { /* ASCII, at most MAX_MODEL_LENGTH (model_of) */
+        Py_ssize_t n = PyUnicode_GET_LENGTH(model);
+        memcpy(p, PyUnicode_DATA(model), (size_t)n);
+        p += n;
+    }
+    PyObject *out = PyTuple_New(10);
+    PyObject *value = PyUnicode_New(p - text, 127);
+    if (out == NULL || value == NULL) {
+        Py_XDECREF(out);
+        Py_XDECREF(value);
+        Py_DECREF(model);
+        return NULL;
+    }
+    memcpy(PyUnicode_DATA(value), text, (size_t)(p - text));
+    PyTuple_SET_ITEM(out, 5, model);
+    Py_INCREF(PROVIDER_NAMES[kind]);
+    PyTuple_SET_ITEM(out, 4, PROVIDER_NAMES[kind]);
+    PyObject *quiet = PyTuple_New(1);
+    if (quiet == NULL) {
+        Py_DECREF(value);
+        Py_DECREF(out);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(quiet, 0, value);
+    PyTuple_SET_ITEM(out, 1, quiet);
+    PyObject *item = PyLong_FromLongLong(tokens);
+    if (item == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 0, item);
+    if ((item = count_bytes(tokens)) == NULL)
+        goto fail;
+    PyTuple_SET_ITEM(out, 2, item);
+    if (left == -1 && args[5] == Py_None) {
+        Py_INCREF(Py_None);
+        item = Py_None;
+    } else {
+        /* actual_headers: what is left once the difference is refunded or taken, >= 0. */
+        item = left > tokens ? count_bytes(left - tokens) : PyBytes_FromStringAndSize("0", 1);
+        if (item == NULL)
+            goto fail;
+    }
+    PyTuple_SET_ITEM(out, 3, item);
+    for (int i = 0; i < 4; i++) {
+        if ((item = PyLong_FromLongLong(c[i])) == NULL)
+            goto fail;
+        PyTuple_SET_ITEM(out, 6 + i, item);
+    }
+    return out;
+fail:
+    Py_DECREF(out); /* its unset items are NULL, which a tuple's dealloc skips */
+    return NULL;
+#else
+    (void)mode;
+    Py_RETURN_NONE; /* no 128-bit integers here: the Python form prices every answer */
+#endif
+}
+
 static PyMethodDef topscan_methods[] = {
     {"scan", (PyCFunction)(void (*)(void))topscan_scan, METH_FASTCALL,
      "scan(body, keys) -> bytes | None: the wanted top-level members of a JSON object body "
@@ -863,6 +1111,12 @@ static PyMethodDef topscan_methods[] = {
      "usage(body, mode) -> (provider, model, input, cached, output, reasoning) | None: the "
      "usage of a JSON answer of a known shape (mode 0 auto, 1 openai, 2 anthropic, 3 gemini), "
      "or None when the answer is outside the checked happy path."},
+    {"priced", (PyCFunction)(void (*)(void))topscan_priced, METH_FASTCALL,
+     "priced(body, mode, memo, terms_for, maximum, left, head) -> (tokens, (settle value,), "
+     "cost header value, remaining header value | None, provider, model, input, cached, "
+     "output, reasoning) | None | False: usage(body, mode) priced as PriceTable.cost_of prices "
+     "it and told as the usage tap tells it (gateway/metering/usage_tap.py priced_counts), or "
+     "None; False when head is given and not surely a plain JSON answer's headers."},
     {NULL, NULL, 0, NULL},
 };
 

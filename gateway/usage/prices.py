@@ -210,6 +210,12 @@ class PriceTable:
                 self._terms_memo[model] = found
         return found
 
+    def terms_memo(self) -> dict[str, tuple[int, int, int, int]]:
+        """The terms :meth:`terms_for` remembered per model, which the compiled pricing
+        (gateway/usage/topscan.py ``priced``) looks a model up in before it calls
+        :meth:`terms_for`: the table's own dict, to be read, never written."""
+        return self._terms_memo
+
     def cost(self, usage: Usage, maximum: int | None) -> int:
         """What ``usage`` costs in creditgate tokens, at most ``maximum`` (``None``: no cap).
 

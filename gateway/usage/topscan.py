@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 from gateway.usage.model import Provider
 
-__all__ = ["COMPILED", "PURE_PYTHON_ENV", "UsageCounts", "counts", "scan"]
+__all__ = ["COMPILED", "PURE_PYTHON_ENV", "Priced", "UsageCounts", "counts", "priced", "scan"]
 
 PURE_PYTHON_ENV: Final = "CREDITGATE_PURE_PYTHON"
 """The environment variable that, set to anything but empty or ``0``, ignores the
@@ -57,8 +57,43 @@ gateway/usage/responses.py ``MODE_CODES``), exactly as ``usage_from_json`` reads
 ("don't know") for any other body, also one whose usage is missing or not believable: then
 ``usage_from_json`` decides. ``None`` itself when the extension is not in use."""
 
+Priced = tuple[int, tuple[str], bytes, bytes | None, Provider, str | None, int, int, int, int]
+"""A complete answer's usage priced and told (gateway/metering/usage_tap.py
+``priced_counts``, the Python form): the tokens charged, the settle item's value as a
+1-tuple, the ``X-Tokens-Cost`` and ``X-Tokens-Remaining`` values (``None``: no balance
+known), then the :data:`UsageCounts`."""
+
+priced: (
+    Callable[
+        [
+            bytes,
+            int,
+            dict[str, tuple[int, int, int, int]],
+            Callable[[str | None], tuple[int, int, int, int]],
+            int | None,
+            int | None,
+            list[tuple[bytes, bytes]] | None,
+        ],
+        Priced | Literal[False] | None,
+    ]
+    | None
+) = None
+"""``priced(body, mode, memo, terms_for, maximum, left, head)``: :data:`counts` of ``body``, priced
+as :meth:`PriceTable.cost_of <gateway.usage.prices.PriceTable.cost_of>` prices it (``memo``:
+its terms per model, :meth:`~gateway.usage.prices.PriceTable.terms_memo`; ``terms_for``: its
+:meth:`~gateway.usage.prices.PriceTable.terms_for`, called for a model not in ``memo``; at
+most ``maximum``), with the settle value and the X-Tokens-* header values for a balance
+``left`` (the remaining plus the hold) made from it, in one call: :data:`Priced`; ``None``
+("don't know") whenever :data:`counts` says so, or a price or a charge is outside what it
+computes in 128-bit integers: the Python form then decides. With ``head``, an answer's
+headers (a list of pairs of bytes), first ``False`` when they are not surely those of a plain
+JSON answer (the last Content-Encoding absent, empty or ``identity``, the last Content-Type
+not ``text/event-stream``): the caller's own test then decides (``None`` says they are).
+``None`` itself when the extension is not in use."""
+
 if os.environ.get(PURE_PYTHON_ENV, "") in ("", "0"):
     try:
+        from gateway.usage._topscan import priced as _compiled_priced
         from gateway.usage._topscan import scan as _compiled
         from gateway.usage._topscan import usage as _compiled_counts
     except ImportError:  # not compiled (no compiler at install): the pure-Python decode
@@ -66,6 +101,7 @@ if os.environ.get(PURE_PYTHON_ENV, "") in ("", "0"):
     else:
         scan = _compiled
         counts = _compiled_counts
+        priced = _compiled_priced
 
 COMPILED: Final = scan is not None
 """Whether the compiled scan is in use."""

@@ -31,6 +31,7 @@ from gateway import CreditGate, CreditGateMiddleware
 from gateway.config import Config, ConfigError, parse_config
 from gateway.core.counters import METRICS
 from gateway.core.scope_keys import (
+    ASKS_IDENTITY_ENCODING,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     USAGE_DRAIN_SECONDS,
@@ -474,6 +475,12 @@ WHOLE_CASES = [
     ("/v1beta/models/g:generateContent", 200, (), wire.ANTHROPIC_JSON, {}),
     ("/v1beta/models/g:generateContent", 200, (), wire.OPENAI_RESPONSES_JSON, {}),
     ("/v1beta/models/g:streamGenerateContent", 200, (), wire.GEMINI_JSON, {}),
+    # The headers' test, compiled (topscan.priced) or the tap's own for what it leaves.
+    ("chat", 200, ((b"content-encoding", b"identity"),), CHAT_JSON.encode(), {}),
+    ("chat", 200, ((b"content-encoding", b" Identity "),), CHAT_JSON.encode(), {}),
+    ("chat", 200, ((b"content-encoding", b"gzip"),), CHAT_JSON.encode(), {}),
+    ("chat", 200, ((b"content-type", b"Text/Event-Stream"),), CHAT_JSON.encode(), {}),
+    ("chat", 200, ((b"content-type", b"text/plain"),), CHAT_JSON.encode(), {}),
 ]  # fmt: skip
 
 
@@ -492,7 +499,7 @@ def _outcome(tap: ResponseTap, sent: Sent) -> tuple[Any, ...]:
     return messages, tap.status, tap.complete, tap.held, actual
 
 
-@pytest.mark.parametrize("form", ["compiled", "pure"])
+@pytest.mark.parametrize("form", ["compiled", "counts", "pure"])
 @pytest.mark.parametrize(("feature", "status", "extra", "data", "state"), WHOLE_CASES)
 async def test_a_whole_answer_in_one_call_is_two_sends(
     feature: str,
@@ -505,10 +512,12 @@ async def test_a_whole_answer_in_one_call_is_two_sends(
 ) -> None:
     """answer(start, body) gives the client, the tap and the settle what send(start) then
     send(body) give, with the compiled reading and without it."""
+    if usage_tap._counts is None and form != "pure":
+        pytest.skip("the C extension gateway.usage._topscan is not built")
+    if form != "compiled":  # counts: the compiled reading priced in Python; pure: neither
+        monkeypatch.setattr(usage_tap, "_priced", None)
     if form == "pure":
         monkeypatch.setattr(usage_tap, "_counts", None)
-    elif usage_tap._counts is None:
-        pytest.skip("the C extension gateway.usage._topscan is not built")
 
     def head() -> Message:
         return {**start(b"application/json", *extra), "status": status}
@@ -939,3 +948,53 @@ async def test_the_request_body_is_left_only_to_an_app_that_reads_it(
     else:
         assert receive is not client and tap is not None and tap[2] is None
         assert json.loads(first["body"])["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("asks", [True, False], ids=["asks_identity_encoding", "plain app"])
+@pytest.mark.parametrize("feature", ["/v1/chat5/completions", "/v1/chat/completions"])
+async def test_identity_is_left_only_to_an_app_that_asks_for_it(
+    app_gate: tuple[Starlette, CreditGate], asks: bool, feature: str
+) -> None:
+    """An app that declares ASKS_IDENTITY_ENCODING (the proxy) gets the client's
+    Accept-Encoding as it came, and the scope's list is never changed; any other app gets
+    ``identity`` in its place, as before."""
+    _, gate = app_gate
+    seen: list[list[tuple[bytes, bytes]]] = []
+    receives: list[Any] = []
+
+    class App:
+        asks_identity_encoding = asks
+        reads_usage_request = True
+        drains_usage = True
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            seen.append(list(scope["headers"]))
+            receives.append(receive)
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+    assert ASKS_IDENTITY_ENCODING == "asks_identity_encoding"
+    app = CreditGateMiddleware(App(), gate=gate)
+    payload = json.dumps({"model": "gpt-4o", "stream": True, "messages": []}).encode()
+    client = receiving({"type": "http.request", "body": payload, "more_body": False})
+
+    async def send(message: Message) -> None:
+        pass
+
+    sent = [
+        (b"x-org-id", b"acme"), (b"x-user-id", b"u1"), (b"host", b"app"),
+        (b"accept-encoding", b"gzip"),
+    ]  # fmt: skip
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": feature, "raw_path": feature.encode(),
+        "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("app", 80),
+        "headers": list(sent), "state": {},
+    }  # fmt: skip
+    await asyncio.wait_for(app(scope, client, send), 5)
+    assert scope["headers"] == sent
+    ((headers,),) = [seen]
+    encodings = [v for n, v in headers if n == b"accept-encoding"]
+    assert encodings == ([b"gzip"] if asks else [b"identity"])
+    # Nothing done before the call but for reserve: auto (its hold needs the body).
+    assert (receives[0] is client) == (feature == "/v1/chat5/completions")

@@ -22,6 +22,7 @@ import pytest
 
 from gateway.core.problem import problem_body, send_problem
 from gateway.core.scope_keys import (
+    ASKS_IDENTITY_ENCODING,
     CLIENT_DISCONNECTED,
     UPSTREAM_ERROR,
     UPSTREAM_LATENCY_MS,
@@ -784,3 +785,63 @@ async def test_a_client_gone_while_the_proxy_reads_its_body_is_not_forwarded(
     await proxy(exchange.scope, receive, exchange.send)
     assert exchange.messages == [] and exchange.scope["state"][CLIENT_DISCONNECTED] is True
     assert UPSTREAM_STATUS not in exchange.scope["state"]  # nothing went upstream
+
+
+# -- Accept-Encoding: identity asked by the proxy itself on a usage cost (ASKS_IDENTITY_ENCODING) --
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        [],
+        [(b"accept-encoding", b"gzip, br")],
+        [(b"accept-encoding", b"gzip"), (b"x-a", b"1"), (b"accept-encoding", b"br")],
+        [(b"x-accept-encoding", b"gzip"), (b"accept-encodings", b"x")],
+        [(b"Accept-Encoding", b"gzip")],  # not lowercase: the lean client's general path
+    ],
+    ids=["none", "one", "two", "look-alikes", "capitalised"],
+)
+async def test_a_usage_cost_asks_the_upstream_for_identity(
+    proxy: UpstreamProxy, sent: list[tuple[bytes, bytes]]
+) -> None:
+    """With USAGE_TAP declared the upstream gets one ``Accept-Encoding: identity`` in place of
+    the client's, whichever client; without it the client's go as they came."""
+    assert getattr(UpstreamProxy, ASKS_IDENTITY_ENCODING) is True
+    headers = [(b"content-type", b"application/json"), *sent]
+    _, echoed = await _call_tapped(proxy, [b"{}"], headers)
+    got = [(k, v) for k, v in echoed["headers"] if k.lower() == "accept-encoding"]
+    assert got == [("accept-encoding", "identity")]
+    kept = ("x-a", "x-accept-encoding")
+    others = [(k, v) for k, v in echoed["headers"] if k in kept]
+    assert others == [(k.decode(), v.decode()) for k, v in sent if k.decode() in kept]
+    plain = await call(proxy, "POST", "/echo/chat", headers=headers, body=[b"{}"])
+    untouched = [(k, v) for k, v in json.loads(plain.body)["headers"] if k == "accept-encoding"]
+    assert untouched == [
+        ("accept-encoding", v.decode()) for k, v in sent if k.lower() == b"accept-encoding"
+    ]
+
+
+def test_identity_is_asked_without_hiding_a_cr_or_lf_from_the_framing() -> None:
+    """A value smuggling a line (``x: v\\r\\naccept-encoding: gzip``) is not cleaned up into a
+    head frame() would accept: the counts still differ, and frame() refuses it."""
+    from gateway.proxy.app import _identity_asked
+    from gateway.proxy.lean_client import frame
+
+    clean = (b"x-a: 1\r\naccept-encoding: gzip\r\nx-forwarded-proto: http\r\n", 3, None)
+    block, lines, _ = _identity_asked(clean)
+    assert block == b"x-a: 1\r\nx-forwarded-proto: http\r\naccept-encoding: identity\r\n"
+    assert lines == 3
+    frame("GET", b"/", block, lines, b"h", None, None)  # accepted
+    assert _identity_asked((b"x-forwarded-proto: http\r\n", 1, 7)) == (
+        b"x-forwarded-proto: http\r\naccept-encoding: identity\r\n",
+        2,
+        7,
+    )
+    for smuggled in (
+        b"x: v\r\naccept-encoding: gzip\r\nx-forwarded-proto: http\r\n",
+        b"x: v\naccept-encoding: gzip\r\nx-forwarded-proto: http\r\n",
+        b"accept-encoding: g\r\nx: v\rq\r\nx-forwarded-proto: http\r\n",
+    ):
+        block, lines, _ = _identity_asked((smuggled, 2, None))
+        with pytest.raises(ValueError):
+            frame("GET", b"/", block, lines, b"h", None, None)

@@ -92,12 +92,19 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     original = Meter.settle_nowait
     original_queue = Settlement.queue
     original_whole = ResponseTap._whole
+    original_told = ResponseTap._told
     inside = threading.local()
     priced: dict[str, ResponseTap] = {}  # request id -> the tap that priced its answer
 
-    def spy_whole(self: ResponseTap, body: bytes, head: Any) -> Any:
+    # A complete answer is charged in _told (read and priced: from answer itself, or from
+    # _whole) or in _whole (no usage: the policy).
+    def spy_whole(self: ResponseTap, body: bytes, head: Any, *args: Any) -> Any:
         priced[self._adm.request_id] = self
-        return original_whole(self, body, head)
+        return original_whole(self, body, head, *args)
+
+    def spy_told(self: ResponseTap, read: Any, head: Any) -> Any:
+        priced[self._adm.request_id] = self
+        return original_told(self, read, head)
 
     def spy(self: Meter, adm: Any, **kw: Any) -> None:
         priced.pop(adm.request_id, None)
@@ -119,6 +126,7 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     monkeypatch.setattr(Meter, "settle_nowait", spy)
     monkeypatch.setattr(Settlement, "queue", spy_queue)
     monkeypatch.setattr(ResponseTap, "_whole", spy_whole)
+    monkeypatch.setattr(ResponseTap, "_told", spy_told)
     return log
 
 
