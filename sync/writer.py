@@ -52,23 +52,31 @@ from typing import Any
 
 import asyncpg
 from asyncpg.exceptions import _base as asyncpg_base
+from asyncpg.pool import PoolConnectionProxy
 
 from gateway.alerts.evaluation import AlertDefaults
 from sync import sql
 from sync.aggregate import (
     MODEL_ROLLUP_WIDTH,
+    USER_ROLLUP_WIDTH,
+    Columns,
     arm_column,
     model_rollups,
     orgs_of,
     plans,
     rollups,
     snapshots,
+    split_rows,
+    take,
 )
 from sync.batch import Rows, first_of_each
 from sync.levels import write_cap_alerts
-from sync.records import COPY_COLUMNS, Times, careful_payload, fast_payload
+from sync.records import COPY_COLUMNS, Times, by_org, careful_payload, fast_payload
 
 log = logging.getLogger("creditgate.sync")
+
+# A connection of the writer's pool, as acquired.
+Conn = asyncpg.Connection | PoolConnectionProxy
 
 # Errors caused by the batch's content rather than by the database being unavailable:
 # they would fail the same batch forever, so the worker isolates the offending events.
@@ -93,6 +101,11 @@ class WriteResult:
     direct: bool  # written by the fast path (COPY straight into the ledger)
     fallback: bool = False  # the fast path met a duplicate; written by the safe path
     alerts: int = 0  # alert events put in the outbox (gateway/alerts/evaluation.py)
+
+
+class _RollupRowTaken(Exception):
+    """A plain insertion of a fresh (org, day)'s rollup rows met a row (see sql.FRESH_DAYS):
+    the transaction is rolled back and the batch is written again with the upsert."""
 
 
 class _CrashHook:
@@ -168,6 +181,9 @@ class BatchWriter:
         self._crash = _CrashHook(os.environ.get("CREDITGATE_SYNC_CRASH"))
         self._known_orgs: set[str] = set()
         self._known_rows: set[tuple[str, str]] = set()
+        # (org, day) pairs whose rollup rows this writer has committed: not fresh, so their
+        # rows are upserted without asking (sync/sql.py FRESH_DAYS).
+        self._known_days: set[tuple[str, str]] = set()
         self._known_ttl_s = known_ttl_s
         self._known_max = known_max
         self._known_since = time.monotonic()
@@ -178,6 +194,7 @@ class BatchWriter:
     def _forget(self) -> None:
         self._known_orgs.clear()
         self._known_rows.clear()
+        self._known_days.clear()
         self._known_since = time.monotonic()
 
     async def write(
@@ -196,22 +213,30 @@ class BatchWriter:
         if (
             time.monotonic() - self._known_since > self._known_ttl_s
             or len(self._known_rows) > self._known_max
+            or len(self._known_days) > self._known_max
         ):
             self._forget()
         months = months_of(rows.days) - self._months
         if months:
             await self._ensure_partitions(months)
         fallback = False
+        fresh = True  # fresh (org, day) rollup rows by plain insertions
         for attempt in range(6):
             try:
                 if direct:
                     try:
-                        return await self._write_once(rows, shard, direct=True)
+                        return await self._write_once(rows, shard, direct=True, fresh=fresh)
                     except asyncpg.UniqueViolationError:
                         # Some event is in the ledger already: redo it the safe way.
                         self.fallbacks += 1
                         direct, fallback = False, True
-                return await self._write_once(rows, shard, direct=False, fallback=fallback)
+                return await self._write_once(
+                    rows, shard, direct=False, fallback=fallback, fresh=fresh
+                )
+            except _RollupRowTaken:
+                # A rollup row appeared after FRESH_DAYS looked (nothing was written):
+                # write the batch again, every rollup row upserted.
+                fresh = False
             except asyncpg.DeadlockDetectedError:
                 # Only when an org's events sit in two shards' streams (the shard count
                 # changed) and both are written at once; the batch is idempotent.
@@ -236,13 +261,88 @@ class BatchWriter:
                     log.info("created ledger partition %s", created)
         self._months.update(months)
 
+    async def _write_rollups(
+        self, conn: Conn, roll: Columns, fresh: bool
+    ) -> Iterable[tuple[str, str]]:
+        """Upsert the batch's user and feature rollup rows; the rows of (org, day) pairs
+        without any row yet (asked of Postgres for pairs this writer has not written) are
+        inserted plainly instead, unless ``fresh`` is False. Returns the batch's pairs.
+        Raises ``_RollupRowTaken`` when such an insertion meets a row after all."""
+        days = dict.fromkeys(zip(roll[0], roll[1], strict=True))
+        unknown = [pair for pair in days if pair not in self._known_days] if fresh else []
+        found: set[tuple[str, str]] = set()
+        if unknown:
+            at = await conn.fetch(
+                sql.FRESH_DAYS, [p[0] for p in unknown], [date.fromisoformat(p[1]) for p in unknown]
+            )
+            found = {unknown[r[0] - 1] for r in at}
+        if not found:
+            await conn.execute(*_call(sql.statement("rollup", roll)))
+        elif len(found) == len(days):
+            await self._insert_fresh(conn, roll)
+        else:
+            users = USER_ROLLUP_WIDTH
+            new_users, old_users = split_rows(roll[:users], found)
+            new_features, old_features = split_rows(roll[users:], found)
+            await self._insert_fresh(conn, (*new_users, *new_features))
+            if old_users[0]:
+                await conn.execute(*_call(sql.statement("rollup", (*old_users, *old_features))))
+        return days.keys()
+
+    async def _write_snapshots(
+        self,
+        conn: Conn,
+        snaps: Columns,
+        new_orgs: list[str],
+        org_plans: dict[str, str | None],
+        new_rows: list[tuple[str, str]],
+    ) -> int:
+        """Without alerts: the missing orgs, the rows of buckets not seen yet with their
+        snapshot in them (sql._INSERT_SNAPSHOTS), then the update of the other rows (of
+        every row, if some bucket thought new was there after all). Returns the rows moved."""
+        rest: Columns = snaps
+        moved = 0
+        if new_orgs or new_rows:
+            if len(new_rows) == len(snaps[0]):
+                new, rest = snaps, ()
+            else:
+                seen = set(new_rows)
+                is_new = [k in seen for k in zip(snaps[0], snaps[1], strict=True)]
+                new, rest = take(snaps, is_new, True), take(snaps, is_new, False)
+            text, params = sql.statement("insert_snapshots", new)
+            plans_ = [org_plans[o] for o in new_orgs]
+            counts = await conn.fetchrow(text, *params, new_orgs, plans_, self._default_plan)
+            assert counts is not None
+            moved = counts[1]
+            if counts[0] < len(new_rows):
+                rest = snaps  # a bucket was there: the update moves it (not the new rows)
+        if rest and rest[0]:
+            status = await conn.execute(*_call(sql.statement("snapshots", rest)))
+            moved += int(status.rsplit(" ", 1)[-1])
+        return moved
+
+    @staticmethod
+    async def _insert_fresh(conn: Conn, roll: Columns) -> None:
+        try:
+            # A savepoint would cost every batch; a violation redoes the batch instead.
+            await conn.execute(*_call(sql.statement("rollup_fresh", roll)))
+        except asyncpg.UniqueViolationError as exc:
+            raise _RollupRowTaken from exc
+
     async def _write_once(
-        self, rows: Rows, shard: int | Sequence[int], *, direct: bool, fallback: bool = False
+        self,
+        rows: Rows,
+        shard: int | Sequence[int],
+        *,
+        direct: bool,
+        fallback: bool = False,
+        fresh: bool = True,
     ) -> WriteResult:
-        payload = fast_payload(rows.lines, rows.empty_bucket, rows.clean)
+        # Each org's rows together (in stream order): cheaper index insertions.
+        payload = fast_payload(by_org(rows.flats, rows.lines), rows.empty_bucket, rows.clean)
         null: str | None = ""
         if payload is None:
-            payload, null = careful_payload(rows.flats, self._times), None
+            payload, null = careful_payload(by_org(rows.flats, rows.flats), self._times), None
         snaps = snapshots(rows.flats, self._timezone)
         # The plans only for orgs not known yet (in a steady state, none).
         org_plans = plans(rows.flats) if orgs_of(rows.flats) - self._known_orgs else {}
@@ -275,11 +375,16 @@ class BatchWriter:
                 roll = rollups(new_flats, new_days)
                 if rows.usage:
                     models = model_rollups(new_flats, new_days)
-            if roll[0]:
-                await conn.execute(*_call(sql.statement("rollup", roll)))
+            days = await self._write_rollups(conn, roll, fresh) if roll[0] else ()
             if models[0]:
                 await conn.execute(*_call(sql.statement("model_rollup", models)))
-            if new_orgs or new_rows:
+            moved = fired = 0
+            alerts = self._alerts
+            if alerts is None:
+                moved = await self._write_snapshots(conn, snaps, new_orgs, org_plans, new_rows)
+            elif new_orgs or new_rows:
+                # The alerting statement compares each bucket before and after its update:
+                # a new bucket's "before" is its seq-0 placeholder.
                 await conn.execute(
                     sql.INSERT_ORGS_AND_PLACEHOLDERS,
                     new_orgs,
@@ -288,14 +393,9 @@ class BatchWriter:
                     [k[0] for k in new_rows],
                     [k[1] for k in new_rows],
                 )
-            moved = fired = 0
-            alerts = self._alerts
             # With alerts, always the alerting statement: an org's rule may watch its
             # buckets when the config's levels leave `org` out (and the reverse).
-            if snaps[0] and alerts is None:
-                status = await conn.execute(*_call(sql.statement("snapshots", snaps)))
-                moved = int(status.rsplit(" ", 1)[-1])
-            elif snaps[0] and alerts is not None:
+            if snaps[0] and alerts is not None:
                 # The same update, with the alerts it causes written by the same statement
                 # (and so in the same transaction as the ledger rows).
                 armed = (*snaps, arm_column(rows.flats, snaps))
@@ -309,6 +409,7 @@ class BatchWriter:
             self._crash.check("before_commit")
         self._known_orgs.update(new_orgs)
         self._known_rows.update(new_rows)
+        self._known_days.update(days)
         self._crash.check("after_commit")
         return WriteResult(
             events=len(rows),
