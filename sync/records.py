@@ -54,6 +54,7 @@ from typing import Any, TypeVar, cast
 
 from gateway.core.anchors import period_end
 from gateway.core.events import KINDS, decode, unpacked
+from sync import compiled
 
 FIELDS = (
     "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used",
@@ -259,27 +260,52 @@ def usage_line(f: Flat) -> str:
     )
 
 
-def by_org(flats: Sequence[Flat], items: Sequence[_T]) -> list[_T]:
-    """``items`` (one per entry of ``flats``, in step) with each org's together: the orgs in
-    the order they first appear, each org's items in stream order.
+def org_order(flats: Sequence[Flat]) -> list[int] | None:
+    """``org_order_each``, by the compiled pass when it is in use (sync/compiled.py)."""
+    order = compiled.org_order
+    if order is not None and type(flats) is list:
+        got = order(flats)
+        if got is True:
+            return None
+        if type(got) is list:
+            return got
+    return org_order_each(flats)
 
-    The order the writer ``COPY``s a batch in (sync/writer.py): the ledger's index on
-    (organization_id, created_at, id) then takes an org's rows one after the other on the
-    same leaf pages instead of one random page per row, which is most of the cost of a
-    row's insertion (BENCHMARKS.md section 11h). Each org's rows still get their ``id``
-    values in stream order, so every per-org order (``/usage`` pages by (created_at, id))
-    is the same; only the ids' interleaving across orgs, which nothing reads, differs."""
-    groups: dict[str, list[_T]] = {}
+
+def org_order_each(flats: Sequence[Flat]) -> list[int] | None:
+    """The positions of ``flats`` with each org's together: the orgs in the order they first
+    appear, each org's entries in stream order; None when they are together already (one
+    org, or each org's entries in one run).
+
+    The order the writer works a batch in (sync/writer.py): the ledger's ``COPY`` and the
+    rollup and snapshot rows. The ledger's index on (organization_id, created_at, id), and
+    the rollups' and ``ai_tokens``' keys, which lead with the org too, then take an org's
+    rows one after the other on the same leaf pages instead of one random page per row,
+    which is most of the cost of a row's insertion (BENCHMARKS.md section 11h). Each org's
+    rows still get their ``id`` values in stream order, so every per-org order (``/usage``
+    pages by (created_at, id)) is the same; only the ids' interleaving across orgs, which
+    nothing reads, differs. The reductions' results do not depend on the order but for
+    the order of their keys (sync/aggregate.py)."""
+    groups: dict[str, list[int]] = {}
     group = groups.get
-    for org, item in zip(map(_org, flats), items, strict=True):
+    last, runs = None, 0
+    for i, org in enumerate(map(_org, flats)):
+        if org != last:
+            runs += 1
+            last = org
         got = group(org)
         if got is None:
-            groups[org] = [item]
+            groups[org] = [i]
         else:
-            got.append(item)
-    if len(groups) < 2:
-        return list(items)
-    return [item for items_ in groups.values() for item in items_]
+            got.append(i)
+    if runs == len(groups):
+        return None
+    return [i for positions in groups.values() for i in positions]
+
+
+def in_order(items: list[_T], order: list[int] | None) -> list[_T]:
+    """``items`` in ``order`` (``org_order``), or ``items`` themselves for None."""
+    return items if order is None else list(map(items.__getitem__, order))
 
 
 def fast_payload(lines: Sequence[str], empty_bucket: bool, clean: bool = False) -> bytes | None:

@@ -8,16 +8,26 @@ and fast-path failures): ``COPY`` into a temporary table, then ``INSERT ... ON C
 (event_id) DO NOTHING RETURNING event_id``. The unique event id turns at-least-once
 delivery into exactly-once rows either way.
 
+Either path works the batch with each org's entries together, in stream order within the
+org (sync/records.py ``org_order``): the ``COPY`` and the rollup and snapshot rows, whose
+indexes all lead with the org, then take an org's rows on the same leaf pages.
+
 In the same transaction, from the rows actually inserted (sync/aggregate.py reduces them
 in Python): one statement upserts ``usage_daily_user`` per (org, day, user) and
 ``usage_daily_feature`` per (org, day, feature) (since migration 0010; triggers did it
 before; since 0015 the finer ``usage_daily`` is a view of the ledger, not written), and,
-for the events with usage fields, ``usage_daily_model`` one per (org, day, model); missing
-``organizations`` rows (an event's org, with its newest event's plan) and seq-0
-``ai_tokens`` placeholders are created; then one ``UPDATE`` moves each (org, bucket)
-snapshot forward, column by column, only to values with a newer seq. An ``UPDATE``
-re-checks its condition against the newest committed row version, which keeps this right
-when two workers touch the same bucket.
+for the events with usage fields, ``usage_daily_model`` one per (org, day, model). The
+rows of an (org, day) that has no rollup row yet (an org's first batch of a UTC day, or
+of a first start; Postgres is asked for the pairs this writer has not written itself)
+are inserted plainly instead of upserted, at about half the cost; should one meet a row
+after all (a writer of the org outside the shard's lock), the batch is written again with
+the upsert. Missing ``organizations`` rows (an event's org, with its newest event's plan)
+are created; without alerts, the ``ai_tokens`` rows of buckets not seen yet are inserted
+with the batch's snapshot in them, and one ``UPDATE`` moves every other (org, bucket)
+snapshot forward, column by column, only to values with a newer seq; with alerts, new
+buckets get seq-0 placeholders first, which the alerting ``UPDATE`` then moves (its "before"
+of a new bucket). An ``UPDATE`` re-checks its condition against the newest committed row
+version, which keeps this right when two workers touch the same bucket.
 
 The ledger is partitioned by month of ``created_at`` (migration 0010). Before a batch's
 transaction, each month its events fall in that this writer has not seen yet gets its
@@ -71,7 +81,14 @@ from sync.aggregate import (
 )
 from sync.batch import Rows, first_of_each
 from sync.levels import write_cap_alerts
-from sync.records import COPY_COLUMNS, Times, by_org, careful_payload, fast_payload
+from sync.records import (
+    COPY_COLUMNS,
+    Times,
+    careful_payload,
+    fast_payload,
+    in_order,
+    org_order,
+)
 
 log = logging.getLogger("creditgate.sync")
 
@@ -339,21 +356,23 @@ class BatchWriter:
         fresh: bool = True,
     ) -> WriteResult:
         # Each org's rows together (in stream order): cheaper index insertions.
-        payload = fast_payload(by_org(rows.flats, rows.lines), rows.empty_bucket, rows.clean)
+        order = org_order(rows.flats)
+        flats, days = in_order(rows.flats, order), in_order(rows.days, order)
+        payload = fast_payload(in_order(rows.lines, order), rows.empty_bucket, rows.clean)
         null: str | None = ""
         if payload is None:
-            payload, null = careful_payload(by_org(rows.flats, rows.flats), self._times), None
-        snaps = snapshots(rows.flats, self._timezone)
+            payload, null = careful_payload(flats, self._times), None
+        snaps = snapshots(flats, self._timezone)
         # The plans only for orgs not known yet (in a steady state, none).
         org_plans = plans(rows.flats) if orgs_of(rows.flats) - self._known_orgs else {}
         new_orgs = [o for o in org_plans if o not in self._known_orgs]
         new_rows = [k for k in zip(snaps[0], snaps[1], strict=True) if k not in self._known_rows]
         # On the fast path every row is new, so the rollups can be reduced before the
         # transaction starts; the safe path knows which rows are new only inside it.
-        roll = rollups(rows.flats, rows.days) if direct else ()
+        roll = rollups(flats, days) if direct else ()
         # Only batches holding usage fields have model rollups (most hold none).
         no_models = ((),) * MODEL_ROLLUP_WIDTH
-        models = model_rollups(rows.flats, rows.days) if direct and rows.usage else no_models
+        models = model_rollups(flats, days) if direct and rows.usage else no_models
         async with self._pool.acquire() as conn, conn.transaction():
             if isinstance(shard, int):
                 await conn.execute(sql.LOCK, self._lock_space, shard)
@@ -375,7 +394,7 @@ class BatchWriter:
                 roll = rollups(new_flats, new_days)
                 if rows.usage:
                     models = model_rollups(new_flats, new_days)
-            days = await self._write_rollups(conn, roll, fresh) if roll[0] else ()
+            pairs = await self._write_rollups(conn, roll, fresh) if roll[0] else ()
             if models[0]:
                 await conn.execute(*_call(sql.statement("model_rollup", models)))
             moved = fired = 0
@@ -409,7 +428,7 @@ class BatchWriter:
             self._crash.check("before_commit")
         self._known_orgs.update(new_orgs)
         self._known_rows.update(new_rows)
-        self._known_days.update(days)
+        self._known_days.update(pairs)
         self._crash.check("after_commit")
         return WriteResult(
             events=len(rows),

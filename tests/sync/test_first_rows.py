@@ -13,7 +13,7 @@ import pytest
 
 from gateway.alerts.evaluation import AlertDefaults
 from sync import sql
-from sync.records import Times, by_org
+from sync.records import Times, in_order, org_order
 from sync.writer import BatchWriter
 from tests.support.pg import requires_postgres
 from tests.sync.test_partitioned_ledger import LAST_NOV, rows_of
@@ -172,8 +172,13 @@ async def test_new_buckets_get_the_rows_the_placeholder_and_the_update_gave(
     assert results["inserted"][1] == [3, 4, 1]
 
 
-def test_by_org_keeps_each_orgs_stream_order() -> None:
+def test_org_order_keeps_each_orgs_stream_order() -> None:
     flats = [["id", "charge", org] for org in ("b", "a", "b", "c", "a", "b")]
-    assert by_org(flats, list(range(6))) == [0, 2, 5, 1, 4, 3]
-    assert by_org(flats[:1], ["x"]) == ["x"]
-    assert by_org([], []) == []
+    order = org_order(flats)
+    assert order == [0, 2, 5, 1, 4, 3]
+    assert in_order(list("uvwxyz"), order) == list("uwzvyx")
+    # Together already: nothing to reorder.
+    assert org_order([["id", "charge", org] for org in "aabbbc"]) is None
+    assert org_order(flats[:1]) is None
+    assert org_order([]) is None
+    assert in_order(["x"], None) == ["x"]
