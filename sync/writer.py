@@ -176,6 +176,10 @@ class BatchWriter:
     foreign-key violation: the org row is gone).
     """
 
+    # The fewest user rollup rows of a batch for which the writer asks which of its
+    # (org, day) pairs are fresh (sync/sql.py FRESH_DAYS): a smaller batch upserts them all.
+    FRESH_MIN_ROWS = 256
+
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -286,7 +290,10 @@ class BatchWriter:
         inserted plainly instead, unless ``fresh`` is False. Returns the batch's pairs.
         Raises ``_RollupRowTaken`` when such an insertion meets a row after all."""
         days = dict.fromkeys(zip(roll[0], roll[1], strict=True))
-        unknown = [pair for pair in days if pair not in self._known_days] if fresh else []
+        # The question is a statement of its own: worth it only with enough rows riding on
+        # the answer (a backlog, a first start), not for a trickle's small batches.
+        ask = fresh and len(roll[0]) >= self.FRESH_MIN_ROWS
+        unknown = [pair for pair in days if pair not in self._known_days] if ask else []
         found: set[tuple[str, str]] = set()
         if unknown:
             at = await conn.fetch(

@@ -56,6 +56,12 @@ async def assert_rollups_equal_a_rebuild(pool: asyncpg.Pool) -> None:
     assert await rollups(pool) == written
 
 
+@pytest.fixture(autouse=True)
+def small_batches_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests' batches are small: let them ask about fresh days all the same."""
+    monkeypatch.setattr(BatchWriter, "FRESH_MIN_ROWS", 1)
+
+
 def spy_kinds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The kinds of the statements the writer builds, in order."""
     kinds: list[str] = []
@@ -95,6 +101,18 @@ async def test_fresh_days_are_inserted_plainly_and_equal_a_rebuild(
     redelivered = charges(["o1", "o2", "o3"], 1, 3, seq0=20)[:4]
     await other.write(rows_of(redelivered + charges(["o4"], 1, 2)), shard=0, direct=False)
     assert sorted(k for k in kinds if k.startswith("rollup")) == ["rollup", "rollup_fresh"]
+    await assert_rollups_equal_a_rebuild(pool)
+
+
+async def test_a_small_batch_upserts_without_asking(
+    pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BatchWriter, "FRESH_MIN_ROWS", 7)
+    kinds = spy_kinds(monkeypatch)
+    writer = BatchWriter(pool, times=Times())
+    await writer.write(rows_of(charges(["o1", "o2"], 0, 3)), shard=0)  # 6 user rows
+    await writer.write(rows_of(charges(["o3", "o4"], 0, 4)), shard=0)  # 8 user rows
+    assert [k for k in kinds if k.startswith("rollup")] == ["rollup", "rollup_fresh"]
     await assert_rollups_equal_a_rebuild(pool)
 
 
