@@ -1,7 +1,7 @@
 """Postgres CPU per event of each statement of the sync job's batch transaction, cold and warm.
 
     .venv/bin/python bench/sync_statements.py [--tree DIR] [--events 100000]
-        [--batch 20000] [--rounds 2]
+        [--batch 20000] [--rounds 2] [--shards 16]
 
 The per-statement companion of bench/sync_throughput.py's CPU per event: a child process
 (run with ``PYTHONPATH`` set to the tree under test, so its ``sync`` package and its
@@ -16,6 +16,14 @@ every call the writer makes on the connection (``execute``, ``fetch``, ``fetchro
 machine's load does to its wall time) and charged to the statement, named by what its
 SQL writes. Also printed: this process's CPU per event over the writes (the writer's
 Python work and asyncpg's, not the decode). Redis is not involved.
+
+``--shards N``: the events grouped by shard first (``crc32(org) % N``, as the worker
+reads them: bench/sync_throughput.py's batches, each of one shard's ~N-th of the orgs, so
+fewer rollup and snapshot rows per event than a batch over every org); 0 (the default):
+batches over every org, as before.
+
+The database is ``$CREDITGATE_BENCH_DB_PREFIX`` (default ``creditgate_bench``), ``_``,
+random hex.
 
 With ``--tree DIR`` (an older tree, ``git -C /work/main archive <base> | tar -x -C DIR``)
 the children alternate: DIR, this tree, this tree, DIR, ... ``--rounds`` pairs.
@@ -37,6 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+DB_PREFIX = os.environ.get("CREDITGATE_BENCH_DB_PREFIX", "creditgate_bench")
 
 # A statement's name: the first of these found in its SQL (order matters).
 NAMES = (
@@ -46,7 +55,9 @@ NAMES = (
     ("creditgate_usage_log_partition", "partitions"),
     ("lock_timeout", "partitions"),
     ("usage_daily_model", "model rollup"),
+    ("WITH ORDINALITY AS p(org, day", "fresh days"),
     ("usage_daily_user", "rollup"),
+    ("ins AS (", "orgs and new buckets"),
     ("INSERT INTO organizations", "orgs and placeholders"),
     ("UPDATE ai_tokens", "snapshots"),
     ("CREATE TEMP", "temp table"),
@@ -65,7 +76,16 @@ def _cpu_ns(pid: int) -> int:
         return int(f.read().split()[0])
 
 
-async def _child(events_n: int, batch: int) -> dict[str, Any]:
+def _by_shard(events: list[dict[str, str]], shards: int) -> list[dict[str, str]]:
+    """``events`` ordered by shard (stable), or as they are for 0 shards."""
+    if not shards:
+        return events
+    from gateway.core.redis_keys import shard_of
+
+    return sorted(events, key=lambda e: shard_of(e["o"], shards))
+
+
+async def _child(events_n: int, batch: int, shards: int) -> dict[str, Any]:
     import asyncpg
 
     # After the tree's own packages: bench.sync_throughput puts this tree's root first.
@@ -78,7 +98,7 @@ async def _child(events_n: int, batch: int) -> dict[str, Any]:
     from sync.writer import BatchWriter
 
     tune_gc()
-    database = f"creditgate_bench_{uuid.uuid4().hex[:10]}"
+    database = f"{DB_PREFIX}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(ADMIN_DSN)
     await admin.execute(f'CREATE DATABASE "{database}"')
     dsn = ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
@@ -115,13 +135,14 @@ async def _child(events_n: int, batch: int) -> dict[str, Any]:
         cold = make_events(producer, events_n, int(time.time() * 1000))
         warm = warm_pass(producer, cold)
         for phase, events in (("cold", cold), ("warm", warm)):
+            events = _by_shard(events, shards)
             decoded = [
                 decode_entries(
                     [(f"{i}-0", [x for kv in packed(e).items() for x in kv]) for i, e in
-                     enumerate(events[at:at + batch])],
+                     enumerate(events[start:stop])],
                     Times(),
                 ).rows
-                for at in range(0, len(events), batch)
+                for start, stop in _batches(events, batch, shards)
             ]  # fmt: skip
             started = time.process_time()
             for rows in decoded:
@@ -142,6 +163,21 @@ async def _child(events_n: int, batch: int) -> dict[str, Any]:
     }
 
 
+def _batches(events: list[dict[str, str]], batch: int, shards: int) -> list[tuple[int, int]]:
+    """(start, stop) of each batch of ``events`` (shard-ordered if ``shards``): at most
+    ``batch`` each, and never two shards in one (the worker reads one shard at a time)."""
+    from gateway.core.redis_keys import shard_of
+
+    shard = [shard_of(e["o"], shards) for e in events] if shards else [0] * len(events)
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(events) + 1):
+        if i == len(events) or i - start == batch or shard[i] != shard[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
 def main(args: argparse.Namespace) -> None:
     trees = [("this", ROOT)]
     if args.tree:
@@ -152,7 +188,7 @@ def main(args: argparse.Namespace) -> None:
         for name, tree in trees:
             out = subprocess.run(
                 [sys.executable, str(Path(__file__).resolve()), "--child",
-                 str(args.events), str(args.batch)],
+                 str(args.events), str(args.batch), str(args.shards)],
                 cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
                 check=True, capture_output=True, text=True,
             ).stdout  # fmt: skip
@@ -179,11 +215,13 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(asyncio.run(_child(int(sys.argv[2]), int(sys.argv[3])))))
+        shards = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+        print(json.dumps(asyncio.run(_child(int(sys.argv[2]), int(sys.argv[3]), shards))))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tree", help="an older tree: alternated with this one")
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=0)
     main(parser.parse_args())

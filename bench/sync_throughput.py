@@ -41,7 +41,8 @@ The events are XADDed as the scripts write them: v2 entries (gateway/core/events
 v1 field/value pairs with ``--entry-format v1`` (the format before; an older tree's bench
 writes v1 only).
 
-Uses a throwaway database (``creditgate_bench_<hex>``, dropped after) on the server of
+Uses a throwaway database (``creditgate_bench_<hex>``, or ``$CREDITGATE_BENCH_DB_PREFIX`` for
+``creditgate_bench``; dropped after) on the server of
 ``$CREDITGATE_BENCH_PG`` (default postgresql://postgres@127.0.0.1:5432/postgres) and a
 unique key prefix on ``$CREDITGATE_BENCH_REDIS`` (default redis://127.0.0.1:6379/0), whose
 keys are deleted after. The machine should be otherwise idle: the numbers are CPU-bound.
@@ -77,6 +78,8 @@ from sync.worker import DEFAULT_BATCH_SIZE, SyncWorker, tune_gc
 # How the events are written (gateway/core/events.py): v2 as the scripts write them, or v1.
 ENTRY_FORMAT = "v2"
 ADMIN_DSN = os.environ.get("CREDITGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+# The throwaway database's name: this, "_", random hex.
+DB_PREFIX = os.environ.get("CREDITGATE_BENCH_DB_PREFIX", "creditgate_bench")
 REDIS_URL = os.environ.get("CREDITGATE_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 FEATURES = [
     ("lead_generation", 5),
@@ -668,7 +671,7 @@ def report_pass(
 
 
 async def main(args: argparse.Namespace) -> None:
-    database = f"creditgate_bench_{uuid.uuid4().hex[:10]}"
+    database = f"{DB_PREFIX}_{uuid.uuid4().hex[:10]}"
     dsn = dsn_for(database)
     handles = connect_redis(REDIS_URL, timeout=30)
     redis = handles.client

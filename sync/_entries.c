@@ -693,7 +693,74 @@ done:
     return answer;
 }
 
+/* org_order(flats) -> sync/records.py org_order_each's answer: the positions with each
+   org's together (orgs in first-seen order, stream order within), True when they are
+   together already (its None), or None when a flat is not ours (the Python form runs). */
+static PyObject *org_order(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *flats;
+    if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &flats)) {
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(flats), groups = 0, runs = 0, prev = -1;
+    PyObject *index = PyDict_New(), *answer = NULL;
+    Py_ssize_t *group_of = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(n ? n : 1));
+    Py_ssize_t *start = PyMem_Calloc((size_t)(n ? n : 1) + 1, sizeof(Py_ssize_t));
+    if (index == NULL || group_of == NULL || start == NULL) {
+        if (index != NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *org = value_at(PyList_GET_ITEM(flats, i), 2);
+        if (org == NULL) {
+            answer = Py_None;
+            Py_INCREF(answer);
+            goto done;
+        }
+        Py_ssize_t g = cell_of(index, org, &groups);
+        if (g < 0) {
+            goto done;
+        }
+        group_of[i] = g;
+        start[g + 1]++;
+        if (g != prev) {
+            runs++;
+            prev = g;
+        }
+    }
+    if (runs == groups) {
+        answer = Py_True;
+        Py_INCREF(answer);
+        goto done;
+    }
+    for (Py_ssize_t g = 0; g < groups; g++) {
+        start[g + 1] += start[g];
+    }
+    answer = PyList_New(n);
+    if (answer == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *at = PyLong_FromSsize_t(i);
+        if (at == NULL) {
+            Py_CLEAR(answer);
+            goto done;
+        }
+        PyList_SET_ITEM(answer, start[group_of[i]]++, at);
+    }
+done:
+    Py_XDECREF(index);
+    PyMem_Free(group_of);
+    PyMem_Free(start);
+    return answer;
+}
+
 static PyMethodDef methods[] = {
+    {"org_order", org_order, METH_VARARGS,
+     "org_order(flats): the positions with each org's together, True when they are already, "
+     "or None (see sync/records.py org_order)."},
     {"decode_v2", decode_v2, METH_VARARGS,
      "decode_v2(entries, times, kinds, max_digits): a read of v2 entries as sync/batch.py "
      "decode_each decodes it, or None (see _entries.c)."},

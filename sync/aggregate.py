@@ -23,7 +23,8 @@ nothing is converted per event but the seq a snapshot is ordered by.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Set
+from itertools import compress
 from operator import itemgetter
 from typing import Any
 
@@ -165,6 +166,19 @@ def rollups_each(entries: Iterable[Flat], days: Iterable[str]) -> Columns:
     )
     return (*zip(*users, strict=True), u_counts, u_sums, *zip(*features, strict=True),
             f_buckets, f_counts, f_sums)  # fmt: skip
+
+
+def take(columns: Columns, mask: Sequence[bool], keep: bool) -> Columns:
+    """The rows of ``columns`` whose ``mask`` value is ``keep``."""
+    chosen = mask if keep else [not m for m in mask]
+    return tuple(list(compress(column, chosen)) for column in columns)
+
+
+def split_rows(columns: Columns, pairs: Set[tuple[str, str]]) -> tuple[Columns, Columns]:
+    """Rollup rows (org and day their first two columns) whose (org, day) is in ``pairs``,
+    and the others."""
+    mask = [pair in pairs for pair in zip(columns[0], columns[1], strict=True)]
+    return take(columns, mask, True), take(columns, mask, False)
 
 
 def _model_sums(v: Flat) -> list[int]:

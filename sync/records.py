@@ -49,10 +49,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, cast
+from operator import itemgetter
+from typing import Any, TypeVar, cast
 
 from gateway.core.anchors import period_end
 from gateway.core.events import KINDS, decode, unpacked
+from sync import compiled
 
 FIELDS = (
     "id", "k", "o", "u", "f", "b", "t", "bal", "x", "a", "used",
@@ -73,6 +75,8 @@ PERIOD, SEQ, TS, REQUEST, STATUS, LATENCY, METHOD, ROUTE, PLAN, REF = range(11, 
 # ... and of the usage values, present when ``len(f) > USAGE_AT``.
 RESERVED, OVERAGE, MODEL, IN_TOKENS, CACHED_TOKENS, OUT_TOKENS, REASONING_TOKENS = range(21, 28)
 COST_SOURCE, USAGE_MISSING = 28, 29
+_org = itemgetter(ORG)
+_T = TypeVar("_T")
 # The longest Flat without usage fields (FIELDS and a team): longer ones have them.
 USAGE_AT = len(FIELDS) + 1
 # The lengths of a Flat with a team (its last value): FIELDS or FIELDS_EXT, and tm.
@@ -254,6 +258,54 @@ def usage_line(f: Flat) -> str:
     return "\t" + "\t".join(
         (f[21], f[22] or "0", f[23], f[24], f[25], f[26], f[27], f[28], f[29] or "0", "")
     )
+
+
+def org_order(flats: Sequence[Flat]) -> list[int] | None:
+    """``org_order_each``, by the compiled pass when it is in use (sync/compiled.py)."""
+    order = compiled.org_order
+    if order is not None and type(flats) is list:
+        got = order(flats)
+        if got is True:
+            return None
+        if type(got) is list:
+            return got
+    return org_order_each(flats)
+
+
+def org_order_each(flats: Sequence[Flat]) -> list[int] | None:
+    """The positions of ``flats`` with each org's together: the orgs in the order they first
+    appear, each org's entries in stream order; None when they are together already (one
+    org, or each org's entries in one run).
+
+    The order the writer works a batch in (sync/writer.py): the ledger's ``COPY`` and the
+    rollup and snapshot rows. The ledger's index on (organization_id, created_at, id), and
+    the rollups' and ``ai_tokens``' keys, which lead with the org too, then take an org's
+    rows one after the other on the same leaf pages instead of one random page per row,
+    which is most of the cost of a row's insertion (BENCHMARKS.md section 11h). Each org's
+    rows still get their ``id`` values in stream order, so every per-org order (``/usage``
+    pages by (created_at, id)) is the same; only the ids' interleaving across orgs, which
+    nothing reads, differs. The reductions' results do not depend on the order but for
+    the order of their keys (sync/aggregate.py)."""
+    groups: dict[str, list[int]] = {}
+    group = groups.get
+    last, runs = None, 0
+    for i, org in enumerate(map(_org, flats)):
+        if org != last:
+            runs += 1
+            last = org
+        got = group(org)
+        if got is None:
+            groups[org] = [i]
+        else:
+            got.append(i)
+    if runs == len(groups):
+        return None
+    return [i for positions in groups.values() for i in positions]
+
+
+def in_order(items: list[_T], order: list[int] | None) -> list[_T]:
+    """``items`` in ``order`` (``org_order``), or ``items`` themselves for None."""
+    return items if order is None else list(map(items.__getitem__, order))
 
 
 def fast_payload(lines: Sequence[str], empty_bucket: bool, clean: bool = False) -> bytes | None:

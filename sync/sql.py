@@ -106,6 +106,35 @@ _ROLLUP_TYPES = (
 )  # fmt: skip
 _ROLLUP_NULLABLE = (False,) * 11
 
+# The same rows when their (org, day) has no row in either table yet (FRESH_DAYS found
+# none, under the shard's lock): plain insertions. ON CONFLICT costs each row a probe of
+# the key before the insertion (which probes it again), a speculative insertion and its
+# confirmation: about twice a plain insertion (BENCHMARKS.md section 11h). Every org's
+# first batch of each UTC day is of this kind (and a first start: every batch). A row
+# that appears in between (another writer of the org outside the shard's lock: a
+# rebuild, a shard count change) fails this with a unique violation; the writer then
+# writes the batch again with _ROLLUP (sync/writer.py).
+_ROLLUP_FRESH = """
+WITH users AS (
+    INSERT INTO usage_daily_user (organization_id, day, user_id, requests, tokens)
+    SELECT * FROM {users}
+)
+INSERT INTO usage_daily_feature (organization_id, day, feature, token_type, requests, tokens)
+SELECT * FROM {features}
+"""
+
+# Which of a batch's (org, day) pairs (by position, from 1) have no rollup row yet, in
+# either table: their rows go in by _ROLLUP_FRESH. Every request event writes both tables
+# in one transaction (and a rebuild both), so a pair has rows in both or in neither; both
+# are looked at all the same, since a guess costs a redone batch.
+FRESH_DAYS = """
+SELECT p.i FROM unnest($1::text[], $2::date[]) WITH ORDINALITY AS p(org, day, i)
+WHERE NOT EXISTS (
+    SELECT 1 FROM usage_daily_user x WHERE x.organization_id = p.org AND x.day = p.day)
+  AND NOT EXISTS (
+    SELECT 1 FROM usage_daily_feature y WHERE y.organization_id = p.org AND y.day = p.day)
+"""
+
 _MODEL_ROLLUP = """
 INSERT INTO usage_daily_model AS d (organization_id, day, model, requests, tokens,
     input_tokens, cached_input_tokens, output_tokens, reasoning_tokens, overage, usage_missing)
@@ -145,6 +174,45 @@ _SNAP_TYPES = (
 )  # fmt: skip
 _SNAP_NULLABLE = (False, False, *(True,) * 12)
 
+# Without alerts, buckets the writer has not seen get their rows with the batch's
+# snapshot already in them: INSERT_ORGS_AND_PLACEHOLDERS followed by _UPDATE_SNAPSHOTS
+# would write each such row twice and check its foreign key twice (Postgres checks it
+# again when a row inserted by the same transaction is updated), the larger part of a
+# first start's cost per bucket (BENCHMARKS.md section 11h). Each value is what the
+# update makes of a seq-0 placeholder: a column whose seq is newer than 0 takes the
+# batch's value, the others keep 0001's defaults (0, 0, 0, 0, '', NULL), and a row whose
+# seq is not newer than 0 stays a placeholder. Buckets that exist (another writer, or a
+# memory emptied by a restart) are left to the update, which runs whenever one was
+# skipped (sync/writer.py). It returns the rows inserted and, of those, the rows moved.
+# Orgs first, as in INSERT_ORGS_AND_PLACEHOLDERS ($15-$17: ids, plans, the default plan).
+_INSERT_SNAPSHOTS = """
+WITH orgs AS (
+    INSERT INTO organizations (id, plan)
+    SELECT o.id, coalesce(o.plan, $17) FROM unnest($15::text[], $16::text[]) AS o(id, plan)
+    WHERE NOT EXISTS (SELECT 1 FROM organizations x WHERE x.id = o.id)
+    ON CONFLICT (id) DO NOTHING
+), ins AS (
+    INSERT INTO ai_tokens (organization_id, token_type, balance, extra, total_allocated, used,
+        period, refresh_date, seq)
+    SELECT s.org, s.bucket,
+        CASE WHEN s.seq > 0 AND s.bal_seq > 0 THEN s.bal ELSE 0 END,
+        CASE WHEN s.seq > 0 AND s.x_seq > 0 THEN s.x ELSE 0 END,
+        CASE WHEN s.seq > 0 AND s.a_seq > 0 THEN s.a ELSE 0 END,
+        CASE WHEN s.seq > 0 AND s.used_seq > 0 THEN s.used ELSE 0 END,
+        CASE WHEN s.seq > 0 AND s.per_seq > 0 THEN s.per ELSE '' END,
+        CASE WHEN s.seq > 0 AND s.per_seq > 0 THEN s.refresh END,
+        GREATEST(s.seq, 0)
+    FROM {rows}
+        AS s(org, bucket, seq, bal, bal_seq, x, x_seq, a, a_seq, used, used_seq, per, per_seq,
+             refresh)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM ai_tokens t WHERE t.organization_id = s.org AND t.token_type = s.bucket)
+    ON CONFLICT (organization_id, token_type) DO NOTHING
+    RETURNING seq
+)
+SELECT count(*), count(*) FILTER (WHERE seq > 0) FROM ins
+"""
+
 # With alerts: the same update, which also keeps alert_arm from one more column (the
 # batch's newest grant/reset seq of the row, or NULL), wrapped in the alert evaluation
 # (gateway/alerts/evaluation.py). Its alert parameters follow the 15 columns.
@@ -158,6 +226,13 @@ _ALERT_SNAPSHOTS = alerting_statement(_UPDATE_SNAPSHOTS_ARMED, len(_SNAP_TYPES) 
 # set of rows each, in the SQL's placeholders' order).
 _KINDS: dict[str, tuple[str, tuple[str, ...], tuple[bool, ...], tuple[int, ...]]] = {
     "rollup": (_ROLLUP, _ROLLUP_TYPES, _ROLLUP_NULLABLE, (USER_ROLLUP_WIDTH, FEATURE_ROLLUP_WIDTH)),
+    "rollup_fresh": (
+        _ROLLUP_FRESH,
+        _ROLLUP_TYPES,
+        _ROLLUP_NULLABLE,
+        (USER_ROLLUP_WIDTH, FEATURE_ROLLUP_WIDTH),
+    ),
+    "insert_snapshots": (_INSERT_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
     "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE, (11,)),
     "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
     "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True), (15,)),
@@ -215,10 +290,12 @@ def _starts(groups: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
-    """The ``"rollup"`` (the user rows' columns, then the feature rows'),
-    ``"model_rollup"``, ``"snapshots"`` or ``"alert_snapshots"`` (the snapshots' columns
-    plus the arm column; it returns one row: snapshots moved, alerts inserted) statement and
-    its parameters for ``columns``."""
+    """The ``"rollup"`` or ``"rollup_fresh"`` (the user rows' columns, then the feature
+    rows'), ``"model_rollup"``, ``"snapshots"``, ``"insert_snapshots"`` (the snapshots'
+    columns; the caller appends the new orgs' parameters; it returns one row: rows inserted,
+    rows moved) or ``"alert_snapshots"`` (the snapshots' columns plus the arm column; it
+    returns one row: snapshots moved, alerts inserted) statement and its parameters for
+    ``columns``."""
     _, types, nullable, groups = _KINDS[kind]
     # Each group's columns hold as many values as its first one.
     sizes = [len(columns[at]) for at, width in _starts(groups) for _ in range(width)]

@@ -48,6 +48,8 @@ from sync.records import (
     USER,
     Times,
     fast_payload,
+    org_order,
+    org_order_each,
 )
 from tests.support.needs import under_ci
 from tests.support.pg import requires_postgres
@@ -300,10 +302,22 @@ def test_the_compiled_reductions_answer_as_the_python_forms(
 
 
 @needs_compiled
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["o1", "o2", "o3", "", "é"]), max_size=40))
+def test_the_compiled_org_order_answers_as_the_python_form(orgs: list[str]) -> None:
+    entries = [["id", "charge", org, *[""] * 18] for org in orgs]
+    expected = org_order_each(entries)
+    got = compiled.org_order(entries)
+    assert got == (True if expected is None else expected)
+    assert org_order(entries) == expected
+
+
+@needs_compiled
 def test_the_usual_batch_takes_the_compiled_reductions() -> None:
     rows = decode_entries(_read(_producer_events(False)), Times()).rows
     assert compiled.rollups(rows.flats, rows.days, aggregate.REQUEST_KINDS) is not None
     assert compiled.newest(rows.flats) is not None
+    assert compiled.org_order(rows.flats) is not None
 
 
 @needs_compiled
@@ -317,6 +331,8 @@ def test_values_of_other_types_are_left_to_the_python_forms() -> None:
         w[ORG] = odd
         assert compiled.newest([w]) is None
         assert compiled.rollups([w], ["2026-11-15"], aggregate.REQUEST_KINDS) is None
+        assert compiled.org_order([v, w]) is None
     assert compiled.newest([["short"]]) is None
+    assert compiled.org_order([["short"]]) is None
     assert compiled.rollups([v], [], aggregate.REQUEST_KINDS) is None  # days out of step
     assert decode_v2([5, ("1-0", ["v2", "x"])], Times(), KINDS, MAX_DIGITS) is None
