@@ -5,18 +5,13 @@ task runs without GatewayApp's own coroutine level, and the endpoint picked is t
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
-from uvicorn.config import Config as UvicornConfig
-from uvicorn.server import ServerState
-
-from gateway.commands.limited_protocol import HTTP_CALL, LimitedHttpToolsProtocol
+from gateway.commands.limited_protocol import HTTP_CALL
 from gateway.commands.server import GatewayApp
-from gateway.config.schema import ServerConfig
 from gateway.metering.gate import CreditGate
-from tests.commands.test_protocol_cycles import _Transport
+from tests.commands.test_protocol_cycles import _serve, connected
 from tests.support.reference import reference_config
 
 BODY = b'{"ok":true}'
@@ -48,25 +43,8 @@ class _Endpoint:
 
 
 async def _served(app: Any, count: int, path: bytes = b"/v1/x") -> None:
-    config = UvicornConfig(
-        app, loop="none", lifespan="off", access_log=False, server_header=False,
-        date_header=False, proxy_headers=False,
-    )  # fmt: skip
-    config.load()
-    transport = _Transport()
-    protocol = LimitedHttpToolsProtocol(
-        config, ServerState(), {}, asyncio.get_running_loop(), limits=ServerConfig()
-    )
-    protocol.connection_made(transport)
-    request = b"GET %b HTTP/1.1\r\nHost: gw\r\n\r\n" % path
-    for _ in range(count):
-        before = transport.answers
-        protocol.data_received(request)
-        for _ in range(50):
-            if transport.answers > before:
-                break
-            await asyncio.sleep(0)
-        assert transport.answers == before + 1, bytes(transport.out[-300:])
+    protocol, transport = connected(app)
+    await _serve(protocol, transport, count, b"GET %b HTTP/1.1\r\nHost: gw\r\n\r\n" % path)
     protocol.connection_lost(None)
 
 

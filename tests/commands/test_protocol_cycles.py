@@ -78,20 +78,10 @@ async def _app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": BODY})
 
 
-async def _serve(protocol: LimitedHttpToolsProtocol, transport: _Transport, count: int) -> None:
-    for _ in range(count):
-        before = transport.answers
-        protocol.data_received(REQUEST)
-        for _ in range(50):
-            if transport.answers > before:
-                break
-            await asyncio.sleep(0)
-        assert transport.answers == before + 1, bytes(transport.out[-300:])
-
-
-async def test_a_served_request_leaves_no_reference_cycle() -> None:
+def connected(app: Any) -> tuple[LimitedHttpToolsProtocol, _Transport]:
+    """serve's protocol in front of ``app``, connected to an in-memory client."""
     config = UvicornConfig(
-        _app, loop="none", lifespan="off", access_log=False, server_header=False,
+        app, loop="none", lifespan="off", access_log=False, server_header=False,
         date_header=False, proxy_headers=False,
     )  # fmt: skip
     config.load()
@@ -100,6 +90,24 @@ async def test_a_served_request_leaves_no_reference_cycle() -> None:
         config, ServerState(), {}, asyncio.get_running_loop(), limits=ServerConfig()
     )
     protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def _serve(
+    protocol: LimitedHttpToolsProtocol, transport: _Transport, count: int, request: bytes = REQUEST
+) -> None:
+    for _ in range(count):
+        before = transport.answers
+        protocol.data_received(request)
+        for _ in range(50):
+            if transport.answers > before:
+                break
+            await asyncio.sleep(0)
+        assert transport.answers == before + 1, bytes(transport.out[-300:])
+
+
+async def test_a_served_request_leaves_no_reference_cycle() -> None:
+    protocol, transport = connected(_app)
     await _serve(protocol, transport, 20)  # warm-up
     gc.collect()
     gc.disable()
