@@ -63,6 +63,7 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from gateway.core.headers import OURS_PREFIX, OVERRIDE_HEADERS
+from gateway.core.loops import running_loop
 from gateway.core.problem import send_problem
 from gateway.core.scope_keys import (
     CLIENT_DISCONNECTED,
@@ -470,7 +471,7 @@ class UpstreamProxy:
             self._host = self._origin.host_header.encode("latin-1")
 
     def _backend(self) -> _Backend:
-        loop = asyncio.get_running_loop()
+        loop = running_loop()  # asyncio.get_running_loop() without its getpid() (3.11)
         backend = self._backends.get(loop)
         if backend is None:
             for old in [lp for lp in self._backends if lp.is_closed()]:

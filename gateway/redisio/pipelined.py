@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway.core.errors import RedisUnavailable
+from gateway.core.loops import running_loop
 from gateway.redisio.link import ConnectionSettings, ErrorReply, Link, exchange
 from gateway.redisio.lua_scripts import LuaScript
 from gateway.redisio.resp import ScriptArg, evalsha_header, pack_command
@@ -278,7 +279,8 @@ class FastRedis:
         link = links[0] if len(links) == 1 else self._link()
         # Link.request inlined (the hot path): a live socket on this loop takes it at once.
         proto = link._proto
-        if proto is not None and not proto.closed and proto.loop is asyncio.get_running_loop():
+        # (running_loop: asyncio.get_running_loop() without a getpid() system call per charge)
+        if proto is not None and not proto.closed and proto.loop is running_loop():
             return proto.send(head + encoded)
         return link._request_slow(head + encoded)
 
@@ -311,7 +313,7 @@ class FastRedis:
         proto = link._proto
         send: Callable[[bytes], Awaitable[Any]] = (
             proto.send
-            if proto is not None and not proto.closed and proto.loop is asyncio.get_running_loop()
+            if proto is not None and not proto.closed and proto.loop is running_loop()
             else link.request
         )
         sha = script.sha
