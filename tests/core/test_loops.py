@@ -27,9 +27,9 @@ def asks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         return real()
 
     monkeypatch.setattr(loops.asyncio, "get_running_loop", counting)
-    loops._TYPES.clear()
+    loops._forget()
     yield calls
-    loops._TYPES.clear()
+    loops._forget()
 
 
 @pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
