@@ -4,6 +4,7 @@ without asking asyncio (a getpid() system call on CPython 3.11) once it knows th
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -150,3 +151,29 @@ async def test_proxy_backend_lookup_asks_once(asks: list[int]) -> None:
         assert asks == []
     finally:
         await proxy.aclose()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_gets_asyncio_answer(asks: list[int]) -> None:
+    """A child forked inside a running loop: asyncio says no loop runs there (3.11 checks
+    the pid), and running_loop, having forgotten the parent's, says the same."""
+
+    async def main() -> int:
+        running_loop()  # seen in the parent
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 if running_loop raises as asyncio does
+            try:
+                asyncio.get_running_loop()
+                asyncio_raises = False
+            except RuntimeError:
+                asyncio_raises = True
+            try:
+                running_loop()
+                ours_raises = False
+            except RuntimeError:
+                ours_raises = True
+            os._exit(0 if ours_raises == asyncio_raises else 1)
+        return pid
+
+    pid = asyncio.run(main())
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
