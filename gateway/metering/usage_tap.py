@@ -655,8 +655,25 @@ class ResponseTap:
                     else False
                 )
                 if read:  # the usual answer: read and priced already
+                    # _told, inlined (every usage-charged answer through the proxy; the
+                    # upstream failing was ruled out above): the charge and the settle
+                    # value kept, the start headed with the values read holds.
                     self._mode = _HOLD
-                    start["headers"] = self._told(read, headers)
+                    self.complete = True
+                    if self._gone is not None:
+                        self._gone.set()
+                    self._read = read
+                    self.tokens = read[0]
+                    self.quiet = read[1]
+                    self.model = read[5] or ""
+                    self.missing = False
+                    charged = self._charged_headers
+                    if read[3] is None:
+                        start["headers"] = [*headers, (COST_NAME, read[2]), *charged[1:]]
+                    else:
+                        start["headers"] = [
+                            *headers, (COST_NAME, read[2]), (REMAINING_NAME, read[3]), *charged[2:]
+                        ]  # fmt: skip
                     # Once the client has left, nothing goes to it (as in send).
                     return None if CLIENT_DISCONNECTED in state else self._send
                 if read is None or _plain_answer(headers):
