@@ -638,7 +638,10 @@ class ResponseTap:
             and status != 304
         ):
             headers = start.get("headers", ())
-            if _GEMINI_STREAM not in self._path:
+            path = self._path
+            # (":" first: a one-character search costs a fraction of the whole name's, and
+            # the usual path has no colon at all.)
+            if ":" not in path or _GEMINI_STREAM not in path:
                 cost = self._cost
                 adm = self._adm
                 left = adm.remaining
