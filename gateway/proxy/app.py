@@ -571,7 +571,7 @@ class UpstreamProxy:
 
     @staticmethod
     def _lean_lines(
-        scope: Scope, kept: dict[tuple[bytes, ...], _Usual | None] = _USUAL
+        scope: Scope, decisions: dict[tuple[bytes, ...], _Usual | None] = _USUAL
     ) -> tuple[bytes, int, int | None] | None:
         """What :meth:`_request_headers` forwards, for the lean client: the header lines
         as bytes (``name: value\\r\\n``, no Content-Length), their number, and the declared
@@ -585,14 +585,14 @@ class UpstreamProxy:
         dropped ones only Host and Content-Length) the decision is kept per sequence of
         names (:func:`_usual_lines`), and the lines are one format of the values kept.
 
-        ``kept``: ``_USUAL_IDENTITY`` for a usage cost's request, the lines then asking for
+        ``decisions``: ``_USUAL_IDENTITY`` for a usage cost's request, the lines then asking for
         an uncompressed answer (:func:`_identity_asked`'s answer, :func:`_identity_lines`)."""
         raw: RawHeaders = scope["headers"]
         try:
             names, values = zip(*raw, strict=True) if raw else ((), ())
-            usual = kept.get(names, _UNKNOWN)
+            usual = decisions.get(names, _UNKNOWN)
             if usual is _UNKNOWN:
-                usual = _usual_lines(names) if kept is _USUAL else _identity_lines(names)
+                usual = _usual_lines(names) if decisions is _USUAL else _identity_lines(names)
             if usual is not None:
                 template, pick, count, length_at = usual
                 client = scope.get("client")
@@ -605,7 +605,7 @@ class UpstreamProxy:
                 # All the lines in one format (frame() checks every CR and LF): the kept
                 # ones, X-Forwarded-For and -Proto, X-Forwarded-Host.
                 return template % pick((*values, tail[0])), count + tail[1], declared
-            if kept is not _USUAL:  # identity asked on lines the format does not make
+            if decisions is not _USUAL:  # identity asked on lines the format does not make
                 lean = UpstreamProxy._lean_lines(scope)
                 return None if lean is None else _identity_asked(lean)
             # The general road (the usual request returned above).
