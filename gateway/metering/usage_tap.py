@@ -71,6 +71,7 @@ from gateway.usage.sse import DEFAULT_MAX_LINE
 from gateway.usage.topscan import Priced, UsageCounts
 from gateway.usage.topscan import counts as _counts
 from gateway.usage.topscan import priced as _priced
+from gateway.usage.topscan import stream_key as _stream_key
 
 __all__ = [
     "REQUEST_BODY_LIMIT",
@@ -299,10 +300,9 @@ def stream_usage_asked(first: Message) -> Message:
     :data:`REQUEST_BODY_LIMIT` (:func:`~gateway.usage.requests.ensure_stream_usage`), as
     :meth:`CreditGateMiddleware._variable_call` asks it when it reads the body itself."""
     body: bytes = first.get("body", b"")
-    # (find, not `in`: bytes' `in` first tries its argument as an int, and the TypeError it
-    # makes and clears costs more than the search. A body without the key cannot be a
-    # stream: spared the JSON decode.)
-    if body.find(b'"stream"') >= 0 and len(body) <= REQUEST_BODY_LIMIT:
+    # A body without the key cannot be a stream: spared the JSON decode (the compiled
+    # search when it is in use: gateway/usage/topscan.py stream_key).
+    if _stream_key(body) and len(body) <= REQUEST_BODY_LIMIT:
         changed = ensure_stream_usage(body)
         if changed is not None:
             return {"type": "http.request", "body": changed, "more_body": False}
@@ -638,7 +638,10 @@ class ResponseTap:
             and status != 304
         ):
             headers = start.get("headers", ())
-            if _GEMINI_STREAM not in self._path:
+            path = self._path
+            # (":" first: a one-character search costs a fraction of the whole name's, and
+            # the usual path has no colon at all.)
+            if ":" not in path or _GEMINI_STREAM not in path:
                 cost = self._cost
                 adm = self._adm
                 left = adm.remaining
@@ -655,8 +658,25 @@ class ResponseTap:
                     else False
                 )
                 if read:  # the usual answer: read and priced already
+                    # _told, inlined (every usage-charged answer through the proxy; the
+                    # upstream failing was ruled out above): the charge and the settle
+                    # value kept, the start headed with the values read holds.
                     self._mode = _HOLD
-                    start["headers"] = self._told(read, headers)
+                    self.complete = True
+                    if self._gone is not None:
+                        self._gone.set()
+                    self._read = read
+                    self.tokens = read[0]
+                    self.quiet = read[1]
+                    self.model = read[5] or ""
+                    self.missing = False
+                    charged = self._charged_headers
+                    if read[3] is None:
+                        start["headers"] = [*headers, (COST_NAME, read[2]), *charged[1:]]
+                    else:
+                        start["headers"] = [
+                            *headers, (COST_NAME, read[2]), (REMAINING_NAME, read[3]), *charged[2:]
+                        ]  # fmt: skip
                     # Once the client has left, nothing goes to it (as in send).
                     return None if CLIENT_DISCONNECTED in state else self._send
                 if read is None or _plain_answer(headers):

@@ -210,6 +210,31 @@ def _forwarded_tail(key: tuple[Any, Any], client: Any) -> tuple[bytes, int]:
 _IDENTITY_HEADER = ("accept-encoding", "identity")
 _IDENTITY_LINE = b"accept-encoding: identity\r\n"
 _ACCEPT_ENCODING_LINE = b"accept-encoding:"
+# The usual request's decision with Accept-Encoding: identity asked for (a usage cost's
+# request: _identity_asked's answer made by the format itself, no search of the lines),
+# per sequence of names, as _USUAL; None where _identity_asked decides on the lines made
+# (the client sent an Accept-Encoding of its own, or the names are not the usual ones).
+_USUAL_IDENTITY: dict[tuple[bytes, ...], _Usual | None] = {}
+
+
+def _identity_lines(names: tuple[bytes, ...]) -> _Usual | None:
+    """The usual request's decision for ``names`` (``_USUAL``'s) asking for an uncompressed
+    answer: :func:`_identity_asked`'s answer for lines without an Accept-Encoding, the
+    identity line last, one more line; kept in ``_USUAL_IDENTITY`` when the plain decision
+    is kept in ``_USUAL``. None for names with an Accept-Encoding (its line must come out,
+    and only when no CR or LF hides in it: :func:`_identity_asked` on the lines made)."""
+    plain = _USUAL.get(names, _UNKNOWN)
+    if plain is _UNKNOWN:
+        plain = _usual_lines(names)
+    usual: _Usual | None = None
+    if plain is not None and b"accept-encoding" not in names:
+        template, pick, count, length_at = plain
+        usual = (template + _IDENTITY_LINE, pick, count + 1, length_at)
+    if names in _USUAL:  # within the same bounds
+        if len(_USUAL_IDENTITY) >= _USUAL_MAX:
+            _USUAL_IDENTITY.clear()
+        _USUAL_IDENTITY[names] = usual
+    return usual
 
 
 def _identity_asked(lean: tuple[bytes, int, int | None]) -> tuple[bytes, int, int | None]:
@@ -546,7 +571,9 @@ class UpstreamProxy:
         return out, declared
 
     @staticmethod
-    def _lean_lines(scope: Scope) -> tuple[bytes, int, int | None] | None:
+    def _lean_lines(
+        scope: Scope, decisions: dict[tuple[bytes, ...], _Usual | None] = _USUAL
+    ) -> tuple[bytes, int, int | None] | None:
         """What :meth:`_request_headers` forwards, for the lean client: the header lines
         as bytes (``name: value\\r\\n``, no Content-Length), their number, and the declared
         Content-Length (None if unknown). The same headers in the same order, found with
@@ -557,13 +584,16 @@ class UpstreamProxy:
         What to do with a request's headers depends on their names alone but for the
         values kept, Host and Content-Length: for the usual request (no name twice, of the
         dropped ones only Host and Content-Length) the decision is kept per sequence of
-        names (:func:`_usual_lines`), and the lines are one format of the values kept."""
+        names (:func:`_usual_lines`), and the lines are one format of the values kept.
+
+        ``decisions``: ``_USUAL_IDENTITY`` for a usage cost's request, the lines then asking for
+        an uncompressed answer (:func:`_identity_asked`'s answer, :func:`_identity_lines`)."""
         raw: RawHeaders = scope["headers"]
         try:
             names, values = zip(*raw, strict=True) if raw else ((), ())
-            usual = _USUAL.get(names, _UNKNOWN)
+            usual = decisions.get(names, _UNKNOWN)
             if usual is _UNKNOWN:
-                usual = _usual_lines(names)
+                usual = _usual_lines(names) if decisions is _USUAL else _identity_lines(names)
             if usual is not None:
                 template, pick, count, length_at = usual
                 client = scope.get("client")
@@ -576,6 +606,9 @@ class UpstreamProxy:
                 # All the lines in one format (frame() checks every CR and LF): the kept
                 # ones, X-Forwarded-For and -Proto, X-Forwarded-Host.
                 return template % pick((*values, tail[0])), count + tail[1], declared
+            if decisions is not _USUAL:  # identity asked on lines the format does not make
+                lean = UpstreamProxy._lean_lines(scope)
+                return None if lean is None else _identity_asked(lean)
             # The general road (the usual request returned above).
             forwarded_for: list[bytes] = []
             joined = b"\n".join(names)
@@ -635,15 +668,19 @@ class UpstreamProxy:
         state = scope.setdefault("state", {})
         # A usage tap in front (USAGE_TAP): what it offers for the request and the answer.
         tap = state.get(USAGE_TAP)
-        lean = self._lean_lines(scope) if self._origin is not None else None
+        # A usage cost's answer must be readable: Accept-Encoding: identity asked for.
+        if self._origin is None:
+            lean = None
+        elif tap is None:
+            lean = self._lean_lines(scope)
+        else:
+            lean = self._lean_lines(scope, _USUAL_IDENTITY)
         if lean is None:
             headers, declared = self._request_headers(scope)
-            if tap is not None:  # a usage cost: its answer must be readable
+            if tap is not None:
                 headers = [h for h in headers if h[0] != "accept-encoding"]
                 headers.append(_IDENTITY_HEADER)
         else:
-            if tap is not None:
-                lean = _identity_asked(lean)
             declared = lean[2]
         first = await receive()
         if first["type"] == "http.disconnect":

@@ -1103,6 +1103,53 @@ fail:
 #endif
 }
 
+/* Whether the n bytes at s hold the 8 bytes "stream" in quotes: bytes.find(b'"stream"') >= 0,
+ * the request side's test before any decode (usage_tap.py stream_usage_asked). The needle
+ * begins and ends with a quote: 16 positions at a time, a candidate is a quote with another
+ * 7 bytes on, and only a candidate's middle is compared. */
+static int holds_stream_key(const unsigned char *s, Py_ssize_t n)
+{
+    static const char key[8] = {'"', 's', 't', 'r', 'e', 'a', 'm', '"'};
+    Py_ssize_t i = 0;
+    if (n < 8)
+        return 0;
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"');
+    for (; i + 7 + 16 <= n; i += 16) {
+        __m128i first = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+        __m128i last = _mm_loadu_si128((const __m128i *)(const void *)(s + i + 7));
+        unsigned mask = (unsigned)_mm_movemask_epi8(
+            _mm_and_si128(_mm_cmpeq_epi8(first, quote), _mm_cmpeq_epi8(last, quote)));
+        while (mask != 0) {
+            int at = __builtin_ctz(mask);
+            if (memcmp(s + i + at + 1, key + 1, 6) == 0)
+                return 1;
+            mask &= mask - 1;
+        }
+    }
+#endif
+    for (; i + 8 <= n; i++) {
+        if (s[i] == '"' && s[i + 7] == '"' && memcmp(s + i + 1, key + 1, 6) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* stream_key(body): holds_stream_key over any bytes-like body. */
+static PyObject *topscan_stream_key(PyObject *self, PyObject *body)
+{
+    (void)self;
+    if (PyBytes_CheckExact(body))
+        return PyBool_FromLong(
+            holds_stream_key((const unsigned char *)PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body)));
+    Py_buffer view;
+    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int found = holds_stream_key((const unsigned char *)view.buf, view.len);
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(found);
+}
+
 static PyMethodDef topscan_methods[] = {
     {"scan", (PyCFunction)(void (*)(void))topscan_scan, METH_FASTCALL,
      "scan(body, keys) -> bytes | None: the wanted top-level members of a JSON object body "
@@ -1117,6 +1164,9 @@ static PyMethodDef topscan_methods[] = {
      "output, reasoning) | None | False: usage(body, mode) priced as PriceTable.cost_of prices "
      "it and told as the usage tap tells it (gateway/metering/usage_tap.py priced_counts), or "
      "None; False when head is given and not surely a plain JSON answer's headers."},
+    {"stream_key", (PyCFunction)topscan_stream_key, METH_O,
+     "stream_key(body) -> bool: whether the bytes hold '\"stream\"' (body.find(b'\"stream\"') "
+     ">= 0), the request side's test before any decode."},
     {NULL, NULL, 0, NULL},
 };
 

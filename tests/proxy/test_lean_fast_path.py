@@ -149,6 +149,39 @@ def test_the_kept_decisions_are_bounded() -> None:
     assert tuple(n for n, _ in many) not in app._USUAL  # too long to keep
 
 
+def test_identity_asked_by_the_kept_decision_gives_identity_asked_on_the_lines() -> None:
+    """A usage cost's request (``_USUAL_IDENTITY``: the identity line made by the kept
+    format) gets exactly the lines ``_identity_asked`` makes of the plain ones, first
+    request and next ones, with and without an Accept-Encoding of the client's, smuggled
+    lines included; and the kept decisions stay bounded."""
+    from gateway.proxy import app
+
+    rng = random.Random(20261206)
+    pool = [
+        *POOL,
+        (b"accept-encoding", b"gzip, br"),
+        (b"accept-encoding", b"gzip\r\nx-evil: 1"),
+        (b"x-accept-encoding", b"gzip"),
+        (b"x-a", b"1\r\naccept-encoding: gzip"),
+    ]
+    cases = [list(USUAL), [*USUAL, (b"accept-encoding", b"gzip")], []]
+    cases += [rng.sample(pool, rng.randint(0, 12)) for _ in range(400)]
+    for headers in cases:
+        extra: dict[str, Any] = rng.choice([{}, {"client": None}, {"scheme": "https"}])
+        for round_ in range(2):
+            values = [(n, v + b"%d" % round_ if n != b"content-length" else v) for n, v in headers]
+            scope = _scope(values, **extra)
+            plain = UpstreamProxy._lean_lines(scope)
+            asked = UpstreamProxy._lean_lines(scope, app._USUAL_IDENTITY)
+            assert asked == (None if plain is None else app._identity_asked(plain)), values
+            if plain is not None and b"accept-encoding" not in [n for n, _ in values]:
+                assert asked is not None and asked[0].endswith(b"accept-encoding: identity\r\n")
+    for i in range(app._USUAL_MAX + 10):
+        scope = _scope([(b"x-i%d" % i, b"v")])
+        assert UpstreamProxy._lean_lines(scope, app._USUAL_IDENTITY) is not None
+        assert len(app._USUAL_IDENTITY) <= app._USUAL_MAX
+
+
 def test_a_str_name_is_declined_also_after_its_bytes_twin_was_kept() -> None:
     assert UpstreamProxy._lean_lines(_scope([(b"x-a", b"1")])) is not None
     assert UpstreamProxy._lean_lines(_scope([(b"x-a", "1")])) is None  # str value

@@ -93,11 +93,16 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     original_queue = Settlement.queue
     original_whole = ResponseTap._whole
     original_told = ResponseTap._told
+    original_answer = ResponseTap.answer
     inside = threading.local()
     priced: dict[str, ResponseTap] = {}  # request id -> the tap that priced its answer
 
-    # A complete answer is charged in _told (read and priced: from answer itself, or from
-    # _whole) or in _whole (no usage: the policy).
+    # A complete answer is charged in answer itself (read and priced by the compiled call),
+    # in _told (read and priced from _whole) or in _whole (no usage: the policy).
+    def spy_answer(self: ResponseTap, start: Any, body: bytes) -> Any:
+        priced[self._adm.request_id] = self
+        return original_answer(self, start, body)
+
     def spy_whole(self: ResponseTap, body: bytes, head: Any, *args: Any) -> Any:
         priced[self._adm.request_id] = self
         return original_whole(self, body, head, *args)
@@ -127,6 +132,7 @@ def spy_on_settles(monkeypatch: pytest.MonkeyPatch) -> SettleLog:
     monkeypatch.setattr(Settlement, "queue", spy_queue)
     monkeypatch.setattr(ResponseTap, "_whole", spy_whole)
     monkeypatch.setattr(ResponseTap, "_told", spy_told)
+    monkeypatch.setattr(ResponseTap, "answer", spy_answer)
     return log
 
 

@@ -756,3 +756,30 @@ def test_generated_usual_answers_read_alike(
     for how in mutations:
         body = mutate(body, how)
     both_forms(body, monkeypatch)
+
+
+@needs_compiled
+def test_stream_key_is_bytes_find_at_every_offset_and_on_random_bodies() -> None:
+    """``topscan.stream_key`` (compiled, 16 positions at a time) answers what ``bytes.find``
+    answers (its pure-Python form): the key at every offset of bodies that cross the blocks'
+    edges, near misses, bytearrays, and random bodies of quotes and the key's letters."""
+    import random
+
+    from gateway.usage.topscan import _stream_key
+
+    compiled = topscan.stream_key
+    assert compiled is not _stream_key
+    key = b'"stream"'
+    for size in range(0, 70):
+        for at in range(0, max(size - len(key) + 1, 1)):
+            for needle in (key, b'"strean"', b"'stream'", b'"stream', b'stream"', b'"Stream"'):
+                body = (b"x" * at + needle + b'"' * size)[: max(size, at + len(needle))]
+                assert compiled(body) is (body.find(key) >= 0), body
+                assert compiled(bytearray(body)) is (body.find(key) >= 0), body
+    rng = random.Random(20261206)
+    alphabet = [b'"', b"s", b"t", b"r", b"e", b"a", b"m", key, b"x", b'"strea', b'm"', b" "]
+    for _ in range(20000):
+        body = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        assert compiled(body) is _stream_key(body), body
+    with pytest.raises(TypeError):
+        compiled("not bytes")  # type: ignore[arg-type]
