@@ -246,3 +246,6 @@ def test_org_order_keeps_each_orgs_stream_order() -> None:
     assert org_order(flats[:1]) is None
     assert org_order([]) is None
     assert in_order(["x"], None) == ["x"]
+    # One position (an itemgetter of one answers the item itself) and none.
+    assert in_order(["x", "y"], [1]) == ["y"]
+    assert in_order([], []) == []
