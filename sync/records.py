@@ -304,8 +304,16 @@ def org_order_each(flats: Sequence[Flat]) -> list[int] | None:
 
 
 def in_order(items: list[_T], order: list[int] | None) -> list[_T]:
-    """``items`` in ``order`` (``org_order``), or ``items`` themselves for None."""
-    return items if order is None else list(map(items.__getitem__, order))
+    """``items`` in ``order`` (``org_order``), or ``items`` themselves for None.
+
+    One ``itemgetter`` call picks them all: ~40 % less time than ``map`` over
+    ``__getitem__`` (one C call per item), which the writer pays three times per batch on
+    the lines, flats and days (BENCHMARKS.md section 11i)."""
+    if order is None:
+        return items
+    if len(order) < 2:  # an itemgetter of one position answers the item, not a tuple
+        return [items[i] for i in order]
+    return list(itemgetter(*order)(items))
 
 
 def fast_payload(lines: Sequence[str], empty_bucket: bool, clean: bool = False) -> bytes | None:

@@ -213,6 +213,19 @@ WITH orgs AS (
 SELECT count(*), count(*) FILTER (WHERE seq > 0) FROM ins
 """
 
+# The same without ON CONFLICT, the form a batch tries first: the NOT EXISTS filters leave
+# out every org and bucket committed before the statement began, so a conflict can only
+# come from another transaction inserting the same key meanwhile (an org created through
+# the API at that moment, a writer of the org outside the shard's lock). ON CONFLICT costs
+# each new row a probe before its insertion, a speculative insertion and its confirmation
+# (about a fifth of this statement's backend CPU: 312 orgs and 1,560 buckets, 22.8-27.5 ms
+# with it, 18.5-21.4 without; BENCHMARKS.md section 11i). A unique violation here rolls the
+# batch back and the writer writes it again with _INSERT_SNAPSHOTS (sync/writer.py).
+_INSERT_SNAPSHOTS_PLAIN = _INSERT_SNAPSHOTS.replace(
+    "    ON CONFLICT (id) DO NOTHING\n", ""
+).replace("    ON CONFLICT (organization_id, token_type) DO NOTHING\n", "")
+assert "ON CONFLICT" not in _INSERT_SNAPSHOTS_PLAIN
+
 # With alerts: the same update, which also keeps alert_arm from one more column (the
 # batch's newest grant/reset seq of the row, or NULL), wrapped in the alert evaluation
 # (gateway/alerts/evaluation.py). Its alert parameters follow the 15 columns.
@@ -233,6 +246,7 @@ _KINDS: dict[str, tuple[str, tuple[str, ...], tuple[bool, ...], tuple[int, ...]]
         (USER_ROLLUP_WIDTH, FEATURE_ROLLUP_WIDTH),
     ),
     "insert_snapshots": (_INSERT_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
+    "insert_snapshots_plain": (_INSERT_SNAPSHOTS_PLAIN, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
     "model_rollup": (_MODEL_ROLLUP, _MODEL_ROLLUP_TYPES, _MODEL_ROLLUP_NULLABLE, (11,)),
     "snapshots": (_UPDATE_SNAPSHOTS, _SNAP_TYPES, _SNAP_NULLABLE, (14,)),
     "alert_snapshots": (_ALERT_SNAPSHOTS, (*_SNAP_TYPES, "bigint"), (*_SNAP_NULLABLE, True), (15,)),
@@ -291,8 +305,9 @@ def _starts(groups: Sequence[int]) -> list[tuple[int, int]]:
 
 def statement(kind: str, columns: Columns) -> tuple[str, list[Any]]:
     """The ``"rollup"`` or ``"rollup_fresh"`` (the user rows' columns, then the feature
-    rows'), ``"model_rollup"``, ``"snapshots"``, ``"insert_snapshots"`` (the snapshots'
-    columns; the caller appends the new orgs' parameters; it returns one row: rows inserted,
+    rows'), ``"model_rollup"``, ``"snapshots"``, ``"insert_snapshots"`` or
+    ``"insert_snapshots_plain"`` (the snapshots' columns; the caller appends the new orgs'
+    parameters; it returns one row: rows inserted,
     rows moved) or ``"alert_snapshots"`` (the snapshots' columns plus the arm column; it
     returns one row: snapshots moved, alerts inserted) statement and its parameters for
     ``columns``."""

@@ -121,8 +121,9 @@ class WriteResult:
 
 
 class _RollupRowTaken(Exception):
-    """A plain insertion of a fresh (org, day)'s rollup rows met a row (see sql.FRESH_DAYS):
-    the transaction is rolled back and the batch is written again with the upsert."""
+    """A plain insertion of a fresh (org, day)'s rollup rows met a row (see sql.FRESH_DAYS),
+    or of a new org or bucket (sql._INSERT_SNAPSHOTS_PLAIN): the transaction is rolled back
+    and the batch is written again with the upserts."""
 
 
 class _CrashHook:
@@ -320,10 +321,13 @@ class BatchWriter:
         new_orgs: list[str],
         org_plans: dict[str, str | None],
         new_rows: list[tuple[str, str]],
+        fresh: bool = True,
     ) -> int:
         """Without alerts: the missing orgs, the rows of buckets not seen yet with their
-        snapshot in them (sql._INSERT_SNAPSHOTS), then the update of the other rows (of
-        every row, if some bucket thought new was there after all). Returns the rows moved."""
+        snapshot in them (sql._INSERT_SNAPSHOTS; by plain insertions unless ``fresh`` is
+        False), then the update of the other rows (of every row, if some bucket thought new
+        was there after all). Returns the rows moved. Raises ``_RollupRowTaken`` when a
+        plain insertion meets a row another transaction inserted meanwhile."""
         rest: Columns = snaps
         moved = 0
         if new_orgs or new_rows:
@@ -333,9 +337,16 @@ class BatchWriter:
                 seen = set(new_rows)
                 is_new = [k in seen for k in zip(snaps[0], snaps[1], strict=True)]
                 new, rest = take(snaps, is_new, True), take(snaps, is_new, False)
-            text, params = sql.statement("insert_snapshots", new)
+            text, params = sql.statement(
+                "insert_snapshots_plain" if fresh else "insert_snapshots", new
+            )
             plans_ = [org_plans[o] for o in new_orgs]
-            counts = await conn.fetchrow(text, *params, new_orgs, plans_, self._default_plan)
+            try:
+                counts = await conn.fetchrow(text, *params, new_orgs, plans_, self._default_plan)
+            except asyncpg.UniqueViolationError as exc:
+                if not fresh:
+                    raise
+                raise _RollupRowTaken from exc
             assert counts is not None
             moved = counts[1]
             if counts[0] < len(new_rows):
@@ -407,7 +418,9 @@ class BatchWriter:
             moved = fired = 0
             alerts = self._alerts
             if alerts is None:
-                moved = await self._write_snapshots(conn, snaps, new_orgs, org_plans, new_rows)
+                moved = await self._write_snapshots(
+                    conn, snaps, new_orgs, org_plans, new_rows, fresh
+                )
             elif new_orgs or new_rows:
                 # The alerting statement compares each bucket before and after its update:
                 # a new bucket's "before" is its seq-0 placeholder.
