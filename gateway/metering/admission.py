@@ -21,6 +21,7 @@ from typing import Any, Literal
 from gateway.config import Config
 from gateway.core.counters import HotMetrics
 from gateway.core.errors import RedisUnavailable
+from gateway.core.logs import REQUEST_ID
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.charge_args import ChargeArgs
 from gateway.metering.request_ids import new_request_id
@@ -351,6 +352,9 @@ class Admitter:
             status = _text(status)
         if status == "missing":
             # First use of the org in this Redis (or Redis lost it): seed, then once more.
+            # The seeding's log line carries the request's id (the middleware's fixed-cost
+            # path sets it only once the charge answered).
+            REQUEST_ID.set(rid)
             await self._seed(org)
             reply = await self.redis.runner.run_encoded(self.script, template.count, encoded)
             status = _text(reply[0])

@@ -266,7 +266,6 @@ class CreditGateMiddleware:
             return
 
         request_id = new_request_id()
-        REQUEST_ID.set(request_id)  # every log line of this request carries it
         try:
             adm = await self._admit(
                 ident.org, match.feature, user=ident.user, cost=match.cost,
@@ -274,11 +273,18 @@ class CreditGateMiddleware:
                 route=match.template, key_id=ident.key_id, team=ident.team,
             )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
+            REQUEST_ID.set(request_id)
             rid = (b"x-creditgate-request-id", request_id.encode())
             headers = applied(scope["headers"], removal)
             inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
             await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
+        # Every log line of this request from here on carries its id. Set once the charge
+        # answered, not before: the context variable's new map (two GC-tracked objects)
+        # would be alive across the charge's wait, where the collector's young passes count
+        # them (BENCHMARKS.md section 1, round 11). A line the charge itself logs (the
+        # org's seeding) gets the id from Admitter.admit, which sets it on that path.
+        REQUEST_ID.set(request_id)
         if adm.status != "ok":
             self.counters.count(match.feature, "refused_" + adm.status)
             await self._refuse(scope, send, match, ident, adm)

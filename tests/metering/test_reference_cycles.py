@@ -10,9 +10,11 @@ collector finds after a few hundred requests with collection switched off.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import Context
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 import yaml
 
 from gateway import CreditGate, CreditGateMiddleware
+from gateway.core.logs import REQUEST_ID
 from tests.support.reference import REFERENCE_YAML
 from tests.support.services import redis_url
 
@@ -226,3 +229,89 @@ async def test_no_cleaned_header_list_is_alive_while_the_charge_waits(gate: Cred
     names = [name for name, _ in seen_by_app[0]]
     assert b"authorization" not in names
     assert names[:2] == [b"host", b"content-length"] and b"x-creditgate-org" in names
+
+
+async def test_the_request_id_is_set_once_the_charge_answered(gate: CreditGate) -> None:
+    """The request id's context variable is set once the charge answered, not before: its
+    new map (two GC-tracked objects) is then not alive across the charge's wait
+    (BENCHMARKS.md section 1, round 11). The app, and every log line from the charge's
+    answer on, still see it: the same id the response's header carries."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    await gate.set_plan(org, "enterprise")
+    seen_by_app: list[str | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen_by_app.append(REQUEST_ID.get())
+        await bare_app(scope, receive, send)
+
+    mw = CreditGateMiddleware(app, gate=gate)  # type: ignore[arg-type]
+    admit = mw._admit
+    during: list[str | None] = []
+    maps: list[int] = []
+
+    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+        during.append(REQUEST_ID.get())
+        maps.append(sum(type(o).__name__.startswith("hamt") for o in gc.get_objects()))
+        return await admit(*args, **kwargs)
+
+    mw._admit = watched_admit
+    headers: list[dict[bytes, bytes]] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers.append(dict(message["headers"]))
+
+    async def one_request() -> None:
+        # A task of its own, as a server runs each request: its context starts empty.
+        scope, receive = request(org)
+        await mw(scope, receive, send)
+
+    gc.collect()
+    gc.freeze()  # what existed before the request is not counted
+    gc.disable()
+    try:
+        await asyncio.get_running_loop().create_task(one_request(), context=Context())
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert during == [None] and maps == [0]
+    assert seen_by_app == [headers[0][b"x-creditgate-request-id"].decode()]
+
+
+async def test_the_seeding_log_line_carries_the_request_id(
+    gate: CreditGate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An org without state in Redis is seeded during its first charge: the seeding runs
+    with the request's id set (Admitter.admit sets it on that path), so what it logs is
+    the request's, as when the middleware set the id before the charge."""
+    org = f"org-{uuid.uuid4().hex[:8]}"  # never seen: charge.lua answers "missing"
+    mw = CreditGateMiddleware(bare_app, gate=gate)
+    seed = gate.meter.admission._seed
+    ids: list[str | None] = []
+
+    async def watched_seed(org: str) -> None:
+        ids.append(REQUEST_ID.get())
+        await seed(org)
+
+    gate.meter.admission._seed = watched_seed  # type: ignore[method-assign]
+    admit = mw._admit
+    rids: list[str] = []
+
+    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+        rids.append(kwargs["request_id"])
+        return await admit(*args, **kwargs)
+
+    mw._admit = watched_admit  # type: ignore[method-assign]
+    statuses: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def one_request() -> None:
+        scope, receive = request(org)
+        await mw(scope, receive, send)
+
+    await asyncio.get_running_loop().create_task(one_request(), context=Context())
+    assert len(statuses) == 1  # (the default plan decides the answer; the seeding ran)
+    assert len(rids) == 1 and ids == rids
