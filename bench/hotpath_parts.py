@@ -23,7 +23,8 @@ concurrent tasks, as bench/middleware_cpu.py does, unless it says uvicorn):
 - ``metered``: + the real pipelined Redis client (encode, write, read, hiredis parse,
   future wake-up) and a private Redis: the metered request, 1 org;
 - ``metered64``: the same with 64 orgs' keys in turn;
-- ``uv-noop`` / ``uv-bare`` / ``uv-metered``: ``noop``, ``bare`` and ``metered`` behind
+- ``uv-noop`` / ``uv-bare`` / ``uv-metered`` / ``uv-metered64``: ``noop``, ``bare``,
+  ``metered`` and ``metered64`` behind
   uvicorn's httptools protocol on an in-memory transport (HTTP parsing and response
   serialisation; no socket, so kernel time is not in it);
 - ``proxy``: GatewayApp (the metering proxy, lean upstream client) in front of the bare app
@@ -71,6 +72,7 @@ STEPS = (
     "uv-noop",
     "uv-bare",
     "uv-metered",
+    "uv-metered64",
     "proxy",
 )
 CONCURRENCY = 64
@@ -205,7 +207,7 @@ def _child(step: str, requests: int, settings_path: str) -> None:
     async def main() -> None:
         one = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
         many = [k for k in settings.keys if k not in one]
-        keys = many if step == "metered64" else one
+        keys = many if step in ("metered64", "uv-metered64") else one
         uvicorn_front = step.startswith("uv-")
         name = step[3:] if uvicorn_front else step
         app: Any

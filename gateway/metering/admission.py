@@ -21,6 +21,7 @@ from typing import Any, Literal
 from gateway.config import Config
 from gateway.core.counters import HotMetrics
 from gateway.core.errors import RedisUnavailable
+from gateway.core.logs import REQUEST_ID
 from gateway.core.redis_keys import KeySpace
 from gateway.metering.charge_args import ChargeArgs
 from gateway.metering.request_ids import new_request_id
@@ -28,6 +29,7 @@ from gateway.redisio.connect import RedisHandles
 from gateway.redisio.link import ErrorReply
 from gateway.redisio.lua_scripts import load
 from gateway.redisio.pipelined import FastRedis
+from gateway.redisio.resp import ArgTemplate
 
 __all__ = [
     "DEFAULT_MAX_REPLAY_BODY",
@@ -346,13 +348,154 @@ class Admitter:
         else:
             reply = await runner.run_encoded(self.script, template.count, encoded)
         self.counters.observe_admit(perf_counter() - started)
+        if len(reply) > 5 or reply[0] != "ok":
+            return await self._answered(
+                reply, org, feature, rid, total, refresh_at, template.count, encoded,
+                user, quantity, cost, idempotency_key, method, route, fingerprint, key_id, team,
+            )  # fmt: skip
+        # admission_of's "ok" branch, inlined: this is every admitted request.
+        adm = Admission("ok", rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
+        adm.remaining = int(reply[1])
+        limit = int(reply[2])
+        if limit >= 0:  # -1: no limiter applies
+            adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
+        return adm
+
+    def send_plain(
+        self,
+        org: str,
+        feature: str,
+        user: str | None,
+        cost: int | None,
+        rid: str,
+        method: str,
+        route: str,
+        key_id: str | None,
+        team: str | None,
+    ) -> tuple[Awaitable[Any], ArgTemplate, bytes, int, int, float]:
+        """:meth:`admit` of a request without an Idempotency-Key, in three steps that leave
+        the caller's own coroutine the only one waiting for the reply: this plain method
+        sends the charge and returns ``(what awaits its reply, the template, the encoded
+        arguments, the cost, the period's end, the send's perf_counter)``; the caller
+        awaits the first and hands the reply with the rest to :meth:`admitted`, then, when
+        that answers None, to :meth:`answer`. The middleware's fixed-cost request does:
+        the charge's own coroutine was one more object alive across the wait for the
+        collector's young passes to count, and one more level for the task to resume
+        through at the reply (BENCHMARKS.md section 1, round 11). The same bytes go to
+        Redis as :meth:`admit` sends."""
+        fa = self._features[feature]
+        total = fa.cost if cost is None else cost
+        now = self._now_ms()
+        args = self.args
+        period = args.current
+        if not period[1] <= now < period[2]:
+            period = args.period(now, org)  # per-org periods always come here
+        total_s = self._totals.get(total)
+        if total_s is None:
+            total_s = str(total)
+            if len(self._totals) < 1024:
+                self._totals[total] = total_s
+        template = args.plain.get(
+            (org, user, key_id, team, feature, method, route)
+        ) or args.template(org, user, feature, method, route, False, key_id, team)
+        encoded = template.fill((str(now), total_s, rid, str(now + self._hold_ms)))
+        runner = self.redis.runner
+        started = perf_counter()
+        if type(runner) is FastRedis:
+            # On a live socket the reply's future itself: an error reply is its result.
+            sent = runner.send_encoded(self.script, template.count, encoded)
+        else:
+            sent = runner.run_encoded(self.script, template.count, encoded)
+        return sent, template, encoded, total, period[2], started
+
+    def admitted(
+        self, reply: Any, org: str, feature: str, rid: str, total: int, refresh_at: int,
+        started: float,
+    ) -> Admission | None:  # fmt: skip
+        """The Admission of :meth:`send_plain`'s ``reply`` when it is the usual one: the
+        tokens held, nothing to learn. None for anything else (an error reply, a refusal,
+        an org to seed, the caller's levels read in full, a moved anchor): :meth:`answer`
+        then answers what :meth:`admit` would."""
+        if reply.__class__ is ErrorReply:
+            return None  # (its round trip is observed once recovered, as admit does)
+        self.counters.observe_admit(perf_counter() - started)
+        if len(reply) > 5 or reply[0] != "ok":
+            return None
+        adm = Admission("ok", rid, org, feature, self._features[feature].bucket, total)
+        adm.refresh_at_ms = refresh_at
+        adm.remaining = int(reply[1])
+        limit = int(reply[2])
+        if limit >= 0:  # -1: no limiter applies
+            adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
+        return adm
+
+    async def answer(
+        self,
+        reply: Any,
+        org: str,
+        feature: str,
+        rid: str,
+        total: int,
+        refresh_at: int,
+        started: float,
+        template: ArgTemplate,
+        encoded: bytes,
+        *,
+        user: str | None,
+        cost: int | None,
+        method: str,
+        route: str,
+        key_id: str | None,
+        team: str | None,
+    ) -> Admission:
+        """What :meth:`admit` answers for :meth:`send_plain`'s ``reply`` when
+        :meth:`admitted` answered None: an error reply recovered (NOSCRIPT loaded once and
+        sent again; any other error raised), an org seeded and charged again, the caller's
+        levels learned, a moved anchor learned and charged again, a refusal."""
+        if reply.__class__ is ErrorReply:
+            runner = self.redis.runner
+            assert isinstance(runner, FastRedis)  # only its send_encoded answers one
+            reply = await runner.recover_encoded(self.script, template.count, encoded, reply)
+            self.counters.observe_admit(perf_counter() - started)
+        return await self._answered(
+            reply, org, feature, rid, total, refresh_at, template.count, encoded,
+            user, 1, cost, None, method, route, None, key_id, team,
+        )  # fmt: skip
+
+    async def _answered(
+        self,
+        reply: Any,
+        org: str,
+        feature: str,
+        rid: str,
+        total: int,
+        refresh_at: int,
+        count: int,
+        encoded: bytes,
+        user: str | None,
+        quantity: int,
+        cost: int | None,
+        idempotency_key: str | None,
+        method: str,
+        route: str,
+        fingerprint: str | None,
+        key_id: str | None,
+        team: str | None,
+    ) -> Admission:
+        """The Admission of charge.lua's ``reply`` (not an error reply) to the call of
+        ``count`` arguments ``encoded``, on every path but the usual "ok" (which
+        :meth:`admit` and :meth:`admitted` build themselves)."""
+        bucket = self._features[feature].bucket
         status = reply[0]
         if status.__class__ is not str:
             status = _text(status)
         if status == "missing":
             # First use of the org in this Redis (or Redis lost it): seed, then once more.
+            # The seeding's log line carries the request's id (the middleware's fixed-cost
+            # path sets it only once the charge answered).
+            REQUEST_ID.set(rid)
             await self._seed(org)
-            reply = await self.redis.runner.run_encoded(self.script, template.count, encoded)
+            reply = await self.redis.runner.run_encoded(self.script, count, encoded)
             status = _text(reply[0])
             if status == "missing":
                 raise RedisUnavailable(f"state of org {org!r} vanished while seeding")
@@ -361,28 +504,23 @@ class Admitter:
                 # Per-org periods (off the admitted path): the org's anchor moved (admin
                 # API, Stripe, another process): charge.lua changed nothing; learn it and
                 # charge again.
-                args.set_anchor(org, _text(reply[1]))
+                self.args.set_anchor(org, _text(reply[1]))
                 return await self.admit(
                     org, feature, user=user, quantity=quantity, cost=cost,
                     idempotency_key=idempotency_key, request_id=rid, method=method,
                     route=route, fingerprint=fingerprint, key_id=key_id, team=team,
                 )  # fmt: skip
-            adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
+            adm = Admission(status, rid, org, feature, bucket, total, refresh_at_ms=refresh_at)
             return admission_of(reply, adm)
-        adm = Admission(status, rid, org, feature, fa.bucket, total, refresh_at_ms=refresh_at)
+        adm = Admission(status, rid, org, feature, bucket, total, refresh_at_ms=refresh_at)
         if len(reply) > 5:
             # charge.lua read the caller's levels in full (contract A10): cache them in
             # the template for the next charge (charge_args.ChargeArgs.learn_levels).
-            args.learn_levels(
+            self.args.learn_levels(
                 (org, user, key_id, team, feature, method, route),
                 tuple(_text(v) for v in reply[5:]),
             )
-        # admission_of's "ok" branch, inlined: this is every admitted request.
-        adm.remaining = int(reply[1])
-        limit = int(reply[2])
-        if limit >= 0:  # -1: no limiter applies
-            adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
-        return adm
+        return admission_of(reply, adm)
 
     async def reserve(
         self,

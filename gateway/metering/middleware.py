@@ -152,6 +152,11 @@ class CreditGateMiddleware:
         # Meter.admit hands out this coroutine: calling it directly saves a Python call on
         # every fixed-cost request (the other paths keep the meter's public method).
         self._admit = gate.meter.admission.admit
+        # The fixed-cost request's charge, its three steps bound once (Admitter.send_plain).
+        admission = gate.meter.admission
+        self._send_charge = admission.send_plain
+        self._admitted = admission.admitted
+        self._answer_charge = admission.answer
         # Likewise Meter.settle_nowait's queue, for the fixed-cost request's settle.
         self._queue_settle = gate.meter.settlement.queue
         # The gate's counters (the process's by default): /metrics reads the same ones.
@@ -266,19 +271,37 @@ class CreditGateMiddleware:
             return
 
         request_id = new_request_id()
-        REQUEST_ID.set(request_id)  # every log line of this request carries it
         try:
-            adm = await self._admit(
-                ident.org, match.feature, user=ident.user, cost=match.cost,
-                idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template, key_id=ident.key_id, team=ident.team,
+            # The charge in three steps (Admitter.send_plain, admitted, answer), its reply
+            # awaited here: no coroutine of the charge's own alive across the wait, and one
+            # level fewer for the task to resume through (BENCHMARKS.md section 1, round 11).
+            sent, template, encoded, total, refresh_at, started = self._send_charge(
+                ident.org, match.feature, ident.user, match.cost, request_id,
+                scope["method"], match.template, ident.key_id, ident.team,
             )  # fmt: skip
+            reply = await sent
+            adm = self._admitted(
+                reply, ident.org, match.feature, request_id, total, refresh_at, started
+            )
+            if adm is None:  # a refusal, an org to seed, levels to learn, an error reply...
+                adm = await self._answer_charge(
+                    reply, ident.org, match.feature, request_id, total, refresh_at, started,
+                    template, encoded, user=ident.user, cost=match.cost, method=scope["method"],
+                    route=match.template, key_id=ident.key_id, team=ident.team,
+                )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
+            REQUEST_ID.set(request_id)
             rid = (b"x-creditgate-request-id", request_id.encode())
             headers = applied(scope["headers"], removal)
             inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
             await self._unavailable(inner, receive, send, match, ident, str(exc))
             return
+        # Every log line of this request from here on carries its id. Set once the charge
+        # answered, not before: the context variable's new map (two GC-tracked objects)
+        # would be alive across the charge's wait, where the collector's young passes count
+        # them (BENCHMARKS.md section 1, round 11). A line the charge itself logs (the
+        # org's seeding) gets the id from Admitter.admit, which sets it on that path.
+        REQUEST_ID.set(request_id)
         if adm.status != "ok":
             self.counters.count(match.feature, "refused_" + adm.status)
             await self._refuse(scope, send, match, ident, adm)

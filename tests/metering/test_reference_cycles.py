@@ -10,9 +10,11 @@ collector finds after a few hundred requests with collection switched off.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import Context
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 import yaml
 
 from gateway import CreditGate, CreditGateMiddleware
+from gateway.core.logs import REQUEST_ID
 from tests.support.reference import REFERENCE_YAML
 from tests.support.services import redis_url
 
@@ -104,18 +107,18 @@ async def test_the_apps_scope_is_built_after_the_charge(gate: CreditGate) -> Non
     org = f"org-{uuid.uuid4().hex[:8]}"
     await gate.set_plan(org, "enterprise")
     mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
-    admit = mw._admit
+    send_charge = mw._send_charge
     seen: list[bool] = []
 
-    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+    def watched_send(*args: Any) -> Any:
         built = any(
             type(o) is tuple and len(o) == 2 and o[0] == b"x-creditgate-org"
             for o in gc.get_objects()
         )
         seen.append(built)
-        return await admit(*args, **kwargs)
+        return send_charge(*args)
 
-    mw._admit = watched_admit
+    mw._send_charge = watched_send  # type: ignore[method-assign]
     statuses: list[int] = []
     headers: list[dict[bytes, bytes]] = []
 
@@ -145,14 +148,14 @@ async def test_no_cell_is_alive_while_the_charge_waits(gate: CreditGate) -> None
     org = f"org-{uuid.uuid4().hex[:8]}"
     await gate.set_plan(org, "enterprise")
     mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
-    admit = mw._admit
+    send_charge = mw._send_charge
     cells: list[int] = []
 
-    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+    def watched_send(*args: Any) -> Any:
         cells.append(sum(type(o).__name__ == "cell" for o in gc.get_objects()))
-        return await admit(*args, **kwargs)
+        return send_charge(*args)
 
-    mw._admit = watched_admit
+    mw._send_charge = watched_send  # type: ignore[method-assign]
     statuses: list[int] = []
     headers: list[dict[bytes, bytes]] = []
 
@@ -192,23 +195,23 @@ async def test_no_cleaned_header_list_is_alive_while_the_charge_waits(gate: Cred
         await bare_app(scope, receive, send)
 
     mw = CreditGateMiddleware(app, gate=gate)  # type: ignore[arg-type]
-    admit = mw._admit
+    send_charge = mw._send_charge
     scope, receive = request(org)  # the identity from the scope state, as an app's auth says
     key = (b"authorization", b"Bearer cg_" + b"k" * 43)
     scope["headers"].append(key)
     host = scope["headers"][0]
     copies: list[int] = []
 
-    async def watched_admit(*args: Any, **kwargs: Any) -> Any:
+    def watched_send(*args: Any) -> Any:
         copies.append(
             sum(
                 type(o) is list and o is not scope["headers"] and any(h is host for h in o)
                 for o in gc.get_objects()
             )
         )
-        return await admit(*args, **kwargs)
+        return send_charge(*args)
 
-    mw._admit = watched_admit
+    mw._send_charge = watched_send  # type: ignore[method-assign]
     statuses: list[int] = []
 
     async def send(message: Any) -> None:
@@ -226,3 +229,132 @@ async def test_no_cleaned_header_list_is_alive_while_the_charge_waits(gate: Cred
     names = [name for name, _ in seen_by_app[0]]
     assert b"authorization" not in names
     assert names[:2] == [b"host", b"content-length"] and b"x-creditgate-org" in names
+
+
+async def test_the_request_id_is_set_once_the_charge_answered(gate: CreditGate) -> None:
+    """The request id's context variable is set once the charge answered, not before: its
+    new map (two GC-tracked objects) is then not alive across the charge's wait
+    (BENCHMARKS.md section 1, round 11). The app, and every log line from the charge's
+    answer on, still see it: the same id the response's header carries."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    await gate.set_plan(org, "enterprise")
+    seen_by_app: list[str | None] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen_by_app.append(REQUEST_ID.get())
+        await bare_app(scope, receive, send)
+
+    mw = CreditGateMiddleware(app, gate=gate)  # type: ignore[arg-type]
+    send_charge = mw._send_charge
+    during: list[str | None] = []
+    maps: list[int] = []
+
+    def watched_send(*args: Any) -> Any:
+        during.append(REQUEST_ID.get())
+        maps.append(sum(type(o).__name__.startswith("hamt") for o in gc.get_objects()))
+        return send_charge(*args)
+
+    mw._send_charge = watched_send  # type: ignore[method-assign]
+    headers: list[dict[bytes, bytes]] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers.append(dict(message["headers"]))
+
+    async def one_request() -> None:
+        # A task of its own, as a server runs each request: its context starts empty.
+        scope, receive = request(org)
+        await mw(scope, receive, send)
+
+    gc.collect()
+    gc.freeze()  # what existed before the request is not counted
+    gc.disable()
+    try:
+        await asyncio.get_running_loop().create_task(one_request(), context=Context())
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert during == [None] and maps == [0]
+    assert seen_by_app == [headers[0][b"x-creditgate-request-id"].decode()]
+
+
+async def test_the_seeding_log_line_carries_the_request_id(
+    gate: CreditGate, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An org without state in Redis is seeded during its first charge: the seeding runs
+    with the request's id set (Admitter.admit sets it on that path), so what it logs is
+    the request's, as when the middleware set the id before the charge."""
+    org = f"org-{uuid.uuid4().hex[:8]}"  # never seen: charge.lua answers "missing"
+    mw = CreditGateMiddleware(bare_app, gate=gate)
+    seed = gate.meter.admission._seed
+    ids: list[str | None] = []
+
+    async def watched_seed(org: str) -> None:
+        ids.append(REQUEST_ID.get())
+        await seed(org)
+
+    gate.meter.admission._seed = watched_seed  # type: ignore[method-assign]
+    send_charge = mw._send_charge
+    rids: list[str] = []
+
+    def watched_send(*args: Any) -> Any:
+        rids.append(args[4])  # (org, feature, user, cost, request id, ...)
+        return send_charge(*args)
+
+    mw._send_charge = watched_send  # type: ignore[method-assign]
+    statuses: list[int] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def one_request() -> None:
+        scope, receive = request(org)
+        await mw(scope, receive, send)
+
+    await asyncio.get_running_loop().create_task(one_request(), context=Context())
+    assert len(statuses) == 1  # (the default plan decides the answer; the seeding ran)
+    assert len(rids) == 1 and ids == rids
+
+
+async def test_no_coroutine_of_the_charge_is_alive_while_it_waits(gate: CreditGate) -> None:
+    """The fixed-cost request's charge is sent by a plain method and its reply awaited by
+    the middleware's own coroutine (Admitter.send_plain, admitted): no coroutine of the
+    charge's own is alive across the wait, one object fewer for the collector's young
+    passes and one level fewer for the task's resume (BENCHMARKS.md section 1, round 11).
+    The request is charged and answered as before, a refusal too."""
+    org = f"org-{uuid.uuid4().hex[:8]}"
+    await gate.set_plan(org, "enterprise")
+    runner = gate.redis.runner
+    send_encoded = runner.send_encoded  # type: ignore[attr-defined]
+    alive: list[list[str]] = []
+
+    def watched(*args: Any) -> Any:
+        alive.append(
+            [
+                o.__qualname__
+                for o in gc.get_objects()
+                if type(o).__name__ == "coroutine" and o.__qualname__.startswith("Admitter.")
+            ]
+        )
+        return send_encoded(*args)
+
+    runner.send_encoded = watched  # type: ignore[attr-defined]
+    mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
+    statuses: list[int] = []
+    headers: list[dict[bytes, bytes]] = []
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+            headers.append(dict(message["headers"]))
+
+    try:
+        await mw(*request(org), send)
+    finally:
+        runner.send_encoded = send_encoded  # type: ignore[attr-defined]
+    assert alive == [[]]
+    assert statuses == [200] and headers[0][b"x-tokens-cost"] == b"3"
+    await gate.meter.drain()
+    balance = await gate.balance(org)
+    assert balance.buckets["goal_generation"].used == 3
