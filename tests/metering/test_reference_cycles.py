@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import Context
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,31 @@ def request(org: str) -> tuple[dict[str, Any], Any]:
     return scope, receive
 
 
+class Starts:
+    """The ``send`` of a request: the status and headers of each response start, in order."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.headers: list[dict[bytes, bytes]] = []
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self.statuses.append(message["status"])
+            self.headers.append(dict(message["headers"]))
+
+
+def watch_charge(mw: CreditGateMiddleware, probe: Callable[[tuple[Any, ...]], None]) -> None:
+    """Call ``probe`` with the arguments of each fixed-cost charge as it is sent: what is
+    alive then is alive across the charge's wait."""
+    send_charge = mw._send_charge
+
+    def watched_send(*args: Any) -> Any:
+        probe(args)
+        return send_charge(*args)
+
+    mw._send_charge = watched_send  # type: ignore[method-assign]
+
+
 @pytest.fixture
 async def gate(tmp_path: Path) -> AsyncIterator[CreditGate]:
     data = yaml.safe_load(REFERENCE_YAML)
@@ -75,11 +100,7 @@ async def test_a_fixed_cost_request_leaves_no_reference_cycle(gate: CreditGate) 
     org = f"org-{uuid.uuid4().hex[:8]}"
     await gate.set_plan(org, "enterprise")
     mw = CreditGateMiddleware(bare_app, gate=gate)
-    statuses: list[int] = []
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+    send = Starts()
 
     for _ in range(20):  # warm-up: templates, caches, the settle task
         await mw(*request(org), send)
@@ -93,7 +114,7 @@ async def test_a_fixed_cost_request_leaves_no_reference_cycle(gate: CreditGate) 
         found = gc.collect()
     finally:
         gc.enable()
-    assert statuses == [200] * (20 + REQUESTS)
+    assert send.statuses == [200] * (20 + REQUESTS)
     balance = await gate.balance(org)
     assert balance.buckets["goal_generation"].used == 3 * (20 + REQUESTS)  # all charged
     assert found <= AT_MOST, f"{found} objects in reference cycles after {REQUESTS} requests"
@@ -107,25 +128,17 @@ async def test_the_apps_scope_is_built_after_the_charge(gate: CreditGate) -> Non
     org = f"org-{uuid.uuid4().hex[:8]}"
     await gate.set_plan(org, "enterprise")
     mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
-    send_charge = mw._send_charge
     seen: list[bool] = []
 
-    def watched_send(*args: Any) -> Any:
+    def probe(args: tuple[Any, ...]) -> None:
         built = any(
             type(o) is tuple and len(o) == 2 and o[0] == b"x-creditgate-org"
             for o in gc.get_objects()
         )
         seen.append(built)
-        return send_charge(*args)
 
-    mw._send_charge = watched_send  # type: ignore[method-assign]
-    statuses: list[int] = []
-    headers: list[dict[bytes, bytes]] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-            headers.append(dict(message["headers"]))
+    watch_charge(mw, probe)
+    send = Starts()
 
     gc.collect()
     gc.disable()  # a pass could untrack a tuple of bytes, hiding it from get_objects
@@ -135,8 +148,8 @@ async def test_the_apps_scope_is_built_after_the_charge(gate: CreditGate) -> Non
     finally:
         gc.enable()
     assert seen == [False]
-    assert statuses == [200]
-    assert headers[0][b"x-tokens-cost"] and b"x-creditgate-request-id" in headers[0]
+    assert send.statuses == [200]
+    assert send.headers[0][b"x-tokens-cost"] and b"x-creditgate-request-id" in send.headers[0]
 
 
 async def test_no_cell_is_alive_while_the_charge_waits(gate: CreditGate) -> None:
@@ -148,21 +161,13 @@ async def test_no_cell_is_alive_while_the_charge_waits(gate: CreditGate) -> None
     org = f"org-{uuid.uuid4().hex[:8]}"
     await gate.set_plan(org, "enterprise")
     mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
-    send_charge = mw._send_charge
     cells: list[int] = []
 
-    def watched_send(*args: Any) -> Any:
+    def probe(args: tuple[Any, ...]) -> None:
         cells.append(sum(type(o).__name__ == "cell" for o in gc.get_objects()))
-        return send_charge(*args)
 
-    mw._send_charge = watched_send  # type: ignore[method-assign]
-    statuses: list[int] = []
-    headers: list[dict[bytes, bytes]] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-            headers.append(dict(message["headers"]))
+    watch_charge(mw, probe)
+    send = Starts()
 
     scope, receive = request(org)
     gc.collect()
@@ -174,8 +179,10 @@ async def test_no_cell_is_alive_while_the_charge_waits(gate: CreditGate) -> None
         gc.enable()
         gc.unfreeze()
     assert cells == [0]
-    assert statuses == [200]
-    assert headers[0][b"x-tokens-cost"] == b"3" and b"x-creditgate-request-id" in headers[0]
+    assert send.statuses == [200]
+    assert (
+        send.headers[0][b"x-tokens-cost"] == b"3" and b"x-creditgate-request-id" in send.headers[0]
+    )
     await gate.meter.drain()
     balance = await gate.balance(org)
     assert balance.buckets["goal_generation"].used == 3
@@ -195,28 +202,22 @@ async def test_no_cleaned_header_list_is_alive_while_the_charge_waits(gate: Cred
         await bare_app(scope, receive, send)
 
     mw = CreditGateMiddleware(app, gate=gate)  # type: ignore[arg-type]
-    send_charge = mw._send_charge
     scope, receive = request(org)  # the identity from the scope state, as an app's auth says
     key = (b"authorization", b"Bearer cg_" + b"k" * 43)
     scope["headers"].append(key)
     host = scope["headers"][0]
     copies: list[int] = []
 
-    def watched_send(*args: Any) -> Any:
+    def probe(args: tuple[Any, ...]) -> None:
         copies.append(
             sum(
                 type(o) is list and o is not scope["headers"] and any(h is host for h in o)
                 for o in gc.get_objects()
             )
         )
-        return send_charge(*args)
 
-    mw._send_charge = watched_send  # type: ignore[method-assign]
-    statuses: list[int] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+    watch_charge(mw, probe)
+    send = Starts()
 
     gc.collect()
     gc.disable()
@@ -225,7 +226,7 @@ async def test_no_cleaned_header_list_is_alive_while_the_charge_waits(gate: Cred
     finally:
         gc.enable()
     assert copies == [0]
-    assert statuses == [200]
+    assert send.statuses == [200]
     names = [name for name, _ in seen_by_app[0]]
     assert b"authorization" not in names
     assert names[:2] == [b"host", b"content-length"] and b"x-creditgate-org" in names
@@ -245,21 +246,15 @@ async def test_the_request_id_is_set_once_the_charge_answered(gate: CreditGate) 
         await bare_app(scope, receive, send)
 
     mw = CreditGateMiddleware(app, gate=gate)  # type: ignore[arg-type]
-    send_charge = mw._send_charge
     during: list[str | None] = []
     maps: list[int] = []
 
-    def watched_send(*args: Any) -> Any:
+    def probe(args: tuple[Any, ...]) -> None:
         during.append(REQUEST_ID.get())
         maps.append(sum(type(o).__name__.startswith("hamt") for o in gc.get_objects()))
-        return send_charge(*args)
 
-    mw._send_charge = watched_send  # type: ignore[method-assign]
-    headers: list[dict[bytes, bytes]] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            headers.append(dict(message["headers"]))
+    watch_charge(mw, probe)
+    send = Starts()
 
     async def one_request() -> None:
         # A task of its own, as a server runs each request: its context starts empty.
@@ -275,7 +270,7 @@ async def test_the_request_id_is_set_once_the_charge_answered(gate: CreditGate) 
         gc.enable()
         gc.unfreeze()
     assert during == [None] and maps == [0]
-    assert seen_by_app == [headers[0][b"x-creditgate-request-id"].decode()]
+    assert seen_by_app == [send.headers[0][b"x-creditgate-request-id"].decode()]
 
 
 async def test_the_seeding_log_line_carries_the_request_id(
@@ -294,26 +289,20 @@ async def test_the_seeding_log_line_carries_the_request_id(
         await seed(org)
 
     gate.meter.admission._seed = watched_seed  # type: ignore[method-assign]
-    send_charge = mw._send_charge
     rids: list[str] = []
 
-    def watched_send(*args: Any) -> Any:
+    def probe(args: tuple[Any, ...]) -> None:
         rids.append(args[4])  # (org, feature, user, cost, request id, ...)
-        return send_charge(*args)
 
-    mw._send_charge = watched_send  # type: ignore[method-assign]
-    statuses: list[int] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
+    watch_charge(mw, probe)
+    send = Starts()
 
     async def one_request() -> None:
         scope, receive = request(org)
         await mw(scope, receive, send)
 
     await asyncio.get_running_loop().create_task(one_request(), context=Context())
-    assert len(statuses) == 1  # (the default plan decides the answer; the seeding ran)
+    assert len(send.statuses) == 1  # (the default plan decides the answer; the seeding ran)
     assert len(rids) == 1 and ids == rids
 
 
@@ -341,20 +330,14 @@ async def test_no_coroutine_of_the_charge_is_alive_while_it_waits(gate: CreditGa
 
     runner.send_encoded = watched  # type: ignore[attr-defined]
     mw = CreditGateMiddleware(bare_app, gate=gate)  # type: ignore[arg-type]
-    statuses: list[int] = []
-    headers: list[dict[bytes, bytes]] = []
-
-    async def send(message: Any) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-            headers.append(dict(message["headers"]))
+    send = Starts()
 
     try:
         await mw(*request(org), send)
     finally:
         runner.send_encoded = send_encoded  # type: ignore[attr-defined]
     assert alive == [[]]
-    assert statuses == [200] and headers[0][b"x-tokens-cost"] == b"3"
+    assert send.statuses == [200] and send.headers[0][b"x-tokens-cost"] == b"3"
     await gate.meter.drain()
     balance = await gate.balance(org)
     assert balance.buckets["goal_generation"].used == 3
