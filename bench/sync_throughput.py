@@ -60,7 +60,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -102,6 +102,45 @@ def dsn_for(database: str) -> str:
     return ADMIN_DSN.rsplit("/", 1)[0] + "/" + database
 
 
+class ServerState(NamedTuple):
+    """Server-wide readings (every database): WAL position in MiB, WAL segment files,
+    CPU seconds of the checkpointer, background writer and WAL writer, the last
+    checkpoint's redo point, buffers written out by backends themselves."""
+
+    wal_mb: float
+    segments: int
+    checkpointer: float
+    redo: str
+    backend_written: int
+
+
+class ServerSpan(NamedTuple):
+    """What the server did between a meter's ``start`` and ``stop``: WAL written (MiB),
+    WAL segment files added (zero-filled by the backend that needed one, on its CPU,
+    unless an old one was recycled), the background processes' CPU seconds (a checkpoint
+    writing), whether a checkpoint completed, buffers backends had to write out
+    themselves (the stats lag by up to a second)."""
+
+    backends_system: float
+    backends_faults: int
+    wal_mb: float
+    segments: int
+    checkpointer: float
+    checkpoint_done: bool
+    backend_written: int
+
+    def describe(self) -> str:
+        """One line for the report."""
+        return (
+            f"backends' system CPU {self.backends_system:.2f} s,"
+            f" {self.backends_faults} minor faults,"
+            f" WAL {self.wal_mb:.0f} MiB, +{self.segments} segment files,"
+            f" checkpointer/bgwriter/walwriter CPU {self.checkpointer:.2f} s,"
+            f" checkpoint completed: {'yes' if self.checkpoint_done else 'no'},"
+            f" buffers written by backends {self.backend_written}"
+        )
+
+
 class CpuMeter:
     """CPU seconds used by this process plus the Postgres backends serving the bench
     database, between ``start`` and ``stop``: a load-robust measure on a shared machine.
@@ -113,14 +152,22 @@ class CpuMeter:
     the whole measurement (``min_size == max_size``), since the CPU of a backend that
     exits in between is not seen. A backend that appears in between counts from its start.
     Postgres's own background processes (WAL writer, checkpointer) serve every database
-    on the server and are not counted.
+    on the server and are not counted in that figure; ``server`` gives them apart, with
+    the WAL written and the segment files added (``ServerSpan``). With ``checkpoint``,
+    ``start`` runs a ``CHECKPOINT`` before its readings: every measured phase (worker or
+    floor) then starts from the same server state (clean shared buffers, a fresh redo
+    point, old WAL segments to recycle) and no checkpoint begun before it runs into it.
     """
 
-    def __init__(self, admin: asyncpg.Connection, database: str) -> None:
+    def __init__(self, admin: asyncpg.Connection, database: str, checkpoint: bool = False) -> None:
         self._admin = admin
         self._database = database
+        self.checkpoint = checkpoint
         self._base: dict[int, float] = {}
         self._proc0 = 0.0
+        self._system0 = (0.0, 0)
+        self._server0 = ServerState(0.0, 0, 0.0, "", 0)
+        self.server = ServerSpan(0.0, 0, 0.0, 0, 0.0, False, 0)
 
     async def _backends(self) -> list[int]:
         rows = await self._admin.fetch(
@@ -137,24 +184,69 @@ class CpuMeter:
         except (FileNotFoundError, ProcessLookupError):
             return None
 
+    @staticmethod
+    def _system(pids: list[int]) -> tuple[float, int]:
+        """The kernel's share of these processes' CPU seconds so far (writes of WAL and
+        of evicted buffers, WAL segment files zero-filled: what a checkpoint and the
+        server's state change most), and their minor page faults (memory touched for the
+        first time: shared buffers after a restart, a VM's pages handed back)."""
+        total = faults = 0
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += int(fields[12])
+            faults += int(fields[7])
+        return total / os.sysconf("SC_CLK_TCK"), faults
+
     async def start(self) -> None:
-        """Take the starting readings."""
+        """Take the starting readings (a CHECKPOINT first, if ``checkpoint``)."""
+        if self.checkpoint:
+            await self._admin.execute("CHECKPOINT")
         self._base = {}
         for pid in await self._backends():
             cpu = self._cpu(pid)
             if cpu is not None:
                 self._base[pid] = cpu
+        self._server0 = await self._server()
+        self._system0 = self._system(list(self._base))
         self._proc0 = time.process_time()
 
     async def stop(self) -> tuple[float, float]:
-        """(this process's CPU seconds, the backends' CPU seconds) since ``start``."""
+        """(this process's CPU seconds, the backends' CPU seconds) since ``start``; the
+        server's side of the same span in ``server``."""
         proc = time.process_time() - self._proc0
         backends = 0.0
-        for pid in await self._backends():
+        pids = await self._backends()
+        for pid in pids:
             cpu = self._cpu(pid)
             if cpu is not None:
                 backends += cpu - self._base.get(pid, 0.0)
+        system, faults = self._system([p for p in pids if p in self._base])
+        after = await self._server()
+        self.server = ServerSpan(
+            backends_system=system - self._system0[0],
+            backends_faults=faults - self._system0[1],
+            wal_mb=after.wal_mb - self._server0.wal_mb,
+            segments=after.segments - self._server0.segments,
+            checkpointer=after.checkpointer - self._server0.checkpointer,
+            checkpoint_done=after.redo != self._server0.redo,
+            backend_written=after.backend_written - self._server0.backend_written,
+        )
         return proc, backends
+
+    async def _server(self) -> ServerState:
+        row = await self._admin.fetchrow(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8 / 1048576 AS wal_mb,"
+            " (SELECT count(*) FROM pg_ls_waldir()) AS segments,"
+            " (SELECT redo_lsn::text FROM pg_control_checkpoint()) AS redo,"
+            " (SELECT buffers_backend FROM pg_stat_bgwriter) AS backend_written,"
+            " array(SELECT pid FROM pg_stat_activity WHERE backend_type IN"
+            " ('checkpointer', 'background writer', 'walwriter')) AS aux"
+        )
+        aux = sum(self._cpu(pid) or 0.0 for pid in row["aux"])
+        return ServerState(row["wal_mb"], row["segments"], aux, row["redo"], row["backend_written"])
 
 
 class Producer:
@@ -427,14 +519,21 @@ async def floor(
     mode: str,
     shape: str = "partitioned",
     meter: CpuMeter | None = None,
+    fresh_dsn: str | None = None,
 ) -> list[tuple[float, tuple[float, float]]]:
     """Write each phase's records into one fresh copy of the log, the bare way, one phase
     after the other (the second finds the first's rows there: the steady state's ledger);
     per phase, the seconds and the CPU seconds of this process and of the Postgres
-    backends if ``meter``."""
+    backends if ``meter``. With ``fresh_dsn``, on connections of its own opened before the
+    first phase, as the worker's cold pass starts on new ones (a backend's first touch of
+    each shared buffer page costs it a page fault: section 11j); else on ``pool``'s."""
     table = f"floor_{mode}_{shape}_{concurrency}"
     async with pool.acquire() as c:
         target = await _floor_table(c, table, shape)
+    own = None
+    if fresh_dsn is not None:
+        own = await asyncpg.create_pool(fresh_dsn, min_size=concurrency, max_size=concurrency)
+    writers = own if own is not None else pool
     cols = ", ".join(LOG_COLUMNS)
     shape_sql = ", ".join(f"{c} {t}" for c, t in zip(LOG_COLUMNS, LOG_TYPES, strict=True))
     out: list[tuple[float, tuple[float, float]]] = []
@@ -448,7 +547,7 @@ async def floor(
             batches: list[list[tuple[Any, ...]]] = batches,
             queue: asyncio.Queue[int] = queue,
         ) -> None:
-            async with pool.acquire() as c:
+            async with writers.acquire() as c:
                 while not queue.empty():
                     i = queue.get_nowait()
                     if mode == "copy":
@@ -472,7 +571,11 @@ async def floor(
         await asyncio.gather(*(one() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
         cpu = await meter.stop() if meter is not None else (0.0, 0.0)
+        if meter is not None:
+            SPANS.append((f"{table}", meter.server))
         out.append((elapsed, cpu))
+    if own is not None:
+        await own.close()
     async with pool.acquire() as c:
         count = await c.fetchval(f"SELECT count(*) FROM {table}")
         await c.execute(f"DROP TABLE {table}")
@@ -567,7 +670,8 @@ async def measure_lag(
         f" p50 {p[49]:.1f} ms, p99 {p[98]:.1f} ms, "
         f"max {lags_ms[-1]:.1f} ms; CPU us/event: worker"
         f" {lag_cpu[0] / len(lags_ms) * 1e6:.1f}, Postgres backends"
-        f" {lag_cpu[1] / len(lags_ms) * 1e6:.1f}; load average {os.getloadavg()[0]:.2f}"
+        f" {lag_cpu[1] / len(lags_ms) * 1e6:.1f}; load average {os.getloadavg()[0]:.2f};"
+        f" server: {meter.server.describe()}"
     )
 
 
@@ -659,6 +763,10 @@ async def usage_ab(redis: Any, pool: asyncpg.Pool, prefix: str, args: argparse.N
     print(f"  median ratio {statistics.median(ratios):.2f} [{min(ratios):.2f}-{max(ratios):.2f}]")
 
 
+# What the server did in each measured span (name, span), printed after the tables.
+SPANS: list[tuple[str, ServerSpan]] = []
+
+
 def report_pass(
     phase: str, n: int, elapsed: float, cpu: tuple[float, float], worker: SyncWorker
 ) -> None:
@@ -691,7 +799,9 @@ async def main(args: argparse.Namespace) -> None:
             f" load average {os.getloadavg()[0]:.2f}"
         )
         if args.lag_only:
-            await measure_lag(redis, pool, lag_ks, args, CpuMeter(admin, database))
+            await measure_lag(
+                redis, pool, lag_ks, args, CpuMeter(admin, database, not args.no_checkpoint)
+            )
             return
         t = time.perf_counter()
         producer = Producer(args.orgs)
@@ -707,7 +817,7 @@ async def main(args: argparse.Namespace) -> None:
             await usage_ab(redis, pool, ks.prefix, args)
             return
 
-        meter = CpuMeter(admin, database)
+        meter = CpuMeter(admin, database, checkpoint=not args.no_checkpoint)
         n = args.events
         rates: list[tuple[str, str, float]] = []
         cpus: list[tuple[str, str, int, tuple[float, float]]] = []
@@ -715,6 +825,7 @@ async def main(args: argparse.Namespace) -> None:
         # Cold: a fresh ledger; every org, bucket and rollup key is new.
         elapsed, worker, e2e_cpu = await run_throughput(redis, pool, ks, n, args, meter)
         report_pass("cold", n, elapsed, e2e_cpu, worker)
+        SPANS.append(("end-to-end, cold", meter.server))
         rates.append((headline, "cold", n / elapsed))
         cpus.append((headline, "cold", n, e2e_cpu))
         # Warm (the steady state): the same keys again with the same worker.
@@ -724,6 +835,7 @@ async def main(args: argparse.Namespace) -> None:
             redis, pool, ks, n, args, meter, worker=worker, total_rows=2 * n
         )
         report_pass("warm", n, elapsed, e2e_cpu, worker)
+        SPANS.append(("end-to-end, warm", meter.server))
         rates.append((headline, "warm", n / elapsed))
         cpus.append((headline, "warm", n, e2e_cpu))
         if args.processes > 0:
@@ -757,7 +869,10 @@ async def main(args: argparse.Namespace) -> None:
                     "floor: COPY to temp + INSERT ON CONFLICT" if mode == "insert" else "plain COPY"
                 )
                 name = f"{what}, {shape}, concurrency {conc}"
-                runs = await floor(pool, phases, args.batch_size, conc, mode, shape, meter)
+                runs = await floor(
+                    pool, phases, args.batch_size, conc, mode, shape, meter,
+                    fresh_dsn=None if args.warm_floor_connections else dsn,
+                )  # fmt: skip
                 for phase, (secs, cpu) in zip(PHASES, runs, strict=True):
                     rate = n / secs
                     best = insert_floor if mode == "insert" else copy_floor
@@ -770,6 +885,10 @@ async def main(args: argparse.Namespace) -> None:
         print(f"load average {os.getloadavg()[0]:.2f} after the floors")
         print()
         print(cpu_table(cpus))
+        print()
+        print("server side of each span (the floors: cold, then warm):")
+        for name, span in SPANS:
+            print(f"  {name}: {span.describe()}")
 
         if args.lag_seconds > 0:
             await measure_lag(redis, pool, lag_ks, args, meter)
@@ -801,6 +920,16 @@ if __name__ == "__main__":
         type=int,
         default=0,
         help="only compare fixed-cost events with usage-field events, this many rounds",
+    )
+    parser.add_argument(
+        "--warm-floor-connections",
+        action="store_true",
+        help="the floors on the pool the worker used (the method before 11j)",
+    )
+    parser.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="no CHECKPOINT before each measured phase (the method before 11j)",
     )
     parser.add_argument(
         "--entry-format",

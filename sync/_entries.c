@@ -19,7 +19,8 @@
  * Why: per event, decode_each's interpreter work (the checks, the line joined from the
  * values, the lists it appends to) was most of the sync worker's decode; here each value is
  * read once, the line is written into one buffer, and the only objects made per event are
- * the ones the writer keeps (the values, the line).
+ * the ones the writer keeps (the values, the line), a value of few distinct texts (the org,
+ * user, feature ...) only once per read (`slot_value`).
  *
  * Plain C99 against the Python headers, compiled by hatch_build.py like _topscan.c.
  */
@@ -89,11 +90,48 @@ static PyObject *piece(const char *p, Py_ssize_t n, int ascii) {
     return PyUnicode_DecodeUTF8(p, n, "strict");
 }
 
+/* The read's values of few distinct texts that change from entry to entry (org, user,
+ * feature, bucket, tokens, route), kept per read in a direct-mapped table: an entry whose
+ * value is the text of the slot's takes that object. One object per distinct text instead
+ * of one per event: fewer to make and free, and their hashes, computed once, kept, so the
+ * reductions' dict lookups (org_order, rollups, newest, plans) hash each text once and
+ * find their keys by identity; the objects they keep sit together in memory. Equal
+ * values either way: the answer is the same. */
+#define SLOTS 1024
+#define SLOT_MAX_LEN 64
+
+static int slotted(int k) {
+    return (k >= 2 && k <= 6) || k == 18;
+}
+
+/* The value at (p, n) of column k, from `slots` when a slot holds its text (a new
+ * reference), else made and put in its slot; NULL on error. Only for ASCII values. */
+static PyObject *slot_value(PyObject **slots, int k, const char *p, Py_ssize_t n) {
+    const unsigned char *q = (const unsigned char *)p;
+    size_t h = 2166136261u ^ (size_t)k; /* FNV-1a */
+    for (Py_ssize_t j = 0; j < n; j++) {
+        h = (h ^ q[j]) * 16777619u;
+    }
+    PyObject **slot = &slots[h & (SLOTS - 1)];
+    PyObject *c = *slot;
+    if (c != NULL && PyUnicode_GET_LENGTH(c) == n &&
+        memcmp(PyUnicode_1BYTE_DATA(c), p, (size_t)n) == 0) {
+        Py_INCREF(c);
+        return c;
+    }
+    PyObject *s = piece(p, n, 1);
+    if (s != NULL) {
+        Py_INCREF(s);
+        Py_XSETREF(*slot, s);
+    }
+    return s;
+}
+
 /* 1: decoded into the lists at i; 0: not this fast path's entry (answer None); -1: error. */
 static int one(PyObject *entry, Py_ssize_t i, PyObject *times, PyObject *kinds,
                Py_ssize_t max_digits, PyObject *out[5], PyObject *levels, Buf *bufp,
                PyObject **last_ts, PyObject **last_hit, int *empty_bucket, int *usage,
-               int *dirty) {
+               int *dirty, PyObject **slots) {
     Buf buf = *bufp;
     int result = -1;
     PyObject *id, *fields, *name, *value, *flat = NULL, *line = NULL;
@@ -190,6 +228,11 @@ static int one(PyObject *entry, Py_ssize_t i, PyObject *times, PyObject *kinds,
                 memcmp(PyUnicode_1BYTE_DATA(p), u + at[k], (size_t)len[k]) == 0) {
                 Py_INCREF(p);
                 s = p;
+            }
+        }
+        if (s == NULL && ascii && len[k] > 0 && len[k] <= SLOT_MAX_LEN && slotted(k)) {
+            if ((s = slot_value(slots, k, u + at[k], len[k])) == NULL) {
+                goto done;
             }
         }
         if (s == NULL && (s = piece(u + at[k], len[k], ascii)) == NULL) {
@@ -319,6 +362,11 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     PyObject *levels = NULL, *last_ts = NULL, *last_hit = NULL, *answer = NULL;
     Buf buf = {NULL, 0, 0};
     int empty_bucket = 0, usage = 0, dirty = 0, status = 1;
+    PyObject **slots = PyMem_Calloc(SLOTS, sizeof(PyObject *));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
     for (int k = 0; k < 5; k++) {
         if ((out[k] = PyList_New(n)) == NULL) {
             goto done;
@@ -329,7 +377,7 @@ static PyObject *decode_v2(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t i = 0; i < n && status == 1; i++) {
         status = one(PyList_GET_ITEM(entries, i), i, times, kinds, max_digits, out, levels, &buf,
-                     &last_ts, &last_hit, &empty_bucket, &usage, &dirty);
+                     &last_ts, &last_hit, &empty_bucket, &usage, &dirty, slots);
     }
     if (status == 1) {
         answer = Py_BuildValue("(OOOOOOOOO)", out[0], out[1], out[2], out[3], out[4],
@@ -347,6 +395,10 @@ done:
     Py_XDECREF(levels);
     Py_XDECREF(last_ts);
     Py_XDECREF(last_hit);
+    for (int k = 0; k < SLOTS; k++) {
+        Py_XDECREF(slots[k]);
+    }
+    PyMem_Free(slots);
     PyMem_Free(buf.data);
     return answer;
 }
@@ -395,7 +447,23 @@ typedef struct {
     Py_ssize_t count;
     long long sum;
     PyObject *bucket; /* borrowed: the least bucket (features) */
+    /* borrowed, of the key's first event: its org, day and user (or feature) */
+    PyObject *org, *day, *name;
 } Cell;
+
+/* An (org, day) of a batch's rollups: its users' and its features' cells, by user or
+ * feature (str -> the cell's index). */
+typedef struct {
+    PyObject *users, *features;
+} Group;
+
+static int same_text(PyObject *a, PyObject *b) {
+    if (a == b) {
+        return 1;
+    }
+    int c = PyUnicode_Compare(a, b);
+    return c == -1 && PyErr_Occurred() ? -1 : c == 0;
+}
 
 /* The key's cell, a new one (index n) if it was not in `index`: -1 error, else its index. */
 static Py_ssize_t cell_of(PyObject *index, PyObject *key, Py_ssize_t *n) {
@@ -451,6 +519,13 @@ static int append_new(PyObject *list, PyObject *item) {
     return r;
 }
 
+/* rollups(flats, days, kinds) -> sync/aggregate.py rollups_each's columns, or None.
+ *
+ * The keys are (org, day, user) and (org, day, feature), in the order of their first
+ * events. An (org, day) is looked up once per run of events with the same org and day
+ * (a batch in org order is one run per org: sync/writer.py), and within it the user and
+ * the feature by the str alone: no key tuple made and hashed per event. The cells are
+ * numbered as their keys first come, which is the order of the answer. */
 static PyObject *rollups(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *flats, *days, *kinds;
@@ -462,17 +537,19 @@ static PyObject *rollups(PyObject *self, PyObject *args) {
     if (PyList_GET_SIZE(days) != n) {
         Py_RETURN_NONE;
     }
-    /* Presized: at most a key per event, and no rehash as the batch's keys come. */
-    PyObject *users = _PyDict_NewPresized(n), *features = _PyDict_NewPresized(n);
+    PyObject *index = PyDict_New();
     PyObject *answer = NULL, *cols = NULL;
     PyObject *one = PyUnicode_FromString("1"), *zero = PyUnicode_FromString("0");
     Cell *uc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
     Cell *fc = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Cell));
-    Py_ssize_t nu = 0, nf = 0;
+    Group *groups = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Group));
+    Group *group = NULL;
+    PyObject *group_org = NULL, *group_day = NULL; /* borrowed: the current run's */
+    Py_ssize_t nu = 0, nf = 0, ng = 0;
     int ours = 1;
-    if (users == NULL || features == NULL || one == NULL || zero == NULL || uc == NULL ||
-        fc == NULL) {
-        if (uc == NULL || fc == NULL) {
+    if (index == NULL || one == NULL || zero == NULL || uc == NULL || fc == NULL ||
+        groups == NULL) {
+        if (uc == NULL || fc == NULL || groups == NULL) {
             PyErr_NoMemory();
         }
         goto done;
@@ -495,38 +572,61 @@ static PyObject *rollups(PyObject *self, PyObject *args) {
         PyObject *bucket = value_at(v, 5), *tokens = value_at(v, 6);
         long long t = 0;
         if (org == NULL || user == NULL || feature == NULL || bucket == NULL || tokens == NULL ||
+            !PyUnicode_CheckExact(day) ||
             (PyUnicode_GET_LENGTH(tokens) && !small_int(tokens, &t))) {
             ours = 0;
             break;
         }
-        PyObject *key = PyTuple_Pack(3, org, day, user);
-        if (key == NULL) {
+        int same = group != NULL ? same_text(org, group_org) : 0;
+        if (same == 1) {
+            same = same_text(day, group_day);
+        }
+        if (same < 0) {
             goto done;
         }
-        Py_ssize_t k = cell_of(users, key, &nu);
-        Py_DECREF(key);
+        if (!same) {
+            PyObject *key = PyTuple_Pack(2, org, day);
+            if (key == NULL) {
+                goto done;
+            }
+            Py_ssize_t g = cell_of(index, key, &ng);
+            Py_DECREF(key);
+            if (g < 0) {
+                goto done;
+            }
+            group = &groups[g];
+            if (group->users == NULL &&
+                ((group->users = PyDict_New()) == NULL ||
+                 (group->features = PyDict_New()) == NULL)) {
+                goto done;
+            }
+            group_org = org;
+            group_day = day;
+        }
+        Py_ssize_t k = cell_of(group->users, user, &nu);
         if (k < 0) {
             goto done;
         }
         if (uc[k].count == 0) {
             uc[k].first = i;
+            uc[k].org = org;
+            uc[k].day = day;
+            uc[k].name = user;
         }
         if (!add(&uc[k], t)) {
             ours = 0;
             break;
         }
-        key = PyTuple_Pack(3, org, day, feature);
-        if (key == NULL) {
-            goto done;
-        }
-        k = cell_of(features, key, &nf);
-        Py_DECREF(key);
+        k = cell_of(group->features, feature, &nf);
         if (k < 0) {
             goto done;
         }
         if (fc[k].count == 0) {
             fc[k].first = i;
             fc[k].bucket = bucket;
+            fc[k].org = org;
+            fc[k].day = day;
+            fc[k].name = feature;
         } else {
             int less = PyUnicode_Compare(bucket, fc[k].bucket);
             if (less == -1 && PyErr_Occurred()) {
@@ -559,29 +659,22 @@ static PyObject *rollups(PyObject *self, PyObject *args) {
         }
         PyTuple_SET_ITEM(cols, c, list);
     }
-    PyObject *key, *at;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(users, &pos, &key, &at)) {
-        Cell *c = &uc[PyLong_AsSsize_t(at)];
-        for (int j = 0; j < 3; j++) {
-            if (PyList_Append(PyTuple_GET_ITEM(cols, j), PyTuple_GET_ITEM(key, j)) < 0) {
-                goto done;
-            }
-        }
-        if (append_new(PyTuple_GET_ITEM(cols, 3), count_text(c, one)) < 0 ||
+    for (Py_ssize_t k = 0; k < nu; k++) {
+        Cell *c = &uc[k];
+        if (PyList_Append(PyTuple_GET_ITEM(cols, 0), c->org) < 0 ||
+            PyList_Append(PyTuple_GET_ITEM(cols, 1), c->day) < 0 ||
+            PyList_Append(PyTuple_GET_ITEM(cols, 2), c->name) < 0 ||
+            append_new(PyTuple_GET_ITEM(cols, 3), count_text(c, one)) < 0 ||
             append_new(PyTuple_GET_ITEM(cols, 4), sum_text(c, flats, zero)) < 0) {
             goto done;
         }
     }
-    pos = 0;
-    while (PyDict_Next(features, &pos, &key, &at)) {
-        Cell *c = &fc[PyLong_AsSsize_t(at)];
-        for (int j = 0; j < 3; j++) {
-            if (PyList_Append(PyTuple_GET_ITEM(cols, 5 + j), PyTuple_GET_ITEM(key, j)) < 0) {
-                goto done;
-            }
-        }
-        if (PyList_Append(PyTuple_GET_ITEM(cols, 8), c->bucket) < 0 ||
+    for (Py_ssize_t k = 0; k < nf; k++) {
+        Cell *c = &fc[k];
+        if (PyList_Append(PyTuple_GET_ITEM(cols, 5), c->org) < 0 ||
+            PyList_Append(PyTuple_GET_ITEM(cols, 6), c->day) < 0 ||
+            PyList_Append(PyTuple_GET_ITEM(cols, 7), c->name) < 0 ||
+            PyList_Append(PyTuple_GET_ITEM(cols, 8), c->bucket) < 0 ||
             append_new(PyTuple_GET_ITEM(cols, 9), count_text(c, one)) < 0 ||
             append_new(PyTuple_GET_ITEM(cols, 10), sum_text(c, flats, zero)) < 0) {
             goto done;
@@ -591,10 +684,16 @@ static PyObject *rollups(PyObject *self, PyObject *args) {
     cols = NULL;
 done:
     Py_XDECREF(cols);
-    Py_XDECREF(users);
-    Py_XDECREF(features);
+    Py_XDECREF(index);
     Py_XDECREF(one);
     Py_XDECREF(zero);
+    if (groups != NULL) {
+        for (Py_ssize_t g = 0; g < ng; g++) {
+            Py_XDECREF(groups[g].users);
+            Py_XDECREF(groups[g].features);
+        }
+    }
+    PyMem_Free(groups);
     PyMem_Free(uc);
     PyMem_Free(fc);
     return answer;

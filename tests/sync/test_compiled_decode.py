@@ -336,3 +336,65 @@ def test_values_of_other_types_are_left_to_the_python_forms() -> None:
     assert compiled.org_order([["short"]]) is None
     assert compiled.rollups([v], [], aggregate.REQUEST_KINDS) is None  # days out of step
     assert decode_v2([5, ("1-0", ["v2", "x"])], Times(), KINDS, MAX_DIGITS) is None
+
+
+# -- shared values and runs of (org, day) (BENCHMARKS.md section 11j) -------------------------
+
+
+@needs_compiled
+@pytest.mark.parametrize("orgs", [8, 3000])
+def test_a_reads_values_of_one_text_are_one_object(orgs: int) -> None:
+    """The compiled decode gives the org, user, feature, bucket, tokens and route of one
+    text one object per read (while its slot keeps it: 3,000 orgs overflow the table of
+    1,024, and evicted texts are made again), and still answers as ``decode_each``."""
+    events = [
+        {**e, "o": f"org{i % orgs:05d}", "id": f"{e['id']}-{i}"}
+        for i, e in enumerate(_producer_events(False, 300) * 12)
+    ]
+    entries = _read(events)
+    got = decode_entries(entries, Times())
+    _same(got, decode_each(entries, Times()))
+    flats = got.rows.flats
+    assert len({f[ORG] for f in flats}) == orgs
+    if orgs < 100:  # else texts evict each other's slots: some made again, never wrong
+        for column in (ORG, USER, FEATURE, BUCKET, TOKENS):
+            assert len({id(f[column]) for f in flats}) == len({f[column] for f in flats})
+
+
+def _fresh(text: str) -> str:
+    """An equal str that is another object (slicing copies a str of 2 or more characters)."""
+    return (text + ".")[:-1]
+
+
+@needs_compiled
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["o1", "o2", "o3"]),
+            st.sampled_from(["u1", "u2", "\u00e9\u00e9"]),
+            st.sampled_from(["f1", "f2"]),
+            st.sampled_from(["2026-11-14", "2026-11-15"]),
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
+def test_the_compiled_rollups_answer_as_the_python_form_in_any_order_of_orgs_and_days(
+    batch_: list[tuple[str, str, str, str, bool]],
+) -> None:
+    """Runs of one (org, day) broken and resumed, equal texts as distinct objects or as one:
+    the same columns in the same order, each key's values its first event's objects."""
+    entries, days = [], []
+    for org, user, feature, day, fresh in batch_:
+        v = [""] * 21
+        v[KIND], v[TOKENS], v[BUCKET] = "charge", "2", _fresh("b" + feature)
+        v[ORG], v[USER], v[FEATURE] = (_fresh(x) if fresh else x for x in (org, user, feature))
+        entries.append(v)
+        days.append(_fresh(day) if fresh else day)
+    reduced = compiled.rollups(entries, days, aggregate.REQUEST_KINDS)
+    expected = aggregate.rollups_each(entries, days)
+    assert reduced is not None
+    assert [list(c) for c in reduced] == [list(c) for c in expected]
+    for column in (0, 1, 2, 5, 6, 7):  # the keys: org, day, user; org, day, feature
+        assert all(a is b for a, b in zip(reduced[column], expected[column], strict=True))
