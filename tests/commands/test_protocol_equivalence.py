@@ -1,0 +1,198 @@
+"""``creditgate serve``'s protocol answers what uvicorn's own would, request for request.
+
+gateway/commands/limited_protocol.py inlines uvicorn's per-request callbacks (the scope,
+the headers' end, the body, the task's start), makes a keep-alive request's cycle a
+``FastCycle`` directly and keeps a request target's path, raw path and query string per
+target. This drives the same reads through uvicorn's ``HttpToolsProtocol`` and through
+``LimitedHttpToolsProtocol`` (both on in-memory transports, in front of an app that echoes
+what it was given) and compares what the app saw (the scope, the request body) and the
+bytes the client got: keep-alive, a target seen again, percent-encoding and queries,
+HTTP/1.0, ``Connection: close``, HEAD, ``Expect: 100-continue``, pipelining, a chunked
+body, headers split over reads, a root path, a smuggling attempt and a bad target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.commands import limited_protocol
+from gateway.commands.limited_protocol import LimitedHttpToolsProtocol
+from gateway.config.schema import ServerConfig
+
+
+class _Transport(asyncio.Transport):
+    """The client's side in memory: what was written, and whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5555)}.get(name, default)
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+_SCOPE_KEYS = (
+    "type", "asgi", "http_version", "server", "client", "scheme", "root_path", "headers",
+    "method", "path", "raw_path", "query_string",
+)  # fmt: skip
+
+
+def _echo(seen: list[Any]) -> Any:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        fields = {key: scope.get(key) for key in _SCOPE_KEYS}
+        seen.append((fields, body))
+        answer = repr((fields["method"], fields["path"], fields["query_string"], body)).encode()
+        if b"chunked" in fields["raw_path"]:
+            headers = [(b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": answer, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    return app
+
+
+async def _drive(
+    limited: bool, reads: list[bytes], root_path: str
+) -> tuple[bytes, bool, list[Any]]:
+    seen: list[Any] = []
+    config = UvicornConfig(
+        _echo(seen), loop="none", lifespan="off", access_log=False, server_header=False,
+        date_header=False, proxy_headers=False, root_path=root_path,
+    )  # fmt: skip
+    config.load()
+    loop = asyncio.get_running_loop()
+    protocol: HttpToolsProtocol
+    if limited:
+        protocol = LimitedHttpToolsProtocol(config, ServerState(), {}, loop, limits=ServerConfig())
+    else:
+        protocol = HttpToolsProtocol(config, ServerState(), {}, loop)
+    transport = _Transport()
+    protocol.connection_made(transport)
+    for data in reads:
+        if not transport.closed:
+            protocol.data_received(data)
+        for _ in range(30):
+            await asyncio.sleep(0)
+    protocol.connection_lost(None)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return bytes(transport.out), transport.closed, seen
+
+
+POST = b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+CASES: dict[str, list[bytes]] = {
+    "keep-alive, the same target again": [
+        POST + b"Content-Length: 2\r\n\r\n{}",
+        POST + b"Content-Length: 3\r\n\r\n[1]",
+        b"GET /v1/chat?x=2 HTTP/1.1\r\nHost: gw\r\n\r\n",
+    ],
+    "percent-encoding and queries": [
+        b"GET /a%20b/%2Fc?q=%20&r HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET /a%20b/%2Fc?q=%20&r HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET /a%20b/%2Fc HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET /caf%C3%A9?%C3%A9=1 HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET http://gw/abs/path?z=9 HTTP/1.1\r\nHost: gw\r\n\r\n",
+    ],
+    "HTTP/1.0": [b"GET /old HTTP/1.0\r\nHost: gw\r\n\r\n", b"GET /after HTTP/1.0\r\n\r\n"],
+    "HTTP/1.0 keep-alive asked": [
+        b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        b"GET /after HTTP/1.1\r\nHost: gw\r\n\r\n",
+    ],
+    "Connection: close": [b"GET /bye HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"],
+    "HEAD": [b"HEAD /h HTTP/1.1\r\nHost: gw\r\n\r\n", b"GET /h HTTP/1.1\r\nHost: gw\r\n\r\n"],
+    "a chunked answer": [b"GET /chunked HTTP/1.1\r\nHost: gw\r\n\r\n"] * 2,
+    "Expect: 100-continue": [
+        b"POST /e HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        b"hello",
+        POST + b"Content-Length: 2\r\n\r\n{}",
+    ],
+    "pipelined": [
+        POST + b"Content-Length: 2\r\n\r\n{}"
+        b"GET /second HTTP/1.1\r\nHost: gw\r\n\r\n"
+        b"GET /third?t HTTP/1.1\r\nHost: gw\r\n\r\n"
+    ],
+    "a chunked request body": [
+        b"POST /c HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        b"2\r\nde\r\n0\r\n\r\n",
+    ],
+    "headers split over reads": [
+        b"POST /s",
+        b"plit?y=1 HTTP/1.1\r\nHo",
+        b"st: gw\r\nContent-",
+        b"Length: 2\r\n\r\n{",
+        b"}",
+    ],
+    "smuggling: Content-Length and Transfer-Encoding": [
+        b"POST /x HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ],
+    "a bad target": [b"GET /a b HTTP/1.1\r\nHost: gw\r\n\r\n"],
+    "trailing spaces in a value, an upper-case name": [
+        b"GET /t HTTP/1.1\r\nHost: gw \t\r\nX-UPPER: v  \r\n\r\n"
+    ],
+}
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_serve_answers_as_uvicorn_does(case: str, root_path: str) -> None:
+    limited_protocol._URLS.clear()
+    reads = CASES[case]
+    expected = await _drive(False, reads, root_path)
+    for _ in range(2):  # the second time with the targets' parts kept
+        got = await _drive(True, reads, root_path)
+        assert got[2] == expected[2], "the app saw something else"
+        assert got[0] == expected[0], "the client got other bytes"
+        assert got[1] == expected[1]
+
+
+async def test_targets_kept_are_bounded_and_not_under_a_root_path() -> None:
+    limited_protocol._URLS.clear()
+    reads = [b"GET /n%d?i=%d HTTP/1.1\r\nHost: gw\r\n\r\n" % (i, i) for i in range(300)]
+    await _drive(True, reads, "")
+    assert 0 < len(limited_protocol._URLS) <= limited_protocol._URLS_MAX
+    assert limited_protocol._URLS[b"/n299?i=299"] == ("/n299", b"/n299", b"i=299")
+    limited_protocol._URLS.clear()
+    await _drive(True, reads[:3], "/api")
+    assert not limited_protocol._URLS
+    long = b"/" + b"x" * limited_protocol._URL_LONG
+    await _drive(True, [b"GET " + long + b" HTTP/1.1\r\nHost: gw\r\n\r\n"], "")
+    assert not limited_protocol._URLS
