@@ -252,7 +252,9 @@ class FastCycle(RequestResponseCycle):
             or not event.is_set()
         ):
             return await super().receive()
-        self.flow.resume_reading()
+        flow = self.flow
+        if flow.read_paused:  # flow.resume_reading(), without its call when not paused
+            flow.resume_reading()
         event.clear()
         message: HTTPRequestEvent = {
             "type": "http.request",
