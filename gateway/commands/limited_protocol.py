@@ -45,6 +45,7 @@ covers against a real server.
 from __future__ import annotations
 
 import asyncio
+import types
 import urllib.parse
 from typing import Any
 
@@ -106,6 +107,25 @@ def _url_parts(url: bytes, root_path: str) -> tuple[str, bytes, bytes]:
     return parts
 
 
+def _spec_version() -> str:
+    """The ASGI HTTP spec version the installed uvicorn's scope states (2.4 in 0.30, 2.3
+    in 0.55): read once from its own ``on_message_begin``, so that the scope made here
+    states the same."""
+    config = types.SimpleNamespace(asgi_version="3.0")
+    stub = types.SimpleNamespace(
+        config=config, asgi_version="3.0", server=None, client=None, scheme="http",
+        root_path="", app_state={},
+    )  # fmt: skip
+    try:
+        HttpToolsProtocol.on_message_begin(stub)  # type: ignore[arg-type]
+        return str(stub.scope["asgi"]["spec_version"])
+    except Exception:  # another uvicorn's shape: the spec version uvicorn 0.55 states
+        return "2.3"
+
+
+_SPEC_VERSION = _spec_version()
+
+
 class _Refused(Exception):
     """Raised from a parser callback to stop parsing a request over a limit."""
 
@@ -143,6 +163,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # fast_cycle_allowed) without an access log (fixed for the connection's life) and
         # without default headers of uvicorn's own (``serve`` has neither).
         self._fast_cycles = not self.access_log
+        self.asgi_version = config.asgi_version  # (uvicorn 0.30's protocol has no copy)
         self._reset_contextvars = bool(getattr(config, "reset_contextvars", False))
         self._task_done = self.tasks.discard
 
@@ -264,7 +285,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.headers = headers
         self.scope = {  # type: ignore[typeddict-item]
             "type": "http",
-            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "asgi": {"version": self.asgi_version, "spec_version": _SPEC_VERSION},
             "http_version": "1.1",
             "server": self.server,
             "client": self.client,
