@@ -9,6 +9,8 @@ what it was given) and compares what the app saw (the scope, the request body) a
 bytes the client got: keep-alive, a target seen again, percent-encoding and queries,
 HTTP/1.0, ``Connection: close``, HEAD, ``Expect: 100-continue``, pipelining, a chunked
 body, headers split over reads, a root path, a smuggling attempt and a bad target.
+test_response_cycle.py runs it against another uvicorn too (``CREDITGATE_UVICORN_PATH``:
+the oldest ``pyproject.toml`` allows, 0.30, passes).
 """
 
 from __future__ import annotations
