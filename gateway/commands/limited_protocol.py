@@ -60,7 +60,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import ServerState
 
 from gateway.commands.response_cycle import CLOSE as _CLOSE
-from gateway.commands.response_cycle import fast_cycle
+from gateway.commands.response_cycle import FastCycle, fast_cycle
 from gateway.commands.splice import UvicornSplice
 from gateway.config.schema import ServerConfig
 from gateway.core.splice import RESPONSE_SPLICE
@@ -146,6 +146,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         call = getattr(self.app, HTTP_CALL, None)
         if call is not None:  # see HTTP_CALL
             self.app = call
+        # The app whose call makes the request's coroutine itself (a plain picker: see
+        # HTTP_CALL): a FastCycle runs it without run_asgi's coroutine (run_direct).
+        self._direct = call
         self.limits = limits
         # uvicorn's own idle timeout between requests (its Config types it as int).
         self.timeout_keep_alive = limits.keep_alive_timeout_seconds  # type: ignore[assignment]
@@ -401,9 +404,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """uvicorn's ``_start_asgi_task``, with the task set's ``discard`` bound once per
-        connection rather than once per request."""
+        connection rather than once per request; a keep-alive request for ``HTTP_CALL``'s
+        call runs without ``run_asgi``'s coroutine (``FastCycle.run_direct``)."""
         if self._reset_contextvars:
             super()._start_asgi_task(cycle, app)
+            return
+        if app is self._direct and cycle.__class__ is FastCycle:
+            cycle.run_direct(app, self.loop, self.tasks)  # type: ignore[arg-type]
             return
         task = self.loop.create_task(cycle.run_asgi(app))
         task.add_done_callback(self._task_done)

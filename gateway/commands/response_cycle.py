@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -121,6 +122,23 @@ def fast_cycle(
     return cycle
 
 
+_COROUTINE = types.CoroutineType
+
+
+def _nothing() -> None:
+    """A finished cycle's ``on_response`` (as run_asgi's ``lambda: None``)."""
+
+
+async def _raising(exc: BaseException) -> None:
+    """The request's coroutine when calling the app raised: it raises that."""
+    raise exc
+
+
+async def _awaiting(awaitable: Awaitable[Any]) -> Any:
+    """The request's coroutine when the app gave another awaitable than a coroutine."""
+    return await awaitable
+
+
 class FastCycle(RequestResponseCycle):
     """A ``RequestResponseCycle`` whose ``send`` takes the common response the cheap way
     (see the module docstring); anything else is uvicorn's own ``send``."""
@@ -147,6 +165,8 @@ class FastCycle(RequestResponseCycle):
     response_complete = False
     chunked_encoding: bool | None = None
     expected_content_length = 0
+    # The server's task set, when run_direct runs the request (its task leaves it at the end).
+    tasks: set[Any] | None = None
 
     def send(self, message: ASGISendEvent) -> Awaitable[None]:  # type: ignore[override]
         """Send one ASGI message: the fast path, or uvicorn's ``send``.
@@ -231,6 +251,69 @@ class FastCycle(RequestResponseCycle):
             head = status_line + _CRLF
         self.transport.write(head)
         return self._done()
+
+    def run_direct(
+        self, app: Callable[..., Any], loop: asyncio.AbstractEventLoop, tasks: set[Any]
+    ) -> None:
+        """Run ``app`` for this request in a task of its own whose coroutine is the app's
+        own, not uvicorn's ``run_asgi`` around it: every resume of the request's task (the
+        charge's reply, the upstream's answer) goes through one coroutine level fewer.
+        What ``run_asgi`` does after the app (a failure logged and answered with 500 or a
+        close, an app that returned without a whole response) is done by the task's end,
+        :meth:`_ended`, the same way. ``app`` is called here, not in the task: it must be
+        a plain picker of the endpoint (``HTTP_CALL``) or a coroutine function."""
+        try:
+            call = app(self.scope, self.receive, self.send)
+        except BaseException as exc:  # as run_asgi catches it
+            call = _raising(exc)
+        if type(call) is not _COROUTINE:
+            call = _awaiting(call)
+        task = loop.create_task(call)
+        self.tasks = tasks
+        task.add_done_callback(self._ended)
+        tasks.add(task)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """The request's task ended (see :meth:`run_direct`): out of the server's task set,
+        and anything but the usual end (None returned, the response complete) handled as
+        uvicorn's ``run_asgi`` handles it, in a task of its own (it may send a 500)."""
+        tasks = self.tasks
+        if tasks is not None:
+            tasks.discard(task)
+        # (run_asgi catches the app's cancellation too)
+        failure = asyncio.CancelledError() if task.cancelled() else task.exception()
+        result = None
+        if failure is None:
+            result = task.result()
+            if result is None and self.response_complete:
+                self.on_response = _nothing  # run_asgi's finally
+                return
+        end = task.get_loop().create_task(self._end(failure, result))
+        if tasks is not None:
+            end.add_done_callback(tasks.discard)
+            tasks.add(end)
+
+    async def _end(self, failure: BaseException | None, result: Any) -> None:
+        """The rest of uvicorn's ``run_asgi`` (the same in 0.30 and 0.55), after the app."""
+        try:
+            if failure is not None:
+                self.logger.error("Exception in ASGI application\n", exc_info=failure)
+                if not self.response_started:
+                    await self.send_500_response()
+                else:
+                    self.transport.close()
+            elif result is not None:
+                msg = "ASGI callable should return None, but returned '%s'."
+                self.logger.error(msg, result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
 
     def _done(self) -> asyncio.Future[None]:
         """The future done already that :meth:`send` returns when its work is done."""

@@ -16,6 +16,7 @@ the oldest ``pyproject.toml`` allows, 0.30, passes).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import pytest
@@ -91,32 +92,74 @@ def _echo(seen: list[Any]) -> Any:
     return app
 
 
+class _Picker:
+    """An app offering ``http_call`` (as GatewayApp does): serve's protocol calls that,
+    and runs a keep-alive request without run_asgi's coroutine (FastCycle.run_direct)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        return await self.http_call(scope, receive, send)  # (what the app returns, too)
+
+    def http_call(self, scope: Any, receive: Any, send: Any) -> Any:
+        return self.app(scope, receive, send)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 async def _drive(
-    limited: bool, reads: list[bytes], root_path: str
+    limited: bool,
+    reads: list[bytes],
+    root_path: str,
+    app: Any = None,
+    picker: bool = False,
+    cancel: bool = False,
 ) -> tuple[bytes, bool, list[Any]]:
     seen: list[Any] = []
+    app = app if app is not None else _echo(seen)
     config = UvicornConfig(
-        _echo(seen), loop="none", lifespan="off", access_log=False, server_header=False,
-        date_header=False, proxy_headers=False, root_path=root_path,
+        _Picker(app) if picker else app, loop="none", lifespan="off", access_log=False,
+        server_header=False, date_header=False, proxy_headers=False, root_path=root_path,
     )  # fmt: skip
     config.load()
     loop = asyncio.get_running_loop()
+    state = ServerState()
     protocol: HttpToolsProtocol
     if limited:
-        protocol = LimitedHttpToolsProtocol(config, ServerState(), {}, loop, limits=ServerConfig())
+        protocol = LimitedHttpToolsProtocol(config, state, {}, loop, limits=ServerConfig())
     else:
-        protocol = HttpToolsProtocol(config, ServerState(), {}, loop)
-    transport = _Transport()
-    protocol.connection_made(transport)
-    for data in reads:
-        if not transport.closed:
-            protocol.data_received(data)
-        for _ in range(30):
+        protocol = HttpToolsProtocol(config, state, {}, loop)
+    records = _Records()
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(records)
+    try:
+        transport = _Transport()
+        protocol.connection_made(transport)
+        for data in reads:
+            if not transport.closed:
+                protocol.data_received(data)
+            for _ in range(30):
+                await asyncio.sleep(0)
+        if cancel:
+            for task in list(state.tasks):
+                task.cancel()
+            for _ in range(30):
+                await asyncio.sleep(0)
+        assert not state.tasks, "a request's task is still in the server's set"
+        protocol.connection_lost(None)
+        for _ in range(5):
             await asyncio.sleep(0)
-    protocol.connection_lost(None)
-    for _ in range(5):
-        await asyncio.sleep(0)
-    return bytes(transport.out), transport.closed, seen
+    finally:
+        logger.removeHandler(records)
+    return bytes(transport.out), transport.closed, [*seen, *records.messages]
 
 
 POST = b"POST /v1/chat?x=1 HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
@@ -198,3 +241,92 @@ async def test_targets_kept_are_bounded_and_not_under_a_root_path() -> None:
     long = b"/" + b"x" * limited_protocol._URL_LONG
     await _drive(True, [b"GET " + long + b" HTTP/1.1\r\nHost: gw\r\n\r\n"], "")
     assert not limited_protocol._URLS
+
+
+@pytest.mark.parametrize("root_path", ["", "/api"])
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_an_app_offering_http_call_is_served_as_uvicorn_serves_it(
+    case: str, root_path: str
+) -> None:
+    reads = CASES[case]
+    expected = await _drive(False, reads, root_path, picker=True)
+    assert await _drive(True, reads, root_path, picker=True) == expected
+
+
+def _start(more: bool = True) -> list[dict[str, Any]]:
+    headers = [(b"content-type", b"text/plain"), (b"content-length", b"5")]
+    messages: list[dict[str, Any]] = [
+        {"type": "http.response.start", "status": 200, "headers": headers}
+    ]
+    if not more:
+        messages.append({"type": "http.response.body", "body": b"hello"})
+    return messages
+
+
+def _failing(kind: str) -> Any:
+    """An app that ends some other way than with a whole response and None."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> Any:
+        await receive()
+        if kind in ("raises after the start", "returns after the start"):
+            # A chunked head: FastCycle holds a Content-Length head for its body (what it
+            # documents: a head with no body after it never reaches the client).
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        if kind.startswith("raises"):
+            raise RuntimeError("the app failed")
+        if kind == "returns a value":
+            for message in _start(more=False):
+                await send(message)
+            return 42
+        if kind == "waits forever":
+            await asyncio.Event().wait()
+        return None
+
+    return app
+
+
+def _picking(kind: str) -> Any:
+    """An http_call that raises itself, or gives an awaitable that is not a coroutine."""
+
+    class Picker(_Picker):
+        def http_call(self, scope: Any, receive: Any, send: Any) -> Any:
+            if kind == "the call raises":
+                raise RuntimeError("no endpoint")
+            return asyncio.ensure_future(self.app(scope, receive, send))
+
+    return Picker
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "raises before the start",
+        "raises after the start",
+        "returns before the start",
+        "returns after the start",
+        "returns a value",
+        "waits forever",
+    ],
+)
+async def test_an_app_ending_badly_gets_what_uvicorn_gives(kind: str) -> None:
+    """A failure logged, then a 500 (nothing sent yet) or a close; an app cancelled (the
+    server's shutdown) as one that raised. The same bytes, the same log lines."""
+    reads = [POST + b"Content-Length: 2\r\n\r\n{}", b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n"]
+    cancel = kind == "waits forever"
+    for picker in (False, True):
+        app = _failing(kind)
+        expected = await _drive(False, reads, "", app, picker, cancel)
+        got = await _drive(True, reads, "", app, picker, cancel)
+        assert got == expected
+        assert expected[2], "the failure was logged"
+
+
+@pytest.mark.parametrize("kind", ["the call raises", "a future, not a coroutine"])
+async def test_a_call_that_raises_or_gives_a_future(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tests.commands.test_protocol_equivalence._Picker", _picking(kind))
+    reads = CASES["keep-alive, the same target again"]
+    expected = await _drive(False, reads, "", picker=True)
+    got = await _drive(True, reads, "", picker=True)
+    assert got == expected
