@@ -36,23 +36,38 @@ request's scope also gets the response splice (``scope["extensions"]``; see
 gateway/core/splice.py and gateway/commands/splice.py), through which a stream's body
 pieces can reach the connection without one ASGI ``send`` each.
 
-It relies on uvicorn's ``HttpToolsProtocol`` (its callbacks ``on_message_begin`` and
-``on_headers_complete``, its ``headers`` and ``url``; its ``data_received`` is repeated
-here to tell our refusals from parser errors), which tests/e2e/test_connection_limits.py
-covers against a real server.
+It relies on uvicorn's ``HttpToolsProtocol`` (its ``on_header``, ``on_url``, ``headers``
+and ``url``, its upgrade and 400 handling; its ``data_received`` is repeated here to tell
+our refusals from parser errors), which tests/e2e/test_connection_limits.py covers against
+a real server. Its per-request callbacks (``on_message_begin``, ``on_headers_complete``,
+``on_body``, ``on_message_complete``, ``_start_asgi_task``) are uvicorn 0.55's, inlined
+here: one Python frame each instead of ours calling uvicorn's, a keep-alive request's
+cycle made a ``FastCycle`` directly, a request target's parts kept per target, and a task
+for ``HTTP_CALL``'s call without ``run_asgi``'s coroutine (``FastCycle.run_direct``).
+tests/commands/test_protocol_equivalence.py drives the same reads through uvicorn's own
+protocol and this one and compares what the app sees and what the client gets (against
+uvicorn 0.30 too, the oldest ``pyproject.toml`` allows).
 """
 
 from __future__ import annotations
 
 import asyncio
+import types
+import urllib.parse
 from typing import Any
 
 import httptools
 from uvicorn.config import Config as UvicornConfig
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, service_unavailable
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
-from gateway.commands.response_cycle import FastCycle, fast_cycle_allowed
+from gateway.commands.response_cycle import CLOSE as _CLOSE
+from gateway.commands.response_cycle import FastCycle, fast_cycle
 from gateway.commands.splice import UvicornSplice
 from gateway.config.schema import ServerConfig
 from gateway.core.splice import RESPONSE_SPLICE
@@ -67,6 +82,55 @@ itself: ``app.http_call(scope, receive, send)``, a plain function returning the 
 of the endpoint it picks (GatewayApp: creditgate's own endpoints or the metered upstream).
 The request's task then runs one coroutine level fewer, a level every resume of the task
 passes through (the charge's reply, the upstream's). Websockets still get the app itself."""
+
+
+# A request target's (path, raw_path, query_string), as uvicorn's on_headers_complete
+# makes them, kept per target (with no root_path): a client asks for the same few targets,
+# and a dict lookup is cheaper than parsing, decoding and unquoting each time. Bounded:
+# emptied when full; long targets never kept.
+_URLS: dict[bytes, tuple[str, bytes, bytes]] = {}
+_URLS_MAX = 256
+_URL_LONG = 512
+
+
+def _url_parts(url: bytes, root_path: str) -> tuple[str, bytes, bytes]:
+    """``url``'s (path, raw_path, query_string) under ``root_path``, as uvicorn's
+    ``on_headers_complete`` makes them (``httptools.parse_url`` refuses a bad target:
+    a 400); kept in ``_URLS`` when there is no root_path."""
+    parsed_url = httptools.parse_url(url)
+    raw_path = parsed_url.path
+    path = raw_path.decode("ascii")
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    parts = (
+        root_path + path,
+        root_path.encode("ascii") + raw_path,
+        parsed_url.query or b"",
+    )
+    if not root_path and len(url) <= _URL_LONG:
+        if len(_URLS) >= _URLS_MAX:
+            _URLS.clear()
+        _URLS[url] = parts
+    return parts
+
+
+def _spec_version() -> str:
+    """The ASGI HTTP spec version the installed uvicorn's scope states (2.4 in 0.30, 2.3
+    in 0.55): read once from its own ``on_message_begin``, so that the scope made here
+    states the same."""
+    config = types.SimpleNamespace(asgi_version="3.0")
+    stub = types.SimpleNamespace(
+        config=config, asgi_version="3.0", server=None, client=None, scheme="http",
+        root_path="", app_state={},
+    )  # fmt: skip
+    try:
+        HttpToolsProtocol.on_message_begin(stub)  # type: ignore[arg-type]
+        return str(stub.scope["asgi"]["spec_version"])
+    except Exception:  # another uvicorn's shape: the spec version uvicorn 0.55 states
+        return "2.3"
+
+
+_SPEC_VERSION = _spec_version()
 
 
 class _Refused(Exception):
@@ -89,6 +153,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         call = getattr(self.app, HTTP_CALL, None)
         if call is not None:  # see HTTP_CALL
             self.app = call
+        # The app whose call makes the request's coroutine itself (a plain picker: see
+        # HTTP_CALL): a FastCycle runs it without run_asgi's coroutine (run_direct).
+        self._direct = call
         self.limits = limits
         # uvicorn's own idle timeout between requests (its Config types it as int).
         self.timeout_keep_alive = limits.keep_alive_timeout_seconds  # type: ignore[assignment]
@@ -102,6 +169,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._seen = 0  # the reads since the request began: at least its header bytes
         self._raw = 0  # the reads entirely inside its headers: at most its header bytes
         self._refusal: tuple[int, str] | None = None
+        # A keep-alive request's cycle may be a FastCycle (response_cycle.py
+        # fast_cycle_allowed) without an access log (fixed for the connection's life) and
+        # without default headers of uvicorn's own (``serve`` has neither).
+        self._fast_cycles = not self.access_log
+        self.asgi_version = config.asgi_version  # (uvicorn 0.30's protocol has no copy)
+        self._reset_contextvars = bool(getattr(config, "reset_contextvars", False))
+        self._task_done = self.tasks.discard
 
     # --- connection ------------------------------------------------------------------
 
@@ -210,20 +284,57 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- parser callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        """A request line begins: its headers are counted from here."""
-        super().on_message_begin()
+        """A request line begins: its headers are counted from here, and its scope is made
+        (uvicorn's ``on_message_begin``, inlined: one Python frame fewer per request)."""
         self._requests += 1
         self._in_headers = True
         self._seen, self._raw = self._read, 0  # this whole read, at most
+        self.url = b""
+        self.expect_100_continue = False
+        headers: list[tuple[bytes, bytes]] = []
+        self.headers = headers
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": _SPEC_VERSION},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": headers,
+            "state": self.app_state.copy(),
+        }
+
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's ``on_body``, its cycle looked up once."""
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.body += body
+        if len(cycle.body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def on_message_complete(self) -> None:
+        """uvicorn's ``on_message_complete``, its cycle looked up once."""
+        cycle = self.cycle
+        if (self.parser.should_upgrade() and self._should_upgrade()) or cycle.response_complete:
+            return
+        cycle.more_body = False
+        cycle.message_event.set()
 
     def on_headers_complete(self) -> None:
         """The headers are in: check them; no deadline while the app works or the body
-        arrives."""
+        arrives. Then uvicorn's ``on_headers_complete``, inlined (one Python frame fewer),
+        making a keep-alive request's cycle a :class:`FastCycle` directly (the cheaper
+        response head: gateway/commands/response_cycle.py) and giving every request's
+        scope the response splice."""
         self._in_headers = False
         if self._deadline is not None:
             self._cancel_deadline()
         limits = self.limits
-        if len(self.headers) > limits.max_request_headers:
+        headers = self.headers
+        if len(headers) > limits.max_request_headers:
             n = limits.max_request_headers
             self._refusal = (431, f"Too many request header fields (more than {n}).")
             raise _Refused
@@ -232,20 +343,85 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._refusal = (431, self._too_large())
             raise _Refused
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # a request for the app
-            # The cheaper response head (gateway/commands/response_cycle.py). The task that
-            # runs the app has not started yet: it looks ``send`` up on the cycle when it
-            # does, and finds FastCycle's.
-            if fast_cycle_allowed(cycle, self.headers):
-                cycle.__class__ = FastCycle
-                cycle.done = self._done  # type: ignore[attr-defined]  # see FastCycle.send
-            # The response splice (gateway/core/splice.py): a stream's body pieces can
-            # reach this connection without one ASGI send each. (uvicorn types an
-            # extension's value as a dict, as the ASGI spec's own are; ours is an object.)
-            extensions = self.scope.setdefault("extensions", {})
-            extensions[RESPONSE_SPLICE] = UvicornSplice(cycle)  # type: ignore[assignment]
+        # From here on uvicorn's on_headers_complete (0.55), step for step.
+        parser = self.parser
+        scope = self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = self.url
+        root_path = self.root_path
+        parts = _URLS.get(url) if not root_path else None
+        if parts is None:
+            parts = _url_parts(url, root_path)
+        scope["path"], scope["raw_path"], scope["query_string"] = parts
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        else:
+            app = self.app
+        existing_cycle = self.cycle
+        keep_alive = http_version != "1.0" and parser.should_keep_alive()
+        cycle: RequestResponseCycle
+        if (
+            keep_alive
+            and self._fast_cycles
+            and not self.server_state.default_headers
+            and _CLOSE not in headers
+        ):
+            # (fast_cycle_allowed's test, the cycle's part of it known per connection.)
+            cycle = fast_cycle(
+                scope,
+                self.transport,
+                self.flow,
+                asyncio.Event(),
+                self.expect_100_continue,
+                self.on_response_complete,
+                self._done,
+            )
+        else:
+            cycle = RequestResponseCycle(
+                scope=scope,
+                transport=self.transport,
+                flow=self.flow,
+                logger=self.logger,
+                access_logger=self.access_logger,
+                access_log=self.access_log,
+                default_headers=self.server_state.default_headers,
+                message_event=asyncio.Event(),
+                expect_100_continue=self.expect_100_continue,
+                keep_alive=keep_alive,
+                on_response=self.on_response_complete,
+            )
+        self.cycle = cycle
+        # The response splice (gateway/core/splice.py): a stream's body pieces can reach
+        # this connection without one ASGI send each. (uvicorn types an extension's value
+        # as a dict, as the ASGI spec's own are; ours is an object.)
+        scope["extensions"] = {RESPONSE_SPLICE: UvicornSplice(cycle)}  # type: ignore[dict-item]
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(cycle, app)
+        else:
+            # Pipelined requests wait for the response before them, in order.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """uvicorn's ``_start_asgi_task``, with the task set's ``discard`` bound once per
+        connection rather than once per request; a keep-alive request for ``HTTP_CALL``'s
+        call runs without ``run_asgi``'s coroutine (``FastCycle.run_direct``)."""
+        if self._reset_contextvars:
+            super()._start_asgi_task(cycle, app)
+            return
+        if app is self._direct and cycle.__class__ is FastCycle:
+            cycle.run_direct(app, self.loop, self.tasks)  # type: ignore[arg-type]
+            return
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self._task_done)
+        self.tasks.add(task)
 
     # --- limits ---------------------------------------------------------------------
 

@@ -39,13 +39,16 @@ It relies on the cycle's attributes that uvicorn's ``send`` itself uses (``trans
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import logging
+import types
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent
+from uvicorn._types import ASGIReceiveEvent, ASGISendEvent, HTTPRequestEvent, HTTPScope
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-__all__ = ["FastCycle", "fast_cycle_allowed"]
+__all__ = ["CLOSE", "FastCycle", "fast_cycle", "fast_cycle_allowed"]
 
 # Lowercase RFC 9110 tokens; VCHAR, SP and obs-text: what a name and a value may hold here
 # (``bytes.translate`` deletes them, in C: what is left is what is not allowed).
@@ -53,13 +56,15 @@ _TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"
 _VISIBLE = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
 _CRLF = b"\r\n"
 _CHUNKED = b"transfer-encoding: chunked\r\n\r\n"
-_CLOSE = (b"connection", b"close")
+CLOSE = (b"connection", b"close")
+"""A request's ``Connection: close`` header as uvicorn's parser hands it over."""
 # Larger bodies are not copied to join them to the head: two writes are cheaper then.
 _JOIN_MAX = 65536
 # Joined name sequences already found to be lowercase tokens (an app answers with the same
 # few): a set lookup instead of a translate per response. Bounded: emptied when full,
 # long sequences never kept.
 _TOKEN_NAMES: set[bytes] = set()
+_new_cycle = object.__new__
 _TOKEN_NAMES_MAX = 256
 _TOKEN_NAMES_LONG = 4096
 
@@ -84,10 +89,54 @@ def fast_cycle_allowed(cycle: RequestResponseCycle, request_headers: list[Any]) 
     cycle's life: ``serve`` has neither)."""
     return (
         bool(cycle.keep_alive)
-        and _CLOSE not in request_headers
+        and CLOSE not in request_headers
         and not cycle.access_log
         and not cycle.default_headers
     )
+
+
+def fast_cycle(
+    scope: HTTPScope,
+    transport: asyncio.Transport,
+    flow: FlowControl,
+    message_event: asyncio.Event,
+    expect_100_continue: bool,
+    on_response: Callable[..., None],
+    done: asyncio.Future[None],
+) -> FastCycle:
+    """A new keep-alive request's :class:`FastCycle`, as uvicorn's ``RequestResponseCycle``
+    would make it with ``keep_alive=True``, no access log and no default headers (what
+    :func:`fast_cycle_allowed` asks), sending through ``transport``; ``done``: a future
+    done already, for ``send`` to return. Only what differs per request is set on the
+    instance: the rest are the class's defaults (no ``__init__`` frame of eleven keyword
+    arguments per request)."""
+    cycle = _new_cycle(FastCycle)
+    cycle.scope = scope
+    cycle.transport = transport
+    cycle.flow = flow
+    cycle.message_event = message_event
+    cycle.on_response = on_response
+    cycle.waiting_for_100_continue = expect_100_continue
+    cycle.body = bytearray()
+    cycle.done = done
+    return cycle
+
+
+_COROUTINE = types.CoroutineType
+
+
+def _nothing() -> None:
+    """A finished cycle's ``on_response`` (as run_asgi's ``lambda: None``)."""
+
+
+async def _raising(exc: BaseException) -> None:
+    """The request's coroutine when calling the app raised: it raises that."""
+    raise exc
+
+
+async def _awaiting(awaitable: Awaitable[Any]) -> Any:
+    """The request's coroutine when the app gave another awaitable than a coroutine."""
+    return await awaitable
 
 
 class FastCycle(RequestResponseCycle):
@@ -101,6 +150,24 @@ class FastCycle(RequestResponseCycle):
     # returns at once). The protocol gives each cycle its connection's; else made once.
     done: asyncio.Future[None] | None = None
 
+    # What every FastCycle that ``fast_cycle`` makes starts with, as class defaults (a
+    # cycle made by uvicorn's __init__ sets them all on the instance, shadowing these):
+    # uvicorn's loggers, no access log or default headers (fast_cycle_allowed), and the
+    # state of a request just begun.
+    logger = logging.getLogger("uvicorn.error")
+    access_logger = logging.getLogger("uvicorn.access")
+    access_log = False
+    default_headers: list[tuple[bytes, bytes]] = []  # never mutated: send copies it
+    disconnected = False
+    keep_alive = True
+    more_body = True
+    response_started = False
+    response_complete = False
+    chunked_encoding: bool | None = None
+    expected_content_length = 0
+    # The server's task set, when run_direct runs the request (its task leaves it at the end).
+    tasks: set[Any] | None = None
+
     def send(self, message: ASGISendEvent) -> Awaitable[None]:  # type: ignore[override]
         """Send one ASGI message: the fast path, or uvicorn's ``send``.
 
@@ -112,8 +179,25 @@ class FastCycle(RequestResponseCycle):
         held = self._held
         if held is not None:
             self._held = None
+            if (
+                msg["type"] == "http.response.body"
+                and not msg.get("more_body", False)
+                and not self.flow.write_paused
+                and not self.disconnected
+                and self.keep_alive
+            ):
+                # The usual short answer: its whole body after its held head, in one
+                # write (_send_held's first case, inlined: one Python frame fewer).
+                body = msg.get("body", b"")
+                if len(body) == self.expected_content_length:
+                    self.expected_content_length = 0
+                    self.transport.write(held + body)
+                    self.response_complete = True
+                    self.message_event.set()
+                    self.on_response()
+                    return self.done or self._done()
             rest = self._send_held(held, msg)
-            return rest if rest is not None else self._done()
+            return rest if rest is not None else self.done or self._done()
         if (
             self.response_started
             or msg["type"] != "http.response.start"
@@ -159,7 +243,7 @@ class FastCycle(RequestResponseCycle):
             head = status_line + _CRLF
             if 0 < self.expected_content_length <= _JOIN_MAX and self.scope["method"] != "HEAD":
                 self._held = head  # written with the body's first bytes
-                return self._done()
+                return self.done or self._done()
         elif self.scope["method"] != "HEAD" and status not in (204, 304):
             self.chunked_encoding = True
             head = status_line + _CHUNKED
@@ -167,6 +251,69 @@ class FastCycle(RequestResponseCycle):
             head = status_line + _CRLF
         self.transport.write(head)
         return self._done()
+
+    def run_direct(
+        self, app: Callable[..., Any], loop: asyncio.AbstractEventLoop, tasks: set[Any]
+    ) -> None:
+        """Run ``app`` for this request in a task of its own whose coroutine is the app's
+        own, not uvicorn's ``run_asgi`` around it: every resume of the request's task (the
+        charge's reply, the upstream's answer) goes through one coroutine level fewer.
+        What ``run_asgi`` does after the app (a failure logged and answered with 500 or a
+        close, an app that returned without a whole response) is done by the task's end,
+        :meth:`_ended`, the same way. ``app`` is called here, not in the task: it must be
+        a plain picker of the endpoint (``HTTP_CALL``) or a coroutine function."""
+        try:
+            call = app(self.scope, self.receive, self.send)
+        except BaseException as exc:  # as run_asgi catches it
+            call = _raising(exc)
+        if type(call) is not _COROUTINE:
+            call = _awaiting(call)
+        task = loop.create_task(call)
+        self.tasks = tasks
+        task.add_done_callback(self._ended)
+        tasks.add(task)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """The request's task ended (see :meth:`run_direct`): out of the server's task set,
+        and anything but the usual end (None returned, the response complete) handled as
+        uvicorn's ``run_asgi`` handles it, in a task of its own (it may send a 500)."""
+        tasks = self.tasks
+        if tasks is not None:
+            tasks.discard(task)
+        # (run_asgi catches the app's cancellation too)
+        failure = asyncio.CancelledError() if task.cancelled() else task.exception()
+        result = None
+        if failure is None:
+            result = task.result()
+            if result is None and self.response_complete:
+                self.on_response = _nothing  # run_asgi's finally
+                return
+        end = task.get_loop().create_task(self._end(failure, result))
+        if tasks is not None:
+            end.add_done_callback(tasks.discard)
+            tasks.add(end)
+
+    async def _end(self, failure: BaseException | None, result: Any) -> None:
+        """The rest of uvicorn's ``run_asgi`` (the same in 0.30 and 0.55), after the app."""
+        try:
+            if failure is not None:
+                self.logger.error("Exception in ASGI application\n", exc_info=failure)
+                if not self.response_started:
+                    await self.send_500_response()
+                else:
+                    self.transport.close()
+            elif result is not None:
+                msg = "ASGI callable should return None, but returned '%s'."
+                self.logger.error(msg, result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
 
     def _done(self) -> asyncio.Future[None]:
         """The future done already that :meth:`send` returns when its work is done."""
@@ -188,7 +335,9 @@ class FastCycle(RequestResponseCycle):
             or not event.is_set()
         ):
             return await super().receive()
-        self.flow.resume_reading()
+        flow = self.flow
+        if flow.read_paused:  # flow.resume_reading(), without its call when not paused
+            flow.resume_reading()
         event.clear()
         message: HTTPRequestEvent = {
             "type": "http.request",

@@ -1,7 +1,8 @@
 """``serve``'s protocol calls an app's ``http_call`` for each HTTP request when it offers
 one (gateway/commands/limited_protocol.py ``HTTP_CALL``): GatewayApp does, so the request's
-task runs without GatewayApp's own coroutine level, and the endpoint picked is the one
-``GatewayApp.__call__`` picks."""
+task runs without GatewayApp's own coroutine level (and, a keep-alive request, without
+uvicorn's ``run_asgi`` either: ``FastCycle.run_direct``), and the endpoint picked is the one
+``GatewayApp.__call__`` picks; an app that offers none keeps ``run_asgi``."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ async def test_the_protocol_calls_http_call_and_the_task_skips_the_apps_level() 
     app = _Offering()
     await _served(app, 3)
     assert app.calls == 3
-    for chain in app.endpoint.chains:  # the task's step runs run_asgi, then the endpoint
-        assert chain[-2:] == ["RequestResponseCycle.run_asgi", "_Endpoint.__call__"], chain
+    for chain in app.endpoint.chains:  # the task's step runs the endpoint itself
+        assert chain[-2:] == ["Handle._run", "_Endpoint.__call__"], chain  # (run_direct)
 
 
 async def test_an_app_without_it_is_called_itself() -> None:
@@ -104,6 +105,6 @@ async def test_gateway_app_offers_it_and_picks_the_endpoint_its_call_picks() -> 
     # Through serve's protocol: creditgate's own endpoint, with no GatewayApp level.
     await _served(app, 2, b"/healthz")
     assert len(own.chains) == 2
-    for chain in own.chains:
-        assert chain[-2:] == ["RequestResponseCycle.run_asgi", "_Endpoint.__call__"], chain
+    for chain in own.chains:  # nor run_asgi's (FastCycle.run_direct)
+        assert chain[-2:] == ["Handle._run", "_Endpoint.__call__"], chain
     await app.gate.close()

@@ -377,6 +377,8 @@ def test_the_comparison_holds_on_another_uvicorn() -> None:
             f"{__file__}::test_a_hostile_value_never_reaches_the_client",
             f"{__file__}::test_a_slow_client_gets_the_held_head_before_uvicorn_waits",
             f"{__file__}::test_a_hostile_upstream_header_never_reaches_the_client",
+            # serve's protocol, read for read against that uvicorn's own
+            str(Path(__file__).with_name("test_protocol_equivalence.py")),
         ],
         env=env, cwd=root, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
