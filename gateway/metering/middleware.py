@@ -233,9 +233,11 @@ class CreditGateMiddleware:
         # The metered path stays in this one coroutine (helpers are plain functions): every
         # coroutine layer costs a frame on each await and each resume of the request's task.
         try:
-            ident = self.identifier.identify_nowait(scope)
-            if ident is None:
-                ident = await self.identifier.identify(scope)
+            decided = self.identifier.decide(scope)  # identify_nowait, one call fewer
+            # (`.__class__ is`, not isinstance: a load, not a call; mypy cannot narrow it.)
+            if decided.__class__ is tuple:
+                decided = await self.identifier.identify(scope)
+            ident: Identity | IdentityFailure = decided  # type: ignore[assignment]
         except _UNAVAILABLE as exc:
             self.counters.count(match.feature, "refused_unavailable")
             await self._identity_unavailable(scope, send, match, exc)
@@ -311,9 +313,9 @@ class CreditGateMiddleware:
         # across the charge's suspension are what the cycle collector's young passes walk
         # (and, once promoted, its full ones) while the request waits for Redis.
         rid = (b"x-creditgate-request-id", request_id.encode())
-        inner = self._inner_scope(
-            scope, applied(scope["headers"], removal), path, encoded_path, ident, match, rid
-        )
+        # (removal -1: nothing to remove, the usual; applied's call spared.)
+        headers = None if removal == -1 else applied(scope["headers"], removal)
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         charged = self._charged_headers(adm, rid)
         state = inner["state"]
         # The app's send: an object built once admitted, not a closure. A closure's cells

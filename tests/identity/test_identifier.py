@@ -237,6 +237,44 @@ async def test_repeated_identity_header_among_other_headers_is_401(
     assert isinstance(result, IdentityFailure) and "more than one" in result.detail
 
 
+
+async def test_a_kept_plan_reads_each_requests_own_values(
+    make: MakeIdentifier, store: FakeStore
+) -> None:
+    """Where the identity headers stand is kept per sequence of names; the values are each
+    request's own: two keys under the same names are two callers, the second of two
+    requests with a repeated header is refused as the first, and other names (X-API-Key,
+    trusted headers) get their own plan."""
+    identifier = make(trusted_headers=True)
+    key_a, row_a = store.add("org-a", "u-a")
+    key_b, row_b = store.add("org-b", "u-b")
+    names = [(b"user-agent", b"sdk"), (b"authorization", b"")]
+    for _ in range(2):  # the second round decided by the kept plans
+        for key, row in ((key_a, row_a), (key_b, row_b)):
+            headers = [names[0], (b"authorization", b"Bearer " + key.encode())]
+            assert await identifier.identify(scope(headers)) == Identity(
+                row.org, row.user, "api_key", row.id
+            )
+            by_api_key = [(b"x-api-key", key.encode()), names[0]]
+            assert await identifier.identify(scope(by_api_key)) == Identity(
+                row.org, row.user, "api_key", row.id
+            )
+        repeated = [(b"authorization", b"Bearer x"), *names[:1], (b"x-org-id", b"o")] * 2
+        result = identifier.decide(scope(repeated))
+        assert isinstance(result, IdentityFailure) and "more than one" in result.detail
+        trusted = [names[0], (b"x-user-id", b"u9"), (b"x-org-id", b"org-9")]
+        assert await identifier.identify(scope(trusted)) == Identity("org-9", "u9", "header")
+        assert await identifier.identify(scope([names[0]])) == IdentityFailure(
+            401, identifier._missing_detail(None, None)
+        )
+
+
+def test_the_kept_plans_are_bounded(make: MakeIdentifier) -> None:
+    identifier = make()
+    for n in range(600):
+        identifier.decide(scope([(b"x-n-%d" % n, b"v")]))
+    assert 0 < len(identifier._plans) <= 256
+
 async def test_scope_without_client_or_headers(make: MakeIdentifier) -> None:
     result = await make().identify({"type": "http", "client": None, "headers": []})
     assert isinstance(result, IdentityFailure) and result.status == 401
