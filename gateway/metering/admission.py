@@ -421,13 +421,18 @@ class Admitter:
         self.counters.observe_admit(perf_counter() - started)
         if len(reply) > 5 or reply[0] != "ok":
             return None
-        adm = Admission("ok", rid, org, feature, self._features[feature].bucket, total)
-        adm.refresh_at_ms = refresh_at
-        adm.remaining = int(reply[1])
+        # Every field in the one call (positional: the dataclass's order), not set after it.
+        bucket = self._features[feature].bucket
         limit = int(reply[2])
-        if limit >= 0:  # -1: no limiter applies
-            adm.limit, adm.limit_remaining, adm.limit_reset_ms = limit, int(reply[3]), int(reply[4])
-        return adm
+        if limit < 0:  # no limiter applies
+            return Admission(
+                "ok", rid, org, feature, bucket, total, None, int(reply[1]), None, None, None,
+                None, None, refresh_at,
+            )  # fmt: skip
+        return Admission(
+            "ok", rid, org, feature, bucket, total, None, int(reply[1]), limit, int(reply[3]),
+            int(reply[4]), None, None, refresh_at,
+        )  # fmt: skip
 
     async def answer(
         self,
