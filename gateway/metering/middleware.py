@@ -661,13 +661,17 @@ class CreditGateMiddleware:
         """The scope the app sees: the normalised path (the one matched and metered), the
         cleaned headers plus the caller's identity, and the outer scope's state."""
         headers = list(scope["headers"]) if headers is None else headers
-        user = ident.user
-        headers += (
-            (b"x-creditgate-org", ident.org.encode()),
-            (b"x-creditgate-user", user.encode() if user else b""),
-            self._feature_header[match.feature],
-            rid,
-        )
+        # The identity's two headers, encoded once per identity and kept with it.
+        ours = ident.inner_headers
+        if ours is None:
+            user = ident.user
+            ours = (
+                (b"x-creditgate-org", ident.org.encode()),
+                (b"x-creditgate-user", user.encode() if user else b""),
+            )
+            object.__setattr__(ident, "inner_headers", ours)  # (frozen: not its value)
+        headers += ours
+        headers += (self._feature_header[match.feature], rid)
         inner = dict(scope)
         inner["path"] = path
         inner["raw_path"] = encoded_path
