@@ -237,7 +237,6 @@ async def test_repeated_identity_header_among_other_headers_is_401(
     assert isinstance(result, IdentityFailure) and "more than one" in result.detail
 
 
-
 async def test_a_kept_plan_reads_each_requests_own_values(
     make: MakeIdentifier, store: FakeStore
 ) -> None:
@@ -274,6 +273,7 @@ def test_the_kept_plans_are_bounded(make: MakeIdentifier) -> None:
     for n in range(600):
         identifier.decide(scope([(b"x-n-%d" % n, b"v")]))
     assert 0 < len(identifier._plans) <= 256
+
 
 async def test_scope_without_client_or_headers(make: MakeIdentifier) -> None:
     result = await make().identify({"type": "http", "client": None, "headers": []})

@@ -119,7 +119,6 @@ async def test_a_script_redis_forgot_is_loaded_and_the_charge_sent_again(
     assert again.remaining == first.remaining - first.cost  # charged once more, not twice
 
 
-
 async def test_the_usual_answer_with_and_without_a_limiter(gate: CreditGate) -> None:
     """``admitted`` builds the whole Admission in one call: every field as ``admit``'s,
     with the limiter's three (a rate-limited plan) and without them (a plan without

@@ -109,7 +109,6 @@ def test_a_multi_shard_call_is_what_hiredis_packs() -> None:
     assert count == len(decode_args(raw))
 
 
-
 def test_kept_key_pairs_encode_the_same_bytes() -> None:
     """An item's two keys are kept as text per pair (most settles of an org repeat it):
     the same batch encodes the same bytes the first time, again, and after more pairs
@@ -132,6 +131,7 @@ def test_kept_key_pairs_encode_the_same_bytes() -> None:
     # A pair that is not ASCII is kept too, and still left to hiredis every time.
     for _ in range(2):
         assert encode_fixed(shard, [_item("clé", None, "r0", "c", "200", "1")], 1) is None
+
 
 def test_non_ascii_and_long_values_are_left_to_hiredis() -> None:
     shard = KEYS.of_org("a").shard
