@@ -90,7 +90,8 @@ class _ChargedSend:
     failed; every message then goes to the server's ``send`` as it is, and its awaitable
     is handed back (no coroutine of its own per message).
 
-    One ``__slots__`` object, made once the request is admitted: the closure it replaces
+    One ``__slots__`` object, made once the request is admitted, handed to the app as its
+    bound method :meth:`forward` (a cheaper call than the object's): the closure it replaces
     cost seven GC-tracked objects (six cells and the function), the cells alive across the
     charge's wait (BENCHMARKS.md section 1, round 10)."""
 
@@ -111,7 +112,11 @@ class _ChargedSend:
         self.adm = adm
         self.status = 0
 
-    def __call__(self, message: Message) -> Awaitable[None]:
+    def forward(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: the middleware hands the app this bound method, not the
+        object. A Python caller's call of a bound method is a frame pushed in the running
+        interpreter loop; calling an object through its ``__call__`` goes through C
+        (``slot_tp_call``) into a new one (BENCHMARKS.md section 1, round 12)."""
         if message["type"] == "http.response.start":
             status = self.status = message["status"]
             # A status that refunds is known here: the headers say nothing was charged.
@@ -121,6 +126,8 @@ class _ChargedSend:
                 extra = self.charged
             message["headers"] = [*message.get("headers", ()), *extra]
         return self.send(message)
+
+    __call__ = forward
 
 
 class CreditGateMiddleware:
@@ -323,12 +330,13 @@ class CreditGateMiddleware:
         # alive across the charge's wait, where the collector's young passes count them.
         refund_on = self._refund_on[match.feature]
         sender = _ChargedSend(send, refund_on, state, charged, adm)
+        forward = sender.forward  # one bound method: the declaration below names this object
         started = time.perf_counter()
         # It looks only at the start: the proxy may splice a stream's body around it.
-        state[SEND_PASSES_BODY] = (sender, send)
+        state[SEND_PASSES_BODY] = (forward, send)
         ok = False
         try:
-            await self.app(inner, receive, sender)
+            await self.app(inner, receive, forward)
             # Charged unless the status is in the feature's refund_on, or the upstream
             # failed (mid-body, after its status went out): no answer at all refunds too.
             status = sender.status

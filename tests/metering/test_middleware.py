@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -170,3 +171,34 @@ def _walk(app: Starlette) -> list[object]:
         layers.append(layer)
         layer = getattr(layer, "app", None)
     return layers
+
+
+async def test_the_app_gets_a_bound_method_as_send_and_it_is_the_declared_one(
+    app_and_gate: tuple[Starlette, CreditGate],
+) -> None:
+    """The fixed-cost request's ``send`` is the sender's bound method (a call the
+    interpreter makes in its own loop, not through ``__call__``), and it is the very object
+    declared for the splice (``SEND_PASSES_BODY``), so a splice check still finds it."""
+    import inspect
+
+    from gateway.core.splice import SEND_PASSES_BODY
+
+    app, gate = app_and_gate
+    await gate.set_plan("acme", "pro")
+    seen: list[tuple[Any, Any]] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        await http.get("/free")  # builds the middleware stack
+        middleware = next(layer for layer in _walk(app) if isinstance(layer, CreditGateMiddleware))
+        inner_app = middleware.app
+
+        async def watching(scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append((send, scope["state"].get(SEND_PASSES_BODY)))
+            await inner_app(scope, receive, send)
+
+        middleware.app = watching
+        r = await http.post("/api/v1/goals/7/quests", headers={"X-Session": "acme:alice"})
+    assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
+    ((send, declared),) = seen
+    assert inspect.ismethod(send) and type(send.__self__).__name__ == "_ChargedSend"
+    assert declared is not None and declared[0] is send
