@@ -140,6 +140,7 @@ async def test_the_usual_answer_with_and_without_a_limiter(gate: CreditGate) -> 
             )  # fmt: skip
             by_steps = await steps(chosen, "org-b")
             assert by_steps.status == "ok" and by_steps.remaining is not None
+            assert all(hasattr(by_steps, f) for f in Admission.__slots__)  # every slot set
             assert fields(by_admit) == fields(by_steps)
             assert (by_steps.limit is not None) == limited
             assert (by_steps.limit_remaining is not None) == limited
