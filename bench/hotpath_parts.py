@@ -1,6 +1,6 @@
 """Where a metered short request's CPU goes, part by part, in instructions (callgrind).
 
-    .venv/bin/python bench/hotpath_parts.py ladder [--only NAME ...] [--tree DIR]
+    .venv/bin/python bench/hotpath_parts.py ladder [--only NAME ...] [--tree DIR] [--gc-off]
     .venv/bin/python bench/hotpath_parts.py opcodes [--requests 1920] [--uvicorn]
 
 ``ladder`` counts, under valgrind's callgrind, the instructions per request of a series of
@@ -203,6 +203,13 @@ def _child(step: str, requests: int, settings_path: str) -> None:
     from bench.middleware_cpu import drive
 
     settings = Settings.load(settings_path)
+    if os.environ.get("CG_PARTS_GC_OFF"):
+        # --gc-off: the code's own instructions, without the cycle collector's passes,
+        # whose place in a run (a full pass in the window or not) moves a uv- step's count
+        # by several k (bench/collector.py counts the passes).
+        import gc
+
+        gc.disable()
 
     async def main() -> None:
         one = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
@@ -319,6 +326,8 @@ def ladder(args: argparse.Namespace) -> None:
     from bench.services import own_postgres, own_redis
 
     steps = args.only or list(STEPS)
+    if args.gc_off:
+        os.environ["CG_PARTS_GC_OFF"] = "1"  # the children inherit it
     trees = args.tree or [_HERE.parent]
     workdir = Path(tempfile.mkdtemp(prefix="cg-parts-"))
     with own_redis(1) as redis, own_postgres(1) as pg:
@@ -413,6 +422,9 @@ def main() -> None:
     parser.add_argument("mode", nargs="?", choices=("ladder", "opcodes"), default="ladder")
     parser.add_argument("--only", action="append", choices=STEPS, help="a step (repeatable)")
     parser.add_argument("--tree", action="append", type=Path, help="a checkout (repeatable)")
+    parser.add_argument(
+        "--gc-off", action="store_true", help="ladder: the children run with the collector off"
+    )
     parser.add_argument("--small", type=int, default=320)
     parser.add_argument("--large", type=int, default=1920)
     parser.add_argument("--requests", type=int, default=1920, help="opcodes: requests")
