@@ -412,10 +412,11 @@ class Settlement:
         Must be called from a coroutine on the event loop the meter runs on.
         """
         org = adm.org
-        org_keys = self.keys.of_org(org)
+        keys = self.keys
+        org_keys = keys.cached_org(org) or keys.of_org(org)
         item: _Settle = (
             org_keys.state,
-            self.keys.idempotency(org, idempotency_key)
+            keys.idempotency(org, idempotency_key)
             if idempotency_key
             else org_keys.shard.no_idempotency,
             adm.request_id,
