@@ -375,7 +375,7 @@ def opcodes(args: argparse.Namespace) -> None:
     """Print bytecodes per request by source file and by function, for the metered request
     (1 org, 64 orgs) and the proxy."""
     from bench.apps import bare_app, cg_app
-    from bench.instructions import _hour_long_key_cache
+    from bench.instructions import _hour_long_key_cache, _long_redis_timeout
     from bench.middleware_cpu import drive
     from bench.opcodes import OpcodeCount
     from bench.run_all import prepare
@@ -395,6 +395,7 @@ def opcodes(args: argparse.Namespace) -> None:
     async def main(redis_url: str, dsn: str) -> None:
         settings = await prepare(Path(tempfile.mkdtemp(prefix="cg-parts-")), redis_url, dsn, 64)
         _hour_long_key_cache(Path(settings.config))
+        _long_redis_timeout(Path(settings.config))  # traced and on a busy box: slow replies
         one = [k for k, (org, _) in settings.keys.items() if org == "bench-org-0000"]
         many = [k for k in settings.keys if k not in one]
         if args.uvicorn:
