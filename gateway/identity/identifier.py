@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
-from operator import itemgetter
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -58,40 +57,8 @@ __all__ = [
 
 JWT_CACHE_SECONDS = 60.0
 MAX_AUTHORIZATION_BYTES = 8192
-# The request headers identity reads (ASGI header names are lower-case), in the order of
-# a plan's indexes (_plan).
-_IDENTITY_ORDER = (b"authorization", b"x-api-key", b"x-org-id", b"x-user-id")
-_IDENTITY_HEADERS = frozenset(_IDENTITY_ORDER)
-_REPEATED = {
-    b"authorization": "more than one Authorization header",
-    b"x-api-key": "more than one X-API-Key header",
-    b"x-org-id": "more than one X-Org-Id header",
-    b"x-user-id": "more than one X-User-Id header",
-}
-# Where a request's identity headers stand, decided once per sequence of header names (a
-# client sends the same names in the same order on every request), as the header policy
-# keeps its verdict (gateway/core/headers.py): the index of the only identity header,
-# Authorization, as an int (the usual request; -1 for none), else the four indexes
-# (-1: absent) in _IDENTITY_ORDER's order, or the detail of a repeated one's 401.
-_Plan = int | tuple[int, int, int, int] | str
-_PLANS = 256  # sequences of names kept; emptied when full
-_PLAN_MAX_NAMES = 64  # longer sequences are planned on every request, never kept
-_name_of = itemgetter(0)
-
-
-def _plan(names: Sequence[bytes]) -> _Plan:
-    """Where ``names``' identity headers stand (see :data:`_Plan`)."""
-    found = [-1, -1, -1, -1]
-    for index, name in enumerate(names):
-        if name not in _IDENTITY_HEADERS:
-            continue  # most headers: one set probe instead of four comparisons
-        slot = _IDENTITY_ORDER.index(name)
-        if found[slot] >= 0:
-            return _REPEATED[name]
-        found[slot] = index
-    if found[1] < 0 and found[2] < 0 and found[3] < 0:
-        return found[0]
-    return (found[0], found[1], found[2], found[3])
+# The request headers identity reads (ASGI header names are lower-case).
+_IDENTITY_HEADERS = frozenset((b"authorization", b"x-api-key", b"x-org-id", b"x-user-id"))
 
 
 def _header_id(raw: bytes) -> str | None:
@@ -138,7 +105,6 @@ class Identifier:
         self._limiter = BadCredentialLimiter(config.bad_credentials_per_minute, clock=clock)
         self._proxies = TrustedProxies(config.trusted_proxies, config.forwarded_header)
         self._jwt = JwtVerifier(config.jwt, clock=clock) if config.jwt is not None else None
-        self._plans: dict[tuple[bytes, ...], _Plan] = {}
 
     async def identify(self, scope: Scope) -> Identity | IdentityFailure:
         """The request's Identity, or why it has none.
@@ -173,27 +139,26 @@ class Identifier:
                     org, state.get("creditgate_user"), state.get("creditgate_team")
                 )
 
-        # The identity headers found by the plan of the request's sequence of names: a
-        # tuple of the names and one dict lookup instead of a Python loop over the headers
-        # (BENCHMARKS.md section 1, round 12).
-        headers: Sequence[tuple[bytes, bytes]] = scope.get("headers") or ()
-        names = tuple(map(_name_of, headers))
-        plan = self._plans.get(names)
-        if plan is None:
-            plan = self._learn(names)
-        api_key = org_header = user_header = None
-        if plan.__class__ is int:  # the usual request: Authorization at most
-            at: int = plan  # (`.__class__ is`: a load, not isinstance's call)
-            authorization = None if at < 0 else headers[at][1]
-        elif isinstance(plan, str):
-            return IdentityFailure(401, plan)
-        else:
-            assert isinstance(plan, tuple)
-            at, ak, ao, au = plan
-            authorization = None if at < 0 else headers[at][1]
-            api_key = None if ak < 0 else headers[ak][1]
-            org_header = None if ao < 0 else headers[ao][1]
-            user_header = None if au < 0 else headers[au][1]
+        authorization = api_key = org_header = user_header = None
+        for name, value in scope.get("headers") or ():
+            if name not in _IDENTITY_HEADERS:
+                continue  # most headers: one set probe instead of four comparisons
+            if name == b"authorization":
+                if authorization is not None:
+                    return IdentityFailure(401, "more than one Authorization header")
+                authorization = value
+            elif name == b"x-api-key":
+                if api_key is not None:
+                    return IdentityFailure(401, "more than one X-API-Key header")
+                api_key = value
+            elif name == b"x-org-id":
+                if org_header is not None:
+                    return IdentityFailure(401, "more than one X-Org-Id header")
+                org_header = value
+            elif name == b"x-user-id":
+                if user_header is not None:
+                    return IdentityFailure(401, "more than one X-User-Id header")
+                user_header = value
 
         bearer: bytes | None = None
         if authorization is not None:
@@ -229,15 +194,6 @@ class Identifier:
         if config.trusted_headers and (org_header is not None or user_header is not None):
             return self._by_headers(org_header, user_header, scope)
         return IdentityFailure(401, self._missing_detail(authorization, bearer))
-
-    def _learn(self, names: tuple[bytes, ...]) -> _Plan:
-        plan = _plan(names)
-        plans = self._plans
-        if len(plans) >= _PLANS:
-            plans.clear()
-        if len(names) <= _PLAN_MAX_NAMES:
-            plans[names] = plan
-        return plan
 
     async def revoke(self, key_id: str) -> bool:
         """Revoke an API key in the store and make every process refuse it.
