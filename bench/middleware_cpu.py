@@ -138,7 +138,7 @@ async def breakdown(settings: Any, keys: list[str], args: argparse.Namespace) ->
         gate.redis.runner = StubRunner(sync=sync)
         if not identity:
             gate.identifier.identify = fixed_identity
-            gate.identifier.identify_nowait = lambda scope: ident
+            gate.identifier.decide = lambda scope: ident
         if not meter:
             gate.meter.admission.admit = fixed_admit
             gate.meter.settlement.queue = lambda *a, **k: None

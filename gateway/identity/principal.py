@@ -6,7 +6,7 @@ What an id may contain is one rule for every entry point: :mod:`gateway.core.ids
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.core.ids import MAX_ID_LENGTH, valid_id
 
@@ -33,6 +33,12 @@ class Identity:
     via: str  # "api_key" | "jwt" | "header" | "scope"
     key_id: str | None = None
     team: str | None = None
+    # Not part of its value: what the middleware adds to the app's request headers for
+    # this identity, encoded by it the first time and kept here, as a cached identity
+    # (an API key's, a JWT's) serves many requests (gateway/metering/middleware.py).
+    inner_headers: tuple[tuple[bytes, bytes], ...] | None = field(
+        default=None, compare=False, repr=False
+    )
 
 
 @dataclass(frozen=True, slots=True)

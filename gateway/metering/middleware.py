@@ -81,6 +81,7 @@ log = logging.getLogger("creditgate.middleware")
 
 Header = tuple[bytes, bytes]
 _UNAVAILABLE = (IdentityUnavailable, RedisUnavailable, LedgerUnavailable)
+_new = object.__new__
 
 
 class _ChargedSend:
@@ -90,28 +91,29 @@ class _ChargedSend:
     failed; every message then goes to the server's ``send`` as it is, and its awaitable
     is handed back (no coroutine of its own per message).
 
-    One ``__slots__`` object, made once the request is admitted: the closure it replaces
+    One ``__slots__`` object, made once the request is admitted, handed to the app as its
+    bound method :meth:`forward` (a cheaper call than the object's): the closure it replaces
     cost seven GC-tracked objects (six cells and the function), the cells alive across the
     charge's wait (BENCHMARKS.md section 1, round 10)."""
 
     __slots__ = ("adm", "charged", "refund_on", "send", "state", "status")
 
-    def __init__(
-        self,
-        send: Send,
-        refund_on: frozenset[int],
-        state: MutableMapping[str, Any],
-        charged: list[Header],
-        adm: Admission,
-    ) -> None:
-        self.send = send
-        self.refund_on = refund_on
-        self.state = state
-        self.charged = charged
-        self.adm = adm
-        self.status = 0
+    # No __init__: the middleware makes it with object.__new__ and sets its six slots in
+    # its own frame (a class's __init__, called through the type, runs in a new
+    # interpreter loop: ~800 instructions more per request; BENCHMARKS.md section 1,
+    # round 12).
+    send: Send
+    refund_on: frozenset[int]
+    state: MutableMapping[str, Any]
+    charged: list[Header]
+    adm: Admission
+    status: int
 
-    def __call__(self, message: Message) -> Awaitable[None]:
+    def forward(self, message: Message) -> Awaitable[None]:
+        """The app's ``send``: the middleware hands the app this bound method, not the
+        object. A Python caller's call of a bound method is a frame pushed in the running
+        interpreter loop; calling an object through its ``__call__`` goes through C
+        (``slot_tp_call``) into a new one (BENCHMARKS.md section 1, round 12)."""
         if message["type"] == "http.response.start":
             status = self.status = message["status"]
             # A status that refunds is known here: the headers say nothing was charged.
@@ -121,6 +123,8 @@ class _ChargedSend:
                 extra = self.charged
             message["headers"] = [*message.get("headers", ()), *extra]
         return self.send(message)
+
+    __call__ = forward
 
 
 class CreditGateMiddleware:
@@ -233,9 +237,11 @@ class CreditGateMiddleware:
         # The metered path stays in this one coroutine (helpers are plain functions): every
         # coroutine layer costs a frame on each await and each resume of the request's task.
         try:
-            ident = self.identifier.identify_nowait(scope)
-            if ident is None:
-                ident = await self.identifier.identify(scope)
+            decided = self.identifier.decide(scope)  # identify_nowait, one call fewer
+            # (`.__class__ is`, not isinstance: a load, not a call; mypy cannot narrow it.)
+            if decided.__class__ is tuple:
+                decided = await self.identifier.identify(scope)
+            ident: Identity | IdentityFailure = decided  # type: ignore[assignment]
         except _UNAVAILABLE as exc:
             self.counters.count(match.feature, "refused_unavailable")
             await self._identity_unavailable(scope, send, match, exc)
@@ -311,22 +317,25 @@ class CreditGateMiddleware:
         # across the charge's suspension are what the cycle collector's young passes walk
         # (and, once promoted, its full ones) while the request waits for Redis.
         rid = (b"x-creditgate-request-id", request_id.encode())
-        inner = self._inner_scope(
-            scope, applied(scope["headers"], removal), path, encoded_path, ident, match, rid
-        )
+        # (removal -1: nothing to remove, the usual; applied's call spared.)
+        headers = None if removal == -1 else applied(scope["headers"], removal)
+        inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         charged = self._charged_headers(adm, rid)
         state = inner["state"]
         # The app's send: an object built once admitted, not a closure. A closure's cells
         # are made when __call__ starts (one per variable it shares, six), so they were
         # alive across the charge's wait, where the collector's young passes count them.
         refund_on = self._refund_on[match.feature]
-        sender = _ChargedSend(send, refund_on, state, charged, adm)
+        sender = _new(_ChargedSend)  # its slots set here (see the class)
+        sender.send, sender.refund_on, sender.state = send, refund_on, state
+        sender.charged, sender.adm, sender.status = charged, adm, 0
+        forward = sender.forward  # one bound method: the declaration below names this object
         started = time.perf_counter()
         # It looks only at the start: the proxy may splice a stream's body around it.
-        state[SEND_PASSES_BODY] = (sender, send)
+        state[SEND_PASSES_BODY] = (forward, send)
         ok = False
         try:
-            await self.app(inner, receive, sender)
+            await self.app(inner, receive, forward)
             # Charged unless the status is in the feature's refund_on, or the upstream
             # failed (mid-body, after its status went out): no answer at all refunds too.
             status = sender.status
@@ -659,13 +668,17 @@ class CreditGateMiddleware:
         """The scope the app sees: the normalised path (the one matched and metered), the
         cleaned headers plus the caller's identity, and the outer scope's state."""
         headers = list(scope["headers"]) if headers is None else headers
-        user = ident.user
-        headers += (
-            (b"x-creditgate-org", ident.org.encode()),
-            (b"x-creditgate-user", user.encode() if user else b""),
-            self._feature_header[match.feature],
-            rid,
-        )
+        # The identity's two headers, encoded once per identity and kept with it.
+        ours = ident.inner_headers
+        if ours is None:
+            user = ident.user
+            ours = (
+                (b"x-creditgate-org", ident.org.encode()),
+                (b"x-creditgate-user", user.encode() if user else b""),
+            )
+            object.__setattr__(ident, "inner_headers", ours)  # (frozen: not its value)
+        headers += ours
+        headers += (self._feature_header[match.feature], rid)
         inner = dict(scope)
         inner["path"] = path
         inner["raw_path"] = encoded_path

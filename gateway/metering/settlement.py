@@ -226,6 +226,11 @@ _Settle = tuple[
 # The text of an HTTP status, without str()'s call and conversion on every settle.
 _STATUS_TEXT: dict[int | None, str] = {status: str(status) for status in range(100, 600)}
 _BULK = tuple(f"${n}\r\n" for n in range(256))
+# An item's two keys (the org's state, its idempotency key or the shard's none) as RESP
+# bulk strings, kept: most settles of an org repeat the same pair. Bounded: emptied when
+# full (idempotency keys differ per request).
+_KEY_TEXT: dict[tuple[str, str], str] = {}
+_KEY_TEXT_MAX = 4096
 
 
 def shard_head(shard: ShardKeys) -> str:
@@ -242,7 +247,7 @@ def encode_group(items: list[_Settle], head: str) -> tuple[str, str, int] | None
     those extension values. None when a value is not ASCII (a length written here would not
     be a byte length) or longer than 255 (a kept response usually is): the caller packs
     those."""
-    bulk = _BULK
+    bulk, pairs = _BULK, _KEY_TEXT
     n_s = str(len(items))
     keys = [head]
     values = [f"{bulk[len(n_s)]}{n_s}\r\n"]
@@ -250,7 +255,13 @@ def encode_group(items: list[_Settle], head: str) -> tuple[str, str, int] | None
     extra = 0  # the extension values of the batch (a usage-cost settle's one)
     try:
         for org, second, rid, outcome, status, latency, _done, ext in items:
-            key(f"{bulk[len(org)]}{org}\r\n{bulk[len(second)]}{second}\r\n")
+            pair = pairs.get((org, second))
+            if pair is None:
+                pair = f"{bulk[len(org)]}{org}\r\n{bulk[len(second)]}{second}\r\n"
+                if len(pairs) >= _KEY_TEXT_MAX:
+                    pairs.clear()
+                pairs[(org, second)] = pair
+            key(pair)
             value(
                 f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
                 f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
@@ -401,10 +412,11 @@ class Settlement:
         Must be called from a coroutine on the event loop the meter runs on.
         """
         org = adm.org
-        org_keys = self.keys.of_org(org)
+        keys = self.keys
+        org_keys = keys.cached_org(org) or keys.of_org(org)
         item: _Settle = (
             org_keys.state,
-            self.keys.idempotency(org, idempotency_key)
+            keys.idempotency(org, idempotency_key)
             if idempotency_key
             else org_keys.shard.no_idempotency,
             adm.request_id,

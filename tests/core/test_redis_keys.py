@@ -53,3 +53,18 @@ def test_org_lookups_are_cached_and_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         assert ks.of_org(org).state == f"{ks.shard(org).tag}:org:{org}"
     assert len(ks._orgs) <= 3
     assert ks.of_org("a") == first  # rebuilt after the cache emptied: the same keys
+
+
+def test_cached_org_answers_what_of_org_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cached_org`` (of_org's lookup without its call) is None until of_org made the
+    org's keys, then those very keys; still so once the bounded cache was emptied."""
+    monkeypatch.setattr(redis_keys, "_ORG_CACHE_SIZE", 3)
+    ks = KeySpace("cg", 4)
+    assert ks.cached_org("a") is None
+    first = ks.of_org("a")
+    assert ks.cached_org("a") is first
+    for org in ("b", "c", "d", "e"):
+        ks.of_org(org)
+        assert ks.cached_org(org) is ks.of_org(org)
+    assert ks.cached_org("a") is None  # emptied with the cache
+    assert ks.cached_org("e") is ks.of_org("e")

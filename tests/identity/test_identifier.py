@@ -237,6 +237,36 @@ async def test_repeated_identity_header_among_other_headers_is_401(
     assert isinstance(result, IdentityFailure) and "more than one" in result.detail
 
 
+async def test_the_same_header_names_read_each_requests_own_values(
+    make: MakeIdentifier, store: FakeStore
+) -> None:
+    """Requests with the same header names, one after another, are each decided by their
+    own values: two keys under the same names are two callers, a repeated header is
+    refused every time, and other names (X-API-Key, trusted headers) decide as theirs."""
+    identifier = make(trusted_headers=True)
+    key_a, row_a = store.add("org-a", "u-a")
+    key_b, row_b = store.add("org-b", "u-b")
+    names = [(b"user-agent", b"sdk"), (b"authorization", b"")]
+    for _ in range(2):  # the second round: every identity cached
+        for key, row in ((key_a, row_a), (key_b, row_b)):
+            headers = [names[0], (b"authorization", b"Bearer " + key.encode())]
+            assert await identifier.identify(scope(headers)) == Identity(
+                row.org, row.user, "api_key", row.id
+            )
+            by_api_key = [(b"x-api-key", key.encode()), names[0]]
+            assert await identifier.identify(scope(by_api_key)) == Identity(
+                row.org, row.user, "api_key", row.id
+            )
+        repeated = [(b"authorization", b"Bearer x"), *names[:1], (b"x-org-id", b"o")] * 2
+        result = identifier.decide(scope(repeated))
+        assert isinstance(result, IdentityFailure) and "more than one" in result.detail
+        trusted = [names[0], (b"x-user-id", b"u9"), (b"x-org-id", b"org-9")]
+        assert await identifier.identify(scope(trusted)) == Identity("org-9", "u9", "header")
+        assert await identifier.identify(scope([names[0]])) == IdentityFailure(
+            401, identifier._missing_detail(None, None)
+        )
+
+
 async def test_scope_without_client_or_headers(make: MakeIdentifier) -> None:
     result = await make().identify({"type": "http", "client": None, "headers": []})
     assert isinstance(result, IdentityFailure) and result.status == 401

@@ -5,6 +5,7 @@ forgot), on the pipelined client and on redis-py's runner (fakeredis)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway import CreditGate
 from gateway.metering.admission import Admission
 from gateway.metering.request_ids import new_request_id
 from gateway.redisio.pipelined import FastRedis
+from tests.support.reference import reference_config
 
 FIELDS = [f for f in Admission.__slots__ if f not in ("request_id", "org")]
 
@@ -115,3 +117,34 @@ async def test_a_script_redis_forgot_is_loaded_and_the_charge_sent_again(
     again = await steps(gate, "acme")
     assert first.ok and again.ok
     assert again.remaining == first.remaining - first.cost  # charged once more, not twice
+
+
+async def test_the_usual_answer_with_and_without_a_limiter(gate: CreditGate) -> None:
+    """``admitted`` builds the whole Admission in one call: every field as ``admit``'s,
+    with the limiter's three (a rate-limited plan) and without them (a plan without
+    limits: charge.lua answers -1)."""
+    unlimited = CreditGate(
+        reference_config(
+            redis_url=f"memory://{uuid.uuid4().hex}",
+            plans={"plain": {"allocations": {"goal_generation": 50}}},
+            default_plan="plain",
+        )
+    )
+    try:
+        for chosen, limited in ((gate, True), (unlimited, False)):
+            await chosen.set_plan("org-a", "pro" if limited else "plain")
+            await chosen.set_plan("org-b", "pro" if limited else "plain")
+            by_admit = await chosen.meter.admission.admit(
+                "org-a", "goal_generation", method="POST",
+                route="/api/v1/goals/{goal_id}/quests",
+            )  # fmt: skip
+            by_steps = await steps(chosen, "org-b")
+            assert by_steps.status == "ok" and by_steps.remaining is not None
+            assert all(hasattr(by_steps, f) for f in Admission.__slots__)  # every slot set
+            assert fields(by_admit) == fields(by_steps)
+            assert (by_steps.limit is not None) == limited
+            assert (by_steps.limit_remaining is not None) == limited
+            assert (by_steps.limit_reset_ms is not None) == limited
+            assert by_steps.refresh_at_ms > 0
+    finally:
+        await unlimited.close()

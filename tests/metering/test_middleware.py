@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -101,15 +102,103 @@ async def test_middleware_meters_with_scope_identity(
 
 
 def _gates(app: Starlette) -> list[CreditGate]:
-    found = []
-    layer = app.middleware_stack
-    while layer is not None:
-        if isinstance(layer, CreditGateMiddleware):
-            found.append(layer.gate)
-        layer = getattr(layer, "app", None)
-    return found
+    return [layer.gate for layer in _walk(app) if isinstance(layer, CreditGateMiddleware)]
 
 
 def test_middleware_needs_a_config() -> None:
     with pytest.raises(TypeError):
         CreditGateMiddleware(Starlette())
+
+
+async def who(request: Request) -> Response:
+    return JSONResponse(
+        {n: request.headers.get(n) for n in ("x-creditgate-org", "x-creditgate-user")}
+    )
+
+
+async def test_the_apps_identity_headers_per_caller_and_kept_per_identity(tmp_path: Path) -> None:
+    """The app sees each caller's org and user headers; an identity serving many requests
+    (a cached key's) has them encoded once and kept with it, never in its value."""
+    from gateway.identity.principal import Identity
+
+    data = yaml.safe_load(REFERENCE_YAML)
+    data["redis_url"] = f"memory://{uuid.uuid4().hex}"
+    path = tmp_path / "creditgate.yaml"
+    path.write_text(yaml.safe_dump(data))
+    app = Starlette(routes=[Route("/api/v1/goals/{goal_id}/quests", who, methods=["POST"])])
+    app.add_middleware(CreditGateMiddleware, config=str(path))
+    app.add_middleware(FakeAuth)
+    gate = CreditGate.from_config(path)
+    try:
+        await gate.set_plan("acme", "pro")
+        await gate.set_plan("beta", "pro")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            for session, expected in [
+                ("acme:alice", ["acme", "alice"]),
+                ("beta:bob", ["beta", "bob"]),
+                ("acme", ["acme", ""]),
+                ("acme:alice", ["acme", "alice"]),
+            ]:
+                r = await http.post("/api/v1/goals/7/quests", headers={"X-Session": session})
+                assert r.status_code == 200
+                assert list(r.json().values()) == expected
+        for mw_gate in _gates(app):
+            await mw_gate.meter.drain()
+    finally:
+        await gate.close()
+
+    middleware = next(layer for layer in _walk(app) if isinstance(layer, CreditGateMiddleware))
+    kept = Identity("acme", "alice", "api_key", "key_1")
+    scope: Scope = {"type": "http", "headers": [], "state": {}}
+    match = middleware.router.resolve("POST", b"/api/v1/goals/7/quests")[0]
+    assert match is not None
+    rid = (b"x-creditgate-request-id", b"r1")
+    for _ in range(2):
+        inner = middleware._inner_scope(scope, None, "/p", b"/p", kept, match, rid)
+        assert inner["headers"][:2] == [
+            (b"x-creditgate-org", b"acme"),
+            (b"x-creditgate-user", b"alice"),
+        ]
+        assert kept.inner_headers is not None
+    assert kept == Identity("acme", "alice", "api_key", "key_1") and "inner" not in repr(kept)
+
+
+def _walk(app: Starlette) -> list[object]:
+    layers = []
+    layer: object = app.middleware_stack
+    while layer is not None:
+        layers.append(layer)
+        layer = getattr(layer, "app", None)
+    return layers
+
+
+async def test_the_app_gets_a_bound_method_as_send_and_it_is_the_declared_one(
+    app_and_gate: tuple[Starlette, CreditGate],
+) -> None:
+    """The fixed-cost request's ``send`` is the sender's bound method (a call the
+    interpreter makes in its own loop, not through ``__call__``), and it is the very object
+    declared for the splice (``SEND_PASSES_BODY``), so a splice check still finds it."""
+    import inspect
+
+    from gateway.core.splice import SEND_PASSES_BODY
+
+    app, gate = app_and_gate
+    await gate.set_plan("acme", "pro")
+    seen: list[tuple[Any, Any]] = []
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+        await http.get("/free")  # builds the middleware stack
+        middleware = next(layer for layer in _walk(app) if isinstance(layer, CreditGateMiddleware))
+        inner_app = middleware.app
+
+        async def watching(scope: Scope, receive: Receive, send: Send) -> None:
+            seen.append((send, scope["state"].get(SEND_PASSES_BODY)))
+            await inner_app(scope, receive, send)
+
+        middleware.app = watching
+        r = await http.post("/api/v1/goals/7/quests", headers={"X-Session": "acme:alice"})
+    assert r.status_code == 200 and r.headers["x-tokens-cost"] == "3"
+    ((send, declared),) = seen
+    assert inspect.ismethod(send) and type(send.__self__).__name__ == "_ChargedSend"
+    assert declared is not None and declared[0] is send

@@ -109,6 +109,30 @@ def test_a_multi_shard_call_is_what_hiredis_packs() -> None:
     assert count == len(decode_args(raw))
 
 
+def test_kept_key_pairs_encode_the_same_bytes() -> None:
+    """An item's two keys are kept as text per pair (most settles of an org repeat it):
+    the same batch encodes the same bytes the first time, again, and after more pairs
+    than are kept (an idempotency key per request) emptied the store."""
+    from gateway.metering import settlement
+
+    shard = KEYS.of_org("a").shard
+    items = [
+        _item("a", None, "f" * 32, "c", "200", "12"),
+        _item("a", "key-1", "0" * 32, "r", "", ""),
+        _item("a", None, "1" * 32, "c", "200", "7"),
+    ]
+    expected = _packed(items, 1)
+    for _ in range(2):
+        assert encode_fixed(shard, items, 1) == (6 + 6 * len(items), expected)
+    many = [_item("a", f"key-{n}", "r", "c", "200", "1") for n in range(settlement._KEY_TEXT_MAX)]
+    assert encode_fixed(shard, many, 1) == (6 + 6 * len(many), _packed(many, 1))
+    assert len(settlement._KEY_TEXT) <= settlement._KEY_TEXT_MAX
+    assert encode_fixed(shard, items, 1) == (6 + 6 * len(items), expected)
+    # A pair that is not ASCII is kept too, and still left to hiredis every time.
+    for _ in range(2):
+        assert encode_fixed(shard, [_item("clé", None, "r0", "c", "200", "1")], 1) is None
+
+
 def test_non_ascii_and_long_values_are_left_to_hiredis() -> None:
     shard = KEYS.of_org("a").shard
     # A key's length in characters is not its length in bytes: never written by hand.
