@@ -33,8 +33,13 @@ bench/usage_tap.py's ``proxy`` part, ``fixed900``, ``numeric`` (``usage: openai`
 to the first variant named.
 
 Needs ``valgrind``. Python's hash seed is fixed (PYTHONHASHSEED=0) so runs repeat. Kernel
-time (socket reads and writes) is not counted, and the settle batching depends on timing
-under valgrind (~50x slower): expect ±1 % between identical runs.
+time (socket reads and writes) is not counted. The settles are flushed every
+``--settle-every`` complete answers (default 16), not by the settle window's wall-clock
+tick, which under valgrind (~50x slower, slower still on a loaded machine) held a number of
+settles that varied from run to run (±3 k per request, BENCHMARKS.md "An eighth pass";
+``--settle-every 0`` restores it). Each tree's ``gateway`` and ``bench`` are compiled to
+bytecode first (``compileall``): with ``PYTHONDONTWRITEBYTECODE`` set, every child compiled
+them from source under valgrind (start-up only, nothing per request).
 """
 
 from __future__ import annotations
@@ -232,6 +237,12 @@ def main() -> None:
     from bench.usage_tap import CONFIG
 
     trees = args.tree or [_HERE.parent]
+    for tree in trees:  # (see the module docstring: start-up only)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(tree / "gateway"), str(tree / "bench")],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
     modes = args.modes.split(",")
     print(f"instructions per request (callgrind; {args.body}; lower is better)")
     with own_redis(1) as redis:
