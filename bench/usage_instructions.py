@@ -33,8 +33,13 @@ bench/usage_tap.py's ``proxy`` part, ``fixed900``, ``numeric`` (``usage: openai`
 to the first variant named.
 
 Needs ``valgrind``. Python's hash seed is fixed (PYTHONHASHSEED=0) so runs repeat. Kernel
-time (socket reads and writes) is not counted, and the settle batching depends on timing
-under valgrind (~50x slower): expect ±1 % between identical runs.
+time (socket reads and writes) is not counted. The settles are flushed every
+``--settle-every`` complete answers (default 16), not by the settle window's wall-clock
+tick, which under valgrind (~50x slower, slower still on a loaded machine) held a number of
+settles that varied from run to run (±3 k per request, BENCHMARKS.md "An eighth pass";
+``--settle-every 0`` restores it). Each tree's ``gateway`` and ``bench`` are compiled to
+bytecode first (``compileall``): with ``PYTHONDONTWRITEBYTECODE`` set, every child compiled
+them from source under valgrind (start-up only, nothing per request).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +67,9 @@ cost, ``usage: openai`` with a numeric reserve, and with ``reserve: auto``."""
 MODES = ("inprocess", "proxy")
 
 
-def _child(mode: str, config: Path, body: str, counts: dict[str, int], warm: int) -> None:
+def _child(
+    mode: str, config: Path, body: str, counts: dict[str, int], warm: int, every: int
+) -> None:
     """Under callgrind: warm every variant up, then drive ``counts`` requests of each."""
     import asyncio
 
@@ -82,11 +90,12 @@ def _child(mode: str, config: Path, body: str, counts: dict[str, int], warm: int
             gate = next(m.kwargs["gate"] for m in app.user_middleware)
         paths = {v: f"/{prefix}/{body}/v1/chat/completions" for v, prefix in VARIANTS.items()}
         paths.update(SMALL_VARIANTS)
+        run = drive if every <= 0 else _counted_drive(gate.meter.settlement, every)
         for variant in counts:
-            await drive(app, paths[variant], CHAT_REQUEST, warm, 32)
+            await run(app, paths[variant], CHAT_REQUEST, warm, 32)
             await gate.meter.drain()
         for variant, n in counts.items():
-            await drive(app, paths[variant], CHAT_REQUEST, n, 32)
+            await run(app, paths[variant], CHAT_REQUEST, n, 32)
             await gate.meter.drain()
         if mode == "proxy" and app.proxy is not None:
             await app.proxy.aclose()
@@ -96,8 +105,70 @@ def _child(mode: str, config: Path, body: str, counts: dict[str, int], warm: int
     uvloop.run(main())
 
 
+def _counted_drive(settlement: Any, every: int) -> Callable[..., Awaitable[None]]:
+    """bench/usage_tap.py's ``drive`` (``concurrency`` tasks, each request's messages to a
+    ``send`` of the bench's own), except that the settles are flushed every ``every``
+    complete answers rather than by the settle window's wall-clock tick: under valgrind
+    (~50x slower, and slower still on a loaded machine) a 2 ms window held one or two
+    settles or a few, varying from run to run, and each flush costs thousands of
+    instructions. Now every flush takes ``every`` settles (the last of a batch is queued
+    just after the flush, so each flush after the first holds exactly ``every``), the same
+    in every run and every variant. The window is pushed out of reach (its timer is still
+    set once per flush, as it is in the gateway) and :meth:`~gateway.metering.settlement.
+    Settlement.drain`'s steps flush the batch."""
+    import asyncio
+
+    from bench.usage_tap import scope_of
+
+    settlement.window_s = 3600.0
+    ended = 0
+
+    def flush() -> None:
+        handle = settlement._flush_handle
+        if handle is not None:
+            handle.cancel()
+        if settlement._pending:
+            settlement._flush()
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal ended
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                raise RuntimeError(f"unexpected status: {message['status']}")
+        elif not message.get("more_body", False):
+            ended += 1
+            if ended % every == 0:
+                flush()
+
+    async def run(app: Any, path: str, body: bytes, requests: int, concurrency: int) -> None:
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                sent = False
+
+                async def receive() -> dict[str, Any]:
+                    nonlocal sent
+                    if not sent:
+                        sent = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    await asyncio.Event().wait()
+                    return {"type": "http.disconnect"}
+
+                await app(scope_of(path, body), receive, send)
+
+        per = max(1, requests // concurrency)
+        await asyncio.gather(*(worker(per) for _ in range(concurrency)))
+
+    return run
+
+
 def _count(
-    tree: Path, mode: str, config: Path, body: str, counts: dict[str, int], warm: int
+    tree: Path,
+    mode: str,
+    config: Path,
+    body: str,
+    counts: dict[str, int],
+    warm: int,
+    every: int,
 ) -> int:
     """Total instructions of one child run under callgrind."""
     # Imported here: a child runs this file with an older tree first on its path.
@@ -107,7 +178,7 @@ def _count(
     return child_instructions(
         tree,
         _HERE / "usage_instructions.py",
-        [mode, str(config), body, spec, str(warm)],
+        [mode, str(config), body, spec, str(warm), str(every)],
         fixed_hash=True,
     )
 
@@ -116,10 +187,18 @@ def per_request(tree: Path, mode: str, config: Path, args: argparse.Namespace) -
     """Instructions per request of each variant (see the module docstring)."""
     variants = args.variants.split(",")
     small = dict.fromkeys(variants, args.small)
-    base = _count(tree, mode, config, args.body, small, args.warm)
+    base = _count(tree, mode, config, args.body, small, args.warm, args.settle_every)
     out: dict[str, float] = {}
     for variant in variants:
-        total = _count(tree, mode, config, args.body, {**small, variant: args.large}, args.warm)
+        total = _count(
+            tree,
+            mode,
+            config,
+            args.body,
+            {**small, variant: args.large},
+            args.warm,
+            args.settle_every,
+        )
         out[variant] = (total - base) / (args.large - args.small)
     return out
 
@@ -138,13 +217,19 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=128)
     parser.add_argument("--small", type=int, default=64)
     parser.add_argument("--large", type=int, default=576)
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--settle-every",
+        type=int,
+        default=16,
+        help="flush the settles every N answers (0: by the settle window's tick, as before)",
+    )
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        mode, config, body, spec, warm = args.child
+        mode, config, body, spec, warm, every = args.child
         sys.path.insert(0, os.getcwd())  # the tree under test
         counts = {v: int(n) for v, n in (part.split("=") for part in spec.split(","))}
-        _child(mode, Path(config), body, counts, int(warm))
+        _child(mode, Path(config), body, counts, int(warm), int(every))
         return
 
     sys.path.insert(0, str(_HERE.parent))
@@ -152,6 +237,12 @@ def main() -> None:
     from bench.usage_tap import CONFIG
 
     trees = args.tree or [_HERE.parent]
+    for tree in trees:  # (see the module docstring: start-up only)
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(tree / "gateway"), str(tree / "bench")],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
     modes = args.modes.split(",")
     print(f"instructions per request (callgrind; {args.body}; lower is better)")
     with own_redis(1) as redis:

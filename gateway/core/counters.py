@@ -68,7 +68,16 @@ class HotMetrics:
             cell = self._cells[(feature, "charged")] = _Cell()
         cell.n += 1
         cell.tokens += tokens
-        self.usage(feature, model, tokens, missing)
+        # usage(), inlined: every usage-charged answer through the proxy comes here.
+        key = (feature, model or NO_MODEL)
+        models = self._models
+        n = models.get(key)
+        if n is None and len(models) >= MAX_MODELS:
+            key = (feature, OTHER_MODEL)
+            n = models.get(key)
+        models[key] = (n or 0) + tokens
+        if missing:
+            self._missing[feature] = self._missing.get(feature, 0) + 1
 
     def usage(self, feature: str, model: str, tokens: int, missing: bool = False) -> None:
         """One request of ``feature`` whose cost came from the call was settled: ``tokens``

@@ -441,12 +441,31 @@ class CreditGateMiddleware:
         inner = self._inner_scope(scope, headers, path, encoded_path, ident, match, rid)
         state = inner["state"]
         try:
-            adm = await self._admit(
-                ident.org, match.feature, user=ident.user, cost=hold,
-                idempotency_key=idem_key, request_id=request_id, method=scope["method"],
-                route=match.template, fingerprint=fingerprint, key_id=ident.key_id,
-                team=ident.team,
-            )  # fmt: skip
+            if idem_key is None:
+                # The charge in the fixed-cost path's three steps (Admitter.send_plain,
+                # admitted, answer): no coroutine of the charge's own, no keyword call
+                # (bench/usage_instructions.py; the same bytes go to Redis as admit sends).
+                sent, template, encoded, total, refresh_at, began = self._send_charge(
+                    ident.org, match.feature, ident.user, hold, request_id,
+                    scope["method"], match.template, ident.key_id, ident.team,
+                )  # fmt: skip
+                reply = await sent
+                adm = self._admitted(
+                    reply, ident.org, match.feature, request_id, total, refresh_at, began
+                )
+                if adm is None:  # a refusal, an org to seed, levels to learn, an error...
+                    adm = await self._answer_charge(
+                        reply, ident.org, match.feature, request_id, total, refresh_at, began,
+                        template, encoded, user=ident.user, cost=hold, method=scope["method"],
+                        route=match.template, key_id=ident.key_id, team=ident.team,
+                    )  # fmt: skip
+            else:
+                adm = await self._admit(
+                    ident.org, match.feature, user=ident.user, cost=hold,
+                    idempotency_key=idem_key, request_id=request_id, method=scope["method"],
+                    route=match.template, fingerprint=fingerprint, key_id=ident.key_id,
+                    team=ident.team,
+                )  # fmt: skip
         except (RedisUnavailable, LedgerUnavailable) as exc:
             replayed = receive if replay is None else TapReceive(replay, receive, None, 0.0)
             await self._unavailable(inner, replayed, send, match, ident, str(exc))

@@ -262,11 +262,25 @@ def encode_group(items: list[_Settle], head: str) -> tuple[str, str, int] | None
                     pairs.clear()
                 pairs[(org, second)] = pair
             key(pair)
-            value(
-                f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
-                f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
-            )
-            if ext is not None:
+            if ext is None:
+                value(
+                    f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
+                    f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
+                )
+            elif len(ext) == 1:
+                # A usage-charged answer's quiet item: its one value in the same string.
+                v = ext[0]
+                value(
+                    f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
+                    f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
+                    f"{bulk[len(v)]}{v}\r\n"
+                )
+                extra += 1
+            else:
+                value(
+                    f"{bulk[len(rid)]}{rid}\r\n{bulk[len(outcome)]}{outcome}\r\n"
+                    f"{bulk[len(status)]}{status}\r\n{bulk[len(latency)]}{latency}\r\n"
+                )
                 extra += len(ext)
                 for v in ext:
                     value(f"{bulk[len(v)]}{v}\r\n")

@@ -48,6 +48,25 @@ static inline ptr skip_ws(ptr p, ptr end)
 {
     if (p < end && *p > ' ')
         return p; /* the usual: no whitespace here at all */
+    if (p >= end || !WS[*p])
+        return p;
+    p++;
+    if (p < end && *p > ' ')
+        return p; /* one space: compact JSON's ": " and ", " */
+#if defined(__SSE2__)
+    /* A pretty-printed answer's line break and indentation: 16 bytes at a time. */
+    const __m128i space = _mm_set1_epi8(' '), lf = _mm_set1_epi8('\n');
+    const __m128i tab = _mm_set1_epi8('\t'), cr = _mm_set1_epi8('\r');
+    while (end - p >= 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(const void *)p);
+        __m128i ws = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, space), _mm_cmpeq_epi8(x, lf)),
+                                  _mm_or_si128(_mm_cmpeq_epi8(x, tab), _mm_cmpeq_epi8(x, cr)));
+        unsigned mask = ~(unsigned)_mm_movemask_epi8(ws) & 0xFFFFu;
+        if (mask != 0)
+            return p + __builtin_ctz(mask);
+        p += 16;
+    }
+#endif
     while (p < end && WS[*p])
         p++;
     return p;

@@ -162,3 +162,25 @@ def test_model_series_are_bounded() -> None:
     assert len(series) == MAX_MODELS + 1
     assert series[("f", "other")] == 52
     assert sum(series.values()) == MAX_MODELS + 52
+
+
+def test_charged_usage_is_count_and_usage() -> None:
+    """``charged_usage`` (usage() inlined, the proxy's usage-charged answer) counts exactly
+    what ``count(feature, "charged", tokens)`` and ``usage(...)`` count: the same series,
+    the bound's ``other``, no model, and missing usage."""
+    calls: list[tuple[str, str, int, bool]] = [
+        ("f", "gpt-4o", 5, False),
+        ("f", "", 3, True),
+        ("g", "gpt-4o", 7, False),
+        *[("f", f"m-{i}", 1, i % 7 == 0) for i in range(MAX_MODELS + 20)],
+        ("f", "gpt-4o", 2, False),
+    ]
+    one, two = HotMetrics(), HotMetrics()
+    for feature, model, tokens, missing in calls:
+        one.charged_usage(feature, model, tokens, missing)
+        two.count(feature, "charged", tokens)
+        two.usage(feature, model, tokens, missing)
+    assert one.tokens_by_model() == two.tokens_by_model()
+    assert one.usage_missing() == two.usage_missing()
+    assert one.requests() == two.requests()
+    assert one.tokens_by_model()[("f", "other")] > 0

@@ -212,6 +212,12 @@ def test_a_value_of_256_characters_or_more_is_left_to_hiredis() -> None:
     shard = KEYS.of_org("a").shard
     assert encode_fixed(shard, [_item("a", None, "r" * 255, "c", "200", "1")], 1) is not None
     assert encode_fixed(shard, [_item("a", None, "r" * 256, "c", "200", "1")], 1) is None
+    # A usage-charged answer's one extension value (its own branch in encode_group).
+    quiet = [_item("a", None, "r", "a", "200", "1", ("9 usage  1 0 1 0 " + "m" * 238,))]
+    assert encode_fixed(shard, quiet, 1) is not None
+    assert encode_fixed(shard, quiet, 1) == (13, _packed(quiet, 1))
+    long = [_item("a", None, "r", "a", "200", "1", ("9 usage  1 0 1 0 " + "m" * 239,))]
+    assert encode_fixed(shard, long, 1) is None
 
 
 @pytest.mark.parametrize("prefix", ["P", "p" * 300, "cl\u00e9"])

@@ -783,3 +783,38 @@ def test_stream_key_is_bytes_find_at_every_offset_and_on_random_bodies() -> None
         assert compiled(body) is _stream_key(body), body
     with pytest.raises(TypeError):
         compiled("not bytes")  # type: ignore[arg-type]
+
+
+def _whitespace_runs() -> list[bytes]:
+    """Runs of JSON whitespace of 0 to 40 bytes (across skip_ws's 16-byte blocks), each also
+    with a byte that is not JSON whitespace (\\x0b, \\x0c, \\xa0, \\x85, \\x00) at each
+    position: json.loads refuses those, and so must the scan."""
+    runs: list[bytes] = []
+    for n in range(41):
+        run = (b" \n\t\r" * 11)[:n] if n % 3 else b"\n" + b" " * max(0, n - 1)
+        runs.append(run)
+        for stray in (b"\x0b", b"\x0c", b"\xa0", b"\x85", b"\x00"):
+            runs += [run[:at] + stray + run[at:] for at in range(0, n + 1, 3)]
+    return runs
+
+
+@needs_compiled
+def test_whitespace_runs_anywhere_read_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """skip_ws (one space at once, longer runs 16 bytes at a time): a run of whitespace,
+    or one with a stray byte, at every place whitespace may go in a usual answer, gives
+    what json.loads and the Python reading give (scan, usage and priced alike)."""
+    parts = [
+        b"{", b'"object":', b'"chat.completion"', b",", b'"model":', b'"gpt-4o"', b",",
+        b'"choices":', b"[", b"{", b'"index":', b"0", b"}", b"]", b",", b'"usage":', b"{",
+        b'"prompt_tokens":', b"41", b",", b'"completion_tokens":', b"22", b",",
+        b'"prompt_tokens_details":', b"{", b'"cached_tokens":', b"3", b"}", b"}", b"}",
+    ]  # fmt: skip
+    runs = _whitespace_runs()
+    seen = 0
+    for gap in range(len(parts) + 1):
+        for run in runs[:: 1 if gap in (0, 16, len(parts)) else 7]:
+            body = b"".join(parts[:gap]) + run + b"".join(parts[gap:])
+            if check_scan(body) is not None:
+                seen += 1
+            both_forms(body, monkeypatch)
+    assert seen > 100  # the clean runs were vouched for
